@@ -1,0 +1,71 @@
+// sae eval <sae> <acts>: L0, explained variance, MSE, cosine, norms, dead/dense latents.
+#include <cstdio>
+#include <iostream>
+
+#include "acts_file.h"
+#include "commands.h"
+#include "core/error.h"
+#include "eval/metrics.h"
+#include "sae/load.h"
+
+namespace sae::cli {
+
+Runner add_eval(CLI::App& app) {
+  auto* cmd = app.add_subcommand("eval", "Evaluate an SAE on activations (.npy/.safetensors)");
+  struct Opts {
+    std::string ref, acts, tensor;
+    bool json = false, density = false;
+    int64_t batch = 4096;
+    double dense_threshold = 0.1;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("sae", o->ref, "SAE folder or release:sae_id")->required();
+  cmd->add_option("acts", o->acts, "Activations file [tokens, d_in]")->required();
+  cmd->add_option("--tensor", o->tensor, "Tensor name inside a .safetensors activations file");
+  cmd->add_option("--batch-size", o->batch,
+                  "Tokens per batch; the legacy explained variance uses each batch's mean")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--dense-threshold", o->dense_threshold,
+                  "A latent firing on more than this fraction of tokens counts as dense");
+  cmd->add_flag("--json", o->json, "Print JSON");
+  cmd->add_flag("--density", o->density, "Include per-latent firing frequency in the JSON");
+  return [=] {
+    LoadedSae l = load_sae_ref(o->ref);
+    const Sae& s = l.sae;
+    Activations a = read_activations(o->acts, o->tensor);
+    if (a.d != s.cfg.d_in)
+      fail(o->acts, "shape", cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
+    if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
+    MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, o->dense_threshold);
+    for (int64_t t0 = 0; t0 < a.n; t0 += o->batch) {
+      const int64_t n = std::min(o->batch, a.n - t0);
+      std::span<const float> x(a.data.data() + t0 * a.d, size_t(n * a.d));
+      SparseCodes codes = s.encode(x, n);
+      std::vector<float> x_hat = s.decode(codes);
+      acc.add_batch(x, x_hat, codes);
+    }
+    Metrics m = acc.finish();
+    if (o->json) {
+      std::cout << m.to_json(o->density).dump(2) << "\n";
+      return 0;
+    }
+    std::printf("tokens                        %lld\n", (long long)m.n_tokens);
+    std::printf("L0                            %.4f\n", m.l0);
+    std::printf("explained variance            %.6f\n", m.explained_variance);
+    std::printf("explained variance (legacy)   %.6f   (per-token, batch mean, batch %lld)\n",
+                m.explained_variance_legacy, (long long)o->batch);
+    std::printf("explained variance (about 0)  %.6f\n", m.explained_variance_about_zero);
+    std::printf("MSE (sum over d_in)           %.6g\n", m.mse);
+    std::printf("cosine(x, x_hat)              %.6f\n", m.cossim);
+    std::printf("||x_hat|| / ||x||             %.6f\n", m.l2_ratio);
+    std::printf("relative reconstruction bias  %.6f\n", m.relative_reconstruction_bias);
+    std::printf("dead latents                  %lld / %lld\n", (long long)m.dead_latents, (long long)s.cfg.d_sae);
+    std::printf("dense latents (> %.3g)         %lld\n", m.dense_threshold, (long long)m.dense_latents);
+    std::printf("log10 firing frequency histogram (live latents):\n");
+    for (int b = 0; b < 10; ++b)
+      std::printf("  [1e%+d, 1e%+d)  %lld\n", b - 10, b - 9, (long long)m.log_density_histogram[size_t(b)]);
+    return 0;
+  };
+}
+
+}  // namespace sae::cli

@@ -1,0 +1,16 @@
+// The `sae` subcommands: each registers its options on the CLI11 app and runs when chosen.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace sae::cli {
+
+using Runner = std::function<int()>;
+
+Runner add_info(CLI::App& app);
+Runner add_encode(CLI::App& app);
+Runner add_eval(CLI::App& app);
+Runner add_convert(CLI::App& app);
+
+}  // namespace sae::cli

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages sae.cpp builds and tests with. Idempotent, non-interactive.
+# Usage: bash scripts/setup.sh   (as root, or with sudo available)
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libopenblas-dev        # BLAS (sgemm) for the encoder
+  nlohmann-json3-dev     # cfg.json, safetensors headers
+  libcli11-dev           # the `sae` command line
+  libsentencepiece-dev   # Gemma tokenizer
+  libzstd-dev            # .jsonl.zst corpora
+  libgtest-dev libgmock-dev  # tests
+  libbenchmark-dev       # micro-benchmarks in bench/
+  pybind11-dev python3-dev python3-venv  # Python module
+  clang-format
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all packages present"
+fi
