@@ -61,7 +61,9 @@ ojson convert_pre_6(const ojson& flat) {
   };
   ojson cfg = ojson::object();
   ojson meta = ojson::object();
+  if (flat.contains("metadata") && flat["metadata"].is_object()) meta = flat["metadata"];
   for (auto it = flat.begin(); it != flat.end(); ++it) {
+    if (it.key() == "metadata") continue;
     std::string key = rename.count(it.key()) ? rename.at(it.key()) : it.key();
     if (kMetadataKeys.count(key)) meta[key] = it.value();
     else cfg[key] = it.value();
@@ -89,6 +91,8 @@ ojson convert_pre_6(const ojson& flat) {
   if (!cfg.contains("normalize_activations") || cfg["normalize_activations"].is_null())
     cfg["normalize_activations"] = "none";
   if (!cfg.contains("device")) cfg["device"] = "cpu";
+  // Now in the v6 layout; SAELens likewise stamps its own (>= 6) version on conversion.
+  meta["sae_lens_version"] = "6.0.0";
   cfg["metadata"] = meta;
   return cfg;
 }
@@ -184,6 +188,10 @@ ojson SaeConfig::to_json() const {
     j.erase("rescale_acts_by_decoder_norm");
   }
   if (!j.contains("metadata") || !j["metadata"].is_object()) j["metadata"] = ojson::object();
+  // SAELens reads a config without a version >= 6 as a flat pre-6.0 one (and then drops
+  // "metadata"), so a config written from scratch is marked with the v6 layout it has.
+  if (!j["metadata"].contains("sae_lens_version") || j["metadata"]["sae_lens_version"].is_null())
+    j["metadata"]["sae_lens_version"] = "6.0.0";
   return j;
 }
 

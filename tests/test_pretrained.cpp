@@ -1,0 +1,98 @@
+// Release names and the Hugging Face cache layout.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "core/error.h"
+#include "sae/load.h"
+#include "sae/pretrained.h"
+#include "test_util.h"
+
+namespace sae {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(Pretrained, MatryoshkaReleasesMapLikeSaeLens) {
+  auto e = lookup_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.12.hook_resid_post");
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->repo_id, "chanind/gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40");
+  EXPECT_EQ(e->path, "snap/blocks.12.hook_resid_post");
+  auto s = lookup_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.0.hook_resid_post");
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->path, "standard/blocks.0.hook_resid_post");
+  int layers = 0;
+  for (const auto& x : pretrained_table()) layers += x.release == "gemma-2-2b-res-matryoshka-dc";
+  EXPECT_EQ(layers, 25);
+  EXPECT_FALSE(lookup_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.25.hook_resid_post"));
+}
+
+struct EnvVar {
+  std::string name;
+  std::optional<std::string> old;
+  EnvVar(std::string n, const std::string& value) : name(std::move(n)) {
+    if (const char* v = std::getenv(name.c_str())) old = v;
+    ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~EnvVar() {
+    if (old) ::setenv(name.c_str(), old->c_str(), 1);
+    else ::unsetenv(name.c_str());
+  }
+};
+
+TEST(Pretrained, HubCacheDirPrecedence) {
+  EnvVar home("HOME", "/home/someone");
+  ::unsetenv("HF_HUB_CACHE");
+  ::unsetenv("HF_HOME");
+  EXPECT_EQ(hf_hub_cache_dir(), "/home/someone/.cache/huggingface/hub");
+  EnvVar hf_home("HF_HOME", "/data/hf");
+  EXPECT_EQ(hf_hub_cache_dir(), "/data/hf/hub");
+  EnvVar hub("HF_HUB_CACHE", "/fast/hub");
+  EXPECT_EQ(hf_hub_cache_dir(), "/fast/hub");
+}
+
+TEST(Pretrained, ResolvesReleaseNameInHfCache) {
+  test::TempDir dir;
+  EnvVar hub("HF_HUB_CACHE", dir.path.string());
+  const fs::path repo = dir.path / "models--chanind--gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40";
+  const fs::path sae = repo / "snapshots" / "abc123" / "snap" / "blocks.12.hook_resid_post";
+  fs::create_directories(sae);
+  fs::create_directories(repo / "refs");
+  test::write_bytes((repo / "refs" / "main").string(), "abc123");
+  for (auto& f : fs::directory_iterator(test::golden("jumprelu/sae"))) fs::copy(f.path(), sae / f.path().filename());
+
+  EXPECT_EQ(resolve_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.12.hook_resid_post"),
+            sae.string());
+  LoadedSae l = from_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.12.hook_resid_post");
+  EXPECT_TRUE(l.sparsity.has_value());
+  EXPECT_EQ(l.sae.cfg.d_sae, 64);
+  // The repo id works too, with the in-repo path as the SAE id.
+  EXPECT_EQ(resolve_pretrained("chanind/gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40",
+                               "snap/blocks.12.hook_resid_post"),
+            sae.string());
+  // Through the CLI's release:sae_id form.
+  auto r = test::run_cli("info gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("architecture: jumprelu"), std::string::npos) << r.output;
+  // A layer not downloaded: the error says how to get it.
+  try {
+    resolve_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.3.hook_resid_post");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("huggingface-cli download"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Pretrained, LocalReleaseFolderAndErrors) {
+  test::TempDir dir;
+  fs::create_directories(dir.path / "rel" / "standard");
+  fs::copy(test::golden("topk/sae"), dir.path / "rel" / "standard" / "blocks.0.hook_resid_post");
+  LoadedSae l = from_pretrained(dir / "rel", "standard/blocks.0.hook_resid_post");
+  EXPECT_EQ(l.sae.cfg.k, 8);
+  EXPECT_THROW(from_pretrained(dir / "rel", "standard/blocks.1.hook_resid_post"), Error);
+  EXPECT_THROW(resolve_pretrained("no-such-release", "x"), Error);
+  EXPECT_THROW(resolve_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.99.hook_resid_post"), Error);
+}
+
+}  // namespace
+}  // namespace sae

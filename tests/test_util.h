@@ -1,0 +1,96 @@
+// Helpers shared by the tests: temp folders, golden paths, running the CLI.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "io/npy.h"
+
+namespace sae::test {
+
+namespace fs = std::filesystem;
+
+inline std::string golden(const std::string& rel) {
+  return (fs::path(SAECPP_TEST_DIR) / "goldens" / rel).string();
+}
+
+// A fresh folder under the system temp dir, removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static int counter = 0;
+    path = fs::temp_directory_path() /
+           ("saecpp_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+inline std::vector<float> read_npy_f32(const std::string& path) {
+  NpyFile f(path);
+  std::vector<float> v(size_t(f.numel()));
+  convert_to_f32(f.dtype(), f.data().data(), v.data(), v.size());
+  return v;
+}
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Element-wise |a - b| <= rel * (|b| + rms(b)): a relative bound that stays meaningful for
+// entries near zero, where f32 sums of mixed-sign terms lose relative accuracy.
+inline void expect_close(const std::vector<float>& a, const std::vector<float>& b, double rel,
+                         const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  double ss = 0;
+  for (float v : b) ss += double(v) * v;
+  const double rms = b.empty() ? 0 : std::sqrt(ss / double(b.size()));
+  size_t bad = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::abs(double(a[i]) - b[i]) > rel * (std::abs(double(b[i])) + rms)) {
+      if (bad++ < 5) ADD_FAILURE() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << a.size() << " entries differ";
+}
+
+struct CliResult {
+  int exit_code;
+  std::string output;  // stdout and stderr together
+};
+
+inline CliResult run_cli(const std::string& args) {
+  std::string cmd = std::string(SAECPP_CLI) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+inline std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+}  // namespace sae::test
