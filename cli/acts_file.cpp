@@ -28,9 +28,12 @@ Activations read_activations(const std::string& path, const std::string& tensor)
     SafetensorsFile f(path);
     std::string name = tensor;
     if (name.empty()) {
-      if (f.has("activations")) name = "activations";
-      else if (f.tensors().size() == 1) name = f.tensors()[0].name;
-      else fail(path, "", "holds several tensors and none is named \"activations\"; pass --tensor");
+      if (f.has("activations"))
+        name = "activations";
+      else if (f.tensors().size() == 1)
+        name = f.tensors()[0].name;
+      else
+        fail(path, "", "holds several tensors and none is named \"activations\"; pass --tensor");
     }
     const TensorInfo& t = f.info(name);
     set_shape(a, t.shape, cat(path, ": ", name));

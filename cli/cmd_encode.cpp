@@ -26,7 +26,8 @@ Runner add_encode(CLI::App& app) {
     LoadedSae l = load_sae_ref(o->ref);
     Activations a = read_activations(o->acts, o->tensor);
     if (a.d != l.sae.cfg.d_in)
-      fail(o->acts, "shape", cat("activations have d_in ", a.d, " but the SAE expects ", l.sae.cfg.d_in));
+      fail(o->acts, "shape",
+           cat("activations have d_in ", a.d, " but the SAE expects ", l.sae.cfg.d_in));
     SparseCodes codes = l.sae.encode(a.data, a.n);
     if (o->dense) {
       auto dense = codes.to_dense();
@@ -36,8 +37,8 @@ Runner add_encode(CLI::App& app) {
       save_sparse_codes(o->out, codes);
     }
     std::fprintf(stderr, "encoded %lld tokens, %lld active entries (L0 %.2f) -> %s\n",
-                 (long long)a.n, (long long)codes.nnz(), double(codes.nnz()) / double(std::max<int64_t>(a.n, 1)),
-                 o->out.c_str());
+                 (long long)a.n, (long long)codes.nnz(),
+                 double(codes.nnz()) / double(std::max<int64_t>(a.n, 1)), o->out.c_str());
     return 0;
   };
 }

@@ -34,7 +34,8 @@ Runner add_eval(CLI::App& app) {
     const Sae& s = l.sae;
     Activations a = read_activations(o->acts, o->tensor);
     if (a.d != s.cfg.d_in)
-      fail(o->acts, "shape", cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
+      fail(o->acts, "shape",
+           cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
     if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
     MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, o->dense_threshold);
     for (int64_t t0 = 0; t0 < a.n; t0 += o->batch) {
@@ -59,11 +60,14 @@ Runner add_eval(CLI::App& app) {
     std::printf("cosine(x, x_hat)              %.6f\n", m.cossim);
     std::printf("||x_hat|| / ||x||             %.6f\n", m.l2_ratio);
     std::printf("relative reconstruction bias  %.6f\n", m.relative_reconstruction_bias);
-    std::printf("dead latents                  %lld / %lld\n", (long long)m.dead_latents, (long long)s.cfg.d_sae);
-    std::printf("dense latents (> %.3g)         %lld\n", m.dense_threshold, (long long)m.dense_latents);
+    std::printf("dead latents                  %lld / %lld\n", (long long)m.dead_latents,
+                (long long)s.cfg.d_sae);
+    std::printf("dense latents (> %.3g)         %lld\n", m.dense_threshold,
+                (long long)m.dense_latents);
     std::printf("log10 firing frequency histogram (live latents):\n");
     for (int b = 0; b < 10; ++b)
-      std::printf("  [1e%+d, 1e%+d)  %lld\n", b - 10, b - 9, (long long)m.log_density_histogram[size_t(b)]);
+      std::printf("  [1e%+d, 1e%+d)  %lld\n", b - 10, b - 9,
+                  (long long)m.log_density_histogram[size_t(b)]);
     return 0;
   };
 }

@@ -19,7 +19,8 @@ nlohmann::ordered_json stats(const std::vector<float>& v) {
 }  // namespace
 
 Runner add_info(CLI::App& app) {
-  auto* cmd = app.add_subcommand("info", "Describe an SAE: architecture, dims, dtype, thresholds, metadata");
+  auto* cmd = app.add_subcommand(
+      "info", "Describe an SAE: architecture, dims, dtype, thresholds, metadata");
   auto ref = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
   cmd->add_option("sae", *ref, "SAE folder or release:sae_id")->required();
@@ -45,8 +46,8 @@ Runner add_info(CLI::App& app) {
     j["converted_from_pre_6_config"] = s.cfg.converted_from_pre_6;
     j["has_sparsity"] = l.sparsity.has_value();
     if (l.sparsity) {
-      int64_t never = std::count_if(l.sparsity->begin(), l.sparsity->end(),
-                                    [](float v) { return v <= -9.5f; });
+      int64_t never =
+          std::count_if(l.sparsity->begin(), l.sparsity->end(), [](float v) { return v <= -9.5f; });
       j["sparsity_log10"] = stats(*l.sparsity);
       j["latents_never_fired_in_training"] = never;
     }
@@ -57,11 +58,13 @@ Runner add_info(CLI::App& app) {
     }
     for (auto it = j.begin(); it != j.end(); ++it) {
       if (it.key() == "metadata") continue;
-      std::cout << it.key() << ": " << (it->is_string() ? it->get<std::string>() : it->dump()) << "\n";
+      std::cout << it.key() << ": " << (it->is_string() ? it->get<std::string>() : it->dump())
+                << "\n";
     }
     std::cout << "metadata:\n";
     for (auto it = j["metadata"].begin(); it != j["metadata"].end(); ++it)
-      std::cout << "  " << it.key() << ": " << (it->is_string() ? it->get<std::string>() : it->dump()) << "\n";
+      std::cout << "  " << it.key() << ": "
+                << (it->is_string() ? it->get<std::string>() : it->dump()) << "\n";
     return 0;
   };
 }

@@ -9,7 +9,8 @@ namespace sae {
 namespace {
 
 TEST(DType, NamesRoundTrip) {
-  for (auto t : {DType::F32, DType::BF16, DType::F16, DType::I32, DType::I64, DType::U16, DType::F64}) {
+  for (auto t :
+       {DType::F32, DType::BF16, DType::F16, DType::I32, DType::I64, DType::U16, DType::F64}) {
     auto back = dtype_from_name(dtype_name(t));
     ASSERT_TRUE(back.has_value());
     EXPECT_EQ(*back, t);
@@ -35,8 +36,8 @@ TEST(DType, Bf16KnownValues) {
 TEST(DType, F16KnownValuesAndRoundTrip) {
   EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
   EXPECT_EQ(f32_to_f16(-2.0f), 0xc000);
-  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);            // largest half
-  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);                // overflow to inf
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);               // largest half
+  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);                   // overflow to inf
   EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
   EXPECT_EQ(f16_to_f32(0x0001), std::ldexp(1.0f, -24));
   EXPECT_EQ(f16_to_f32(0x3555), 0.333251953125f);

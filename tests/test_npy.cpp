@@ -21,7 +21,8 @@ TEST(Npy, WriteReadRoundTrip) {
   NpyFile f(dir / "a.npy");
   EXPECT_EQ(f.shape(), (std::vector<int64_t>{2, 3}));
   EXPECT_EQ(test::read_npy_f32(dir / "a.npy"), v);
-  write_npy(dir / "b.npy", DType::F32, {6}, {reinterpret_cast<const uint8_t*>(v.data()), v.size() * 4});
+  write_npy(dir / "b.npy", DType::F32, {6},
+            {reinterpret_cast<const uint8_t*>(v.data()), v.size() * 4});
   EXPECT_EQ(NpyFile(dir / "b.npy").shape(), (std::vector<int64_t>{6}));
 }
 

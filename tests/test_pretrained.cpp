@@ -35,8 +35,10 @@ struct EnvVar {
     ::setenv(name.c_str(), value.c_str(), 1);
   }
   ~EnvVar() {
-    if (old) ::setenv(name.c_str(), old->c_str(), 1);
-    else ::unsetenv(name.c_str());
+    if (old)
+      ::setenv(name.c_str(), old->c_str(), 1);
+    else
+      ::unsetenv(name.c_str());
   }
 };
 
@@ -54,12 +56,14 @@ TEST(Pretrained, HubCacheDirPrecedence) {
 TEST(Pretrained, ResolvesReleaseNameInHfCache) {
   test::TempDir dir;
   EnvVar hub("HF_HUB_CACHE", dir.path.string());
-  const fs::path repo = dir.path / "models--chanind--gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40";
+  const fs::path repo =
+      dir.path / "models--chanind--gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40";
   const fs::path sae = repo / "snapshots" / "abc123" / "snap" / "blocks.12.hook_resid_post";
   fs::create_directories(sae);
   fs::create_directories(repo / "refs");
   test::write_bytes((repo / "refs" / "main").string(), "abc123");
-  for (auto& f : fs::directory_iterator(test::golden("jumprelu/sae"))) fs::copy(f.path(), sae / f.path().filename());
+  for (auto& f : fs::directory_iterator(test::golden("jumprelu/sae")))
+    fs::copy(f.path(), sae / f.path().filename());
 
   EXPECT_EQ(resolve_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.12.hook_resid_post"),
             sae.string());
@@ -79,7 +83,8 @@ TEST(Pretrained, ResolvesReleaseNameInHfCache) {
     resolve_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.3.hook_resid_post");
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("huggingface-cli download"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("huggingface-cli download"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -91,7 +96,8 @@ TEST(Pretrained, LocalReleaseFolderAndErrors) {
   EXPECT_EQ(l.sae.cfg.k, 8);
   EXPECT_THROW(from_pretrained(dir / "rel", "standard/blocks.1.hook_resid_post"), Error);
   EXPECT_THROW(resolve_pretrained("no-such-release", "x"), Error);
-  EXPECT_THROW(resolve_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.99.hook_resid_post"), Error);
+  EXPECT_THROW(resolve_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.99.hook_resid_post"),
+               Error);
 }
 
 }  // namespace

@@ -135,13 +135,15 @@ TEST(CliBadInput, DInMismatch) {
   auto r = test::run_cli("encode " + test::golden("topk/sae") + " " + (dir / "acts.npy") + " -o " +
                          (dir / "out.safetensors"));
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("acts.npy: shape: activations have d_in 17"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("acts.npy: shape: activations have d_in 17"), std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(dir / "out.safetensors"));
 }
 
 TEST(CliBadInput, NanAndInfActivationsAreRejected) {
   test::TempDir dir;
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     auto v = test::random_vector(4 * 16, 2);
     v[2 * 16 + 5] = bad;
     write_acts_npy(dir / "acts.npy", v, 4, 16);

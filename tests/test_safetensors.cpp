@@ -50,8 +50,9 @@ TEST(Safetensors, RoundTripU16AndEmpty) {
   TempDir dir;
   std::vector<uint16_t> u = {1, 65535, 7};
   std::vector<float> empty;
-  write_safetensors(dir / "t.safetensors", {tensor_view("u", std::span<const uint16_t>(u), DType::U16, {3}),
-                                            tensor_view("e", std::span<const float>(empty), {0, 4})});
+  write_safetensors(dir / "t.safetensors",
+                    {tensor_view("u", std::span<const uint16_t>(u), DType::U16, {3}),
+                     tensor_view("e", std::span<const float>(empty), {0, 4})});
   SafetensorsFile f(dir / "t.safetensors");
   EXPECT_EQ(f.read_i64("u"), (std::vector<int64_t>{1, 65535, 7}));
   EXPECT_EQ(f.read_f32("e").size(), 0u);
@@ -103,37 +104,45 @@ TEST(SafetensorsBadInput, OverlappingOffsets) {
   TempDir dir;
   test::write_bytes(dir / "t.safetensors",
                     file_with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                                     R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12));
+                                     R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                                     12));
   expect_error(dir / "t.safetensors", "data_offsets");
 }
 
 TEST(SafetensorsBadInput, OutOfRangeOffsets) {
   TempDir dir;
-  test::write_bytes(dir / "t.safetensors",
-                    file_with_header(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8));
+  test::write_bytes(
+      dir / "t.safetensors",
+      file_with_header(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8));
   expect_error(dir / "t.safetensors", "a.data_offsets");
-  test::write_bytes(dir / "rev.safetensors",
-                    file_with_header(R"({"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", 8));
+  test::write_bytes(
+      dir / "rev.safetensors",
+      file_with_header(R"({"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", 8));
   expect_error(dir / "rev.safetensors", "a.data_offsets");
 }
 
 TEST(SafetensorsBadInput, ShapeDisagreesWithOffsets) {
   TempDir dir;
-  test::write_bytes(dir / "t.safetensors",
-                    file_with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8));
+  test::write_bytes(
+      dir / "t.safetensors",
+      file_with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8));
   expect_error(dir / "t.safetensors", "a.data_offsets");
-  test::write_bytes(dir / "neg.safetensors",
-                    file_with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8));
+  test::write_bytes(
+      dir / "neg.safetensors",
+      file_with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8));
   expect_error(dir / "neg.safetensors", "a.shape");
-  test::write_bytes(dir / "ovf.safetensors",
-                    file_with_header(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8));
+  test::write_bytes(
+      dir / "ovf.safetensors",
+      file_with_header(
+          R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8));
   expect_error(dir / "ovf.safetensors", "a.shape");
 }
 
 TEST(SafetensorsBadInput, UnknownDtypeAndBadJson) {
   TempDir dir;
-  test::write_bytes(dir / "t.safetensors",
-                    file_with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8));
+  test::write_bytes(
+      dir / "t.safetensors",
+      file_with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8));
   expect_error(dir / "t.safetensors", "a.dtype");
   test::write_bytes(dir / "j.safetensors", file_with_header(R"({"a":{"dtype":"F32",)", 8));
   expect_error(dir / "j.safetensors", "header");

@@ -11,6 +11,8 @@ void fail(std::string_view where, std::string_view field, std::string_view messa
   throw Error(s);
 }
 
-void fail(std::string_view message) { throw Error(std::string(message)); }
+void fail(std::string_view message) {
+  throw Error(std::string(message));
+}
 
 }  // namespace sae

@@ -28,10 +28,11 @@ std::string cat(const Args&... args) {
 [[noreturn]] void fail(std::string_view message);
 
 // Programmer errors (not user input): abort-free check that still throws with a location.
-#define SAE_CHECK(cond, ...)                                                      \
-  do {                                                                            \
-    if (!(cond)) ::sae::fail(::sae::cat(__FILE__, ":", __LINE__, ": check `", #cond, \
-                                        "` failed. ", __VA_ARGS__));              \
+#define SAE_CHECK(cond, ...)                                                                   \
+  do {                                                                                         \
+    if (!(cond))                                                                               \
+      ::sae::fail(                                                                             \
+          ::sae::cat(__FILE__, ":", __LINE__, ": check `", #cond, "` failed. ", __VA_ARGS__)); \
   } while (0)
 
 }  // namespace sae

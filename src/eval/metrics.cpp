@@ -8,8 +8,11 @@
 namespace sae {
 
 MetricsAccumulator::MetricsAccumulator(int64_t d_in, int64_t d_sae, double dense_threshold)
-    : d_in_(d_in), d_sae_(d_sae), dense_threshold_(dense_threshold),
-      sum_x_(size_t(d_in), 0.0), fire_counts_(size_t(d_sae), 0) {}
+    : d_in_(d_in),
+      d_sae_(d_sae),
+      dense_threshold_(dense_threshold),
+      sum_x_(size_t(d_in), 0.0),
+      fire_counts_(size_t(d_sae), 0) {}
 
 void MetricsAccumulator::add_batch(std::span<const float> x, std::span<const float> x_hat,
                                    const SparseCodes& codes) {
@@ -86,8 +89,8 @@ Metrics MetricsAccumulator::finish() const {
   double mean_sq = 0;
   for (double s : sum_x_) mean_sq += (s / n) * (s / n);
   const double total_variance = sum_sq_norm_ / n - mean_sq;
-  m.explained_variance = total_variance < 1e-10 ? (m.mse < 1e-10 ? 1.0 : 0.0)
-                                                : 1.0 - m.mse / total_variance;
+  m.explained_variance =
+      total_variance < 1e-10 ? (m.mse < 1e-10 ? 1.0 : 0.0) : 1.0 - m.mse / total_variance;
   m.explained_variance_legacy = sum_ev_legacy_ / n;
   m.explained_variance_about_zero = 1.0 - sum_sq_resid_ / sum_sq_norm_;
   m.cossim = sum_cos_ / n;

@@ -27,8 +27,8 @@ struct Metrics {
   double l2_norm_out = 0;  // mean ||x_hat||
   double l2_ratio = 0;     // mean ||x_hat|| / ||x|| (||x|| < 1e-4 counts as 1, as SAELens)
   double relative_reconstruction_bias = 0;  // E||x_hat||^2 / E<x, x_hat>
-  int64_t dead_latents = 0;   // never fired on the set
-  int64_t dense_latents = 0;  // fired on more than dense_threshold of tokens
+  int64_t dead_latents = 0;                 // never fired on the set
+  int64_t dense_latents = 0;                // fired on more than dense_threshold of tokens
   double dense_threshold = 0.1;
   std::vector<double> feature_density;  // per latent: fraction of tokens it fired on
   // Histogram of log10(feature_density) for live latents: bin b counts densities in

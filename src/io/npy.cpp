@@ -14,8 +14,8 @@ struct DescrMap {
   DType dtype;
 };
 constexpr DescrMap kDescr[] = {
-    {"<f4", DType::F32}, {"<f2", DType::F16}, {"<f8", DType::F64}, {"<i4", DType::I32},
-    {"<i8", DType::I64}, {"<u2", DType::U16}, {"<u4", DType::U32}, {"|u1", DType::U8},
+    {"<f4", DType::F32}, {"<f2", DType::F16}, {"<f8", DType::F64},  {"<i4", DType::I32},
+    {"<i8", DType::I64}, {"<u2", DType::U16}, {"<u4", DType::U32},  {"|u1", DType::U8},
     {"|i1", DType::I8},  {"<i2", DType::I16}, {"|b1", DType::BOOL}, {"<u8", DType::U64},
 };
 
@@ -72,7 +72,8 @@ NpyFile::NpyFile(const std::string& path) : path_(path), file_(path) {
   if (!known) fail(path, "descr", cat("unsupported dtype '", descr, "' (need little-endian)"));
 
   std::string_view fortran = value_after(header, "fortran_order", path);
-  if (fortran.starts_with("True")) fail(path, "fortran_order", "Fortran-order arrays are not supported");
+  if (fortran.starts_with("True"))
+    fail(path, "fortran_order", "Fortran-order arrays are not supported");
 
   std::string_view shape = value_after(header, "shape", path);
   if (shape.empty() || shape[0] != '(') fail(path, "shape", "is not a tuple");
@@ -98,7 +99,8 @@ NpyFile::NpyFile(const std::string& path) : path_(path), file_(path) {
   const size_t data_start = header_start + header_len;
   const uint64_t need = numel * dtype_size(dtype_);
   if (b.size() - data_start < need)
-    fail(path, "data", cat("file holds ", b.size() - data_start, " data bytes, shape needs ", need));
+    fail(path, "data",
+         cat("file holds ", b.size() - data_start, " data bytes, shape needs ", need));
   data_ = b.subspan(data_start, size_t(need));
 }
 
@@ -111,7 +113,8 @@ void write_npy(const std::string& path, DType dtype, const std::vector<int64_t>&
   std::string shape_str = "(";
   for (size_t i = 0; i < shape.size(); ++i) shape_str += cat(i ? ", " : "", shape[i]);
   shape_str += shape.size() == 1 ? ",)" : ")";  // NumPy writes (n,) for one dimension
-  std::string header = cat("{'descr': '", descr, "', 'fortran_order': False, 'shape': ", shape_str, ", }");
+  std::string header =
+      cat("{'descr': '", descr, "', 'fortran_order': False, 'shape': ", shape_str, ", }");
   // Pad so the data starts on a 64-byte boundary, ending the header with '\n'.
   size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');

@@ -138,7 +138,8 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name,
       for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
       return r + "]";
     };
-    fail(path_, name, cat("shape ", fmt(t.shape), " does not match the expected ", fmt(expect_shape)));
+    fail(path_, name,
+         cat("shape ", fmt(t.shape), " does not match the expected ", fmt(expect_shape)));
   }
   std::vector<float> out(static_cast<size_t>(t.numel()));
   convert_to_f32(t.dtype, bytes(t).data(), out.data(), out.size());
@@ -151,12 +152,35 @@ std::vector<int64_t> SafetensorsFile::read_i64(const std::string& name) const {
   const uint8_t* p = bytes(t).data();
   for (size_t i = 0; i < out.size(); ++i) {
     switch (t.dtype) {
-      case DType::I64: { int64_t v; std::memcpy(&v, p + 8 * i, 8); out[i] = v; break; }
-      case DType::I32: { int32_t v; std::memcpy(&v, p + 4 * i, 4); out[i] = v; break; }
-      case DType::U32: { uint32_t v; std::memcpy(&v, p + 4 * i, 4); out[i] = v; break; }
-      case DType::U16: { uint16_t v; std::memcpy(&v, p + 2 * i, 2); out[i] = v; break; }
-      case DType::U8: out[i] = p[i]; break;
-      default: fail(path_, name, cat("dtype ", dtype_name(t.dtype), " is not an integer type"));
+      case DType::I64: {
+        int64_t v;
+        std::memcpy(&v, p + 8 * i, 8);
+        out[i] = v;
+        break;
+      }
+      case DType::I32: {
+        int32_t v;
+        std::memcpy(&v, p + 4 * i, 4);
+        out[i] = v;
+        break;
+      }
+      case DType::U32: {
+        uint32_t v;
+        std::memcpy(&v, p + 4 * i, 4);
+        out[i] = v;
+        break;
+      }
+      case DType::U16: {
+        uint16_t v;
+        std::memcpy(&v, p + 2 * i, 2);
+        out[i] = v;
+        break;
+      }
+      case DType::U8:
+        out[i] = p[i];
+        break;
+      default:
+        fail(path_, name, cat("dtype ", dtype_name(t.dtype), " is not an integer type"));
     }
   }
   return out;
@@ -194,8 +218,7 @@ TensorToWrite tensor_view(std::string name, std::span<const int32_t> v,
                           std::vector<int64_t> shape) {
   return {std::move(name), DType::I32, std::move(shape), as_bytes_span(v)};
 }
-TensorToWrite tensor_view(std::string name, std::span<const double> v,
-                          std::vector<int64_t> shape) {
+TensorToWrite tensor_view(std::string name, std::span<const double> v, std::vector<int64_t> shape) {
   return {std::move(name), DType::F64, std::move(shape), as_bytes_span(v)};
 }
 TensorToWrite tensor_view(std::string name, std::span<const uint16_t> v, DType dtype,
@@ -250,7 +273,8 @@ void write_safetensors(const std::string& path, std::vector<TensorToWrite> tenso
                        const std::map<std::string, std::string>& metadata) {
   sort_like_rust(tensors);
   for (size_t i = 1; i < tensors.size(); ++i)
-    if (tensors[i].name == tensors[i - 1].name) fail(path, tensors[i].name, "duplicate tensor name");
+    if (tensors[i].name == tensors[i - 1].name)
+      fail(path, tensors[i].name, "duplicate tensor name");
   AtomicFile f(path);
   f.write(safetensors_header(tensors, metadata));
   for (const auto& t : tensors) f.write(t.data);

@@ -64,12 +64,9 @@ struct TensorToWrite {
 
 // Helpers that build a TensorToWrite over an existing buffer (the buffer must outlive the write).
 TensorToWrite tensor_view(std::string name, std::span<const float> v, std::vector<int64_t> shape);
-TensorToWrite tensor_view(std::string name, std::span<const int64_t> v,
-                          std::vector<int64_t> shape);
-TensorToWrite tensor_view(std::string name, std::span<const int32_t> v,
-                          std::vector<int64_t> shape);
-TensorToWrite tensor_view(std::string name, std::span<const double> v,
-                          std::vector<int64_t> shape);
+TensorToWrite tensor_view(std::string name, std::span<const int64_t> v, std::vector<int64_t> shape);
+TensorToWrite tensor_view(std::string name, std::span<const int32_t> v, std::vector<int64_t> shape);
+TensorToWrite tensor_view(std::string name, std::span<const double> v, std::vector<int64_t> shape);
 TensorToWrite tensor_view(std::string name, std::span<const uint16_t> v, DType dtype,
                           std::vector<int64_t> shape);
 

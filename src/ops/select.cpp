@@ -53,7 +53,8 @@ void topk_rows_reference(const float* x, int64_t rows, int64_t cols, int64_t k, 
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * cols;
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return row[a] > row[b]; });
     std::sort(order.begin(), order.begin() + k);
     for (int64_t j = 0; j < k; ++j) {
       indices[r * k + j] = order[size_t(j)];

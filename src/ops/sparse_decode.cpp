@@ -10,8 +10,10 @@ void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indi
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n_tokens; ++t) {
     float* o = out + t * d;
-    if (bias) std::memcpy(o, bias, size_t(d) * sizeof(float));
-    else std::memset(o, 0, size_t(d) * sizeof(float));
+    if (bias)
+      std::memcpy(o, bias, size_t(d) * sizeof(float));
+    else
+      std::memset(o, 0, size_t(d) * sizeof(float));
     for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
       const float v = values[e];
       const float* row = w + int64_t(indices[e]) * d;
@@ -22,8 +24,8 @@ void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indi
 }
 
 void sparse_decode_reference(int64_t n_tokens, int64_t n_latents, const int64_t* offsets,
-                             const int32_t* indices, const float* values, const float* w,
-                             int64_t d, const float* bias, float* out) {
+                             const int32_t* indices, const float* values, const float* w, int64_t d,
+                             const float* bias, float* out) {
   std::vector<double> dense(static_cast<size_t>(n_latents));
   for (int64_t t = 0; t < n_tokens; ++t) {
     std::fill(dense.begin(), dense.end(), 0.0);

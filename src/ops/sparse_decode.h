@@ -12,7 +12,7 @@ void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indi
 
 // Reference: builds the dense [n_tokens, n_latents] code matrix and multiplies in double.
 void sparse_decode_reference(int64_t n_tokens, int64_t n_latents, const int64_t* offsets,
-                             const int32_t* indices, const float* values, const float* w,
-                             int64_t d, const float* bias, float* out);
+                             const int32_t* indices, const float* values, const float* w, int64_t d,
+                             const float* bias, float* out);
 
 }  // namespace sae::ops

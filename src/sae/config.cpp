@@ -11,19 +11,26 @@ using ojson = nlohmann::ordered_json;
 
 std::string_view architecture_name(Architecture a) {
   switch (a) {
-    case Architecture::Standard: return "standard";
-    case Architecture::TopK: return "topk";
-    case Architecture::JumpReLU: return "jumprelu";
+    case Architecture::Standard:
+      return "standard";
+    case Architecture::TopK:
+      return "topk";
+    case Architecture::JumpReLU:
+      return "jumprelu";
   }
   return "?";
 }
 
 std::string_view input_norm_name(InputNorm n) {
   switch (n) {
-    case InputNorm::None: return "none";
-    case InputNorm::ExpectedAverageOnlyIn: return "expected_average_only_in";
-    case InputNorm::ConstantNormRescale: return "constant_norm_rescale";
-    case InputNorm::LayerNorm: return "layer_norm";
+    case InputNorm::None:
+      return "none";
+    case InputNorm::ExpectedAverageOnlyIn:
+      return "expected_average_only_in";
+    case InputNorm::ConstantNormRescale:
+      return "constant_norm_rescale";
+    case InputNorm::LayerNorm:
+      return "layer_norm";
   }
   return "?";
 }
@@ -32,12 +39,23 @@ namespace {
 
 // SAELens's LLM_METADATA_KEYS: the flat keys of a pre-6.0 config that move into "metadata".
 const std::set<std::string> kMetadataKeys = {
-    "model_name",      "hook_name",          "model_class_name",
-    "hook_head_index", "model_from_pretrained_kwargs", "prepend_bos",
-    "exclude_special_tokens", "neuronpedia_id", "context_size",
-    "seqpos_slice",    "dataset_path",       "sae_lens_version",
-    "sae_lens_training_version", "hook_name_out", "hook_head_index_out",
-    "hf_hook_name",    "hf_hook_name_out",
+    "model_name",
+    "hook_name",
+    "model_class_name",
+    "hook_head_index",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "hook_name_out",
+    "hook_head_index_out",
+    "hf_hook_name",
+    "hf_hook_name_out",
 };
 
 // Major version of a "X.Y.Z…" string; -1 when absent or unparsable.
@@ -47,7 +65,8 @@ int major_version(const ojson& v) {
   int major = 0;
   size_t i = 0;
   if (s.empty() || !std::isdigit(static_cast<unsigned char>(s[0]))) return -1;
-  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) major = major * 10 + (s[i++] - '0');
+  while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])))
+    major = major * 10 + (s[i++] - '0');
   return major;
 }
 
@@ -65,8 +84,10 @@ ojson convert_pre_6(const ojson& flat) {
   for (auto it = flat.begin(); it != flat.end(); ++it) {
     if (it.key() == "metadata") continue;
     std::string key = rename.count(it.key()) ? rename.at(it.key()) : it.key();
-    if (kMetadataKeys.count(key)) meta[key] = it.value();
-    else cfg[key] = it.value();
+    if (kMetadataKeys.count(key))
+      meta[key] = it.value();
+    else
+      cfg[key] = it.value();
   }
   if (!meta.contains("prepend_bos")) meta["prepend_bos"] = true;
   if (!meta.contains("sae_lens_training_version")) meta["sae_lens_training_version"] = nullptr;
@@ -76,7 +97,8 @@ ojson convert_pre_6(const ojson& flat) {
   if (!cfg.contains("architecture")) cfg["architecture"] = "standard";
   if (!cfg.contains("reshape_activations")) {
     std::string hook = meta.contains("hook_name") && meta["hook_name"].is_string()
-                           ? meta["hook_name"].get<std::string>() : "";
+                           ? meta["hook_name"].get<std::string>()
+                           : "";
     cfg["reshape_activations"] = hook.find("hook_z") != std::string::npos ? "hook_z" : "none";
   }
   if (cfg["activation_fn"] == "topk" && cfg.contains("activation_fn_kwargs") &&
@@ -126,9 +148,12 @@ SaeConfig SaeConfig::from_json(const ojson& j_in, const std::string& where) {
   if (!j.contains("architecture") || !j["architecture"].is_string())
     fail(where, "architecture", "missing or not a string");
   const std::string arch = j["architecture"].get<std::string>();
-  if (arch == "standard") c.architecture = Architecture::Standard;
-  else if (arch == "topk") c.architecture = Architecture::TopK;
-  else if (arch == "jumprelu") c.architecture = Architecture::JumpReLU;
+  if (arch == "standard")
+    c.architecture = Architecture::Standard;
+  else if (arch == "topk")
+    c.architecture = Architecture::TopK;
+  else if (arch == "jumprelu")
+    c.architecture = Architecture::JumpReLU;
   else
     fail(where, "architecture",
          cat("unsupported architecture \"", arch, "\" (supported: standard, topk, jumprelu)"));
@@ -147,14 +172,20 @@ SaeConfig SaeConfig::from_json(const ojson& j_in, const std::string& where) {
 
   std::string norm = "none";
   if (j.contains("normalize_activations") && !j["normalize_activations"].is_null()) {
-    if (!j["normalize_activations"].is_string()) fail(where, "normalize_activations", "must be a string");
+    if (!j["normalize_activations"].is_string())
+      fail(where, "normalize_activations", "must be a string");
     norm = j["normalize_activations"].get<std::string>();
   }
-  if (norm == "none") c.normalize_activations = InputNorm::None;
-  else if (norm == "expected_average_only_in") c.normalize_activations = InputNorm::ExpectedAverageOnlyIn;
-  else if (norm == "constant_norm_rescale") c.normalize_activations = InputNorm::ConstantNormRescale;
-  else if (norm == "layer_norm") c.normalize_activations = InputNorm::LayerNorm;
-  else fail(where, "normalize_activations", cat("unsupported value \"", norm, "\""));
+  if (norm == "none")
+    c.normalize_activations = InputNorm::None;
+  else if (norm == "expected_average_only_in")
+    c.normalize_activations = InputNorm::ExpectedAverageOnlyIn;
+  else if (norm == "constant_norm_rescale")
+    c.normalize_activations = InputNorm::ConstantNormRescale;
+  else if (norm == "layer_norm")
+    c.normalize_activations = InputNorm::LayerNorm;
+  else
+    fail(where, "normalize_activations", cat("unsupported value \"", norm, "\""));
 
   if (j.contains("reshape_activations") && j["reshape_activations"].is_string() &&
       j["reshape_activations"] != "none")

@@ -44,8 +44,9 @@ LoadedSae load_from_disk(const std::string& folder) {
   if (w.has("scaling_factor")) {
     for (float v : w.read_f32("scaling_factor"))
       if (v != 1.0f)
-        fail(w_path, "scaling_factor",
-             "finetuning scaling factors other than 1 are not supported (SAELens 6 drops them too)");
+        fail(
+            w_path, "scaling_factor",
+            "finetuning scaling factors other than 1 are not supported (SAELens 6 drops them too)");
   }
 
   const std::string sp_path = (fs::path(folder) / kSparsityFile).string();

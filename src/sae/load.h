@@ -15,7 +15,7 @@ inline constexpr const char* kSparsityFile = "sparsity.safetensors";
 
 struct LoadedSae {
   Sae sae;
-  std::string folder;                   // where it was read from
+  std::string folder;                          // where it was read from
   std::optional<std::vector<float>> sparsity;  // log10 firing frequency [d_sae], if present
 };
 

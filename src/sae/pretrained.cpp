@@ -33,7 +33,9 @@ std::string hf_hub_cache_dir() {
 
 namespace {
 
-bool is_sae_folder(const fs::path& p) { return fs::exists(p / "cfg.json"); }
+bool is_sae_folder(const fs::path& p) {
+  return fs::exists(p / "cfg.json");
+}
 
 // <hub>/models--org--name/snapshots/<rev>/<path>, preferring the revision refs/main names.
 std::string find_in_hf_cache(const std::string& repo_id, const std::string& path) {
@@ -70,7 +72,8 @@ std::string find_in_hf_cache(const std::string& repo_id, const std::string& path
 std::string resolve_pretrained(const std::string& release, const std::string& sae_id) {
   if (fs::is_directory(release)) {
     const fs::path p = fs::path(release) / sae_id;
-    if (!is_sae_folder(p)) fail(p.string(), "cfg.json", "missing: no such SAE in this release folder");
+    if (!is_sae_folder(p))
+      fail(p.string(), "cfg.json", "missing: no such SAE in this release folder");
     return p.string();
   }
   bool known_release = false;
@@ -82,7 +85,8 @@ std::string resolve_pretrained(const std::string& release, const std::string& sa
       int n = 0;
       for (const auto& x : pretrained_table())
         if (x.release == release && n++ < 5) ids += (ids.empty() ? "" : ", ") + x.sae_id;
-      fail(release, "sae_id", cat("\"", sae_id, "\" is not in this release (valid ids: ", ids, ", ...)"));
+      fail(release, "sae_id",
+           cat("\"", sae_id, "\" is not in this release (valid ids: ", ids, ", ...)"));
     }
     return find_in_hf_cache(e->repo_id, e->path);
   }

@@ -44,7 +44,8 @@ std::vector<float> Sae::decoder_norms() const {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < cfg.d_sae; ++i) {
     double s = 0;
-    for (int64_t j = 0; j < din; ++j) s += double(W_dec[size_t(i * din + j)]) * W_dec[size_t(i * din + j)];
+    for (int64_t j = 0; j < din; ++j)
+      s += double(W_dec[size_t(i * din + j)]) * W_dec[size_t(i * din + j)];
     norms[size_t(i)] = std::max(float(std::sqrt(s)), 1e-8f);
   }
   return norms;
@@ -52,8 +53,9 @@ std::vector<float> Sae::decoder_norms() const {
 
 void Sae::fold_W_dec_norm() {
   if (cfg.architecture == Architecture::TopK && !cfg.rescale_acts_by_decoder_norm)
-    fail("fold_W_dec_norm: folding changes which latents a topk SAE selects unless it was "
-         "trained with rescale_acts_by_decoder_norm");
+    fail(
+        "fold_W_dec_norm: folding changes which latents a topk SAE selects unless it was "
+        "trained with rescale_acts_by_decoder_norm");
   const auto norms = decoder_norms();
   const int64_t din = cfg.d_in, dsae = cfg.d_sae;
   for (int64_t i = 0; i < dsae; ++i)

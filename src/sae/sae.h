@@ -17,11 +17,11 @@ class Sae {
   explicit Sae(SaeConfig cfg);  // parameters zero-filled at the configured shapes
 
   SaeConfig cfg;
-  std::vector<float> W_enc;      // [d_in, d_sae]
-  std::vector<float> W_dec;      // [d_sae, d_in]
-  std::vector<float> b_enc;      // [d_sae]
-  std::vector<float> b_dec;      // [d_in]
-  std::vector<float> threshold;  // [d_sae], jumprelu only
+  std::vector<float> W_enc;         // [d_in, d_sae]
+  std::vector<float> W_dec;         // [d_sae, d_in]
+  std::vector<float> b_enc;         // [d_sae]
+  std::vector<float> b_dec;         // [d_in]
+  std::vector<float> threshold;     // [d_sae], jumprelu only
   DType stored_dtype = DType::F32;  // dtype of the weights as read from disk
 
   // x is [n, d_in] row-major. Non-finite inputs throw sae::Error naming the row and column.

@@ -17,7 +17,6 @@ namespace {
 
 void write_files(const Sae& sae, const std::string& folder, DType dtype,
                  const std::optional<std::vector<float>>& sparsity) {
-
   const int64_t din = sae.cfg.d_in, dsae = sae.cfg.d_sae;
   // Converted copies must outlive the write; f32 tensors are written from the SAE directly.
   std::vector<std::vector<uint16_t>> half;
@@ -28,7 +27,8 @@ void write_files(const Sae& sae, const std::string& folder, DType dtype,
     } else {
       half.emplace_back(v.size());
       convert_from_f32(v.data(), dtype, half.back().data(), v.size());
-      t.push_back(tensor_view(name, std::span<const uint16_t>(half.back()), dtype, std::move(shape)));
+      t.push_back(
+          tensor_view(name, std::span<const uint16_t>(half.back()), dtype, std::move(shape)));
     }
   };
   half.reserve(5);
@@ -37,7 +37,8 @@ void write_files(const Sae& sae, const std::string& folder, DType dtype,
   add(tensors, "W_dec", sae.W_dec, {dsae, din});
   add(tensors, "b_enc", sae.b_enc, {dsae});
   add(tensors, "b_dec", sae.b_dec, {din});
-  if (sae.cfg.architecture == Architecture::JumpReLU) add(tensors, "threshold", sae.threshold, {dsae});
+  if (sae.cfg.architecture == Architecture::JumpReLU)
+    add(tensors, "threshold", sae.threshold, {dsae});
   write_safetensors((fs::path(folder) / kWeightsFile).string(), std::move(tensors));
 
   if (sparsity) {

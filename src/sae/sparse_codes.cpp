@@ -44,7 +44,8 @@ SparseCodes load_sparse_codes(const std::string& path) {
     if (c.offsets[t] < c.offsets[t - 1]) fail(path, "offsets", "must be non-decreasing");
   c.indices.resize(idx.size());
   for (size_t i = 0; i < idx.size(); ++i) {
-    if (idx[i] < 0 || idx[i] >= c.d_sae) fail(path, "indices", cat("index ", idx[i], " out of range"));
+    if (idx[i] < 0 || idx[i] >= c.d_sae)
+      fail(path, "indices", cat("index ", idx[i], " out of range"));
     c.indices[i] = int32_t(idx[i]);
   }
   if (f.has("out_scale")) {
