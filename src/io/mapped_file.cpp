@@ -22,7 +22,7 @@ MappedFile::MappedFile(const std::string& path) {
   }
   size_ = size_t(st.st_size);
   if (size_ > 0) {
-    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     if (m == MAP_FAILED) {
       ::close(fd);
       fail(path, "", cat("mmap failed: ", std::strerror(errno)));

@@ -29,7 +29,7 @@ LoadedSae load_from_disk(const std::string& folder) {
   if (!fs::exists(cfg_path)) fail(cfg_path, "", "missing (not a SAELens SAE folder?)");
   if (!fs::exists(w_path)) fail(w_path, "", "missing (not a SAELens SAE folder?)");
 
-  LoadedSae out{Sae(read_sae_config(cfg_path)), folder, std::nullopt};
+  LoadedSae out{Sae(read_sae_config(cfg_path), /*allocate=*/false), folder, std::nullopt};
   Sae& s = out.sae;
   const int64_t din = s.cfg.d_in, dsae = s.cfg.d_sae;
   SafetensorsFile w(w_path);

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include <omp.h>
+
 #include "core/error.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
@@ -12,11 +14,15 @@
 namespace sae {
 
 namespace {
-// Tokens per encoder GEMM: bounds the [chunk, d_sae] pre-activation buffer (128 MiB at 32k).
-constexpr int64_t kChunkTokens = 1024;
+// Tokens per encoder GEMM: large enough for BLAS to run near peak (1024-token chunks cost
+// ~8% at d_sae 32768), small enough to bound the [chunk, d_sae] buffer at 512 MiB.
+int64_t chunk_tokens(int64_t d_sae) {
+  return std::clamp<int64_t>((int64_t(512) << 20) / (4 * d_sae), 256, 4096);
+}
 }  // namespace
 
-Sae::Sae(SaeConfig c) : cfg(std::move(c)) {
+Sae::Sae(SaeConfig c, bool allocate) : cfg(std::move(c)) {
+  if (!allocate) return;
   const size_t din = size_t(cfg.d_in), dsae = size_t(cfg.d_sae);
   W_enc.assign(din * dsae, 0.0f);
   W_dec.assign(dsae * din, 0.0f);
@@ -69,16 +75,14 @@ void Sae::fold_W_dec_norm() {
   if (cfg.architecture == Architecture::TopK) cfg.rescale_acts_by_decoder_norm = false;
 }
 
-void Sae::pre_activations(const float* x, int64_t n, float* pre, float* out_scale,
-                          float* out_shift) const {
-  const int64_t din = cfg.d_in, dsae = cfg.d_sae;
-  // The SAE input: normalised (run-time modes only) then shifted by b_dec.
-  std::vector<float> sae_in(size_t(n * din));
+void Sae::sae_input(const float* x, int64_t n, float* sae_in, float* out_scale,
+                    float* out_shift) const {
+  const int64_t din = cfg.d_in;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < n; ++t) {
     const float* xr = x + t * din;
-    float* s = sae_in.data() + t * din;
-    float mul = 1.0f, add = 0.0f;  // sae_in = (x - add) * (1/mul) before the b_dec shift
+    float* s = sae_in + t * din;
+    float mul = 1.0f, add = 0.0f;  // decode undoes the normalisation as x_hat * mul + add
     if (cfg.normalize_activations == InputNorm::ConstantNormRescale) {
       double ss = 0;
       for (int64_t j = 0; j < din; ++j) ss += double(xr[j]) * xr[j];
@@ -104,77 +108,113 @@ void Sae::pre_activations(const float* x, int64_t n, float* pre, float* out_scal
     if (out_scale) out_scale[t] = mul;
     if (out_shift) out_shift[t] = add;
   }
-  // pre = sae_in @ W_enc + b_enc
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t) std::memcpy(pre + t * dsae, b_enc.data(), size_t(dsae) * 4);
-  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, sae_in.data(), din, W_enc.data(),
-            dsae, 1.0f, pre, dsae);
-  if (cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm) {
-    const auto norms = decoder_norms();
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t i = 0; i < dsae; ++i) pre[t * dsae + i] *= norms[size_t(i)];
-  }
 }
 
+void Sae::pre_activations(const float* x, int64_t n, float* pre, float* out_scale,
+                          float* out_shift) const {
+  const int64_t din = cfg.d_in, dsae = cfg.d_sae;
+  std::vector<float> in(static_cast<size_t>(n * din));
+  sae_input(x, n, in.data(), out_scale, out_shift);
+  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in.data(), din, W_enc.data(),
+            dsae, 0.0f, pre, dsae);
+  std::vector<float> norms;
+  const bool rescale = cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm;
+  if (rescale) norms = decoder_norms();
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < dsae; ++i) {
+      float& v = pre[t * dsae + i];
+      v += b_enc[size_t(i)];
+      if (rescale) v *= norms[size_t(i)];
+    }
+}
+
+namespace {
+
+// Scratch reused across calls so that encoding does not page-fault a fresh
+// [chunk, d_sae] buffer every time.
+std::vector<float>& scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[2];
+  if (buffers[slot].size() < n) buffers[slot].resize(n);
+  return buffers[slot];
+}
+
+}  // namespace
+
 void Sae::encode_chunk(const float* x, int64_t n, SparseCodes& out) const {
-  const int64_t dsae = cfg.d_sae;
-  std::vector<float> pre(size_t(n * dsae));
+  const int64_t din = cfg.d_in, dsae = cfg.d_sae;
+  float* in = scratch(0, size_t(n * din)).data();
+  float* pre = scratch(1, size_t(n * dsae)).data();
   std::vector<float> scale(static_cast<size_t>(n)), shift(static_cast<size_t>(n));
-  pre_activations(x, n, pre.data(), scale.data(), shift.data());
+  sae_input(x, n, in, scale.data(), shift.data());
   if (normalises_at_run_time()) {
     out.out_scale.insert(out.out_scale.end(), scale.begin(), scale.end());
     out.out_shift.insert(out.out_shift.end(), shift.begin(), shift.end());
   }
+  // The one dense step: pre = sae_in @ W_enc (b_enc is added during selection below).
+  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in, din, W_enc.data(), dsae,
+            0.0f, pre, dsae);
 
-  // Per token: the candidate entries (all latents, or the top k), then keep the active ones.
-  std::vector<int64_t> counts(static_cast<size_t>(n));
+  const bool topk = cfg.architecture == Architecture::TopK;
+  const float* thr = cfg.architecture == Architecture::JumpReLU ? threshold.data() : nullptr;
+  std::vector<float> norms;
+  if (topk && cfg.rescale_acts_by_decoder_norm) norms = decoder_norms();
   std::vector<int32_t> top_idx;
   std::vector<float> top_val;
-  const bool topk = cfg.architecture == Architecture::TopK;
   if (topk) {
     top_idx.resize(size_t(n * cfg.k));
     top_val.resize(size_t(n * cfg.k));
-    ops::topk_rows(pre.data(), n, dsae, cfg.k, top_idx.data(), top_val.data());
-  }
-  const float* thr = cfg.architecture == Architecture::JumpReLU ? threshold.data() : nullptr;
-  // Active: relu(pre) != 0, and for jumprelu pre > threshold (strict, as SAELens).
-  auto active = [&](float v, int64_t i) { return v > 0.0f && (!thr || v > thr[i]); };
-
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t) {
-    int64_t c = 0;
-    if (topk) {
-      for (int64_t j = 0; j < cfg.k; ++j) c += top_val[size_t(t * cfg.k + j)] > 0.0f;
-    } else {
-      const float* p = pre.data() + t * dsae;
-      for (int64_t i = 0; i < dsae; ++i) c += active(p[i], i);
+    for (int64_t t = 0; t < n; ++t) {
+      float* p = pre + t * dsae;
+      for (int64_t i = 0; i < dsae; ++i) p[i] += b_enc[size_t(i)];
+      if (!norms.empty())
+        for (int64_t i = 0; i < dsae; ++i) p[i] *= norms[size_t(i)];
     }
-    counts[size_t(t)] = c;
+    ops::topk_rows(pre, n, dsae, cfg.k, top_idx.data(), top_val.data());
   }
+
+  // One pass: each thread collects its (contiguous) rows' active entries locally, then the
+  // blocks are copied into place in row order.
   const size_t base_tok = out.offsets.size() - 1;
+  std::vector<int64_t> counts(static_cast<size_t>(n));
+  const int n_threads = omp_get_max_threads();
+  std::vector<std::vector<int32_t>> local_idx(static_cast<size_t>(n_threads));
+  std::vector<std::vector<float>> local_val(static_cast<size_t>(n_threads));
+  std::vector<int64_t> first_row(static_cast<size_t>(n_threads), n);
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int tid = omp_get_thread_num();
+    auto& li = local_idx[size_t(tid)];
+    auto& lv = local_val[size_t(tid)];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      if (first_row[size_t(tid)] == n) first_row[size_t(tid)] = t;
+      const size_t before = li.size();
+      if (topk) {
+        for (int64_t j = 0; j < cfg.k; ++j) {
+          const float v = top_val[size_t(t * cfg.k + j)];
+          if (v > 0.0f) li.push_back(top_idx[size_t(t * cfg.k + j)]), lv.push_back(v);
+        }
+      } else {
+        // Active: relu(pre) != 0, and for jumprelu pre > threshold (strict, as SAELens).
+        const float* p = pre + t * dsae;
+        for (int64_t i = 0; i < dsae; ++i) {
+          const float v = p[i] + b_enc[size_t(i)];
+          if (v > 0.0f && (!thr || v > thr[i])) li.push_back(int32_t(i)), lv.push_back(v);
+        }
+      }
+      counts[size_t(t)] = int64_t(li.size() - before);
+    }
+  }
   for (int64_t t = 0; t < n; ++t) out.offsets.push_back(out.offsets.back() + counts[size_t(t)]);
   out.indices.resize(size_t(out.offsets.back()));
   out.values.resize(size_t(out.offsets.back()));
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < n; ++t) {
-    int64_t e = out.offsets[base_tok + size_t(t)];
-    if (topk) {
-      for (int64_t j = 0; j < cfg.k; ++j) {
-        const float v = top_val[size_t(t * cfg.k + j)];
-        if (v > 0.0f) {
-          out.indices[size_t(e)] = top_idx[size_t(t * cfg.k + j)];
-          out.values[size_t(e++)] = v;
-        }
-      }
-    } else {
-      const float* p = pre.data() + t * dsae;
-      for (int64_t i = 0; i < dsae; ++i)
-        if (active(p[i], i)) {
-          out.indices[size_t(e)] = int32_t(i);
-          out.values[size_t(e++)] = p[i];
-        }
-    }
+  for (int tid = 0; tid < n_threads; ++tid) {
+    if (first_row[size_t(tid)] == n) continue;
+    const int64_t e = out.offsets[base_tok + size_t(first_row[size_t(tid)])];
+    std::copy(local_idx[size_t(tid)].begin(), local_idx[size_t(tid)].end(), out.indices.begin() + e);
+    std::copy(local_val[size_t(tid)].begin(), local_val[size_t(tid)].end(), out.values.begin() + e);
   }
 }
 
@@ -187,8 +227,9 @@ SparseCodes Sae::encode(std::span<const float> x, int64_t n) const {
   codes.d_sae = cfg.d_sae;
   codes.offsets.reserve(size_t(n + 1));
   codes.offsets.push_back(0);
-  for (int64_t t0 = 0; t0 < n; t0 += kChunkTokens)
-    encode_chunk(x.data() + t0 * cfg.d_in, std::min(kChunkTokens, n - t0), codes);
+  const int64_t chunk = chunk_tokens(cfg.d_sae);
+  for (int64_t t0 = 0; t0 < n; t0 += chunk)
+    encode_chunk(x.data() + t0 * cfg.d_in, std::min(chunk, n - t0), codes);
   return codes;
 }
 

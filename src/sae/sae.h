@@ -14,7 +14,9 @@ namespace sae {
 
 class Sae {
  public:
-  explicit Sae(SaeConfig cfg);  // parameters zero-filled at the configured shapes
+  // Parameters zero-filled at the configured shapes (left empty with allocate = false, for
+  // loaders that fill them).
+  explicit Sae(SaeConfig cfg, bool allocate = true);
 
   SaeConfig cfg;
   std::vector<float> W_enc;         // [d_in, d_sae]
@@ -44,6 +46,8 @@ class Sae {
   bool normalises_at_run_time() const;
 
  private:
+  // The SAE's input: run-time normalisation, then minus b_dec when apply_b_dec_to_input.
+  void sae_input(const float* x, int64_t n, float* sae_in, float* out_scale, float* out_shift) const;
   void encode_chunk(const float* x, int64_t n, SparseCodes& out) const;
 };
 
