@@ -1,0 +1,72 @@
+#include "ops/adam.h"
+
+#include <cmath>
+
+namespace sae::ops {
+
+namespace {
+
+struct Coeffs {
+  float w;            // 1 - beta1, the lerp weight
+  float step_size;    // lr / bias_correction1
+  float bc2_sqrt;     // sqrt(bias_correction2)
+};
+
+Coeffs coeffs(const AdamStep& a) {
+  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  return {1.0f - a.beta1, float(a.lr / bc1), float(std::sqrt(bc2))};
+}
+
+// torch's lerp: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w).
+inline float lerp(float start, float end, float w) {
+  return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+inline void update(float& p, float g, float& m, float& v, const AdamStep& a, const Coeffs& c) {
+  m = lerp(m, g, c.w);
+  v = v * a.beta2 + (1.0f - a.beta2) * g * g;
+  const float denom = std::sqrt(v) / c.bc2_sqrt + a.eps;
+  p = p + (-c.step_size) * (m / denom);
+}
+
+}  // namespace
+
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamStep& a,
+                 float grad_scale) {
+  const Coeffs c = coeffs(a);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) update(p[i], g[i] * grad_scale, m[i], v[i], a, c);
+}
+
+void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* m, float* v,
+                      int64_t rows, int64_t cols, const AdamStep& a, float grad_scale) {
+  const Coeffs c = coeffs(a);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * cols;
+    if (has_grad[r]) {
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) update(p[o + i], g[o + i] * grad_scale, m[o + i], v[o + i], a, c);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) update(p[o + i], 0.0f, m[o + i], v[o + i], a, c);
+    }
+  }
+}
+
+void adam_update_reference(float* p, const float* g, float* m, float* v, int64_t n,
+                           const AdamStep& a, float grad_scale) {
+  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  for (int64_t i = 0; i < n; ++i) {
+    const double gi = double(g[i]) * grad_scale;
+    const double mi = a.beta1 * double(m[i]) + (1.0 - a.beta1) * gi;
+    const double vi = a.beta2 * double(v[i]) + (1.0 - a.beta2) * gi * gi;
+    p[i] = float(p[i] - a.lr / bc1 * mi / (std::sqrt(vi) / std::sqrt(bc2) + a.eps));
+    m[i] = float(mi);
+    v[i] = float(vi);
+  }
+}
+
+}  // namespace sae::ops

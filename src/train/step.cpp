@@ -1,0 +1,462 @@
+#include "train/step.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "core/error.h"
+#include "ops/gemm.h"
+#include "ops/select.h"
+
+namespace sae::train {
+
+// ---- Grads ----------------------------------------------------------------------------------
+
+void Grads::resize(int64_t d_in, int64_t d_sae) {
+  W_encT.assign(size_t(d_sae * d_in), 0.0f);
+  W_dec.assign(size_t(d_sae * d_in), 0.0f);
+  b_enc.assign(size_t(d_sae), 0.0f);
+  b_dec.assign(size_t(d_in), 0.0f);
+  row_touched.assign(size_t(d_sae), 0);
+  touched.clear();
+}
+
+void Grads::clear() {
+  const size_t d_in = b_dec.size();
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < touched.size(); ++i) {
+    const size_t j = size_t(touched[i]);
+    std::memset(&W_encT[j * d_in], 0, d_in * sizeof(float));
+    std::memset(&W_dec[j * d_in], 0, d_in * sizeof(float));
+    row_touched[j] = 0;
+  }
+  touched.clear();
+  std::fill(b_enc.begin(), b_enc.end(), 0.0f);
+  std::fill(b_dec.begin(), b_dec.end(), 0.0f);
+}
+
+double Grads::squared_norm() const {
+  const size_t d_in = b_dec.size();
+  double s = 0;
+#pragma omp parallel for schedule(static) reduction(+ : s)
+  for (size_t i = 0; i < touched.size(); ++i) {
+    const size_t j = size_t(touched[i]);
+    for (size_t c = 0; c < d_in; ++c)
+      s += double(W_encT[j * d_in + c]) * W_encT[j * d_in + c] +
+           double(W_dec[j * d_in + c]) * W_dec[j * d_in + c];
+  }
+  for (float v : b_enc) s += double(v) * v;
+  for (float v : b_dec) s += double(v) * v;
+  return s;
+}
+
+void Grads::scale(float f) {
+  const size_t d_in = b_dec.size();
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < touched.size(); ++i) {
+    const size_t j = size_t(touched[i]);
+    for (size_t c = 0; c < d_in; ++c) W_encT[j * d_in + c] *= f, W_dec[j * d_in + c] *= f;
+  }
+  for (float& v : b_enc) v *= f;
+  for (float& v : b_dec) v *= f;
+}
+
+// ---- the step -------------------------------------------------------------------------------
+
+namespace {
+
+// One latent's share of the backward pass: d(loss)/d(pre) = dot(W_dec[j], vec), and
+// dW_dec[j] += coef * vec, where vec is a per-token gradient vector in the workspace.
+struct Entry {
+  int32_t token;
+  int32_t latent;
+  int32_t slot;  // which of the token's vectors
+  float coef;    // the value the latent decoded with
+  float dpre;
+};
+
+inline double dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace
+
+StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
+                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws) {
+  const TrainSpec& sp = sae.spec;
+  const int64_t d = sp.d_in, D = sp.d_sae, L = sp.n_levels();
+  const bool rescale = sp.rescale_acts_by_decoder_norm;
+  StepResult res;
+  res.level_loss.assign(size_t(L), 0.0);
+  res.fired.assign(size_t(D), 0);
+
+  // sae_in = x - b_dec; hidden_pre = (sae_in @ W_enc + b_enc) [* ||W_dec||]
+  ws.sae_in.resize(size_t(B * d));
+  ws.hidden_pre.resize(size_t(B * D));
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < B; ++t)
+    for (int64_t c = 0; c < d; ++c)
+      ws.sae_in[size_t(t * d + c)] =
+          x[t * d + c] - (sp.apply_b_dec_to_input ? sae.b_dec[size_t(c)] : 0.0f);
+  ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d,
+            sae.W_encT.data(), d, 0.0f, ws.hidden_pre.data(), D);
+  std::vector<float> norms, inv_norms;
+  if (rescale) {
+    norms = sae.decoder_norms();
+    inv_norms.resize(norms.size());
+    for (size_t j = 0; j < norms.size(); ++j) inv_norms[j] = 1.0f / norms[j];
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < B; ++t) {
+    float* h = ws.hidden_pre.data() + t * D;
+    for (int64_t j = 0; j < D; ++j) h[j] += sae.b_enc[size_t(j)];
+    if (rescale)
+      for (int64_t j = 0; j < D; ++j) h[j] *= norms[size_t(j)];
+  }
+  // The value a latent decodes with: hidden_pre / ||W_dec|| when rescaling (= pre), else pre.
+  auto decode_value = [&](float hp, int64_t j) { return rescale ? hp * inv_norms[size_t(j)] : hp; };
+
+  // BatchTopK: the int(k * B) largest positive hidden_pre values across the batch.
+  const int64_t budget = int64_t(sp.k * double(B));
+  ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active);
+  const auto& act = ws.active;
+  res.n_active = act.offsets.back();
+  res.min_selected = 0;
+  if (res.n_active > 0) res.min_selected = *std::min_element(act.values.begin(), act.values.end());
+  for (int32_t j : act.cols) res.fired[size_t(j)] = 1;
+
+  // Dead latents, grouped as the AuxK loss uses them (one group, or one per level).
+  std::vector<std::vector<int32_t>> aux_groups;
+  if (!dead.empty() && sp.aux_coefficient != 0.0) {
+    const int64_t n_groups = sp.per_level_aux ? L : 1;
+    aux_groups.resize(size_t(n_groups));
+    for (int64_t j = 0, lvl = 0; j < D; ++j) {
+      while (j >= sp.widths[size_t(lvl)]) ++lvl;
+      if (dead[size_t(j)]) aux_groups[size_t(sp.per_level_aux ? lvl : 0)].push_back(int32_t(j)), res.n_dead++;
+    }
+  }
+  const int64_t n_aux = int64_t(aux_groups.size());
+  // Per token vectors: L level gradients, then one residual/gradient per aux group.
+  const int64_t n_vec = L + n_aux;
+  ws.vecs.resize(size_t(B * n_vec * d));
+  auto vec = [&](int64_t t, int64_t slot) { return ws.vecs.data() + (t * n_vec + slot) * d; };
+  // The level whose residual an aux group fits: its own level, or the outer one.
+  auto aux_level = [&](int64_t gi) { return sp.per_level_aux ? gi : L - 1; };
+
+  // ---- levels: one sweep over each token's index-sorted active list ----
+  const int n_threads = omp_get_max_threads();
+  std::vector<double> level_sum(size_t(n_threads * L), 0.0);
+#pragma omp parallel
+  {
+    std::vector<float> r(static_cast<size_t>(d));
+    double* my_sum = level_sum.data() + omp_get_thread_num() * L;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B; ++t) {
+      std::copy(sae.b_dec.begin(), sae.b_dec.end(), r.begin());
+      const float* xt = x + t * d;
+      int64_t e = act.offsets[size_t(t)];
+      const int64_t end = act.offsets[size_t(t + 1)];
+      for (int64_t i = 0; i < L; ++i) {
+        for (; e < end && act.cols[size_t(e)] < sp.widths[size_t(i)]; ++e) {
+          const int32_t j = act.cols[size_t(e)];
+          axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)], r.data(), d);
+        }
+        float* gi = vec(t, i);
+        double ss = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const float err = xt[c] - r[size_t(c)];
+          gi[c] = err;
+          ss += double(err) * err;
+        }
+        for (int64_t a = 0; a < n_aux; ++a)
+          if (aux_level(a) == i) std::copy(gi, gi + d, vec(t, L + a));  // detached residual
+        // d R / d r for R = ||e||^2 (mse) or ||e||^p (l2), times c_i / B.
+        double R, coef;
+        const double w = sp.level_weight[size_t(i)] / double(B);
+        if (sp.level_loss[size_t(i)] == LevelLoss::Mse) {
+          R = ss;
+          coef = -2.0 * w;
+        } else {
+          const double norm = std::sqrt(ss), p = sp.l2_power;
+          R = std::pow(norm, p);
+          coef = norm > 1e-12 ? -p * std::pow(norm, p - 2.0) * w : 0.0;  // guard ||e|| = 0
+        }
+        my_sum[i] += R;
+        for (int64_t c = 0; c < d; ++c) gi[c] = float(coef * gi[c]);
+      }
+      // Without detaching, latent j (first in level l) is in levels l..L-1: G_l = sum g_i.
+      if (!sp.detach_levels)
+        for (int64_t i = L - 2; i >= 0; --i) axpy(1.0f, vec(t, i + 1), vec(t, i), d);
+    }
+  }
+  for (int th = 0; th < n_threads; ++th)
+    for (int64_t i = 0; i < L; ++i) res.level_loss[size_t(i)] += level_sum[size_t(th * L + i)];
+  for (int64_t i = 0; i < L; ++i) {
+    res.level_loss[size_t(i)] /= double(B);
+    res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];
+  }
+
+  // ---- backward entries: active latents, then AuxK latents ----
+  std::vector<int32_t> level_of(static_cast<size_t>(D));
+  for (int64_t j = 0, lvl = 0; j < D; ++j) {
+    while (j >= sp.widths[size_t(lvl)]) ++lvl;
+    level_of[size_t(j)] = int32_t(lvl);
+  }
+  std::vector<Entry> entries(size_t(res.n_active));
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < B; ++t)
+    for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
+      const int32_t j = act.cols[size_t(e)];
+      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)], decode_value(act.values[size_t(e)], j), 0.0f};
+    }
+
+  // AuxK: per token, the top k_aux dead latents by hidden_pre reconstruct the detached residual
+  // (no b_dec); loss scaled by min(n_dead / (d_in / 2), 1).
+  const int64_t k_aux_max = d / 2;
+  for (int64_t a = 0; a < n_aux; ++a) {
+    const auto& grp = aux_groups[size_t(a)];
+    const int64_t n_dead = int64_t(grp.size());
+    if (n_dead == 0) {
+      for (int64_t t = 0; t < B; ++t) std::fill(vec(t, L + a), vec(t, L + a) + d, 0.0f);
+      continue;
+    }
+    const int64_t k_aux = std::min(k_aux_max, n_dead);
+    const double scale = std::min(double(n_dead) / double(k_aux_max), 1.0);
+    const double w = sp.aux_coefficient * scale / double(B);
+    const size_t first = entries.size();
+    entries.resize(first + size_t(B * k_aux));
+    double loss_sum = 0;
+#pragma omp parallel reduction(+ : loss_sum)
+    {
+      std::vector<float> vals(static_cast<size_t>(n_dead)), top_v(static_cast<size_t>(k_aux)), recon(static_cast<size_t>(d));
+      std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B; ++t) {
+        const float* hp = ws.hidden_pre.data() + t * D;
+        for (int64_t q = 0; q < n_dead; ++q) vals[size_t(q)] = hp[grp[size_t(q)]];
+        ops::topk_rows(vals.data(), 1, n_dead, k_aux, top_i.data(), top_v.data());
+        std::fill(recon.begin(), recon.end(), 0.0f);
+        Entry* out = &entries[first + size_t(t * k_aux)];
+        for (int64_t q = 0; q < k_aux; ++q) {
+          const int32_t j = grp[size_t(top_i[size_t(q)])];
+          const float v = decode_value(top_v[size_t(q)], j);
+          axpy(v, &sae.W_dec[size_t(j) * size_t(d)], recon.data(), d);
+          out[q] = {int32_t(t), j, int32_t(L + a), v, 0.0f};
+        }
+        float* h = vec(t, L + a);  // holds the residual; becomes d(aux)/d(recon)
+        double ss = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const float diff = recon[size_t(c)] - h[c];
+          ss += double(diff) * diff;
+          h[c] = float(2.0 * w * diff);
+        }
+        loss_sum += ss;
+      }
+    }
+    res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B);
+  }
+  res.loss += res.aux_loss;
+
+  // d(loss)/d(pre) for every entry.
+#pragma omp parallel for schedule(static)
+  for (size_t e = 0; e < entries.size(); ++e) {
+    Entry& en = entries[e];
+    en.dpre = float(dot(&sae.W_dec[size_t(en.latent) * size_t(d)], vec(en.token, en.slot), d));
+  }
+
+  // Grouped by latent so that each row of dW_dec / dW_encT has one writer.
+  std::vector<int64_t> start(size_t(D + 1), 0);
+  for (const Entry& en : entries) start[size_t(en.latent + 1)]++;
+  for (int64_t j = 0; j < D; ++j) start[size_t(j + 1)] += start[size_t(j)];
+  std::vector<int32_t> by_latent(entries.size());
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (size_t e = 0; e < entries.size(); ++e) by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
+  }
+  g.touched.clear();
+  for (int64_t j = 0; j < D; ++j)
+    if (start[size_t(j + 1)] > start[size_t(j)]) {
+      g.touched.push_back(int32_t(j));
+      g.row_touched[size_t(j)] = 1;
+    }
+#pragma omp parallel for schedule(dynamic, 16)
+  for (size_t q = 0; q < g.touched.size(); ++q) {
+    const int32_t j = g.touched[q];
+    float* gw_dec = &g.W_dec[size_t(j) * size_t(d)];
+    float* gw_enc = &g.W_encT[size_t(j) * size_t(d)];
+    double gb = 0;
+    for (int64_t s = start[size_t(j)]; s < start[size_t(j + 1)]; ++s) {
+      const Entry& en = entries[size_t(by_latent[size_t(s)])];
+      axpy(en.coef, vec(en.token, en.slot), gw_dec, d);
+      axpy(en.dpre, ws.sae_in.data() + int64_t(en.token) * d, gw_enc, d);
+      gb += en.dpre;
+    }
+    g.b_enc[size_t(j)] = float(gb);
+  }
+
+  // b_dec: every level's reconstruction includes it (G_0 sums the level gradients), and the
+  // encoder input subtracts it.
+  std::vector<double> gbd(static_cast<size_t>(d), 0.0);
+  for (int64_t t = 0; t < B; ++t)
+    for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] += vec(t, 0)[c];
+  if (sp.apply_b_dec_to_input) {
+    std::vector<double> dsum(size_t(n_threads) * size_t(d), 0.0);
+    // Entries of one token are not contiguous (aux entries come later), so accumulate
+    // d(sae_in) per entry into per-thread sums.
+#pragma omp parallel
+    {
+      double* mine = dsum.data() + size_t(omp_get_thread_num()) * size_t(d);
+#pragma omp for schedule(static)
+      for (size_t e = 0; e < entries.size(); ++e) {
+        const Entry& en = entries[e];
+        const float* w = &sae.W_encT[size_t(en.latent) * size_t(d)];
+        for (int64_t c = 0; c < d; ++c) mine[c] += double(en.dpre) * w[c];
+      }
+    }
+    for (int th = 0; th < n_threads; ++th)
+      for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] -= dsum[size_t(th) * size_t(d) + size_t(c)];
+  }
+  for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
+  return res;
+}
+
+// ---- the double-precision reference ---------------------------------------------------------
+
+ReferenceParams reference_params(const TrainingSae& sae) {
+  const int64_t d = sae.spec.d_in, D = sae.spec.d_sae;
+  ReferenceParams p;
+  p.W_enc.resize(size_t(d * D));
+  for (int64_t j = 0; j < D; ++j)
+    for (int64_t c = 0; c < d; ++c) p.W_enc[size_t(c * D + j)] = sae.W_encT[size_t(j * d + c)];
+  p.W_dec.assign(sae.W_dec.begin(), sae.W_dec.end());
+  p.b_enc.assign(sae.b_enc.begin(), sae.b_enc.end());
+  p.b_dec.assign(sae.b_dec.begin(), sae.b_dec.end());
+  return p;
+}
+
+namespace {
+
+struct RefForward {
+  std::vector<double> hp, u;  // hidden_pre, decoded value of selected entries (0 elsewhere)
+  std::vector<double> norms;
+};
+
+RefForward ref_forward(const TrainSpec& sp, const ReferenceParams& p, const float* x, int64_t B) {
+  const int64_t d = sp.d_in, D = sp.d_sae;
+  RefForward f;
+  f.norms.assign(size_t(D), 1.0);
+  if (sp.rescale_acts_by_decoder_norm)
+    for (int64_t j = 0; j < D; ++j) {
+      double s = 0;
+      for (int64_t c = 0; c < d; ++c) s += p.W_dec[size_t(j * d + c)] * p.W_dec[size_t(j * d + c)];
+      f.norms[size_t(j)] = std::sqrt(s);
+    }
+  f.hp.assign(size_t(B * D), 0.0);
+  for (int64_t t = 0; t < B; ++t)
+    for (int64_t j = 0; j < D; ++j) {
+      double pre = p.b_enc[size_t(j)];
+      for (int64_t c = 0; c < d; ++c)
+        pre += (x[t * d + c] - (sp.apply_b_dec_to_input ? p.b_dec[size_t(c)] : 0.0)) *
+               p.W_enc[size_t(c * D + j)];
+      f.hp[size_t(t * D + j)] = pre * f.norms[size_t(j)];
+    }
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < B * D; ++i)
+    if (f.hp[size_t(i)] > 0) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return f.hp[size_t(a)] > f.hp[size_t(b)]; });
+  const int64_t budget = int64_t(sp.k * double(B));
+  if (int64_t(order.size()) > budget) order.resize(size_t(budget));
+  f.u.assign(size_t(B * D), 0.0);
+  for (int64_t i : order) f.u[size_t(i)] = f.hp[size_t(i)] / f.norms[size_t(i % D)];
+  return f;
+}
+
+}  // namespace
+
+ReferenceLoss reference_loss(const TrainSpec& sp, const ReferenceParams& p,
+                             const ReferenceParams& frozen, const float* x, int64_t B,
+                             const std::vector<uint8_t>& dead) {
+  const int64_t d = sp.d_in, D = sp.d_sae, L = sp.n_levels();
+  RefForward f = ref_forward(sp, p, x, B);
+  RefForward ff = ref_forward(sp, frozen, x, B);
+  ReferenceLoss out;
+  out.level.assign(size_t(L), 0.0);
+  for (double u : f.u) out.n_active += u != 0.0;
+  // recon(level i) from latents [lo, w_i) of (f, params) plus the earlier levels from `base`.
+  auto recon = [&](const RefForward& fw, const ReferenceParams& pp, int64_t t, int64_t lo,
+                   int64_t hi, bool with_bias, std::vector<double>& r) {
+    if (with_bias)
+      for (int64_t c = 0; c < d; ++c) r[size_t(c)] += pp.b_dec[size_t(c)];
+    for (int64_t j = lo; j < hi; ++j) {
+      const double u = fw.u[size_t(t * D + j)];
+      if (u != 0.0)
+        for (int64_t c = 0; c < d; ++c) r[size_t(c)] += u * pp.W_dec[size_t(j * d + c)];
+    }
+  };
+  std::vector<double> r(static_cast<size_t>(d));
+  for (int64_t t = 0; t < B; ++t)
+    for (int64_t i = 0; i < L; ++i) {
+      std::fill(r.begin(), r.end(), 0.0);
+      const int64_t lo = i == 0 ? 0 : sp.widths[size_t(i - 1)];
+      if (sp.detach_levels && i > 0) {
+        recon(ff, frozen, t, 0, lo, true, r);   // earlier levels: no gradient
+        recon(f, p, t, lo, sp.widths[size_t(i)], false, r);
+      } else {
+        recon(f, p, t, 0, sp.widths[size_t(i)], true, r);
+      }
+      double ss = 0;
+      for (int64_t c = 0; c < d; ++c) ss += (x[t * d + c] - r[size_t(c)]) * (x[t * d + c] - r[size_t(c)]);
+      out.level[size_t(i)] += (sp.level_loss[size_t(i)] == LevelLoss::Mse ? ss : std::pow(std::sqrt(ss), sp.l2_power)) / double(B);
+    }
+  for (int64_t i = 0; i < L; ++i) out.total += sp.level_weight[size_t(i)] * out.level[size_t(i)];
+
+  if (!dead.empty() && sp.aux_coefficient != 0.0) {
+    const int64_t n_groups = sp.per_level_aux ? L : 1, k_aux_max = d / 2;
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      const int64_t lo = sp.per_level_aux && gi > 0 ? sp.widths[size_t(gi - 1)] : 0;
+      const int64_t hi = sp.per_level_aux ? sp.widths[size_t(gi)] : D;
+      const int64_t lvl = sp.per_level_aux ? gi : L - 1;
+      std::vector<int64_t> grp;
+      for (int64_t j = lo; j < hi; ++j)
+        if (dead[size_t(j)]) grp.push_back(j);
+      if (grp.empty()) continue;
+      const int64_t k_aux = std::min<int64_t>(k_aux_max, int64_t(grp.size()));
+      const double scale = std::min(double(grp.size()) / double(k_aux_max), 1.0);
+      double sum = 0;
+      for (int64_t t = 0; t < B; ++t) {
+        std::vector<double> res(static_cast<size_t>(d), 0.0);  // detached residual of level lvl
+        recon(ff, frozen, t, 0, sp.widths[size_t(lvl)], true, res);
+        std::vector<int64_t> order = grp;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return f.hp[size_t(t * D + a)] > f.hp[size_t(t * D + b)];
+        });
+        std::vector<double> rec(static_cast<size_t>(d), 0.0);
+        for (int64_t q = 0; q < k_aux; ++q) {
+          const int64_t j = order[size_t(q)];
+          const double v = f.hp[size_t(t * D + j)] / f.norms[size_t(j)];
+          for (int64_t c = 0; c < d; ++c) rec[size_t(c)] += v * p.W_dec[size_t(j * d + c)];
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          const double e = x[t * d + c] - res[size_t(c)];
+          sum += (rec[size_t(c)] - e) * (rec[size_t(c)] - e);
+        }
+      }
+      out.aux += sp.aux_coefficient * scale * sum / double(B);
+    }
+    out.total += out.aux;
+  }
+  return out;
+}
+
+}  // namespace sae::train

@@ -1,0 +1,65 @@
+// One training step's forward and backward pass, sparse everywhere but the encoder GEMM:
+// BatchTopK selection, all Matryoshka levels in one sweep over index-sorted active lists,
+// AuxK for dead latents, and gradients that touch only the rows of active latents.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ops/batch_topk.h"
+#include "train/training_sae.h"
+
+namespace sae::train {
+
+// Gradients in the parameters' layout. Rows of W_encT / W_dec are written only for latents in
+// `touched` (row_touched[j] = 1); the others are zero and are not read.
+struct Grads {
+  std::vector<float> W_encT, W_dec, b_enc, b_dec;
+  std::vector<uint8_t> row_touched;
+  std::vector<int32_t> touched;
+  void resize(int64_t d_in, int64_t d_sae);
+  void clear();  // zero what the last step wrote
+  double squared_norm() const;
+  void scale(float s);
+};
+
+struct StepResult {
+  double loss = 0;                  // total
+  std::vector<double> level_loss;   // R_i per level, before the multiplier
+  double aux_loss = 0;              // after coefficient and scale
+  int64_t n_active = 0;             // selected entries (L0 = n_active / B)
+  int64_t n_dead = 0;               // latents in the dead mask
+  double min_selected = 0;          // smallest selected value (drives the threshold update)
+  std::vector<uint8_t> fired;       // [d_sae]: selected at least once in this batch
+};
+
+// Scratch reused across steps (sized on first use).
+struct StepWorkspace {
+  std::vector<float> sae_in, hidden_pre, vecs;
+  ops::RowSparse active;
+};
+
+// x: [B, d_in] inputs as the SAE sees them (already scaled). dead: [d_sae] mask (empty = none).
+// Writes gradients of the total loss into g (after g.clear()).
+StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t batch,
+                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws);
+
+// Only the loss, in double precision with dense arithmetic and a full sort for the selection:
+// the reference the sparse step is tested against and the finite-difference oracle. What the
+// sparse step detaches (the AuxK residual; earlier levels when detach_levels) is computed from
+// `frozen`, so finite differences taken in `p` with `frozen` fixed give the step's gradient.
+struct ReferenceParams {
+  std::vector<double> W_enc;  // [d_in, d_sae]
+  std::vector<double> W_dec, b_enc, b_dec;
+};
+ReferenceParams reference_params(const TrainingSae& sae);
+struct ReferenceLoss {
+  double total = 0, aux = 0;
+  std::vector<double> level;  // R_i per level
+  int64_t n_active = 0;
+};
+ReferenceLoss reference_loss(const TrainSpec& spec, const ReferenceParams& p,
+                             const ReferenceParams& frozen, const float* x, int64_t batch,
+                             const std::vector<uint8_t>& dead);
+
+}  // namespace sae::train

@@ -1,0 +1,212 @@
+// The training step against its double-precision dense reference: loss values, and every
+// gradient by central finite differences of the reference. Also BatchTopK and Adam kernels.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "ops/adam.h"
+#include "ops/batch_topk.h"
+#include "test_util.h"
+#include "train/step.h"
+
+namespace sae::train {
+namespace {
+
+TEST(BatchTopK, MatchesFullSortIncludingTiesAndShortfall) {
+  const int64_t rows = 40, cols = 97;
+  auto x = test::random_vector(size_t(rows * cols), 11);
+  for (int64_t i = 0; i < rows * cols; i += 7) x[size_t(i)] = 0.5f;  // ties, likely at the cut
+  for (int64_t budget : {0, 1, 37, 160, 400, 1000, 5000}) {
+    ops::RowSparse a, b;
+    ops::batch_topk(x.data(), rows, cols, budget, a);
+    ops::batch_topk_reference(x.data(), rows, cols, budget, b);
+    EXPECT_EQ(a.offsets, b.offsets) << budget;
+    EXPECT_EQ(a.cols, b.cols) << budget;
+    EXPECT_EQ(a.values, b.values) << budget;
+  }
+}
+
+TEST(Adam, MatchesReferenceAndRowsVariant) {
+  for (float beta1 : {0.9f, 0.0f}) {
+    const int64_t rows = 7, cols = 13, n = rows * cols;
+    auto p0 = test::random_vector(size_t(n), 1), g = test::random_vector(size_t(n), 2);
+    std::vector<uint8_t> has(size_t(rows), 1);
+    has[2] = has[5] = 0;
+    for (int64_t c = 0; c < cols; ++c) g[size_t(2 * cols + c)] = g[size_t(5 * cols + c)] = 0.0f;
+    auto p1 = p0, p2 = p0;
+    std::vector<float> m0(size_t(n), 0.1f), v0(size_t(n), 0.2f), m1 = m0, v1 = v0, m2 = m0, v2 = v0;
+    for (int64_t step = 1; step <= 3; ++step) {
+      ops::AdamStep a{1e-3f, beta1, 0.999f, 1e-8f, step};
+      ops::adam_update(p0.data(), g.data(), m0.data(), v0.data(), n, a, 0.5f);
+      ops::adam_update_rows(p1.data(), g.data(), has.data(), m1.data(), v1.data(), rows, cols, a, 0.5f);
+      ops::adam_update_reference(p2.data(), g.data(), m2.data(), v2.data(), n, a, 0.5f);
+    }
+    EXPECT_EQ(p0, p1);
+    EXPECT_EQ(m0, m1);
+    test::expect_close(p0, p2, 1e-6, "adam vs reference");
+    test::expect_close(v0, v2, 1e-6, "adam v vs reference");
+  }
+}
+
+// A small SAE with random parameters (non-zero biases) and inputs.
+struct Case {
+  std::string name;
+  TrainSpec spec;
+  bool with_dead = false;
+};
+
+TrainSpec base_spec() {
+  TrainSpec s;
+  s.d_in = 8;
+  s.d_sae = 32;
+  s.k = 4;
+  s.widths = {4, 12, 32};
+  s.level_loss = {LevelLoss::Mse, LevelLoss::Mse, LevelLoss::Mse};
+  s.level_weight = {1, 1, 1};
+  return s;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  out.push_back({"matryoshka_mse", base_spec()});
+  {
+    TrainSpec s = base_spec();
+    s.widths = {32};
+    s.level_loss = {LevelLoss::Mse};
+    s.level_weight = {1};
+    out.push_back({"plain_batchtopk", s});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
+    out.push_back({"snap", s});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.level_loss = {LevelLoss::L2, LevelLoss::Mse, LevelLoss::L2};
+    s.l2_power = 1.5;
+    s.level_weight = {0.25, 0.5, 1.0};
+    out.push_back({"l2_power_balanced", s});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.detach_levels = true;
+    out.push_back({"detached", s});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.rescale_acts_by_decoder_norm = true;
+    out.push_back({"rescale_with_aux", s, true});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.per_level_aux = true;
+    s.aux_coefficient = 0.7;
+    out.push_back({"per_level_aux", s, true});
+  }
+  {
+    TrainSpec s = base_spec();
+    s.apply_b_dec_to_input = false;
+    s.rescale_acts_by_decoder_norm = true;
+    s.per_level_aux = true;
+    s.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
+    out.push_back({"snap_rescale_no_bdec_in", s, true});
+  }
+  return out;
+}
+
+struct Fixture {
+  TrainingSae sae;
+  std::vector<float> x;
+  std::vector<uint8_t> dead;
+  int64_t B = 6;
+  explicit Fixture(const Case& c) : sae(c.spec) {
+    Rng rng(42);
+    for (auto& w : sae.W_encT) w = float(rng.normal() * 0.5);
+    for (auto& w : sae.W_dec) w = float(rng.normal() * 0.4);
+    for (auto& w : sae.b_enc) w = float(rng.normal() * 0.1);
+    for (auto& w : sae.b_dec) w = float(rng.normal() * 0.2);
+    x.resize(size_t(B * c.spec.d_in));
+    for (auto& v : x) v = float(rng.normal());
+    if (c.with_dead) {
+      dead.assign(size_t(c.spec.d_sae), 0);
+      for (int64_t j = 1; j < c.spec.d_sae; j += 3) dead[size_t(j)] = 1;  // in every level
+    }
+  }
+};
+
+class StepCase : public ::testing::TestWithParam<Case> {};
+
+TEST_P(StepCase, LossMatchesDenseReference) {
+  Fixture f(GetParam());
+  Grads g;
+  g.resize(f.sae.spec.d_in, f.sae.spec.d_sae);
+  StepWorkspace ws;
+  StepResult r = forward_backward(f.sae, f.x.data(), f.B, f.dead, g, ws);
+  auto p = reference_params(f.sae);
+  ReferenceLoss ref = reference_loss(f.sae.spec, p, p, f.x.data(), f.B, f.dead);
+  EXPECT_EQ(r.n_active, ref.n_active);
+  EXPECT_EQ(r.n_active, int64_t(f.sae.spec.k) * f.B);
+  for (size_t i = 0; i < ref.level.size(); ++i)
+    EXPECT_NEAR(r.level_loss[i], ref.level[i], 1e-5 * std::abs(ref.level[i])) << "level " << i;
+  EXPECT_NEAR(r.aux_loss, ref.aux, 1e-5 * std::abs(ref.aux) + 1e-12);
+  EXPECT_NEAR(r.loss, ref.total, 1e-5 * std::abs(ref.total));
+  if (GetParam().with_dead) EXPECT_GT(r.aux_loss, 0.0);
+}
+
+TEST_P(StepCase, GradientsMatchFiniteDifferences) {
+  Fixture f(GetParam());
+  const TrainSpec& sp = f.sae.spec;
+  const int64_t d = sp.d_in, D = sp.d_sae;
+  Grads g;
+  g.resize(d, D);
+  StepWorkspace ws;
+  forward_backward(f.sae, f.x.data(), f.B, f.dead, g, ws);
+  const ReferenceParams frozen = reference_params(f.sae);
+  // Central differences of the double reference, parameters perturbed, detached parts frozen.
+  auto fd = [&](std::vector<double> ReferenceParams::*field, size_t i) {
+    const double h = 1e-6;
+    ReferenceParams p = frozen;
+    (p.*field)[i] += h;
+    const double up = reference_loss(sp, p, frozen, f.x.data(), f.B, f.dead).total;
+    (p.*field)[i] -= 2 * h;
+    const double down = reference_loss(sp, p, frozen, f.x.data(), f.B, f.dead).total;
+    return (up - down) / (2 * h);
+  };
+  // Every coordinate of every parameter. The analytic gradient is f32 arithmetic over terms of
+  // size ~|loss|, so the tolerance is relative to the largest gradient entry.
+  struct Check {
+    const char* name;
+    std::vector<double> ReferenceParams::*field;
+    std::function<float(size_t)> analytic;
+    size_t n;
+  };
+  std::vector<Check> checks = {
+      {"W_enc", &ReferenceParams::W_enc,
+       [&](size_t i) { return g.W_encT[(i % size_t(D)) * size_t(d) + i / size_t(D)]; }, size_t(d * D)},
+      {"W_dec", &ReferenceParams::W_dec, [&](size_t i) { return g.W_dec[i]; }, size_t(D * d)},
+      {"b_enc", &ReferenceParams::b_enc, [&](size_t i) { return g.b_enc[i]; }, size_t(D)},
+      {"b_dec", &ReferenceParams::b_dec, [&](size_t i) { return g.b_dec[i]; }, size_t(d)},
+  };
+  for (const auto& c : checks) {
+    std::vector<double> num(c.n), ana(c.n);
+    double max_abs = 1e-12;
+    for (size_t i = 0; i < c.n; ++i) {
+      num[i] = fd(c.field, i);
+      ana[i] = c.analytic(i);
+      max_abs = std::max(max_abs, std::abs(num[i]));
+    }
+    int bad = 0;
+    for (size_t i = 0; i < c.n; ++i)
+      if (std::abs(num[i] - ana[i]) > 1e-4 * max_abs + 1e-4 * std::abs(num[i]))
+        if (bad++ < 5) ADD_FAILURE() << c.name << "[" << i << "]: analytic " << ana[i] << " vs fd " << num[i];
+    EXPECT_EQ(bad, 0) << c.name << " (max |grad| " << max_abs << ")";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Specs, StepCase, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace sae::train
