@@ -111,6 +111,54 @@ def write_pre6_case(name: str, flat_cfg: dict, gen: torch.Generator, x: torch.Te
     print(f"{name}: architecture {loaded.cfg.architecture()}")
 
 
+def write_training_case(name: str, gen: torch.Generator, rescale: bool, per_level_aux: bool) -> None:
+    """One step of SAELens's MatryoshkaBatchTopKTrainingSAE: losses, codes, gradients, the
+    clipped Adam update the SAELens trainer makes, the threshold update, and the JumpReLU SAE
+    that save_inference_model writes."""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig)
+    from sae_lens.saes.sae import TrainStepInput
+
+    d_in, d_sae, batch = 16, 64, 24
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=4, matryoshka_widths=[8, 24, 64], rescale_acts_by_decoder_norm=rescale,
+        use_matryoshka_aux_loss=per_level_aux, aux_loss_coefficient=1.0, decoder_init_norm=0.1)
+    sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) * 0.4)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) * 0.3)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.2)
+        sae.topk_threshold.fill_(0.05)
+    x = torch.randn(batch, d_in, generator=gen) + 0.3
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[1::3] = True
+    case = ROOT / name
+    shutil.rmtree(case, ignore_errors=True)
+    case.mkdir(parents=True)
+    before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in before.items()} | {"x": x, "dead": dead.to(torch.uint8)},
+              case / "inputs.safetensors")
+
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                   n_training_steps=0, is_logging_step=False))
+    out.loss.backward()
+    grads = {f"grad_{k}": p.grad.detach().clone() for k, p in sae.named_parameters()}
+    # What SAELens's trainer does next: clip the global gradient norm to 1, one Adam step.
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    opt.step()
+    after = {f"after_{k}": v.detach().clone() for k, v in sae.state_dict().items() if k != "topk_threshold"}
+    losses = {k: float(v) for k, v in out.losses.items()}
+    losses["loss"] = float(out.loss)
+    losses["topk_threshold"] = float(sae.topk_threshold)
+    (case / "losses.json").write_text(json.dumps(losses, indent=1))
+    save_file({"feature_acts": out.feature_acts.detach().contiguous(), **grads, **after},
+              case / "outputs.safetensors")
+    sae.save_inference_model(case / "inference")
+    print(f"{name}: losses {losses}")
+
+
 def main() -> None:
     ROOT.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1234)
@@ -152,6 +200,9 @@ def main() -> None:
         "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 6}, "apply_b_dec_to_input": False,
         "normalize_activations": "none", "sae_lens_version": "5.3.0",
     }, gen, inputs())
+
+    write_training_case("train_matryoshka", gen, rescale=False, per_level_aux=False)
+    write_training_case("train_matryoshka_rescale_levelaux", gen, rescale=True, per_level_aux=True)
 
     # The reference safetensors writer on fixed tensors of several dtypes.
     st = ROOT / "safetensors"

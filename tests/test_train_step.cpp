@@ -39,7 +39,8 @@ TEST(Adam, MatchesReferenceAndRowsVariant) {
     for (int64_t step = 1; step <= 3; ++step) {
       ops::AdamStep a{1e-3f, beta1, 0.999f, 1e-8f, step};
       ops::adam_update(p0.data(), g.data(), m0.data(), v0.data(), n, a, 0.5f);
-      ops::adam_update_rows(p1.data(), g.data(), has.data(), m1.data(), v1.data(), rows, cols, a, 0.5f);
+      ops::adam_update_rows(p1.data(), g.data(), has.data(), m1.data(), v1.data(), rows, cols, a,
+                            0.5f);
       ops::adam_update_reference(p2.data(), g.data(), m2.data(), v2.data(), n, a, 0.5f);
     }
     EXPECT_EQ(p0, p1);
@@ -55,6 +56,10 @@ struct Case {
   TrainSpec spec;
   bool with_dead = false;
 };
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.name;
+}
 
 TrainSpec base_spec() {
   TrainSpec s;
@@ -184,7 +189,8 @@ TEST_P(StepCase, GradientsMatchFiniteDifferences) {
   };
   std::vector<Check> checks = {
       {"W_enc", &ReferenceParams::W_enc,
-       [&](size_t i) { return g.W_encT[(i % size_t(D)) * size_t(d) + i / size_t(D)]; }, size_t(d * D)},
+       [&](size_t i) { return g.W_encT[(i % size_t(D)) * size_t(d) + i / size_t(D)]; },
+       size_t(d * D)},
       {"W_dec", &ReferenceParams::W_dec, [&](size_t i) { return g.W_dec[i]; }, size_t(D * d)},
       {"b_enc", &ReferenceParams::b_enc, [&](size_t i) { return g.b_enc[i]; }, size_t(D)},
       {"b_dec", &ReferenceParams::b_dec, [&](size_t i) { return g.b_dec[i]; }, size_t(d)},
@@ -200,7 +206,8 @@ TEST_P(StepCase, GradientsMatchFiniteDifferences) {
     int bad = 0;
     for (size_t i = 0; i < c.n; ++i)
       if (std::abs(num[i] - ana[i]) > 1e-4 * max_abs + 1e-4 * std::abs(num[i]))
-        if (bad++ < 5) ADD_FAILURE() << c.name << "[" << i << "]: analytic " << ana[i] << " vs fd " << num[i];
+        if (bad++ < 5)
+          ADD_FAILURE() << c.name << "[" << i << "]: analytic " << ana[i] << " vs fd " << num[i];
     EXPECT_EQ(bad, 0) << c.name << " (max |grad| " << max_abs << ")";
   }
 }

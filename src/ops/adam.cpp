@@ -7,9 +7,9 @@ namespace sae::ops {
 namespace {
 
 struct Coeffs {
-  float w;            // 1 - beta1, the lerp weight
-  float step_size;    // lr / bias_correction1
-  float bc2_sqrt;     // sqrt(bias_correction2)
+  float w;          // 1 - beta1, the lerp weight
+  float step_size;  // lr / bias_correction1
+  float bc2_sqrt;   // sqrt(bias_correction2)
 };
 
 Coeffs coeffs(const AdamStep& a) {
@@ -47,7 +47,8 @@ void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* 
     const int64_t o = r * cols;
     if (has_grad[r]) {
 #pragma omp simd
-      for (int64_t i = 0; i < cols; ++i) update(p[o + i], g[o + i] * grad_scale, m[o + i], v[o + i], a, c);
+      for (int64_t i = 0; i < cols; ++i)
+        update(p[o + i], g[o + i] * grad_scale, m[o + i], v[o + i], a, c);
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < cols; ++i) update(p[o + i], 0.0f, m[o + i], v[o + i], a, c);

@@ -30,7 +30,8 @@ void emit(const float* x, int64_t rows, int64_t cols, uint32_t cut_bits, float c
     counts[size_t(r)] = c + eq_keep_per_row[size_t(r)];
   }
   out.offsets.assign(size_t(rows + 1), 0);
-  for (int64_t r = 0; r < rows; ++r) out.offsets[size_t(r + 1)] = out.offsets[size_t(r)] + counts[size_t(r)];
+  for (int64_t r = 0; r < rows; ++r)
+    out.offsets[size_t(r + 1)] = out.offsets[size_t(r)] + counts[size_t(r)];
   out.cols.resize(size_t(out.offsets.back()));
   out.values.resize(size_t(out.offsets.back()));
 #pragma omp parallel for schedule(static)

@@ -109,8 +109,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     for (int64_t c = 0; c < d; ++c)
       ws.sae_in[size_t(t * d + c)] =
           x[t * d + c] - (sp.apply_b_dec_to_input ? sae.b_dec[size_t(c)] : 0.0f);
-  ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d,
-            sae.W_encT.data(), d, 0.0f, ws.hidden_pre.data(), D);
+  ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d, sae.W_encT.data(),
+            d, 0.0f, ws.hidden_pre.data(), D);
   std::vector<float> norms, inv_norms;
   if (rescale) {
     norms = sae.decoder_norms();
@@ -143,7 +143,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     aux_groups.resize(size_t(n_groups));
     for (int64_t j = 0, lvl = 0; j < D; ++j) {
       while (j >= sp.widths[size_t(lvl)]) ++lvl;
-      if (dead[size_t(j)]) aux_groups[size_t(sp.per_level_aux ? lvl : 0)].push_back(int32_t(j)), res.n_dead++;
+      if (dead[size_t(j)])
+        aux_groups[size_t(sp.per_level_aux ? lvl : 0)].push_back(int32_t(j)), res.n_dead++;
     }
   }
   const int64_t n_aux = int64_t(aux_groups.size());
@@ -170,7 +171,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       for (int64_t i = 0; i < L; ++i) {
         for (; e < end && act.cols[size_t(e)] < sp.widths[size_t(i)]; ++e) {
           const int32_t j = act.cols[size_t(e)];
-          axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)], r.data(), d);
+          axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)], r.data(),
+               d);
         }
         float* gi = vec(t, i);
         double ss = 0;
@@ -218,7 +220,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   for (int64_t t = 0; t < B; ++t)
     for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
       const int32_t j = act.cols[size_t(e)];
-      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)], decode_value(act.values[size_t(e)], j), 0.0f};
+      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)],
+                            decode_value(act.values[size_t(e)], j), 0.0f};
     }
 
   // AuxK: per token, the top k_aux dead latents by hidden_pre reconstruct the detached residual
@@ -239,7 +242,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     double loss_sum = 0;
 #pragma omp parallel reduction(+ : loss_sum)
     {
-      std::vector<float> vals(static_cast<size_t>(n_dead)), top_v(static_cast<size_t>(k_aux)), recon(static_cast<size_t>(d));
+      std::vector<float> vals(static_cast<size_t>(n_dead)), top_v(static_cast<size_t>(k_aux)),
+          recon(static_cast<size_t>(d));
       std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < B; ++t) {
@@ -282,7 +286,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   std::vector<int32_t> by_latent(entries.size());
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (size_t e = 0; e < entries.size(); ++e) by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
+    for (size_t e = 0; e < entries.size(); ++e)
+      by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
   }
   g.touched.clear();
   for (int64_t j = 0; j < D; ++j)
@@ -374,7 +379,8 @@ RefForward ref_forward(const TrainSpec& sp, const ReferenceParams& p, const floa
   std::vector<int64_t> order;
   for (int64_t i = 0; i < B * D; ++i)
     if (f.hp[size_t(i)] > 0) order.push_back(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return f.hp[size_t(a)] > f.hp[size_t(b)]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return f.hp[size_t(a)] > f.hp[size_t(b)]; });
   const int64_t budget = int64_t(sp.k * double(B));
   if (int64_t(order.size()) > budget) order.resize(size_t(budget));
   f.u.assign(size_t(B * D), 0.0);
@@ -410,14 +416,17 @@ ReferenceLoss reference_loss(const TrainSpec& sp, const ReferenceParams& p,
       std::fill(r.begin(), r.end(), 0.0);
       const int64_t lo = i == 0 ? 0 : sp.widths[size_t(i - 1)];
       if (sp.detach_levels && i > 0) {
-        recon(ff, frozen, t, 0, lo, true, r);   // earlier levels: no gradient
+        recon(ff, frozen, t, 0, lo, true, r);  // earlier levels: no gradient
         recon(f, p, t, lo, sp.widths[size_t(i)], false, r);
       } else {
         recon(f, p, t, 0, sp.widths[size_t(i)], true, r);
       }
       double ss = 0;
-      for (int64_t c = 0; c < d; ++c) ss += (x[t * d + c] - r[size_t(c)]) * (x[t * d + c] - r[size_t(c)]);
-      out.level[size_t(i)] += (sp.level_loss[size_t(i)] == LevelLoss::Mse ? ss : std::pow(std::sqrt(ss), sp.l2_power)) / double(B);
+      for (int64_t c = 0; c < d; ++c)
+        ss += (x[t * d + c] - r[size_t(c)]) * (x[t * d + c] - r[size_t(c)]);
+      out.level[size_t(i)] +=
+          (sp.level_loss[size_t(i)] == LevelLoss::Mse ? ss : std::pow(std::sqrt(ss), sp.l2_power)) /
+          double(B);
     }
   for (int64_t i = 0; i < L; ++i) out.total += sp.level_weight[size_t(i)] * out.level[size_t(i)];
 

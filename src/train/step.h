@@ -24,13 +24,13 @@ struct Grads {
 };
 
 struct StepResult {
-  double loss = 0;                  // total
-  std::vector<double> level_loss;   // R_i per level, before the multiplier
-  double aux_loss = 0;              // after coefficient and scale
-  int64_t n_active = 0;             // selected entries (L0 = n_active / B)
-  int64_t n_dead = 0;               // latents in the dead mask
-  double min_selected = 0;          // smallest selected value (drives the threshold update)
-  std::vector<uint8_t> fired;       // [d_sae]: selected at least once in this batch
+  double loss = 0;                 // total
+  std::vector<double> level_loss;  // R_i per level, before the multiplier
+  double aux_loss = 0;             // after coefficient and scale
+  int64_t n_active = 0;            // selected entries (L0 = n_active / B)
+  int64_t n_dead = 0;              // latents in the dead mask
+  double min_selected = 0;         // smallest selected value (drives the threshold update)
+  std::vector<uint8_t> fired;      // [d_sae]: selected at least once in this batch
 };
 
 // Scratch reused across steps (sized on first use).

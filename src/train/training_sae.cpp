@@ -44,9 +44,11 @@ void TrainingSae::init(uint64_t seed, double decoder_init_norm) {
   if (decoder_init_norm > 0) {
     for (int64_t j = 0; j < D; ++j) {
       double s = 0;
-      for (int64_t c = 0; c < d; ++c) s += double(W_dec[size_t(j * d + c)]) * W_dec[size_t(j * d + c)];
+      for (int64_t c = 0; c < d; ++c)
+        s += double(W_dec[size_t(j * d + c)]) * W_dec[size_t(j * d + c)];
       const double f = decoder_init_norm / std::sqrt(s);
-      for (int64_t c = 0; c < d; ++c) W_dec[size_t(j * d + c)] = float(W_dec[size_t(j * d + c)] * f);
+      for (int64_t c = 0; c < d; ++c)
+        W_dec[size_t(j * d + c)] = float(W_dec[size_t(j * d + c)] * f);
     }
   }
   W_encT = W_dec;  // W_enc = W_dec^T
@@ -61,7 +63,8 @@ std::vector<float> TrainingSae::decoder_norms() const {
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < D; ++j) {
     double s = 0;
-    for (int64_t c = 0; c < d; ++c) s += double(W_dec[size_t(j * d + c)]) * W_dec[size_t(j * d + c)];
+    for (int64_t c = 0; c < d; ++c)
+      s += double(W_dec[size_t(j * d + c)]) * W_dec[size_t(j * d + c)];
     n[size_t(j)] = float(std::sqrt(s));
   }
   return n;

@@ -15,16 +15,16 @@ enum class LevelLoss { Mse, L2 };  // ||e||^2 summed over d_in, or ||e||_2^p ("s
 
 struct TrainSpec {
   int64_t d_in = 0, d_sae = 0;
-  double k = 40;                          // average active latents per token (BatchTopK)
-  std::vector<int64_t> widths;            // Matryoshka prefix widths, ascending, last = d_sae
-  std::vector<LevelLoss> level_loss;      // one per level
-  std::vector<double> level_weight;       // c_i, one per level
-  double l2_power = 1.0;                  // p for LevelLoss::L2
-  bool detach_levels = false;             // level i's loss reaches only its own new latents
+  double k = 40;                      // average active latents per token (BatchTopK)
+  std::vector<int64_t> widths;        // Matryoshka prefix widths, ascending, last = d_sae
+  std::vector<LevelLoss> level_loss;  // one per level
+  std::vector<double> level_weight;   // c_i, one per level
+  double l2_power = 1.0;              // p for LevelLoss::L2
+  bool detach_levels = false;         // level i's loss reaches only its own new latents
   bool rescale_acts_by_decoder_norm = false;
   bool apply_b_dec_to_input = true;
   double aux_coefficient = 1.0;
-  bool per_level_aux = false;             // each level's dead latents fit that level's residual
+  bool per_level_aux = false;  // each level's dead latents fit that level's residual
   double topk_threshold_lr = 0.01;
 
   int64_t n_levels() const { return int64_t(widths.size()); }
@@ -48,6 +48,14 @@ class TrainingSae {
   void init(uint64_t seed, double decoder_init_norm);
 
   std::vector<float> decoder_norms() const;  // ||W_dec[j]||
+
+  // SAELens's BatchTopK threshold rule: theta <- (1 - lr) theta + lr * (smallest value kept
+  // this batch), in float64; no change when nothing was kept.
+  void update_threshold(double min_selected, bool any_selected) {
+    if (any_selected)
+      threshold =
+          (1.0 - spec.topk_threshold_lr) * threshold + spec.topk_threshold_lr * min_selected;
+  }
 
   // The inference SAE (JumpReLU) whose codes on raw activations x are the training-time
   // pre-activations of s*x above the threshold: the input scaling factor s is folded out and,

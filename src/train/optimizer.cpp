@@ -1,0 +1,37 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+
+#include "ops/adam.h"
+
+namespace sae::train {
+
+Optimizer::Optimizer(const TrainingSae& sae, AdamConfig c) : cfg(c) {
+  m_W_encT.assign(sae.W_encT.size(), 0.0f);
+  v_W_encT.assign(sae.W_encT.size(), 0.0f);
+  m_W_dec.assign(sae.W_dec.size(), 0.0f);
+  v_W_dec.assign(sae.W_dec.size(), 0.0f);
+  m_b_enc.assign(sae.b_enc.size(), 0.0f);
+  v_b_enc.assign(sae.b_enc.size(), 0.0f);
+  m_b_dec.assign(sae.b_dec.size(), 0.0f);
+  v_b_dec.assign(sae.b_dec.size(), 0.0f);
+}
+
+double Optimizer::step(TrainingSae& sae, Grads& g, double lr) {
+  const double norm = std::sqrt(g.squared_norm());
+  // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, always applied.
+  float scale = 1.0f;
+  if (cfg.grad_clip > 0) scale = float(std::min(cfg.grad_clip / (norm + 1e-6), 1.0));
+  ++t;
+  const ops::AdamStep a{float(lr), float(cfg.beta1), float(cfg.beta2), float(cfg.eps), t};
+  const int64_t d = sae.spec.d_in, D = sae.spec.d_sae;
+  ops::adam_update_rows(sae.W_encT.data(), g.W_encT.data(), g.row_touched.data(), m_W_encT.data(),
+                        v_W_encT.data(), D, d, a, scale);
+  ops::adam_update_rows(sae.W_dec.data(), g.W_dec.data(), g.row_touched.data(), m_W_dec.data(),
+                        v_W_dec.data(), D, d, a, scale);
+  ops::adam_update(sae.b_enc.data(), g.b_enc.data(), m_b_enc.data(), v_b_enc.data(), D, a, scale);
+  ops::adam_update(sae.b_dec.data(), g.b_dec.data(), m_b_dec.data(), v_b_dec.data(), d, a, scale);
+  return norm;
+}
+
+}  // namespace sae::train

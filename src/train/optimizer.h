@@ -1,0 +1,30 @@
+// Adam over a TrainingSae with SAELens's trainer semantics: the global gradient norm is
+// clipped (torch.nn.utils.clip_grad_norm_), then every parameter takes an Adam step. Moments
+// are dense fp32; gradient rows of latents that did not fire are known to be zero.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "train/step.h"
+
+namespace sae::train {
+
+struct AdamConfig {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double grad_clip = 1.0;  // max global L2 norm; <= 0 disables
+};
+
+class Optimizer {
+ public:
+  Optimizer(const TrainingSae& sae, AdamConfig cfg);
+
+  // One update at learning rate lr. Returns the gradient norm before clipping.
+  double step(TrainingSae& sae, Grads& g, double lr);
+
+  AdamConfig cfg;
+  int64_t t = 0;  // updates taken
+  std::vector<float> m_W_encT, v_W_encT, m_W_dec, v_W_dec, m_b_enc, v_b_enc, m_b_dec, v_b_dec;
+};
+
+}  // namespace sae::train
