@@ -12,5 +12,7 @@ Runner add_info(CLI::App& app);
 Runner add_encode(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_convert(CLI::App& app);
+Runner add_train(CLI::App& app);
+Runner add_demo(CLI::App& app);
 
 }  // namespace sae::cli

@@ -157,7 +157,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
 
   // ---- levels: one sweep over each token's index-sorted active list ----
   const int n_threads = omp_get_max_threads();
-  std::vector<double> level_sum(size_t(n_threads * L), 0.0);
+  std::vector<double> level_sum(size_t(n_threads * L), 0.0), outer_sq(size_t(n_threads), 0.0);
 #pragma omp parallel
   {
     std::vector<float> r(static_cast<size_t>(d));
@@ -195,6 +195,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
           coef = norm > 1e-12 ? -p * std::pow(norm, p - 2.0) * w : 0.0;  // guard ||e|| = 0
         }
         my_sum[i] += R;
+        if (i == L - 1) outer_sq[size_t(omp_get_thread_num())] += ss;
         for (int64_t c = 0; c < d; ++c) gi[c] = float(coef * gi[c]);
       }
       // Without detaching, latent j (first in level l) is in levels l..L-1: G_l = sum g_i.
@@ -202,8 +203,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
         for (int64_t i = L - 2; i >= 0; --i) axpy(1.0f, vec(t, i + 1), vec(t, i), d);
     }
   }
-  for (int th = 0; th < n_threads; ++th)
+  for (int th = 0; th < n_threads; ++th) {
     for (int64_t i = 0; i < L; ++i) res.level_loss[size_t(i)] += level_sum[size_t(th * L + i)];
+    res.outer_sq_error += outer_sq[size_t(th)] / double(B);
+  }
   for (int64_t i = 0; i < L; ++i) {
     res.level_loss[size_t(i)] /= double(B);
     res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];

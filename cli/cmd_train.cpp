@@ -1,0 +1,73 @@
+// sae train: train a (Matryoshka) BatchTopK SAE from a JSON config, presets and overrides.
+// sae demo: the built-in default job on the synthetic hierarchy.
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+
+#include "commands.h"
+#include "core/error.h"
+#include "io/json_file.h"
+#include "pipeline/hierarchy_demo.h"
+#include "pipeline/source_factory.h"
+#include "train/trainer.h"
+
+namespace sae::cli {
+
+namespace {
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+}  // namespace
+
+Runner add_train(CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "Train a batch-TopK (Matryoshka) SAE; see docs/training.md");
+  struct Opts {
+    std::string config, preset, output;
+    std::vector<std::string> sets;
+    bool resume = false, print = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--config", o->config, "Training config (JSON)");
+  cmd->add_option("--preset", o->preset,
+                  "Start from a preset: gemma-2-2b-matryoshka-standard, gemma-2-2b-matryoshka-snap, "
+                  "saelens, hierarchy-batchtopk, hierarchy-standard, hierarchy-snap");
+  cmd->add_option("--set", o->sets, "Override a field: section.key=value (repeatable)");
+  cmd->add_option("-o,--output", o->output, "Output folder (output.dir)");
+  cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
+  cmd->add_flag("--print-config", o->print, "Print the resolved config and exit");
+  return [=] {
+    nlohmann::json j = nlohmann::json::object();
+    std::string where = "command line";
+    if (!o->preset.empty()) j = train::preset(o->preset), where = "preset " + o->preset;
+    if (!o->config.empty()) {
+      train::merge_json(j, nlohmann::json::parse(read_json_file(o->config).dump()));
+      where = o->config;
+    }
+    for (const auto& s : o->sets) train::apply_override(j, s);
+    if (!o->output.empty()) j["output"]["dir"] = o->output;
+    train::TrainConfig cfg = train::TrainConfig::from_json(j, where);
+    if (o->print) {
+      std::cout << cfg.to_json().dump(2) << "\n";
+      return 0;
+    }
+    auto source = pipeline::make_source(cfg.data, where);
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    train::Trainer trainer(cfg, *source);
+    return trainer.run(o->resume, -1, &g_stop) ? 0 : 130;
+  };
+}
+
+Runner add_demo(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "demo", "Default job: BatchTopK vs Matryoshka vs Matryoshka-snap on a synthetic hierarchy");
+  auto o = std::make_shared<pipeline::DemoOptions>();
+  cmd->add_option("-o,--output", o->output_dir, "Output folder (default out/demo)");
+  cmd->add_option("--tokens", o->total_tokens, "Training tokens per variant (default: preset)");
+  cmd->add_flag("--resume", o->resume, "Continue interrupted runs");
+  return [=] {
+    pipeline::run_hierarchy_demo(*o);
+    return 0;
+  };
+}
+
+}  // namespace sae::cli

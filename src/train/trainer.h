@@ -1,0 +1,76 @@
+// The training loop: batches from a source, the sparse step, Adam, the threshold, dead-latent
+// tracking, held-out evaluation, a progress line and a JSONL log, atomic checkpoints, resume,
+// and the final SAELens-format save. Layout of the output folder: docs/training.md.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "data/source.h"
+#include "eval/metrics.h"
+#include "train/optimizer.h"
+#include "train/train_config.h"
+
+namespace sae::train {
+
+struct EvalResult {
+  Metrics metrics;
+  std::vector<double> level_explained_variance;  // using latents [0, width_i) only
+  nlohmann::ordered_json to_json() const;
+};
+
+// Evaluates an inference SAE on held-out tokens x [n, d_in] (raw activations).
+EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n);
+
+class Trainer {
+ public:
+  // `label` prefixes the progress line (e.g. the variant name).
+  Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label = "train");
+
+  // Trains until total_steps, resuming from <output_dir>/checkpoint when `resume` and one
+  // exists. If stop_at_step >= 0, checkpoints and returns false when that step is reached (a
+  // controlled interruption); `stop` (e.g. set by SIGINT) does the same. Returns true when
+  // training finished and the SAE was saved to <output_dir>/sae.
+  bool run(bool resume, int64_t stop_at_step = -1, const std::atomic<bool>* stop = nullptr);
+
+  const TrainingSae& sae() const { return sae_; }
+  double input_scale() const { return input_scale_; }
+  int64_t step() const { return step_; }
+  const EvalResult& final_eval() const { return final_eval_; }
+  Sae inference_sae() const;  // the SAE as it would be saved now
+  std::vector<float> log_sparsity() const;  // log10 firing frequency over the current window
+
+ private:
+  void prepare_normalisation();
+  void eval_and_log(bool final);
+  void log_progress(const StepResult& r, double lr, double grad_norm);
+  void save_checkpoint();
+  bool load_checkpoint();
+  void append_log(const nlohmann::json& record);
+
+  TrainConfig cfg_;
+  data::ActivationSource& source_;
+  std::string label_;
+  TrainingSae sae_;
+  Optimizer opt_;
+  Grads grads_;
+  StepWorkspace ws_;
+  int64_t step_ = 0;
+  double input_scale_ = 1.0;
+  std::vector<int64_t> steps_since_fired_;
+  std::vector<int64_t> window_counts_;  // firings per latent in the current sampling window
+  int64_t window_steps_ = 0, window_tokens_ = 0;
+  std::vector<float> heldout_;
+  int64_t n_heldout_ = 0;
+  EvalResult final_eval_;
+  // progress timing
+  double interval_start_ = 0, run_start_ = 0;
+  int64_t interval_steps_ = 0, run_start_step_ = 0;
+  double batch_variance_ = 0;
+};
+
+}  // namespace sae::train
