@@ -1,0 +1,238 @@
+// The training loop: resume is bit-identical, configs are strict, the saved SAE reproduces
+// the training-time codes, and the loss choice behaves as the snap-loss argument predicts.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "data/synthetic.h"
+#include "sae/load.h"
+#include "test_util.h"
+#include "train/trainer.h"
+
+namespace sae::train {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+json tiny_config(const std::string& out) {
+  json j = preset("hierarchy-snap");
+  j["sae"]["d_sae"] = 48;
+  j["sae"]["matryoshka_widths"] = {8, 24, 48};
+  j["sae"]["normalize_activations"] = "expected_average_only_in";
+  j["data"] = {{"type", "synthetic"}, {"d_in", 24}, {"n_roots", 12}, {"n_parents", 4}, {"heldout_tokens", 512}};
+  j["training"] = {{"batch_size", 128}, {"total_tokens", 128 * 40}, {"eval_every_steps", 10},
+                   {"eval_tokens", 512}, {"log_every_steps", 10}, {"checkpoint_every_steps", 15},
+                   {"n_norm_batches", 2}};
+  j["loss"]["dead_feature_window"] = 5;  // so AuxK runs within the test
+  j["output"] = {{"dir", out}};
+  return j;
+}
+
+TEST(Trainer, KillAndResumeIsBitIdentical) {
+  test::TempDir dir;
+  auto run = [&](const std::string& out, int64_t stop_at) {
+    TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+    data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+    Trainer t(cfg, src, "test");
+    bool finished = t.run(false, stop_at);
+    if (!finished) {  // a fresh process resumes from the checkpoint
+      Trainer t2(cfg, src, "test");
+      EXPECT_TRUE(t2.run(true));
+      return std::make_pair(t2.sae().W_dec, t2.sae().threshold);
+    }
+    return std::make_pair(t.sae().W_dec, t.sae().threshold);
+  };
+  auto a = run(dir / "straight", -1);
+  auto b = run(dir / "killed", 23);  // between checkpoints: resumes from the stop's checkpoint
+  EXPECT_EQ(a.first, b.first);
+  EXPECT_EQ(a.second, b.second);
+  for (const char* f : {"sae/sae_weights.safetensors", "sae/sparsity.safetensors", "sae/cfg.json"})
+    EXPECT_EQ(test::read_bytes(dir / (std::string("straight/") + f)),
+              test::read_bytes(dir / (std::string("killed/") + f)))
+        << f;
+  // The log holds progress and eval records with the fields the progress line shows.
+  std::ifstream log(dir / "straight/log.jsonl");
+  std::string line;
+  int evals = 0, steps = 0;
+  while (std::getline(log, line)) {
+    json r = json::parse(line);
+    if (r.contains("eval")) {
+      ++evals;
+      EXPECT_TRUE(r["eval"].contains("explained_variance"));
+    } else {
+      ++steps;
+      EXPECT_TRUE(r.contains("tokens_per_s") && r.contains("l0") && r.contains("loss"));
+    }
+  }
+  EXPECT_EQ(evals, 4);  // steps 10, 20, 30 and the final one
+  EXPECT_EQ(steps, 4);
+}
+
+TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
+  test::TempDir dir;
+  json j = tiny_config(dir / "run");
+  j["sae"]["rescale_acts_by_decoder_norm"] = true;
+  TrainConfig cfg = TrainConfig::from_json(j, "test");
+  data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+  Trainer t(cfg, src, "test");
+  ASSERT_TRUE(t.run(false));
+  EXPECT_NE(t.input_scale(), 1.0);
+  LoadedSae l = load_from_disk(dir / "run/sae");
+  EXPECT_EQ(l.sae.cfg.architecture, Architecture::JumpReLU);
+  ASSERT_TRUE(l.sparsity.has_value());
+  // Inference pre-activations on raw x equal training hidden_pre on s * x.
+  const TrainingSae& ts = t.sae();
+  const int64_t d = ts.spec.d_in, D = ts.spec.d_sae, n = 64;
+  std::vector<float> x(size_t(n * d));
+  src.train_batch(1000, n, x.data());
+  std::vector<float> pre(size_t(n * D));
+  l.sae.pre_activations(x.data(), n, pre.data(), nullptr, nullptr);
+  const auto norms = ts.decoder_norms();
+  std::vector<float> want(size_t(n * D));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t jj = 0; jj < D; ++jj) {
+      double h = ts.b_enc[size_t(jj)];
+      for (int64_t c = 0; c < d; ++c)
+        h += (x[size_t(r * d + c)] * t.input_scale() - ts.b_dec[size_t(c)]) * ts.W_encT[size_t(jj * d + c)];
+      want[size_t(r * D + jj)] = float(h * norms[size_t(jj)]);
+    }
+  test::expect_close(pre, want, 1e-5, "folded pre-activations");
+  for (float th : l.sae.threshold) EXPECT_FLOAT_EQ(th, float(ts.threshold));
+}
+
+TEST(TrainConfig, StrictAndClear) {
+  auto err = [](const json& j) {
+    try {
+      TrainConfig::from_json(j, "cfg.json");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  json good = tiny_config("/tmp/x");
+  EXPECT_EQ(err(good), "no error");
+  json j = good;
+  j["sae"]["d_sea"] = 3;
+  EXPECT_EQ(err(j), "cfg.json: sae.d_sea: unknown field");
+  j = good;
+  j["optimiser"] = json::object();
+  EXPECT_NE(err(j).find("cfg.json: optimiser: unknown section"), std::string::npos);
+  j = good;
+  j["loss"]["level_losses"] = {"mse", "huber", "mse"};
+  EXPECT_NE(err(j).find("loss.level_losses"), std::string::npos);
+  j = good;
+  j["optimizer"]["lr_scheduler"] = "exponential";
+  EXPECT_NE(err(j).find("optimizer.lr_scheduler"), std::string::npos);
+  j = good;
+  j.erase("data");
+  EXPECT_NE(err(j).find("data.type"), std::string::npos);
+  j = good;
+  j["data"]["n_rooots"] = 3;
+  TrainConfig c = TrainConfig::from_json(j, "cfg.json");
+  EXPECT_THROW(data::SyntheticConfig::from_json(c.data, "cfg.json"), Error);
+  // Widths without the final d_sae get it appended, as SAELens does; snap = l2 inner, mse outer.
+  j = good;
+  j["sae"]["matryoshka_widths"] = {8, 24};
+  c = TrainConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.spec.widths, (std::vector<int64_t>{8, 24, 48}));
+  EXPECT_EQ(c.spec.level_loss, (std::vector<LevelLoss>{LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse}));
+  // balance_beta: c_i = beta^(n - i).
+  j["loss"]["balance_beta"] = 0.5;
+  c = TrainConfig::from_json(j, "cfg.json");
+  EXPECT_EQ(c.spec.level_weight, (std::vector<double>{0.25, 0.5, 1.0}));
+  // Overrides parse JSON values and create sections.
+  apply_override(j, "optimizer.lr=0.5");
+  apply_override(j, "output.metadata.model_name=gemma-2-2b");
+  EXPECT_EQ(j["optimizer"]["lr"], 0.5);
+  EXPECT_EQ(j["output"]["metadata"]["model_name"], "gemma-2-2b");
+}
+
+TEST(TrainConfig, PresetsResolve) {
+  for (const auto& name : preset_names()) {
+    json j = preset(name);
+    if (!j.contains("data")) j["data"] = {{"type", "synthetic"}};
+    if (!j["sae"].contains("d_sae")) j["sae"]["d_sae"] = 4096;
+    if (!j["training"].contains("total_tokens")) j["training"]["total_tokens"] = 1 << 20;
+    EXPECT_NO_THROW(TrainConfig::from_json(j, name)) << name;
+  }
+  TrainConfig snap = TrainConfig::from_json(
+      [] { json j = preset("gemma-2-2b-matryoshka-snap"); j["data"] = {{"type", "synthetic"}}; return j; }(), "p");
+  EXPECT_EQ(snap.spec.widths, (std::vector<int64_t>{128, 512, 2048, 8192, 32768}));
+  EXPECT_EQ(snap.spec.level_loss.back(), LevelLoss::Mse);
+  EXPECT_EQ(snap.spec.level_loss.front(), LevelLoss::L2);
+  EXPECT_EQ(snap.adam.beta1, 0.0);
+  EXPECT_EQ(snap.lr.lr, 1e-4);
+  EXPECT_TRUE(snap.spec.per_level_aux);
+}
+
+TEST(LrSchedule, Shapes) {
+  LrSchedule s;
+  s.lr = 1.0;
+  s.warm_up_steps = 4;
+  EXPECT_DOUBLE_EQ(s.at(0, 100), 0.25);
+  EXPECT_DOUBLE_EQ(s.at(3, 100), 1.0);
+  EXPECT_DOUBLE_EQ(s.at(50, 100), 1.0);
+  s.name = "cosine";
+  s.lr_end = 0.1;
+  s.warm_up_steps = 0;
+  EXPECT_DOUBLE_EQ(s.at(0, 100), 1.0);
+  EXPECT_NEAR(s.at(50, 100), 0.55, 1e-12);
+  s.name = "linear";
+  EXPECT_NEAR(s.at(50, 100), 0.55, 1e-12);
+  s.name = "constant";
+  s.decay_steps = 20;
+  EXPECT_DOUBLE_EQ(s.at(79, 100), 1.0);
+  EXPECT_NEAR(s.at(90, 100), 0.5, 1e-12);
+}
+
+// One latent, data = parent, or parent + child (child present 30% of the time), b_dec held at
+// zero. MSE pulls the latent toward the child (the principal direction); the unsquared L2
+// ("snap") loss leaves it on the parent.
+double toy_cos_to_parent(LevelLoss loss) {
+  TrainSpec sp;
+  sp.d_in = 8;
+  sp.d_sae = 1;
+  sp.k = 1;
+  sp.widths = {1};
+  sp.level_loss = {loss};
+  sp.level_weight = {1};
+  sp.aux_coefficient = 0;
+  TrainingSae sae(sp);
+  sae.init(3, 0.1);
+  std::vector<float> parent(8, 0.0f), child(8, 0.0f);
+  parent[0] = 1;
+  child[1] = 1;
+  Optimizer opt(sae, AdamConfig{});
+  Grads g;
+  g.resize(8, 1);
+  StepWorkspace ws;
+  Rng rng(7);
+  const int64_t B = 256;
+  std::vector<float> x(size_t(B * 8));
+  for (int step = 0; step < 3000; ++step) {
+    for (int64_t t = 0; t < B; ++t) {
+      const bool c = rng.uniform() < 0.3;
+      for (int i = 0; i < 8; ++i) x[size_t(t * 8 + i)] = parent[size_t(i)] + (c ? child[size_t(i)] : 0.0f);
+    }
+    g.clear();
+    forward_backward(sae, x.data(), B, {}, g, ws);
+    opt.step(sae, g, step < 2000 ? 1e-2 : 1e-3);
+    std::fill(sae.b_dec.begin(), sae.b_dec.end(), 0.0f);
+  }
+  const auto n = sae.decoder_norms();
+  return sae.W_dec[0] / n[0];
+}
+
+TEST(SnapToy, L2PutsTheLatentOnTheParentMseBlendsInTheChild) {
+  const double l2 = toy_cos_to_parent(LevelLoss::L2);
+  const double mse = toy_cos_to_parent(LevelLoss::Mse);
+  std::printf("toy cos(latent, parent): l2 %.6f, mse %.6f\n", l2, mse);
+  EXPECT_GT(l2, 0.999) << "l2 latent should sit on the parent";
+  EXPECT_LT(mse, 0.99) << "mse latent should lean toward the child";
+}
+
+}  // namespace
+}  // namespace sae::train
