@@ -64,6 +64,7 @@ Runner add_demo(CLI::App& app) {
   cmd->add_option("-o,--output", o->output_dir, "Output folder (default out/demo)");
   cmd->add_option("--tokens", o->total_tokens, "Training tokens per variant (default: preset)");
   cmd->add_flag("--resume", o->resume, "Continue interrupted runs");
+  cmd->add_option("--set", o->overrides, "Override a field of every variant: section.key=value");
   return [=] {
     pipeline::run_hierarchy_demo(*o);
     return 0;

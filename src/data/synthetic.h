@@ -19,7 +19,7 @@ struct SyntheticConfig {
   int64_t children_per_parent = 3;       // mutually exclusive: at most one fires with its parent
   double max_firing_prob = 0.25;         // root i fires with max_firing_prob / (i + 1)^zipf
   double zipf_exponent = 0.5;
-  double child_prob = 0.8;               // P(some child fires | parent fires)
+  double child_prob = 0.5;               // P(some child fires | parent fires)
   double magnitude_mean = 1.0, magnitude_std = 0.15;
   double noise_std = 0.01;               // isotropic Gaussian noise added to every token
   double correlation = 0.0;              // P(root i+1 also fires | root i fires), for even i

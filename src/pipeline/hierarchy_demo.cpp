@@ -20,6 +20,7 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
     nlohmann::json j = train::preset(preset_name);
     j["output"]["dir"] = (fs::path(opts.output_dir) / name).string();
     if (opts.total_tokens > 0) j["training"]["total_tokens"] = opts.total_tokens;
+    for (const auto& o : opts.overrides) train::apply_override(j, o);
     train::TrainConfig cfg = train::TrainConfig::from_json(j, "preset " + preset_name);
     data::SyntheticSource source(data::SyntheticConfig::from_json(cfg.data, "preset " + preset_name));
     train::Trainer trainer(cfg, source, name);

@@ -15,6 +15,7 @@ struct DemoOptions {
   std::string output_dir = "out/demo";
   int64_t total_tokens = 0;  // 0: each preset's own budget
   bool resume = false;
+  std::vector<std::string> overrides;  // "section.key=value", applied to every variant
 };
 
 struct DemoRow {

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -78,6 +79,10 @@ struct Entry {
   float dpre;
 };
 
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 inline double dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -109,8 +114,11 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     for (int64_t c = 0; c < d; ++c)
       ws.sae_in[size_t(t * d + c)] =
           x[t * d + c] - (sp.apply_b_dec_to_input ? sae.b_dec[size_t(c)] : 0.0f);
+  double t0 = now_s();
   ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d, sae.W_encT.data(),
             d, 0.0f, ws.hidden_pre.data(), D);
+  double t1 = now_s();
+  ws.times.encoder_gemm += t1 - t0;
   std::vector<float> norms, inv_norms;
   if (rescale) {
     norms = sae.decoder_norms();
@@ -135,6 +143,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   res.min_selected = 0;
   if (res.n_active > 0) res.min_selected = *std::min_element(act.values.begin(), act.values.end());
   for (int32_t j : act.cols) res.fired[size_t(j)] = 1;
+  t0 = now_s();
+  ws.times.select += t0 - t1;
 
   // Dead latents, grouped as the AuxK loss uses them (one group, or one per level).
   std::vector<std::vector<int32_t>> aux_groups;
@@ -212,6 +222,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];
   }
 
+  t1 = now_s();
+  ws.times.levels += t1 - t0;
+
   // ---- backward entries: active latents, then AuxK latents ----
   std::vector<int32_t> level_of(static_cast<size_t>(D));
   for (int64_t j = 0, lvl = 0; j < D; ++j) {
@@ -274,6 +287,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B);
   }
   res.loss += res.aux_loss;
+  t0 = now_s();
+  ws.times.aux += t0 - t1;
 
   // d(loss)/d(pre) for every entry.
 #pragma omp parallel for schedule(static)
@@ -336,6 +351,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] -= dsum[size_t(th) * size_t(d) + size_t(c)];
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
+  ws.times.backward += now_s() - t0;
   return res;
 }
 

@@ -34,10 +34,16 @@ struct StepResult {
   std::vector<uint8_t> fired;      // [d_sae]: selected at least once in this batch
 };
 
+// Where a step's time went (seconds, accumulated across steps; reset by the caller).
+struct StepTimes {
+  double encoder_gemm = 0, select = 0, levels = 0, aux = 0, backward = 0;
+};
+
 // Scratch reused across steps (sized on first use).
 struct StepWorkspace {
   std::vector<float> sae_in, hidden_pre, vecs;
   ops::RowSparse active;
+  StepTimes times;
 };
 
 // x: [B, d_in] inputs as the SAE sees them (already scaled). dead: [d_sae] mask (empty = none).

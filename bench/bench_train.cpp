@@ -1,0 +1,97 @@
+// Training-step speed at the release's shape: d_in 2304, d_sae 32768, k 40, Matryoshka widths
+// 128..32768, batch 4096 — the sparse step plus Adam, with the time split by phase and the
+// encoder GEMM's share.
+//   build/release/bench/bench_train [--d-in 2304] [--d-sae 32768] [--batch 4096] [--steps 3]
+//                                   [--dead 0] [--preset gemma-2-2b-matryoshka-standard]
+#include <cstdio>
+#include <string>
+
+#include "bench_util.h"
+#include "core/rng.h"
+#include "train/optimizer.h"
+#include "train/step.h"
+#include "train/train_config.h"
+
+using namespace sae;
+
+int main(int argc, char** argv) {
+  int64_t d_in = 2304, d_sae = 32768, batch = 4096, steps = 3, n_dead = 0;
+  std::string preset_name = "gemma-2-2b-matryoshka-standard";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string a = argv[i], v = argv[i + 1];
+    if (a == "--d-in") d_in = std::stoll(v);
+    else if (a == "--d-sae") d_sae = std::stoll(v);
+    else if (a == "--batch") batch = std::stoll(v);
+    else if (a == "--steps") steps = std::stoll(v);
+    else if (a == "--dead") n_dead = std::stoll(v);
+    else if (a == "--preset") preset_name = v;
+    else if (a == "--threads") ops::set_num_threads(std::stoi(v));
+    else { std::fprintf(stderr, "unknown option %s\n", a.c_str()); return 2; }
+  }
+  bench::print_header(argc, argv);
+  nlohmann::json j = train::preset(preset_name);
+  j["sae"]["d_sae"] = d_sae;
+  if (d_sae != 32768) j["sae"]["matryoshka_widths"] = {d_sae / 256, d_sae / 64, d_sae / 16, d_sae / 4, d_sae};
+  j["training"]["batch_size"] = batch;
+  j["training"]["total_tokens"] = batch * steps;
+  j["data"] = {{"type", "synthetic"}};
+  train::TrainConfig cfg = train::TrainConfig::from_json(j, "bench");
+  cfg.spec.d_in = d_in;
+  std::string widths;
+  for (auto w : cfg.spec.widths) widths += std::to_string(w) + " ";
+  std::printf("config: preset %s, d_in %lld, d_sae %lld, k %.0f, widths %s, batch %lld, %lld dead "
+              "latents (AuxK), steps %lld\n",
+              preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, widths.c_str(),
+              (long long)batch, (long long)n_dead, (long long)steps);
+
+  train::TrainingSae sae(cfg.spec);
+  sae.init(0, 0.1);
+  train::Optimizer opt(sae, cfg.adam);
+  train::Grads g;
+  g.resize(d_in, d_sae);
+  train::StepWorkspace ws;
+  std::vector<float> x(size_t(batch * d_in));
+  Rng rng(1);
+  for (auto& v : x) v = float(rng.normal());
+  std::vector<uint8_t> dead;
+  if (n_dead > 0) {
+    dead.assign(size_t(d_sae), 0);
+    for (int64_t q = 0; q < n_dead; ++q) dead[size_t(q * (d_sae / n_dead))] = 1;
+  }
+
+  // Warm-up step (allocations, page faults), then timed steps.
+  g.clear();
+  train::forward_backward(sae, x.data(), batch, dead, g, ws);
+  opt.step(sae, g, 1e-4);
+  ws.times = {};
+  double t_clear = 0, t_opt = 0;
+  const double t0 = bench::now_s();
+  for (int64_t s = 0; s < steps; ++s) {
+    double a = bench::now_s();
+    g.clear();
+    t_clear += bench::now_s() - a;
+    train::StepResult r = train::forward_backward(sae, x.data(), batch, dead, g, ws);
+    sae.update_threshold(r.min_selected, r.n_active > 0);
+    a = bench::now_s();
+    opt.step(sae, g, 1e-4);
+    t_opt += bench::now_s() - a;
+  }
+  const double per_step = (bench::now_s() - t0) / double(steps);
+  const auto& t = ws.times;
+  const double n = double(steps);
+  const double gemm_flop = 2.0 * double(batch) * double(d_in) * double(d_sae);
+  std::printf("\n%-28s %10s %8s\n", "phase", "ms/step", "share");
+  auto row = [&](const char* name, double secs) {
+    std::printf("%-28s %10.1f %7.1f%%\n", name, secs / n * 1e3, 100.0 * secs / n / per_step);
+  };
+  row("encoder GEMM", t.encoder_gemm);
+  row("bias + BatchTopK select", t.select);
+  row("levels (sparse decode+loss)", t.levels);
+  row("AuxK", t.aux);
+  row("sparse backward", t.backward);
+  row("Adam + clip", t_opt);
+  row("zero grads", t_clear);
+  std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total", per_step * 1e3,
+              double(batch) / per_step, gemm_flop / (t.encoder_gemm / n) * 1e-9);
+  return 0;
+}

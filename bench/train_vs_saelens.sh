@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Side by side in one run: the sae.cpp training step (bench_train) and SAELens's
+# MatryoshkaBatchTopKTrainingSAE step, same CPU, same thread count, same shape.
+#   bash bench/train_vs_saelens.sh [threads]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-$(nproc)}
+echo "== sae.cpp"
+OMP_NUM_THREADS=$threads build/release/bench/bench_train --threads "$threads"
+echo "== sae.cpp, 2048 dead latents (AuxK active)"
+OMP_NUM_THREADS=$threads build/release/bench/bench_train --threads "$threads" --dead 2048 --steps 2
+echo "== SAELens (same machine)"
+.venv/bin/python bench/saelens_train.py --threads "$threads"
