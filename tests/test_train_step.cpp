@@ -27,6 +27,24 @@ TEST(BatchTopK, MatchesFullSortIncludingTiesAndShortfall) {
   }
 }
 
+TEST(BatchTopK, FusedBiasAndScaleEqualTransformThenSelect) {
+  const int64_t rows = 33, cols = 70;
+  auto x = test::random_vector(size_t(rows * cols), 12);
+  auto bias = test::random_vector(size_t(cols), 13, 0.3f);
+  auto scale = test::random_vector(size_t(cols), 14);
+  for (auto& v : scale) v = std::abs(v) + 0.1f;
+  auto y = x;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) y[size_t(r * cols + c)] = (y[size_t(r * cols + c)] + bias[size_t(c)]) * scale[size_t(c)];
+  ops::RowSparse a, b;
+  ops::batch_topk(x.data(), rows, cols, 200, a, bias.data(), scale.data());
+  ops::batch_topk_reference(y.data(), rows, cols, 200, b);
+  EXPECT_EQ(x, y);  // transformed in place
+  EXPECT_EQ(a.offsets, b.offsets);
+  EXPECT_EQ(a.cols, b.cols);
+  EXPECT_EQ(a.values, b.values);
+}
+
 TEST(Adam, MatchesReferenceAndRowsVariant) {
   for (float beta1 : {0.9f, 0.0f}) {
     const int64_t rows = 7, cols = 13, n = rows * cols;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 namespace sae::ops {
@@ -17,95 +18,106 @@ inline uint32_t bits(float v) {
   return u;
 }
 
-void emit(const float* x, int64_t rows, int64_t cols, uint32_t cut_bits, float cut_value,
-          const std::vector<int64_t>& eq_keep_per_row, RowSparse& out) {
-  // Per-row counts, then fill. An entry is kept if its value is above the cut, or equal to it
-  // and within that row's share of the tied entries.
-  std::vector<int64_t> counts(static_cast<size_t>(rows));
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * cols;
-    int64_t c = 0;
-    for (int64_t j = 0; j < cols; ++j) c += row[j] > 0.0f && bits(row[j]) > cut_bits;
-    counts[size_t(r)] = c + eq_keep_per_row[size_t(r)];
-  }
-  out.offsets.assign(size_t(rows + 1), 0);
-  for (int64_t r = 0; r < rows; ++r)
-    out.offsets[size_t(r + 1)] = out.offsets[size_t(r)] + counts[size_t(r)];
-  out.cols.resize(size_t(out.offsets.back()));
-  out.values.resize(size_t(out.offsets.back()));
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * cols;
-    int64_t e = out.offsets[size_t(r)];
-    int64_t eq_left = eq_keep_per_row[size_t(r)];
-    for (int64_t j = 0; j < cols; ++j) {
-      const float v = row[j];
-      if (!(v > 0.0f)) continue;
-      const uint32_t b = bits(v);
-      if (b > cut_bits || (b == cut_bits && v == cut_value && eq_left-- > 0)) {
-        out.cols[size_t(e)] = int32_t(j);
-        out.values[size_t(e++)] = v;
-      }
-    }
-  }
-}
+constexpr int kBins = 1 << 16;
 
 }  // namespace
 
-void batch_topk(const float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out) {
-  const int64_t n = rows * cols;
-  // Pass 1: histogram of the top 16 bits of every positive value.
-  constexpr int kBins = 1 << 16;
+void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
+                const float* bias, const float* scale) {
+  const int n_threads = omp_get_max_threads();
+  // Pass 1: affine update and histogram of the top 16 bits of every positive value.
   std::vector<int64_t> hist(kBins, 0);
-#pragma omp parallel
+#pragma omp parallel num_threads(n_threads)
   {
     std::vector<int64_t> local(kBins, 0);
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < n; ++i)
-      if (x[i] > 0.0f) local[bits(x[i]) >> 16]++;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x + r * cols;
+      if (bias && scale) {
+        for (int64_t j = 0; j < cols; ++j) row[j] = (row[j] + bias[j]) * scale[j];
+      } else if (bias) {
+        for (int64_t j = 0; j < cols; ++j) row[j] += bias[j];
+      } else if (scale) {
+        for (int64_t j = 0; j < cols; ++j) row[j] *= scale[j];
+      }
+      for (int64_t j = 0; j < cols; ++j)
+        if (row[j] > 0.0f) local[bits(row[j]) >> 16]++;
+    }
 #pragma omp critical
     for (int b = 0; b < kBins; ++b) hist[size_t(b)] += local[size_t(b)];
   }
-  int64_t positives = std::accumulate(hist.begin(), hist.end(), int64_t(0));
-  std::vector<int64_t> eq_keep(size_t(rows), 0);
-  if (budget <= 0 || positives == 0) {
-    emit(x, rows, cols, 0xffffffffu, 0.0f, eq_keep, out);
-    return;
-  }
-  if (budget >= positives) {  // everything positive is kept
-    emit(x, rows, cols, 0u, 0.0f, eq_keep, out);
-    return;
-  }
-  // The bin holding the budget-th largest value, and how many values sit above it.
-  int64_t above = 0;
+  out.offsets.assign(size_t(rows + 1), 0);
+  out.cols.clear();
+  out.values.clear();
+  const int64_t positives = std::accumulate(hist.begin(), hist.end(), int64_t(0));
+  if (budget <= 0 || positives == 0) return;
+
+  // The bin holding the budget-th largest value (bin 0 when everything positive is kept).
   int bin = kBins - 1;
-  for (; bin >= 0; --bin) {
-    if (above + hist[size_t(bin)] >= budget) break;
-    above += hist[size_t(bin)];
+  if (budget >= positives) {
+    bin = 0;
+  } else {
+    for (int64_t above = 0; bin >= 0; --bin) {
+      if (above + hist[size_t(bin)] >= budget) break;
+      above += hist[size_t(bin)];
+    }
   }
-  const int64_t need_in_bin = budget - above;
-  // Pass 2: collect the bin's values, find the exact cut value inside it.
-  std::vector<float> in_bin;
-  in_bin.reserve(size_t(hist[size_t(bin)]));
-  for (int64_t i = 0; i < n; ++i)
-    if (x[i] > 0.0f && int(bits(x[i]) >> 16) == bin) in_bin.push_back(x[i]);
-  std::nth_element(in_bin.begin(), in_bin.begin() + (need_in_bin - 1), in_bin.end(),
-                   std::greater<float>());
-  const float cut = in_bin[size_t(need_in_bin - 1)];
-  int64_t above_cut_in_bin = 0;
-  for (float v : in_bin) above_cut_in_bin += v > cut;
-  int64_t eq_needed = need_in_bin - above_cut_in_bin;
-  // Ties at the cut go to the lowest flat indices: assign them row by row.
-  for (int64_t r = 0; r < rows && eq_needed > 0; ++r) {
-    const float* row = x + r * cols;
-    int64_t c = 0;
-    for (int64_t j = 0; j < cols; ++j) c += row[j] == cut;
-    eq_keep[size_t(r)] = std::min(c, eq_needed);
-    eq_needed -= eq_keep[size_t(r)];
+  const uint32_t lo_bits = uint32_t(bin) << 16;
+
+  // Pass 2: per row, the candidates (positive, bits >= the cut bin's lower edge), in column
+  // order. Threads own contiguous row ranges, so their blocks concatenate in row order.
+  std::vector<int64_t> cand_count(static_cast<size_t>(rows));
+  std::vector<std::vector<int32_t>> t_cols(static_cast<size_t>(n_threads));
+  std::vector<std::vector<float>> t_vals(static_cast<size_t>(n_threads));
+#pragma omp parallel num_threads(n_threads)
+  {
+    auto& tc = t_cols[size_t(omp_get_thread_num())];
+    auto& tv = t_vals[size_t(omp_get_thread_num())];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = x + r * cols;
+      const size_t before = tc.size();
+      for (int64_t j = 0; j < cols; ++j)
+        if (row[j] > 0.0f && bits(row[j]) >= lo_bits) tc.push_back(int32_t(j)), tv.push_back(row[j]);
+      cand_count[size_t(r)] = int64_t(tc.size() - before);
+    }
   }
-  // Entries strictly above the cut: bits > bits(cut). Equal ones handled through eq_keep.
-  emit(x, rows, cols, bits(cut), cut, eq_keep, out);
+  std::vector<int32_t> cand_cols;
+  std::vector<float> cand_vals;
+  for (int t = 0; t < n_threads; ++t) {
+    cand_cols.insert(cand_cols.end(), t_cols[size_t(t)].begin(), t_cols[size_t(t)].end());
+    cand_vals.insert(cand_vals.end(), t_vals[size_t(t)].begin(), t_vals[size_t(t)].end());
+  }
+  std::vector<int64_t> cand_start(size_t(rows + 1), 0);
+  for (int64_t r = 0; r < rows; ++r) cand_start[size_t(r + 1)] = cand_start[size_t(r)] + cand_count[size_t(r)];
+
+  // The exact cut: the budget-th largest candidate. Ties at it go to the lowest flat index.
+  std::vector<int64_t> keep_eq(static_cast<size_t>(rows), 0);
+  float cut = 0.0f;
+  bool keep_all = int64_t(cand_vals.size()) <= budget;
+  if (!keep_all) {
+    std::vector<float> sorted = cand_vals;
+    std::nth_element(sorted.begin(), sorted.begin() + (budget - 1), sorted.end(), std::greater<float>());
+    cut = sorted[size_t(budget - 1)];
+    int64_t above = 0;
+    for (float v : cand_vals) above += v > cut;
+    int64_t eq_left = budget - above;
+    for (int64_t r = 0; r < rows && eq_left > 0; ++r)
+      for (int64_t e = cand_start[size_t(r)]; e < cand_start[size_t(r + 1)] && eq_left > 0; ++e)
+        if (cand_vals[size_t(e)] == cut) keep_eq[size_t(r)]++, eq_left--;
+  }
+  // Emit.
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t eq = keep_eq[size_t(r)];
+    for (int64_t e = cand_start[size_t(r)]; e < cand_start[size_t(r + 1)]; ++e) {
+      const float v = cand_vals[size_t(e)];
+      if (keep_all || v > cut || (v == cut && eq-- > 0)) {
+        out.cols.push_back(cand_cols[size_t(e)]);
+        out.values.push_back(v);
+      }
+    }
+    out.offsets[size_t(r + 1)] = int64_t(out.cols.size());
+  }
 }
 
 void batch_topk_reference(const float* x, int64_t rows, int64_t cols, int64_t budget,

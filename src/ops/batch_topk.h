@@ -14,12 +14,16 @@ struct RowSparse {
   std::vector<float> values;
 };
 
-// Keeps the `budget` largest strictly positive values (fewer if fewer are positive). Among
-// exactly equal values at the cut, lower flat index (row-major) wins. Two passes over the
-// data: a 65536-bin histogram of the float bits, then an exact cut inside one bin.
-void batch_topk(const float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out);
+// First applies x[r, c] = (x[r, c] + bias[c]) * scale[c] in place (bias/scale may be null),
+// then keeps the `budget` largest strictly positive values (fewer if fewer are positive).
+// Among exactly equal values at the cut, lower flat index (row-major) wins.
+// Two passes over the matrix: the affine update fused with a 65536-bin histogram of the float
+// bits, then a pass collecting the entries at or above the cut's bin; the exact cut is found
+// among those few.
+void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
+                const float* bias = nullptr, const float* scale = nullptr);
 
-// Reference: one full sort of all positive values.
+// Reference: one full sort of all positive values (x is not modified; no affine step).
 void batch_topk_reference(const float* x, int64_t rows, int64_t cols, int64_t budget,
                           RowSparse& out);
 

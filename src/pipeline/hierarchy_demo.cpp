@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "data/synthetic.h"
 #include "io/atomic_file.h"
+#include "io/npy.h"
 
 namespace sae::pipeline {
 
@@ -34,6 +35,9 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
     Sae sae = trainer.inference_sae();
     SparseCodes codes = sae.encode(x, n);
     row.truth = ground_truth_metrics(sae, source, truth, codes);
+    if (rows.empty())  // the held-out tokens, for `sae eval <variant>/sae heldout.npy`
+      write_npy((fs::path(opts.output_dir) / "heldout.npy").string(), DType::F32, {n, source.d_in()},
+                {reinterpret_cast<const uint8_t*>(x.data()), x.size() * sizeof(float)});
     rows.push_back(std::move(row));
   }
 
@@ -57,8 +61,8 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
       "recovery: mean over true features of the best decoder cosine; absorption: how often a\n"
       "parent's latent is silent when the parent and one of its children fire; hedging: how far\n"
       "the parent's latent leans into its children's span (0 = none). Held-out synthetic tokens.\n"
-      "SAEs (SAELens format): %s/<variant>/sae\n",
-      opts.output_dir.c_str());
+      "SAEs (SAELens format): %s/<variant>/sae; held-out tokens: %s/heldout.npy\n",
+      opts.output_dir.c_str(), opts.output_dir.c_str());
   write_file_atomic((fs::path(opts.output_dir) / "results.md").string(), md);
   write_file_atomic((fs::path(opts.output_dir) / "results.json").string(), js.dump(2) + "\n");
   return rows;

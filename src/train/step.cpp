@@ -125,19 +125,14 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     inv_norms.resize(norms.size());
     for (size_t j = 0; j < norms.size(); ++j) inv_norms[j] = 1.0f / norms[j];
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < B; ++t) {
-    float* h = ws.hidden_pre.data() + t * D;
-    for (int64_t j = 0; j < D; ++j) h[j] += sae.b_enc[size_t(j)];
-    if (rescale)
-      for (int64_t j = 0; j < D; ++j) h[j] *= norms[size_t(j)];
-  }
   // The value a latent decodes with: hidden_pre / ||W_dec|| when rescaling (= pre), else pre.
   auto decode_value = [&](float hp, int64_t j) { return rescale ? hp * inv_norms[size_t(j)] : hp; };
 
-  // BatchTopK: the int(k * B) largest positive hidden_pre values across the batch.
+  // hidden_pre = (pre + b_enc) [* norms], fused into BatchTopK's first pass, which keeps the
+  // int(k * B) largest positive values across the batch.
   const int64_t budget = int64_t(sp.k * double(B));
-  ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active);
+  ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
+                  rescale ? norms.data() : nullptr);
   const auto& act = ws.active;
   res.n_active = act.offsets.back();
   res.min_selected = 0;
@@ -225,7 +220,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   t1 = now_s();
   ws.times.levels += t1 - t0;
 
-  // ---- backward entries: active latents, then AuxK latents ----
+  // ---- backward of the active latents: entries in token order (CSR) ----
   std::vector<int32_t> level_of(static_cast<size_t>(D));
   for (int64_t j = 0, lvl = 0; j < D; ++j) {
     while (j >= sp.widths[size_t(lvl)]) ++lvl;
@@ -236,67 +231,19 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   for (int64_t t = 0; t < B; ++t)
     for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
       const int32_t j = act.cols[size_t(e)];
-      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)],
-                            decode_value(act.values[size_t(e)], j), 0.0f};
+      const float u = decode_value(act.values[size_t(e)], j);
+      const float dpre = float(dot(&sae.W_dec[size_t(j) * size_t(d)], vec(t, level_of[size_t(j)]), d));
+      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)], u, dpre};
     }
-
-  // AuxK: per token, the top k_aux dead latents by hidden_pre reconstruct the detached residual
-  // (no b_dec); loss scaled by min(n_dead / (d_in / 2), 1).
-  const int64_t k_aux_max = d / 2;
-  for (int64_t a = 0; a < n_aux; ++a) {
-    const auto& grp = aux_groups[size_t(a)];
-    const int64_t n_dead = int64_t(grp.size());
-    if (n_dead == 0) {
-      for (int64_t t = 0; t < B; ++t) std::fill(vec(t, L + a), vec(t, L + a) + d, 0.0f);
-      continue;
-    }
-    const int64_t k_aux = std::min(k_aux_max, n_dead);
-    const double scale = std::min(double(n_dead) / double(k_aux_max), 1.0);
-    const double w = sp.aux_coefficient * scale / double(B);
-    const size_t first = entries.size();
-    entries.resize(first + size_t(B * k_aux));
-    double loss_sum = 0;
-#pragma omp parallel reduction(+ : loss_sum)
-    {
-      std::vector<float> vals(static_cast<size_t>(n_dead)), top_v(static_cast<size_t>(k_aux)),
-          recon(static_cast<size_t>(d));
-      std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < B; ++t) {
-        const float* hp = ws.hidden_pre.data() + t * D;
-        for (int64_t q = 0; q < n_dead; ++q) vals[size_t(q)] = hp[grp[size_t(q)]];
-        ops::topk_rows(vals.data(), 1, n_dead, k_aux, top_i.data(), top_v.data());
-        std::fill(recon.begin(), recon.end(), 0.0f);
-        Entry* out = &entries[first + size_t(t * k_aux)];
-        for (int64_t q = 0; q < k_aux; ++q) {
-          const int32_t j = grp[size_t(top_i[size_t(q)])];
-          const float v = decode_value(top_v[size_t(q)], j);
-          axpy(v, &sae.W_dec[size_t(j) * size_t(d)], recon.data(), d);
-          out[q] = {int32_t(t), j, int32_t(L + a), v, 0.0f};
-        }
-        float* h = vec(t, L + a);  // holds the residual; becomes d(aux)/d(recon)
-        double ss = 0;
-        for (int64_t c = 0; c < d; ++c) {
-          const float diff = recon[size_t(c)] - h[c];
-          ss += double(diff) * diff;
-          h[c] = float(2.0 * w * diff);
-        }
-        loss_sum += ss;
-      }
-    }
-    res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B);
-  }
-  res.loss += res.aux_loss;
-  t0 = now_s();
-  ws.times.aux += t0 - t1;
-
-  // d(loss)/d(pre) for every entry.
+  // d(loss)/d(sae_in), per token, from the active latents (AuxK adds its part below).
+  std::vector<float> dsae_in(sp.apply_b_dec_to_input ? size_t(B * d) : 0, 0.0f);
+  if (sp.apply_b_dec_to_input) {
 #pragma omp parallel for schedule(static)
-  for (size_t e = 0; e < entries.size(); ++e) {
-    Entry& en = entries[e];
-    en.dpre = float(dot(&sae.W_dec[size_t(en.latent) * size_t(d)], vec(en.token, en.slot), d));
+    for (int64_t t = 0; t < B; ++t)
+      for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e)
+        axpy(entries[size_t(e)].dpre, &sae.W_encT[size_t(entries[size_t(e)].latent) * size_t(d)],
+             dsae_in.data() + t * d, d);
   }
-
   // Grouped by latent so that each row of dW_dec / dW_encT has one writer.
   std::vector<int64_t> start(size_t(D + 1), 0);
   for (const Entry& en : entries) start[size_t(en.latent + 1)]++;
@@ -304,54 +251,122 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   std::vector<int32_t> by_latent(entries.size());
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (size_t e = 0; e < entries.size(); ++e)
-      by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
+    for (size_t e = 0; e < entries.size(); ++e) by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
   }
-  g.touched.clear();
+  auto touch = [&](int32_t j) {
+    if (!g.row_touched[size_t(j)]) g.row_touched[size_t(j)] = 1, g.touched.push_back(j);
+  };
   for (int64_t j = 0; j < D; ++j)
-    if (start[size_t(j + 1)] > start[size_t(j)]) {
-      g.touched.push_back(int32_t(j));
-      g.row_touched[size_t(j)] = 1;
-    }
+    if (start[size_t(j + 1)] > start[size_t(j)]) touch(int32_t(j));
 #pragma omp parallel for schedule(dynamic, 16)
   for (size_t q = 0; q < g.touched.size(); ++q) {
     const int32_t j = g.touched[q];
     float* gw_dec = &g.W_dec[size_t(j) * size_t(d)];
     float* gw_enc = &g.W_encT[size_t(j) * size_t(d)];
     double gb = 0;
-    for (int64_t s = start[size_t(j)]; s < start[size_t(j + 1)]; ++s) {
-      const Entry& en = entries[size_t(by_latent[size_t(s)])];
+    for (int64_t s2 = start[size_t(j)]; s2 < start[size_t(j + 1)]; ++s2) {
+      const Entry& en = entries[size_t(by_latent[size_t(s2)])];
       axpy(en.coef, vec(en.token, en.slot), gw_dec, d);
       axpy(en.dpre, ws.sae_in.data() + int64_t(en.token) * d, gw_enc, d);
       gb += en.dpre;
     }
-    g.b_enc[size_t(j)] = float(gb);
+    g.b_enc[size_t(j)] += float(gb);
   }
+  t0 = now_s();
+  ws.times.backward += t0 - t1;
+
+  // ---- AuxK, dense over each group's dead latents (k_aux is a large share of them) ----
+  // Per token, the top k_aux dead latents by hidden_pre (no ReLU) reconstruct the detached
+  // residual without b_dec; loss aux_coefficient * min(n_dead / (d_in / 2), 1) * mean ||.||^2.
+  const int64_t k_aux_max = d / 2;
+  for (int64_t a = 0; a < n_aux; ++a) {
+    const auto& grp = aux_groups[size_t(a)];
+    const int64_t n_g = int64_t(grp.size());
+    if (n_g == 0) continue;
+    const int64_t k_aux = std::min(k_aux_max, n_g);
+    const double scale = std::min(double(n_g) / double(k_aux_max), 1.0);
+    const double w = sp.aux_coefficient * scale / double(B);
+    // Gathered rows of the group's latents.
+    std::vector<float> wd(size_t(n_g * d)), we(size_t(n_g * d));
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < n_g; ++q) {
+      std::memcpy(&wd[size_t(q * d)], &sae.W_dec[size_t(grp[size_t(q)]) * size_t(d)], size_t(d) * 4);
+      std::memcpy(&we[size_t(q * d)], &sae.W_encT[size_t(grp[size_t(q)]) * size_t(d)], size_t(d) * 4);
+    }
+    // acts [B, n_g]: the selected dead latents' decode values, 0 elsewhere; sel marks them.
+    std::vector<float> acts(size_t(B * n_g), 0.0f);
+    std::vector<uint8_t> sel(size_t(B * n_g), 0);
+#pragma omp parallel
+    {
+      std::vector<float> vals(static_cast<size_t>(n_g)), top_v(static_cast<size_t>(k_aux));
+      std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B; ++t) {
+        const float* hp = ws.hidden_pre.data() + t * D;
+        for (int64_t q = 0; q < n_g; ++q) vals[size_t(q)] = hp[grp[size_t(q)]];
+        ops::topk_rows(vals.data(), 1, n_g, k_aux, top_i.data(), top_v.data());
+        for (int64_t q = 0; q < k_aux; ++q) {
+          const int32_t c = top_i[size_t(q)];
+          acts[size_t(t * n_g + c)] = decode_value(top_v[size_t(q)], grp[size_t(c)]);
+          sel[size_t(t * n_g + c)] = 1;
+        }
+      }
+    }
+    // recon = acts @ wd; h = 2 w (recon - residual) overwrites the residual slot.
+    std::vector<float> recon(size_t(B * d));
+    ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, acts.data(), n_g, wd.data(), d, 0.0f,
+              recon.data(), d);
+    std::vector<float> h(size_t(B * d));
+    double loss_sum = 0;
+#pragma omp parallel for schedule(static) reduction(+ : loss_sum)
+    for (int64_t t = 0; t < B; ++t) {
+      const float* resid = vec(t, L + a);
+      for (int64_t c = 0; c < d; ++c) {
+        const float diff = recon[size_t(t * d + c)] - resid[c];
+        loss_sum += double(diff) * diff;
+        h[size_t(t * d + c)] = float(2.0 * w * diff);
+      }
+    }
+    res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B);
+    // dpre = (h @ wd^T) on the selected entries; then the parameter gradients.
+    std::vector<float> dpre(size_t(B * n_g));
+    ops::gemm(ops::Trans::No, ops::Trans::Yes, B, n_g, d, 1.0f, h.data(), d, wd.data(), d, 0.0f,
+              dpre.data(), n_g);
+    for (size_t i = 0; i < dpre.size(); ++i)
+      if (!sel[i]) dpre[i] = 0.0f;
+    std::vector<float> gwd(size_t(n_g * d)), gwe(size_t(n_g * d));
+    ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, acts.data(), n_g, h.data(), d, 0.0f,
+              gwd.data(), d);
+    ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, dpre.data(), n_g, ws.sae_in.data(), d,
+              0.0f, gwe.data(), d);
+    if (sp.apply_b_dec_to_input)
+      ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, dpre.data(), n_g, we.data(), d, 1.0f,
+                dsae_in.data(), d);
+    for (int64_t q = 0; q < n_g; ++q) touch(grp[size_t(q)]);
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < n_g; ++q) {
+      const size_t j = size_t(grp[size_t(q)]);
+      axpy(1.0f, &gwd[size_t(q * d)], &g.W_dec[j * size_t(d)], d);
+      axpy(1.0f, &gwe[size_t(q * d)], &g.W_encT[j * size_t(d)], d);
+      double gb = 0;
+      for (int64_t t = 0; t < B; ++t) gb += dpre[size_t(t * n_g + q)];
+      g.b_enc[j] += float(gb);
+    }
+  }
+  res.loss += res.aux_loss;
+  t1 = now_s();
+  ws.times.aux += t1 - t0;
 
   // b_dec: every level's reconstruction includes it (G_0 sums the level gradients), and the
   // encoder input subtracts it.
   std::vector<double> gbd(static_cast<size_t>(d), 0.0);
-  for (int64_t t = 0; t < B; ++t)
-    for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] += vec(t, 0)[c];
-  if (sp.apply_b_dec_to_input) {
-    std::vector<double> dsum(size_t(n_threads) * size_t(d), 0.0);
-    // Entries of one token are not contiguous (aux entries come later), so accumulate
-    // d(sae_in) per entry into per-thread sums.
-#pragma omp parallel
-    {
-      double* mine = dsum.data() + size_t(omp_get_thread_num()) * size_t(d);
-#pragma omp for schedule(static)
-      for (size_t e = 0; e < entries.size(); ++e) {
-        const Entry& en = entries[e];
-        const float* w = &sae.W_encT[size_t(en.latent) * size_t(d)];
-        for (int64_t c = 0; c < d; ++c) mine[c] += double(en.dpre) * w[c];
-      }
-    }
-    for (int th = 0; th < n_threads; ++th)
-      for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] -= dsum[size_t(th) * size_t(d) + size_t(c)];
+  for (int64_t t = 0; t < B; ++t) {
+    const float* g0 = vec(t, 0);
+    const float* ds = sp.apply_b_dec_to_input ? dsae_in.data() + t * d : nullptr;
+    for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] += double(g0[c]) - (ds ? double(ds[c]) : 0.0);
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
-  ws.times.backward += now_s() - t0;
+  ws.times.backward += now_s() - t1;
   return res;
 }
 
