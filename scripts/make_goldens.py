@@ -74,8 +74,14 @@ def write_case(name: str, sae: SAE, x: torch.Tensor, sparsity: torch.Tensor | No
         save_file(sd, case / "sae" / "sae_weights.safetensors")
     if sparsity is not None:
         save_file({"sparsity": sparsity}, case / "sae" / "sparsity.safetensors")
-    # Outputs from SAELens's own loader, so the golden covers loading too.
-    loaded = SAE.load_from_disk(case / "sae", dtype="float32")
+    acts = write_saelens_outputs(case, x, dtype="float32")
+    print(f"{name}: L0 {(acts != 0).sum(-1).float().mean():.2f}")
+
+
+def write_saelens_outputs(case: pathlib.Path, x: torch.Tensor, **load_kwargs) -> torch.Tensor:
+    """Loads case/sae with SAELens's own loader (so the golden covers loading too), encodes and
+    decodes x, and writes x, the codes, the reconstruction and the metrics."""
+    loaded = SAE.load_from_disk(case / "sae", **load_kwargs)
     with torch.no_grad():
         acts = loaded.encode(x)
         out = loaded.decode(acts)
@@ -83,7 +89,8 @@ def write_case(name: str, sae: SAE, x: torch.Tensor, sparsity: torch.Tensor | No
     np.save(case / "feature_acts.npy", acts.numpy())
     np.save(case / "sae_out.npy", out.numpy())
     (case / "metrics.json").write_text(json.dumps(metrics(x, out, acts), indent=1))
-    print(f"{name}: L0 {(acts != 0).sum(-1).float().mean():.2f}")
+    (case / "loaded_cfg.json").write_text(json.dumps(loaded.cfg.to_dict(), default=str))
+    return acts
 
 
 def write_pre6_case(name: str, flat_cfg: dict, gen: torch.Generator, x: torch.Tensor) -> None:
@@ -99,16 +106,8 @@ def write_pre6_case(name: str, flat_cfg: dict, gen: torch.Generator, x: torch.Te
     }
     save_file(sd, case / "sae" / "sae_weights.safetensors")
     (case / "sae" / "cfg.json").write_text(json.dumps(flat_cfg))
-    loaded = SAE.load_from_disk(case / "sae")
-    with torch.no_grad():
-        acts = loaded.encode(x)
-        out = loaded.decode(acts)
-    np.save(case / "x.npy", x.numpy())
-    np.save(case / "feature_acts.npy", acts.numpy())
-    np.save(case / "sae_out.npy", out.numpy())
-    (case / "metrics.json").write_text(json.dumps(metrics(x, out, acts), indent=1))
-    (case / "loaded_cfg.json").write_text(json.dumps(loaded.cfg.to_dict(), default=str))
-    print(f"{name}: architecture {loaded.cfg.architecture()}")
+    write_saelens_outputs(case, x)
+    print(f"{name}: architecture {json.loads((case / 'loaded_cfg.json').read_text())['architecture']}")
 
 
 def write_training_case(name: str, gen: torch.Generator, rescale: bool, per_level_aux: bool) -> None:

@@ -20,6 +20,20 @@ struct Golden {
 
 class SaeLensStep : public ::testing::TestWithParam<Golden> {};
 
+// The SAELens config the golden used: d_in 16, d_sae 64, k 4, widths 8/24/64, all-mse levels.
+TrainSpec golden_spec(const Golden& gp) {
+  TrainSpec sp;
+  sp.d_in = 16;
+  sp.d_sae = 64;
+  sp.k = 4;
+  sp.widths = {8, 24, 64};
+  sp.level_loss = {LevelLoss::Mse, LevelLoss::Mse, LevelLoss::Mse};
+  sp.level_weight = {1, 1, 1};
+  sp.rescale_acts_by_decoder_norm = gp.rescale;
+  sp.per_level_aux = gp.per_level_aux;
+  return sp;
+}
+
 std::vector<float> transpose(const std::vector<float>& a, int64_t rows, int64_t cols) {
   std::vector<float> t(a.size());
   for (int64_t r = 0; r < rows; ++r)
@@ -34,16 +48,7 @@ TEST_P(SaeLensStep, MatchesSaeLens) {
   auto losses = read_json_file(dir + "/losses.json");
   const int64_t d = 16, D = 64, B = 24;
 
-  TrainSpec sp;
-  sp.d_in = d;
-  sp.d_sae = D;
-  sp.k = 4;
-  sp.widths = {8, 24, 64};
-  sp.level_loss = {LevelLoss::Mse, LevelLoss::Mse, LevelLoss::Mse};
-  sp.level_weight = {1, 1, 1};
-  sp.rescale_acts_by_decoder_norm = gp.rescale;
-  sp.per_level_aux = gp.per_level_aux;
-  TrainingSae sae(sp);
+  TrainingSae sae(golden_spec(gp));
   sae.W_encT = transpose(in.read_f32("W_enc", {d, D}), d, D);
   sae.W_dec = in.read_f32("W_dec", {D, d});
   sae.b_enc = in.read_f32("b_enc", {D});
@@ -101,13 +106,7 @@ TEST_P(SaeLensStep, SavedJumpReluMatchesSaeLensInferenceSave) {
   SafetensorsFile in(dir + "/outputs.safetensors");
   auto losses = read_json_file(dir + "/losses.json");
   const int64_t d = 16, D = 64;
-  TrainSpec sp;
-  sp.d_in = d;
-  sp.d_sae = D;
-  sp.k = 4;
-  sp.widths = {8, 24, 64};
-  sp.rescale_acts_by_decoder_norm = gp.rescale;
-  TrainingSae sae(sp);
+  TrainingSae sae(golden_spec(gp));
   sae.W_encT = transpose(in.read_f32("after_W_enc", {d, D}), d, D);
   sae.W_dec = in.read_f32("after_W_dec", {D, d});
   sae.b_enc = in.read_f32("after_b_enc", {D});

@@ -27,6 +27,22 @@ TEST(BatchTopK, MatchesFullSortIncludingTiesAndShortfall) {
   }
 }
 
+TEST(BatchTopK, MisleadingSampleFallsBackToExact) {
+  // The sampled rows (every 4th) hold all the large values, so the estimated bound is too high.
+  const int64_t rows = 1024, cols = 8;
+  std::vector<float> x(size_t(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) x[size_t(r * cols + c)] = (r % 4 == 0 ? 100.0f : 1.0f) + 0.001f * float((r * 7 + c * 13) % 97);
+  for (int64_t budget : {1000, 3000, 8000}) {
+    ops::RowSparse a, b;
+    ops::batch_topk(x.data(), rows, cols, budget, a);
+    ops::batch_topk_reference(x.data(), rows, cols, budget, b);
+    EXPECT_EQ(a.cols, b.cols) << budget;
+    EXPECT_EQ(a.values, b.values) << budget;
+    EXPECT_EQ(a.offsets, b.offsets) << budget;
+  }
+}
+
 TEST(BatchTopK, FusedBiasAndScaleEqualTransformThenSelect) {
   const int64_t rows = 33, cols = 70;
   auto x = test::random_vector(size_t(rows * cols), 12);

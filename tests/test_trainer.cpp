@@ -9,6 +9,7 @@
 #include "data/synthetic.h"
 #include "sae/load.h"
 #include "test_util.h"
+#include "io/npy.h"
 #include "train/trainer.h"
 
 namespace sae::train {
@@ -232,6 +233,47 @@ TEST(SnapToy, L2PutsTheLatentOnTheParentMseBlendsInTheChild) {
   std::printf("toy cos(latent, parent): l2 %.6f, mse %.6f\n", l2, mse);
   EXPECT_GT(l2, 0.999) << "l2 latent should sit on the parent";
   EXPECT_LT(mse, 0.99) << "mse latent should lean toward the child";
+}
+
+}  // namespace
+}  // namespace sae::train
+
+namespace sae::train {
+namespace {
+
+TEST(TrainCli, TrainsFromActivationFilesAndRejectsBadConfig) {
+  test::TempDir dir;
+  // Activation shards written from the synthetic source.
+  data::SyntheticConfig sc;
+  sc.d_in = 24;
+  sc.n_roots = 12;
+  sc.n_parents = 4;
+  data::SyntheticSource src(sc);
+  std::vector<float> x(size_t(3000 * 24));
+  src.train_batch(0, 3000, x.data());
+  write_npy(dir / "a.npy", DType::F32, {2000, 24}, {reinterpret_cast<const uint8_t*>(x.data()), 2000 * 24 * 4});
+  write_npy(dir / "b.npy", DType::F32, {1000, 24},
+            {reinterpret_cast<const uint8_t*>(x.data() + 2000 * 24), 1000 * 24 * 4});
+  json cfg = {{"sae", {{"d_sae", 32}, {"k", 3}, {"matryoshka_widths", {8, 32}}}},
+              {"loss", {{"level_losses", "snap"}}},
+              {"training", {{"total_tokens", 256 * 30}, {"batch_size", 256}, {"eval_tokens", 500}}},
+              {"data", {{"type", "files"}, {"paths", {dir / "a.npy", dir / "b.npy"}}, {"heldout_tokens", 500}}}};
+  test::write_bytes(dir / "cfg.json", cfg.dump());
+  auto r = test::run_cli("train --config " + (dir / "cfg.json") + " -o " + (dir / "run"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("tok/s"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("activation files: 2 shard(s), 3000 tokens of d_in 24 (500 held out)"), std::string::npos) << r.output;
+  LoadedSae l = load_from_disk(dir / "run/sae");
+  EXPECT_EQ(l.sae.cfg.d_sae, 32);
+  EXPECT_TRUE(fs::exists(dir / "run/eval.json"));
+
+  auto bad = test::run_cli("train --config " + (dir / "cfg.json") + " --set sae.bogus=1 -o " + (dir / "bad"));
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.output.find("cfg.json: sae.bogus: unknown field"), std::string::npos) << bad.output;
+  EXPECT_FALSE(fs::exists(dir / "bad"));
+  auto missing = test::run_cli("train --config " + (dir / "cfg.json") + " --set 'data.paths=[\"nope.npy\"]' -o " + (dir / "bad"));
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.output.find("nope.npy"), std::string::npos) << missing.output;
 }
 
 }  // namespace

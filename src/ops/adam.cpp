@@ -30,11 +30,24 @@ inline void update(float& p, float g, float& m, float& v, const AdamStep& a, con
   p = p + (-c.step_size) * (m / denom);
 }
 
+// beta1 = 0: torch's lerp with weight 1 returns the gradient exactly, so the first moment is
+// the gradient and is neither read nor stored (it would only cost memory traffic).
+inline void update_no_momentum(float& p, float g, float& v, const AdamStep& a, const Coeffs& c) {
+  v = v * a.beta2 + (1.0f - a.beta2) * g * g;
+  const float denom = std::sqrt(v) / c.bc2_sqrt + a.eps;
+  p = p + (-c.step_size) * (g / denom);
+}
+
 }  // namespace
 
 void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamStep& a,
                  float grad_scale) {
   const Coeffs c = coeffs(a);
+  if (a.beta1 == 0.0f) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) update_no_momentum(p[i], g[i] * grad_scale, v[i], a, c);
+    return;
+  }
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) update(p[i], g[i] * grad_scale, m[i], v[i], a, c);
 }
@@ -45,6 +58,16 @@ void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* 
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * cols;
+    if (a.beta1 == 0.0f) {
+      if (has_grad[r]) {
+#pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) update_no_momentum(p[o + i], g[o + i] * grad_scale, v[o + i], a, c);
+      } else {  // zero gradient, no momentum: p is unchanged, only v decays
+#pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) v[o + i] *= a.beta2;
+      }
+      continue;
+    }
     if (has_grad[r]) {
 #pragma omp simd
       for (int64_t i = 0; i < cols; ++i)

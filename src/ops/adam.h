@@ -15,6 +15,8 @@ struct AdamStep {
 void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamStep& a,
                  float grad_scale);
 
+// With beta1 == 0, m equals the gradient and is neither read nor written.
+//
 // The same over a [rows, cols] matrix whose rows with has_grad[r] == 0 have a zero gradient
 // (g is not read there): sparse gradients, dense moments.
 void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* m, float* v,

@@ -3,85 +3,76 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <numeric>
 
 namespace sae::ops {
 
-namespace {
-
-// For positive finite floats the bit pattern orders like the value.
-inline uint32_t bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return u;
-}
-
-constexpr int kBins = 1 << 16;
-
-}  // namespace
-
 void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
                 const float* bias, const float* scale) {
   const int n_threads = omp_get_max_threads();
-  // Pass 1: affine update and histogram of the top 16 bits of every positive value.
-  std::vector<int64_t> hist(kBins, 0);
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<int64_t> local(kBins, 0);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = x + r * cols;
-      if (bias && scale) {
-        for (int64_t j = 0; j < cols; ++j) row[j] = (row[j] + bias[j]) * scale[j];
-      } else if (bias) {
-        for (int64_t j = 0; j < cols; ++j) row[j] += bias[j];
-      } else if (scale) {
-        for (int64_t j = 0; j < cols; ++j) row[j] *= scale[j];
-      }
-      for (int64_t j = 0; j < cols; ++j)
-        if (row[j] > 0.0f) local[bits(row[j]) >> 16]++;
-    }
-#pragma omp critical
-    for (int b = 0; b < kBins; ++b) hist[size_t(b)] += local[size_t(b)];
-  }
+  auto affine = [&](float v, int64_t j) {
+    if (bias) v += bias[j];
+    if (scale) v *= scale[j];
+    return v;
+  };
   out.offsets.assign(size_t(rows + 1), 0);
   out.cols.clear();
   out.values.clear();
-  const int64_t positives = std::accumulate(hist.begin(), hist.end(), int64_t(0));
-  if (budget <= 0 || positives == 0) return;
 
-  // The bin holding the budget-th largest value (bin 0 when everything positive is kept).
-  int bin = kBins - 1;
-  if (budget >= positives) {
-    bin = 0;
-  } else {
-    for (int64_t above = 0; bin >= 0; --bin) {
-      if (above + hist[size_t(bin)] >= budget) break;
-      above += hist[size_t(bin)];
+  // A lower bound for the cut from every stride-th row: the value whose rank in the sample is
+  // the expected number of kept entries there, plus a margin of 25% and 4 standard deviations.
+  const int64_t stride = std::max<int64_t>(1, rows / 256);
+  std::vector<float> sample;
+  int64_t sampled_rows = 0;
+  for (int64_t r = 0; r < rows; r += stride, ++sampled_rows)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = affine(x[r * cols + j], j);
+      if (v > 0.0f) sample.push_back(v);
+    }
+  float bound = 0.0f;  // candidates are the positive entries >= bound
+  if (budget > 0) {
+    const double expected = double(budget) * double(sampled_rows) / double(rows);
+    const int64_t rank = int64_t(std::ceil(expected * 1.25 + 4.0 * std::sqrt(expected) + 16.0));
+    if (rank < int64_t(sample.size())) {
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+      bound = sample[size_t(rank)];
     }
   }
-  const uint32_t lo_bits = uint32_t(bin) << 16;
 
-  // Pass 2: per row, the candidates (positive, bits >= the cut bin's lower edge), in column
-  // order. Threads own contiguous row ranges, so their blocks concatenate in row order.
+  // The pass: affine update in place, candidates per row in column order. Threads own
+  // contiguous row ranges, so their blocks concatenate in row order.
   std::vector<int64_t> cand_count(static_cast<size_t>(rows));
   std::vector<std::vector<int32_t>> t_cols(static_cast<size_t>(n_threads));
   std::vector<std::vector<float>> t_vals(static_cast<size_t>(n_threads));
+  auto collect = [&](bool transform, float lo) {
 #pragma omp parallel num_threads(n_threads)
-  {
-    auto& tc = t_cols[size_t(omp_get_thread_num())];
-    auto& tv = t_vals[size_t(omp_get_thread_num())];
+    {
+      auto& tc = t_cols[size_t(omp_get_thread_num())];
+      auto& tv = t_vals[size_t(omp_get_thread_num())];
+      tc.clear();
+      tv.clear();
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* row = x + r * cols;
-      const size_t before = tc.size();
-      for (int64_t j = 0; j < cols; ++j)
-        if (row[j] > 0.0f && bits(row[j]) >= lo_bits) tc.push_back(int32_t(j)), tv.push_back(row[j]);
-      cand_count[size_t(r)] = int64_t(tc.size() - before);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = x + r * cols;
+        if (transform && (bias || scale))
+          for (int64_t j = 0; j < cols; ++j) row[j] = affine(row[j], j);
+        const size_t before = tc.size();
+        if (budget > 0)
+          for (int64_t j = 0; j < cols; ++j)
+            if (row[j] > 0.0f && row[j] >= lo) tc.push_back(int32_t(j)), tv.push_back(row[j]);
+        cand_count[size_t(r)] = int64_t(tc.size() - before);
+      }
     }
-  }
+  };
+  collect(true, bound);
+  int64_t n_cand = 0;
+  for (const auto& v : t_vals) n_cand += int64_t(v.size());
+  if (n_cand < budget && bound > 0.0f) collect(false, 0.0f);  // the sample misled us: take all
+  if (budget <= 0) return;
+
   std::vector<int32_t> cand_cols;
   std::vector<float> cand_vals;
   for (int t = 0; t < n_threads; ++t) {
@@ -94,7 +85,7 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
   // The exact cut: the budget-th largest candidate. Ties at it go to the lowest flat index.
   std::vector<int64_t> keep_eq(static_cast<size_t>(rows), 0);
   float cut = 0.0f;
-  bool keep_all = int64_t(cand_vals.size()) <= budget;
+  const bool keep_all = int64_t(cand_vals.size()) <= budget;
   if (!keep_all) {
     std::vector<float> sorted = cand_vals;
     std::nth_element(sorted.begin(), sorted.begin() + (budget - 1), sorted.end(), std::greater<float>());
@@ -106,7 +97,6 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
       for (int64_t e = cand_start[size_t(r)]; e < cand_start[size_t(r + 1)] && eq_left > 0; ++e)
         if (cand_vals[size_t(e)] == cut) keep_eq[size_t(r)]++, eq_left--;
   }
-  // Emit.
   for (int64_t r = 0; r < rows; ++r) {
     int64_t eq = keep_eq[size_t(r)];
     for (int64_t e = cand_start[size_t(r)]; e < cand_start[size_t(r + 1)]; ++e) {

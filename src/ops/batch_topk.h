@@ -17,9 +17,10 @@ struct RowSparse {
 // First applies x[r, c] = (x[r, c] + bias[c]) * scale[c] in place (bias/scale may be null),
 // then keeps the `budget` largest strictly positive values (fewer if fewer are positive).
 // Among exactly equal values at the cut, lower flat index (row-major) wins.
-// Two passes over the matrix: the affine update fused with a 65536-bin histogram of the float
-// bits, then a pass collecting the entries at or above the cut's bin; the exact cut is found
-// among those few.
+// One pass over the matrix: a lower bound for the cut is estimated from a sample of rows
+// (with a safety margin), the full pass applies the affine update and collects the entries
+// above that bound, and the exact cut is found among those few. If the bound was too high
+// (fewer candidates than the budget), a second pass collects every positive entry.
 void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
                 const float* bias = nullptr, const float* scale = nullptr);
 

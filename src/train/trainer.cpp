@@ -252,6 +252,8 @@ bool Trainer::load_checkpoint() {
       fail(where, cat("config.", sec), "differs from this run's config; refusing to resume");
   if (saved["training"]["batch_size"] != now["training"]["batch_size"])
     fail(where, "config.training.batch_size", "differs from this run's config; refusing to resume");
+  if (saved["optimizer"]["adam_beta1"] != now["optimizer"]["adam_beta1"])  // m is not kept at 0
+    fail(where, "config.optimizer.adam_beta1", "differs from this run's config; refusing to resume");
   const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
   SafetensorsFile st((dir / "state.safetensors").string());
   sae_.W_encT = st.read_f32("W_encT", {D, d});
