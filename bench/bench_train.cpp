@@ -19,19 +19,30 @@ int main(int argc, char** argv) {
   std::string preset_name = "gemma-2-2b-matryoshka-standard";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i], v = argv[i + 1];
-    if (a == "--d-in") d_in = std::stoll(v);
-    else if (a == "--d-sae") d_sae = std::stoll(v);
-    else if (a == "--batch") batch = std::stoll(v);
-    else if (a == "--steps") steps = std::stoll(v);
-    else if (a == "--dead") n_dead = std::stoll(v);
-    else if (a == "--preset") preset_name = v;
-    else if (a == "--threads") ops::set_num_threads(std::stoi(v));
-    else { std::fprintf(stderr, "unknown option %s\n", a.c_str()); return 2; }
+    if (a == "--d-in")
+      d_in = std::stoll(v);
+    else if (a == "--d-sae")
+      d_sae = std::stoll(v);
+    else if (a == "--batch")
+      batch = std::stoll(v);
+    else if (a == "--steps")
+      steps = std::stoll(v);
+    else if (a == "--dead")
+      n_dead = std::stoll(v);
+    else if (a == "--preset")
+      preset_name = v;
+    else if (a == "--threads")
+      ops::set_num_threads(std::stoi(v));
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
   }
   bench::print_header(argc, argv);
   nlohmann::json j = train::preset(preset_name);
   j["sae"]["d_sae"] = d_sae;
-  if (d_sae != 32768) j["sae"]["matryoshka_widths"] = {d_sae / 256, d_sae / 64, d_sae / 16, d_sae / 4, d_sae};
+  if (d_sae != 32768)
+    j["sae"]["matryoshka_widths"] = {d_sae / 256, d_sae / 64, d_sae / 16, d_sae / 4, d_sae};
   j["training"]["batch_size"] = batch;
   j["training"]["total_tokens"] = batch * steps;
   j["data"] = {{"type", "synthetic"}};
@@ -39,10 +50,11 @@ int main(int argc, char** argv) {
   cfg.spec.d_in = d_in;
   std::string widths;
   for (auto w : cfg.spec.widths) widths += std::to_string(w) + " ";
-  std::printf("config: preset %s, d_in %lld, d_sae %lld, k %.0f, widths %s, batch %lld, %lld dead "
-              "latents (AuxK), steps %lld\n",
-              preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, widths.c_str(),
-              (long long)batch, (long long)n_dead, (long long)steps);
+  std::printf(
+      "config: preset %s, d_in %lld, d_sae %lld, k %.0f, widths %s, batch %lld, %lld dead "
+      "latents (AuxK), steps %lld\n",
+      preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, widths.c_str(),
+      (long long)batch, (long long)n_dead, (long long)steps);
 
   train::TrainingSae sae(cfg.spec);
   sae.init(0, 0.1);
@@ -91,7 +103,7 @@ int main(int argc, char** argv) {
   row("sparse backward", t.backward);
   row("Adam + clip", t_opt);
   row("zero grads", t_clear);
-  std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total", per_step * 1e3,
-              double(batch) / per_step, gemm_flop / (t.encoder_gemm / n) * 1e-9);
+  std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total",
+              per_step * 1e3, double(batch) / per_step, gemm_flop / (t.encoder_gemm / n) * 1e-9);
   return 0;
 }

@@ -15,11 +15,14 @@ namespace sae::cli {
 
 namespace {
 std::atomic<bool> g_stop{false};
-void on_signal(int) { g_stop = true; }
+void on_signal(int) {
+  g_stop = true;
+}
 }  // namespace
 
 Runner add_train(CLI::App& app) {
-  auto* cmd = app.add_subcommand("train", "Train a batch-TopK (Matryoshka) SAE; see docs/training.md");
+  auto* cmd =
+      app.add_subcommand("train", "Train a batch-TopK (Matryoshka) SAE; see docs/training.md");
   struct Opts {
     std::string config, preset, output;
     std::vector<std::string> sets;
@@ -27,9 +30,10 @@ Runner add_train(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--config", o->config, "Training config (JSON)");
-  cmd->add_option("--preset", o->preset,
-                  "Start from a preset: gemma-2-2b-matryoshka-standard, gemma-2-2b-matryoshka-snap, "
-                  "saelens, hierarchy-batchtopk, hierarchy-standard, hierarchy-snap");
+  cmd->add_option(
+      "--preset", o->preset,
+      "Start from a preset: gemma-2-2b-matryoshka-standard, gemma-2-2b-matryoshka-snap, "
+      "saelens, hierarchy-batchtopk, hierarchy-standard, hierarchy-snap");
   cmd->add_option("--set", o->sets, "Override a field: section.key=value (repeatable)");
   cmd->add_option("-o,--output", o->output, "Output folder (output.dir)");
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");

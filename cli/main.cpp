@@ -19,8 +19,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", SAECPP_VERSION);
 
   std::map<CLI::App*, sae::cli::Runner> runners;
-  for (auto add :
-       {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert, sae::cli::add_train, sae::cli::add_demo}) {
+  for (auto add : {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval,
+                   sae::cli::add_convert, sae::cli::add_train, sae::cli::add_demo}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;

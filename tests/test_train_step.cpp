@@ -32,7 +32,9 @@ TEST(BatchTopK, MisleadingSampleFallsBackToExact) {
   const int64_t rows = 1024, cols = 8;
   std::vector<float> x(size_t(rows * cols));
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) x[size_t(r * cols + c)] = (r % 4 == 0 ? 100.0f : 1.0f) + 0.001f * float((r * 7 + c * 13) % 97);
+    for (int64_t c = 0; c < cols; ++c)
+      x[size_t(r * cols + c)] =
+          (r % 4 == 0 ? 100.0f : 1.0f) + 0.001f * float((r * 7 + c * 13) % 97);
   for (int64_t budget : {1000, 3000, 8000}) {
     ops::RowSparse a, b;
     ops::batch_topk(x.data(), rows, cols, budget, a);
@@ -40,6 +42,11 @@ TEST(BatchTopK, MisleadingSampleFallsBackToExact) {
     EXPECT_EQ(a.cols, b.cols) << budget;
     EXPECT_EQ(a.values, b.values) << budget;
     EXPECT_EQ(a.offsets, b.offsets) << budget;
+    // The same through the fallback's second affine pass (nothing written back).
+    std::vector<float> zero(size_t(cols), 0.0f), one(size_t(cols), 1.0f);
+    ops::RowSparse c;
+    ops::batch_topk(x.data(), rows, cols, budget, c, zero.data(), one.data(), false);
+    EXPECT_EQ(c.values, b.values) << budget;
   }
 }
 
@@ -51,11 +58,18 @@ TEST(BatchTopK, FusedBiasAndScaleEqualTransformThenSelect) {
   for (auto& v : scale) v = std::abs(v) + 0.1f;
   auto y = x;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) y[size_t(r * cols + c)] = (y[size_t(r * cols + c)] + bias[size_t(c)]) * scale[size_t(c)];
+    for (int64_t c = 0; c < cols; ++c)
+      y[size_t(r * cols + c)] = (y[size_t(r * cols + c)] + bias[size_t(c)]) * scale[size_t(c)];
   ops::RowSparse a, b;
+  auto x0 = x;
+  ops::RowSparse c;
+  ops::batch_topk(x.data(), rows, cols, 200, c, bias.data(), scale.data(), /*write_back=*/false);
+  EXPECT_EQ(x, x0);  // untouched
   ops::batch_topk(x.data(), rows, cols, 200, a, bias.data(), scale.data());
   ops::batch_topk_reference(y.data(), rows, cols, 200, b);
   EXPECT_EQ(x, y);  // transformed in place
+  EXPECT_EQ(c.cols, b.cols);
+  EXPECT_EQ(c.values, b.values);
   EXPECT_EQ(a.offsets, b.offsets);
   EXPECT_EQ(a.cols, b.cols);
   EXPECT_EQ(a.values, b.values);

@@ -7,9 +7,9 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "data/synthetic.h"
+#include "io/npy.h"
 #include "sae/load.h"
 #include "test_util.h"
-#include "io/npy.h"
 #include "train/trainer.h"
 
 namespace sae::train {
@@ -23,9 +23,13 @@ json tiny_config(const std::string& out) {
   j["sae"]["d_sae"] = 48;
   j["sae"]["matryoshka_widths"] = {8, 24, 48};
   j["sae"]["normalize_activations"] = "expected_average_only_in";
-  j["data"] = {{"type", "synthetic"}, {"d_in", 24}, {"n_roots", 12}, {"n_parents", 4}, {"heldout_tokens", 512}};
-  j["training"] = {{"batch_size", 128}, {"total_tokens", 128 * 40}, {"eval_every_steps", 10},
-                   {"eval_tokens", 512}, {"log_every_steps", 10}, {"checkpoint_every_steps", 15},
+  j["data"] = {{"type", "synthetic"},
+               {"d_in", 24},
+               {"n_roots", 12},
+               {"n_parents", 4},
+               {"heldout_tokens", 512}};
+  j["training"] = {{"batch_size", 128},  {"total_tokens", 128 * 40}, {"eval_every_steps", 10},
+                   {"eval_tokens", 512}, {"log_every_steps", 10},    {"checkpoint_every_steps", 15},
                    {"n_norm_batches", 2}};
   j["loss"]["dead_feature_window"] = 5;  // so AuxK runs within the test
   j["output"] = {{"dir", out}};
@@ -97,7 +101,8 @@ TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
     for (int64_t jj = 0; jj < D; ++jj) {
       double h = ts.b_enc[size_t(jj)];
       for (int64_t c = 0; c < d; ++c)
-        h += (x[size_t(r * d + c)] * t.input_scale() - ts.b_dec[size_t(c)]) * ts.W_encT[size_t(jj * d + c)];
+        h += (x[size_t(r * d + c)] * t.input_scale() - ts.b_dec[size_t(c)]) *
+             ts.W_encT[size_t(jj * d + c)];
       want[size_t(r * D + jj)] = float(h * norms[size_t(jj)]);
     }
   test::expect_close(pre, want, 1e-5, "folded pre-activations");
@@ -139,7 +144,8 @@ TEST(TrainConfig, StrictAndClear) {
   j["sae"]["matryoshka_widths"] = {8, 24};
   c = TrainConfig::from_json(j, "cfg.json");
   EXPECT_EQ(c.spec.widths, (std::vector<int64_t>{8, 24, 48}));
-  EXPECT_EQ(c.spec.level_loss, (std::vector<LevelLoss>{LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse}));
+  EXPECT_EQ(c.spec.level_loss,
+            (std::vector<LevelLoss>{LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse}));
   // balance_beta: c_i = beta^(n - i).
   j["loss"]["balance_beta"] = 0.5;
   c = TrainConfig::from_json(j, "cfg.json");
@@ -160,7 +166,12 @@ TEST(TrainConfig, PresetsResolve) {
     EXPECT_NO_THROW(TrainConfig::from_json(j, name)) << name;
   }
   TrainConfig snap = TrainConfig::from_json(
-      [] { json j = preset("gemma-2-2b-matryoshka-snap"); j["data"] = {{"type", "synthetic"}}; return j; }(), "p");
+      [] {
+        json j = preset("gemma-2-2b-matryoshka-snap");
+        j["data"] = {{"type", "synthetic"}};
+        return j;
+      }(),
+      "p");
   EXPECT_EQ(snap.spec.widths, (std::vector<int64_t>{128, 512, 2048, 8192, 32768}));
   EXPECT_EQ(snap.spec.level_loss.back(), LevelLoss::Mse);
   EXPECT_EQ(snap.spec.level_loss.front(), LevelLoss::L2);
@@ -216,7 +227,8 @@ double toy_cos_to_parent(LevelLoss loss) {
   for (int step = 0; step < 3000; ++step) {
     for (int64_t t = 0; t < B; ++t) {
       const bool c = rng.uniform() < 0.3;
-      for (int i = 0; i < 8; ++i) x[size_t(t * 8 + i)] = parent[size_t(i)] + (c ? child[size_t(i)] : 0.0f);
+      for (int i = 0; i < 8; ++i)
+        x[size_t(t * 8 + i)] = parent[size_t(i)] + (c ? child[size_t(i)] : 0.0f);
     }
     g.clear();
     forward_backward(sae, x.data(), B, {}, g, ws);
@@ -251,27 +263,34 @@ TEST(TrainCli, TrainsFromActivationFilesAndRejectsBadConfig) {
   data::SyntheticSource src(sc);
   std::vector<float> x(size_t(3000 * 24));
   src.train_batch(0, 3000, x.data());
-  write_npy(dir / "a.npy", DType::F32, {2000, 24}, {reinterpret_cast<const uint8_t*>(x.data()), 2000 * 24 * 4});
+  write_npy(dir / "a.npy", DType::F32, {2000, 24},
+            {reinterpret_cast<const uint8_t*>(x.data()), 2000 * 24 * 4});
   write_npy(dir / "b.npy", DType::F32, {1000, 24},
             {reinterpret_cast<const uint8_t*>(x.data() + 2000 * 24), 1000 * 24 * 4});
-  json cfg = {{"sae", {{"d_sae", 32}, {"k", 3}, {"matryoshka_widths", {8, 32}}}},
-              {"loss", {{"level_losses", "snap"}}},
-              {"training", {{"total_tokens", 256 * 30}, {"batch_size", 256}, {"eval_tokens", 500}}},
-              {"data", {{"type", "files"}, {"paths", {dir / "a.npy", dir / "b.npy"}}, {"heldout_tokens", 500}}}};
+  json cfg = {
+      {"sae", {{"d_sae", 32}, {"k", 3}, {"matryoshka_widths", {8, 32}}}},
+      {"loss", {{"level_losses", "snap"}}},
+      {"training", {{"total_tokens", 256 * 30}, {"batch_size", 256}, {"eval_tokens", 500}}},
+      {"data",
+       {{"type", "files"}, {"paths", {dir / "a.npy", dir / "b.npy"}}, {"heldout_tokens", 500}}}};
   test::write_bytes(dir / "cfg.json", cfg.dump());
   auto r = test::run_cli("train --config " + (dir / "cfg.json") + " -o " + (dir / "run"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("tok/s"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("activation files: 2 shard(s), 3000 tokens of d_in 24 (500 held out)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("activation files: 2 shard(s), 3000 tokens of d_in 24 (500 held out)"),
+            std::string::npos)
+      << r.output;
   LoadedSae l = load_from_disk(dir / "run/sae");
   EXPECT_EQ(l.sae.cfg.d_sae, 32);
   EXPECT_TRUE(fs::exists(dir / "run/eval.json"));
 
-  auto bad = test::run_cli("train --config " + (dir / "cfg.json") + " --set sae.bogus=1 -o " + (dir / "bad"));
+  auto bad = test::run_cli("train --config " + (dir / "cfg.json") + " --set sae.bogus=1 -o " +
+                           (dir / "bad"));
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.output.find("cfg.json: sae.bogus: unknown field"), std::string::npos) << bad.output;
   EXPECT_FALSE(fs::exists(dir / "bad"));
-  auto missing = test::run_cli("train --config " + (dir / "cfg.json") + " --set 'data.paths=[\"nope.npy\"]' -o " + (dir / "bad"));
+  auto missing = test::run_cli("train --config " + (dir / "cfg.json") +
+                               " --set 'data.paths=[\"nope.npy\"]' -o " + (dir / "bad"));
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.output.find("nope.npy"), std::string::npos) << missing.output;
 }

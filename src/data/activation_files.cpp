@@ -45,8 +45,11 @@ FilesConfig FilesConfig::from_json(const nlohmann::json& j, const std::string& w
 }
 
 nlohmann::json FilesConfig::to_json() const {
-  return {{"type", "files"}, {"paths", paths}, {"tensor", tensor},
-          {"heldout_tokens", heldout_tokens}, {"seed", seed}};
+  return {{"type", "files"},
+          {"paths", paths},
+          {"tensor", tensor},
+          {"heldout_tokens", heldout_tokens},
+          {"seed", seed}};
 }
 
 FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
@@ -62,8 +65,12 @@ FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
     } else if (path.ends_with(".safetensors")) {
       s->st = std::make_unique<SafetensorsFile>(path);
       std::string name = cfg_.tensor;
-      if (name.empty()) name = s->st->has("activations") ? "activations" : (s->st->tensors().size() == 1 ? s->st->tensors()[0].name : "");
-      if (name.empty()) fail(path, "", "holds several tensors and none is named \"activations\"; set data.tensor");
+      if (name.empty())
+        name = s->st->has("activations")
+                   ? "activations"
+                   : (s->st->tensors().size() == 1 ? s->st->tensors()[0].name : "");
+      if (name.empty())
+        fail(path, "", "holds several tensors and none is named \"activations\"; set data.tensor");
       const TensorInfo& t = s->st->info(name);
       s->dtype = t.dtype;
       shape = t.shape;
@@ -74,7 +81,8 @@ FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
     if (!dtype_is_float(s->dtype)) fail(path, "dtype", "activations must be a float type");
     if (shape.size() != 2) fail(path, "shape", "activations must be [tokens, d_in]");
     if (d_in_ == 0) d_in_ = shape[1];
-    if (shape[1] != d_in_) fail(path, "shape", cat("d_in ", shape[1], " differs from the first shard's ", d_in_));
+    if (shape[1] != d_in_)
+      fail(path, "shape", cat("d_in ", shape[1], " differs from the first shard's ", d_in_));
     s->rows = shape[0];
     n_rows_ += s->rows;
     shard_start_.push_back(n_rows_);
@@ -88,7 +96,8 @@ FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
 FileSource::~FileSource() = default;
 
 void FileSource::read_row(int64_t row, float* out) const {
-  size_t s = size_t(std::upper_bound(shard_start_.begin(), shard_start_.end(), row) - shard_start_.begin() - 1);
+  size_t s = size_t(std::upper_bound(shard_start_.begin(), shard_start_.end(), row) -
+                    shard_start_.begin() - 1);
   const Shard& sh = *shards_[s];
   const int64_t r = row - shard_start_[s];
   convert_to_f32(sh.dtype, sh.data + size_t(r * d_in_) * dtype_size(sh.dtype), out, size_t(d_in_));
@@ -99,7 +108,8 @@ const std::vector<int64_t>& FileSource::permutation(int64_t epoch) {
     perm_.resize(size_t(n_train_));
     std::iota(perm_.begin(), perm_.end(), 0);
     Rng rng(cfg_.seed * 0x9e3779b97f4a7c15ull + uint64_t(epoch));
-    for (int64_t i = n_train_ - 1; i > 0; --i) std::swap(perm_[size_t(i)], perm_[size_t(rng.below(i + 1))]);
+    for (int64_t i = n_train_ - 1; i > 0; --i)
+      std::swap(perm_[size_t(i)], perm_[size_t(rng.below(i + 1))]);
     perm_epoch_ = epoch;
   }
   return perm_;
@@ -119,8 +129,8 @@ void FileSource::heldout(int64_t n, float* out) {
 }
 
 std::string FileSource::describe() const {
-  return cat("activation files: ", cfg_.paths.size(), " shard(s), ", n_rows_, " tokens of d_in ", d_in_,
-             " (", n_heldout_, " held out)");
+  return cat("activation files: ", cfg_.paths.size(), " shard(s), ", n_rows_, " tokens of d_in ",
+             d_in_, " (", n_heldout_, " held out)");
 }
 
 }  // namespace sae::data

@@ -34,39 +34,62 @@ SyntheticConfig SyntheticConfig::from_json(const nlohmann::json& j, const std::s
         fail(where, cat("data.", name), "must be a non-negative integer");
       return v.get<int64_t>();
     };
-    if (k == "type") continue;
-    else if (k == "d_in") c.d_in = integer("d_in");
-    else if (k == "n_roots") c.n_roots = integer("n_roots");
-    else if (k == "n_parents") c.n_parents = integer("n_parents");
-    else if (k == "children_per_parent") c.children_per_parent = integer("children_per_parent");
-    else if (k == "max_firing_prob") c.max_firing_prob = num("max_firing_prob");
-    else if (k == "zipf_exponent") c.zipf_exponent = num("zipf_exponent");
-    else if (k == "child_prob") c.child_prob = num("child_prob");
-    else if (k == "magnitude_mean") c.magnitude_mean = num("magnitude_mean");
-    else if (k == "magnitude_std") c.magnitude_std = num("magnitude_std");
-    else if (k == "noise_std") c.noise_std = num("noise_std");
-    else if (k == "correlation") c.correlation = num("correlation");
-    else if (k == "heldout_tokens") c.heldout_tokens = integer("heldout_tokens");
-    else if (k == "seed") c.seed = uint64_t(integer("seed"));
-    else fail(where, cat("data.", k), "unknown field");
+    if (k == "type")
+      continue;
+    else if (k == "d_in")
+      c.d_in = integer("d_in");
+    else if (k == "n_roots")
+      c.n_roots = integer("n_roots");
+    else if (k == "n_parents")
+      c.n_parents = integer("n_parents");
+    else if (k == "children_per_parent")
+      c.children_per_parent = integer("children_per_parent");
+    else if (k == "max_firing_prob")
+      c.max_firing_prob = num("max_firing_prob");
+    else if (k == "zipf_exponent")
+      c.zipf_exponent = num("zipf_exponent");
+    else if (k == "child_prob")
+      c.child_prob = num("child_prob");
+    else if (k == "magnitude_mean")
+      c.magnitude_mean = num("magnitude_mean");
+    else if (k == "magnitude_std")
+      c.magnitude_std = num("magnitude_std");
+    else if (k == "noise_std")
+      c.noise_std = num("noise_std");
+    else if (k == "correlation")
+      c.correlation = num("correlation");
+    else if (k == "heldout_tokens")
+      c.heldout_tokens = integer("heldout_tokens");
+    else if (k == "seed")
+      c.seed = uint64_t(integer("seed"));
+    else
+      fail(where, cat("data.", k), "unknown field");
   }
   if (c.d_in <= 0) fail(where, "data.d_in", "must be positive");
   if (c.n_roots <= 0) fail(where, "data.n_roots", "must be positive");
   if (c.n_parents > c.n_roots) fail(where, "data.n_parents", "cannot exceed n_roots");
-  for (auto [name, p] : {std::pair{"max_firing_prob", c.max_firing_prob}, {"child_prob", c.child_prob},
+  for (auto [name, p] : {std::pair{"max_firing_prob", c.max_firing_prob},
+                         {"child_prob", c.child_prob},
                          {"correlation", c.correlation}})
     if (!(p >= 0 && p <= 1)) fail(where, cat("data.", name), "must be a probability in [0, 1]");
   return c;
 }
 
 nlohmann::json SyntheticConfig::to_json() const {
-  return {{"type", "synthetic"},           {"d_in", d_in},
-          {"n_roots", n_roots},            {"n_parents", n_parents},
-          {"children_per_parent", children_per_parent}, {"max_firing_prob", max_firing_prob},
-          {"zipf_exponent", zipf_exponent}, {"child_prob", child_prob},
-          {"magnitude_mean", magnitude_mean}, {"magnitude_std", magnitude_std},
-          {"noise_std", noise_std},        {"correlation", correlation},
-          {"heldout_tokens", heldout_tokens}, {"seed", seed}};
+  return {{"type", "synthetic"},
+          {"d_in", d_in},
+          {"n_roots", n_roots},
+          {"n_parents", n_parents},
+          {"children_per_parent", children_per_parent},
+          {"max_firing_prob", max_firing_prob},
+          {"zipf_exponent", zipf_exponent},
+          {"child_prob", child_prob},
+          {"magnitude_mean", magnitude_mean},
+          {"magnitude_std", magnitude_std},
+          {"noise_std", noise_std},
+          {"correlation", correlation},
+          {"heldout_tokens", heldout_tokens},
+          {"seed", seed}};
 }
 
 SyntheticSource::SyntheticSource(SyntheticConfig cfg) : cfg_(cfg) {
@@ -126,7 +149,8 @@ void SyntheticSource::sample(uint64_t stream, int64_t n, float* out, TrueCodes* 
       if (!on[size_t(i)]) continue;
       fire(i);
       const auto& ch = children_[size_t(i)];
-      if (!ch.empty() && rng.uniform() < cfg_.child_prob) fire(ch[size_t(rng.below(int64_t(ch.size())))]);
+      if (!ch.empty() && rng.uniform() < cfg_.child_prob)
+        fire(ch[size_t(rng.below(int64_t(ch.size())))]);
     }
     if (truth) truth->offsets.push_back(int64_t(truth->features.size()));
   }

@@ -14,15 +14,15 @@ namespace sae::data {
 
 struct SyntheticConfig {
   int64_t d_in = 64;
-  int64_t n_roots = 32;                  // top-level features
-  int64_t n_parents = 12;                // the first n_parents roots (most frequent) have children
-  int64_t children_per_parent = 3;       // mutually exclusive: at most one fires with its parent
-  double max_firing_prob = 0.25;         // root i fires with max_firing_prob / (i + 1)^zipf
+  int64_t n_roots = 32;             // top-level features
+  int64_t n_parents = 12;           // the first n_parents roots (most frequent) have children
+  int64_t children_per_parent = 3;  // mutually exclusive: at most one fires with its parent
+  double max_firing_prob = 0.25;    // root i fires with max_firing_prob / (i + 1)^zipf
   double zipf_exponent = 0.5;
-  double child_prob = 0.5;               // P(some child fires | parent fires)
+  double child_prob = 0.5;  // P(some child fires | parent fires)
   double magnitude_mean = 1.0, magnitude_std = 0.15;
-  double noise_std = 0.01;               // isotropic Gaussian noise added to every token
-  double correlation = 0.0;              // P(root i+1 also fires | root i fires), for even i
+  double noise_std = 0.01;   // isotropic Gaussian noise added to every token
+  double correlation = 0.0;  // P(root i+1 also fires | root i fires), for even i
   int64_t heldout_tokens = 16384;
   uint64_t seed = 0;
 

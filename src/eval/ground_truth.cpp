@@ -5,8 +5,10 @@
 namespace sae {
 
 nlohmann::ordered_json GroundTruthMetrics::summary() const {
-  return {{"mean_max_cosine", mean_max_cosine}, {"mean_f1", mean_f1},
-          {"absorption", absorption}, {"hedging", hedging}};
+  return {{"mean_max_cosine", mean_max_cosine},
+          {"mean_f1", mean_f1},
+          {"absorption", absorption},
+          {"hedging", hedging}};
 }
 
 GroundTruthMetrics ground_truth_metrics(const Sae& sae, const data::SyntheticSource& src,
@@ -20,9 +22,11 @@ GroundTruthMetrics ground_truth_metrics(const Sae& sae, const data::SyntheticSou
   for (int64_t f = 0; f < F; ++f)
     for (int64_t j = 0; j < D; ++j) {
       double dot = 0;
-      for (int64_t c = 0; c < d; ++c) dot += double(sae.W_dec[size_t(j * d + c)]) * feat[size_t(f * d + c)];
+      for (int64_t c = 0; c < d; ++c)
+        dot += double(sae.W_dec[size_t(j * d + c)]) * feat[size_t(f * d + c)];
       const double cosv = dot / norms[size_t(j)];
-      if (cosv > m.best_cosine[size_t(f)]) m.best_cosine[size_t(f)] = cosv, m.best_latent[size_t(f)] = int32_t(j);
+      if (cosv > m.best_cosine[size_t(f)])
+        m.best_cosine[size_t(f)] = cosv, m.best_latent[size_t(f)] = int32_t(j);
     }
 
   // Firing on held-out tokens: per token, which features and which latents are on.
@@ -49,7 +53,9 @@ GroundTruthMetrics ground_truth_metrics(const Sae& sae, const data::SyntheticSou
   m.f1.assign(size_t(F), 0.0);
   for (int64_t f = 0; f < F; ++f) {
     const double tp = double(both[size_t(f)]);
-    const double prec = lat_on[size_t(m.best_latent[size_t(f)])] ? tp / double(lat_on[size_t(m.best_latent[size_t(f)])]) : 0;
+    const double prec = lat_on[size_t(m.best_latent[size_t(f)])]
+                            ? tp / double(lat_on[size_t(m.best_latent[size_t(f)])])
+                            : 0;
     const double rec = feat_on[size_t(f)] ? tp / double(feat_on[size_t(f)]) : 0;
     m.f1[size_t(f)] = prec + rec > 0 ? 2 * prec * rec / (prec + rec) : 0;
     m.mean_max_cosine += m.best_cosine[size_t(f)] / double(F);
@@ -63,7 +69,8 @@ GroundTruthMetrics ground_truth_metrics(const Sae& sae, const data::SyntheticSou
     const auto& ch = src.children()[size_t(p)];
     if (ch.empty()) continue;
     ++n_parents;
-    if (parent_events[size_t(p)] > 0) absorb_sum += double(parent_absorbed[size_t(p)]) / double(parent_events[size_t(p)]);
+    if (parent_events[size_t(p)] > 0)
+      absorb_sum += double(parent_absorbed[size_t(p)]) / double(parent_events[size_t(p)]);
     // Orthonormal basis of the children's span (Gram–Schmidt).
     std::vector<std::vector<double>> q;
     for (int32_t c : ch) {

@@ -14,7 +14,7 @@ struct GroundTruthMetrics {
   // Per true feature: the latent whose decoder row is closest in cosine, and that cosine.
   std::vector<int32_t> best_latent;
   std::vector<double> best_cosine;
-  std::vector<double> f1;  // firing F1 of that latent against the feature, on held-out tokens
+  std::vector<double> f1;      // firing F1 of that latent against the feature, on held-out tokens
   double mean_max_cosine = 0;  // "recovery"
   double mean_f1 = 0;
   // Over parents with children: P(parent's latent silent | parent and one of its children

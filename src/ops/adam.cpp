@@ -61,7 +61,8 @@ void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* 
     if (a.beta1 == 0.0f) {
       if (has_grad[r]) {
 #pragma omp simd
-        for (int64_t i = 0; i < cols; ++i) update_no_momentum(p[o + i], g[o + i] * grad_scale, v[o + i], a, c);
+        for (int64_t i = 0; i < cols; ++i)
+          update_no_momentum(p[o + i], g[o + i] * grad_scale, v[o + i], a, c);
       } else {  // zero gradient, no momentum: p is unchanged, only v decays
 #pragma omp simd
         for (int64_t i = 0; i < cols; ++i) v[o + i] *= a.beta2;

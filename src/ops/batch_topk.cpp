@@ -11,7 +11,7 @@
 namespace sae::ops {
 
 void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
-                const float* bias, const float* scale) {
+                const float* bias, const float* scale, bool write_back) {
   const int n_threads = omp_get_max_threads();
   auto affine = [&](float v, int64_t j) {
     if (bias) v += bias[j];
@@ -47,6 +47,7 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
   std::vector<int64_t> cand_count(static_cast<size_t>(rows));
   std::vector<std::vector<int32_t>> t_cols(static_cast<size_t>(n_threads));
   std::vector<std::vector<float>> t_vals(static_cast<size_t>(n_threads));
+  const bool has_affine = bias || scale;
   auto collect = [&](bool transform, float lo) {
 #pragma omp parallel num_threads(n_threads)
     {
@@ -54,15 +55,35 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
       auto& tv = t_vals[size_t(omp_get_thread_num())];
       tc.clear();
       tv.clear();
+      std::vector<float> buf(static_cast<size_t>(cols));
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         float* row = x + r * cols;
-        if (transform && (bias || scale))
-          for (int64_t j = 0; j < cols; ++j) row[j] = affine(row[j], j);
+        const float* vals = row;
+        if (transform && has_affine) {  // a vectorised affine pass, into x or a scratch row
+          float* dst = write_back ? row : buf.data();
+          if (bias && scale) {
+#pragma omp simd
+            for (int64_t j = 0; j < cols; ++j) dst[j] = (row[j] + bias[j]) * scale[j];
+          } else if (bias) {
+#pragma omp simd
+            for (int64_t j = 0; j < cols; ++j) dst[j] = row[j] + bias[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < cols; ++j) dst[j] = row[j] * scale[j];
+          }
+          vals = dst;
+        }
         const size_t before = tc.size();
-        if (budget > 0)
-          for (int64_t j = 0; j < cols; ++j)
-            if (row[j] > 0.0f && row[j] >= lo) tc.push_back(int32_t(j)), tv.push_back(row[j]);
+        if (budget > 0) {
+          if (lo > 0.0f) {
+            for (int64_t j = 0; j < cols; ++j)
+              if (vals[j] >= lo) tc.push_back(int32_t(j)), tv.push_back(vals[j]);
+          } else {
+            for (int64_t j = 0; j < cols; ++j)
+              if (vals[j] > 0.0f) tc.push_back(int32_t(j)), tv.push_back(vals[j]);
+          }
+        }
         cand_count[size_t(r)] = int64_t(tc.size() - before);
       }
     }
@@ -70,7 +91,9 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
   collect(true, bound);
   int64_t n_cand = 0;
   for (const auto& v : t_vals) n_cand += int64_t(v.size());
-  if (n_cand < budget && bound > 0.0f) collect(false, 0.0f);  // the sample misled us: take all
+  // The sample misled us: take every positive entry (x already holds the affine values when
+  // written back; otherwise apply it again).
+  if (n_cand < budget && bound > 0.0f) collect(!write_back, 0.0f);
   if (budget <= 0) return;
 
   std::vector<int32_t> cand_cols;
@@ -80,7 +103,8 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
     cand_vals.insert(cand_vals.end(), t_vals[size_t(t)].begin(), t_vals[size_t(t)].end());
   }
   std::vector<int64_t> cand_start(size_t(rows + 1), 0);
-  for (int64_t r = 0; r < rows; ++r) cand_start[size_t(r + 1)] = cand_start[size_t(r)] + cand_count[size_t(r)];
+  for (int64_t r = 0; r < rows; ++r)
+    cand_start[size_t(r + 1)] = cand_start[size_t(r)] + cand_count[size_t(r)];
 
   // The exact cut: the budget-th largest candidate. Ties at it go to the lowest flat index.
   std::vector<int64_t> keep_eq(static_cast<size_t>(rows), 0);
@@ -88,7 +112,8 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
   const bool keep_all = int64_t(cand_vals.size()) <= budget;
   if (!keep_all) {
     std::vector<float> sorted = cand_vals;
-    std::nth_element(sorted.begin(), sorted.begin() + (budget - 1), sorted.end(), std::greater<float>());
+    std::nth_element(sorted.begin(), sorted.begin() + (budget - 1), sorted.end(),
+                     std::greater<float>());
     cut = sorted[size_t(budget - 1)];
     int64_t above = 0;
     for (float v : cand_vals) above += v > cut;

@@ -21,8 +21,10 @@ struct RowSparse {
 // (with a safety margin), the full pass applies the affine update and collects the entries
 // above that bound, and the exact cut is found among those few. If the bound was too high
 // (fewer candidates than the budget), a second pass collects every positive entry.
+// With write_back = false the affine update is only used for the selection and x is left as
+// it was (saves writing the whole matrix when the caller needs only the selected values).
 void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
-                const float* bias = nullptr, const float* scale = nullptr);
+                const float* bias = nullptr, const float* scale = nullptr, bool write_back = true);
 
 // Reference: one full sort of all positive values (x is not modified; no affine step).
 void batch_topk_reference(const float* x, int64_t rows, int64_t cols, int64_t budget,

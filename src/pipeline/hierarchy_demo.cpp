@@ -14,7 +14,8 @@ namespace fs = std::filesystem;
 
 std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
   const std::vector<std::pair<std::string, std::string>> variants = {
-      {"batchtopk", "hierarchy-batchtopk"}, {"matryoshka-standard", "hierarchy-standard"},
+      {"batchtopk", "hierarchy-batchtopk"},
+      {"matryoshka-standard", "hierarchy-standard"},
       {"matryoshka-snap", "hierarchy-snap"}};
   std::vector<DemoRow> rows;
   for (const auto& [name, preset_name] : variants) {
@@ -23,7 +24,8 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
     if (opts.total_tokens > 0) j["training"]["total_tokens"] = opts.total_tokens;
     for (const auto& o : opts.overrides) train::apply_override(j, o);
     train::TrainConfig cfg = train::TrainConfig::from_json(j, "preset " + preset_name);
-    data::SyntheticSource source(data::SyntheticConfig::from_json(cfg.data, "preset " + preset_name));
+    data::SyntheticSource source(
+        data::SyntheticConfig::from_json(cfg.data, "preset " + preset_name));
     train::Trainer trainer(cfg, source, name);
     trainer.run(opts.resume);
 
@@ -36,7 +38,8 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
     SparseCodes codes = sae.encode(x, n);
     row.truth = ground_truth_metrics(sae, source, truth, codes);
     if (rows.empty())  // the held-out tokens, for `sae eval <variant>/sae heldout.npy`
-      write_npy((fs::path(opts.output_dir) / "heldout.npy").string(), DType::F32, {n, source.d_in()},
+      write_npy((fs::path(opts.output_dir) / "heldout.npy").string(), DType::F32,
+                {n, source.d_in()},
                 {reinterpret_cast<const uint8_t*>(x.data()), x.size() * sizeof(float)});
     rows.push_back(std::move(row));
   }
@@ -53,7 +56,9 @@ std::vector<DemoRow> run_hierarchy_demo(const DemoOptions& opts) {
                   r.eval.metrics.explained_variance, r.truth.mean_max_cosine, r.truth.mean_f1,
                   r.truth.absorption, r.truth.hedging);
     md += line;
-    js.push_back({{"variant", r.variant}, {"width", r.width}, {"eval", r.eval.to_json()},
+    js.push_back({{"variant", r.variant},
+                  {"width", r.width},
+                  {"eval", r.eval.to_json()},
                   {"ground_truth", r.truth.summary()}});
   }
   std::printf("\n%s\n", md.c_str());

@@ -6,11 +6,13 @@
 
 namespace sae::pipeline {
 
-std::unique_ptr<data::ActivationSource> make_source(const nlohmann::json& data, const std::string& where) {
+std::unique_ptr<data::ActivationSource> make_source(const nlohmann::json& data,
+                                                    const std::string& where) {
   const std::string type = data.value("type", "");
   if (type == "synthetic")
     return std::make_unique<data::SyntheticSource>(data::SyntheticConfig::from_json(data, where));
-  if (type == "files") return std::make_unique<data::FileSource>(data::FilesConfig::from_json(data, where));
+  if (type == "files")
+    return std::make_unique<data::FileSource>(data::FilesConfig::from_json(data, where));
   fail(where, "data.type", cat("\"", type, "\" is not a known source (synthetic, files)"));
 }
 

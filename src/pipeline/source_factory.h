@@ -9,6 +9,7 @@
 
 namespace sae::pipeline {
 
-std::unique_ptr<data::ActivationSource> make_source(const nlohmann::json& data, const std::string& where);
+std::unique_ptr<data::ActivationSource> make_source(const nlohmann::json& data,
+                                                    const std::string& where);
 
 }  // namespace sae::pipeline

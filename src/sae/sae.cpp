@@ -115,8 +115,8 @@ void Sae::pre_activations(const float* x, int64_t n, float* pre, float* out_scal
   const int64_t din = cfg.d_in, dsae = cfg.d_sae;
   std::vector<float> in(static_cast<size_t>(n * din));
   sae_input(x, n, in.data(), out_scale, out_shift);
-  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in.data(), din, W_enc.data(),
-            dsae, 0.0f, pre, dsae);
+  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in.data(), din, W_enc.data(), dsae,
+            0.0f, pre, dsae);
   std::vector<float> norms;
   const bool rescale = cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm;
   if (rescale) norms = decoder_norms();
@@ -152,8 +152,8 @@ void Sae::encode_chunk(const float* x, int64_t n, SparseCodes& out) const {
     out.out_shift.insert(out.out_shift.end(), shift.begin(), shift.end());
   }
   // The one dense step: pre = sae_in @ W_enc (b_enc is added during selection below).
-  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in, din, W_enc.data(), dsae,
-            0.0f, pre, dsae);
+  ops::gemm(ops::Trans::No, ops::Trans::No, n, dsae, din, 1.0f, in, din, W_enc.data(), dsae, 0.0f,
+            pre, dsae);
 
   const bool topk = cfg.architecture == Architecture::TopK;
   const float* thr = cfg.architecture == Architecture::JumpReLU ? threshold.data() : nullptr;
@@ -213,7 +213,8 @@ void Sae::encode_chunk(const float* x, int64_t n, SparseCodes& out) const {
   for (int tid = 0; tid < n_threads; ++tid) {
     if (first_row[size_t(tid)] == n) continue;
     const int64_t e = out.offsets[base_tok + size_t(first_row[size_t(tid)])];
-    std::copy(local_idx[size_t(tid)].begin(), local_idx[size_t(tid)].end(), out.indices.begin() + e);
+    std::copy(local_idx[size_t(tid)].begin(), local_idx[size_t(tid)].end(),
+              out.indices.begin() + e);
     std::copy(local_val[size_t(tid)].begin(), local_val[size_t(tid)].end(), out.values.begin() + e);
   }
 }

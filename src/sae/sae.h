@@ -47,7 +47,8 @@ class Sae {
 
  private:
   // The SAE's input: run-time normalisation, then minus b_dec when apply_b_dec_to_input.
-  void sae_input(const float* x, int64_t n, float* sae_in, float* out_scale, float* out_shift) const;
+  void sae_input(const float* x, int64_t n, float* sae_in, float* out_scale,
+                 float* out_shift) const;
   void encode_chunk(const float* x, int64_t n, SparseCodes& out) const;
 };
 

@@ -131,8 +131,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // hidden_pre = (pre + b_enc) [* norms], fused into BatchTopK's first pass, which keeps the
   // int(k * B) largest positive values across the batch.
   const int64_t budget = int64_t(sp.k * double(B));
+  // hidden_pre itself is read again only by AuxK (dead latents), so it is written back only then.
+  const bool aux_active = !dead.empty() && sp.aux_coefficient != 0.0;
   ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
-                  rescale ? norms.data() : nullptr);
+                  rescale ? norms.data() : nullptr, aux_active);
   const auto& act = ws.active;
   res.n_active = act.offsets.back();
   res.min_selected = 0;
@@ -232,7 +234,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
       const int32_t j = act.cols[size_t(e)];
       const float u = decode_value(act.values[size_t(e)], j);
-      const float dpre = float(dot(&sae.W_dec[size_t(j) * size_t(d)], vec(t, level_of[size_t(j)]), d));
+      const float dpre =
+          float(dot(&sae.W_dec[size_t(j) * size_t(d)], vec(t, level_of[size_t(j)]), d));
       entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)], u, dpre};
     }
   // d(loss)/d(sae_in), per token, from the active latents (AuxK adds its part below).
@@ -251,7 +254,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   std::vector<int32_t> by_latent(entries.size());
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (size_t e = 0; e < entries.size(); ++e) by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
+    for (size_t e = 0; e < entries.size(); ++e)
+      by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
   }
   auto touch = [&](int32_t j) {
     if (!g.row_touched[size_t(j)]) g.row_touched[size_t(j)] = 1, g.touched.push_back(j);
@@ -290,8 +294,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     std::vector<float> wd(size_t(n_g * d)), we(size_t(n_g * d));
 #pragma omp parallel for schedule(static)
     for (int64_t q = 0; q < n_g; ++q) {
-      std::memcpy(&wd[size_t(q * d)], &sae.W_dec[size_t(grp[size_t(q)]) * size_t(d)], size_t(d) * 4);
-      std::memcpy(&we[size_t(q * d)], &sae.W_encT[size_t(grp[size_t(q)]) * size_t(d)], size_t(d) * 4);
+      std::memcpy(&wd[size_t(q * d)], &sae.W_dec[size_t(grp[size_t(q)]) * size_t(d)],
+                  size_t(d) * 4);
+      std::memcpy(&we[size_t(q * d)], &sae.W_encT[size_t(grp[size_t(q)]) * size_t(d)],
+                  size_t(d) * 4);
     }
     // acts [B, n_g]: the selected dead latents' decode values, 0 elsewhere; sel marks them.
     std::vector<float> acts(size_t(B * n_g), 0.0f);
@@ -337,11 +343,11 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     std::vector<float> gwd(size_t(n_g * d)), gwe(size_t(n_g * d));
     ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, acts.data(), n_g, h.data(), d, 0.0f,
               gwd.data(), d);
-    ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, dpre.data(), n_g, ws.sae_in.data(), d,
-              0.0f, gwe.data(), d);
+    ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, dpre.data(), n_g, ws.sae_in.data(),
+              d, 0.0f, gwe.data(), d);
     if (sp.apply_b_dec_to_input)
-      ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, dpre.data(), n_g, we.data(), d, 1.0f,
-                dsae_in.data(), d);
+      ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, dpre.data(), n_g, we.data(), d,
+                1.0f, dsae_in.data(), d);
     for (int64_t q = 0; q < n_g; ++q) touch(grp[size_t(q)]);
 #pragma omp parallel for schedule(static)
     for (int64_t q = 0; q < n_g; ++q) {

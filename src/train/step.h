@@ -27,7 +27,7 @@ struct StepResult {
   double loss = 0;                 // total
   std::vector<double> level_loss;  // R_i per level, before the multiplier
   double aux_loss = 0;             // after coefficient and scale
-  double outer_sq_error = 0;  // mean over tokens of ||x - x_hat||^2 at the full width
+  double outer_sq_error = 0;       // mean over tokens of ||x - x_hat||^2 at the full width
   int64_t n_active = 0;            // selected entries (L0 = n_active / B)
   int64_t n_dead = 0;              // latents in the dead mask
   double min_selected = 0;         // smallest selected value (drives the threshold update)

@@ -61,7 +61,8 @@ struct Reader {
     if (!has(k)) return v;
     if (!j[k].is_string()) fail(where, field(k), "must be a string");
     std::string s = j[k].get<std::string>();
-    if (allowed.size() && std::none_of(allowed.begin(), allowed.end(), [&](const char* a) { return s == a; })) {
+    if (allowed.size() &&
+        std::none_of(allowed.begin(), allowed.end(), [&](const char* a) { return s == a; })) {
       std::string list;
       for (const char* a : allowed) list += (list.empty() ? "" : ", ") + std::string(a);
       fail(where, field(k), cat("\"", s, "\" is not one of: ", list));
@@ -86,8 +87,10 @@ const json& section(const json& root, const char* name, const std::string& where
 TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
   if (!root.is_object()) fail(where, "", "config must be a JSON object");
   for (auto it = root.begin(); it != root.end(); ++it)
-    if (!std::set<std::string>{"sae", "loss", "optimizer", "training", "data", "output"}.count(it.key()))
-      fail(where, it.key(), "unknown section (sections: sae, loss, optimizer, training, data, output)");
+    if (!std::set<std::string>{"sae", "loss", "optimizer", "training", "data", "output"}.count(
+            it.key()))
+      fail(where, it.key(),
+           "unknown section (sections: sae, loss, optimizer, training, data, output)");
   TrainConfig c;
   TrainSpec& sp = c.spec;
 
@@ -99,7 +102,8 @@ TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
     const json& w = s.j["matryoshka_widths"];
     if (!w.is_array()) fail(where, "sae.matryoshka_widths", "must be a list of integers");
     for (const auto& v : w) {
-      if (!v.is_number_integer()) fail(where, "sae.matryoshka_widths", "must be a list of integers");
+      if (!v.is_number_integer())
+        fail(where, "sae.matryoshka_widths", "must be a list of integers");
       sp.widths.push_back(v.get<int64_t>());
     }
   }
@@ -109,26 +113,33 @@ TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
   sp.apply_b_dec_to_input = s.boolean("apply_b_dec_to_input", true);
   c.decoder_init_norm = s.number("decoder_init_norm", 0.1);
   c.b_dec_init = s.str("b_dec_init", "zeros", {"zeros", "mean"});
-  c.normalize_activations = s.str("normalize_activations", "none", {"none", "expected_average_only_in"});
+  c.normalize_activations =
+      s.str("normalize_activations", "none", {"none", "expected_average_only_in"});
   s.reject_unknown();
 
   Reader l{where, "loss", section(root, "loss", where), {}};
   const int64_t n = sp.n_levels();
   if (l.has("level_losses") && l.j["level_losses"].is_array()) {
     for (const auto& v : l.j["level_losses"]) {
-      if (v == "mse") sp.level_loss.push_back(LevelLoss::Mse);
-      else if (v == "l2") sp.level_loss.push_back(LevelLoss::L2);
-      else fail(where, "loss.level_losses", cat("entries must be \"mse\" or \"l2\", got ", v.dump()));
+      if (v == "mse")
+        sp.level_loss.push_back(LevelLoss::Mse);
+      else if (v == "l2")
+        sp.level_loss.push_back(LevelLoss::L2);
+      else
+        fail(where, "loss.level_losses", cat("entries must be \"mse\" or \"l2\", got ", v.dump()));
     }
   } else {
     const std::string kind = l.str("level_losses", "mse", {"mse", "l2", "snap"});
     for (int64_t i = 0; i < n; ++i)
-      sp.level_loss.push_back(kind == "mse" || (kind == "snap" && i == n - 1) ? LevelLoss::Mse : LevelLoss::L2);
+      sp.level_loss.push_back(kind == "mse" || (kind == "snap" && i == n - 1) ? LevelLoss::Mse
+                                                                              : LevelLoss::L2);
   }
   sp.l2_power = l.number("l2_power", 1.0);
   if (l.has("level_weights")) {
-    if (l.has("balance_beta")) fail(where, "loss.balance_beta", "give level_weights or balance_beta, not both");
-    if (!l.j["level_weights"].is_array()) fail(where, "loss.level_weights", "must be a list of numbers");
+    if (l.has("balance_beta"))
+      fail(where, "loss.balance_beta", "give level_weights or balance_beta, not both");
+    if (!l.j["level_weights"].is_array())
+      fail(where, "loss.level_weights", "must be a list of numbers");
     for (const auto& v : l.j["level_weights"]) sp.level_weight.push_back(v.get<double>());
   } else {
     const double beta = l.number("balance_beta", 1.0);  // c_i = beta^(n - i), outer level 1
@@ -189,28 +200,51 @@ json TrainConfig::to_json() const {
   json levels = json::array();
   for (auto l : spec.level_loss) levels.push_back(l == LevelLoss::Mse ? "mse" : "l2");
   return {
-      {"sae", {{"d_sae", spec.d_sae}, {"k", spec.k}, {"matryoshka_widths", spec.widths},
-               {"rescale_acts_by_decoder_norm", spec.rescale_acts_by_decoder_norm},
-               {"apply_b_dec_to_input", spec.apply_b_dec_to_input},
-               {"decoder_init_norm", decoder_init_norm}, {"b_dec_init", b_dec_init},
-               {"normalize_activations", normalize_activations}}},
-      {"loss", {{"level_losses", levels}, {"l2_power", spec.l2_power},
-                {"level_weights", spec.level_weight}, {"detach_levels", spec.detach_levels},
-                {"aux_coefficient", spec.aux_coefficient}, {"per_level_aux", spec.per_level_aux},
-                {"topk_threshold_lr", spec.topk_threshold_lr},
-                {"dead_feature_window", dead_feature_window}}},
-      {"optimizer", {{"lr", lr.lr}, {"adam_beta1", adam.beta1}, {"adam_beta2", adam.beta2},
-                     {"adam_eps", adam.eps}, {"grad_clip", adam.grad_clip},
-                     {"lr_scheduler", lr.name}, {"lr_warm_up_steps", lr.warm_up_steps},
-                     {"lr_decay_steps", lr.decay_steps}, {"lr_end", lr.lr_end}}},
-      {"training", {{"total_tokens", total_tokens}, {"batch_size", batch_size}, {"seed", seed},
-                    {"log_every_steps", log_every_steps}, {"eval_every_steps", eval_every_steps},
-                    {"eval_tokens", eval_tokens}, {"checkpoint_every_steps", checkpoint_every_steps},
-                    {"feature_sampling_window", feature_sampling_window},
-                    {"n_norm_batches", n_norm_batches}, {"threads", threads}}},
+      {"sae",
+       {{"d_sae", spec.d_sae},
+        {"k", spec.k},
+        {"matryoshka_widths", spec.widths},
+        {"rescale_acts_by_decoder_norm", spec.rescale_acts_by_decoder_norm},
+        {"apply_b_dec_to_input", spec.apply_b_dec_to_input},
+        {"decoder_init_norm", decoder_init_norm},
+        {"b_dec_init", b_dec_init},
+        {"normalize_activations", normalize_activations}}},
+      {"loss",
+       {{"level_losses", levels},
+        {"l2_power", spec.l2_power},
+        {"level_weights", spec.level_weight},
+        {"detach_levels", spec.detach_levels},
+        {"aux_coefficient", spec.aux_coefficient},
+        {"per_level_aux", spec.per_level_aux},
+        {"topk_threshold_lr", spec.topk_threshold_lr},
+        {"dead_feature_window", dead_feature_window}}},
+      {"optimizer",
+       {{"lr", lr.lr},
+        {"adam_beta1", adam.beta1},
+        {"adam_beta2", adam.beta2},
+        {"adam_eps", adam.eps},
+        {"grad_clip", adam.grad_clip},
+        {"lr_scheduler", lr.name},
+        {"lr_warm_up_steps", lr.warm_up_steps},
+        {"lr_decay_steps", lr.decay_steps},
+        {"lr_end", lr.lr_end}}},
+      {"training",
+       {{"total_tokens", total_tokens},
+        {"batch_size", batch_size},
+        {"seed", seed},
+        {"log_every_steps", log_every_steps},
+        {"eval_every_steps", eval_every_steps},
+        {"eval_tokens", eval_tokens},
+        {"checkpoint_every_steps", checkpoint_every_steps},
+        {"feature_sampling_window", feature_sampling_window},
+        {"n_norm_batches", n_norm_batches},
+        {"threads", threads}}},
       {"data", data},
-      {"output", {{"dir", output_dir}, {"fold_decoder_norms", fold_decoder_norms},
-                  {"save_dtype", save_dtype}, {"metadata", json::parse(metadata.dump())}}},
+      {"output",
+       {{"dir", output_dir},
+        {"fold_decoder_norms", fold_decoder_norms},
+        {"save_dtype", save_dtype},
+        {"metadata", json::parse(metadata.dump())}}},
   };
 }
 
@@ -220,8 +254,10 @@ void merge_json(json& base, const json& patch) {
     return;
   }
   for (auto it = patch.begin(); it != patch.end(); ++it) {
-    if (base.contains(it.key()) && base[it.key()].is_object() && it->is_object()) merge_json(base[it.key()], *it);
-    else base[it.key()] = *it;
+    if (base.contains(it.key()) && base[it.key()].is_object() && it->is_object())
+      merge_json(base[it.key()], *it);
+    else
+      base[it.key()] = *it;
   }
 }
 
@@ -237,8 +273,9 @@ void apply_override(json& j, const std::string& a) {
   }
   json* node = &j;
   size_t start = 0;
-  for (size_t dot = path.find('.'); ; dot = path.find('.', start)) {
-    const std::string key = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+  for (size_t dot = path.find('.');; dot = path.find('.', start)) {
+    const std::string key =
+        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
     if (dot == std::string::npos) {
       (*node)[key] = value;
       break;
@@ -254,29 +291,58 @@ namespace {
 json gemma_release(const char* level_losses) {
   // The release's recipe (DESIGN.md §3; best public evidence, the authors' SAELens 5.x code).
   return {
-      {"sae", {{"d_sae", 32768}, {"k", 40}, {"matryoshka_widths", {128, 512, 2048, 8192, 32768}},
-               {"rescale_acts_by_decoder_norm", false}, {"decoder_init_norm", 0.1},
-               {"b_dec_init", "zeros"}, {"apply_b_dec_to_input", true},
-               {"normalize_activations", "none"}}},
-      {"loss", {{"level_losses", level_losses}, {"per_level_aux", true}, {"aux_coefficient", 1.0},
-                {"dead_feature_window", 1000}, {"topk_threshold_lr", 0.01}}},
-      {"optimizer", {{"lr", 1e-4}, {"adam_beta1", 0.0}, {"adam_beta2", 0.999},
-                     {"lr_scheduler", "constant"}, {"grad_clip", 1.0}}},
+      {"sae",
+       {{"d_sae", 32768},
+        {"k", 40},
+        {"matryoshka_widths", {128, 512, 2048, 8192, 32768}},
+        {"rescale_acts_by_decoder_norm", false},
+        {"decoder_init_norm", 0.1},
+        {"b_dec_init", "zeros"},
+        {"apply_b_dec_to_input", true},
+        {"normalize_activations", "none"}}},
+      {"loss",
+       {{"level_losses", level_losses},
+        {"per_level_aux", true},
+        {"aux_coefficient", 1.0},
+        {"dead_feature_window", 1000},
+        {"topk_threshold_lr", 0.01}}},
+      {"optimizer",
+       {{"lr", 1e-4},
+        {"adam_beta1", 0.0},
+        {"adam_beta2", 0.999},
+        {"lr_scheduler", "constant"},
+        {"grad_clip", 1.0}}},
       {"training", {{"batch_size", 4096}, {"total_tokens", 750000000}}},
-      {"output", {{"fold_decoder_norms", true},
-                  {"metadata", {{"model_name", "gemma-2-2b"}, {"context_size", 1024},
-                                {"prepend_bos", true}, {"dataset_path", "monology/pile-uncopyrighted"}}}}},
+      {"output",
+       {{"fold_decoder_norms", true},
+        {"metadata",
+         {{"model_name", "gemma-2-2b"},
+          {"context_size", 1024},
+          {"prepend_bos", true},
+          {"dataset_path", "monology/pile-uncopyrighted"}}}}},
   };
 }
 
 json hierarchy(const char* level_losses, bool matryoshka) {
   json j = {
       {"sae", {{"d_sae", 128}, {"k", 4}, {"decoder_init_norm", 0.1}}},
-      {"loss", {{"level_losses", level_losses}, {"per_level_aux", matryoshka}, {"dead_feature_window", 400}}},
-      {"optimizer", {{"lr", 3e-3}, {"adam_beta1", 0.9}, {"adam_beta2", 0.999}, {"lr_scheduler", "linear"},
-                     {"lr_end", 3e-4}}},
-      {"training", {{"batch_size", 1024}, {"total_tokens", 6000000}, {"eval_every_steps", 1000},
-                    {"eval_tokens", 16384}, {"log_every_steps", 500}, {"checkpoint_every_steps", 0}}},
+      {"loss",
+       {{"level_losses", level_losses},
+        {"per_level_aux", matryoshka},
+        {"dead_feature_window", 400}}},
+      {"optimizer",
+       {{"lr", 3e-3},
+        {"adam_beta1", 0.9},
+        {"adam_beta2", 0.999},
+        {"lr_scheduler", "linear"},
+        {"lr_end", 3e-4}}},
+      {"training",
+       {{"batch_size", 1024},
+        {"total_tokens", 6000000},
+        {"eval_every_steps", 1000},
+        {"eval_tokens", 16384},
+        {"log_every_steps", 500},
+        {"checkpoint_every_steps", 0}}},
       {"data", {{"type", "synthetic"}}},
   };
   if (matryoshka) j["sae"]["matryoshka_widths"] = {16, 48, 128};
@@ -286,20 +352,35 @@ json hierarchy(const char* level_losses, bool matryoshka) {
 }  // namespace
 
 std::vector<std::string> preset_names() {
-  return {"gemma-2-2b-matryoshka-standard", "gemma-2-2b-matryoshka-snap", "saelens",
-          "hierarchy-batchtopk", "hierarchy-standard", "hierarchy-snap"};
+  return {"gemma-2-2b-matryoshka-standard",
+          "gemma-2-2b-matryoshka-snap",
+          "saelens",
+          "hierarchy-batchtopk",
+          "hierarchy-standard",
+          "hierarchy-snap"};
 }
 
 json preset(const std::string& name) {
   if (name == "gemma-2-2b-matryoshka-standard") return gemma_release("mse");
   if (name == "gemma-2-2b-matryoshka-snap") return gemma_release("snap");
   if (name == "saelens")  // SAELens 6 MatryoshkaBatchTopKTrainingSAE + trainer defaults
-    return {{"sae", {{"k", 100}, {"rescale_acts_by_decoder_norm", true}, {"decoder_init_norm", 0.1},
-                     {"apply_b_dec_to_input", true}}},
-            {"loss", {{"level_losses", "mse"}, {"per_level_aux", false}, {"aux_coefficient", 1.0},
-                      {"dead_feature_window", 1000}, {"topk_threshold_lr", 0.01}}},
-            {"optimizer", {{"lr", 3e-4}, {"adam_beta1", 0.9}, {"adam_beta2", 0.999},
-                           {"lr_scheduler", "constant"}, {"grad_clip", 1.0}}},
+    return {{"sae",
+             {{"k", 100},
+              {"rescale_acts_by_decoder_norm", true},
+              {"decoder_init_norm", 0.1},
+              {"apply_b_dec_to_input", true}}},
+            {"loss",
+             {{"level_losses", "mse"},
+              {"per_level_aux", false},
+              {"aux_coefficient", 1.0},
+              {"dead_feature_window", 1000},
+              {"topk_threshold_lr", 0.01}}},
+            {"optimizer",
+             {{"lr", 3e-4},
+              {"adam_beta1", 0.9},
+              {"adam_beta2", 0.999},
+              {"lr_scheduler", "constant"},
+              {"grad_clip", 1.0}}},
             {"training", {{"batch_size", 4096}, {"feature_sampling_window", 2000}}}};
   if (name == "hierarchy-batchtopk") return hierarchy("mse", false);
   if (name == "hierarchy-standard") return hierarchy("mse", true);

@@ -23,9 +23,9 @@ struct LrSchedule {
 };
 
 struct TrainConfig {
-  TrainSpec spec;          // sae + loss sections (d_in comes from the data)
+  TrainSpec spec;  // sae + loss sections (d_in comes from the data)
   double decoder_init_norm = 0.1;
-  std::string b_dec_init = "zeros";  // zeros | mean (mean of the normalisation batches)
+  std::string b_dec_init = "zeros";            // zeros | mean (mean of the normalisation batches)
   std::string normalize_activations = "none";  // none | expected_average_only_in
   int64_t n_norm_batches = 10;
   int64_t dead_feature_window = 1000;  // steps without firing before a latent counts as dead

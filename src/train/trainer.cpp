@@ -29,17 +29,23 @@ std::string fmt_duration(double s) {
   if (!(s >= 0) || s > 1e9) return "?";
   const int64_t t = int64_t(s + 0.5);
   char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t / 60 % 60));
-  else std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t / 60 % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
   return buf;
 }
 
 std::string fmt_count(double n) {
   char buf[32];
-  if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
-  else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
-  else if (n >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", n / 1e3);
-  else std::snprintf(buf, sizeof buf, "%.0f", n);
+  if (n >= 1e9)
+    std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
+  else if (n >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
+  else if (n >= 1e3)
+    std::snprintf(buf, sizeof buf, "%.1fk", n / 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%.0f", n);
   return buf;
 }
 
@@ -69,27 +75,33 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
     for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(n);
   double total = 0;
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < d; ++c) total += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
+    for (int64_t c = 0; c < d; ++c)
+      total += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
   for (int64_t w : widths) {
     std::vector<int64_t> offsets(size_t(n + 1), 0);
     std::vector<int32_t> idx;
     std::vector<float> val;
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t e = codes.offsets[size_t(t)]; e < codes.offsets[size_t(t + 1)] && codes.indices[size_t(e)] < w; ++e)
+      for (int64_t e = codes.offsets[size_t(t)];
+           e < codes.offsets[size_t(t + 1)] && codes.indices[size_t(e)] < w; ++e)
         idx.push_back(codes.indices[size_t(e)]), val.push_back(codes.values[size_t(e)]);
       offsets[size_t(t + 1)] = int64_t(idx.size());
     }
     std::vector<float> part(size_t(n * d));
-    ops::sparse_decode(n, offsets.data(), idx.data(), val.data(), sae.W_dec.data(), d, sae.b_dec.data(), part.data());
+    ops::sparse_decode(n, offsets.data(), idx.data(), val.data(), sae.W_dec.data(), d,
+                       sae.b_dec.data(), part.data());
     double resid = 0;
-    for (int64_t i = 0; i < n * d; ++i) resid += double(x[i] - part[size_t(i)]) * (x[i] - part[size_t(i)]);
+    for (int64_t i = 0; i < n * d; ++i)
+      resid += double(x[i] - part[size_t(i)]) * (x[i] - part[size_t(i)]);
     r.level_explained_variance.push_back(total > 0 ? 1.0 - resid / total : 0.0);
   }
   return r;
 }
 
 Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label)
-    : cfg_(std::move(cfg)), source_(source), label_(std::move(label)),
+    : cfg_(std::move(cfg)),
+      source_(source),
+      label_(std::move(label)),
       sae_([&] {
         TrainSpec s = cfg_.spec;
         s.d_in = source.d_in();
@@ -117,14 +129,18 @@ void Trainer::prepare_normalisation() {
     source_.train_batch(b, B, x.data());
     for (int64_t t = 0; t < B; ++t) {
       double ss = 0;
-      for (int64_t c = 0; c < d; ++c) ss += double(x[size_t(t * d + c)]) * x[size_t(t * d + c)], mean[size_t(c)] += x[size_t(t * d + c)];
+      for (int64_t c = 0; c < d; ++c)
+        ss += double(x[size_t(t * d + c)]) * x[size_t(t * d + c)],
+            mean[size_t(c)] += x[size_t(t * d + c)];
       norm_sum += std::sqrt(ss);
     }
   }
   input_scale_ = cfg_.normalize_activations == "expected_average_only_in"
-                     ? std::sqrt(double(d)) / (norm_sum / double(nb * B)) : 1.0;
+                     ? std::sqrt(double(d)) / (norm_sum / double(nb * B))
+                     : 1.0;
   if (cfg_.b_dec_init == "mean")
-    for (int64_t c = 0; c < d; ++c) sae_.b_dec[size_t(c)] = float(mean[size_t(c)] / double(nb * B) * input_scale_);
+    for (int64_t c = 0; c < d; ++c)
+      sae_.b_dec[size_t(c)] = float(mean[size_t(c)] / double(nb * B) * input_scale_);
 }
 
 Sae Trainer::inference_sae() const {
@@ -132,7 +148,8 @@ Sae Trainer::inference_sae() const {
   meta["sae_lens_training_version"] = nullptr;
   meta["saecpp_version"] = SAECPP_VERSION;
   meta["training_architecture"] = "matryoshka_batchtopk";
-  meta["training_architecture_details"] = nlohmann::ordered_json::parse(cfg_.to_json()["loss"].dump());
+  meta["training_architecture_details"] =
+      nlohmann::ordered_json::parse(cfg_.to_json()["loss"].dump());
   meta["training_architecture_details"]["k"] = sae_.spec.k;
   meta["training_architecture_details"]["matryoshka_widths"] = sae_.spec.widths;
   meta["training_tokens"] = step_ * cfg_.batch_size;
@@ -142,7 +159,8 @@ Sae Trainer::inference_sae() const {
 std::vector<float> Trainer::log_sparsity() const {
   std::vector<float> s(window_counts_.size());
   for (size_t j = 0; j < s.size(); ++j)
-    s[j] = float(std::log10(double(window_counts_[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
+    s[j] = float(std::log10(
+        double(window_counts_[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
   return s;
 }
 
@@ -154,19 +172,23 @@ void Trainer::append_log(const json& record) {
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
   EvalResult r = evaluate(inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_);
-  json rec = {{"eval", json::parse(r.to_json().dump())}, {"step", step_}, {"tokens", step_ * cfg_.batch_size}};
+  json rec = {{"eval", json::parse(r.to_json().dump())},
+              {"step", step_},
+              {"tokens", step_ * cfg_.batch_size}};
   append_log(rec);
   std::string levels;
-  for (double ev : r.level_explained_variance) levels += cat(levels.empty() ? "" : " ", int(ev * 1000) / 1000.0);
-  std::fprintf(stderr, "[%s] eval step %lld: L0 %.2f  EV %.4f  levels EV [%s]  dead %lld\n", label_.c_str(),
-               (long long)step_, r.metrics.l0, r.metrics.explained_variance, levels.c_str(),
-               (long long)r.metrics.dead_latents);
+  for (double ev : r.level_explained_variance)
+    levels += cat(levels.empty() ? "" : " ", int(ev * 1000) / 1000.0);
+  std::fprintf(stderr, "[%s] eval step %lld: L0 %.2f  EV %.4f  levels EV [%s]  dead %lld\n",
+               label_.c_str(), (long long)step_, r.metrics.l0, r.metrics.explained_variance,
+               levels.c_str(), (long long)r.metrics.dead_latents);
   if (final) final_eval_ = r;
 }
 
 void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
   const double t = now_s();
-  const double rate = double(interval_steps_ * cfg_.batch_size) / std::max(t - interval_start_, 1e-9);
+  const double rate =
+      double(interval_steps_ * cfg_.batch_size) / std::max(t - interval_start_, 1e-9);
   const double done = double(step_ - run_start_step_);
   const double eta = (t - run_start_) / std::max(done, 1.0) * double(cfg_.total_steps() - step_);
   int64_t dead = 0;
@@ -178,13 +200,14 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
     std::snprintf(buf, sizeof buf, "%s%.4g", levels.empty() ? "" : "/", l);
     levels += buf;
   }
-  std::fprintf(stderr,
-               "[%s] step %lld/%lld  tok %s  %s tok/s  loss %.4g (levels %s, aux %.3g)  L0 %.2f  EV %.4f  "
-               "dead %lld  lr %.3g  ETA %s\n",
-               label_.c_str(), (long long)step_, (long long)cfg_.total_steps(),
-               fmt_count(double(step_ * cfg_.batch_size)).c_str(), fmt_count(rate).c_str(), r.loss,
-               levels.c_str(), r.aux_loss, double(r.n_active) / double(cfg_.batch_size), ev,
-               (long long)dead, lr, fmt_duration(eta).c_str());
+  std::fprintf(
+      stderr,
+      "[%s] step %lld/%lld  tok %s  %s tok/s  loss %.4g (levels %s, aux %.3g)  L0 %.2f  EV %.4f  "
+      "dead %lld  lr %.3g  ETA %s\n",
+      label_.c_str(), (long long)step_, (long long)cfg_.total_steps(),
+      fmt_count(double(step_ * cfg_.batch_size)).c_str(), fmt_count(rate).c_str(), r.loss,
+      levels.c_str(), r.aux_loss, double(r.n_active) / double(cfg_.batch_size), ev, (long long)dead,
+      lr, fmt_duration(eta).c_str());
   append_log({{"step", step_},
               {"tokens", step_ * cfg_.batch_size},
               {"tokens_per_s", rate},
@@ -211,24 +234,23 @@ void Trainer::save_checkpoint() {
   const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
   std::vector<double> thr = {sae_.threshold};
   auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
-  write_safetensors((tmp / "state.safetensors").string(),
-                    {tensor_view("W_encT", f(sae_.W_encT), {D, d}), tensor_view("W_dec", f(sae_.W_dec), {D, d}),
-                     tensor_view("b_enc", f(sae_.b_enc), {D}), tensor_view("b_dec", f(sae_.b_dec), {d}),
-                     tensor_view("m_W_encT", f(opt_.m_W_encT), {D, d}), tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
-                     tensor_view("m_W_dec", f(opt_.m_W_dec), {D, d}), tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
-                     tensor_view("m_b_enc", f(opt_.m_b_enc), {D}), tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),
-                     tensor_view("m_b_dec", f(opt_.m_b_dec), {d}), tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
-                     tensor_view("threshold", std::span<const double>(thr), {1}),
-                     tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
-                     tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})});
-  json state = {{"version", kCheckpointVersion},
-                {"step", step_},
-                {"tokens", step_ * cfg_.batch_size},
-                {"optimizer_updates", opt_.t},
-                {"input_scale", input_scale_},
-                {"window_steps", window_steps_},
-                {"window_tokens", window_tokens_},
-                {"data_next_batch", step_},
+  write_safetensors(
+      (tmp / "state.safetensors").string(),
+      {tensor_view("W_encT", f(sae_.W_encT), {D, d}), tensor_view("W_dec", f(sae_.W_dec), {D, d}),
+       tensor_view("b_enc", f(sae_.b_enc), {D}), tensor_view("b_dec", f(sae_.b_dec), {d}),
+       tensor_view("m_W_encT", f(opt_.m_W_encT), {D, d}),
+       tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
+       tensor_view("m_W_dec", f(opt_.m_W_dec), {D, d}),
+       tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
+       tensor_view("m_b_enc", f(opt_.m_b_enc), {D}), tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),
+       tensor_view("m_b_dec", f(opt_.m_b_dec), {d}), tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
+       tensor_view("threshold", std::span<const double>(thr), {1}),
+       tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
+       tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})});
+  json state = {{"version", kCheckpointVersion},     {"step", step_},
+                {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt_.t},
+                {"input_scale", input_scale_},       {"window_steps", window_steps_},
+                {"window_tokens", window_tokens_},   {"data_next_batch", step_},
                 {"config", cfg_.to_json()}};
   write_file_atomic((tmp / "state.json").string(), state.dump(2));
   // Swap in: the previous checkpoint stays until the new one is complete.
@@ -240,11 +262,13 @@ void Trainer::save_checkpoint() {
 
 bool Trainer::load_checkpoint() {
   fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
-  if (!fs::exists(dir / "state.json")) dir = fs::path(cfg_.output_dir) / "checkpoint.old";  // killed mid-swap
+  if (!fs::exists(dir / "state.json"))
+    dir = fs::path(cfg_.output_dir) / "checkpoint.old";  // killed mid-swap
   if (!fs::exists(dir / "state.json")) return false;
   const std::string where = (dir / "state.json").string();
   json state = json::parse(read_json_file(where).dump());
-  if (state.value("version", 0) != kCheckpointVersion) fail(where, "version", "unsupported checkpoint version");
+  if (state.value("version", 0) != kCheckpointVersion)
+    fail(where, "version", "unsupported checkpoint version");
   // The model and loss must be the ones this run was started with.
   const json saved = state["config"], now = cfg_.to_json();
   for (const char* sec : {"sae", "loss"})
@@ -253,7 +277,8 @@ bool Trainer::load_checkpoint() {
   if (saved["training"]["batch_size"] != now["training"]["batch_size"])
     fail(where, "config.training.batch_size", "differs from this run's config; refusing to resume");
   if (saved["optimizer"]["adam_beta1"] != now["optimizer"]["adam_beta1"])  // m is not kept at 0
-    fail(where, "config.optimizer.adam_beta1", "differs from this run's config; refusing to resume");
+    fail(where, "config.optimizer.adam_beta1",
+         "differs from this run's config; refusing to resume");
   const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
   SafetensorsFile st((dir / "state.safetensors").string());
   sae_.W_encT = st.read_f32("W_encT", {D, d});
@@ -287,13 +312,17 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   if (!resumed) {
     sae_.init(cfg_.seed, cfg_.decoder_init_norm);
     prepare_normalisation();
-    write_file_atomic((fs::path(cfg_.output_dir) / "config.json").string(), cfg_.to_json().dump(2) + "\n");
+    write_file_atomic((fs::path(cfg_.output_dir) / "config.json").string(),
+                      cfg_.to_json().dump(2) + "\n");
     std::error_code ec;
     fs::remove(fs::path(cfg_.output_dir) / "log.jsonl", ec);
   }
-  std::fprintf(stderr, "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
-               label_.c_str(), resumed ? "resuming" : "training", (long long)step_, (long long)total,
-               fmt_count(double(cfg_.total_tokens)).c_str(), (long long)B, source_.describe().c_str(), input_scale_);
+  std::fprintf(
+      stderr,
+      "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
+      label_.c_str(), resumed ? "resuming" : "training", (long long)step_, (long long)total,
+      fmt_count(double(cfg_.total_tokens)).c_str(), (long long)B, source_.describe().c_str(),
+      input_scale_);
 
   std::vector<float> x(size_t(B * d));
   std::vector<uint8_t> dead(size_t(sae_.spec.d_sae));
@@ -320,9 +349,11 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
       window_steps_ = window_tokens_ = 0;
     }
     grads_.clear();
-    StepResult r = forward_backward(sae_, x.data(), B, any_dead ? dead : std::vector<uint8_t>{}, grads_, ws_);
+    StepResult r =
+        forward_backward(sae_, x.data(), B, any_dead ? dead : std::vector<uint8_t>{}, grads_, ws_);
     sae_.update_threshold(r.min_selected, r.n_active > 0);
-    for (size_t j = 0; j < dead.size(); ++j) steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
+    for (size_t j = 0; j < dead.size(); ++j)
+      steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
     for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
     window_steps_++;
     window_tokens_ += B;
@@ -337,20 +368,27 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
         for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[size_t(t * d + c)] / double(B);
       double var = 0;
       for (int64_t t = 0; t < B; ++t)
-        for (int64_t c = 0; c < d; ++c) var += (x[size_t(t * d + c)] - mean[size_t(c)]) * (x[size_t(t * d + c)] - mean[size_t(c)]);
+        for (int64_t c = 0; c < d; ++c)
+          var +=
+              (x[size_t(t * d + c)] - mean[size_t(c)]) * (x[size_t(t * d + c)] - mean[size_t(c)]);
       batch_variance_ = var / double(B);
       log_progress(r, lr, grad_norm);
     }
-    if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total) eval_and_log(false);
-    if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0 && step_ < total)
+    if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
+      eval_and_log(false);
+    if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0 &&
+        step_ < total)
       save_checkpoint();
   }
   eval_and_log(true);
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
-  save_to_disk(inference_sae(), out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32, log_sparsity());
-  write_file_atomic((fs::path(cfg_.output_dir) / "eval.json").string(), final_eval_.to_json().dump(2) + "\n");
+  save_to_disk(inference_sae(), out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
+               log_sparsity());
+  write_file_atomic((fs::path(cfg_.output_dir) / "eval.json").string(),
+                    final_eval_.to_json().dump(2) + "\n");
   save_checkpoint();  // the final state, so a longer run can continue from it
-  std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(), (long long)step_, out.string().c_str());
+  std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(), (long long)step_,
+               out.string().c_str());
   return true;
 }
 

@@ -41,7 +41,7 @@ class Trainer {
   double input_scale() const { return input_scale_; }
   int64_t step() const { return step_; }
   const EvalResult& final_eval() const { return final_eval_; }
-  Sae inference_sae() const;  // the SAE as it would be saved now
+  Sae inference_sae() const;                // the SAE as it would be saved now
   std::vector<float> log_sparsity() const;  // log10 firing frequency over the current window
 
  private:
