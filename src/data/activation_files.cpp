@@ -93,6 +93,23 @@ FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
   n_train_ = n_rows_ - n_heldout_;
 }
 
+FileSource::FileSource(const float* data, int64_t rows, int64_t d_in, int64_t heldout_tokens,
+                       uint64_t seed) {
+  if (rows <= 0 || d_in <= 0) fail("activations", "shape", "must be a non-empty [tokens, d_in] array");
+  cfg_.paths = {"<memory>"};
+  cfg_.heldout_tokens = heldout_tokens;
+  cfg_.seed = seed;
+  auto s = std::make_unique<Shard>();
+  s->data = reinterpret_cast<const uint8_t*>(data);
+  s->rows = rows;
+  shards_.push_back(std::move(s));
+  d_in_ = d_in;
+  n_rows_ = rows;
+  shard_start_ = {0, rows};
+  n_heldout_ = std::min(heldout_tokens, n_rows_ / 2);
+  n_train_ = n_rows_ - n_heldout_;
+}
+
 FileSource::~FileSource() = default;
 
 void FileSource::read_row(int64_t row, float* out) const {

@@ -25,6 +25,9 @@ struct FilesConfig {
 class FileSource final : public ActivationSource {
  public:
   explicit FileSource(FilesConfig cfg);
+  // An in-memory [rows, d_in] f32 array (not copied: it must outlive the source), with the
+  // same held-out split and shuffling as files.
+  FileSource(const float* data, int64_t rows, int64_t d_in, int64_t heldout_tokens, uint64_t seed);
   ~FileSource() override;
 
   int64_t d_in() const override { return d_in_; }

@@ -165,8 +165,11 @@ std::vector<float> Trainer::log_sparsity() const {
 }
 
 void Trainer::append_log(const json& record) {
-  std::ofstream out(fs::path(cfg_.output_dir) / "log.jsonl", std::ios::app);
-  out << record.dump() << "\n";
+  {
+    std::ofstream out(fs::path(cfg_.output_dir) / "log.jsonl", std::ios::app);
+    out << record.dump() << "\n";
+  }
+  if (on_record) on_record(record);
 }
 
 void Trainer::eval_and_log(bool final) {
@@ -330,7 +333,8 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   run_start_step_ = step_;
   interval_steps_ = 0;
   while (step_ < total) {
-    if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load())) {
+    if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
+        (should_stop && should_stop())) {
       save_checkpoint();
       std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
                    label_.c_str(), (long long)step_);

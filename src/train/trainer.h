@@ -37,6 +37,11 @@ class Trainer {
   // training finished and the SAE was saved to <output_dir>/sae.
   bool run(bool resume, int64_t stop_at_step = -1, const std::atomic<bool>* stop = nullptr);
 
+  // Optional hooks for embedding (the Python module): every log record (progress and eval) is
+  // passed to on_record; should_stop is polled before each step and stops like `stop` does.
+  std::function<void(const nlohmann::json&)> on_record;
+  std::function<bool()> should_stop;
+
   const TrainingSae& sae() const { return sae_; }
   double input_scale() const { return input_scale_; }
   int64_t step() const { return step_; }
