@@ -135,6 +135,10 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("release"), py::arg("sae_id"),
          "Returns (sae, cfg dict, sparsity or None). `release` is a local release folder, a SAELens "
          "release name, or a Hugging Face repo id; the latter two are read from the local HF cache.")
+      .def_static("from_pretrained_with_cfg_and_sparsity", [](const std::string& release, const std::string& sae_id) {
+        return py::module_::import("saecpp._core").attr("SAE").attr("from_pretrained")(release, sae_id);
+      }, py::arg("release"), py::arg("sae_id"),
+         "SAELens 6's name for the (sae, cfg, sparsity) form; the same as from_pretrained here.")
       .def("encode", [](py::object self, FloatArray x, bool sparse) -> py::object {
         Sae& s = self.cast<PySae&>().sae();
         const int64_t n = tokens_of(x, s.cfg.d_in);

@@ -79,6 +79,9 @@ def test_from_pretrained_local_release_and_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     sae2, cfg2, _ = saecpp.SAE.from_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.12.hook_resid_post")
     assert np.array_equal(sae2.W_dec, sae.W_dec)
+    sae3, _, _ = saecpp.SAE.from_pretrained_with_cfg_and_sparsity("gemma-2-2b-res-snap-matryoshka-dc",
+                                                                   "blocks.12.hook_resid_post")
+    assert np.array_equal(sae3.W_enc, sae.W_enc)
     with pytest.raises(saecpp.SaeError, match="huggingface-cli download"):
         saecpp.SAE.from_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.3.hook_resid_post")
 
