@@ -71,7 +71,8 @@ SparseCodes codes_from_dense(const float* acts, int64_t n, int64_t d_sae) {
   c.offsets.push_back(0);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t j = 0; j < d_sae; ++j)
-      if (acts[t * d_sae + j] != 0.0f) c.indices.push_back(int32_t(j)), c.values.push_back(acts[t * d_sae + j]);
+      if (acts[t * d_sae + j] != 0.0f)
+        c.indices.push_back(int32_t(j)), c.values.push_back(acts[t * d_sae + j]);
     c.offsets.push_back(int64_t(c.indices.size()));
   }
   return c;
@@ -95,216 +96,284 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<SparseCodes>(m, "SparseCodes",
-                          "Sparse codes (CSR): token t's latents are indices[offsets[t]:offsets[t+1]], "
-                          "ascending, with their values.")
-      .def_property_readonly("offsets", [](py::object self) {
-        auto& c = self.cast<SparseCodes&>();
-        return view(c.offsets, {py::ssize_t(c.offsets.size())}, self);
-      })
-      .def_property_readonly("indices", [](py::object self) {
-        auto& c = self.cast<SparseCodes&>();
-        return view(c.indices, {py::ssize_t(c.indices.size())}, self);
-      })
-      .def_property_readonly("values", [](py::object self) {
-        auto& c = self.cast<SparseCodes&>();
-        return view(c.values, {py::ssize_t(c.values.size())}, self);
-      })
+  py::class_<SparseCodes>(
+      m, "SparseCodes",
+      "Sparse codes (CSR): token t's latents are indices[offsets[t]:offsets[t+1]], "
+      "ascending, with their values.")
+      .def_property_readonly("offsets",
+                             [](py::object self) {
+                               auto& c = self.cast<SparseCodes&>();
+                               return view(c.offsets, {py::ssize_t(c.offsets.size())}, self);
+                             })
+      .def_property_readonly("indices",
+                             [](py::object self) {
+                               auto& c = self.cast<SparseCodes&>();
+                               return view(c.indices, {py::ssize_t(c.indices.size())}, self);
+                             })
+      .def_property_readonly("values",
+                             [](py::object self) {
+                               auto& c = self.cast<SparseCodes&>();
+                               return view(c.values, {py::ssize_t(c.values.size())}, self);
+                             })
       .def_readonly("n_tokens", &SparseCodes::n_tokens)
       .def_readonly("d_sae", &SparseCodes::d_sae)
-      .def("to_dense", [](const SparseCodes& c) {
-        return copy_to_numpy(c.to_dense(), {py::ssize_t(c.n_tokens), py::ssize_t(c.d_sae)});
-      }, "Dense [n_tokens, d_sae] float32 array.")
-      .def("to_scipy", [](py::object self) {
-        auto& c = self.cast<SparseCodes&>();
-        py::object csr = py::module_::import("scipy.sparse").attr("csr_matrix");
-        return csr(py::make_tuple(self.attr("values"), self.attr("indices"), self.attr("offsets")),
-                   py::make_tuple(c.n_tokens, c.d_sae));
-      }, "scipy.sparse.csr_matrix view of the codes (needs scipy).")
+      .def(
+          "to_dense",
+          [](const SparseCodes& c) {
+            return copy_to_numpy(c.to_dense(), {py::ssize_t(c.n_tokens), py::ssize_t(c.d_sae)});
+          },
+          "Dense [n_tokens, d_sae] float32 array.")
+      .def(
+          "to_scipy",
+          [](py::object self) {
+            auto& c = self.cast<SparseCodes&>();
+            py::object csr = py::module_::import("scipy.sparse").attr("csr_matrix");
+            return csr(
+                py::make_tuple(self.attr("values"), self.attr("indices"), self.attr("offsets")),
+                py::make_tuple(c.n_tokens, c.d_sae));
+          },
+          "scipy.sparse.csr_matrix view of the codes (needs scipy).")
       .def("__len__", [](const SparseCodes& c) { return c.n_tokens; });
 
-  py::class_<PySae, std::shared_ptr<PySae>>(m, "SAE", "An SAE in SAELens format, computed in float32.")
-      .def_static("load_from_disk", [](const std::string& path) {
-        return std::make_shared<PySae>(PySae{load_from_disk(path)});
-      }, py::arg("path"), "Load an SAE folder (cfg.json + sae_weights.safetensors).")
-      .def_static("from_pretrained", [](const std::string& release, const std::string& sae_id) {
-        auto s = std::make_shared<PySae>(PySae{from_pretrained(release, sae_id)});
-        py::object sparsity = py::none();
-        if (s->loaded.sparsity) sparsity = copy_to_numpy(*s->loaded.sparsity, {py::ssize_t(s->loaded.sparsity->size())});
-        return py::make_tuple(py::cast(s), to_python(s->sae().cfg.to_json()), sparsity);
-      }, py::arg("release"), py::arg("sae_id"),
-         "Returns (sae, cfg dict, sparsity or None). `release` is a local release folder, a SAELens "
-         "release name, or a Hugging Face repo id; the latter two are read from the local HF cache.")
-      .def_static("from_pretrained_with_cfg_and_sparsity", [](const std::string& release, const std::string& sae_id) {
-        return py::module_::import("saecpp._core").attr("SAE").attr("from_pretrained")(release, sae_id);
-      }, py::arg("release"), py::arg("sae_id"),
-         "SAELens 6's name for the (sae, cfg, sparsity) form; the same as from_pretrained here.")
-      .def("encode", [](py::object self, FloatArray x, bool sparse) -> py::object {
-        Sae& s = self.cast<PySae&>().sae();
-        const int64_t n = tokens_of(x, s.cfg.d_in);
-        SparseCodes codes;
-        {
-          py::gil_scoped_release nogil;
-          codes = s.encode(std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n);
-        }
-        if (sparse) return py::cast(std::move(codes));
-        std::vector<float> dense;
-        {
-          py::gil_scoped_release nogil;
-          dense = codes.to_dense();
-        }
-        return copy_to_numpy(dense, shape_with_last(x, s.cfg.d_sae));
-      }, py::arg("x"), py::arg("sparse") = false,
-         "Feature activations of x [..., d_in]: dense [..., d_sae], or SparseCodes with sparse=True.")
-      .def("decode", [](py::object self, py::object codes_or_acts) {
-        Sae& s = self.cast<PySae&>().sae();
-        std::vector<float> out;
-        std::vector<py::ssize_t> shape;
-        if (py::isinstance<SparseCodes>(codes_or_acts)) {
-          const SparseCodes& c = codes_or_acts.cast<const SparseCodes&>();
-          {
-            py::gil_scoped_release nogil;
-            out = s.decode(c);
-          }
-          shape = {py::ssize_t(c.n_tokens), py::ssize_t(s.cfg.d_in)};
-        } else {
-          FloatArray acts = codes_or_acts.cast<FloatArray>();
-          const int64_t n = tokens_of(acts, s.cfg.d_sae);
-          {
-            py::gil_scoped_release nogil;
-            out = s.decode(codes_from_dense(acts.data(), n, s.cfg.d_sae));
-          }
-          shape = shape_with_last(acts, s.cfg.d_in);
-        }
-        return copy_to_numpy(out, shape);
-      }, py::arg("feature_acts"),
-         "Reconstruction from dense feature activations [..., d_sae] or SparseCodes. For SAEs that "
-         "normalise at run time (constant_norm_rescale, layer_norm) pass SparseCodes from encode.")
-      .def("forward", [](py::object self, FloatArray x) {
-        Sae& s = self.cast<PySae&>().sae();
-        const int64_t n = tokens_of(x, s.cfg.d_in);
-        std::vector<float> out;
-        {
-          py::gil_scoped_release nogil;
-          out = s.forward(std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n);
-        }
-        return copy_to_numpy(out, shape_with_last(x, s.cfg.d_in));
-      }, py::arg("x"), "decode(encode(x)).")
+  py::class_<PySae, std::shared_ptr<PySae>>(m, "SAE",
+                                            "An SAE in SAELens format, computed in float32.")
+      .def_static(
+          "load_from_disk",
+          [](const std::string& path) {
+            return std::make_shared<PySae>(PySae{load_from_disk(path)});
+          },
+          py::arg("path"), "Load an SAE folder (cfg.json + sae_weights.safetensors).")
+      .def_static(
+          "from_pretrained",
+          [](const std::string& release, const std::string& sae_id) {
+            auto s = std::make_shared<PySae>(PySae{from_pretrained(release, sae_id)});
+            py::object sparsity = py::none();
+            if (s->loaded.sparsity)
+              sparsity =
+                  copy_to_numpy(*s->loaded.sparsity, {py::ssize_t(s->loaded.sparsity->size())});
+            return py::make_tuple(py::cast(s), to_python(s->sae().cfg.to_json()), sparsity);
+          },
+          py::arg("release"), py::arg("sae_id"),
+          "Returns (sae, cfg dict, sparsity or None). `release` is a local release folder, a "
+          "SAELens "
+          "release name, or a Hugging Face repo id; the latter two are read from the local HF "
+          "cache.")
+      .def_static(
+          "from_pretrained_with_cfg_and_sparsity",
+          [](const std::string& release, const std::string& sae_id) {
+            return py::module_::import("saecpp._core")
+                .attr("SAE")
+                .attr("from_pretrained")(release, sae_id);
+          },
+          py::arg("release"), py::arg("sae_id"),
+          "SAELens 6's name for the (sae, cfg, sparsity) form; the same as from_pretrained here.")
+      .def(
+          "encode",
+          [](py::object self, FloatArray x, bool sparse) -> py::object {
+            Sae& s = self.cast<PySae&>().sae();
+            const int64_t n = tokens_of(x, s.cfg.d_in);
+            SparseCodes codes;
+            {
+              py::gil_scoped_release nogil;
+              codes = s.encode(std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n);
+            }
+            if (sparse) return py::cast(std::move(codes));
+            std::vector<float> dense;
+            {
+              py::gil_scoped_release nogil;
+              dense = codes.to_dense();
+            }
+            return copy_to_numpy(dense, shape_with_last(x, s.cfg.d_sae));
+          },
+          py::arg("x"), py::arg("sparse") = false,
+          "Feature activations of x [..., d_in]: dense [..., d_sae], or SparseCodes with "
+          "sparse=True.")
+      .def(
+          "decode",
+          [](py::object self, py::object codes_or_acts) {
+            Sae& s = self.cast<PySae&>().sae();
+            std::vector<float> out;
+            std::vector<py::ssize_t> shape;
+            if (py::isinstance<SparseCodes>(codes_or_acts)) {
+              const SparseCodes& c = codes_or_acts.cast<const SparseCodes&>();
+              {
+                py::gil_scoped_release nogil;
+                out = s.decode(c);
+              }
+              shape = {py::ssize_t(c.n_tokens), py::ssize_t(s.cfg.d_in)};
+            } else {
+              FloatArray acts = codes_or_acts.cast<FloatArray>();
+              const int64_t n = tokens_of(acts, s.cfg.d_sae);
+              {
+                py::gil_scoped_release nogil;
+                out = s.decode(codes_from_dense(acts.data(), n, s.cfg.d_sae));
+              }
+              shape = shape_with_last(acts, s.cfg.d_in);
+            }
+            return copy_to_numpy(out, shape);
+          },
+          py::arg("feature_acts"),
+          "Reconstruction from dense feature activations [..., d_sae] or SparseCodes. For SAEs "
+          "that "
+          "normalise at run time (constant_norm_rescale, layer_norm) pass SparseCodes from encode.")
+      .def(
+          "forward",
+          [](py::object self, FloatArray x) {
+            Sae& s = self.cast<PySae&>().sae();
+            const int64_t n = tokens_of(x, s.cfg.d_in);
+            std::vector<float> out;
+            {
+              py::gil_scoped_release nogil;
+              out = s.forward(std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n);
+            }
+            return copy_to_numpy(out, shape_with_last(x, s.cfg.d_in));
+          },
+          py::arg("x"), "decode(encode(x)).")
       .def("__call__", [](py::object self, FloatArray x) { return self.attr("forward")(x); })
-      .def_property_readonly("cfg", [](PySae& p) { return to_python(p.sae().cfg.to_json()); },
-                             "The config as SAELens 6 writes cfg.json (a copy).")
-      .def_property_readonly("W_enc", [](py::object self) {
-        Sae& s = self.cast<PySae&>().sae();
-        return view(s.W_enc, {py::ssize_t(s.cfg.d_in), py::ssize_t(s.cfg.d_sae)}, self);
-      }, "[d_in, d_sae] float32 view (no copy; writes change the SAE).")
-      .def_property_readonly("W_dec", [](py::object self) {
-        Sae& s = self.cast<PySae&>().sae();
-        return view(s.W_dec, {py::ssize_t(s.cfg.d_sae), py::ssize_t(s.cfg.d_in)}, self);
-      }, "[d_sae, d_in] float32 view.")
-      .def_property_readonly("b_enc", [](py::object self) {
-        Sae& s = self.cast<PySae&>().sae();
-        return view(s.b_enc, {py::ssize_t(s.cfg.d_sae)}, self);
-      })
-      .def_property_readonly("b_dec", [](py::object self) {
-        Sae& s = self.cast<PySae&>().sae();
-        return view(s.b_dec, {py::ssize_t(s.cfg.d_in)}, self);
-      })
-      .def_property_readonly("threshold", [](py::object self) -> py::object {
-        Sae& s = self.cast<PySae&>().sae();
-        if (s.threshold.empty()) return py::none();
-        return view(s.threshold, {py::ssize_t(s.cfg.d_sae)}, self);
-      }, "[d_sae] view for JumpReLU SAEs, else None.")
-      .def_property_readonly("sparsity", [](PySae& p) -> py::object {
-        if (!p.loaded.sparsity) return py::none();
-        return copy_to_numpy(*p.loaded.sparsity, {py::ssize_t(p.loaded.sparsity->size())});
-      }, "log10 firing frequency from sparsity.safetensors, or None.")
-      .def("save_model", [](PySae& p, const std::string& path, const std::string& dtype) {
-        DType dt = dtype == "bfloat16" || dtype == "bf16" ? DType::BF16
-                   : dtype == "float16" || dtype == "f16" ? DType::F16 : DType::F32;
-        py::gil_scoped_release nogil;
-        save_to_disk(p.sae(), path, dt, p.loaded.sparsity);
-      }, py::arg("path"), py::arg("dtype") = "float32", "Write the SAE folder in SAELens format.")
-      .def("fold_W_dec_norm", [](PySae& p) { p.sae().fold_W_dec_norm(); },
-           "Fold decoder row norms into the encoder (same reconstructions).")
+      .def_property_readonly(
+          "cfg", [](PySae& p) { return to_python(p.sae().cfg.to_json()); },
+          "The config as SAELens 6 writes cfg.json (a copy).")
+      .def_property_readonly(
+          "W_enc",
+          [](py::object self) {
+            Sae& s = self.cast<PySae&>().sae();
+            return view(s.W_enc, {py::ssize_t(s.cfg.d_in), py::ssize_t(s.cfg.d_sae)}, self);
+          },
+          "[d_in, d_sae] float32 view (no copy; writes change the SAE).")
+      .def_property_readonly(
+          "W_dec",
+          [](py::object self) {
+            Sae& s = self.cast<PySae&>().sae();
+            return view(s.W_dec, {py::ssize_t(s.cfg.d_sae), py::ssize_t(s.cfg.d_in)}, self);
+          },
+          "[d_sae, d_in] float32 view.")
+      .def_property_readonly("b_enc",
+                             [](py::object self) {
+                               Sae& s = self.cast<PySae&>().sae();
+                               return view(s.b_enc, {py::ssize_t(s.cfg.d_sae)}, self);
+                             })
+      .def_property_readonly("b_dec",
+                             [](py::object self) {
+                               Sae& s = self.cast<PySae&>().sae();
+                               return view(s.b_dec, {py::ssize_t(s.cfg.d_in)}, self);
+                             })
+      .def_property_readonly(
+          "threshold",
+          [](py::object self) -> py::object {
+            Sae& s = self.cast<PySae&>().sae();
+            if (s.threshold.empty()) return py::none();
+            return view(s.threshold, {py::ssize_t(s.cfg.d_sae)}, self);
+          },
+          "[d_sae] view for JumpReLU SAEs, else None.")
+      .def_property_readonly(
+          "sparsity",
+          [](PySae& p) -> py::object {
+            if (!p.loaded.sparsity) return py::none();
+            return copy_to_numpy(*p.loaded.sparsity, {py::ssize_t(p.loaded.sparsity->size())});
+          },
+          "log10 firing frequency from sparsity.safetensors, or None.")
+      .def(
+          "save_model",
+          [](PySae& p, const std::string& path, const std::string& dtype) {
+            DType dt = dtype == "bfloat16" || dtype == "bf16" ? DType::BF16
+                       : dtype == "float16" || dtype == "f16" ? DType::F16
+                                                              : DType::F32;
+            py::gil_scoped_release nogil;
+            save_to_disk(p.sae(), path, dt, p.loaded.sparsity);
+          },
+          py::arg("path"), py::arg("dtype") = "float32", "Write the SAE folder in SAELens format.")
+      .def(
+          "fold_W_dec_norm", [](PySae& p) { p.sae().fold_W_dec_norm(); },
+          "Fold decoder row norms into the encoder (same reconstructions).")
       .def("__repr__", [](PySae& p) {
         const auto& c = p.sae().cfg;
         return cat("SAE(architecture=", architecture_name(c.architecture), ", d_in=", c.d_in,
                    ", d_sae=", c.d_sae, ")");
       });
 
-  m.def("evaluate", [](py::object sae_obj, FloatArray x, int64_t batch_size, double dense_threshold) {
-    Sae& s = sae_obj.cast<PySae&>().sae();
-    const int64_t n = tokens_of(x, s.cfg.d_in);
-    Metrics met;
-    {
-      py::gil_scoped_release nogil;
-      MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, dense_threshold);
-      for (int64_t t0 = 0; t0 < n; t0 += batch_size) {
-        const int64_t b = std::min(batch_size, n - t0);
-        std::span<const float> xs(x.data() + t0 * s.cfg.d_in, size_t(b * s.cfg.d_in));
-        SparseCodes codes = s.encode(xs, b);
-        acc.add_batch(xs, s.decode(codes), codes);
-      }
-      met = acc.finish();
-    }
-    return metrics_dict(met, true);
-  }, py::arg("sae"), py::arg("x"), py::arg("batch_size") = 4096, py::arg("dense_threshold") = 0.1,
-     "SAELens's reconstruction and sparsity metrics of the SAE on activations x [..., d_in].");
+  m.def(
+      "evaluate",
+      [](py::object sae_obj, FloatArray x, int64_t batch_size, double dense_threshold) {
+        Sae& s = sae_obj.cast<PySae&>().sae();
+        const int64_t n = tokens_of(x, s.cfg.d_in);
+        Metrics met;
+        {
+          py::gil_scoped_release nogil;
+          MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, dense_threshold);
+          for (int64_t t0 = 0; t0 < n; t0 += batch_size) {
+            const int64_t b = std::min(batch_size, n - t0);
+            std::span<const float> xs(x.data() + t0 * s.cfg.d_in, size_t(b * s.cfg.d_in));
+            SparseCodes codes = s.encode(xs, b);
+            acc.add_batch(xs, s.decode(codes), codes);
+          }
+          met = acc.finish();
+        }
+        return metrics_dict(met, true);
+      },
+      py::arg("sae"), py::arg("x"), py::arg("batch_size") = 4096, py::arg("dense_threshold") = 0.1,
+      "SAELens's reconstruction and sparsity metrics of the SAE on activations x [..., d_in].");
 
-  m.def("train", [](py::object config, py::object activations, py::object progress, bool resume,
-                    const std::string& preset) {
-    nlohmann::json j = preset.empty() ? nlohmann::json::object() : train::preset(preset);
-    train::merge_json(j, from_python(config));
-    FloatArray x;
-    int64_t heldout = 4096;
-    if (!activations.is_none()) {
-      x = activations.cast<FloatArray>();
-      if (x.ndim() != 2) throw Error("activations: shape: must be [tokens, d_in]");
-      if (j.contains("data") && j["data"].contains("heldout_tokens")) heldout = j["data"]["heldout_tokens"].get<int64_t>();
-      j["data"] = {{"type", "array"}};  // documents the source in config.json
-    }
-    train::TrainConfig cfg = train::TrainConfig::from_json(j, "config");
-    std::unique_ptr<data::ActivationSource> source;
-    if (!activations.is_none())
-      source = std::make_unique<data::FileSource>(x.data(), int64_t(x.shape(0)), int64_t(x.shape(1)), heldout, cfg.seed);
-    else
-      source = pipeline::make_source(cfg.data, "config");
-    train::Trainer trainer(cfg, *source, "train");
-    // Python errors from the progress callback (and Ctrl-C) stop training with a checkpoint,
-    // then are re-raised.
-    std::unique_ptr<py::error_already_set> pending;
-    trainer.on_record = [&](const nlohmann::json& rec) {
-      if (progress.is_none() || pending) return;
-      py::gil_scoped_acquire gil;
-      try {
-        progress(to_python(nlohmann::ordered_json::parse(rec.dump())));
-      } catch (py::error_already_set& e) {
-        pending = std::make_unique<py::error_already_set>(std::move(e));
-      }
-    };
-    trainer.should_stop = [&] {
-      if (pending) return true;
-      py::gil_scoped_acquire gil;
-      if (PyErr_CheckSignals() != 0) {
-        pending = std::make_unique<py::error_already_set>();
-        return true;
-      }
-      return false;
-    };
-    bool finished;
-    {
-      py::gil_scoped_release nogil;
-      finished = trainer.run(resume);
-    }
-    if (pending) throw std::move(*pending);
-    if (!finished) throw Error("training stopped before the end; the checkpoint is kept");
-    auto s = std::make_shared<PySae>(PySae{load_from_disk((std::filesystem::path(cfg.output_dir) / "sae").string())});
-    return py::make_tuple(py::cast(s), to_python(trainer.final_eval().to_json()));
-  }, py::arg("config"), py::arg("activations") = py::none(), py::arg("progress") = py::none(),
-     py::arg("resume") = false, py::arg("preset") = "",
-     "Train a batch-TopK (Matryoshka) SAE. config: the JSON config as a dict (docs/training.md), "
-     "merged over `preset`. activations: optional float32 [tokens, d_in] array used instead of "
-     "config['data']. progress: called with each log record (dict). Returns (sae, final eval dict).");
+  m.def(
+      "train",
+      [](py::object config, py::object activations, py::object progress, bool resume,
+         const std::string& preset) {
+        nlohmann::json j = preset.empty() ? nlohmann::json::object() : train::preset(preset);
+        train::merge_json(j, from_python(config));
+        FloatArray x;
+        int64_t heldout = 4096;
+        if (!activations.is_none()) {
+          x = activations.cast<FloatArray>();
+          if (x.ndim() != 2) throw Error("activations: shape: must be [tokens, d_in]");
+          if (j.contains("data") && j["data"].contains("heldout_tokens"))
+            heldout = j["data"]["heldout_tokens"].get<int64_t>();
+          j["data"] = {{"type", "array"}};  // documents the source in config.json
+        }
+        train::TrainConfig cfg = train::TrainConfig::from_json(j, "config");
+        std::unique_ptr<data::ActivationSource> source;
+        if (!activations.is_none())
+          source = std::make_unique<data::FileSource>(x.data(), int64_t(x.shape(0)),
+                                                      int64_t(x.shape(1)), heldout, cfg.seed);
+        else
+          source = pipeline::make_source(cfg.data, "config");
+        train::Trainer trainer(cfg, *source, "train");
+        // Python errors from the progress callback (and Ctrl-C) stop training with a checkpoint,
+        // then are re-raised.
+        std::unique_ptr<py::error_already_set> pending;
+        trainer.on_record = [&](const nlohmann::json& rec) {
+          if (progress.is_none() || pending) return;
+          py::gil_scoped_acquire gil;
+          try {
+            progress(to_python(nlohmann::ordered_json::parse(rec.dump())));
+          } catch (py::error_already_set& e) {
+            pending = std::make_unique<py::error_already_set>(std::move(e));
+          }
+        };
+        trainer.should_stop = [&] {
+          if (pending) return true;
+          py::gil_scoped_acquire gil;
+          if (PyErr_CheckSignals() != 0) {
+            pending = std::make_unique<py::error_already_set>();
+            return true;
+          }
+          return false;
+        };
+        bool finished;
+        {
+          py::gil_scoped_release nogil;
+          finished = trainer.run(resume);
+        }
+        if (pending) throw std::move(*pending);
+        if (!finished) throw Error("training stopped before the end; the checkpoint is kept");
+        auto s = std::make_shared<PySae>(
+            PySae{load_from_disk((std::filesystem::path(cfg.output_dir) / "sae").string())});
+        return py::make_tuple(py::cast(s), to_python(trainer.final_eval().to_json()));
+      },
+      py::arg("config"), py::arg("activations") = py::none(), py::arg("progress") = py::none(),
+      py::arg("resume") = false, py::arg("preset") = "",
+      "Train a batch-TopK (Matryoshka) SAE. config: the JSON config as a dict (docs/training.md), "
+      "merged over `preset`. activations: optional float32 [tokens, d_in] array used instead of "
+      "config['data']. progress: called with each log record (dict). Returns (sae, final eval "
+      "dict).");
 
   m.def("presets", &train::preset_names, "Names of the training presets.");
 }
