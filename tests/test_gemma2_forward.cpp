@@ -1,0 +1,83 @@
+// The Gemma-2 forward against transformers' Gemma2ForCausalLM on the tiny checkpoints
+// (scripts/make_gemma_goldens.py): every hidden state and the logits, for prompts longer than
+// the sliding window, GQA, both soft-caps, odd sizes, bf16 and sharded weights.
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "io/json_file.h"
+#include "io/safetensors.h"
+#include "model/gemma2.h"
+#include "test_util.h"
+
+namespace sae::model {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Case {
+  std::string name;
+  // f32 checkpoints: 1e-5 (same arithmetic, different summation order). The bf16 checkpoint
+  // was run by transformers in bf16 — every matmul and norm output rounded to 8 mantissa bits
+  // (eps 2^-8 ~ 3.9e-3), compounding over the layers — while sae.cpp upcasts the weights
+  // exactly and computes in f32, so the two differ by bf16 rounding: 5e-2.
+  double rel;
+};
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.name;
+}
+
+class Gemma2Golden : public ::testing::TestWithParam<Case> {};
+
+TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
+  const Case cs = GetParam();
+  Gemma2 m = Gemma2::load(test::golden("gemma2/" + cs.name + "/model"), false);
+  SafetensorsFile g(test::golden("gemma2/" + cs.name + "/goldens.safetensors"));
+  auto prompts = read_json_file(test::golden("gemma2/" + cs.name + "/prompts.json"))["prompts"];
+  const int64_t L = m.cfg.num_layers, H = m.cfg.hidden_size;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    auto ids = prompts[p].get<std::vector<int32_t>>();
+    const int64_t T = int64_t(ids.size());
+    std::vector<std::vector<float>> resid(static_cast<size_t>(L));
+    std::vector<float> final_hidden, logits;
+    m.forward(
+        ids, L - 1,
+        [&](int64_t l, const float* h, int64_t n) { resid[size_t(l)].assign(h, h + n * H); },
+        &final_hidden, &logits);
+    // HF hidden_states[l + 1] is the output of layer l; the last one has the final norm applied.
+    for (int64_t l = 0; l + 1 < L; ++l)
+      test::expect_close(resid[size_t(l)],
+                         g.read_f32(cat("prompt", p, ".hidden_states.", l + 1), {T, H}), cs.rel,
+                         cat(cs.name, " prompt ", p, " layer ", l));
+    test::expect_close(final_hidden, g.read_f32(cat("prompt", p, ".hidden_states.", L), {T, H}),
+                       cs.rel, cat(cs.name, " final norm"));
+    test::expect_close(logits, g.read_f32(cat("prompt", p, ".logits"), {T, m.cfg.vocab_size}),
+                       cs.rel, cat(cs.name, " logits"));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Checkpoints, Gemma2Golden,
+                         ::testing::Values(Case{"gqa_window", 1e-5}, Case{"sharded", 1e-5},
+                                           Case{"odd_bf16", 5e-2}),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(Gemma2Load, MissingShardAndShapeMismatch) {
+  test::TempDir dir;
+  fs::copy(test::golden("gemma2/sharded/model"), dir / "m");
+  fs::remove(dir / "m/model-00002-of-00004.safetensors");
+  try {
+    Gemma2::load(dir / "m", false);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model-00002-of-00004.safetensors is missing"),
+              std::string::npos)
+        << e.what();
+  }
+  fs::copy(test::golden("gemma2/gqa_window/model"), dir / "w");
+  auto cfg = read_json_file(dir / "w/config.json");
+  cfg["intermediate_size"] = 161;
+  test::write_bytes(dir / "w/config.json", cfg.dump());
+  EXPECT_THROW(Gemma2::load(dir / "w", false), Error);
+}
+
+}  // namespace
+}  // namespace sae::model
