@@ -39,10 +39,25 @@ TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
     const int64_t T = int64_t(ids.size());
     std::vector<std::vector<float>> resid(static_cast<size_t>(L));
     std::vector<float> final_hidden, logits;
+    std::vector<std::vector<float>> pre(static_cast<size_t>(L)), attn(static_cast<size_t>(L)),
+        mlp(static_cast<size_t>(L));
     m.forward(
         ids, L - 1,
-        [&](int64_t l, const float* h, int64_t n) { resid[size_t(l)].assign(h, h + n * H); },
+        [&](HookPoint pt, int64_t l, float* h, int64_t n) {
+          auto& dst = pt == HookPoint::ResidPost ? resid
+                      : pt == HookPoint::ResidPre ? pre
+                      : pt == HookPoint::AttnOut  ? attn
+                                                  : mlp;
+          dst[size_t(l)].assign(h, h + n * H);
+        },
         &final_hidden, &logits);
+    // The hook points are consistent: resid_pre(l+1) = resid_post(l) = resid_pre(l) + attn + mlp.
+    for (int64_t l = 0; l < L; ++l) {
+      if (l + 1 < L) EXPECT_EQ(pre[size_t(l + 1)], resid[size_t(l)]);
+      for (size_t i = 0; i < resid[size_t(l)].size(); ++i)
+        ASSERT_NEAR(resid[size_t(l)][i], pre[size_t(l)][i] + attn[size_t(l)][i] + mlp[size_t(l)][i],
+                    1e-4 * (1 + std::abs(resid[size_t(l)][i])));
+    }
     // HF hidden_states[l + 1] is the output of layer l; the last one has the final norm applied.
     for (int64_t l = 0; l + 1 < L; ++l)
       test::expect_close(resid[size_t(l)],
@@ -59,6 +74,29 @@ INSTANTIATE_TEST_SUITE_P(Checkpoints, Gemma2Golden,
                          ::testing::Values(Case{"gqa_window", 1e-5}, Case{"sharded", 1e-5},
                                            Case{"odd_bf16", 5e-2}),
                          [](const auto& info) { return info.param.name; });
+
+TEST(Gemma2Hooks, NamesAndSplicingAndContext) {
+  EXPECT_EQ(hook_name(HookPoint::ResidPost, 12), "blocks.12.hook_resid_post");
+  auto [p, l] = parse_hook_name("blocks.3.hook_attn_out");
+  EXPECT_EQ(p, HookPoint::AttnOut);
+  EXPECT_EQ(l, 3);
+  EXPECT_THROW(parse_hook_name("blocks.x.hook_resid_post"), Error);
+  EXPECT_THROW(parse_hook_name("blocks.1.hook_z"), Error);
+  Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), false);
+  std::vector<int32_t> ids = {2, 10, 11, 12, 13};
+  // Zeroing the whole residual stream after the last layer leaves the final norm nothing:
+  // every logit becomes 0.
+  std::vector<float> logits;
+  m.forward(ids, m.cfg.num_layers - 1,
+            [&](HookPoint pt, int64_t layer, float* a, int64_t n) {
+              if (pt == HookPoint::ResidPost && layer == m.cfg.num_layers - 1)
+                std::fill(a, a + n * m.cfg.hidden_size, 0.0f);
+            },
+            nullptr, &logits);
+  for (float z : logits) ASSERT_EQ(z, 0.0f);
+  m.cfg.max_position_embeddings = 4;
+  EXPECT_THROW(m.forward(ids, 0, nullptr), Error);
+}
 
 TEST(Gemma2Load, MissingShardAndShapeMismatch) {
   test::TempDir dir;

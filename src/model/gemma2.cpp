@@ -108,13 +108,43 @@ void linear(const float* x, const std::vector<float>& w, float* y, int64_t T, in
 }
 }  // namespace
 
-void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer,
-                     const ResidHook& on_resid_post, std::vector<float>* final_hidden,
-                     std::vector<float>* logits) const {
+std::string hook_name(HookPoint p, int64_t layer) {
+  const char* n = p == HookPoint::ResidPre  ? "resid_pre"
+                  : p == HookPoint::AttnOut ? "attn_out"
+                  : p == HookPoint::MlpOut  ? "mlp_out"
+                                            : "resid_post";
+  return cat("blocks.", layer, ".hook_", n);
+}
+
+HookPoint parse_hook_kind(const std::string& kind) {
+  if (kind == "resid_pre") return HookPoint::ResidPre;
+  if (kind == "attn_out") return HookPoint::AttnOut;
+  if (kind == "mlp_out") return HookPoint::MlpOut;
+  if (kind == "resid_post") return HookPoint::ResidPost;
+  fail("hook", kind, "unknown hook (resid_pre, attn_out, mlp_out, resid_post)");
+}
+
+std::pair<HookPoint, int64_t> parse_hook_name(const std::string& name) {
+  const std::string prefix = "blocks.";
+  const size_t dot = name.find(".hook_", prefix.size());
+  if (name.rfind(prefix, 0) != 0 || dot == std::string::npos)
+    fail("hook", name, "expected blocks.<layer>.hook_<resid_pre|attn_out|mlp_out|resid_post>");
+  const std::string num = name.substr(prefix.size(), dot - prefix.size());
+  if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos)
+    fail("hook", name, "bad layer number");
+  return {parse_hook_kind(name.substr(dot + 6)), std::stoll(num)};
+}
+
+void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer, const HookFn& hook,
+                     std::vector<float>* final_hidden, std::vector<float>* logits) const {
   const Gemma2Config& c = cfg;
   const int64_t T = int64_t(ids.size()), H = c.hidden_size, I = c.intermediate_size;
   const int64_t nq = c.num_heads * c.head_dim, nkv = c.num_kv_heads * c.head_dim;
   if (last_layer < 0 || last_layer >= c.num_layers) fail("forward", "last_layer", "out of range");
+  if (T == 0) fail("forward", "ids", "empty prompt");
+  if (T > c.max_position_embeddings)
+    fail("forward", "ids", cat("prompt has ", T, " tokens, longer than the context (max_position_embeddings = ",
+                               c.max_position_embeddings, ")"));
   std::vector<float> h(size_t(T * H)), x(size_t(T * H)), q(size_t(T * nq)), k(size_t(T * nkv)),
       v(size_t(T * nkv)), att(size_t(T * nq)), gate(size_t(T * I)), up(size_t(T * I));
   std::vector<int64_t> pos(static_cast<size_t>(T));
@@ -130,6 +160,7 @@ void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer,
   const float eps = float(c.rms_norm_eps);
   for (int64_t l = 0; l <= last_layer; ++l) {
     const Gemma2Layer& L = layers[size_t(l)];
+    if (hook) hook(HookPoint::ResidPre, l, h.data(), T);
     // Attention block: h += post_attn_norm(attn(input_norm(h))).
     ops::rms_norm_gemma(h.data(), L.input_norm.data(), x.data(), T, H, eps);
     linear(x.data(), L.q_proj, q.data(), T, H, nq);
@@ -147,6 +178,7 @@ void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer,
     ops::attention_causal(q.data(), k.data(), v.data(), att.data(), s);
     linear(att.data(), L.o_proj, x.data(), T, nq, H);
     ops::rms_norm_gemma(x.data(), L.post_attn_norm.data(), x.data(), T, H, eps);
+    if (hook) hook(HookPoint::AttnOut, l, x.data(), T);
     for (int64_t i = 0; i < T * H; ++i) h[size_t(i)] += x[size_t(i)];
     // MLP block: h += post_ff_norm(down(gelu(gate(x)) * up(x))), x = pre_ff_norm(h).
     ops::rms_norm_gemma(h.data(), L.pre_ff_norm.data(), x.data(), T, H, eps);
@@ -156,8 +188,9 @@ void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer,
       gate[size_t(i)] = ops::gelu_tanh(gate[size_t(i)]) * up[size_t(i)];
     linear(gate.data(), L.down_proj, x.data(), T, I, H);
     ops::rms_norm_gemma(x.data(), L.post_ff_norm.data(), x.data(), T, H, eps);
+    if (hook) hook(HookPoint::MlpOut, l, x.data(), T);
     for (int64_t i = 0; i < T * H; ++i) h[size_t(i)] += x[size_t(i)];
-    if (on_resid_post) on_resid_post(l, h.data(), T);
+    if (hook) hook(HookPoint::ResidPost, l, h.data(), T);
   }
   if (last_layer != c.num_layers - 1 || (!final_hidden && !logits)) return;
   ops::rms_norm_gemma(h.data(), final_norm.data(), x.data(), T, H, eps);
