@@ -1,11 +1,17 @@
 // sae eval <sae> <acts>: L0, explained variance, MSE, cosine, norms, dead/dense latents.
 #include <cstdio>
 #include <iostream>
+#include <memory>
+#include <optional>
+#include <tuple>
 
 #include "acts_file.h"
 #include "commands.h"
 #include "core/error.h"
+#include "eval/lm_score.h"
 #include "eval/metrics.h"
+#include "model/gemma2.h"
+#include "prompts.h"
 #include "sae/load.h"
 
 namespace sae::cli {
@@ -13,14 +19,21 @@ namespace sae::cli {
 Runner add_eval(CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "Evaluate an SAE on activations (.npy/.safetensors)");
   struct Opts {
-    std::string ref, acts, tensor;
+    std::string ref, acts, tensor, model, text_file;
+    std::vector<std::string> texts;
     bool json = false, density = false;
     int64_t batch = 4096;
     double dense_threshold = 0.1;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("sae", o->ref, "SAE folder or release:sae_id")->required();
-  cmd->add_option("acts", o->acts, "Activations file [tokens, d_in]")->required();
+  cmd->add_option("acts", o->acts, "Activations file [tokens, d_in] (or use --model)");
+  cmd->add_option(
+      "--model", o->model,
+      "Gemma-2 folder: adds the CE-loss and KL scores at the SAE's hook (and, without an "
+      "activations file, takes the activations from the model)");
+  cmd->add_option("--text-file", o->text_file, "Prompts for --model, one per line");
+  cmd->add_option("--text", o->texts, "A prompt for --model (repeatable)");
   cmd->add_option("--tensor", o->tensor, "Tensor name inside a .safetensors activations file");
   cmd->add_option("--batch-size", o->batch,
                   "Tokens per batch; the legacy explained variance uses each batch's mean")
@@ -32,9 +45,33 @@ Runner add_eval(CLI::App& app) {
   return [=] {
     LoadedSae l = load_sae_ref(o->ref);
     const Sae& s = l.sae;
-    Activations a = read_activations(o->acts, o->tensor);
+    if (o->acts.empty() && o->model.empty())
+      fail("eval", "acts", "give an activations file or --model");
+    Activations a;
+    std::unique_ptr<model::Gemma2> lm;
+    std::vector<std::vector<int32_t>> prompts;
+    model::HookPoint point{};
+    int64_t layer = 0;
+    if (!o->model.empty()) {
+      const std::string hook = s.cfg.metadata_string("hook_name");
+      if (hook.empty())
+        fail(l.folder + "/cfg.json", "metadata.hook_name", "missing: cannot tell where to splice");
+      std::tie(point, layer) = model::parse_hook_name(hook);
+      lm = std::make_unique<model::Gemma2>(model::Gemma2::load(o->model));
+      prompts = tokenize_prompts(o->model, read_prompts(o->texts, o->text_file));
+    }
+    if (!o->acts.empty()) {
+      a = read_activations(o->acts, o->tensor);
+    } else {  // the hook's activations on the prompts, BOS excluded
+      a.d = lm->cfg.hidden_size;
+      for (const auto& ids : prompts)
+        lm->forward(ids, layer, [&](model::HookPoint p, int64_t ll, float* act, int64_t n) {
+          if (p == point && ll == layer) a.data.insert(a.data.end(), act + a.d, act + n * a.d);
+        });
+      a.n = int64_t(a.data.size()) / a.d;
+    }
     if (a.d != s.cfg.d_in)
-      fail(o->acts, "shape",
+      fail(o->acts.empty() ? o->model : o->acts, "shape",
            cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
     if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
     MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, o->dense_threshold);
@@ -46,10 +83,20 @@ Runner add_eval(CLI::App& app) {
       acc.add_batch(x, x_hat, codes);
     }
     Metrics m = acc.finish();
+    std::optional<LmScore> score;
+    if (lm) score = lm_score(*lm, s, point, layer, prompts);
     if (o->json) {
-      std::cout << m.to_json(o->density).dump(2) << "\n";
+      auto j = m.to_json(o->density);
+      if (score) j["lm_score"] = score->to_json();
+      std::cout << j.dump(2) << "\n";
       return 0;
     }
+    if (score)
+      std::printf(
+          "CE loss: clean %.5f, with SAE %.5f, zero-ablated %.5f -> CE-loss score %.5f\n"
+          "KL: with SAE %.5f, zero-ablated %.5f -> KL score %.5f  (%lld predictions)\n",
+          score->ce_clean, score->ce_sae, score->ce_zero, score->ce_loss_score, score->kl_sae,
+          score->kl_zero, score->kl_score, (long long)score->n_predictions);
     std::printf("tokens                        %lld\n", (long long)m.n_tokens);
     std::printf("L0                            %.4f\n", m.l0);
     std::printf("explained variance            %.6f\n", m.explained_variance);

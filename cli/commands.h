@@ -14,5 +14,7 @@ Runner add_eval(CLI::App& app);
 Runner add_convert(CLI::App& app);
 Runner add_train(CLI::App& app);
 Runner add_demo(CLI::App& app);
+Runner add_activations(CLI::App& app);
+Runner add_lm_loss(CLI::App& app);
 
 }  // namespace sae::cli

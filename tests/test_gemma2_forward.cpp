@@ -44,7 +44,7 @@ TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
     m.forward(
         ids, L - 1,
         [&](HookPoint pt, int64_t l, float* h, int64_t n) {
-          auto& dst = pt == HookPoint::ResidPost ? resid
+          auto& dst = pt == HookPoint::ResidPost  ? resid
                       : pt == HookPoint::ResidPre ? pre
                       : pt == HookPoint::AttnOut  ? attn
                                                   : mlp;
@@ -87,12 +87,13 @@ TEST(Gemma2Hooks, NamesAndSplicingAndContext) {
   // Zeroing the whole residual stream after the last layer leaves the final norm nothing:
   // every logit becomes 0.
   std::vector<float> logits;
-  m.forward(ids, m.cfg.num_layers - 1,
-            [&](HookPoint pt, int64_t layer, float* a, int64_t n) {
-              if (pt == HookPoint::ResidPost && layer == m.cfg.num_layers - 1)
-                std::fill(a, a + n * m.cfg.hidden_size, 0.0f);
-            },
-            nullptr, &logits);
+  m.forward(
+      ids, m.cfg.num_layers - 1,
+      [&](HookPoint pt, int64_t layer, float* a, int64_t n) {
+        if (pt == HookPoint::ResidPost && layer == m.cfg.num_layers - 1)
+          std::fill(a, a + n * m.cfg.hidden_size, 0.0f);
+      },
+      nullptr, &logits);
   for (float z : logits) ASSERT_EQ(z, 0.0f);
   m.cfg.max_position_embeddings = 4;
   EXPECT_THROW(m.forward(ids, 0, nullptr), Error);

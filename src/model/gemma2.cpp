@@ -143,8 +143,9 @@ void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer, const Hoo
   if (last_layer < 0 || last_layer >= c.num_layers) fail("forward", "last_layer", "out of range");
   if (T == 0) fail("forward", "ids", "empty prompt");
   if (T > c.max_position_embeddings)
-    fail("forward", "ids", cat("prompt has ", T, " tokens, longer than the context (max_position_embeddings = ",
-                               c.max_position_embeddings, ")"));
+    fail("forward", "ids",
+         cat("prompt has ", T, " tokens, longer than the context (max_position_embeddings = ",
+             c.max_position_embeddings, ")"));
   std::vector<float> h(size_t(T * H)), x(size_t(T * H)), q(size_t(T * nq)), k(size_t(T * nkv)),
       v(size_t(T * nkv)), att(size_t(T * nq)), gate(size_t(T * I)), up(size_t(T * I));
   std::vector<int64_t> pos(static_cast<size_t>(T));

@@ -77,8 +77,10 @@ Gemma2Config Gemma2Config::from_json(const nlohmann::json& j, const std::string&
     fail(where, "hidden_activation", cat("\"", act, "\" is not supported (gelu_pytorch_tanh)"));
   c.tie_word_embeddings = j.value("tie_word_embeddings", true);
   if (!c.tie_word_embeddings)
-    fail(where, "tie_word_embeddings", "untied output embeddings are not supported (Gemma-2 ties them)");
-  if (j.contains("max_position_embeddings")) c.max_position_embeddings = positive(j, "max_position_embeddings", where);
+    fail(where, "tie_word_embeddings",
+         "untied output embeddings are not supported (Gemma-2 ties them)");
+  if (j.contains("max_position_embeddings"))
+    c.max_position_embeddings = positive(j, "max_position_embeddings", where);
   c.dtype = j.value("dtype", j.value("torch_dtype", "float32"));
   return c;
 }

@@ -21,7 +21,7 @@ struct Gemma2Config {
   std::optional<double> final_logit_softcap;
   int64_t sliding_window = 0;
   int64_t max_position_embeddings = 8192;  // longest prompt accepted
-  std::vector<bool> sliding;  // per layer: sliding-window attention
+  std::vector<bool> sliding;               // per layer: sliding-window attention
   bool tie_word_embeddings = true;
   std::string dtype = "float32";  // the checkpoint's declared dtype
 
