@@ -5,12 +5,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 
 #include "core/error.h"
 #include "data/activation_files.h"
+#include "eval/lm_score.h"
 #include "eval/metrics.h"
+#include "model/gemma2.h"
+#include "model/tokenizer.h"
 #include "pipeline/source_factory.h"
 #include "sae/load.h"
 #include "sae/save.h"
@@ -31,6 +35,15 @@ nlohmann::json from_python(const py::handle& obj) {
 }
 
 // An SAE owned by Python; numpy views of its weights keep it alive through their base.
+// A Gemma-2 checkpoint with its tokenizer.
+struct PyGemma2 {
+  model::Gemma2 m;
+  std::unique_ptr<model::Tokenizer> tok;
+  std::vector<std::vector<int32_t>> tokenize(const std::vector<std::string>& texts) const {
+    return tok->encode_batch(texts, /*add_bos=*/true);
+  }
+};
+
 struct PySae {
   LoadedSae loaded;
   Sae& sae() { return loaded.sae; }
@@ -376,4 +389,93 @@ PYBIND11_MODULE(_core, m) {
       "dict).");
 
   m.def("presets", &train::preset_names, "Names of the training presets.");
+
+  py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
+      m, "Gemma2", "A Gemma-2 checkpoint folder (HF format) and its tokenizer.")
+      .def(py::init([](const std::string& folder) {
+             auto g = std::make_shared<PyGemma2>();
+             {
+               py::gil_scoped_release nogil;
+               g->m = model::Gemma2::load(folder);
+             }
+             g->tok = std::make_unique<model::Tokenizer>(
+                 (std::filesystem::path(folder) / "tokenizer.model").string());
+             return g;
+           }),
+           py::arg("folder"))
+      .def("tokenize", &PyGemma2::tokenize, py::arg("texts"), "Token ids, BOS first.")
+      .def(
+          "activations",
+          [](PyGemma2& g, const std::vector<std::string>& texts, std::vector<int64_t> layers,
+             const std::string& hook) {
+            const model::HookPoint point = model::parse_hook_kind(hook);
+            if (layers.empty()) throw Error("activations: layers: give at least one layer");
+            std::sort(layers.begin(), layers.end());
+            for (int64_t l : layers)
+              if (l < 0 || l >= g.m.cfg.num_layers)
+                throw Error(cat("activations: layers: ", l, " is not a layer"));
+            const auto prompts = g.tokenize(texts);
+            const int64_t H = g.m.cfg.hidden_size;
+            std::vector<std::vector<float>> acts(layers.size());
+            std::vector<int32_t> tokens;
+            std::vector<int64_t> offsets = {0};
+            {
+              py::gil_scoped_release nogil;
+              for (const auto& ids : prompts) {
+                g.m.forward(ids, layers.back(),
+                            [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+                              auto it = std::find(layers.begin(), layers.end(), l);
+                              if (p == point && it != layers.end())
+                                acts[size_t(it - layers.begin())].insert(
+                                    acts[size_t(it - layers.begin())].end(), a, a + n * H);
+                            });
+                tokens.insert(tokens.end(), ids.begin(), ids.end());
+                offsets.push_back(int64_t(tokens.size()));
+              }
+            }
+            py::dict out;
+            const py::ssize_t N = py::ssize_t(tokens.size());
+            for (size_t i = 0; i < layers.size(); ++i)
+              out[py::str(model::hook_name(point, layers[i]))] =
+                  copy_to_numpy(acts[i], {N, py::ssize_t(H)});
+            py::array_t<int32_t> t(N);
+            std::copy(tokens.begin(), tokens.end(), t.mutable_data());
+            py::array_t<int64_t> o(py::ssize_t(offsets.size()));
+            std::copy(offsets.begin(), offsets.end(), o.mutable_data());
+            out["tokens"] = t;
+            out["offsets"] = o;
+            return out;
+          },
+          py::arg("texts"), py::arg("layers"), py::arg("hook") = "resid_post",
+          "Activations at blocks.L.hook_<hook> for each layer: {hook name: float32 [tokens, "
+          "hidden], "
+          "'tokens': int32 [tokens], 'offsets': int64 [prompts + 1]}; all positions, BOS included.")
+      .def(
+          "lm_loss",
+          [](PyGemma2& g, const std::vector<std::string>& texts) {
+            const auto prompts = g.tokenize(texts);
+            py::gil_scoped_release nogil;
+            return lm_loss(g.m, prompts);
+          },
+          py::arg("texts"), "Mean next-token cross-entropy (nats).")
+      .def(
+          "lm_score",
+          [](PyGemma2& g, py::object sae_obj, const std::vector<std::string>& texts,
+             const std::string& hook_name) {
+            Sae& s = sae_obj.cast<PySae&>().sae();
+            const std::string name =
+                hook_name.empty() ? s.cfg.metadata_string("hook_name") : hook_name;
+            if (name.empty())
+              throw Error("lm_score: hook_name: the SAE's cfg has no metadata.hook_name; pass one");
+            const auto [point, layer] = model::parse_hook_name(name);
+            const auto prompts = g.tokenize(texts);
+            LmScore r;
+            {
+              py::gil_scoped_release nogil;
+              r = lm_score(g.m, s, point, layer, prompts);
+            }
+            return to_python(r.to_json());
+          },
+          py::arg("sae"), py::arg("texts"), py::arg("hook_name") = "",
+          "CE-loss and KL scores of the SAE spliced in at its hook (BOS never replaced).");
 }
