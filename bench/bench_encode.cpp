@@ -62,11 +62,11 @@ int main(int argc, char** argv) {
   std::vector<float> c(size_t(batch * d_sae));
   ops::gemm(ops::Trans::No, ops::Trans::No, batch, d_sae, d_in, 1.0f, x.data(), d_in,
             s.W_enc.data(), d_sae, 0.0f, c.data(), d_sae);  // warm-up
-  double t0 = bench::now_s();
+  double t0 = now_seconds();
   for (int64_t i = 0; i < iters; ++i)
     ops::gemm(ops::Trans::No, ops::Trans::No, batch, d_sae, d_in, 1.0f, x.data(), d_in,
               s.W_enc.data(), d_sae, 0.0f, c.data(), d_sae);
-  const double gemm_s = (bench::now_s() - t0) / double(iters);
+  const double gemm_s = (now_seconds() - t0) / double(iters);
   const double flop = 2.0 * double(batch) * double(d_in) * double(d_sae);
   c = {};
   std::printf("\n%-34s %12s %12s %10s\n", "what", "ms/batch", "tokens/s", "GFLOP/s");
@@ -77,17 +77,17 @@ int main(int argc, char** argv) {
     // Through the file: save in dtype, load back (weights become f32 in memory).
     const std::string dir = "/tmp/saecpp_bench_encode_" + std::string(dtype_name(dt));
     save_to_disk(s, dir, dt);
-    double tl = bench::now_s();
+    double tl = now_seconds();
     LoadedSae l = load_from_disk(dir);
-    const double load_s = bench::now_s() - tl;
+    const double load_s = now_seconds() - tl;
     SparseCodes codes = l.sae.encode(x, batch);  // warm-up
-    t0 = bench::now_s();
+    t0 = now_seconds();
     for (int64_t i = 0; i < iters; ++i) codes = l.sae.encode(x, batch);
-    const double enc_s = (bench::now_s() - t0) / double(iters);
-    t0 = bench::now_s();
+    const double enc_s = (now_seconds() - t0) / double(iters);
+    t0 = now_seconds();
     std::vector<float> out;
     for (int64_t i = 0; i < iters; ++i) out = l.sae.decode(codes);
-    const double dec_s = (bench::now_s() - t0) / double(iters);
+    const double dec_s = (now_seconds() - t0) / double(iters);
     const std::string tag = std::string(dtype_name(dt)) + " weights";
     std::printf("%-34s %12.1f %12.0f %10.1f   (L0 %.1f, %.0f%% of time in sgemm)\n",
                 (tag + ": encode").c_str(), enc_s * 1e3, double(batch) / enc_s, flop / enc_s * 1e-9,

@@ -77,18 +77,18 @@ int main(int argc, char** argv) {
   opt.step(sae, g, 1e-4);
   ws.times = {};
   double t_clear = 0, t_opt = 0;
-  const double t0 = bench::now_s();
+  const double t0 = now_seconds();
   for (int64_t s = 0; s < steps; ++s) {
-    double a = bench::now_s();
+    double a = now_seconds();
     g.clear();
-    t_clear += bench::now_s() - a;
+    t_clear += now_seconds() - a;
     train::StepResult r = train::forward_backward(sae, x.data(), batch, dead, g, ws);
     sae.update_threshold(r.min_selected, r.n_active > 0);
-    a = bench::now_s();
+    a = now_seconds();
     opt.step(sae, g, 1e-4);
-    t_opt += bench::now_s() - a;
+    t_opt += now_seconds() - a;
   }
-  const double per_step = (bench::now_s() - t0) / double(steps);
+  const double per_step = (now_seconds() - t0) / double(steps);
   const auto& t = ws.times;
   const double n = double(steps);
   const double gemm_flop = 2.0 * double(batch) * double(d_in) * double(d_sae);

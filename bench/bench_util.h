@@ -1,11 +1,11 @@
 // What every benchmark prints first: the command line, the machine and the thread count.
 #pragma once
 
-#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
 
+#include "core/clock.h"
 #include "ops/gemm.h"
 
 namespace sae::bench {
@@ -22,10 +22,6 @@ inline void print_header(int argc, char** argv) {
   std::printf("command:");
   for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
   std::printf("\nmachine: %s, %d threads (OpenMP/BLAS)\n", cpu_model().c_str(), ops::num_threads());
-}
-
-inline double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace sae::bench

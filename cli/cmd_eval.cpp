@@ -74,15 +74,7 @@ Runner add_eval(CLI::App& app) {
       fail(o->acts.empty() ? o->model : o->acts, "shape",
            cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
     if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
-    MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, o->dense_threshold);
-    for (int64_t t0 = 0; t0 < a.n; t0 += o->batch) {
-      const int64_t n = std::min(o->batch, a.n - t0);
-      std::span<const float> x(a.data.data() + t0 * a.d, size_t(n * a.d));
-      SparseCodes codes = s.encode(x, n);
-      std::vector<float> x_hat = s.decode(codes);
-      acc.add_batch(x, x_hat, codes);
-    }
-    Metrics m = acc.finish();
+    Metrics m = evaluate_in_batches(s, a.data, a.n, o->batch, o->dense_threshold);
     std::optional<LmScore> score;
     if (lm) score = lm_score(*lm, s, point, layer, prompts);
     if (o->json) {

@@ -312,14 +312,8 @@ PYBIND11_MODULE(_core, m) {
         Metrics met;
         {
           py::gil_scoped_release nogil;
-          MetricsAccumulator acc(s.cfg.d_in, s.cfg.d_sae, dense_threshold);
-          for (int64_t t0 = 0; t0 < n; t0 += batch_size) {
-            const int64_t b = std::min(batch_size, n - t0);
-            std::span<const float> xs(x.data() + t0 * s.cfg.d_in, size_t(b * s.cfg.d_in));
-            SparseCodes codes = s.encode(xs, b);
-            acc.add_batch(xs, s.decode(codes), codes);
-          }
-          met = acc.finish();
+          met = evaluate_in_batches(s, std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n,
+                                    batch_size, dense_threshold);
         }
         return metrics_dict(met, true);
       },

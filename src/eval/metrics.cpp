@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "sae/sae.h"
 
 namespace sae {
 
@@ -111,6 +112,19 @@ Metrics MetricsAccumulator::finish() const {
     m.log_density_histogram[size_t(std::clamp(bin, 0, 9))]++;
   }
   return m;
+}
+
+Metrics evaluate_in_batches(const Sae& sae, std::span<const float> x, int64_t n, int64_t batch,
+                            double dense_threshold) {
+  const int64_t d = sae.cfg.d_in;
+  MetricsAccumulator acc(d, sae.cfg.d_sae, dense_threshold);
+  for (int64_t t0 = 0; t0 < n; t0 += batch) {
+    const int64_t b = std::min(batch, n - t0);
+    std::span<const float> xs = x.subspan(size_t(t0 * d), size_t(b * d));
+    SparseCodes codes = sae.encode(xs, b);
+    acc.add_batch(xs, sae.decode(codes), codes);
+  }
+  return acc.finish();
 }
 
 nlohmann::ordered_json Metrics::to_json(bool with_density) const {

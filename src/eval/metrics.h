@@ -57,4 +57,11 @@ class MetricsAccumulator {
   std::vector<int64_t> fire_counts_;
 };
 
+class Sae;
+
+// Encodes and decodes x [n, d_in] in batches of `batch` tokens and accumulates the metrics
+// (the legacy explained variance uses each batch's mean).
+Metrics evaluate_in_batches(const Sae& sae, std::span<const float> x, int64_t n, int64_t batch,
+                            double dense_threshold = 0.1);
+
 }  // namespace sae

@@ -3,11 +3,11 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
@@ -54,17 +54,6 @@ double Grads::squared_norm() const {
   return s;
 }
 
-void Grads::scale(float f) {
-  const size_t d_in = b_dec.size();
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < touched.size(); ++i) {
-    const size_t j = size_t(touched[i]);
-    for (size_t c = 0; c < d_in; ++c) W_encT[j * d_in + c] *= f, W_dec[j * d_in + c] *= f;
-  }
-  for (float& v : b_enc) v *= f;
-  for (float& v : b_dec) v *= f;
-}
-
 // ---- the step -------------------------------------------------------------------------------
 
 namespace {
@@ -78,10 +67,6 @@ struct Entry {
   float coef;    // the value the latent decoded with
   float dpre;
 };
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 inline double dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
@@ -114,10 +99,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     for (int64_t c = 0; c < d; ++c)
       ws.sae_in[size_t(t * d + c)] =
           x[t * d + c] - (sp.apply_b_dec_to_input ? sae.b_dec[size_t(c)] : 0.0f);
-  double t0 = now_s();
+  double t0 = now_seconds();
   ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d, sae.W_encT.data(),
             d, 0.0f, ws.hidden_pre.data(), D);
-  double t1 = now_s();
+  double t1 = now_seconds();
   ws.times.encoder_gemm += t1 - t0;
   std::vector<float> norms, inv_norms;
   if (rescale) {
@@ -140,19 +125,24 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   res.min_selected = 0;
   if (res.n_active > 0) res.min_selected = *std::min_element(act.values.begin(), act.values.end());
   for (int32_t j : act.cols) res.fired[size_t(j)] = 1;
-  t0 = now_s();
+  t0 = now_seconds();
   ws.times.select += t0 - t1;
+
+  // The Matryoshka level each latent first appears in.
+  std::vector<int32_t> level_of(static_cast<size_t>(D));
+  for (int64_t j = 0, lvl = 0; j < D; ++j) {
+    while (j >= sp.widths[size_t(lvl)]) ++lvl;
+    level_of[size_t(j)] = int32_t(lvl);
+  }
 
   // Dead latents, grouped as the AuxK loss uses them (one group, or one per level).
   std::vector<std::vector<int32_t>> aux_groups;
   if (!dead.empty() && sp.aux_coefficient != 0.0) {
-    const int64_t n_groups = sp.per_level_aux ? L : 1;
-    aux_groups.resize(size_t(n_groups));
-    for (int64_t j = 0, lvl = 0; j < D; ++j) {
-      while (j >= sp.widths[size_t(lvl)]) ++lvl;
+    aux_groups.resize(size_t(sp.per_level_aux ? L : 1));
+    for (int64_t j = 0; j < D; ++j)
       if (dead[size_t(j)])
-        aux_groups[size_t(sp.per_level_aux ? lvl : 0)].push_back(int32_t(j)), res.n_dead++;
-    }
+        aux_groups[size_t(sp.per_level_aux ? level_of[size_t(j)] : 0)].push_back(int32_t(j)),
+            res.n_dead++;
   }
   const int64_t n_aux = int64_t(aux_groups.size());
   // Per token vectors: L level gradients, then one residual/gradient per aux group.
@@ -219,15 +209,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];
   }
 
-  t1 = now_s();
+  t1 = now_seconds();
   ws.times.levels += t1 - t0;
 
   // ---- backward of the active latents: entries in token order (CSR) ----
-  std::vector<int32_t> level_of(static_cast<size_t>(D));
-  for (int64_t j = 0, lvl = 0; j < D; ++j) {
-    while (j >= sp.widths[size_t(lvl)]) ++lvl;
-    level_of[size_t(j)] = int32_t(lvl);
-  }
   std::vector<Entry> entries(size_t(res.n_active));
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < B; ++t)
@@ -276,7 +261,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     }
     g.b_enc[size_t(j)] += float(gb);
   }
-  t0 = now_s();
+  t0 = now_seconds();
   ws.times.backward += t0 - t1;
 
   // ---- AuxK, dense over each group's dead latents (k_aux is a large share of them) ----
@@ -360,7 +345,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     }
   }
   res.loss += res.aux_loss;
-  t1 = now_s();
+  t1 = now_seconds();
   ws.times.aux += t1 - t0;
 
   // b_dec: every level's reconstruction includes it (G_0 sums the level gradients), and the
@@ -372,7 +357,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] += double(g0[c]) - (ds ? double(ds[c]) : 0.0);
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
-  ws.times.backward += now_s() - t1;
+  ws.times.backward += now_seconds() - t1;
   return res;
 }
 

@@ -20,7 +20,6 @@ struct Grads {
   void resize(int64_t d_in, int64_t d_sae);
   void clear();  // zero what the last step wrote
   double squared_norm() const;
-  void scale(float s);
 };
 
 struct StepResult {

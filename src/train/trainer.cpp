@@ -1,11 +1,11 @@
 #include "train/trainer.h"
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -20,10 +20,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 std::string fmt_duration(double s) {
   if (!(s >= 0) || s > 1e9) return "?";
@@ -120,6 +116,8 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
 
 void Trainer::prepare_normalisation() {
   // SAELens ActivationScaler: s = sqrt(d_in) / mean ||x|| over a few batches.
+  if (cfg_.normalize_activations == "none" && cfg_.b_dec_init == "zeros")
+    return;  // nothing to read
   const int64_t d = sae_.spec.d_in, B = cfg_.batch_size;
   std::vector<float> x(size_t(B * d));
   double norm_sum = 0;
@@ -189,7 +187,7 @@ void Trainer::eval_and_log(bool final) {
 }
 
 void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
-  const double t = now_s();
+  const double t = now_seconds();
   const double rate =
       double(interval_steps_ * cfg_.batch_size) / std::max(t - interval_start_, 1e-9);
   const double done = double(step_ - run_start_step_);
@@ -329,7 +327,7 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
 
   std::vector<float> x(size_t(B * d));
   std::vector<uint8_t> dead(size_t(sae_.spec.d_sae));
-  run_start_ = interval_start_ = now_s();
+  run_start_ = interval_start_ = now_seconds();
   run_start_step_ = step_;
   interval_steps_ = 0;
   while (step_ < total) {
