@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "eval/lm_score.h"
 #include "io/safetensors.h"
+#include "model/activations.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "prompts.h"
@@ -65,6 +66,7 @@ Runner add_activations(CLI::App& app) {
   struct Opts {
     std::string model, file, layers = "0", hook = "resid_post", out;
     std::vector<std::string> texts;
+    bool bf16 = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model,
@@ -75,24 +77,19 @@ Runner add_activations(CLI::App& app) {
   cmd->add_option("--layers", o->layers, "Layers, e.g. 0-24 or 3,5,7");
   cmd->add_option("--hook", o->hook, "resid_post, resid_pre, attn_out or mlp_out");
   cmd->add_option("-o,--output", o->out, "Output .safetensors")->required();
+  cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
   return [=] {
     const model::HookPoint point = model::parse_hook_kind(o->hook);
     auto texts = read_prompts(o->texts, o->file);
-    model::Gemma2 m = model::Gemma2::load(o->model);
+    const model::Gemma2Config cfg = model::read_gemma2_config(o->model);
+    const auto layers = parse_layers(o->layers, cfg.num_layers);
+    model::Gemma2 m = model::Gemma2::load(o->model, {.last_layer = layers.back(), .keep_bf16 = o->bf16});
     auto prompts = tokenize_prompts(o->model, texts);
-    const auto layers = parse_layers(o->layers, m.cfg.num_layers);
     const int64_t H = m.cfg.hidden_size;
-    std::vector<std::vector<float>> acts(layers.size());
+    auto acts = model::collect_activations(m, prompts, point, layers);
     std::vector<int32_t> tokens;
     std::vector<int64_t> offsets = {0};
     for (const auto& ids : prompts) {
-      m.forward(ids, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-        if (p != point) return;
-        auto it = std::find(layers.begin(), layers.end(), l);
-        if (it != layers.end())
-          acts[size_t(it - layers.begin())].insert(acts[size_t(it - layers.begin())].end(), a,
-                                                   a + n * H);
-      });
       tokens.insert(tokens.end(), ids.begin(), ids.end());
       offsets.push_back(int64_t(tokens.size()));
     }
@@ -118,14 +115,16 @@ Runner add_lm_loss(CLI::App& app) {
   struct Opts {
     std::string model, file;
     std::vector<std::string> texts;
+    bool bf16 = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Hugging Face Gemma-2 folder")->required();
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");
+  cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
   return [=] {
     auto texts = read_prompts(o->texts, o->file);
-    model::Gemma2 m = model::Gemma2::load(o->model);
+    model::Gemma2 m = model::Gemma2::load(o->model, {.keep_bf16 = o->bf16});
     int64_t n = 0;
     const double ce = lm_loss(m, tokenize_prompts(o->model, texts), &n);
     std::printf("cross-entropy %.6f nats/token over %lld predictions (%zu prompts)\n", ce,

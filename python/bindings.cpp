@@ -13,6 +13,7 @@
 #include "data/activation_files.h"
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
+#include "model/activations.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/source_factory.h"
@@ -386,17 +387,18 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2", "A Gemma-2 checkpoint folder (HF format) and its tokenizer.")
-      .def(py::init([](const std::string& folder) {
+      .def(py::init([](const std::string& folder, bool bf16) {
              auto g = std::make_shared<PyGemma2>();
              {
                py::gil_scoped_release nogil;
-               g->m = model::Gemma2::load(folder);
+               g->m = model::Gemma2::load(folder, {.keep_bf16 = bf16});
              }
              g->tok = std::make_unique<model::Tokenizer>(
                  (std::filesystem::path(folder) / "tokenizer.model").string());
              return g;
            }),
-           py::arg("folder"))
+           py::arg("folder"), py::arg("bf16") = false,
+           "bf16=True keeps the weight matrices in bf16 (half the memory; computes in f32).")
       .def("tokenize", &PyGemma2::tokenize, py::arg("texts"), "Token ids, BOS first.")
       .def(
           "activations",
@@ -410,22 +412,16 @@ PYBIND11_MODULE(_core, m) {
                 throw Error(cat("activations: layers: ", l, " is not a layer"));
             const auto prompts = g.tokenize(texts);
             const int64_t H = g.m.cfg.hidden_size;
-            std::vector<std::vector<float>> acts(layers.size());
+            std::vector<std::vector<float>> acts;
             std::vector<int32_t> tokens;
             std::vector<int64_t> offsets = {0};
+            for (const auto& ids : prompts) {
+              tokens.insert(tokens.end(), ids.begin(), ids.end());
+              offsets.push_back(int64_t(tokens.size()));
+            }
             {
               py::gil_scoped_release nogil;
-              for (const auto& ids : prompts) {
-                g.m.forward(ids, layers.back(),
-                            [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-                              auto it = std::find(layers.begin(), layers.end(), l);
-                              if (p == point && it != layers.end())
-                                acts[size_t(it - layers.begin())].insert(
-                                    acts[size_t(it - layers.begin())].end(), a, a + n * H);
-                            });
-                tokens.insert(tokens.end(), ids.begin(), ids.end());
-                offsets.push_back(int64_t(tokens.size()));
-              }
+              acts = model::collect_activations(g.m, prompts, point, layers);
             }
             py::dict out;
             const py::ssize_t N = py::ssize_t(tokens.size());

@@ -30,7 +30,7 @@ class Gemma2Golden : public ::testing::TestWithParam<Case> {};
 
 TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
   const Case cs = GetParam();
-  Gemma2 m = Gemma2::load(test::golden("gemma2/" + cs.name + "/model"), false);
+  Gemma2 m = Gemma2::load(test::golden("gemma2/" + cs.name + "/model"), {.verbose = false});
   SafetensorsFile g(test::golden("gemma2/" + cs.name + "/goldens.safetensors"));
   auto prompts = read_json_file(test::golden("gemma2/" + cs.name + "/prompts.json"))["prompts"];
   const int64_t L = m.cfg.num_layers, H = m.cfg.hidden_size;
@@ -53,7 +53,9 @@ TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
         &final_hidden, &logits);
     // The hook points are consistent: resid_pre(l+1) = resid_post(l) = resid_pre(l) + attn + mlp.
     for (int64_t l = 0; l < L; ++l) {
-      if (l + 1 < L) EXPECT_EQ(pre[size_t(l + 1)], resid[size_t(l)]);
+      if (l + 1 < L) {
+        EXPECT_EQ(pre[size_t(l + 1)], resid[size_t(l)]);
+      }
       for (size_t i = 0; i < resid[size_t(l)].size(); ++i)
         ASSERT_NEAR(resid[size_t(l)][i], pre[size_t(l)][i] + attn[size_t(l)][i] + mlp[size_t(l)][i],
                     1e-4 * (1 + std::abs(resid[size_t(l)][i])));
@@ -82,7 +84,7 @@ TEST(Gemma2Hooks, NamesAndSplicingAndContext) {
   EXPECT_EQ(l, 3);
   EXPECT_THROW(parse_hook_name("blocks.x.hook_resid_post"), Error);
   EXPECT_THROW(parse_hook_name("blocks.1.hook_z"), Error);
-  Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), false);
+  Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), {.verbose = false});
   std::vector<int32_t> ids = {2, 10, 11, 12, 13};
   // Zeroing the whole residual stream after the last layer leaves the final norm nothing:
   // every logit becomes 0.
@@ -99,12 +101,88 @@ TEST(Gemma2Hooks, NamesAndSplicingAndContext) {
   EXPECT_THROW(m.forward(ids, 0, nullptr), Error);
 }
 
+// Prompts of different lengths packed into one batch give, row for row, what each gives alone
+// (positions restart, no attention across prompts), at every layer and in the logits. The
+// odd_bf16 checkpoint also runs with its weights kept in bf16: exact, since they are bf16.
+TEST(Gemma2Batch, PackedPromptsEqualEachAloneAndBf16KeptEqualsUpcast) {
+  for (const std::string name : {"gqa_window", "odd_bf16"}) {
+    Gemma2 m = Gemma2::load(test::golden("gemma2/" + name + "/model"), {.verbose = false});
+    const int64_t L = m.cfg.num_layers, H = m.cfg.hidden_size, V = m.cfg.vocab_size;
+    auto prompts = read_json_file(test::golden("gemma2/" + name + "/prompts.json"))["prompts"];
+    TokenBatch batch;
+    std::vector<float> alone_resid, alone_logits;
+    for (const auto& p : prompts) {
+      auto ids = p.get<std::vector<int32_t>>();
+      batch.add(ids);
+      std::vector<float> logits;
+      m.forward(
+          ids, L - 1,
+          [&](HookPoint pt, int64_t, float* a, int64_t n) {
+            if (pt == HookPoint::ResidPost) alone_resid.insert(alone_resid.end(), a, a + n * H);
+          },
+          nullptr, &logits);
+      alone_logits.insert(alone_logits.end(), logits.begin(), logits.end());
+    }
+    ASSERT_GE(batch.n_prompts(), 2);
+    auto run = [&](const Gemma2& model, std::vector<float>& resid, std::vector<float>& logits) {
+      std::vector<std::vector<float>> per_layer(static_cast<size_t>(L));
+      model.forward(
+          batch, L - 1,
+          [&](HookPoint pt, int64_t l, float* a, int64_t n) {
+            if (pt == HookPoint::ResidPost) per_layer[size_t(l)].assign(a, a + n * H);
+          },
+          nullptr, &logits);
+      // Reorder to prompt-major, layer-minor, as the single runs produced it.
+      resid.clear();
+      for (int64_t s = 0; s < batch.n_prompts(); ++s)
+        for (int64_t l = 0; l < L; ++l)
+          resid.insert(resid.end(), per_layer[size_t(l)].begin() + batch.starts[size_t(s)] * H,
+                       per_layer[size_t(l)].begin() + batch.starts[size_t(s + 1)] * H);
+    };
+    std::vector<float> resid, logits;
+    run(m, resid, logits);
+    ASSERT_EQ(int64_t(logits.size()), batch.n_tokens() * V);
+    test::expect_close(resid, alone_resid, 1e-5, name + " packed resid_post");
+    test::expect_close(logits, alone_logits, 1e-5, name + " packed logits");
+    if (name == "odd_bf16") {
+      Gemma2 kept = Gemma2::load(test::golden("gemma2/" + name + "/model"),
+                                 {.keep_bf16 = true, .verbose = false});
+      EXPECT_LT(kept.weight_bytes(), m.weight_bytes() * 6 / 10);
+      std::vector<float> r2, l2;
+      run(kept, r2, l2);
+      EXPECT_EQ(r2, resid);
+      EXPECT_EQ(l2, logits);
+    }
+  }
+}
+
+TEST(Gemma2Load, PartialLoadStopsAtLastLayer) {
+  const std::string dir = test::golden("gemma2/gqa_window/model");
+  Gemma2 full = Gemma2::load(dir, {.verbose = false});
+  Gemma2 part = Gemma2::load(dir, {.last_layer = 0, .verbose = false});
+  EXPECT_EQ(part.layers.size(), 1u);
+  EXPECT_EQ(part.weight_bytes(), gemma2_weight_bytes(part.cfg, 0, false));
+  EXPECT_EQ(full.weight_bytes(), gemma2_weight_bytes(full.cfg, full.cfg.num_layers - 1, false));
+  std::vector<int32_t> ids = {2, 10, 11, 12};
+  std::vector<float> a, b;
+  auto grab = [](std::vector<float>& dst, int64_t H) {
+    return [&dst, H](HookPoint pt, int64_t, float* x, int64_t n) {
+      if (pt == HookPoint::ResidPost) dst.assign(x, x + n * H);
+    };
+  };
+  full.forward(ids, 0, grab(a, full.cfg.hidden_size));
+  part.forward(ids, 0, grab(b, part.cfg.hidden_size));
+  EXPECT_EQ(a, b);
+  EXPECT_THROW(part.forward(ids, 1, nullptr), Error);  // layer 1 was not loaded
+  EXPECT_THROW(Gemma2::load(dir, {.last_layer = 99, .verbose = false}), Error);
+}
+
 TEST(Gemma2Load, MissingShardAndShapeMismatch) {
   test::TempDir dir;
   fs::copy(test::golden("gemma2/sharded/model"), dir / "m");
   fs::remove(dir / "m/model-00002-of-00004.safetensors");
   try {
-    Gemma2::load(dir / "m", false);
+    Gemma2::load(dir / "m", {.verbose = false});
     FAIL();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("model-00002-of-00004.safetensors is missing"),
@@ -115,7 +193,7 @@ TEST(Gemma2Load, MissingShardAndShapeMismatch) {
   auto cfg = read_json_file(dir / "w/config.json");
   cfg["intermediate_size"] = 161;
   test::write_bytes(dir / "w/config.json", cfg.dump());
-  EXPECT_THROW(Gemma2::load(dir / "w", false), Error);
+  EXPECT_THROW(Gemma2::load(dir / "w", {.verbose = false}), Error);
 }
 
 }  // namespace

@@ -36,7 +36,7 @@ Sae identity_sae(int64_t d, const std::string& hook) {
 }
 
 TEST(LmLoss, EqualsCrossEntropyOfTransformersLogits) {
-  model::Gemma2 m = model::Gemma2::load(kModel, false);
+  model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
   auto prompts = read_json_file(test::golden("gemma2/gqa_window/prompts.json"))["prompts"]
                      .get<std::vector<std::vector<int32_t>>>();
   SafetensorsFile g(test::golden("gemma2/gqa_window/goldens.safetensors"));
@@ -59,7 +59,7 @@ TEST(LmLoss, EqualsCrossEntropyOfTransformersLogits) {
 }
 
 TEST(LmScore, PerfectSaeScoresOne) {
-  model::Gemma2 m = model::Gemma2::load(kModel, false);
+  model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
   auto prompts = read_json_file(test::golden("gemma2/gqa_window/prompts.json"))["prompts"]
                      .get<std::vector<std::vector<int32_t>>>();
   Sae s = identity_sae(m.cfg.hidden_size, "blocks.1.hook_resid_post");

@@ -32,6 +32,22 @@ std::vector<double> log_softmax(const float* z, int64_t v) {
   return out;
 }
 
+// Groups prompts into packed batches of at most `budget` tokens (a longer prompt runs alone),
+// keeping each prompt's index. Logits are [tokens, vocab], so the budget bounds their memory.
+std::vector<std::pair<model::TokenBatch, std::vector<size_t>>> pack(
+    const std::vector<std::vector<int32_t>>& prompts, int64_t budget) {
+  std::vector<std::pair<model::TokenBatch, std::vector<size_t>>> out;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (out.empty() || out.back().first.n_tokens() + int64_t(prompts[i].size()) > budget)
+      out.emplace_back();
+    out.back().first.add(prompts[i]);
+    out.back().second.push_back(i);
+  }
+  return out;
+}
+
+constexpr int64_t kLogitTokens = 512;
+
 }  // namespace
 
 double lm_loss(const model::Gemma2& m, const std::vector<std::vector<int32_t>>& prompts,
@@ -39,11 +55,12 @@ double lm_loss(const model::Gemma2& m, const std::vector<std::vector<int32_t>>& 
   const int64_t V = m.cfg.vocab_size, L = m.cfg.num_layers;
   double sum = 0;
   int64_t n = 0;
-  for (const auto& ids : prompts) {
-    std::vector<float> logits;
-    m.forward(ids, L - 1, nullptr, nullptr, &logits);
-    for (size_t t = 0; t + 1 < ids.size(); ++t, ++n)
-      sum -= log_softmax(&logits[t * size_t(V)], V)[size_t(ids[t + 1])];
+  std::vector<float> logits;
+  for (const auto& [batch, which] : pack(prompts, kLogitTokens)) {
+    m.forward(batch, L - 1, nullptr, nullptr, &logits);
+    for (int64_t s = 0; s < batch.n_prompts(); ++s)
+      for (int64_t t = batch.starts[size_t(s)]; t + 1 < batch.starts[size_t(s + 1)]; ++t, ++n)
+        sum -= log_softmax(&logits[size_t(t * V)], V)[size_t(batch.ids[size_t(t + 1)])];
   }
   if (n_predictions) *n_predictions = n;
   return n ? sum / double(n) : 0.0;
@@ -57,41 +74,45 @@ LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point,
          cat("SAE d_in ", sae.cfg.d_in, " differs from the model's hidden size ", H));
   if (layer < 0 || layer >= L)
     fail("lm_score", "layer", cat(layer, " is not a layer of the model"));
+  std::vector<std::vector<int32_t>> usable;  // shorter prompts have nothing to change
+  for (const auto& p : prompts)
+    if (p.size() >= 3) usable.push_back(p);
   LmScore r;
   enum Mode { Clean, WithSae, Zero };
-  for (const auto& ids : prompts) {
-    const int64_t T = int64_t(ids.size());
-    if (T < 3) continue;  // nothing the replacement can change
-    std::vector<float> logits[3];
+  std::vector<float> logits[3];
+  for (const auto& [batch, which] : pack(usable, kLogitTokens)) {
     for (int mode : {Clean, WithSae, Zero}) {
-      auto hook = [&](model::HookPoint p, int64_t l, float* act, int64_t n) {
+      auto hook = [&](model::HookPoint p, int64_t l, float* act, int64_t) {
         if (mode == Clean || p != point || l != layer) return;
-        float* rows = act + H;  // keep BOS
-        const int64_t k = n - 1;
-        if (mode == Zero) {
-          std::fill(rows, rows + k * H, 0.0f);
-        } else {
-          std::vector<float> rec = sae.forward(std::span<const float>(rows, size_t(k * H)), k);
-          std::copy(rec.begin(), rec.end(), rows);
+        for (int64_t s = 0; s < batch.n_prompts(); ++s) {
+          float* rows = act + (batch.starts[size_t(s)] + 1) * H;  // keep BOS
+          const int64_t k = batch.starts[size_t(s + 1)] - batch.starts[size_t(s)] - 1;
+          if (mode == Zero) {
+            std::fill(rows, rows + k * H, 0.0f);
+          } else {
+            std::vector<float> rec = sae.forward(std::span<const float>(rows, size_t(k * H)), k);
+            std::copy(rec.begin(), rec.end(), rows);
+          }
         }
       };
-      m.forward(ids, L - 1, hook, nullptr, &logits[mode]);
+      m.forward(batch, L - 1, hook, nullptr, &logits[mode]);
     }
-    for (int64_t t = 1; t + 1 < T; ++t) {
-      const auto lc = log_softmax(&logits[Clean][size_t(t * V)], V);
-      const auto ls = log_softmax(&logits[WithSae][size_t(t * V)], V);
-      const auto lz = log_softmax(&logits[Zero][size_t(t * V)], V);
-      const size_t next = size_t(ids[size_t(t + 1)]);
-      r.ce_clean -= lc[next];
-      r.ce_sae -= ls[next];
-      r.ce_zero -= lz[next];
-      for (int64_t i = 0; i < V; ++i) {
-        const double pc = std::exp(lc[size_t(i)]);
-        r.kl_sae += pc * (lc[size_t(i)] - ls[size_t(i)]);
-        r.kl_zero += pc * (lc[size_t(i)] - lz[size_t(i)]);
+    for (int64_t s = 0; s < batch.n_prompts(); ++s)
+      for (int64_t t = batch.starts[size_t(s)] + 1; t + 1 < batch.starts[size_t(s + 1)]; ++t) {
+        const auto lc = log_softmax(&logits[Clean][size_t(t * V)], V);
+        const auto ls = log_softmax(&logits[WithSae][size_t(t * V)], V);
+        const auto lz = log_softmax(&logits[Zero][size_t(t * V)], V);
+        const size_t next = size_t(batch.ids[size_t(t + 1)]);
+        r.ce_clean -= lc[next];
+        r.ce_sae -= ls[next];
+        r.ce_zero -= lz[next];
+        for (int64_t i = 0; i < V; ++i) {
+          const double pc = std::exp(lc[size_t(i)]);
+          r.kl_sae += pc * (lc[size_t(i)] - ls[size_t(i)]);
+          r.kl_zero += pc * (lc[size_t(i)] - lz[size_t(i)]);
+        }
+        r.n_predictions++;
       }
-      r.n_predictions++;
-    }
   }
   if (r.n_predictions == 0)
     fail("lm_score", "prompts", "need at least one prompt of 3 or more tokens");

@@ -14,8 +14,13 @@ struct AttentionShape {
 };
 
 // q: [T, heads, hd], k, v: [T, kv_heads, hd], out: [T, heads, hd]. Query head h reads KV head
-// h / (heads / kv_heads).
+// h / (heads / kv_heads). Scores and weighted sums are GEMMs over blocks of queries, each
+// block only against the keys some query in it can see.
 void attention_causal(const float* q, const float* k, const float* v, float* out,
                       const AttentionShape& s);
+
+// The same with plain loops, one query at a time.
+void attention_causal_reference(const float* q, const float* k, const float* v, float* out,
+                                const AttentionShape& s);
 
 }  // namespace sae::ops
