@@ -1,6 +1,7 @@
 """Groundwork for issue 4 (Gemma-2 in C++): tiny random Gemma-2 checkpoints in Hugging Face
 format, a small SentencePiece tokenizer, and golden hidden states / logits from the real
-transformers Gemma2ForCausalLM. Nothing in ctest uses these yet.
+transformers Gemma2ForCausalLM, which tests/test_gemma2_forward.cpp and test_lm_score.cpp
+compare against.
 
     .venv/bin/pip install transformers sentencepiece   # (sae-lens already brings transformers)
     .venv/bin/python scripts/make_gemma_goldens.py

@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libopenblas-dev        # BLAS (sgemm) for the encoder
+  libopenblas-openmp-dev # ... built for OpenMP: one thread pool with our kernels (CMakeLists.txt)
   nlohmann-json3-dev     # cfg.json, safetensors headers
   libcli11-dev           # the `sae` command line
   libsentencepiece-dev   # Gemma tokenizer

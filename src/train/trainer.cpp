@@ -305,11 +305,10 @@ bool Trainer::load_checkpoint() {
   return true;
 }
 
-bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {
+bool Trainer::begin(bool resume) {
   if (cfg_.threads > 0) ops::set_num_threads(cfg_.threads);
   fs::create_directories(cfg_.output_dir);
-  const int64_t d = sae_.spec.d_in, B = cfg_.batch_size, total = cfg_.total_steps();
-  bool resumed = resume && load_checkpoint();
+  const bool resumed = resume && load_checkpoint();
   if (!resumed) {
     sae_.init(cfg_.seed, cfg_.decoder_init_norm);
     prepare_normalisation();
@@ -321,67 +320,62 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   std::fprintf(
       stderr,
       "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
-      label_.c_str(), resumed ? "resuming" : "training", (long long)step_, (long long)total,
-      fmt_count(double(cfg_.total_tokens)).c_str(), (long long)B, source_.describe().c_str(),
-      input_scale_);
-
-  std::vector<float> x(size_t(B * d));
-  std::vector<uint8_t> dead(size_t(sae_.spec.d_sae));
+      label_.c_str(), resumed ? "resuming" : "training", (long long)step_,
+      (long long)cfg_.total_steps(), fmt_count(double(cfg_.total_tokens)).c_str(),
+      (long long)cfg_.batch_size, source_.describe().c_str(), input_scale_);
   run_start_ = interval_start_ = now_seconds();
   run_start_step_ = step_;
   interval_steps_ = 0;
-  while (step_ < total) {
-    if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
-        (should_stop && should_stop())) {
-      save_checkpoint();
-      std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
-                   label_.c_str(), (long long)step_);
-      return false;
-    }
-    source_.train_batch(step_, B, x.data());
-    if (input_scale_ != 1.0)
-      for (float& v : x) v = float(v * input_scale_);
-    bool any_dead = false;
-    for (size_t j = 0; j < dead.size(); ++j) {
-      dead[j] = steps_since_fired_[j] > cfg_.dead_feature_window;
-      any_dead |= dead[j] != 0;
-    }
-    if (window_steps_ >= cfg_.feature_sampling_window) {  // a new sampling window
-      std::fill(window_counts_.begin(), window_counts_.end(), 0);
-      window_steps_ = window_tokens_ = 0;
-    }
-    grads_.clear();
-    StepResult r =
-        forward_backward(sae_, x.data(), B, any_dead ? dead : std::vector<uint8_t>{}, grads_, ws_);
-    sae_.update_threshold(r.min_selected, r.n_active > 0);
-    for (size_t j = 0; j < dead.size(); ++j)
-      steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
-    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
-    window_steps_++;
-    window_tokens_ += B;
-    const double lr = cfg_.lr.at(step_, total);
-    const double grad_norm = opt_.step(sae_, grads_, lr);
-    ++step_;
-    ++interval_steps_;
-    if (step_ % cfg_.log_every_steps == 0 || step_ == total) {
-      // Batch variance for the progress line's explained variance.
-      std::vector<double> mean(size_t(d), 0.0);
-      for (int64_t t = 0; t < B; ++t)
-        for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[size_t(t * d + c)] / double(B);
-      double var = 0;
-      for (int64_t t = 0; t < B; ++t)
-        for (int64_t c = 0; c < d; ++c)
-          var +=
-              (x[size_t(t * d + c)] - mean[size_t(c)]) * (x[size_t(t * d + c)] - mean[size_t(c)]);
-      batch_variance_ = var / double(B);
-      log_progress(r, lr, grad_norm);
-    }
-    if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
-      eval_and_log(false);
-    if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0 &&
-        step_ < total)
-      save_checkpoint();
+  return resumed;
+}
+
+void Trainer::train_step(float* x) {
+  const int64_t d = sae_.spec.d_in, B = cfg_.batch_size, total = cfg_.total_steps();
+  if (input_scale_ != 1.0)
+    for (int64_t i = 0; i < B * d; ++i) x[i] = float(x[i] * input_scale_);
+  dead_.resize(size_t(sae_.spec.d_sae));
+  bool any_dead = false;
+  for (size_t j = 0; j < dead_.size(); ++j) {
+    dead_[j] = steps_since_fired_[j] > cfg_.dead_feature_window;
+    any_dead |= dead_[j] != 0;
   }
+  if (window_steps_ >= cfg_.feature_sampling_window) {  // a new sampling window
+    std::fill(window_counts_.begin(), window_counts_.end(), 0);
+    window_steps_ = window_tokens_ = 0;
+  }
+  grads_.clear();
+  StepResult r =
+      forward_backward(sae_, x, B, any_dead ? dead_ : std::vector<uint8_t>{}, grads_, ws_);
+  sae_.update_threshold(r.min_selected, r.n_active > 0);
+  for (size_t j = 0; j < dead_.size(); ++j)
+    steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
+  for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
+  window_steps_++;
+  window_tokens_ += B;
+  const double lr = cfg_.lr.at(step_, total);
+  const double grad_norm = opt_.step(sae_, grads_, lr);
+  ++step_;
+  ++interval_steps_;
+  if (step_ % cfg_.log_every_steps == 0 || step_ == total) {
+    // Batch variance for the progress line's explained variance.
+    std::vector<double> mean(size_t(d), 0.0);
+    for (int64_t t = 0; t < B; ++t)
+      for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(B);
+    double var = 0;
+    for (int64_t t = 0; t < B; ++t)
+      for (int64_t c = 0; c < d; ++c)
+        var += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
+    batch_variance_ = var / double(B);
+    log_progress(r, lr, grad_norm);
+  }
+  if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
+    eval_and_log(false);
+  if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0 &&
+      step_ < total && auto_checkpoint)
+    save_checkpoint();
+}
+
+void Trainer::finish() {
   eval_and_log(true);
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
   save_to_disk(inference_sae(), out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
@@ -391,6 +385,24 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   save_checkpoint();  // the final state, so a longer run can continue from it
   std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(), (long long)step_,
                out.string().c_str());
+}
+
+bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {
+  begin(resume);
+  const int64_t d = sae_.spec.d_in, B = cfg_.batch_size;
+  std::vector<float> x(size_t(B * d));
+  while (step_ < cfg_.total_steps()) {
+    if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
+        (should_stop && should_stop())) {
+      save_checkpoint();
+      std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
+                   label_.c_str(), (long long)step_);
+      return false;
+    }
+    source_.train_batch(step_, B, x.data());
+    train_step(x.data());
+  }
+  finish();
   return true;
 }
 

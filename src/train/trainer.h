@@ -37,6 +37,19 @@ class Trainer {
   // training finished and the SAE was saved to <output_dir>/sae.
   bool run(bool resume, int64_t stop_at_step = -1, const std::atomic<bool>* stop = nullptr);
 
+  // The pieces of run(), for a driver that feeds batches itself (many SAEs on one activation
+  // stream). begin: resume from the checkpoint or initialise (normalisation batches come from
+  // source.train_batch(0..)); returns whether it resumed. train_step: one step on a raw batch
+  // x [batch_size, d_in] (scaled in place), with logging, evaluation and — when
+  // auto_checkpoint — checkpoints on the configured schedule. finish: final evaluation, the
+  // SAE to <output_dir>/sae, eval.json, a last checkpoint.
+  bool begin(bool resume);
+  void train_step(float* x);
+  void finish();
+  void save_checkpoint();
+  bool auto_checkpoint = true;
+  const TrainConfig& config() const { return cfg_; }
+
   // Optional hooks for embedding (the Python module): every log record (progress and eval) is
   // passed to on_record; should_stop is polled before each step and stops like `stop` does.
   std::function<void(const nlohmann::json&)> on_record;
@@ -53,7 +66,6 @@ class Trainer {
   void prepare_normalisation();
   void eval_and_log(bool final);
   void log_progress(const StepResult& r, double lr, double grad_norm);
-  void save_checkpoint();
   bool load_checkpoint();
   void append_log(const nlohmann::json& record);
 
@@ -64,6 +76,7 @@ class Trainer {
   Optimizer opt_;
   Grads grads_;
   StepWorkspace ws_;
+  std::vector<uint8_t> dead_;
   int64_t step_ = 0;
   double input_scale_ = 1.0;
   std::vector<int64_t> steps_since_fired_;

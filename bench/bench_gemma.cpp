@@ -1,0 +1,67 @@
+// Gemma-2 forward throughput: to a layer (what SAE training needs) or to the logits, on random
+// token ids, with the peak resident memory of the process.
+//   build/release/bench/bench_gemma --model DIR --last-layer 12 [--bf16] [--threads 2]
+#include <sys/resource.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <random>
+
+#include "bench_util.h"
+#include "model/gemma2.h"
+
+using namespace sae;
+
+int main(int argc, char** argv) {
+  CLI::App app{"Gemma-2 forward benchmark"};
+  std::string folder;
+  int64_t prompts = 2, seq = 256, last_layer = -1;
+  int threads = 0;
+  bool bf16 = false;
+  app.add_option("--model", folder, "Gemma-2 checkpoint folder")->required();
+  app.add_option("--prompts", prompts, "Prompts per batch");
+  app.add_option("--seq", seq, "Tokens per prompt");
+  app.add_option("--last-layer", last_layer, "Stop after this layer (-1: all, with logits)");
+  app.add_option("--threads", threads, "Threads (0: library default)");
+  app.add_flag("--bf16", bf16, "Keep the weights in bf16");
+  CLI11_PARSE(app, argc, argv);
+  if (threads > 0) ops::set_num_threads(threads);
+  bench::print_header(argc, argv);
+
+  double t0 = now_seconds();
+  const model::Gemma2Config cfg = model::read_gemma2_config(folder);
+  const bool to_end = last_layer < 0 || last_layer == cfg.num_layers - 1;
+  if (to_end) last_layer = cfg.num_layers - 1;
+  model::Gemma2 m =
+      model::Gemma2::load(folder, {.last_layer = last_layer, .keep_bf16 = bf16, .verbose = false});
+  const double load_s = now_seconds() - t0;
+
+  std::mt19937 rng(0);
+  std::uniform_int_distribution<int32_t> tok(3, int32_t(cfg.vocab_size - 1));
+  model::TokenBatch batch, warm;
+  for (int64_t p = 0; p < prompts; ++p) {
+    std::vector<int32_t> ids(static_cast<size_t>(seq));
+    ids[0] = 2;  // BOS
+    for (int64_t t = 1; t < seq; ++t) ids[size_t(t)] = tok(rng);
+    batch.add(ids);
+    if (p == 0) warm.add(std::span<const int32_t>(ids).first(16));
+  }
+  std::vector<float> logits;
+  auto run = [&](const model::TokenBatch& b) {
+    m.forward(b, last_layer, nullptr, nullptr, to_end ? &logits : nullptr);
+  };
+  run(warm);
+  t0 = now_seconds();
+  run(batch);
+  const double s = now_seconds() - t0;
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  const std::string what = to_end ? "logits" : "layer " + std::to_string(last_layer);
+  std::printf("sae.cpp, weights %s (%.2f GiB)\n", bf16 ? "bf16 kept" : "f32",
+              double(m.weight_bytes()) / double(1 << 30));
+  std::printf("forward to %s: %lld x %lld tokens in %.2f s = %.1f tokens/s; load %.1f s; peak "
+              "RSS %.2f GiB\n",
+              what.c_str(), (long long)prompts, (long long)seq, s, double(prompts * seq) / s,
+              load_s, double(ru.ru_maxrss) / double(1 << 20));
+  return 0;
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Side by side in one run: the Gemma-2 forward of sae.cpp (f32 and bf16-kept weights) and of
+# transformers, on the same CPU and thread count, to layer 12 and to the logits, at the real
+# Gemma-2-2b shapes with random weights (made once by bench/make_random_gemma.py, 5 GiB).
+# Runs one process at a time so each peak-RSS figure is its own. Needs the release build and
+# .venv (scripts/make_goldens.sh makes it).
+#   bash bench/gemma_vs_transformers.sh [threads] [model dir]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-$(nproc)}
+model=${2:-/tmp/gemma-2-2b-random}
+shape=(--prompts 2 --seq 256)
+.venv/bin/python bench/make_random_gemma.py --out "$model"
+for last in 12 -1; do
+  echo "== sae.cpp f32"
+  OMP_NUM_THREADS=$threads build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
+  echo "== sae.cpp bf16 weights"
+  OMP_NUM_THREADS=$threads build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last --bf16 "${shape[@]}"
+  echo "== transformers (same machine)"
+  .venv/bin/python bench/transformers_gemma.py --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
+done

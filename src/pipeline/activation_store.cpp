@@ -1,0 +1,136 @@
+#include "pipeline/activation_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "core/clock.h"
+#include "core/error.h"
+
+namespace sae::pipeline {
+
+WindowStream::WindowStream(data::Corpus& corpus, const model::Tokenizer& tok,
+                           data::WindowConfig cfg)
+    : corpus_(corpus), tok_(tok), packer_(cfg) {}
+
+bool WindowStream::next(std::vector<int32_t>& window) {
+  while (!packer_.pop(window)) {
+    if (!corpus_.next(doc_)) return false;
+    if (doc_.tokenized)
+      packer_.add(doc_.tokens);
+    else
+      packer_.add(tok_.encode(doc_.text, /*add_bos=*/false));
+  }
+  ++windows_;
+  return true;
+}
+
+ActivationStore::ActivationStore(const model::Gemma2& m, WindowStream& windows,
+                                 model::HookPoint point, std::vector<int64_t> layers,
+                                 StoreConfig cfg, std::vector<int32_t> special)
+    : m_(m),
+      windows_(windows),
+      point_(point),
+      layers_(std::move(layers)),
+      cfg_(cfg),
+      special_(std::move(special)),
+      d_(m.cfg.hidden_size),
+      rng_(cfg.seed) {
+  if (layers_.empty()) fail("activation store", "layers", "none asked for");
+  const int64_t forward_tokens = cfg_.prompts_per_forward * cfg_.windows.context_size;
+  capacity_ = cfg_.n_batches_in_buffer * forward_tokens;
+  if (capacity_ < 2 * cfg_.batch_tokens)
+    fail("activation store", "n_batches_in_buffer",
+         cat("the buffer (", capacity_, " tokens) must hold at least two training batches of ",
+             cfg_.batch_tokens, " tokens"));
+  // Room for a full buffer plus one forward's worth of overshoot.
+  buf_.assign(layers_.size(), std::vector<float>(size_t((capacity_ + forward_tokens) * d_)));
+}
+
+bool ActivationStore::forward_once() {
+  model::TokenBatch batch;
+  std::vector<int32_t> w;
+  for (int64_t p = 0; p < cfg_.prompts_per_forward && windows_.next(w); ++p) batch.add(w);
+  if (batch.n_prompts() == 0) return false;
+  std::vector<uint8_t> keep(size_t(batch.n_tokens()), 1);
+  int64_t n_keep = batch.n_tokens();
+  if (cfg_.exclude_special)
+    for (int64_t t = 0; t < batch.n_tokens(); ++t)
+      if (std::find(special_.begin(), special_.end(), batch.ids[size_t(t)]) != special_.end())
+        keep[size_t(t)] = 0, --n_keep;
+  const double t0 = now_seconds();
+  m_.forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+    auto it = std::find(layers_.begin(), layers_.end(), l);
+    if (p != point_ || it == layers_.end()) return;
+    float* dst = buf_[size_t(it - layers_.begin())].data() + rows_ * d_;
+    for (int64_t t = 0; t < n; ++t)
+      if (keep[size_t(t)]) std::memcpy(dst, a + t * d_, size_t(d_) * 4), dst += d_;
+  });
+  forward_seconds_ += now_seconds() - t0;
+  tokens_forwarded_ += batch.n_tokens();
+  rows_ += n_keep;
+  return true;
+}
+
+void ActivationStore::refill() {
+  while (rows_ < capacity_ && !exhausted_)
+    if (!forward_once()) exhausted_ = true;
+  // Shuffle all rows with one permutation shared by the layers.
+  std::vector<int64_t> perm(static_cast<size_t>(rows_));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng_);
+  std::vector<float> tmp(static_cast<size_t>(rows_ * d_));
+  for (auto& b : buf_) {
+    for (int64_t r = 0; r < rows_; ++r)
+      std::memcpy(tmp.data() + r * d_, b.data() + perm[size_t(r)] * d_, size_t(d_) * 4);
+    std::memcpy(b.data(), tmp.data(), size_t(rows_ * d_) * 4);
+  }
+  // Serve the front, keep half a buffer to mix with the next fill (all of it at the end).
+  const int64_t keep = exhausted_ ? 0 : capacity_ / 2;
+  const int64_t n_batches = std::max<int64_t>(0, (rows_ - keep) / cfg_.batch_tokens);
+  serve_begin_ = 0;
+  serve_end_ = n_batches * cfg_.batch_tokens;
+}
+
+bool ActivationStore::next_batch(const std::vector<float*>& out) {
+  if (out.size() != layers_.size()) fail("activation store", "out", "one pointer per layer");
+  if (serve_begin_ == serve_end_) {
+    // Drop what was served, keep the rest at the front, fill up and shuffle again.
+    for (auto& b : buf_)
+      std::memmove(b.data(), b.data() + serve_end_ * d_, size_t((rows_ - serve_end_) * d_) * 4);
+    rows_ -= serve_end_;
+    serve_begin_ = serve_end_ = 0;
+    refill();
+    if (serve_begin_ == serve_end_) return false;
+  }
+  for (size_t i = 0; i < layers_.size(); ++i)
+    std::memcpy(out[i], buf_[i].data() + serve_begin_ * d_, size_t(cfg_.batch_tokens * d_) * 4);
+  serve_begin_ += cfg_.batch_tokens;
+  return true;
+}
+
+Heldout collect_heldout(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
+                        const std::vector<int64_t>& layers, int64_t n_tokens,
+                        const std::vector<int32_t>& special) {
+  Heldout h;
+  h.acts.resize(layers.size());
+  const int64_t d = m.cfg.hidden_size;
+  std::vector<int32_t> w;
+  while (h.n < n_tokens && windows.next(w)) {
+    h.windows.push_back(w);
+    int64_t added = 0;
+    m.forward(w, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+      auto it = std::find(layers.begin(), layers.end(), l);
+      if (p != point || it == layers.end()) return;
+      auto& dst = h.acts[size_t(it - layers.begin())];
+      added = 0;
+      for (int64_t t = 0; t < n && h.n + added < n_tokens; ++t)
+        if (std::find(special.begin(), special.end(), w[size_t(t)]) == special.end())
+          dst.insert(dst.end(), a + t * d, a + (t + 1) * d), ++added;
+    });
+    h.n += added;
+  }
+  return h;
+}
+
+}  // namespace sae::pipeline

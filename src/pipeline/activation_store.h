@@ -1,0 +1,88 @@
+// Text -> Gemma-2 -> shuffled SAE training batches, for several layers from one forward
+// (SAELens's ActivationsStore + mixing_buffer): context windows are run `prompts_per_forward`
+// at a time; the activations of every requested layer go into one buffer per layer of
+// n_batches_in_buffer x prompts_per_forward x context_size tokens; once full it is shuffled
+// (one permutation shared by the layers, so row i of every layer is the same token), the
+// front half is served as batches and the back half kept to mix with the next fill.
+// Special tokens (BOS, EOS, PAD) never reach the SAEs.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "data/context_windows.h"
+#include "data/corpus.h"
+#include "model/gemma2.h"
+#include "model/tokenizer.h"
+
+namespace sae::pipeline {
+
+struct StoreConfig {
+  data::WindowConfig windows;
+  int64_t prompts_per_forward = 8;  // SAELens store_batch_size_prompts
+  int64_t n_batches_in_buffer = 4;  // SAELens n_batches_in_buffer
+  int64_t batch_tokens = 4096;      // SAELens train_batch_size_tokens
+  bool exclude_special = true;      // drop BOS/EOS/PAD positions (SAELens exclude_special_tokens)
+  uint64_t seed = 0;
+};
+
+// Pulls context windows of a corpus split through the tokenizer and packer.
+class WindowStream {
+ public:
+  WindowStream(data::Corpus& corpus, const model::Tokenizer& tok, data::WindowConfig cfg);
+  bool next(std::vector<int32_t>& window);  // false when the corpus is exhausted
+  int64_t windows() const { return windows_; }
+
+ private:
+  data::Corpus& corpus_;
+  const model::Tokenizer& tok_;
+  data::ContextWindows packer_;
+  data::Document doc_;
+  int64_t windows_ = 0;
+};
+
+class ActivationStore {
+ public:
+  ActivationStore(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
+                  std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
+  // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i]; false when the
+  // corpus ran out before a whole batch.
+  bool next_batch(const std::vector<float*>& out);
+
+  int64_t tokens_forwarded() const { return tokens_forwarded_; }
+  double forward_seconds() const { return forward_seconds_; }
+  int64_t buffer_tokens() const { return capacity_; }
+
+ private:
+  bool forward_once();  // one forward into the buffers; false at the end of the corpus
+  void refill();        // forward until full (or the corpus ends), shuffle, mark the serving half
+
+  const model::Gemma2& m_;
+  WindowStream& windows_;
+  model::HookPoint point_;
+  std::vector<int64_t> layers_;
+  StoreConfig cfg_;
+  std::vector<int32_t> special_;
+  int64_t d_ = 0, capacity_ = 0;
+  std::vector<std::vector<float>> buf_;  // per layer, [rows, d]
+  int64_t rows_ = 0;                     // filled rows
+  int64_t serve_begin_ = 0, serve_end_ = 0;
+  bool exhausted_ = false;
+  std::mt19937_64 rng_;
+  int64_t tokens_forwarded_ = 0;
+  double forward_seconds_ = 0;
+};
+
+// Activations of held-out windows for every layer: up to `n_tokens` non-special rows per layer
+// ([n, hidden] each), and the windows themselves (for the CE-loss score).
+struct Heldout {
+  std::vector<std::vector<float>> acts;
+  int64_t n = 0;
+  std::vector<std::vector<int32_t>> windows;
+};
+Heldout collect_heldout(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
+                        const std::vector<int64_t>& layers, int64_t n_tokens,
+                        const std::vector<int32_t>& special);
+
+}  // namespace sae::pipeline
