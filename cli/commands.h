@@ -16,5 +16,6 @@ Runner add_train(CLI::App& app);
 Runner add_demo(CLI::App& app);
 Runner add_activations(CLI::App& app);
 Runner add_lm_loss(CLI::App& app);
+Runner add_release(CLI::App& app);
 
 }  // namespace sae::cli

@@ -11,3 +11,4 @@ fi
 "$VENV/bin/pip" install -q sae-lens torch
 "$VENV/bin/python" scripts/make_goldens.py
 "$VENV/bin/python" scripts/gen_pretrained_table.py
+"$VENV/bin/python" scripts/make_window_goldens.py

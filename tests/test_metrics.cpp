@@ -57,9 +57,11 @@ TEST(Metrics, StreamingEqualsOneBatchForGlobalTerms) {
     parts.add_batch(xs, l.sae.decode(c), c);
   }
   Metrics a = whole.finish(), b = parts.finish();
-  EXPECT_NEAR(a.explained_variance, b.explained_variance, 1e-9);
+  // The GEMMs of 10 rows and of all rows may round differently (BLAS picks kernels by shape), so
+  // the float reconstructions agree to float precision, not bit for bit.
+  EXPECT_NEAR(a.explained_variance, b.explained_variance, 1e-6 * std::abs(a.explained_variance));
   EXPECT_NEAR(a.l0, b.l0, 1e-12);
-  EXPECT_NEAR(a.mse, b.mse, 1e-9);
+  EXPECT_NEAR(a.mse, b.mse, 1e-6 * a.mse);
   EXPECT_EQ(a.feature_density, b.feature_density);
 }
 

@@ -47,6 +47,7 @@ class Corpus {
   // Skips ahead so the next document returned has index >= `index` (resume).
   void seek(int64_t index);
   int64_t bad_lines() const { return bad_; }
+  int64_t next_document() const { return next_index_; }  // the position to seek to on resume
   const std::vector<std::string>& shard_paths() const { return paths_; }
 
  private:

@@ -177,13 +177,14 @@ void Trainer::eval_and_log(bool final) {
               {"step", step_},
               {"tokens", step_ * cfg_.batch_size}};
   append_log(rec);
+  if (final) final_eval_ = r;
+  if (!print_progress) return;
   std::string levels;
   for (double ev : r.level_explained_variance)
     levels += cat(levels.empty() ? "" : " ", int(ev * 1000) / 1000.0);
   std::fprintf(stderr, "[%s] eval step %lld: L0 %.2f  EV %.4f  levels EV [%s]  dead %lld\n",
                label_.c_str(), (long long)step_, r.metrics.l0, r.metrics.explained_variance,
                levels.c_str(), (long long)r.metrics.dead_latents);
-  if (final) final_eval_ = r;
 }
 
 void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
@@ -195,13 +196,16 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
   int64_t dead = 0;
   for (int64_t s : steps_since_fired_) dead += s > cfg_.dead_feature_window;
   const double ev = batch_variance_ > 0 ? 1.0 - r.outer_sq_error / batch_variance_ : 0.0;
+  last_l0_ = double(r.n_active) / double(cfg_.batch_size);
+  last_ev_ = ev;
   std::string levels;
   for (double l : r.level_loss) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%s%.4g", levels.empty() ? "" : "/", l);
     levels += buf;
   }
-  std::fprintf(
+  if (print_progress)
+    std::fprintf(
       stderr,
       "[%s] step %lld/%lld  tok %s  %s tok/s  loss %.4g (levels %s, aux %.3g)  L0 %.2f  EV %.4f  "
       "dead %lld  lr %.3g  ETA %s\n",

@@ -48,6 +48,9 @@ class Trainer {
   void finish();
   void save_checkpoint();
   bool auto_checkpoint = true;
+  bool print_progress = true;  // progress and eval lines on stderr (the JSONL log is always written)
+  double last_l0() const { return last_l0_; }  // from the last logged step
+  double last_ev() const { return last_ev_; }
   const TrainConfig& config() const { return cfg_; }
 
   // Optional hooks for embedding (the Python module): every log record (progress and eval) is
@@ -89,6 +92,7 @@ class Trainer {
   double interval_start_ = 0, run_start_ = 0;
   int64_t interval_steps_ = 0, run_start_step_ = 0;
   double batch_variance_ = 0;
+  double last_l0_ = 0, last_ev_ = 0;
 };
 
 }  // namespace sae::train

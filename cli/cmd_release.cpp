@@ -1,0 +1,111 @@
+// sae release: text corpus + Gemma-2 -> Matryoshka SAEs per (variant, layer) -> a release
+// folder in SAELens layout with a model card (docs/release.md).
+#include <csignal>
+#include <cstdio>
+
+#include "commands.h"
+#include "core/error.h"
+#include "model/gemma2_config.h"
+#include "pipeline/release.h"
+#include "prompts.h"
+
+namespace sae::cli {
+
+namespace {
+std::atomic<bool> g_stop{false};
+void on_signal(int) {
+  g_stop = true;
+}
+
+// "750M", "2.5B", "20000", "64K" -> a token count.
+int64_t parse_count(const std::string& s) {
+  if (s.empty()) fail("--tokens", s, "empty");
+  double mult = 1;
+  std::string num = s;
+  switch (s.back()) {
+    case 'K': case 'k': mult = 1e3; num.pop_back(); break;
+    case 'M': case 'm': mult = 1e6; num.pop_back(); break;
+    case 'B': case 'b': case 'G': case 'g': mult = 1e9; num.pop_back(); break;
+    default: break;
+  }
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(num, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != num.size() || v <= 0) fail("--tokens", s, "expected a count like 750M or 20000");
+  return int64_t(v * mult + 0.5);
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t c = s.find(',', start);
+    std::string part = s.substr(start, c == std::string::npos ? std::string::npos : c - start);
+    if (!part.empty()) out.push_back(part);
+    if (c == std::string::npos) break;
+    start = c + 1;
+  }
+  return out;
+}
+}  // namespace
+
+Runner add_release(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "release", "Train Matryoshka SAEs on Gemma-2 activations from text; write a release");
+  struct Opts {
+    pipeline::ReleaseOptions r;
+    std::string layers, variants = "standard,snap", tokens;
+    int64_t holdout_every = 100;
+    bool truncate = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--model", o->r.model_dir, "Hugging Face Gemma-2 folder")->required();
+  cmd->add_option("--dataset", o->r.corpus.shards,
+                  "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)")
+      ->required();
+  cmd->add_option("--layers", o->layers, "Layers, e.g. 0-24 or 3,12")->required();
+  cmd->add_option("--variants", o->variants, "standard,snap (or preset names)");
+  cmd->add_option("--tokens", o->tokens, "Training tokens per SAE, e.g. 750M (default: preset)");
+  cmd->add_option("-o,--output", o->r.output_dir, "Release folder (default out/release)");
+  cmd->add_option("--hook", o->r.hook, "resid_post, resid_pre, attn_out or mlp_out");
+  cmd->add_option("--context-size", o->r.store.windows.context_size, "Tokens per context window");
+  cmd->add_flag("--truncate", o->truncate,
+                "One window per document (truncated; shorter ones dropped) instead of packing");
+  cmd->add_option("--text-field", o->r.corpus.text_field, "JSONL field holding the text");
+  cmd->add_option("--bin-dtype", o->r.corpus.bin_dtype, "Token width of .bin shards: u16|u32");
+  cmd->add_option("--holdout-every", o->holdout_every, "Hold out every Nth document");
+  cmd->add_option("--heldout-tokens", o->r.heldout_tokens, "Held-out tokens for L0 / EV");
+  cmd->add_option("--ce-windows", o->r.ce_windows,
+                  "Held-out windows for the CE-loss score (0: skip; needs all layers loaded)");
+  cmd->add_option("--prompts-per-forward", o->r.store.prompts_per_forward,
+                  "Context windows per model forward (SAELens store_batch_size_prompts)");
+  cmd->add_option("--n-batches-in-buffer", o->r.store.n_batches_in_buffer,
+                  "Mixing buffer size in forwards (SAELens n_batches_in_buffer)");
+  cmd->add_option("--set", o->r.overrides,
+                  "Override a field of every SAE's training config: section.key=value");
+  cmd->add_option("--log-every", o->r.log_every_steps, "Steps between progress lines");
+  cmd->add_option("--release-name", o->r.release_name, "Name in the model card");
+  cmd->add_option("--model-name", o->r.model_name, "cfg.json metadata.model_name");
+  cmd->add_option("--dataset-path", o->r.dataset_path,
+                  "cfg.json metadata.dataset_path (default: the shard patterns)");
+  cmd->add_flag("--bf16", o->r.keep_bf16, "Keep the model weights in bf16");
+  cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
+  return [=] {
+    pipeline::ReleaseOptions r = o->r;
+    const model::Gemma2Config mcfg = model::read_gemma2_config(r.model_dir);
+    r.layers = parse_layers(o->layers, mcfg.num_layers);
+    r.variants = split_commas(o->variants);
+    if (!o->tokens.empty()) r.total_tokens = parse_count(o->tokens);
+    r.corpus.holdout_every = o->holdout_every;
+    r.store.windows.concat = !o->truncate;
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    return pipeline::run_release(r, &g_stop) ? 0 : 130;
+  };
+}
+
+}  // namespace sae::cli

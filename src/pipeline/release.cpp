@@ -1,0 +1,401 @@
+#include "pipeline/release.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <sstream>
+
+#include "core/clock.h"
+#include "core/error.h"
+#include "eval/lm_score.h"
+#include "io/atomic_file.h"
+#include "io/json_file.h"
+#include "model/gemma2.h"
+#include "model/tokenizer.h"
+#include "sae/load.h"
+#include "train/trainer.h"
+
+namespace sae::pipeline {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;
+
+std::string variant_preset(const std::string& variant) {
+  if (variant == "standard") return "gemma-2-2b-matryoshka-standard";
+  if (variant == "snap") return "gemma-2-2b-matryoshka-snap";
+  return variant;
+}
+
+namespace {
+
+constexpr int kStateVersion = 1;
+
+// What one layer's SAEs read through the Trainer's source interface: the held-out rows and,
+// before training, the normalisation batches taken from the stream.
+class LayerSource final : public data::ActivationSource {
+ public:
+  LayerSource(int64_t d, const std::vector<float>& heldout, int64_t n_heldout, std::string what)
+      : d_(d), heldout_(heldout), n_heldout_(n_heldout), what_(std::move(what)) {}
+  std::vector<float> norm_batches;  // [n * batch, d]
+
+  int64_t d_in() const override { return d_; }
+  void train_batch(int64_t index, int64_t batch, float* out) override {
+    const size_t begin = size_t(index * batch * d_), n = size_t(batch * d_);
+    if (begin + n > norm_batches.size())
+      fail("release", "n_norm_batches", "more normalisation batches asked for than were drawn");
+    std::copy_n(norm_batches.data() + begin, n, out);
+  }
+  int64_t heldout_size(int64_t n) const override { return std::min(n, n_heldout_); }
+  void heldout(int64_t n, float* out) override { std::copy_n(heldout_.data(), size_t(n * d_), out); }
+  std::string describe() const override { return what_; }
+
+ private:
+  int64_t d_;
+  const std::vector<float>& heldout_;
+  int64_t n_heldout_;
+  std::string what_;
+};
+
+struct Job {
+  std::string variant, hook;
+  int64_t layer = 0, layer_slot = 0;  // slot: index into the store's layers
+  train::TrainConfig cfg;
+  std::unique_ptr<train::Trainer> trainer;
+  std::vector<float> x;  // this SAE's copy of the batch (the trainer scales it in place)
+  ojson result;
+};
+
+std::string fmt_gib(double bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(1 << 30));
+  return b;
+}
+
+// Training memory of one SAE: weights, gradients, Adam moments (no first moment when beta1 =
+// 0) and the encoder's [batch, d_sae] pre-activations.
+double sae_bytes(const train::TrainConfig& c, int64_t d) {
+  const double D = double(c.spec.d_sae), per = D * double(d) * 4.0;
+  const double moments = c.adam.beta1 > 0 ? 4 : 2;
+  return per * (2 + 2 + moments) + double(c.batch_size) * D * 4.0;
+}
+
+std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
+                       const json& store_cfg, int64_t tokens_trained) {
+  std::ostringstream md;
+  md << "---\nlibrary_name: saelens\ntags:\n- sparse-autoencoder\n- matryoshka\n- sae.cpp\n---\n\n";
+  md << "# " << opt.release_name << "\n\n";
+  md << "Batch-TopK Matryoshka sparse autoencoders on the " << opt.hook << " activations of "
+     << opt.model_name << ", one per layer and variant, trained with sae.cpp " << SAECPP_VERSION
+     << " and saved in SAELens format.\n\n";
+  md << "## How they were trained\n\n";
+  const auto& c0 = jobs.front().cfg;
+  md << "- Model: `" << opt.model_name << "` (" << opt.model_dir << "), hook `blocks.L.hook_"
+     << opt.hook << "`\n";
+  md << "- Data: " << (opt.dataset_path.empty() ? "the corpus shards below" : opt.dataset_path)
+     << "; context windows of " << opt.store.windows.context_size << " tokens, BOS first, "
+     << (opt.store.windows.concat ? "documents packed" : "documents truncated")
+     << "; BOS/EOS/PAD positions excluded; every " << opt.corpus.holdout_every
+     << "th document held out\n";
+  md << "- " << tokens_trained << " training tokens per SAE, batches of " << c0.batch_size
+     << " tokens from a shuffled buffer of " << store_cfg["buffer_tokens"].get<int64_t>()
+     << " tokens\n";
+  md << "- Width " << c0.spec.d_sae << ", k = " << c0.spec.k << ", Matryoshka widths";
+  for (int64_t w : c0.spec.widths) md << " " << w;
+  md << "\n- Variants:";
+  std::vector<std::string> seen;
+  for (const Job& j : jobs)
+    if (std::find(seen.begin(), seen.end(), j.variant) == seen.end()) {
+      seen.push_back(j.variant);
+      md << " `" << j.variant << "` (preset " << variant_preset(j.variant) << ", level losses "
+         << train::TrainConfig(j.cfg).to_json()["loss"].value("level_losses", std::string("?"))
+         << ")";
+    }
+  md << "\n\n## Evaluation (held-out tokens)\n\n";
+  md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
+        "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "
+        "per-token mean is in release.json).";
+  if (opt.ce_windows > 0)
+    md << " CE-loss score: (CE zero-ablated - CE with SAE) / (CE zero-ablated - CE clean) on "
+       << opt.ce_windows << " held-out windows, BOS never replaced.";
+  md << "\n";
+  for (const std::string& v : seen) {
+    md << "\n### " << v << "\n\n| layer | SAE ID | width | l0 | explained variance |"
+       << (opt.ce_windows > 0 ? " CE-loss score |" : "") << "\n|---|---|---|---|---|"
+       << (opt.ce_windows > 0 ? "---|" : "") << "\n";
+    for (const Job& j : jobs) {
+      if (j.variant != v) continue;
+      char row[256];
+      std::snprintf(row, sizeof row, "| %lld | %s/%s | %lld | %.2f | %.4f |", (long long)j.layer,
+                    v.c_str(), j.hook.c_str(), (long long)j.cfg.spec.d_sae,
+                    j.result["l0"].get<double>(), j.result["explained_variance"].get<double>());
+      md << row;
+      if (opt.ce_windows > 0) {
+        char ce[32];
+        std::snprintf(ce, sizeof ce, " %.4f |", j.result["ce_loss_score"].get<double>());
+        md << ce;
+      }
+      md << "\n";
+    }
+  }
+  const Job& ex = jobs.front();
+  md << "\n## Loading\n\nSAELens (from a local copy of this folder):\n\n```python\n"
+     << "from sae_lens import SAE\nsae = SAE.load_from_disk(\"" << ex.variant << "/" << ex.hook
+     << "\")\n```\n\nsae.cpp, Python:\n\n```python\nimport saecpp\nsae, cfg, sparsity = "
+        "saecpp.SAE.from_pretrained(\"<this folder>\", \""
+     << ex.variant << "/" << ex.hook << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info "
+     << ex.variant << "/" << ex.hook << "\n```\n";
+  return md.str();
+}
+
+}  // namespace
+
+bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
+  if (opt.layers.empty()) fail("release", "layers", "give at least one layer");
+  if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
+  const fs::path out = opt.output_dir, work = out / ".work";
+  const model::HookPoint point = model::parse_hook_kind(opt.hook);
+  const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
+  std::vector<int64_t> layers = opt.layers;
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  for (int64_t l : layers)
+    if (l < 0 || l >= mcfg.num_layers)
+      fail("release", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
+
+  // One training config per (variant, layer), all on the same batch size.
+  std::vector<Job> jobs;
+  for (const std::string& v : opt.variants)
+    for (size_t s = 0; s < layers.size(); ++s) {
+      Job j;
+      j.variant = v, j.layer = layers[s], j.layer_slot = int64_t(s);
+      j.hook = model::hook_name(point, layers[s]);
+      json c = train::preset(variant_preset(v));
+      for (const auto& o : opt.overrides) train::apply_override(c, o);
+      if (opt.total_tokens > 0) c["training"]["total_tokens"] = opt.total_tokens;
+      c["output"]["dir"] = (work / v / j.hook).string();
+      auto& meta = c["output"]["metadata"];
+      meta["model_name"] = opt.model_name;
+      meta["model_class_name"] = "HookedTransformer";
+      meta["hook_name"] = j.hook;
+      meta["hook_head_index"] = nullptr;
+      meta["context_size"] = opt.store.windows.context_size;
+      meta["prepend_bos"] = opt.store.windows.prepend_bos;
+      meta["exclude_special_tokens"] = opt.store.exclude_special;
+      meta["disable_concat_sequences"] = !opt.store.windows.concat;
+      meta["sequence_separator_token"] = opt.store.windows.separator_id ? json("bos") : json();
+      meta["dataset_path"] =
+          opt.dataset_path.empty() ? json(opt.corpus.shards) : json(opt.dataset_path);
+      meta["model_from_pretrained_kwargs"] = json::object();
+      meta["seqpos_slice"] = {nullptr};
+      j.cfg = train::TrainConfig::from_json(c, "variant " + v);
+      if (!jobs.empty() && j.cfg.batch_size != jobs.front().cfg.batch_size)
+        fail("variant " + v, "training.batch_size",
+             "every SAE of one release must use the same batch size (one activation stream)");
+      jobs.push_back(std::move(j));
+    }
+  StoreConfig store = opt.store;
+  store.batch_tokens = jobs.front().cfg.batch_size;
+  const int64_t d = mcfg.hidden_size, total_steps = jobs.front().cfg.total_steps();
+  for (const Job& j : jobs)
+    if (j.cfg.total_steps() != total_steps)
+      fail("variant " + j.variant, "training.total_tokens",
+           "every SAE of one release trains on the same tokens");
+
+  // The memory plan, before anything large is allocated.
+  const int64_t last_needed = opt.ce_windows > 0 ? mcfg.num_layers - 1 : layers.back();
+  const double model_b = double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16));
+  double saes_b = 0;
+  for (const Job& j : jobs) saes_b += sae_bytes(j.cfg, d);
+  const double buffer_b = double(store.n_batches_in_buffer * store.prompts_per_forward *
+                                 store.windows.context_size * d * 4 * int64_t(layers.size()));
+  std::fprintf(stderr,
+               "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n"
+               "memory: model %s + SAEs %s + activation buffers %s = %s\n",
+               jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
+               (long long)store.batch_tokens, fmt_gib(model_b).c_str(), fmt_gib(saes_b).c_str(),
+               fmt_gib(buffer_b).c_str(), fmt_gib(model_b + saes_b + buffer_b).c_str());
+
+  const model::Gemma2 m = model::Gemma2::load(
+      opt.model_dir, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
+  const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
+  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
+  store.windows.bos_id = tok.bos_id();
+  if (store.windows.separator_id) store.windows.separator_id = tok.bos_id();
+
+  // Held-out activations (recomputed on resume: deterministic).
+  data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
+  WindowStream heldout_windows(heldout_corpus, tok, store.windows);
+  const Heldout heldout =
+      collect_heldout(m, heldout_windows, point, layers, opt.heldout_tokens, special);
+  if (heldout.n == 0)
+    std::fprintf(stderr, "warning: no held-out tokens (corpus.holdout_every = %lld)\n",
+                 (long long)opt.corpus.holdout_every);
+
+  // Resume state: the step every SAE has reached and where the corpus stood.
+  fs::create_directories(work);
+  const fs::path state_path = work / "state.json";
+  int64_t corpus_pos = 0, state_step = 0;
+  if (opt.resume && fs::exists(state_path)) {
+    json st = json::parse(read_json_file(state_path.string()).dump());
+    if (st.value("version", 0) != kStateVersion)
+      fail(state_path.string(), "version", "unsupported release state version");
+    corpus_pos = st.at("corpus_next_document").get<int64_t>();
+    state_step = st.at("step").get<int64_t>();
+  }
+  data::Corpus corpus(opt.corpus, data::Split::Train);
+  corpus.seek(corpus_pos);
+  WindowStream windows(corpus, tok, store.windows);
+  ActivationStore acts(m, windows, point, layers, store, special);
+
+  std::vector<std::unique_ptr<LayerSource>> sources;
+  for (size_t s = 0; s < layers.size(); ++s)
+    sources.push_back(std::make_unique<LayerSource>(
+        d, heldout.acts[s], heldout.n,
+        cat(opt.hook, " of layer ", layers[s], " from ", corpus.shard_paths().size(), " shard(s)")));
+  std::vector<float*> ptrs(layers.size());
+  std::vector<std::vector<float>> batch(layers.size(), std::vector<float>(size_t(store.batch_tokens * d)));
+  for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = batch[s].data();
+
+  // Normalisation batches, only when some SAE starts fresh and needs them.
+  int64_t n_norm = 0;
+  for (const Job& j : jobs)
+    if (j.cfg.normalize_activations != "none" || j.cfg.b_dec_init == "mean")
+      n_norm = std::max(n_norm, j.cfg.n_norm_batches);
+  const bool fresh = !(opt.resume && fs::exists(state_path));
+  if (n_norm > 0 && fresh)
+    for (int64_t b = 0; b < n_norm; ++b) {
+      if (!acts.next_batch(ptrs)) fail("release", "corpus", "ran out during normalisation");
+      for (size_t s = 0; s < layers.size(); ++s)
+        sources[s]->norm_batches.insert(sources[s]->norm_batches.end(), batch[s].begin(),
+                                        batch[s].end());
+    }
+
+  int64_t step = std::numeric_limits<int64_t>::max();
+  for (Job& j : jobs) {
+    j.trainer = std::make_unique<train::Trainer>(j.cfg, *sources[size_t(j.layer_slot)],
+                                                 j.variant + " " + j.hook);
+    j.trainer->print_progress = false;
+    j.trainer->auto_checkpoint = false;
+    j.trainer->begin(opt.resume);
+    j.x.resize(size_t(store.batch_tokens * d));
+    step = std::min(step, j.trainer->step());
+  }
+  for (auto& s : sources) s->norm_batches = {};
+  if (opt.resume && step != state_step)
+    std::fprintf(stderr, "release: SAE checkpoints at step %lld, release state at %lld\n",
+                 (long long)step, (long long)state_step);
+  std::fprintf(stderr, "release: %s at step %lld of %lld (corpus document %lld)\n",
+               step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
+               (long long)corpus_pos);
+
+  auto write_state = [&] {
+    write_file_atomic(state_path.string(),
+                      json{{"version", kStateVersion},
+                           {"step", step},
+                           {"corpus_next_document", corpus.next_document()}}
+                          .dump(2));
+  };
+  auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
+    for (Job& j : jobs) j.trainer->save_checkpoint();
+    write_state();
+  };
+  const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
+  const double t_start = now_seconds();
+  const int64_t step_start = step;
+  double sae_seconds = 0, fwd_start = acts.forward_seconds();
+  while (step < total_steps) {
+    if (stop && stop->load()) {
+      checkpoint();
+      std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
+                   (long long)step);
+      return false;
+    }
+    if (!acts.next_batch(ptrs)) {
+      std::fprintf(stderr, "release: the corpus ran out at step %lld of %lld; finishing early\n",
+                   (long long)step, (long long)total_steps);
+      break;
+    }
+    const double t0 = now_seconds();
+    for (Job& j : jobs) {
+      if (j.trainer->step() > step) continue;  // ahead after a kill mid-checkpoint
+      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(), j.x.begin());
+      j.trainer->train_step(j.x.data());
+    }
+    sae_seconds += now_seconds() - t0;
+    ++step;
+    if (step % opt.log_every_steps == 0 || step == total_steps) {
+      const double el = now_seconds() - t_start;
+      const double fwd = acts.forward_seconds() - fwd_start;
+      const double rate = double((step - step_start) * store.batch_tokens) / std::max(el, 1e-9);
+      double l0 = 0, ev = 0;
+      for (const Job& j : jobs) l0 += j.trainer->last_l0(), ev += j.trainer->last_ev();
+      std::fprintf(stderr,
+                   "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
+                   "mean L0 %.2f  mean EV %.4f  ETA %.0f s\n",
+                   (long long)step, (long long)total_steps, (long long)(step * store.batch_tokens),
+                   rate, 100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
+                   l0 / double(jobs.size()), ev / double(jobs.size()),
+                   double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
+    }
+    if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
+  }
+
+  // Final evaluation, the CE-loss score, then the release folder.
+  std::vector<std::vector<int32_t>> ce_windows(
+      heldout.windows.begin(),
+      heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
+  ojson summary = ojson::object();
+  for (Job& j : jobs) {
+    j.trainer->finish();
+    const train::EvalResult& r = j.trainer->final_eval();
+    j.result = {{"layer", j.layer},
+                {"sae_id", j.variant + "/" + j.hook},
+                {"width", j.cfg.spec.d_sae},
+                {"l0", r.metrics.l0},
+                {"explained_variance", r.metrics.explained_variance},
+                {"explained_variance_legacy", r.metrics.explained_variance_legacy},
+                {"mse", r.metrics.mse},
+                {"dead_latents", r.metrics.dead_latents},
+                {"level_explained_variance", r.level_explained_variance},
+                {"heldout_tokens", r.metrics.n_tokens},
+                {"training_tokens", j.trainer->step() * j.cfg.batch_size}};
+    if (!ce_windows.empty()) {
+      const Sae s = j.trainer->inference_sae();
+      const LmScore sc = lm_score(m, s, point, j.layer, ce_windows);
+      j.result["ce_loss_score"] = sc.ce_loss_score;
+      j.result["lm_score"] = ojson::parse(sc.to_json().dump());
+    }
+    // The SAE folder appears whole: copy next to it, then rename.
+    const fs::path dst = out / j.variant / j.hook, tmp = out / j.variant / (j.hook + ".tmp");
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp.parent_path());
+    fs::copy(fs::path(j.cfg.output_dir) / "sae", tmp, fs::copy_options::recursive);
+    fs::remove_all(dst, ec);
+    fs::rename(tmp, dst);
+    summary[j.variant][j.hook] = j.result;
+  }
+  const int64_t tokens = jobs.front().trainer->step() * store.batch_tokens;
+  ojson release = {{"release", opt.release_name},
+                   {"model", opt.model_dir},
+                   {"hook", opt.hook},
+                   {"layers", layers},
+                   {"variants", opt.variants},
+                   {"training_tokens", tokens},
+                   {"context_size", store.windows.context_size},
+                   {"corpus", ojson::parse(opt.corpus.to_json().dump())},
+                   {"tokens_forwarded", acts.tokens_forwarded()},
+                   {"results", summary}};
+  write_file_atomic((out / "release.json").string(), release.dump(2) + "\n");
+  const json store_info = {{"buffer_tokens", acts.buffer_tokens()}};
+  write_file_atomic((out / "README.md").string(), model_card(opt, jobs, store_info, tokens));
+  write_state();  // finish() saved every SAE's final checkpoint
+  std::fprintf(stderr, "release: %zu SAEs written to %s (model card README.md, release.json)\n",
+               jobs.size(), out.string().c_str());
+  return true;
+}
+
+}  // namespace sae::pipeline

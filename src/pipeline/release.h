@@ -1,0 +1,44 @@
+// The whole job of issue 5: text corpus -> Gemma-2 -> one activation stream -> an SAE per
+// (variant, layer) -> held-out evaluation -> a release folder in SAELens layout with a model
+// card. Resumable after a kill. Layout and options: docs/release.md.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/corpus.h"
+#include "pipeline/activation_store.h"
+
+namespace sae::pipeline {
+
+struct ReleaseOptions {
+  std::string model_dir;                  // Hugging Face Gemma-2 folder
+  std::string output_dir = "out/release";
+  data::CorpusConfig corpus;
+  std::vector<int64_t> layers;
+  std::string hook = "resid_post";
+  // "standard" and "snap" are the release's presets (gemma-2-2b-matryoshka-*); any other
+  // name is taken as a preset name (sae train --preset).
+  std::vector<std::string> variants = {"standard", "snap"};
+  int64_t total_tokens = 0;               // per SAE; 0: the preset's
+  std::vector<std::string> overrides;     // section.key=value, applied to every SAE
+  StoreConfig store;                      // batch_tokens comes from the SAE configs
+  int64_t heldout_tokens = 16384;         // held-out tokens for L0 / EV
+  int64_t ce_windows = 8;                 // held-out windows for the CE-loss score (0: skip)
+  int64_t log_every_steps = 100;          // the shared progress line
+  bool resume = false;
+  bool keep_bf16 = false;                 // model weights kept in bf16
+  std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
+  std::string model_name = "gemma-2-2b";  // cfg.json metadata.model_name
+  std::string dataset_path;               // cfg.json metadata.dataset_path ("" = the shards)
+};
+
+// Runs (or resumes) the job. Returns false when `stop` interrupted it (state checkpointed).
+bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop = nullptr);
+
+// The preset a variant name stands for.
+std::string variant_preset(const std::string& variant);
+
+}  // namespace sae::pipeline
