@@ -94,6 +94,8 @@ Runner add_release(CLI::App& app) {
                   "cfg.json metadata.dataset_path (default: the shard patterns)");
   cmd->add_flag("--bf16", o->r.keep_bf16, "Keep the model weights in bf16");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
+  cmd->add_option("--stop-at-step", o->r.stop_at_step,
+                  "Checkpoint and exit 0 at this step (continue later with --resume)");
   return [=] {
     pipeline::ReleaseOptions r = o->r;
     const model::Gemma2Config mcfg = model::read_gemma2_config(r.model_dir);
@@ -104,7 +106,8 @@ Runner add_release(CLI::App& app) {
     r.store.windows.concat = !o->truncate;
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    return pipeline::run_release(r, &g_stop) ? 0 : 130;
+    const bool finished = pipeline::run_release(r, &g_stop);
+    return finished || !g_stop ? 0 : 130;  // 130: interrupted by a signal, state saved
   };
 }
 

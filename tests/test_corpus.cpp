@@ -1,7 +1,6 @@
 // Corpus readers (every format, bad lines, split, seek), SAELens context windows (goldens from
 // scripts/make_window_goldens.py) and the zstd line reader.
 #include <gtest/gtest.h>
-#include <zstd.h>
 
 #include "core/error.h"
 #include "data/context_windows.h"
@@ -9,16 +8,12 @@
 #include "io/json_file.h"
 #include "io/line_reader.h"
 #include "test_util.h"
+#include "test_zstd.h"
 
 namespace sae::data {
 namespace {
 
-std::string zstd_compress(const std::string& s) {
-  std::string out(ZSTD_compressBound(s.size()), '\0');
-  const size_t n = ZSTD_compress(out.data(), out.size(), s.data(), s.size(), 3);
-  out.resize(n);
-  return out;
-}
+using test::zstd_compress;
 
 std::vector<std::string> texts(Corpus& c) {
   std::vector<std::string> out;

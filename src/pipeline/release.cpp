@@ -62,15 +62,19 @@ class LayerSource final : public data::ActivationSource {
 struct Job {
   std::string variant, hook;
   int64_t layer = 0, layer_slot = 0;  // slot: index into the store's layers
+  std::string level_losses;           // as the preset names it: mse / snap / l2
   train::TrainConfig cfg;
   std::unique_ptr<train::Trainer> trainer;
   std::vector<float> x;  // this SAE's copy of the batch (the trainer scales it in place)
   ojson result;
 };
 
-std::string fmt_gib(double bytes) {
+std::string fmt_bytes(double bytes) {
   char b[32];
-  std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(1 << 30));
+  if (bytes >= double(1 << 30))
+    std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(1 << 30));
+  else
+    std::snprintf(b, sizeof b, "%.1f MiB", bytes / double(1 << 20));
   return b;
 }
 
@@ -94,7 +98,7 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
   const auto& c0 = jobs.front().cfg;
   md << "- Model: `" << opt.model_name << "` (" << opt.model_dir << "), hook `blocks.L.hook_"
      << opt.hook << "`\n";
-  md << "- Data: " << (opt.dataset_path.empty() ? "the corpus shards below" : opt.dataset_path)
+  md << "- Data: " << (opt.dataset_path.empty() ? std::string("see the shards below") : opt.dataset_path)
      << "; context windows of " << opt.store.windows.context_size << " tokens, BOS first, "
      << (opt.store.windows.concat ? "documents packed" : "documents truncated")
      << "; BOS/EOS/PAD positions excluded; every " << opt.corpus.holdout_every
@@ -102,7 +106,9 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
   md << "- " << tokens_trained << " training tokens per SAE, batches of " << c0.batch_size
      << " tokens from a shuffled buffer of " << store_cfg["buffer_tokens"].get<int64_t>()
      << " tokens\n";
-  md << "- Width " << c0.spec.d_sae << ", k = " << c0.spec.k << ", Matryoshka widths";
+  md << "- Corpus shards:";
+  for (const std::string& sh : opt.corpus.shards) md << " `" << sh << "`";
+  md << "\n- Width " << c0.spec.d_sae << ", k = " << c0.spec.k << ", Matryoshka widths";
   for (int64_t w : c0.spec.widths) md << " " << w;
   md << "\n- Variants:";
   std::vector<std::string> seen;
@@ -110,8 +116,7 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
     if (std::find(seen.begin(), seen.end(), j.variant) == seen.end()) {
       seen.push_back(j.variant);
       md << " `" << j.variant << "` (preset " << variant_preset(j.variant) << ", level losses "
-         << train::TrainConfig(j.cfg).to_json()["loss"].value("level_losses", std::string("?"))
-         << ")";
+         << j.level_losses << ")";
     }
   md << "\n\n## Evaluation (held-out tokens)\n\n";
   md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
@@ -156,6 +161,11 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   if (opt.layers.empty()) fail("release", "layers", "give at least one layer");
   if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
   const fs::path out = opt.output_dir, work = out / ".work";
+  const fs::path state_path = work / "state.json";
+  if (!opt.resume && fs::exists(state_path))  // never overwrite days of training by accident
+    fail(out.string(), "state",
+         "holds a release job already (.work/state.json): pass --resume to continue it, or choose "
+         "another output folder");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
   std::vector<int64_t> layers = opt.layers;
@@ -173,9 +183,17 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
       j.variant = v, j.layer = layers[s], j.layer_slot = int64_t(s);
       j.hook = model::hook_name(point, layers[s]);
       json c = train::preset(variant_preset(v));
+      c["training"]["log_every_steps"] = opt.log_every_steps;  // each SAE's JSONL log
       for (const auto& o : opt.overrides) train::apply_override(c, o);
       if (opt.total_tokens > 0) c["training"]["total_tokens"] = opt.total_tokens;
       c["output"]["dir"] = (work / v / j.hook).string();
+      // Where the activations came from, recorded in the SAE's training config.
+      c["data"] = {{"type", "release"},
+                   {"model", opt.model_dir},
+                   {"hook", j.hook},
+                   {"corpus", opt.corpus.to_json()},
+                   {"context_size", opt.store.windows.context_size}};
+      j.level_losses = c["loss"].value("level_losses", std::string("mse"));
       auto& meta = c["output"]["metadata"];
       meta["model_name"] = opt.model_name;
       meta["model_class_name"] = "HookedTransformer";
@@ -215,8 +233,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n"
                "memory: model %s + SAEs %s + activation buffers %s = %s\n",
                jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
-               (long long)store.batch_tokens, fmt_gib(model_b).c_str(), fmt_gib(saes_b).c_str(),
-               fmt_gib(buffer_b).c_str(), fmt_gib(model_b + saes_b + buffer_b).c_str());
+               (long long)store.batch_tokens, fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(),
+               fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
 
   const model::Gemma2 m = model::Gemma2::load(
       opt.model_dir, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
@@ -236,7 +254,6 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
 
   // Resume state: the step every SAE has reached and where the corpus stood.
   fs::create_directories(work);
-  const fs::path state_path = work / "state.json";
   int64_t corpus_pos = 0, state_step = 0;
   if (opt.resume && fs::exists(state_path)) {
     json st = json::parse(read_json_file(state_path.string()).dump());
@@ -307,7 +324,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const int64_t step_start = step;
   double sae_seconds = 0, fwd_start = acts.forward_seconds();
   while (step < total_steps) {
-    if (stop && stop->load()) {
+    if ((stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step)) {
       checkpoint();
       std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
                    (long long)step);

@@ -29,13 +29,15 @@ struct ReleaseOptions {
   int64_t ce_windows = 8;                 // held-out windows for the CE-loss score (0: skip)
   int64_t log_every_steps = 100;          // the shared progress line
   bool resume = false;
+  int64_t stop_at_step = 0;               // > 0: checkpoint and return at this step (run in slices)
   bool keep_bf16 = false;                 // model weights kept in bf16
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
   std::string model_name = "gemma-2-2b";  // cfg.json metadata.model_name
   std::string dataset_path;               // cfg.json metadata.dataset_path ("" = the shards)
 };
 
-// Runs (or resumes) the job. Returns false when `stop` interrupted it (state checkpointed).
+// Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every
+// SAE and the data position checkpointed; run again with resume = true).
 bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop = nullptr);
 
 // The preset a variant name stands for.

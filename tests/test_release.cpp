@@ -1,0 +1,240 @@
+// The text -> release pipeline on the tiny Gemma-2: the activation store (every non-special token
+// served once, the same token in every layer, deterministic) and `sae release` end to end
+// (layout, loading back, the model card's numbers re-measured, stop and resume, bad input).
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <regex>
+#include <set>
+
+#include "eval/metrics.h"
+#include "io/json_file.h"
+#include "model/gemma2.h"
+#include "model/tokenizer.h"
+#include "pipeline/activation_store.h"
+#include "sae/load.h"
+#include "sae/pretrained.h"
+#include "test_util.h"
+#include "test_zstd.h"
+
+namespace sae::pipeline {
+namespace {
+
+namespace fs = std::filesystem;
+const std::string kModel = test::golden("gemma2/gqa_window/model");
+
+// 400 short documents (the tiny corpus's lines, numbered) as one .jsonl.zst shard.
+std::string write_corpus(const test::TempDir& dir) {
+  std::ifstream in(fs::path(SAECPP_TEST_DIR) / "data/tiny_corpus.txt");
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(in, l);)
+    if (!l.empty()) lines.push_back(l);
+  std::string jl;
+  for (int i = 0; i < 400; ++i)
+    jl += nlohmann::json{{"text", lines[size_t(i) % lines.size()] + " " + std::to_string(i)}}
+              .dump() +
+          "\n";
+  test::write_bytes(dir / "pile-00.jsonl.zst", test::zstd_compress(jl));
+  return dir / "pile-*.jsonl.zst";
+}
+
+// Max abs difference between row r of `rows` [n, d] and x.
+float row_distance(const std::vector<float>& rows, int64_t d, int64_t r, const float* x) {
+  float dist = 0;
+  for (int64_t c = 0; c < d; ++c) dist = std::max(dist, std::abs(rows[size_t(r * d + c)] - x[c]));
+  return dist;
+}
+
+TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
+  test::TempDir dir;
+  data::CorpusConfig cc;
+  cc.shards = {write_corpus(dir)};
+  cc.holdout_every = 0;
+  const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
+  const model::Tokenizer tok(kModel + "/tokenizer.model");
+  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
+  StoreConfig sc;
+  sc.windows.context_size = 16;
+  sc.windows.bos_id = tok.bos_id();
+  sc.windows.separator_id = tok.bos_id();
+  sc.prompts_per_forward = 3;
+  sc.n_batches_in_buffer = 4;
+  sc.batch_tokens = 20;
+  const std::vector<int64_t> layers = {0, 2};
+  const int64_t d = m.cfg.hidden_size, n_batches = 12;
+
+  // Every non-special token's activations, one window at a time, in corpus order.
+  data::Corpus all_corpus(cc, data::Split::Train);
+  WindowStream all_windows(all_corpus, tok, sc.windows);
+  const Heldout all =
+      collect_heldout(m, all_windows, model::HookPoint::ResidPost, layers, 1000, special);
+
+  auto serve = [&](uint64_t seed) {
+    sc.seed = seed;
+    data::Corpus corpus(cc, data::Split::Train);
+    WindowStream windows(corpus, tok, sc.windows);
+    ActivationStore store(m, windows, model::HookPoint::ResidPost, layers, sc, special);
+    std::vector<std::vector<float>> out(2), batch(2, std::vector<float>(size_t(20 * d)));
+    for (int64_t b = 0; b < n_batches; ++b) {
+      EXPECT_TRUE(store.next_batch({batch[0].data(), batch[1].data()}));
+      for (int s = 0; s < 2; ++s) out[s].insert(out[s].end(), batch[s].begin(), batch[s].end());
+    }
+    return out;
+  };
+  const auto served = serve(7);
+  // Each served pair of rows is one token's activations in layers 0 and 2 (never a BOS one),
+  // and no token is served twice. Tokens with the same context have equal activations, so a
+  // row takes the first unused token that matches it.
+  std::set<int64_t> used;
+  std::vector<int64_t> order;
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < n_batches * 20; ++r) {
+    int64_t found = -1;
+    for (int64_t i = 0; i < all.n && found < 0; ++i)
+      if (!used.count(i) && row_distance(all.acts[0], d, i, served[0].data() + r * d) < 1e-4f &&
+          row_distance(all.acts[1], d, i, served[1].data() + r * d) < 1e-4f)
+        found = i;
+    ASSERT_GE(found, 0) << "row " << r << " is no unserved non-special token's activations";
+    used.insert(found);
+    order.push_back(found);
+    max_row = std::max(max_row, found);
+  }
+  // Shuffled: not served in corpus order, and drawn from beyond the first batches' tokens.
+  EXPECT_FALSE(std::is_sorted(order.begin(), order.end()));
+  EXPECT_GT(max_row, n_batches * 20);
+  EXPECT_EQ(serve(7), served);   // deterministic for a seed
+  EXPECT_NE(serve(8), served);   // and the seed matters
+}
+
+// The release CLI's arguments for the tiny model: layers 0 and 2, 20k tokens per SAE.
+std::string release_args(const std::string& corpus, const std::string& out) {
+  return "release --model " + kModel + " --dataset '" + corpus + "' --layers 0,2 --tokens 20000 -o " +
+         out +
+         " --model-name tiny-gemma2 --context-size 16 --prompts-per-forward 4 "
+         "--n-batches-in-buffer 4 --holdout-every 10 --heldout-tokens 512 --ce-windows 2 "
+         "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
+         "--set training.batch_size=64 --set training.checkpoint_every_steps=50 "
+         "--set optimizer.lr=3e-3";
+}
+
+// The model card's table rows: (sae id) -> {l0, explained variance, CE-loss score} as printed.
+std::map<std::string, std::vector<double>> card_rows(const std::string& md) {
+  std::map<std::string, std::vector<double>> rows;
+  const std::regex row(R"(\| (\d+) \| (\S+) \| 64 \| ([-0-9.]+) \| ([-0-9.]+) \| ([-0-9.]+) \|)");
+  for (auto it = std::sregex_iterator(md.begin(), md.end(), row); it != std::sregex_iterator();
+       ++it)
+    rows[(*it)[2]] = {std::stod((*it)[3]), std::stod((*it)[4]), std::stod((*it)[5])};
+  return rows;
+}
+
+TEST(Release, TwoLayersTwoVariantsEndToEnd) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  auto r = test::run_cli(release_args(corpus, out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("memory: model"), std::string::npos) << "no memory plan printed";
+  EXPECT_NE(r.output.find("tok/s"), std::string::npos);
+
+  const auto release = read_json_file(out + "/release.json");
+  const std::string card = test::read_bytes(out + "/README.md");
+  const auto rows = card_rows(card);
+  ASSERT_EQ(rows.size(), 4u) << card;
+
+  // The held-out activations the release evaluated on, rebuilt independently.
+  const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
+  const model::Tokenizer tok(kModel + "/tokenizer.model");
+  data::CorpusConfig cc;
+  cc.shards = {corpus};
+  cc.holdout_every = 10;
+  data::Corpus held_corpus(cc, data::Split::Heldout);
+  data::WindowConfig wc;
+  wc.context_size = 16;
+  WindowStream held_windows(held_corpus, tok, wc);
+  const Heldout held = collect_heldout(m, held_windows, model::HookPoint::ResidPost, {0, 2}, 512,
+                                       {tok.bos_id(), tok.eos_id(), tok.pad_id()});
+  ASSERT_EQ(held.n, 512);
+
+  for (const std::string variant : {"standard", "snap"})
+    for (int64_t layer : {0, 2}) {
+      const std::string hook = "blocks." + std::to_string(layer) + ".hook_resid_post";
+      const std::string id = variant + "/" + hook;
+      SCOPED_TRACE(id);
+      // Loads through the release folder, as from_pretrained(<folder>, id) does.
+      const LoadedSae l = load_from_disk(resolve_pretrained(out, id));
+      EXPECT_EQ(l.sae.cfg.d_in, 64);
+      EXPECT_EQ(l.sae.cfg.d_sae, 64);
+      EXPECT_TRUE(l.sparsity.has_value());
+      const auto cfg = read_json_file(l.folder + "/cfg.json");
+      EXPECT_EQ(cfg["metadata"]["hook_name"], hook);
+      EXPECT_EQ(cfg["metadata"]["model_name"], "tiny-gemma2");
+      EXPECT_EQ(cfg["metadata"]["context_size"], 16);
+      EXPECT_EQ(cfg["metadata"]["prepend_bos"], true);
+
+      // release.json holds what was measured, and the card prints the same numbers.
+      const auto& res = release["results"][variant][hook];
+      EXPECT_EQ(res["training_tokens"], 19968);
+      EXPECT_EQ(res["heldout_tokens"], 512);
+      const Metrics again = evaluate_in_batches(
+          l.sae, {held.acts[size_t(layer == 2)].data(), size_t(512 * 64)}, 512, 512);
+      EXPECT_NEAR(res["explained_variance"].get<double>(), again.explained_variance, 1e-5);
+      EXPECT_NEAR(res["l0"].get<double>(), again.l0, 1e-9);
+      EXPECT_GT(again.explained_variance, 0.3) << "trained SAEs reconstruct";
+      EXPECT_GT(again.l0, 1.0);
+      EXPECT_LT(again.l0, 16.0);
+      const auto& row = rows.at(id);
+      EXPECT_NEAR(row[0], res["l0"].get<double>(), 0.005);
+      EXPECT_NEAR(row[1], res["explained_variance"].get<double>(), 5e-5);
+      EXPECT_NEAR(row[2], res["ce_loss_score"].get<double>(), 5e-5);
+      EXPECT_TRUE(std::isfinite(res["lm_score"]["ce_clean"].get<double>()));
+    }
+}
+
+TEST(Release, StopsAndResumes) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(fs::exists(out + "/release.json"));
+  EXPECT_FALSE(fs::exists(out + "/standard"));
+  const auto state = read_json_file(out + "/.work/state.json");
+  EXPECT_EQ(state["step"], 120);
+  EXPECT_GT(state["corpus_next_document"].get<int64_t>(), 0);
+
+  // Without --resume the job's folder is not overwritten.
+  r = test::run_cli(release_args(corpus, out));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("--resume"), std::string::npos) << r.output;
+
+  r = test::run_cli(release_args(corpus, out) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+  const auto release = read_json_file(out + "/release.json");
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      EXPECT_EQ(release["results"][variant][hook]["training_tokens"], 19968);
+      EXPECT_GT(release["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
+      EXPECT_TRUE(fs::exists(out + "/" + variant + "/" + hook + "/sae_weights.safetensors"));
+    }
+}
+
+TEST(Release, BadInputs) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  auto expect_error = [&](const std::string& args, const std::string& names) {
+    auto r = test::run_cli(args);
+    EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(names), std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(out + "/release.json"));
+  };
+  const std::string base = release_args(corpus, out);
+  expect_error(std::regex_replace(base, std::regex("--layers 0,2"), "--layers 0,3"), "--layers");
+  expect_error(std::regex_replace(base, std::regex("pile-\\*"), "nothing-*"), "nothing-*");
+  expect_error(base + " --variants standard,bogus", "bogus");
+  expect_error(std::regex_replace(base, std::regex("--tokens 20000"), "--tokens 7Q"), "--tokens");
+  expect_error(base + " --set sae.nonsense=1", "nonsense");
+  expect_error(std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
+               "n_batches_in_buffer");
+}
+
+}  // namespace
+}  // namespace sae::pipeline
