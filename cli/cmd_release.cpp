@@ -23,10 +23,25 @@ int64_t parse_count(const std::string& s) {
   double mult = 1;
   std::string num = s;
   switch (s.back()) {
-    case 'K': case 'k': mult = 1e3; num.pop_back(); break;
-    case 'M': case 'm': mult = 1e6; num.pop_back(); break;
-    case 'B': case 'b': case 'G': case 'g': mult = 1e9; num.pop_back(); break;
-    default: break;
+    case 'K':
+    case 'k':
+      mult = 1e3;
+      num.pop_back();
+      break;
+    case 'M':
+    case 'm':
+      mult = 1e6;
+      num.pop_back();
+      break;
+    case 'B':
+    case 'b':
+    case 'G':
+    case 'g':
+      mult = 1e9;
+      num.pop_back();
+      break;
+    default:
+      break;
   }
   size_t used = 0;
   double v = 0;

@@ -6,8 +6,13 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <exception>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <thread>
 
 #include "core/error.h"
 #include "data/activation_files.h"
@@ -16,6 +21,7 @@
 #include "model/activations.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
+#include "pipeline/release.h"
 #include "pipeline/source_factory.h"
 #include "sae/load.h"
 #include "sae/save.h"
@@ -384,6 +390,84 @@ PYBIND11_MODULE(_core, m) {
       "dict).");
 
   m.def("presets", &train::preset_names, "Names of the training presets.");
+
+  m.def(
+      "release",
+      [](const std::string& model, py::object dataset, std::vector<int64_t> layers,
+         const std::string& output, std::vector<std::string> variants, int64_t tokens,
+         std::vector<std::string> overrides, int64_t context_size, int64_t prompts_per_forward,
+         int64_t n_batches_in_buffer, int64_t holdout_every, int64_t heldout_tokens,
+         int64_t ce_windows, const std::string& hook, const std::string& model_name,
+         const std::string& dataset_path, bool bf16, bool resume, int64_t stop_at_step,
+         int64_t log_every) -> py::object {
+        pipeline::ReleaseOptions o;
+        o.model_dir = model;
+        o.corpus.shards = py::isinstance<py::str>(dataset)
+                              ? std::vector<std::string>{dataset.cast<std::string>()}
+                              : dataset.cast<std::vector<std::string>>();
+        o.corpus.holdout_every = holdout_every;
+        o.layers = std::move(layers);
+        o.output_dir = output;
+        o.variants = std::move(variants);
+        o.total_tokens = tokens;
+        o.overrides = std::move(overrides);
+        o.store.windows.context_size = context_size;
+        o.store.prompts_per_forward = prompts_per_forward;
+        o.store.n_batches_in_buffer = n_batches_in_buffer;
+        o.heldout_tokens = heldout_tokens;
+        o.ce_windows = ce_windows;
+        o.hook = hook;
+        o.model_name = model_name;
+        o.dataset_path = dataset_path;
+        o.keep_bf16 = bf16;
+        o.resume = resume;
+        o.stop_at_step = stop_at_step;
+        o.log_every_steps = log_every;
+        // The job runs on a worker thread; this (main) thread polls for Ctrl-C, which stops it
+        // at the next step with everything checkpointed.
+        std::atomic<bool> stop{false}, done{false};
+        bool finished = false;
+        std::exception_ptr error;
+        std::thread worker([&] {
+          try {
+            finished = pipeline::run_release(o, &stop);
+          } catch (...) {
+            error = std::current_exception();
+          }
+          done = true;
+        });
+        std::unique_ptr<py::error_already_set> interrupted;
+        while (!done) {
+          {
+            py::gil_scoped_release nogil;
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+          }
+          if (!interrupted && PyErr_CheckSignals() != 0) {
+            interrupted = std::make_unique<py::error_already_set>();
+            stop = true;
+          }
+        }
+        worker.join();
+        if (error) std::rethrow_exception(error);
+        if (interrupted) throw std::move(*interrupted);
+        if (!finished) return py::none();
+        std::ifstream in(std::filesystem::path(output) / "release.json");
+        const std::string text((std::istreambuf_iterator<char>(in)), {});
+        return py::module_::import("json").attr("loads")(text);
+      },
+      py::arg("model"), py::arg("dataset"), py::arg("layers"), py::arg("output"),
+      py::arg("variants") = std::vector<std::string>{"standard", "snap"}, py::arg("tokens") = 0,
+      py::arg("overrides") = std::vector<std::string>{}, py::arg("context_size") = 1024,
+      py::arg("prompts_per_forward") = 8, py::arg("n_batches_in_buffer") = 4,
+      py::arg("holdout_every") = 100, py::arg("heldout_tokens") = 16384, py::arg("ce_windows") = 8,
+      py::arg("hook") = "resid_post", py::arg("model_name") = "gemma-2-2b",
+      py::arg("dataset_path") = "", py::arg("bf16") = false, py::arg("resume") = false,
+      py::arg("stop_at_step") = 0, py::arg("log_every") = 100,
+      "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
+      "Gemma-2 activations of a text corpus, evaluated on held-out tokens, written as a SAELens "
+      "release folder with a model card. overrides: 'section.key=value' strings applied to every "
+      "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
+      "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2", "A Gemma-2 checkpoint folder (HF format) and its tokenizer.")

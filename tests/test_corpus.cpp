@@ -31,8 +31,9 @@ TEST(ContextWindows, MatchSaeLensConcatAndBatchSequences) {
     cfg.context_size = c["context_size"].get<int64_t>();
     cfg.prepend_bos = c["prepend_bos"].get<bool>();
     cfg.bos_id = g["bos"].get<int32_t>();
-    cfg.separator_id = c["separator"].is_null() ? std::nullopt
-                                                : std::optional<int32_t>(c["separator"].get<int32_t>());
+    cfg.separator_id = c["separator"].is_null()
+                           ? std::nullopt
+                           : std::optional<int32_t>(c["separator"].get<int32_t>());
     cfg.concat = c["concat"].get<bool>();
     ContextWindows w(cfg);
     std::vector<std::vector<int32_t>> got;
@@ -82,9 +83,13 @@ TEST(LineReader, PlainAndZstdGiveTheSameLines) {
 TEST(Corpus, JsonlZstTxtAndSplit) {
   test::TempDir dir;
   std::string jl;
-  for (int i = 0; i < 10; ++i) jl += R"({"text": "doc )" + std::to_string(i) + R"(", "meta": {}})" "\n";
+  for (int i = 0; i < 10; ++i)
+    jl += R"({"text": "doc )" + std::to_string(i) +
+          R"(", "meta": {}})"
+          "\n";
   test::write_bytes(dir / "b.jsonl.zst", zstd_compress(jl));
-  test::write_bytes(dir / "a.jsonl", R"({"content": "x", "text": "first"})" "\n\n");
+  test::write_bytes(dir / "a.jsonl", R"({"content": "x", "text": "first"})"
+                                     "\n\n");
   test::write_bytes(dir / "c.txt", "text one\n\n  \ntext two\n");
   CorpusConfig cfg;
   cfg.shards = {dir / "*.jsonl*", dir / "c.txt"};
@@ -153,7 +158,9 @@ TEST(Corpus, BadInputs) {
   // A few malformed lines are skipped (counted); too many is an error naming the shard.
   std::string jl;
   for (int i = 0; i < 300; ++i)
-    jl += (i % 100 == 99 ? std::string("{broken\n") : R"({"text": "ok"})" "\n");
+    jl += (i % 100 == 99 ? std::string("{broken\n")
+                         : R"({"text": "ok"})"
+                           "\n");
   test::write_bytes(dir / "few.jsonl", jl);
   cfg.shards = {dir / "few.jsonl"};
   Corpus few(cfg, Split::Train);
@@ -162,7 +169,10 @@ TEST(Corpus, BadInputs) {
   EXPECT_EQ(n, 297);
   EXPECT_EQ(few.bad_lines(), 3);
   jl.clear();
-  for (int i = 0; i < 300; ++i) jl += (i % 10 == 0 ? std::string("[1, 2]\n") : R"({"text": "ok"})" "\n");
+  for (int i = 0; i < 300; ++i)
+    jl += (i % 10 == 0 ? std::string("[1, 2]\n")
+                       : R"({"text": "ok"})"
+                         "\n");
   test::write_bytes(dir / "many.jsonl", jl);
   cfg.shards = {dir / "many.jsonl"};
   Corpus many(cfg, Split::Train);

@@ -31,9 +31,9 @@ std::string write_corpus(const test::TempDir& dir) {
     if (!l.empty()) lines.push_back(l);
   std::string jl;
   for (int i = 0; i < 400; ++i)
-    jl += nlohmann::json{{"text", lines[size_t(i) % lines.size()] + " " + std::to_string(i)}}
-              .dump() +
-          "\n";
+    jl +=
+        nlohmann::json{{"text", lines[size_t(i) % lines.size()] + " " + std::to_string(i)}}.dump() +
+        "\n";
   test::write_bytes(dir / "pile-00.jsonl.zst", test::zstd_compress(jl));
   return dir / "pile-*.jsonl.zst";
 }
@@ -102,14 +102,14 @@ TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
   // Shuffled: not served in corpus order, and drawn from beyond the first batches' tokens.
   EXPECT_FALSE(std::is_sorted(order.begin(), order.end()));
   EXPECT_GT(max_row, n_batches * 20);
-  EXPECT_EQ(serve(7), served);   // deterministic for a seed
-  EXPECT_NE(serve(8), served);   // and the seed matters
+  EXPECT_EQ(serve(7), served);  // deterministic for a seed
+  EXPECT_NE(serve(8), served);  // and the seed matters
 }
 
 // The release CLI's arguments for the tiny model: layers 0 and 2, 20k tokens per SAE.
 std::string release_args(const std::string& corpus, const std::string& out) {
-  return "release --model " + kModel + " --dataset '" + corpus + "' --layers 0,2 --tokens 20000 -o " +
-         out +
+  return "release --model " + kModel + " --dataset '" + corpus +
+         "' --layers 0,2 --tokens 20000 -o " + out +
          " --model-name tiny-gemma2 --context-size 16 --prompts-per-forward 4 "
          "--n-batches-in-buffer 4 --holdout-every 10 --heldout-tokens 512 --ce-windows 2 "
          "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
@@ -232,8 +232,9 @@ TEST(Release, BadInputs) {
   expect_error(base + " --variants standard,bogus", "bogus");
   expect_error(std::regex_replace(base, std::regex("--tokens 20000"), "--tokens 7Q"), "--tokens");
   expect_error(base + " --set sae.nonsense=1", "nonsense");
-  expect_error(std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
-               "n_batches_in_buffer");
+  expect_error(
+      std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
+      "n_batches_in_buffer");
 }
 
 }  // namespace

@@ -12,6 +12,6 @@ on the SAE's own buffers. Errors about files and configs raise saecpp.SaeError (
 naming the file and the field.
 """
 
-from saecpp._core import SAE, Gemma2, SaeError, SparseCodes, __version__, evaluate, presets, train
+from saecpp._core import SAE, Gemma2, SaeError, SparseCodes, __version__, evaluate, presets, release, train
 
-__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "evaluate", "presets", "train"]
+__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "evaluate", "presets", "release", "train"]

@@ -1,4 +1,4 @@
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +61,28 @@ def train(
     preset: str = "",
 ) -> tuple[SAE, dict[str, Any]]: ...
 def presets() -> list[str]: ...
+def release(
+    model: str,
+    dataset: Union[str, list[str]],
+    layers: list[int],
+    output: str,
+    variants: list[str] = ["standard", "snap"],
+    tokens: int = 0,
+    overrides: list[str] = [],
+    context_size: int = 1024,
+    prompts_per_forward: int = 8,
+    n_batches_in_buffer: int = 4,
+    holdout_every: int = 100,
+    heldout_tokens: int = 16384,
+    ce_windows: int = 8,
+    hook: str = "resid_post",
+    model_name: str = "gemma-2-2b",
+    dataset_path: str = "",
+    bf16: bool = False,
+    resume: bool = False,
+    stop_at_step: int = 0,
+    log_every: int = 100,
+) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:
     """A Gemma-2 checkpoint folder (Hugging Face format) and its tokenizer."""

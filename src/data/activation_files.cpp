@@ -95,7 +95,8 @@ FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
 
 FileSource::FileSource(const float* data, int64_t rows, int64_t d_in, int64_t heldout_tokens,
                        uint64_t seed) {
-  if (rows <= 0 || d_in <= 0) fail("activations", "shape", "must be a non-empty [tokens, d_in] array");
+  if (rows <= 0 || d_in <= 0)
+    fail("activations", "shape", "must be a non-empty [tokens, d_in] array");
   cfg_.paths = {"<memory>"};
   cfg_.heldout_tokens = heldout_tokens;
   cfg_.seed = seed;

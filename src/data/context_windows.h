@@ -21,7 +21,7 @@ struct WindowConfig {
   bool prepend_bos = true;
   int32_t bos_id = 2;
   std::optional<int32_t> separator_id = 2;  // between packed documents (none: just concatenate)
-  bool concat = true;                        // false: truncate each document instead
+  bool concat = true;                       // false: truncate each document instead
 };
 
 class ContextWindows {

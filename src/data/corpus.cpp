@@ -3,8 +3,8 @@
 #include <glob.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "core/error.h"
@@ -67,7 +67,8 @@ std::vector<std::string> expand_shards(const std::vector<std::string>& patterns)
 
 namespace {
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 constexpr int64_t kStreamChunk = 1 << 16;  // tokens per document cut from a flat stream
 }  // namespace
@@ -141,14 +142,30 @@ class Corpus::Reader {
         for (int64_t i = begin; i < end; ++i) {
           int64_t v = 0;
           switch (npy_->dtype()) {
-            case DType::U8: v = p[i]; break;
-            case DType::I8: v = int8_t(p[i]); break;
-            case DType::U16: v = reinterpret_cast<const uint16_t*>(p)[i]; break;
-            case DType::I16: v = reinterpret_cast<const int16_t*>(p)[i]; break;
-            case DType::U32: v = reinterpret_cast<const uint32_t*>(p)[i]; break;
-            case DType::I32: v = reinterpret_cast<const int32_t*>(p)[i]; break;
-            case DType::U64: v = int64_t(reinterpret_cast<const uint64_t*>(p)[i]); break;
-            default: v = reinterpret_cast<const int64_t*>(p)[i]; break;
+            case DType::U8:
+              v = p[i];
+              break;
+            case DType::I8:
+              v = int8_t(p[i]);
+              break;
+            case DType::U16:
+              v = reinterpret_cast<const uint16_t*>(p)[i];
+              break;
+            case DType::I16:
+              v = reinterpret_cast<const int16_t*>(p)[i];
+              break;
+            case DType::U32:
+              v = reinterpret_cast<const uint32_t*>(p)[i];
+              break;
+            case DType::I32:
+              v = reinterpret_cast<const int32_t*>(p)[i];
+              break;
+            case DType::U64:
+              v = int64_t(reinterpret_cast<const uint64_t*>(p)[i]);
+              break;
+            default:
+              v = reinterpret_cast<const int64_t*>(p)[i];
+              break;
           }
           if (v < 0 || v > INT32_MAX) fail(path_, "tokens", cat("token id ", v, " out of range"));
           d.tokens[size_t(i - begin)] = int32_t(v);

@@ -28,8 +28,8 @@ struct CorpusConfig {
 enum class Split { Train, Heldout };
 
 struct Document {
-  int64_t index = 0;            // position in the whole corpus (both splits)
-  bool tokenized = false;       // tokens (pre-tokenised shards) or text
+  int64_t index = 0;       // position in the whole corpus (both splits)
+  bool tokenized = false;  // tokens (pre-tokenised shards) or text
   std::string text;
   std::vector<int32_t> tokens;
 };

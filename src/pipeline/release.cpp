@@ -49,7 +49,9 @@ class LayerSource final : public data::ActivationSource {
     std::copy_n(norm_batches.data() + begin, n, out);
   }
   int64_t heldout_size(int64_t n) const override { return std::min(n, n_heldout_); }
-  void heldout(int64_t n, float* out) override { std::copy_n(heldout_.data(), size_t(n * d_), out); }
+  void heldout(int64_t n, float* out) override {
+    std::copy_n(heldout_.data(), size_t(n * d_), out);
+  }
   std::string describe() const override { return what_; }
 
  private:
@@ -98,7 +100,8 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
   const auto& c0 = jobs.front().cfg;
   md << "- Model: `" << opt.model_name << "` (" << opt.model_dir << "), hook `blocks.L.hook_"
      << opt.hook << "`\n";
-  md << "- Data: " << (opt.dataset_path.empty() ? std::string("see the shards below") : opt.dataset_path)
+  md << "- Data: "
+     << (opt.dataset_path.empty() ? std::string("see the shards below") : opt.dataset_path)
      << "; context windows of " << opt.store.windows.context_size << " tokens, BOS first, "
      << (opt.store.windows.concat ? "documents packed" : "documents truncated")
      << "; BOS/EOS/PAD positions excluded; every " << opt.corpus.holdout_every
@@ -164,7 +167,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const fs::path state_path = work / "state.json";
   if (!opt.resume && fs::exists(state_path))  // never overwrite days of training by accident
     fail(out.string(), "state",
-         "holds a release job already (.work/state.json): pass --resume to continue it, or choose "
+         "holds a release job already (.work/state.json): pass --resume (Python: resume=True) to "
+         "continue it, or choose "
          "another output folder");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
@@ -269,11 +273,12 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
 
   std::vector<std::unique_ptr<LayerSource>> sources;
   for (size_t s = 0; s < layers.size(); ++s)
-    sources.push_back(std::make_unique<LayerSource>(
-        d, heldout.acts[s], heldout.n,
-        cat(opt.hook, " of layer ", layers[s], " from ", corpus.shard_paths().size(), " shard(s)")));
+    sources.push_back(std::make_unique<LayerSource>(d, heldout.acts[s], heldout.n,
+                                                    cat(opt.hook, " of layer ", layers[s], " from ",
+                                                        corpus.shard_paths().size(), " shard(s)")));
   std::vector<float*> ptrs(layers.size());
-  std::vector<std::vector<float>> batch(layers.size(), std::vector<float>(size_t(store.batch_tokens * d)));
+  std::vector<std::vector<float>> batch(layers.size(),
+                                        std::vector<float>(size_t(store.batch_tokens * d)));
   for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = batch[s].data();
 
   // Normalisation batches, only when some SAE starts fresh and needs them.
@@ -309,11 +314,10 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                (long long)corpus_pos);
 
   auto write_state = [&] {
-    write_file_atomic(state_path.string(),
-                      json{{"version", kStateVersion},
-                           {"step", step},
-                           {"corpus_next_document", corpus.next_document()}}
-                          .dump(2));
+    write_file_atomic(state_path.string(), json{{"version", kStateVersion},
+                                                {"step", step},
+                                                {"corpus_next_document", corpus.next_document()}}
+                                               .dump(2));
   };
   auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
     for (Job& j : jobs) j.trainer->save_checkpoint();
@@ -338,7 +342,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     const double t0 = now_seconds();
     for (Job& j : jobs) {
       if (j.trainer->step() > step) continue;  // ahead after a kill mid-checkpoint
-      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(), j.x.begin());
+      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
+                j.x.begin());
       j.trainer->train_step(j.x.data());
     }
     sae_seconds += now_seconds() - t0;

@@ -14,7 +14,7 @@
 namespace sae::pipeline {
 
 struct ReleaseOptions {
-  std::string model_dir;                  // Hugging Face Gemma-2 folder
+  std::string model_dir;  // Hugging Face Gemma-2 folder
   std::string output_dir = "out/release";
   data::CorpusConfig corpus;
   std::vector<int64_t> layers;
@@ -22,15 +22,15 @@ struct ReleaseOptions {
   // "standard" and "snap" are the release's presets (gemma-2-2b-matryoshka-*); any other
   // name is taken as a preset name (sae train --preset).
   std::vector<std::string> variants = {"standard", "snap"};
-  int64_t total_tokens = 0;               // per SAE; 0: the preset's
-  std::vector<std::string> overrides;     // section.key=value, applied to every SAE
-  StoreConfig store;                      // batch_tokens comes from the SAE configs
-  int64_t heldout_tokens = 16384;         // held-out tokens for L0 / EV
-  int64_t ce_windows = 8;                 // held-out windows for the CE-loss score (0: skip)
-  int64_t log_every_steps = 100;          // the shared progress line
+  int64_t total_tokens = 0;            // per SAE; 0: the preset's
+  std::vector<std::string> overrides;  // section.key=value, applied to every SAE
+  StoreConfig store;                   // batch_tokens comes from the SAE configs
+  int64_t heldout_tokens = 16384;      // held-out tokens for L0 / EV
+  int64_t ce_windows = 8;              // held-out windows for the CE-loss score (0: skip)
+  int64_t log_every_steps = 100;       // the shared progress line
   bool resume = false;
-  int64_t stop_at_step = 0;               // > 0: checkpoint and return at this step (run in slices)
-  bool keep_bf16 = false;                 // model weights kept in bf16
+  int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
+  bool keep_bf16 = false;    // model weights kept in bf16
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
   std::string model_name = "gemma-2-2b";  // cfg.json metadata.model_name
   std::string dataset_path;               // cfg.json metadata.dataset_path ("" = the shards)

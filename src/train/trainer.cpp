@@ -206,13 +206,13 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
   }
   if (print_progress)
     std::fprintf(
-      stderr,
-      "[%s] step %lld/%lld  tok %s  %s tok/s  loss %.4g (levels %s, aux %.3g)  L0 %.2f  EV %.4f  "
-      "dead %lld  lr %.3g  ETA %s\n",
-      label_.c_str(), (long long)step_, (long long)cfg_.total_steps(),
-      fmt_count(double(step_ * cfg_.batch_size)).c_str(), fmt_count(rate).c_str(), r.loss,
-      levels.c_str(), r.aux_loss, double(r.n_active) / double(cfg_.batch_size), ev, (long long)dead,
-      lr, fmt_duration(eta).c_str());
+        stderr,
+        "[%s] step %lld/%lld  tok %s  %s tok/s  loss %.4g (levels %s, aux %.3g)  L0 %.2f  EV %.4f  "
+        "dead %lld  lr %.3g  ETA %s\n",
+        label_.c_str(), (long long)step_, (long long)cfg_.total_steps(),
+        fmt_count(double(step_ * cfg_.batch_size)).c_str(), fmt_count(rate).c_str(), r.loss,
+        levels.c_str(), r.aux_loss, double(r.n_active) / double(cfg_.batch_size), ev,
+        (long long)dead, lr, fmt_duration(eta).c_str());
   append_log({{"step", step_},
               {"tokens", step_ * cfg_.batch_size},
               {"tokens_per_s", rate},

@@ -48,7 +48,8 @@ class Trainer {
   void finish();
   void save_checkpoint();
   bool auto_checkpoint = true;
-  bool print_progress = true;  // progress and eval lines on stderr (the JSONL log is always written)
+  bool print_progress =
+      true;  // progress and eval lines on stderr (the JSONL log is always written)
   double last_l0() const { return last_l0_; }  // from the last logged step
   double last_ev() const { return last_ev_; }
   const TrainConfig& config() const { return cfg_; }

@@ -1,0 +1,76 @@
+"""saecpp.release on the tiny Gemma-2: the release folder loads in the real SAELens and gives the
+same encodings as sae.cpp; stop and resume from Python."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import saecpp
+
+torch = pytest.importorskip("torch")
+sae_lens = pytest.importorskip("sae_lens")
+from sae_lens import SAE  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODEL = str(ROOT / "goldens" / "gemma2" / "gqa_window" / "model")
+IDS = [f"{v}/blocks.{l}.hook_resid_post" for v in ("standard", "snap") for l in (0, 2)]
+
+
+def write_corpus(folder: pathlib.Path) -> str:
+    lines = [l for l in (ROOT / "data" / "tiny_corpus.txt").read_text().splitlines() if l]
+    path = folder / "corpus.jsonl"
+    with path.open("w") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
+    return str(path)
+
+
+def run(corpus: str, out: pathlib.Path, **kw):
+    return saecpp.release(
+        MODEL, corpus, [0, 2], str(out), tokens=20000, context_size=16, prompts_per_forward=4,
+        n_batches_in_buffer=4, holdout_every=10, heldout_tokens=512, ce_windows=2,
+        model_name="tiny-gemma2", log_every=1000,
+        overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                   "training.batch_size=64", "training.checkpoint_every_steps=50",
+                   "optimizer.lr=3e-3"], **kw)
+
+
+def test_release_loads_in_saelens(tmp_path):
+    out = tmp_path / "release"
+    summary = run(write_corpus(tmp_path), out)
+    assert summary["layers"] == [0, 2]
+    acts = saecpp.Gemma2(MODEL).activations(["The quick brown fox jumps over the lazy dog."],
+                                            [0, 2])
+    card = (out / "README.md").read_text()
+    for sae_id in IDS:
+        variant, hook = sae_id.split("/")
+        ref = SAE.load_from_disk(str(out / sae_id))
+        assert type(ref).__name__ == "JumpReLUSAE"
+        assert ref.cfg.metadata.hook_name == hook
+        assert ref.cfg.metadata.model_name == "tiny-gemma2"
+        assert ref.cfg.metadata.context_size == 16
+        assert ref.cfg.metadata.prepend_bos is True
+        mine, cfg, sparsity = saecpp.SAE.from_pretrained(str(out), sae_id)
+        assert sparsity is not None and sparsity.shape == (64,)
+        x = acts[hook][1:]  # not BOS
+        with torch.no_grad():
+            want = ref.encode(torch.from_numpy(x)).numpy()
+        got = mine.encode(x)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        res = summary["results"][variant][hook]
+        assert 0.3 < res["explained_variance"] <= 1.0
+        assert f"| {res['l0']:.2f} | {res['explained_variance']:.4f} |" in card
+
+
+def test_release_stops_and_resumes(tmp_path):
+    corpus, out = write_corpus(tmp_path), tmp_path / "release"
+    assert run(corpus, out, stop_at_step=100) is None
+    assert json.loads((out / ".work" / "state.json").read_text())["step"] == 100
+    with pytest.raises(saecpp.SaeError, match="--resume"):
+        run(corpus, out)
+    summary = run(corpus, out, resume=True)
+    for sae_id in IDS:
+        variant, hook = sae_id.split("/")
+        assert summary["results"][variant][hook]["training_tokens"] == 19968
