@@ -8,6 +8,7 @@
 #include "core/rng.h"
 #include "data/synthetic.h"
 #include "io/npy.h"
+#include "io/safetensors.h"
 #include "sae/load.h"
 #include "test_util.h"
 #include "train/trainer.h"
@@ -38,8 +39,10 @@ json tiny_config(const std::string& out) {
 
 TEST(Trainer, KillAndResumeIsBitIdentical) {
   test::TempDir dir;
-  auto run = [&](const std::string& out, int64_t stop_at) {
-    TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+  auto run = [&](const std::string& out, int64_t stop_at, double beta1 = 0.9) {
+    json j = tiny_config(out);
+    j["optimizer"]["adam_beta1"] = beta1;
+    TrainConfig cfg = TrainConfig::from_json(j, "test");
     data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
     Trainer t(cfg, src, "test");
     bool finished = t.run(false, stop_at);
@@ -58,6 +61,15 @@ TEST(Trainer, KillAndResumeIsBitIdentical) {
     EXPECT_EQ(test::read_bytes(dir / (std::string("straight/") + f)),
               test::read_bytes(dir / (std::string("killed/") + f)))
         << f;
+  // Without momentum (the release recipe) no first moment is kept, and resume is as exact.
+  auto c = run(dir / "straight0", -1, 0.0);
+  auto e = run(dir / "killed0", 23, 0.0);
+  EXPECT_EQ(c.first, e.first);
+  EXPECT_EQ(c.second, e.second);
+  EXPECT_NE(c.first, a.first);
+  SafetensorsFile ckpt(dir / "killed0/checkpoint/state.safetensors");
+  EXPECT_FALSE(ckpt.has("m_W_encT"));
+  EXPECT_TRUE(ckpt.has("v_W_encT"));
   // The log holds progress and eval records with the fields the progress line shows.
   std::ifstream log(dir / "straight/log.jsonl");
   std::string line;

@@ -9,6 +9,7 @@
 
 #include "core/clock.h"
 #include "core/error.h"
+#include "core/memory.h"
 #include "eval/lm_score.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -239,6 +240,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
                (long long)store.batch_tokens, fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(),
                fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
+  const double plan_bytes = model_b + saes_b + buffer_b;
 
   const model::Gemma2 m = model::Gemma2::load(
       opt.model_dir, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
@@ -356,11 +358,11 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
       for (const Job& j : jobs) l0 += j.trainer->last_l0(), ev += j.trainer->last_ev();
       std::fprintf(stderr,
                    "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
-                   "mean L0 %.2f  mean EV %.4f  ETA %.0f s\n",
+                   "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
                    (long long)step, (long long)total_steps, (long long)(step * store.batch_tokens),
                    rate, 100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
                    l0 / double(jobs.size()), ev / double(jobs.size()),
-                   double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
+                   fmt_bytes(double(resident_bytes())).c_str(), double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
     }
     if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
   }
@@ -415,8 +417,11 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const json store_info = {{"buffer_tokens", acts.buffer_tokens()}};
   write_file_atomic((out / "README.md").string(), model_card(opt, jobs, store_info, tokens));
   write_state();  // finish() saved every SAE's final checkpoint
-  std::fprintf(stderr, "release: %zu SAEs written to %s (model card README.md, release.json)\n",
-               jobs.size(), out.string().c_str());
+  std::fprintf(stderr,
+               "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
+               "%s against the plan's %s\n",
+               jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
+               fmt_bytes(plan_bytes).c_str());
   return true;
 }
 

@@ -1,6 +1,6 @@
 // Adam over a TrainingSae with SAELens's trainer semantics: the global gradient norm is
 // clipped (torch.nn.utils.clip_grad_norm_), then every parameter takes an Adam step. Moments
-// are dense fp32; gradient rows of latents that did not fire are known to be zero.
+// are dense fp32 (no first moment when beta1 = 0); gradient rows of latents that did not fire are known to be zero.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,9 @@ class Optimizer {
 
   // One update at learning rate lr. Returns the gradient norm before clipping.
   double step(TrainingSae& sae, Grads& g, double lr);
+
+  // With beta1 = 0 the first moment is the gradient itself: m_* stay empty (never allocated).
+  bool has_first_moment() const { return cfg.beta1 != 0.0; }
 
   AdamConfig cfg;
   int64_t t = 0;  // updates taken

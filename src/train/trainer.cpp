@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include "core/clock.h"
 #include "core/error.h"
@@ -239,19 +240,23 @@ void Trainer::save_checkpoint() {
   const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
   std::vector<double> thr = {sae_.threshold};
   auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
-  write_safetensors(
-      (tmp / "state.safetensors").string(),
-      {tensor_view("W_encT", f(sae_.W_encT), {D, d}), tensor_view("W_dec", f(sae_.W_dec), {D, d}),
-       tensor_view("b_enc", f(sae_.b_enc), {D}), tensor_view("b_dec", f(sae_.b_dec), {d}),
-       tensor_view("m_W_encT", f(opt_.m_W_encT), {D, d}),
-       tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
-       tensor_view("m_W_dec", f(opt_.m_W_dec), {D, d}),
-       tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
-       tensor_view("m_b_enc", f(opt_.m_b_enc), {D}), tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),
-       tensor_view("m_b_dec", f(opt_.m_b_dec), {d}), tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
-       tensor_view("threshold", std::span<const double>(thr), {1}),
-       tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
-       tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})});
+  std::vector<TensorToWrite> tensors = {
+      tensor_view("W_encT", f(sae_.W_encT), {D, d}), tensor_view("W_dec", f(sae_.W_dec), {D, d}),
+      tensor_view("b_enc", f(sae_.b_enc), {D}),      tensor_view("b_dec", f(sae_.b_dec), {d}),
+      tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
+      tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
+      tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),  tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
+      tensor_view("threshold", std::span<const double>(thr), {1}),
+      tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
+      tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})};
+  if (opt_.has_first_moment())
+    for (auto [name, m, shape] :
+         {std::tuple{"m_W_encT", &opt_.m_W_encT, std::vector<int64_t>{D, d}},
+          std::tuple{"m_W_dec", &opt_.m_W_dec, std::vector<int64_t>{D, d}},
+          std::tuple{"m_b_enc", &opt_.m_b_enc, std::vector<int64_t>{D}},
+          std::tuple{"m_b_dec", &opt_.m_b_dec, std::vector<int64_t>{d}}})
+      tensors.push_back(tensor_view(name, f(*m), shape));
+  write_safetensors((tmp / "state.safetensors").string(), tensors);
   json state = {{"version", kCheckpointVersion},     {"step", step_},
                 {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt_.t},
                 {"input_scale", input_scale_},       {"window_steps", window_steps_},
@@ -290,14 +295,16 @@ bool Trainer::load_checkpoint() {
   sae_.W_dec = st.read_f32("W_dec", {D, d});
   sae_.b_enc = st.read_f32("b_enc", {D});
   sae_.b_dec = st.read_f32("b_dec", {d});
-  opt_.m_W_encT = st.read_f32("m_W_encT", {D, d});
   opt_.v_W_encT = st.read_f32("v_W_encT", {D, d});
-  opt_.m_W_dec = st.read_f32("m_W_dec", {D, d});
   opt_.v_W_dec = st.read_f32("v_W_dec", {D, d});
-  opt_.m_b_enc = st.read_f32("m_b_enc", {D});
   opt_.v_b_enc = st.read_f32("v_b_enc", {D});
-  opt_.m_b_dec = st.read_f32("m_b_dec", {d});
   opt_.v_b_dec = st.read_f32("v_b_dec", {d});
+  if (opt_.has_first_moment()) {
+    opt_.m_W_encT = st.read_f32("m_W_encT", {D, d});
+    opt_.m_W_dec = st.read_f32("m_W_dec", {D, d});
+    opt_.m_b_enc = st.read_f32("m_b_enc", {D});
+    opt_.m_b_dec = st.read_f32("m_b_dec", {d});
+  }
   sae_.threshold = st.read_scalar_f64("threshold");
   steps_since_fired_ = st.read_i64("steps_since_fired");
   window_counts_ = st.read_i64("window_counts");

@@ -1,0 +1,12 @@
+// Resident memory of this process (Linux /proc/self/status), for progress lines and the check
+// of a memory plan against what was used.
+#pragma once
+
+#include <cstdint>
+
+namespace sae {
+
+int64_t resident_bytes();       // VmRSS now (0 where unknown)
+int64_t peak_resident_bytes();  // VmHWM: the most so far
+
+}  // namespace sae
