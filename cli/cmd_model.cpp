@@ -83,7 +83,8 @@ Runner add_activations(CLI::App& app) {
     auto texts = read_prompts(o->texts, o->file);
     const model::Gemma2Config cfg = model::read_gemma2_config(o->model);
     const auto layers = parse_layers(o->layers, cfg.num_layers);
-    model::Gemma2 m = model::Gemma2::load(o->model, {.last_layer = layers.back(), .keep_bf16 = o->bf16});
+    model::Gemma2 m =
+        model::Gemma2::load(o->model, {.last_layer = layers.back(), .keep_bf16 = o->bf16});
     auto prompts = tokenize_prompts(o->model, texts);
     const int64_t H = m.cfg.hidden_size;
     auto acts = model::collect_activations(m, prompts, point, layers);

@@ -17,9 +17,28 @@ void on_signal(int) {
   g_stop = true;
 }
 
-// "750M", "2.5B", "20000", "64K" -> a token count.
-int64_t parse_count(const std::string& s) {
-  if (s.empty()) fail("--tokens", s, "empty");
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t c = s.find(',', start);
+    std::string part = s.substr(start, c == std::string::npos ? std::string::npos : c - start);
+    if (!part.empty()) out.push_back(part);
+    if (c == std::string::npos) break;
+    start = c + 1;
+  }
+  return out;
+}
+}  // namespace
+
+const std::atomic<bool>& stop_on_signals() {
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  return g_stop;
+}
+
+int64_t parse_count(const std::string& option, const std::string& s) {
+  if (s.empty()) fail(option, s, "empty");
   double mult = 1;
   std::string num = s;
   switch (s.back()) {
@@ -50,23 +69,9 @@ int64_t parse_count(const std::string& s) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != num.size() || v <= 0) fail("--tokens", s, "expected a count like 750M or 20000");
+  if (used != num.size() || v <= 0) fail(option, s, "expected a count like 750M or 20000");
   return int64_t(v * mult + 0.5);
 }
-
-std::vector<std::string> split_commas(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    const size_t c = s.find(',', start);
-    std::string part = s.substr(start, c == std::string::npos ? std::string::npos : c - start);
-    if (!part.empty()) out.push_back(part);
-    if (c == std::string::npos) break;
-    start = c + 1;
-  }
-  return out;
-}
-}  // namespace
 
 Runner add_release(CLI::App& app) {
   auto* cmd = app.add_subcommand(
@@ -116,13 +121,12 @@ Runner add_release(CLI::App& app) {
     const model::Gemma2Config mcfg = model::read_gemma2_config(r.model_dir);
     r.layers = parse_layers(o->layers, mcfg.num_layers);
     r.variants = split_commas(o->variants);
-    if (!o->tokens.empty()) r.total_tokens = parse_count(o->tokens);
+    if (!o->tokens.empty()) r.total_tokens = parse_count("--tokens", o->tokens);
     r.corpus.holdout_every = o->holdout_every;
     r.store.windows.concat = !o->truncate;
-    std::signal(SIGINT, on_signal);
-    std::signal(SIGTERM, on_signal);
-    const bool finished = pipeline::run_release(r, &g_stop);
-    return finished || !g_stop ? 0 : 130;  // 130: interrupted by a signal, state saved
+    const std::atomic<bool>& stop = stop_on_signals();
+    const bool finished = pipeline::run_release(r, &stop);
+    return finished || !stop ? 0 : 130;  // 130: interrupted by a signal, state saved
   };
 }
 

@@ -17,5 +17,6 @@ Runner add_demo(CLI::App& app);
 Runner add_activations(CLI::App& app);
 Runner add_lm_loss(CLI::App& app);
 Runner add_release(CLI::App& app);
+Runner add_cache(CLI::App& app);
 
 }  // namespace sae::cli

@@ -1,6 +1,8 @@
-// Prompts for the model commands: --text values and/or a file with one prompt per line.
+// Values the model commands parse: prompts (--text values and/or a file with one prompt per
+// line), layer lists and token counts.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -14,5 +16,9 @@ std::vector<std::vector<int32_t>> tokenize_prompts(const std::string& model_dir,
                                                    const std::vector<std::string>& texts);
 // "0-24", "3,5,7", "1-3,8", checked against the model's layer count.
 std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers);
+// "750M", "2.5B", "64K", "20000" -> a count; `option` names the flag in errors.
+int64_t parse_count(const std::string& option, const std::string& s);
+// SIGINT / SIGTERM set the returned flag (long jobs checkpoint and stop when it is set).
+const std::atomic<bool>& stop_on_signals();
 
 }  // namespace sae::cli

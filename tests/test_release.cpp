@@ -9,6 +9,7 @@
 
 #include "eval/metrics.h"
 #include "io/json_file.h"
+#include "io/safetensors.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
@@ -235,6 +236,81 @@ TEST(Release, BadInputs) {
   expect_error(
       std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
       "n_batches_in_buffer");
+}
+
+TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), cache = dir / "cache";
+  const std::string args = "cache --model " + kModel + " --dataset '" + corpus +
+                           "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
+                           "--prompts-per-forward 4 --holdout-every 0 -o ";
+  auto r = test::run_cli(args + cache + " --tokens 3072 --stop-after-shards 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("GiB on disk"), std::string::npos) << "no size estimate printed";
+  auto manifest = read_json_file(cache + "/cache.json");
+  EXPECT_EQ(manifest["shards"], 1);
+  EXPECT_EQ(manifest["complete"], false);
+  r = test::run_cli(args + cache + " --tokens 3072");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("--resume"), std::string::npos) << r.output;
+  r = test::run_cli(args + cache + " --tokens 3072 --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  manifest = read_json_file(cache + "/cache.json");
+  EXPECT_EQ(manifest["shards"], 3);
+  EXPECT_EQ(manifest["complete"], true);
+  for (const char* hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"})
+    for (int i = 0; i < 3; ++i) {
+      SafetensorsFile f(cache + "/" + hook + "/shard-0000" + std::to_string(i) + ".safetensors");
+      EXPECT_EQ(f.read_f32("activations", {1024, 64}).size(), 1024u * 64u);
+      EXPECT_EQ(f.read_i64("tokens").size(), 1024u);
+    }
+
+  // The first shard holds the corpus's first 1024 non-special tokens, in order, per layer.
+  const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
+  const model::Tokenizer tok(kModel + "/tokenizer.model");
+  data::CorpusConfig cc;
+  cc.shards = {corpus};
+  cc.holdout_every = 0;
+  data::Corpus all(cc, data::Split::Train);
+  data::WindowConfig wc;
+  wc.context_size = 16;
+  WindowStream windows(all, tok, wc);
+  const Heldout first = collect_heldout(m, windows, model::HookPoint::ResidPost, {0, 2}, 1024,
+                                        {tok.bos_id(), tok.eos_id(), tok.pad_id()});
+  SafetensorsFile s0(cache + "/blocks.0.hook_resid_post/shard-00000.safetensors");
+  SafetensorsFile s2(cache + "/blocks.2.hook_resid_post/shard-00000.safetensors");
+  test::expect_close(s0.read_f32("activations", {1024, 64}), first.acts[0], 1e-5, "layer 0");
+  test::expect_close(s2.read_f32("activations", {1024, 64}), first.acts[1], 1e-5, "layer 2");
+  EXPECT_EQ(s0.read_i64("tokens"), s2.read_i64("tokens"));
+
+  // bf16 storage: the same values rounded.
+  r = test::run_cli(args + (dir / "cache16") + " --dtype bf16 --tokens 1024");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  SafetensorsFile h(dir / "cache16/blocks.2.hook_resid_post/shard-00000.safetensors");
+  test::expect_close(h.read_f32("activations", {1024, 64}), first.acts[1], 8e-3, "bf16");
+
+  // SAEs train from the cache later, without the model.
+  r = test::run_cli(
+      "train --preset gemma-2-2b-matryoshka-snap --set data.type=files --set "
+      "'data.paths=[\"" +
+      cache +
+      "/blocks.2.hook_resid_post/*.safetensors\"]' "
+      "--set data.heldout_tokens=512 --set sae.d_sae=64 --set sae.k=4 --set "
+      "'sae.matryoshka_widths=[16,64]' --set training.batch_size=64 --set "
+      "training.total_tokens=6400 --set training.eval_tokens=512 -o " +
+      (dir / "run"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("3 shard(s), 3072 tokens of d_in 64 (512 held out)"), std::string::npos)
+      << r.output;
+  EXPECT_EQ(load_from_disk(dir / "run/sae").sae.cfg.d_sae, 64);
+
+  // Bad input: a cache the disk cannot hold is refused before anything is written.
+  r = test::run_cli(args + (dir / "huge") + " --tokens 1000T");
+  EXPECT_EQ(r.exit_code, 1);
+  r = test::run_cli(args + (dir / "huge") + " --tokens 900000B");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("MiB free"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "huge/cache.json"));
 }
 
 }  // namespace

@@ -23,7 +23,11 @@ int64_t status_kib(const char* key) {
 }
 }  // namespace
 
-int64_t resident_bytes() { return status_kib("VmRSS:") * 1024; }
-int64_t peak_resident_bytes() { return status_kib("VmHWM:") * 1024; }
+int64_t resident_bytes() {
+  return status_kib("VmRSS:") * 1024;
+}
+int64_t peak_resident_bytes() {
+  return status_kib("VmHWM:") * 1024;
+}
 
 }  // namespace sae

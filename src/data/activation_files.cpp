@@ -1,5 +1,7 @@
 #include "data/activation_files.h"
 
+#include "data/corpus.h"
+
 #include <numeric>
 
 #include "core/error.h"
@@ -53,6 +55,14 @@ nlohmann::json FilesConfig::to_json() const {
 }
 
 FileSource::FileSource(FilesConfig cfg) : cfg_(std::move(cfg)) {
+  // Glob patterns (an activation cache's "layer/*.safetensors") expand to their sorted matches.
+  std::vector<std::string> paths;
+  for (const auto& p : cfg_.paths) {
+    const bool pattern = p.find_first_of("*?[") != std::string::npos;
+    std::vector<std::string> found = pattern ? expand_shards({p}) : std::vector<std::string>{p};
+    paths.insert(paths.end(), found.begin(), found.end());
+  }
+  cfg_.paths = std::move(paths);
   shard_start_.push_back(0);
   for (const auto& path : cfg_.paths) {
     auto s = std::make_unique<Shard>();

@@ -242,6 +242,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
   const double plan_bytes = model_b + saes_b + buffer_b;
 
+  const double t_load = now_seconds();
   const model::Gemma2 m = model::Gemma2::load(
       opt.model_dir, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
   const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
@@ -250,6 +251,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   if (store.windows.separator_id) store.windows.separator_id = tok.bos_id();
 
   // Held-out activations (recomputed on resume: deterministic).
+  const double t_heldout = now_seconds();
   data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
   WindowStream heldout_windows(heldout_corpus, tok, store.windows);
   const Heldout heldout =
@@ -326,7 +328,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     write_state();
   };
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
-  const double t_start = now_seconds();
+  const double t_start = now_seconds(), t_train = t_start;
   const int64_t step_start = step;
   double sae_seconds = 0, fwd_start = acts.forward_seconds();
   while (step < total_steps) {
@@ -362,12 +364,14 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                    (long long)step, (long long)total_steps, (long long)(step * store.batch_tokens),
                    rate, 100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
                    l0 / double(jobs.size()), ev / double(jobs.size()),
-                   fmt_bytes(double(resident_bytes())).c_str(), double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
+                   fmt_bytes(double(resident_bytes())).c_str(),
+                   double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
     }
     if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
   }
 
   // Final evaluation, the CE-loss score, then the release folder.
+  const double t_final = now_seconds();
   std::vector<std::vector<int32_t>> ce_windows(
       heldout.windows.begin(),
       heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
@@ -392,14 +396,13 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
       j.result["ce_loss_score"] = sc.ce_loss_score;
       j.result["lm_score"] = ojson::parse(sc.to_json().dump());
     }
-    // The SAE folder appears whole: copy next to it, then rename.
-    const fs::path dst = out / j.variant / j.hook, tmp = out / j.variant / (j.hook + ".tmp");
+    // The SAE folder, written whole by finish(), moves into place (one rename, no copy: 600 MB
+    // per SAE at the release's width).
+    const fs::path dst = out / j.variant / j.hook;
     std::error_code ec;
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp.parent_path());
-    fs::copy(fs::path(j.cfg.output_dir) / "sae", tmp, fs::copy_options::recursive);
+    fs::create_directories(dst.parent_path());
     fs::remove_all(dst, ec);
-    fs::rename(tmp, dst);
+    fs::rename(fs::path(j.cfg.output_dir) / "sae", dst);
     summary[j.variant][j.hook] = j.result;
   }
   const int64_t tokens = jobs.front().trainer->step() * store.batch_tokens;
@@ -417,11 +420,16 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const json store_info = {{"buffer_tokens", acts.buffer_tokens()}};
   write_file_atomic((out / "README.md").string(), model_card(opt, jobs, store_info, tokens));
   write_state();  // finish() saved every SAE's final checkpoint
-  std::fprintf(stderr,
-               "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
-               "%s against the plan's %s\n",
-               jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
-               fmt_bytes(plan_bytes).c_str());
+  const double t_end = now_seconds();
+  std::fprintf(
+      stderr,
+      "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
+      "%s against the plan's %s\n"
+      "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
+      "(model forward %.1f s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
+      jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
+      fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
+      acts.forward_seconds(), sae_seconds, t_end - t_final);
   return true;
 }
 

@@ -1,6 +1,7 @@
 // Adam over a TrainingSae with SAELens's trainer semantics: the global gradient norm is
 // clipped (torch.nn.utils.clip_grad_norm_), then every parameter takes an Adam step. Moments
-// are dense fp32 (no first moment when beta1 = 0); gradient rows of latents that did not fire are known to be zero.
+// are dense fp32 (no first moment when beta1 = 0); gradient rows of latents that did not fire are
+// known to be zero.
 #pragma once
 
 #include <cstdint>

@@ -241,11 +241,14 @@ void Trainer::save_checkpoint() {
   std::vector<double> thr = {sae_.threshold};
   auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
   std::vector<TensorToWrite> tensors = {
-      tensor_view("W_encT", f(sae_.W_encT), {D, d}), tensor_view("W_dec", f(sae_.W_dec), {D, d}),
-      tensor_view("b_enc", f(sae_.b_enc), {D}),      tensor_view("b_dec", f(sae_.b_dec), {d}),
+      tensor_view("W_encT", f(sae_.W_encT), {D, d}),
+      tensor_view("W_dec", f(sae_.W_dec), {D, d}),
+      tensor_view("b_enc", f(sae_.b_enc), {D}),
+      tensor_view("b_dec", f(sae_.b_dec), {d}),
       tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
       tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
-      tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),  tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
+      tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),
+      tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
       tensor_view("threshold", std::span<const double>(thr), {1}),
       tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
       tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})};

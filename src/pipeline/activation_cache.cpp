@@ -1,0 +1,193 @@
+#include "pipeline/activation_cache.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "core/clock.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "io/atomic_file.h"
+#include "io/json_file.h"
+#include "io/safetensors.h"
+#include "model/gemma2.h"
+#include "model/tokenizer.h"
+#include "pipeline/activation_store.h"
+
+namespace sae::pipeline {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr int kCacheVersion = 1;
+
+std::string shard_name(int64_t i) {
+  char b[32];
+  std::snprintf(b, sizeof b, "shard-%05lld.safetensors", (long long)i);
+  return b;
+}
+
+// The fields a resumed cache must share with the one on disk.
+json identity(const CacheOptions& o) {
+  return {{"model", o.model_dir},
+          {"hook", o.hook},
+          {"layers", o.layers},
+          {"context_size", o.windows.context_size},
+          {"concat", o.windows.concat},
+          {"dtype", o.dtype},
+          {"shard_tokens", o.shard_tokens},
+          {"corpus", o.corpus.to_json()}};
+}
+
+}  // namespace
+
+int64_t cache_bytes(const CacheOptions& opt, int64_t hidden_size) {
+  const int64_t width = opt.dtype == "bf16" ? 2 : 4;
+  const int64_t tokens = opt.total_tokens / opt.shard_tokens * opt.shard_tokens;
+  return tokens * int64_t(opt.layers.size()) * (hidden_size * width + 4);
+}
+
+bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* stop) {
+  if (opt.layers.empty()) fail("cache", "layers", "give at least one layer");
+  if (opt.dtype != "f32" && opt.dtype != "bf16") fail("cache", "dtype", "must be f32 or bf16");
+  if (opt.shard_tokens <= 0) fail("cache", "shard_tokens", "must be positive");
+  if (opt.total_tokens < opt.shard_tokens)
+    fail("cache", "tokens", cat("must be at least one shard (", opt.shard_tokens, " tokens)"));
+  const fs::path out = opt.output_dir, manifest_path = out / "cache.json";
+  if (!opt.resume && fs::exists(manifest_path))
+    fail(out.string(), "cache.json",
+         "holds a cache already: pass --resume to continue it, or choose another folder");
+  const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
+  std::vector<int64_t> layers = opt.layers;
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  for (int64_t l : layers)
+    if (l < 0 || l >= mcfg.num_layers)
+      fail("cache", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
+  const model::HookPoint point = model::parse_hook_kind(opt.hook);
+  const int64_t d = mcfg.hidden_size, n_shards = opt.total_tokens / opt.shard_tokens;
+
+  // Size first: refuse a cache the disk cannot hold.
+  const int64_t bytes = cache_bytes(opt, d);
+  fs::create_directories(out);
+  const auto space = fs::space(out);
+  std::fprintf(stderr,
+               "cache: %lld shards x %lld tokens x %zu layers = %.2f GiB on disk (%.2f GiB free)\n",
+               (long long)n_shards, (long long)opt.shard_tokens, layers.size(),
+               double(bytes) / double(1 << 30), double(space.available) / double(1 << 30));
+
+  json manifest = identity(opt);
+  manifest["layers"] = layers;
+  int64_t shards_done = 0, corpus_pos = 0;
+  if (opt.resume && fs::exists(manifest_path)) {
+    const json old = read_json_file(manifest_path.string());
+    if (old.value("version", 0) != kCacheVersion)
+      fail(manifest_path.string(), "version", "unsupported cache version");
+    for (const auto& [k, v] : manifest.items())
+      if (old.value(k, json()) != v)
+        fail(manifest_path.string(), k, "differs from this run's options; refusing to resume");
+    shards_done = old.at("shards").get<int64_t>();
+    corpus_pos = old.at("corpus_next_document").get<int64_t>();
+  }
+  const int64_t bytes_left = bytes / n_shards * (n_shards - shards_done);
+  if (uint64_t(bytes_left) > space.available)
+    fail(out.string(), "tokens",
+         cat("the cache needs ", bytes_left >> 20, " MiB more and the disk has ",
+             space.available >> 20, " MiB free"));
+
+  const model::Gemma2 m = model::Gemma2::load(
+      opt.model_dir, {.last_layer = layers.back(), .keep_bf16 = opt.keep_bf16, .verbose = false});
+  const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
+  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
+  data::WindowConfig wc = opt.windows;
+  wc.bos_id = tok.bos_id();
+  if (wc.separator_id) wc.separator_id = tok.bos_id();
+  data::Corpus corpus(opt.corpus, data::Split::Train);
+  corpus.seek(corpus_pos);
+  WindowStream windows(corpus, tok, wc);
+  for (int64_t l : layers) fs::create_directories(out / model::hook_name(point, l));
+
+  auto write_manifest = [&](bool complete) {
+    manifest["version"] = kCacheVersion;
+    manifest["shards"] = shards_done;
+    manifest["tokens"] = shards_done * opt.shard_tokens;
+    manifest["corpus_next_document"] = corpus.next_document();
+    manifest["complete"] = complete;
+    manifest["hidden_size"] = d;
+    write_file_atomic(manifest_path.string(), manifest.dump(2) + "\n");
+  };
+
+  // Rows wait here until a whole shard is ready; one forward's overshoot carries over.
+  std::vector<std::vector<float>> pending(layers.size());
+  std::vector<int32_t> pending_ids;
+  std::vector<uint16_t> half;
+  const double t_start = now_seconds();
+  const int64_t first = shards_done;
+  int64_t written_now = 0;
+  std::vector<int32_t> w;
+  while (shards_done < n_shards) {
+    if ((stop && stop->load()) ||
+        (opt.stop_after_shards > 0 && written_now >= opt.stop_after_shards)) {
+      std::fprintf(stderr, "cache: stopped after %lld shards; rerun with --resume\n",
+                   (long long)shards_done);
+      return false;
+    }
+    // One forward of prompts_per_forward windows.
+    model::TokenBatch batch;
+    for (int64_t p = 0; p < opt.prompts_per_forward && windows.next(w); ++p) batch.add(w);
+    if (batch.n_prompts() == 0) {
+      std::fprintf(stderr, "cache: the corpus ran out after %lld of %lld shards\n",
+                   (long long)shards_done, (long long)n_shards);
+      break;
+    }
+    m.forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+      auto it = std::find(layers.begin(), layers.end(), l);
+      if (p != point || it == layers.end()) return;
+      auto& dst = pending[size_t(it - layers.begin())];
+      for (int64_t t = 0; t < n; ++t)
+        if (std::find(special.begin(), special.end(), batch.ids[size_t(t)]) == special.end())
+          dst.insert(dst.end(), a + t * d, a + (t + 1) * d);
+    });
+    for (int32_t id : batch.ids)
+      if (std::find(special.begin(), special.end(), id) == special.end()) pending_ids.push_back(id);
+
+    while (int64_t(pending_ids.size()) >= opt.shard_tokens && shards_done < n_shards) {
+      const int64_t S = opt.shard_tokens;
+      for (size_t i = 0; i < layers.size(); ++i) {
+        std::span<const float> rows(pending[i].data(), size_t(S * d));
+        std::vector<TensorToWrite> t;
+        if (opt.dtype == "bf16") {
+          half.resize(rows.size());
+          for (size_t j = 0; j < rows.size(); ++j) half[j] = f32_to_bf16(rows[j]);
+          t.push_back(
+              tensor_view("activations", std::span<const uint16_t>(half), DType::BF16, {S, d}));
+        } else {
+          t.push_back(tensor_view("activations", rows, {S, d}));
+        }
+        t.push_back(
+            tensor_view("tokens", std::span<const int32_t>(pending_ids.data(), size_t(S)), {S}));
+        write_safetensors(
+            (out / model::hook_name(point, layers[i]) / shard_name(shards_done)).string(), t,
+            {{"hook_name", model::hook_name(point, layers[i])}, {"model", opt.model_dir}});
+        pending[i].erase(pending[i].begin(), pending[i].begin() + S * d);
+      }
+      pending_ids.erase(pending_ids.begin(), pending_ids.begin() + S);
+      ++shards_done, ++written_now;
+      write_manifest(shards_done == n_shards);
+      const double el = now_seconds() - t_start;
+      const double rate = double((shards_done - first) * S) / std::max(el, 1e-9);
+      std::fprintf(stderr, "cache: shard %lld/%lld  %lld tokens  %.0f tok/s  ETA %.0f s\n",
+                   (long long)shards_done, (long long)n_shards, (long long)(shards_done * S), rate,
+                   double((n_shards - shards_done) * S) / std::max(rate, 1e-9));
+    }
+  }
+  write_manifest(shards_done == n_shards);
+  std::fprintf(stderr, "cache: %lld shards of %lld tokens per layer in %s\n",
+               (long long)shards_done, (long long)opt.shard_tokens, out.string().c_str());
+  return shards_done == n_shards;
+}
+
+}  // namespace sae::pipeline
