@@ -159,28 +159,10 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
   return md.str();
 }
 
-}  // namespace
-
-bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
-  if (opt.layers.empty()) fail("release", "layers", "give at least one layer");
-  if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
-  const fs::path out = opt.output_dir, work = out / ".work";
-  const fs::path state_path = work / "state.json";
-  if (!opt.resume && fs::exists(state_path))  // never overwrite days of training by accident
-    fail(out.string(), "state",
-         "holds a release job already (.work/state.json): pass --resume (Python: resume=True) to "
-         "continue it, or choose "
-         "another output folder");
-  const model::HookPoint point = model::parse_hook_kind(opt.hook);
-  const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
-  std::vector<int64_t> layers = opt.layers;
-  std::sort(layers.begin(), layers.end());
-  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
-  for (int64_t l : layers)
-    if (l < 0 || l >= mcfg.num_layers)
-      fail("release", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
-
-  // One training config per (variant, layer), all on the same batch size.
+// One training config per (variant, layer): the variant's preset, the overrides, this run's
+// output folder and the SAELens metadata of the hook; all on one batch size (one stream).
+std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>& layers,
+                           model::HookPoint point, const fs::path& work) {
   std::vector<Job> jobs;
   for (const std::string& v : opt.variants)
     for (size_t s = 0; s < layers.size(); ++s) {
@@ -219,6 +201,30 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
              "every SAE of one release must use the same batch size (one activation stream)");
       jobs.push_back(std::move(j));
     }
+  return jobs;
+}
+
+}  // namespace
+
+bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
+  if (opt.layers.empty()) fail("release", "layers", "give at least one layer");
+  if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
+  const fs::path out = opt.output_dir, work = out / ".work";
+  const fs::path state_path = work / "state.json";
+  if (!opt.resume && fs::exists(state_path))  // never overwrite days of training by accident
+    fail(out.string(), "state",
+         "holds a release job already (.work/state.json): pass --resume (Python: resume=True) to "
+         "continue it, or choose another output folder");
+  const model::HookPoint point = model::parse_hook_kind(opt.hook);
+  const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
+  std::vector<int64_t> layers = opt.layers;
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  for (int64_t l : layers)
+    if (l < 0 || l >= mcfg.num_layers)
+      fail("release", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
+
+  std::vector<Job> jobs = make_jobs(opt, layers, point, work);
   StoreConfig store = opt.store;
   store.batch_tokens = jobs.front().cfg.batch_size;
   const int64_t d = mcfg.hidden_size, total_steps = jobs.front().cfg.total_steps();
