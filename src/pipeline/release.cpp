@@ -150,8 +150,12 @@ std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
     }
   }
   const Job& ex = jobs.front();
-  md << "\n## Loading\n\nSAELens (from a local copy of this folder):\n\n```python\n"
+  md << "\n## Loading\n\nSAELens, from a local copy of this folder:\n\n```python\n"
      << "from sae_lens import SAE\nsae = SAE.load_from_disk(\"" << ex.variant << "/" << ex.hook
+     << "\")\n```\n\nSAELens, once this folder is uploaded to a Hugging Face repo "
+        "`<org>/<repo>`:\n\n```python\nsae = SAE.from_pretrained(release=\"<org>/<repo>\", "
+        "sae_id=\""
+     << ex.variant << "/" << ex.hook
      << "\")\n```\n\nsae.cpp, Python:\n\n```python\nimport saecpp\nsae, cfg, sparsity = "
         "saecpp.SAE.from_pretrained(\"<this folder>\", \""
      << ex.variant << "/" << ex.hook << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info "
@@ -171,6 +175,7 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>
       j.hook = model::hook_name(point, layers[s]);
       json c = train::preset(variant_preset(v));
       c["training"]["log_every_steps"] = opt.log_every_steps;  // each SAE's JSONL log
+      c["training"]["eval_tokens"] = opt.heldout_tokens;       // evaluate on all of them
       for (const auto& o : opt.overrides) train::apply_override(c, o);
       if (opt.total_tokens > 0) c["training"]["total_tokens"] = opt.total_tokens;
       c["output"]["dir"] = (work / v / j.hook).string();
