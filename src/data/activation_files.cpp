@@ -1,11 +1,10 @@
 #include "data/activation_files.h"
 
-#include "data/corpus.h"
-
 #include <numeric>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "data/corpus.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
 

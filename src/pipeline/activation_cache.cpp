@@ -70,10 +70,12 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const int64_t d = mcfg.hidden_size, n_shards = opt.total_tokens / opt.shard_tokens;
 
-  // Size first: refuse a cache the disk cannot hold.
+  // Size first: refuse a cache the disk cannot hold, before creating anything.
   const int64_t bytes = cache_bytes(opt, d);
-  fs::create_directories(out);
-  const auto space = fs::space(out);
+  fs::path existing = fs::absolute(out);
+  while (!fs::exists(existing) && existing.has_parent_path() && existing != existing.parent_path())
+    existing = existing.parent_path();
+  const auto space = fs::space(existing);
   std::fprintf(stderr,
                "cache: %lld shards x %lld tokens x %zu layers = %.2f GiB on disk (%.2f GiB free)\n",
                (long long)n_shards, (long long)opt.shard_tokens, layers.size(),
@@ -98,6 +100,7 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
          cat("the cache needs ", bytes_left >> 20, " MiB more and the disk has ",
              space.available >> 20, " MiB free"));
 
+  fs::create_directories(out);
   const model::Gemma2 m = model::Gemma2::load(
       opt.model_dir, {.last_layer = layers.back(), .keep_bf16 = opt.keep_bf16, .verbose = false});
   const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
