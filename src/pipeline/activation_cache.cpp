@@ -51,7 +51,6 @@ int64_t cache_bytes(const CacheOptions& opt, int64_t hidden_size) {
 }
 
 bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* stop) {
-  if (opt.layers.empty()) fail("cache", "layers", "give at least one layer");
   if (opt.dtype != "f32" && opt.dtype != "bf16") fail("cache", "dtype", "must be f32 or bf16");
   if (opt.shard_tokens <= 0) fail("cache", "shard_tokens", "must be positive");
   if (opt.total_tokens < opt.shard_tokens)
@@ -61,12 +60,7 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
     fail(out.string(), "cache.json",
          "holds a cache already: pass --resume to continue it, or choose another folder");
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
-  std::vector<int64_t> layers = opt.layers;
-  std::sort(layers.begin(), layers.end());
-  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
-  for (int64_t l : layers)
-    if (l < 0 || l >= mcfg.num_layers)
-      fail("cache", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
+  const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "cache");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const int64_t d = mcfg.hidden_size, n_shards = opt.total_tokens / opt.shard_tokens;
 
@@ -146,16 +140,16 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
                    (long long)shards_done, (long long)n_shards);
       break;
     }
+    const std::vector<uint8_t> keep = non_special(batch.ids, special);
     m.forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
       auto it = std::find(layers.begin(), layers.end(), l);
       if (p != point || it == layers.end()) return;
       auto& dst = pending[size_t(it - layers.begin())];
       for (int64_t t = 0; t < n; ++t)
-        if (std::find(special.begin(), special.end(), batch.ids[size_t(t)]) == special.end())
-          dst.insert(dst.end(), a + t * d, a + (t + 1) * d);
+        if (keep[size_t(t)]) dst.insert(dst.end(), a + t * d, a + (t + 1) * d);
     });
-    for (int32_t id : batch.ids)
-      if (std::find(special.begin(), special.end(), id) == special.end()) pending_ids.push_back(id);
+    for (size_t t = 0; t < keep.size(); ++t)
+      if (keep[t]) pending_ids.push_back(batch.ids[t]);
 
     while (int64_t(pending_ids.size()) >= opt.shard_tokens && shards_done < n_shards) {
       const int64_t S = opt.shard_tokens;

@@ -9,6 +9,25 @@
 
 namespace sae::pipeline {
 
+std::vector<int64_t> checked_layers(std::vector<int64_t> layers, int64_t n_layers,
+                                    const std::string& where) {
+  if (layers.empty()) fail(where, "layers", "give at least one layer");
+  std::sort(layers.begin(), layers.end());
+  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+  for (int64_t l : layers)
+    if (l < 0 || l >= n_layers)
+      fail(where, "layers", cat("layer ", l, " is outside 0..", n_layers - 1));
+  return layers;
+}
+
+std::vector<uint8_t> non_special(std::span<const int32_t> ids,
+                                 const std::vector<int32_t>& special) {
+  std::vector<uint8_t> keep(ids.size());
+  for (size_t t = 0; t < ids.size(); ++t)
+    keep[t] = std::find(special.begin(), special.end(), ids[t]) == special.end();
+  return keep;
+}
+
 WindowStream::WindowStream(data::Corpus& corpus, const model::Tokenizer& tok,
                            data::WindowConfig cfg)
     : corpus_(corpus), tok_(tok), packer_(cfg) {}
@@ -52,12 +71,9 @@ bool ActivationStore::forward_once() {
   std::vector<int32_t> w;
   for (int64_t p = 0; p < cfg_.prompts_per_forward && windows_.next(w); ++p) batch.add(w);
   if (batch.n_prompts() == 0) return false;
-  std::vector<uint8_t> keep(size_t(batch.n_tokens()), 1);
-  int64_t n_keep = batch.n_tokens();
-  if (cfg_.exclude_special)
-    for (int64_t t = 0; t < batch.n_tokens(); ++t)
-      if (std::find(special_.begin(), special_.end(), batch.ids[size_t(t)]) != special_.end())
-        keep[size_t(t)] = 0, --n_keep;
+  const std::vector<uint8_t> keep =
+      non_special(batch.ids, cfg_.exclude_special ? special_ : std::vector<int32_t>{});
+  const int64_t n_keep = std::count(keep.begin(), keep.end(), uint8_t(1));
   const double t0 = now_seconds();
   m_.forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
     auto it = std::find(layers_.begin(), layers_.end(), l);
@@ -118,6 +134,7 @@ Heldout collect_heldout(const model::Gemma2& m, WindowStream& windows, model::Ho
   std::vector<int32_t> w;
   while (h.n < n_tokens && windows.next(w)) {
     h.windows.push_back(w);
+    const std::vector<uint8_t> keep = non_special(w, special);
     int64_t added = 0;
     m.forward(w, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
       auto it = std::find(layers.begin(), layers.end(), l);
@@ -125,8 +142,7 @@ Heldout collect_heldout(const model::Gemma2& m, WindowStream& windows, model::Ho
       auto& dst = h.acts[size_t(it - layers.begin())];
       added = 0;
       for (int64_t t = 0; t < n && h.n + added < n_tokens; ++t)
-        if (std::find(special.begin(), special.end(), w[size_t(t)]) == special.end())
-          dst.insert(dst.end(), a + t * d, a + (t + 1) * d), ++added;
+        if (keep[size_t(t)]) dst.insert(dst.end(), a + t * d, a + (t + 1) * d), ++added;
     });
     h.n += added;
   }

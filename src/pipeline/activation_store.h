@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <random>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "data/context_windows.h"
@@ -17,6 +19,14 @@
 #include "model/tokenizer.h"
 
 namespace sae::pipeline {
+
+// The requested layers sorted, without repeats, each checked against the model (`where` names
+// the job in errors).
+std::vector<int64_t> checked_layers(std::vector<int64_t> layers, int64_t n_layers,
+                                    const std::string& where);
+
+// keep[t] = 1 where ids[t] is not one of `special` (BOS/EOS/PAD never reach an SAE).
+std::vector<uint8_t> non_special(std::span<const int32_t> ids, const std::vector<int32_t>& special);
 
 struct StoreConfig {
   data::WindowConfig windows;

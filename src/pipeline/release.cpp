@@ -212,7 +212,6 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>
 }  // namespace
 
 bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
-  if (opt.layers.empty()) fail("release", "layers", "give at least one layer");
   if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
   const fs::path out = opt.output_dir, work = out / ".work";
   const fs::path state_path = work / "state.json";
@@ -222,12 +221,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
          "continue it, or choose another output folder");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
-  std::vector<int64_t> layers = opt.layers;
-  std::sort(layers.begin(), layers.end());
-  layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
-  for (int64_t l : layers)
-    if (l < 0 || l >= mcfg.num_layers)
-      fail("release", "layers", cat("layer ", l, " is outside 0..", mcfg.num_layers - 1));
+  const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
   std::vector<Job> jobs = make_jobs(opt, layers, point, work);
   StoreConfig store = opt.store;
