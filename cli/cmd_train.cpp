@@ -26,6 +26,7 @@ Runner add_train(CLI::App& app) {
   struct Opts {
     std::string config, preset, output;
     std::vector<std::string> sets;
+    std::string device, precision;
     bool resume = false, print = false;
   };
   auto o = std::make_shared<Opts>();
@@ -36,6 +37,10 @@ Runner add_train(CLI::App& app) {
       "saelens, hierarchy-batchtopk, hierarchy-standard, hierarchy-snap");
   cmd->add_option("--set", o->sets, "Override a field: section.key=value (repeatable)");
   cmd->add_option("-o,--output", o->output, "Output folder (output.dir)");
+  cmd->add_option("--device", o->device, "cpu or cuda (training.device)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
   cmd->add_flag("--print-config", o->print, "Print the resolved config and exit");
   return [=] {
@@ -48,6 +53,8 @@ Runner add_train(CLI::App& app) {
     }
     for (const auto& s : o->sets) train::apply_override(j, s);
     if (!o->output.empty()) j["output"]["dir"] = o->output;
+    if (!o->device.empty()) j["training"]["device"] = o->device;
+    if (!o->precision.empty()) j["training"]["precision"] = o->precision;
     train::TrainConfig cfg = train::TrainConfig::from_json(j, where);
     if (o->print) {
       std::cout << cfg.to_json().dump(2) << "\n";

@@ -177,6 +177,8 @@ TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
   c.feature_sampling_window = t.integer("feature_sampling_window", 2000, 1);
   c.n_norm_batches = t.integer("n_norm_batches", 10, 1);
   c.threads = int(t.integer("threads", 0));
+  c.device = t.str("device", "cpu", {"cpu", "cuda"});
+  c.precision = t.str("precision", "fp32", {"fp32", "tf32", "bf16"});
   t.reject_unknown();
   if (c.total_steps() < 1) fail(where, "training.total_tokens", "must be at least one batch");
 
@@ -238,7 +240,9 @@ json TrainConfig::to_json() const {
         {"checkpoint_every_steps", checkpoint_every_steps},
         {"feature_sampling_window", feature_sampling_window},
         {"n_norm_batches", n_norm_batches},
-        {"threads", threads}}},
+        {"threads", threads},
+        {"device", device},
+        {"precision", precision}}},
       {"data", data},
       {"output",
        {{"dir", output_dir},

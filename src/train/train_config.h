@@ -36,6 +36,8 @@ struct TrainConfig {
   int64_t log_every_steps = 100, eval_every_steps = 1000, eval_tokens = 16384;
   int64_t checkpoint_every_steps = 1000, feature_sampling_window = 2000;
   int threads = 0;
+  std::string device = "cpu";      // cpu | cuda (train/device_step.h)
+  std::string precision = "fp32";  // cuda only: the encoder GEMM's operands, fp32 | tf32 | bf16
   nlohmann::json data;  // the data section, parsed by the source
   std::string output_dir = "out/train";
   bool fold_decoder_norms = true;  // unit-norm decoder rows in the saved SAE

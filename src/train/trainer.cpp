@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "core/clock.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -171,8 +172,17 @@ void Trainer::append_log(const json& record) {
   if (on_record) on_record(record);
 }
 
+void Trainer::pull(bool all) {
+  if (!dev_) return;
+  if (all)
+    dev_->download(sae_, &opt_, &steps_since_fired_, &window_counts_);
+  else
+    dev_->download(sae_, nullptr, nullptr, nullptr);
+}
+
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
+  pull(false);
   EvalResult r = evaluate(inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_);
   json rec = {{"eval", json::parse(r.to_json().dump())},
               {"step", step_},
@@ -194,8 +204,11 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
       double(interval_steps_ * cfg_.batch_size) / std::max(t - interval_start_, 1e-9);
   const double done = double(step_ - run_start_step_);
   const double eta = (t - run_start_) / std::max(done, 1.0) * double(cfg_.total_steps() - step_);
-  int64_t dead = 0;
-  for (int64_t s : steps_since_fired_) dead += s > cfg_.dead_feature_window;
+  int64_t dead = dead_now_;
+  if (!dev_) {
+    dead = 0;
+    for (int64_t s : steps_since_fired_) dead += s > cfg_.dead_feature_window;
+  }
   const double ev = batch_variance_ > 0 ? 1.0 - r.outer_sq_error / batch_variance_ : 0.0;
   last_l0_ = double(r.n_active) / double(cfg_.batch_size);
   last_ev_ = ev;
@@ -231,6 +244,7 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
 }
 
 void Trainer::save_checkpoint() {
+  pull(true);
   const fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
   const fs::path tmp = fs::path(cfg_.output_dir) / "checkpoint.tmp";
   const fs::path old = fs::path(cfg_.output_dir) / "checkpoint.old";
@@ -331,6 +345,12 @@ bool Trainer::begin(bool resume) {
     std::error_code ec;
     fs::remove(fs::path(cfg_.output_dir) / "log.jsonl", ec);
   }
+  if (cfg_.device == "cuda") {
+    dev_ = std::make_unique<DeviceTrainer>(sae_.spec, cfg_.adam, cfg_.batch_size, cfg_.precision);
+    dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
+    std::fprintf(stderr, "[%s] device: %s, encoder GEMM in %s\n", label_.c_str(),
+                 cuda_device_description().c_str(), cfg_.precision.c_str());
+  }
   std::fprintf(
       stderr,
       "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
@@ -345,33 +365,48 @@ bool Trainer::begin(bool resume) {
 
 void Trainer::train_step(float* x) {
   const int64_t d = sae_.spec.d_in, B = cfg_.batch_size, total = cfg_.total_steps();
-  if (input_scale_ != 1.0)
-    for (int64_t i = 0; i < B * d; ++i) x[i] = float(x[i] * input_scale_);
-  dead_.resize(size_t(sae_.spec.d_sae));
-  bool any_dead = false;
-  for (size_t j = 0; j < dead_.size(); ++j) {
-    dead_[j] = steps_since_fired_[j] > cfg_.dead_feature_window;
-    any_dead |= dead_[j] != 0;
+  const double lr = cfg_.lr.at(step_, total);
+  const bool new_window = window_steps_ >= cfg_.feature_sampling_window;
+  if (new_window) window_steps_ = window_tokens_ = 0;
+  StepResult r;
+  double grad_norm = 0;
+  if (dev_) {
+    // Scaling, the dead mask, the counters and the threshold all happen on the device.
+    float* staged = dev_->host_batch();
+    if (x != staged) std::copy(x, x + B * d, staged);
+    const auto out =
+        dev_->step(input_scale_, lr, opt_.t + 1, cfg_.dead_feature_window, new_window);
+    ++opt_.t;
+    r = out.result;
+    grad_norm = out.grad_norm;
+    sae_.threshold = out.threshold;
+    dead_now_ = out.dead_after;
+  } else {
+    if (input_scale_ != 1.0)
+      for (int64_t i = 0; i < B * d; ++i) x[i] = float(x[i] * input_scale_);
+    dead_.resize(size_t(sae_.spec.d_sae));
+    bool any_dead = false;
+    for (size_t j = 0; j < dead_.size(); ++j) {
+      dead_[j] = steps_since_fired_[j] > cfg_.dead_feature_window;
+      any_dead |= dead_[j] != 0;
+    }
+    if (new_window) std::fill(window_counts_.begin(), window_counts_.end(), 0);
+    grads_.clear();
+    r = forward_backward(sae_, x, B, any_dead ? dead_ : std::vector<uint8_t>{}, grads_, ws_);
+    sae_.update_threshold(r.min_selected, r.n_active > 0);
+    for (size_t j = 0; j < dead_.size(); ++j)
+      steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
+    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
+    grad_norm = opt_.step(sae_, grads_, lr);
   }
-  if (window_steps_ >= cfg_.feature_sampling_window) {  // a new sampling window
-    std::fill(window_counts_.begin(), window_counts_.end(), 0);
-    window_steps_ = window_tokens_ = 0;
-  }
-  grads_.clear();
-  StepResult r =
-      forward_backward(sae_, x, B, any_dead ? dead_ : std::vector<uint8_t>{}, grads_, ws_);
-  sae_.update_threshold(r.min_selected, r.n_active > 0);
-  for (size_t j = 0; j < dead_.size(); ++j)
-    steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
-  for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
   window_steps_++;
   window_tokens_ += B;
-  const double lr = cfg_.lr.at(step_, total);
-  const double grad_norm = opt_.step(sae_, grads_, lr);
   ++step_;
   ++interval_steps_;
   if (step_ % cfg_.log_every_steps == 0 || step_ == total) {
-    // Batch variance for the progress line's explained variance.
+    // Batch variance for the progress line's explained variance (of the scaled batch; the
+    // device path leaves x unscaled on the host).
+    const double s2 = dev_ ? input_scale_ * input_scale_ : 1.0;
     std::vector<double> mean(size_t(d), 0.0);
     for (int64_t t = 0; t < B; ++t)
       for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(B);
@@ -379,7 +414,7 @@ void Trainer::train_step(float* x) {
     for (int64_t t = 0; t < B; ++t)
       for (int64_t c = 0; c < d; ++c)
         var += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
-    batch_variance_ = var / double(B);
+    batch_variance_ = s2 * var / double(B);
     log_progress(r, lr, grad_norm);
   }
   if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
@@ -390,6 +425,7 @@ void Trainer::train_step(float* x) {
 }
 
 void Trainer::finish() {
+  pull(true);
   eval_and_log(true);
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
   save_to_disk(inference_sae(), out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
@@ -404,7 +440,8 @@ void Trainer::finish() {
 bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {
   begin(resume);
   const int64_t d = sae_.spec.d_in, B = cfg_.batch_size;
-  std::vector<float> x(size_t(B * d));
+  std::vector<float> host_x(dev_ ? 0 : size_t(B * d));
+  float* x = dev_ ? dev_->host_batch() : host_x.data();  // page-locked when on the GPU
   while (step_ < cfg_.total_steps()) {
     if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
         (should_stop && should_stop())) {
@@ -413,8 +450,8 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
                    label_.c_str(), (long long)step_);
       return false;
     }
-    source_.train_batch(step_, B, x.data());
-    train_step(x.data());
+    source_.train_batch(step_, B, x);
+    train_step(x);
   }
   finish();
   return true;

@@ -12,6 +12,7 @@
 
 #include "data/source.h"
 #include "eval/metrics.h"
+#include "train/device_step.h"
 #include "train/optimizer.h"
 #include "train/train_config.h"
 
@@ -71,6 +72,9 @@ class Trainer {
   void eval_and_log(bool final);
   void log_progress(const StepResult& r, double lr, double grad_norm);
   bool load_checkpoint();
+  // With training.device = cuda the state lives on the GPU: pull copies it to the host
+  // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
+  void pull(bool all);
   void append_log(const nlohmann::json& record);
 
   TrainConfig cfg_;
@@ -79,6 +83,8 @@ class Trainer {
   TrainingSae sae_;
   Optimizer opt_;
   Grads grads_;
+  std::unique_ptr<DeviceTrainer> dev_;  // null on the CPU
+  int64_t dead_now_ = 0;                // from the device counters (CPU: counted on the host)
   StepWorkspace ws_;
   std::vector<uint8_t> dead_;
   int64_t step_ = 0;

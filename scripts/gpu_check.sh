@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU device check, in two halves (docs/gpu.md):
+#   bash scripts/gpu_check.sh build   here, on the CPU machine: builds sae, test_cuda and
+#       bench_train_cuda for sm_90 with a portable host arch (x86-64-v3, not native) into
+#       build/gpu and bundles them with the shared libraries the GPU machine lacks (OpenBLAS,
+#       sentencepiece, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
+#   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests, the training-step
+#       benchmark in fp32/tf32/bf16 (and with dead latents), SAELens's step on the same GPU, and
+#       2000 steps of the hierarchy job on the GPU against the CPU. Logs and results.md go to
+#       $OUT (or out/gpu_check). Meant to finish in under 8 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+
+if [[ $mode == build ]]; then
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAECPP_NATIVE=OFF \
+    -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON
+  cmake --build build/gpu -j "$(nproc)" --target sae test_cuda bench_train_cuda
+  rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
+  for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/bench/bench_train_cuda; do
+    cp "$b" .gpu/bin/ && strip .gpu/bin/"$(basename "$b")"
+  done
+  # Every shared library outside glibc and the CUDA toolkit (the GPU machine has those).
+  ldd .gpu/bin/* | awk '/=> \//{print $3}' | sort -u |
+    grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|libcu(blas|blasLt|dart)\.so' |
+    while read -r lib; do cp -L "$lib" .gpu/lib/; done
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "sae-lens==6.54.12"
+  du -sh .gpu
+  exit 0
+fi
+
+if [[ $mode != run ]]; then
+  echo "usage: bash scripts/gpu_check.sh build|run" >&2
+  exit 2
+fi
+
+out=${OUT:-out/gpu_check}
+mkdir -p "$out"
+# Our libraries for our binaries only (Python's torch keeps its own libgomp and libstdc++).
+cuda_lib=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets /usr/lib /opt -name 'libcublasLt.so.13' 2>/dev/null | head -1)" 2>/dev/null || true)
+lib_path=$PWD/.gpu/lib:${cuda_lib:-/usr/local/cuda/lib64}:${LD_LIBRARY_PATH:-}
+echo "libraries: $lib_path"
+for b in sae test_cuda bench_train_cuda; do
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$lib_path" "$PWD/.gpu/bin/$b" >"/tmp/$b"
+  chmod +x "/tmp/$b"
+done
+bin=/tmp
+results=$out/results.md
+{
+  echo "# sae.cpp GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  echo
+} >"$results"
+
+echo "== CUDA tests"
+set +e
+timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
+tests_rc=${PIPESTATUS[0]}
+echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
+
+echo "== training step benchmark"
+{
+  echo '```'
+  timeout 120 "$bin/bench_train_cuda" --steps 20
+  echo
+  timeout 60 "$bin/bench_train_cuda" --steps 10 --dead 4096 --precision bf16,fp32
+  echo '```'
+} 2>&1 | tee "$out/bench_train_cuda.log" | tee -a "$results"
+
+echo "== SAELens on the same GPU"
+site=/tmp/saelens_site
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl
+{
+  echo '```'
+  PYTHONPATH=$site timeout 120 python3 bench/saelens_train.py --device cuda --steps 10
+  PYTHONPATH=$site timeout 120 python3 bench/saelens_train.py --device cuda --steps 10 --autocast
+  echo '```'
+} 2>&1 | tee "$out/saelens.log" | tee -a "$results"
+
+echo "== 2000 hierarchy steps: GPU against CPU"
+for dev in cpu cuda; do
+  rm -rf "/tmp/hier_$dev"
+  timeout 200 "$bin/sae" train --preset hierarchy-snap --device "$dev" \
+    --set training.total_tokens=2048000 --set training.log_every_steps=500 \
+    -o "/tmp/hier_$dev" >"$out/hierarchy_$dev.log" 2>&1
+  echo "hierarchy-snap 2000 steps on $dev: exit $? $(python3 -c "import json;e=json.load(open('/tmp/hier_$dev/eval.json'));print('EV %.4f L0 %.2f' % (e['explained_variance'], e['l0']))" 2>&1)" | tee -a "$results"
+  tail -3 "$out/hierarchy_$dev.log"
+done
+set -e
+echo
+cat "$results"

@@ -1,0 +1,23 @@
+// Where a job computes: the CPU engine, or the CUDA backend when it was built in.
+#pragma once
+
+#include <string>
+
+namespace sae {
+
+enum class Device { Cpu, Cuda };
+
+// "cpu" or "cuda"; anything else throws sae::Error naming `where`.
+Device parse_device(const std::string& name, const std::string& where);
+const char* device_name(Device d);
+
+// Whether this build has the CUDA backend, and how many GPUs the process can see (0 when not
+// built with CUDA or no driver/GPU is present; never throws).
+bool cuda_compiled();
+int cuda_device_count();
+// One line naming the GPU, for progress headers ("NVIDIA H200 (sm_90, 139.8 GiB)").
+std::string cuda_device_description();
+// Throws a clear error when device is Cuda and this build or machine cannot run it.
+void require_device(Device d);
+
+}  // namespace sae

@@ -1,0 +1,932 @@
+// The GPU training step (device_step.h). Stream-ordered phases, each a few kernels:
+//   dead mask -> sae_in -> encoder GEMM (cuBLAS) -> BatchTopK (ops/cuda) -> level sweep ->
+//   per-entry d(pre) -> d(sae_in) -> AuxK (dense over the dead latents, cuBLAS) ->
+//   latent-major gradient rows (+ squared norm) -> d(b_dec) -> counters, threshold -> clip+Adam.
+// The CPU step (step.cpp) is the reference; the comments there explain each formula.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_select.cuh>
+#include <thrust/iterator/counting_iterator.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "ops/cuda/adam.h"
+#include "ops/cuda/batch_topk.h"
+#include "ops/cuda/gemm.h"
+#include "ops/cuda/runtime.h"
+#include "train/device_step.h"
+
+namespace sae::train {
+
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr int kMaxLevels = 16;
+constexpr int kThreads = 256;
+
+// The loss spec, passed to kernels by value.
+struct Levels {
+  int n;
+  int64_t width[kMaxLevels];
+  double weight[kMaxLevels];
+  int l2[kMaxLevels];
+  double l2_power;
+  int detach;
+};
+
+__device__ __forceinline__ int level_of(int64_t j, const Levels& ls) {
+  int l = 0;
+  while (l < ls.n - 1 && j >= ls.width[l]) ++l;
+  return l;
+}
+
+template <class T>
+__device__ T block_sum(T v, T* sh) {  // sh: >= 32 entries of shared memory
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  T s = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) s += sh[w];
+    sh[0] = s;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+int blocks_for(int64_t n, int threads = kThreads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 132 * 32)));
+}
+
+#define GRID_STRIDE(i, n)                                                   \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+__global__ void k_scale(float* x, int64_t n, float s) {
+  GRID_STRIDE(i, n) x[i] *= s;
+}
+
+__global__ void k_sae_in(const float* x, const float* b_dec, int apply, int64_t n, int64_t d,
+                         float* sae_in) {
+  GRID_STRIDE(i, n) sae_in[i] = x[i] - (apply ? b_dec[i % d] : 0.0f);
+}
+
+// norms[j] = float(sqrt(sum W_dec[j]^2)) in double, as TrainingSae::decoder_norms.
+__global__ void k_row_norms(const float* W, int64_t rows, int64_t d, float* inv_norms) {
+  __shared__ double sh[32];
+  const int64_t j = blockIdx.x;
+  double s = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) s += double(W[j * d + c]) * W[j * d + c];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) {
+    const float n = float(sqrt(s));
+    inv_norms[rows + j] = n;          // second half: the norms themselves
+    inv_norms[j] = 1.0f / n;          // first half: their inverses
+  }
+}
+
+__global__ void k_dead(const int64_t* since, int64_t D, int64_t window, uint8_t* dead) {
+  GRID_STRIDE(j, D) dead[j] = since[j] > window;
+}
+
+// Per-group dead counts (groups are levels with per_level_aux, else one), from the mask.
+__global__ void k_dead_counts(const uint8_t* dead, int64_t D, Levels ls, int per_level,
+                              int* counts) {
+  GRID_STRIDE(j, D) if (dead[j]) atomicAdd(&counts[per_level ? level_of(j, ls) : 0], 1);
+}
+
+__global__ void k_aux_pos(const int32_t* list, const int* n_list, int32_t* pos) {
+  GRID_STRIDE(q, *n_list) pos[list[q]] = int32_t(q);
+}
+
+// One block per token: r = b_dec + prefix sums of the active latents' rows, level by level.
+// vecs[t][i] = c_i/B dR/dr at level i (then suffix-summed unless detached); vecs[t][L + a] = the
+// residual that AuxK group a fits (unscaled). R_tok[t][i] = R_i, ss_outer[t] = ||e_outer||^2.
+__global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
+                         const int64_t* offsets, const int32_t* cols, const float* vals,
+                         const float* inv_norms, Levels ls, int64_t d, int n_vec, int n_aux,
+                         int per_level_aux, double inv_B, float* vecs, double* R_tok,
+                         double* ss_outer) {
+  extern __shared__ float r[];
+  __shared__ double sh[32];
+  const int64_t t = blockIdx.x;
+  const float* xt = x + t * d;
+  float* vt = vecs + t * int64_t(n_vec) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) r[c] = b_dec[c];
+  int64_t e = offsets[t];
+  const int64_t end = offsets[t + 1];
+  for (int i = 0; i < ls.n; ++i) {
+    for (; e < end && cols[e] < ls.width[i]; ++e) {
+      const int32_t j = cols[e];
+      const float u = inv_norms ? vals[e] * inv_norms[j] : vals[e];
+      const float* w = W_dec + int64_t(j) * d;
+      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) r[c] += u * w[c];
+    }
+    float* gi = vt + int64_t(i) * d;
+    int aux_slot = -1;
+    if (n_aux > 0) {
+      if (per_level_aux) aux_slot = ls.n + i;
+      else if (i == ls.n - 1) aux_slot = ls.n;
+    }
+    double ss = 0;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float err = xt[c] - r[c];
+      ss += double(err) * err;
+      if (aux_slot >= 0) vt[int64_t(aux_slot) * d + c] = err;
+    }
+    ss = block_sum(ss, sh);
+    double R, coef;
+    const double w = ls.weight[i] * inv_B;
+    if (!ls.l2[i]) {
+      R = ss;
+      coef = -2.0 * w;
+    } else {
+      const double norm = sqrt(ss), p = ls.l2_power;
+      R = pow(norm, p);
+      coef = norm > 1e-12 ? -p * pow(norm, p - 2.0) * w : 0.0;
+    }
+    if (threadIdx.x == 0) {
+      R_tok[t * ls.n + i] = R;
+      if (i == ls.n - 1) ss_outer[t] = ss;
+    }
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+      gi[c] = float(coef * double(xt[c] - r[c]));
+  }
+  if (!ls.detach)
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+      for (int i = ls.n - 2; i >= 0; --i) vt[int64_t(i) * d + c] += vt[int64_t(i + 1) * d + c];
+}
+
+__global__ void k_entry_token(const int64_t* offsets, int32_t* token) {
+  const int64_t t = blockIdx.x;
+  for (int64_t e = offsets[t] + threadIdx.x; e < offsets[t + 1]; e += blockDim.x)
+    token[e] = int32_t(t);
+}
+
+// One warp per entry: dpre = <W_dec[j], vecs[t][level(j)]>, u = the value it decoded with.
+__global__ void k_dpre(const int64_t* offsets, int64_t B, const int32_t* cols, const float* vals,
+                       const int32_t* token, const float* inv_norms, const float* W_dec,
+                       const float* vecs, int n_vec, int64_t d, Levels ls, float* dpre,
+                       float* u_out) {
+  const int64_t e = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (e >= offsets[B]) return;
+  const int32_t j = cols[e];
+  const int64_t t = token[e];
+  const float* w = W_dec + int64_t(j) * d;
+  const float* g = vecs + (t * n_vec + level_of(j, ls)) * d;
+  float s = 0;
+  for (int64_t c = lane; c < d; c += 32) s += w[c] * g[c];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xFFFFFFFFu, s, o);
+  if (lane == 0) {
+    dpre[e] = s;
+    u_out[e] = inv_norms ? vals[e] * inv_norms[j] : vals[e];
+  }
+}
+
+// d(sae_in)[t] = sum over the token's entries of dpre * W_enc column (a W_encT row).
+__global__ void k_dsae_in(const int64_t* offsets, const int32_t* cols, const float* dpre,
+                          const float* W_encT, int64_t d, float* dsae_in) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0;
+    for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e)
+      acc += dpre[e] * W_encT[int64_t(cols[e]) * d + c];
+    dsae_in[t * d + c] = acc;
+  }
+}
+
+// Keys for the latent-major sort: the entry's latent, or D past the end (sorted last).
+__global__ void k_sort_keys(const int64_t* offsets, int64_t B, const int32_t* cols, int64_t cap,
+                            int32_t D, int32_t* keys, int32_t* ids) {
+  const int64_t n = offsets[B];
+  GRID_STRIDE(e, cap) {
+    keys[e] = e < n ? cols[e] : D;
+    ids[e] = int32_t(e);
+  }
+}
+
+__global__ void k_latent_start(const int32_t* sorted_keys, int64_t cap, int64_t D,
+                               int64_t* start) {
+  GRID_STRIDE(j, D + 1) {
+    int64_t lo = 0, hi = cap;  // first position whose key >= j
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sorted_keys[mid] < j) lo = mid + 1;
+      else hi = mid;
+    }
+    start[j] = lo;
+  }
+}
+
+// ---- AuxK helpers ----
+__global__ void k_gather_cols(const float* hp, int64_t B, int64_t D, const int32_t* list,
+                              int64_t n_g, float* out) {
+  GRID_STRIDE(i, B * n_g) out[i] = hp[(i / n_g) * D + list[i % n_g]];
+}
+
+__global__ void k_gather_rows(const float* W, const int32_t* list, int64_t n_g, int64_t d,
+                              float* out) {
+  GRID_STRIDE(i, n_g * d) out[i] = W[int64_t(list[i / d]) * d + i % d];
+}
+
+__global__ void k_aux_scatter(const int32_t* top_i, const float* top_v, int64_t B, int64_t k,
+                              int64_t n_g, const int32_t* list, const float* inv_norms,
+                              float* acts, uint8_t* sel) {
+  GRID_STRIDE(i, B * k) {
+    const int64_t t = i / k, c = top_i[i];
+    const float u = inv_norms ? top_v[i] * inv_norms[list[c]] : top_v[i];
+    acts[t * n_g + c] = u;
+    sel[t * n_g + c] = 1;
+  }
+}
+
+// h = 2 w (recon - residual); the loss sum sum (recon - residual)^2 into *loss.
+__global__ void k_aux_h(const float* recon, const float* vecs, int n_vec, int slot, int64_t B,
+                        int64_t d, double w, float* h, double* loss) {
+  __shared__ double sh[32];
+  double s = 0;
+  GRID_STRIDE(i, B * d) {
+    const int64_t t = i / d, c = i % d;
+    const float diff = recon[i] - vecs[(t * n_vec + slot) * d + c];
+    s += double(diff) * diff;
+    h[i] = float(2.0 * w * diff);
+  }
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) atomicAdd(loss, s);
+}
+
+__global__ void k_mask(float* v, const uint8_t* sel, int64_t n) {
+  GRID_STRIDE(i, n) if (!sel[i]) v[i] = 0.0f;
+}
+
+__global__ void k_col_sums(const float* m, int64_t rows, int64_t cols, float* out) {
+  GRID_STRIDE(q, cols) {
+    double s = 0;
+    for (int64_t t = 0; t < rows; ++t) s += m[t * cols + q];
+    out[q] = float(s);
+  }
+}
+
+// One block per latent: its gradient rows from its entries (token order) plus its AuxK part;
+// untouched latents get zero rows. Adds the rows' squared norm to *norm_sq.
+__global__ void k_grad_rows(const int64_t* start, const int32_t* sorted_ids, const int32_t* token,
+                            const float* u, const float* dpre, const float* vecs, int n_vec,
+                            const float* sae_in, int64_t d, Levels ls, const int32_t* aux_pos,
+                            const float* gwd, const float* gwe, const float* gb_aux,
+                            float* gW_dec, float* gW_encT, float* gb_enc, double* norm_sq) {
+  __shared__ double sh[32];
+  const int64_t j = blockIdx.x;
+  const int64_t s0 = start[j], s1 = start[j + 1];
+  const int lvl = level_of(j, ls);
+  const int32_t q = aux_pos ? aux_pos[j] : -1;
+  float sq = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float gd = 0, ge = 0;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int32_t e = sorted_ids[s];
+      const int64_t t = token[e];
+      gd += u[e] * vecs[(t * n_vec + lvl) * d + c];
+      ge += dpre[e] * sae_in[t * d + c];
+    }
+    if (q >= 0) gd += gwd[int64_t(q) * d + c], ge += gwe[int64_t(q) * d + c];
+    gW_dec[j * d + c] = gd;
+    gW_encT[j * d + c] = ge;
+    sq += gd * gd + ge * ge;
+  }
+  double gb = 0;
+  if (threadIdx.x == 0) {
+    for (int64_t s = s0; s < s1; ++s) gb += dpre[sorted_ids[s]];
+    float g = float(gb);
+    if (q >= 0) g += gb_aux[q];
+    gb_enc[j] = g;
+    sq += g * g;
+  }
+  const double total = block_sum(double(sq), sh);
+  if (threadIdx.x == 0) atomicAdd(norm_sq, total);
+}
+
+// d(b_dec)[c] = sum_t G_0[t][c] - d(sae_in)[t][c], in double over token chunks.
+__global__ void k_bdec_partial(const float* vecs, int n_vec, const float* dsae_in, int64_t B,
+                               int64_t d, int64_t chunk, double* acc) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= d) return;
+  const int64_t t0 = blockIdx.y * chunk, t1 = min(B, t0 + chunk);
+  double s = 0;
+  for (int64_t t = t0; t < t1; ++t)
+    s += double(vecs[t * n_vec * d + c]) - (dsae_in ? double(dsae_in[t * d + c]) : 0.0);
+  atomicAdd(&acc[c], s);
+}
+
+__global__ void k_bdec_final(const double* acc, int64_t d, float* gb_dec, double* norm_sq) {
+  __shared__ double sh[32];
+  double sq = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float g = float(acc[c]);
+    gb_dec[c] = g;
+    sq += double(g) * g;
+  }
+  sq = block_sum(sq, sh);
+  if (threadIdx.x == 0) atomicAdd(norm_sq, sq);
+}
+
+// Sums per level of R_tok and of ss_outer into out[0..L) and out[L].
+__global__ void k_reduce_losses(const double* R_tok, const double* ss_outer, int64_t B, int L,
+                                double* out) {
+  __shared__ double sh[32];
+  for (int i = 0; i <= L; ++i) {
+    double s = 0;
+    for (int64_t t = threadIdx.x; t < B; t += blockDim.x)
+      s += i < L ? R_tok[t * L + i] : ss_outer[t];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) out[i] = s;
+  }
+}
+
+__global__ void k_counters(const int64_t* start, int64_t D, int64_t window, int new_window,
+                           int64_t* since, int64_t* counts, unsigned long long* dead_after) {
+  __shared__ unsigned long long sh[32];
+  unsigned long long dead = 0;
+  GRID_STRIDE(j, D) {
+    const int64_t n = start[j + 1] - start[j];
+    since[j] = n > 0 ? 0 : since[j] + 1;
+    counts[j] = (new_window ? 0 : counts[j]) + n;
+    dead += since[j] > window;
+  }
+  dead = block_sum(dead, sh);
+  if (threadIdx.x == 0) atomicAdd(dead_after, dead);
+}
+
+__global__ void k_threshold(double* theta, double lr, const float* min_selected,
+                            const int64_t* n_active) {
+  if (*n_active > 0) *theta = (1.0 - lr) * *theta + lr * double(*min_selected);
+}
+
+// The scalars one step reports, packed for a single copy to the host.
+struct Report {
+  double level[kMaxLevels];
+  double outer_ss;
+  double aux[kMaxLevels];
+  double norm_sq;
+  double threshold;
+  double min_selected;
+  int64_t n_active;
+  unsigned long long dead_after;
+};
+
+__global__ void k_report(const double* losses, int L, const double* aux, int n_aux,
+                         const double* norm_sq, const double* theta, const float* min_selected,
+                         const int64_t* n_active, const unsigned long long* dead_after,
+                         Report* r) {
+  for (int i = 0; i < L; ++i) r->level[i] = losses[i];
+  r->outer_ss = losses[L];
+  for (int i = 0; i < n_aux; ++i) r->aux[i] = aux[i];
+  r->norm_sq = *norm_sq;
+  r->threshold = *theta;
+  r->min_selected = *min_selected;
+  r->n_active = *n_active;
+  r->dead_after = *dead_after;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct DeviceTrainer::Impl {
+  TrainSpec sp;
+  AdamConfig adam;
+  int64_t B, d, D, L, budget, n_groups, n_vec;
+  cuda::Precision prec;
+  cuda::Context ctx;
+  Levels ls{};
+
+  // parameters and optimizer state
+  DeviceBuffer<float> W_encT, W_dec, b_enc, b_dec, v_W_encT, v_W_dec, v_b_enc, v_b_dec;
+  DeviceBuffer<float> m_W_encT, m_W_dec, m_b_enc, m_b_dec;
+  DeviceBuffer<uint16_t> W_encT_bf16, sae_in_bf16;
+  DeviceBuffer<double> theta;
+  DeviceBuffer<int64_t> since, counts;
+  // gradients
+  DeviceBuffer<float> gW_encT, gW_dec, gb_enc, gb_dec;
+  DeviceBuffer<double> norm_sq, bdec_acc;
+  // step scratch
+  DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, dsae_in;
+  DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss;
+  cuda::DeviceRowSparse active;
+  cuda::BatchTopkScratch topk_ws;
+  DeviceBuffer<float> min_selected;
+  DeviceBuffer<int32_t> token, keys, ids, keys_sorted, ids_sorted;
+  DeviceBuffer<float> dpre, u;
+  DeviceBuffer<int64_t> start;
+  DeviceBuffer<uint8_t> cub_temp;
+  // dead latents and AuxK
+  DeviceBuffer<uint8_t> dead, aux_sel;
+  DeviceBuffer<int32_t> dead_list, aux_pos, top_i;
+  DeviceBuffer<int> dead_counts, n_dead_dev;
+  DeviceBuffer<float> hp_g, top_v, aux_acts, wd, we, recon, h, aux_dpre, gwd, gwe, gb_aux;
+  DeviceBuffer<unsigned long long> dead_after;
+  DeviceBuffer<Report> report;
+  // host side
+  float* pinned_x = nullptr;
+  Report* pinned_report = nullptr;
+  int* pinned_counts = nullptr;
+  cudaEvent_t counts_ready = nullptr;
+  bool timing = false;
+  cudaEvent_t ev[9] = {};
+  DeviceStepTimes times;
+
+  Impl(const TrainSpec& s, const AdamConfig& a, int64_t batch, const std::string& precision)
+      : sp(s),
+        adam(a),
+        B(batch),
+        d(s.d_in),
+        D(s.d_sae),
+        L(s.n_levels()),
+        budget(int64_t(s.k * double(batch))),
+        n_groups(s.aux_coefficient != 0.0 ? (s.per_level_aux ? s.n_levels() : 1) : 0),
+        n_vec(L + n_groups),
+        prec(cuda::parse_precision(precision, "training")) {
+    SAE_CHECK(L <= kMaxLevels, "at most ", kMaxLevels, " Matryoshka levels on the GPU");
+    SAE_CHECK(D < (int64_t(1) << 30) && B * D < (int64_t(1) << 62), "shape too large");
+    ls.n = int(L);
+    for (int64_t i = 0; i < L; ++i) {
+      ls.width[i] = sp.widths[size_t(i)];
+      ls.weight[i] = sp.level_weight[size_t(i)];
+      ls.l2[i] = sp.level_loss[size_t(i)] == LevelLoss::L2;
+    }
+    ls.l2_power = sp.l2_power;
+    ls.detach = sp.detach_levels;
+    const size_t Dd = size_t(D * d);
+    for (auto* b : {&W_encT, &W_dec, &v_W_encT, &v_W_dec, &gW_encT, &gW_dec})
+      b->resize(Dd, "SAE weights / optimizer state / gradients");
+    for (auto* b : {&b_enc, &v_b_enc, &gb_enc}) b->resize(size_t(D), "SAE b_enc");
+    for (auto* b : {&b_dec, &v_b_dec, &gb_dec}) b->resize(size_t(d), "SAE b_dec");
+    if (adam.beta1 != 0.0) {
+      m_W_encT.resize(Dd, "Adam first moment");
+      m_W_dec.resize(Dd, "Adam first moment");
+      m_b_enc.resize(size_t(D), "Adam first moment");
+      m_b_dec.resize(size_t(d), "Adam first moment");
+    }
+    if (prec == cuda::Precision::Bf16) {
+      W_encT_bf16.resize(Dd, "bf16 encoder copy");
+      sae_in_bf16.resize(size_t(B * d), "bf16 encoder input");
+    }
+    theta.resize(1, "threshold");
+    since.resize(size_t(D), "dead counters");
+    counts.resize(size_t(D), "firing counts");
+    norm_sq.resize(1, "gradient norm");
+    bdec_acc.resize(size_t(d), "b_dec gradient");
+    x.resize(size_t(B * d), "batch");
+    sae_in.resize(size_t(B * d), "sae_in");
+    dsae_in.resize(size_t(B * d), "d(sae_in)");
+    hidden_pre.resize(size_t(B * D), "pre-activations [batch, d_sae]");
+    if (sp.rescale_acts_by_decoder_norm) norms2.resize(size_t(2 * D), "decoder norms");
+    vecs.resize(size_t(B * n_vec * d), "per-token level gradients");
+    R_tok.resize(size_t(B * L), "level losses");
+    ss_outer.resize(size_t(B), "outer errors");
+    losses.resize(size_t(L + 1), "losses");
+    aux_loss.resize(size_t(std::max<int64_t>(n_groups, 1)), "aux losses");
+    min_selected.resize(1, "min selected");
+    const size_t cap = size_t(std::max<int64_t>(budget, 1));
+    for (auto* b : {&token, &keys, &ids, &keys_sorted, &ids_sorted}) b->resize(cap, "entries");
+    dpre.resize(cap, "entries");
+    u.resize(cap, "entries");
+    start.resize(size_t(D + 1), "latent offsets");
+    dead.resize(size_t(D), "dead mask");
+    dead_list.resize(size_t(D), "dead list");
+    aux_pos.resize(size_t(D), "aux positions");
+    dead_counts.resize(kMaxLevels, "dead counts");
+    n_dead_dev.resize(1, "dead count");
+    dead_after.resize(1, "dead count");
+    report.resize(1, "report");
+    size_t t1 = 0, t2 = 0;
+    SAE_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, t1, keys.data(), keys_sorted.data(),
+                                             ids.data(), ids_sorted.data(), int64_t(cap), 0, 32,
+                                             ctx.stream()));
+    SAE_CUDA(cub::DeviceSelect::Flagged(nullptr, t2, thrust::counting_iterator<int32_t>(0),
+                                        dead.data(), dead_list.data(), n_dead_dev.data(), D,
+                                        ctx.stream()));
+    cub_temp.resize(std::max(t1, t2), "sort scratch");
+    SAE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&pinned_x), size_t(B * d) * sizeof(float)));
+    SAE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&pinned_report), sizeof(Report)));
+    SAE_CUDA(cudaMallocHost(reinterpret_cast<void**>(&pinned_counts), kMaxLevels * sizeof(int)));
+    SAE_CUDA(cudaEventCreateWithFlags(&counts_ready, cudaEventDisableTiming));
+    for (auto& e : ev) SAE_CUDA(cudaEventCreate(&e));
+  }
+
+  ~Impl() {
+    cudaStreamSynchronize(ctx.stream());
+    if (pinned_x) cudaFreeHost(pinned_x);
+    if (pinned_report) cudaFreeHost(pinned_report);
+    if (pinned_counts) cudaFreeHost(pinned_counts);
+    if (counts_ready) cudaEventDestroy(counts_ready);
+    for (auto& e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+
+  cudaStream_t s() const { return ctx.stream(); }
+  void mark(int i) {
+    if (timing) SAE_CUDA(cudaEventRecord(ev[i], s()));
+  }
+
+  // Dead mask -> ordered dead list, per-group counts to the host (read after the GEMM is queued).
+  void prepare_dead(bool from_counters, int64_t window) {
+    if (from_counters) {
+      k_dead<<<blocks_for(D), kThreads, 0, s()>>>(since.data(), D, window, dead.data());
+      SAE_CUDA_LAUNCHED();
+    }
+    SAE_CUDA(cudaMemsetAsync(dead_counts.data(), 0, kMaxLevels * sizeof(int), s()));
+    if (n_groups > 0) {
+      k_dead_counts<<<blocks_for(D), kThreads, 0, s()>>>(dead.data(), D, ls, sp.per_level_aux,
+                                                          dead_counts.data());
+      SAE_CUDA_LAUNCHED();
+    }
+    SAE_CUDA(cudaMemcpyAsync(pinned_counts, dead_counts.data(), kMaxLevels * sizeof(int),
+                             cudaMemcpyDeviceToHost, s()));
+    SAE_CUDA(cudaEventRecord(counts_ready, s()));
+  }
+
+  // The forward and backward pass on x (already scaled), gradients into g*, squared norm into
+  // norm_sq. Returns the number of AuxK groups that ran.
+  void forward_backward() {
+    const cudaStream_t st = s();
+    const float* inv_norms = nullptr;
+    // sae_in and the encoder GEMM
+    k_sae_in<<<blocks_for(B * d), kThreads, 0, st>>>(x.data(), b_dec.data(),
+                                                      sp.apply_b_dec_to_input, B * d, d,
+                                                      sae_in.data());
+    SAE_CUDA_LAUNCHED();
+    mark(1);
+    if (prec == cuda::Precision::Bf16) {
+      cuda::to_bf16(ctx, sae_in.data(), sae_in_bf16.data(), B * d);
+      cuda::gemm(ctx, ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, {sae_in_bf16.data(), true, d},
+                 {W_encT_bf16.data(), true, d}, 0.0f, hidden_pre.data(), D, prec);
+    } else {
+      cuda::gemm(ctx, ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, {sae_in.data(), false, d},
+                 {W_encT.data(), false, d}, 0.0f, hidden_pre.data(), D, prec);
+    }
+    mark(2);
+    if (sp.rescale_acts_by_decoder_norm) {
+      k_row_norms<<<unsigned(D), kThreads, 0, st>>>(W_dec.data(), D, d, norms2.data());
+      SAE_CUDA_LAUNCHED();
+      inv_norms = norms2.data();
+    }
+    // The dead counts decide whether AuxK runs (and needs hidden_pre written back).
+    SAE_CUDA(cudaEventSynchronize(counts_ready));
+    std::vector<int64_t> group_n(static_cast<size_t>(n_groups));
+    int64_t n_dead = 0;
+    for (int64_t a = 0; a < n_groups; ++a) group_n[size_t(a)] = pinned_counts[a], n_dead += group_n[size_t(a)];
+    const bool aux = n_dead > 0;
+    cuda::batch_topk(ctx, hidden_pre.data(), B, D, budget, b_enc.data(),
+                     inv_norms ? inv_norms + D : nullptr, aux, active, topk_ws,
+                     min_selected.data());
+    mark(3);
+    // levels
+    const int n_aux_slots = aux ? int(n_groups) : 0;
+    k_levels<<<unsigned(B), kThreads, size_t(d) * sizeof(float), st>>>(
+        x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),
+        active.values.data(), inv_norms, ls, d, int(n_vec), n_aux_slots, sp.per_level_aux,
+        1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data());
+    SAE_CUDA_LAUNCHED();
+    k_reduce_losses<<<1, 1024, 0, st>>>(R_tok.data(), ss_outer.data(), B, int(L), losses.data());
+    SAE_CUDA_LAUNCHED();
+    mark(4);
+    // per-entry backward
+    const int64_t cap = std::max<int64_t>(budget, 1);
+    k_entry_token<<<unsigned(B), 64, 0, st>>>(active.offsets.data(), token.data());
+    SAE_CUDA_LAUNCHED();
+    k_dpre<<<unsigned((cap * 32 + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+        active.offsets.data(), B, active.cols.data(), active.values.data(), token.data(),
+        inv_norms, W_dec.data(), vecs.data(), int(n_vec), d, ls, dpre.data(), u.data());
+    SAE_CUDA_LAUNCHED();
+    if (sp.apply_b_dec_to_input) {
+      k_dsae_in<<<unsigned(B), kThreads, 0, st>>>(active.offsets.data(), active.cols.data(),
+                                                   dpre.data(), W_encT.data(), d, dsae_in.data());
+      SAE_CUDA_LAUNCHED();
+    }
+    k_sort_keys<<<blocks_for(cap), kThreads, 0, st>>>(active.offsets.data(), B, active.cols.data(),
+                                                      cap, int32_t(D), keys.data(), ids.data());
+    SAE_CUDA_LAUNCHED();
+    int end_bit = 1;
+    while ((int64_t(1) << end_bit) <= D) ++end_bit;
+    size_t temp = cub_temp.size();
+    SAE_CUDA(cub::DeviceRadixSort::SortPairs(cub_temp.data(), temp, keys.data(),
+                                             keys_sorted.data(), ids.data(), ids_sorted.data(),
+                                             cap, 0, end_bit, st));
+    k_latent_start<<<blocks_for(D + 1), kThreads, 0, st>>>(keys_sorted.data(), cap, D,
+                                                           start.data());
+    SAE_CUDA_LAUNCHED();
+    mark(5);
+    // AuxK, dense over each group's dead latents
+    SAE_CUDA(cudaMemsetAsync(aux_loss.data(), 0, aux_loss.bytes(), st));
+    if (aux) run_aux(group_n, n_dead, inv_norms);
+    mark(6);
+    // gradient rows, b_dec, norm
+    SAE_CUDA(cudaMemsetAsync(norm_sq.data(), 0, sizeof(double), st));
+    k_grad_rows<<<unsigned(D), kThreads, 0, st>>>(
+        start.data(), ids_sorted.data(), token.data(), u.data(), dpre.data(), vecs.data(),
+        int(n_vec), sae_in.data(), d, ls, aux ? aux_pos.data() : nullptr, gwd.data(), gwe.data(),
+        gb_aux.data(), gW_dec.data(), gW_encT.data(), gb_enc.data(), norm_sq.data());
+    SAE_CUDA_LAUNCHED();
+    SAE_CUDA(cudaMemsetAsync(bdec_acc.data(), 0, bdec_acc.bytes(), st));
+    const int64_t chunk = 64;
+    k_bdec_partial<<<dim3(unsigned((d + kThreads - 1) / kThreads), unsigned((B + chunk - 1) / chunk)),
+                     kThreads, 0, st>>>(vecs.data(), int(n_vec),
+                                        sp.apply_b_dec_to_input ? dsae_in.data() : nullptr, B, d,
+                                        chunk, bdec_acc.data());
+    SAE_CUDA_LAUNCHED();
+    k_bdec_final<<<1, 1024, 0, st>>>(bdec_acc.data(), d, gb_dec.data(), norm_sq.data());
+    SAE_CUDA_LAUNCHED();
+    mark(7);
+    last_group_n = group_n;
+  }
+  std::vector<int64_t> last_group_n;
+
+  void run_aux(const std::vector<int64_t>& group_n, int64_t n_dead, const float* inv_norms) {
+    const cudaStream_t st = s();
+    size_t temp = cub_temp.size();
+    SAE_CUDA(cub::DeviceSelect::Flagged(cub_temp.data(), temp, thrust::counting_iterator<int32_t>(0),
+                                        dead.data(), dead_list.data(), n_dead_dev.data(), D, st));
+    SAE_CUDA(cudaMemsetAsync(aux_pos.data(), 0xFF, aux_pos.bytes(), st));  // -1
+    k_aux_pos<<<blocks_for(D), kThreads, 0, st>>>(dead_list.data(), n_dead_dev.data(),
+                                                   aux_pos.data());
+    SAE_CUDA_LAUNCHED();
+    gwd.resize(size_t(n_dead * d), "AuxK gradients");
+    gwe.resize(size_t(n_dead * d), "AuxK gradients");
+    gb_aux.resize(size_t(n_dead), "AuxK gradients");
+    // Fp32 or tf32 for AuxK's GEMMs (bf16 would need converted copies of every operand).
+    const cuda::Precision aux_prec =
+        prec == cuda::Precision::Fp32 ? cuda::Precision::Fp32 : cuda::Precision::Tf32;
+    const int64_t k_aux_max = d / 2;
+    int64_t g0 = 0;
+    for (int64_t a = 0; a < n_groups; ++a) {
+      const int64_t n_g = group_n[size_t(a)];
+      if (n_g == 0) continue;
+      const int32_t* list = dead_list.data() + g0;
+      const int64_t k_aux = std::min(k_aux_max, n_g);
+      const double scale = std::min(double(n_g) / double(k_aux_max), 1.0);
+      const double w = sp.aux_coefficient * scale / double(B);
+      const int slot = int(L + a);
+      hp_g.resize(size_t(B * n_g), "AuxK pre-activations");
+      aux_acts.resize(size_t(B * n_g), "AuxK codes");
+      aux_dpre.resize(size_t(B * n_g), "AuxK gradients");
+      aux_sel.resize(size_t(B * n_g), "AuxK mask");
+      top_i.resize(size_t(B * k_aux), "AuxK top-k");
+      top_v.resize(size_t(B * k_aux), "AuxK top-k");
+      wd.resize(size_t(n_g * d), "AuxK rows");
+      we.resize(size_t(n_g * d), "AuxK rows");
+      recon.resize(size_t(B * d), "AuxK reconstruction");
+      h.resize(size_t(B * d), "AuxK gradient");
+      k_gather_cols<<<blocks_for(B * n_g), kThreads, 0, st>>>(hidden_pre.data(), B, D, list, n_g,
+                                                               hp_g.data());
+      SAE_CUDA_LAUNCHED();
+      cuda::topk_rows(ctx, hp_g.data(), B, n_g, k_aux, top_i.data(), top_v.data());
+      SAE_CUDA(cudaMemsetAsync(aux_acts.data(), 0, size_t(B * n_g) * sizeof(float), st));
+      SAE_CUDA(cudaMemsetAsync(aux_sel.data(), 0, size_t(B * n_g), st));
+      k_aux_scatter<<<blocks_for(B * k_aux), kThreads, 0, st>>>(
+          top_i.data(), top_v.data(), B, k_aux, n_g, list, inv_norms, aux_acts.data(),
+          aux_sel.data());
+      SAE_CUDA_LAUNCHED();
+      k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_dec.data(), list, n_g, d, wd.data());
+      k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_encT.data(), list, n_g, d, we.data());
+      SAE_CUDA_LAUNCHED();
+      using ops::Trans;
+      cuda::gemm(ctx, Trans::No, Trans::No, B, d, n_g, 1.0f, {aux_acts.data(), false, n_g},
+                 {wd.data(), false, d}, 0.0f, recon.data(), d, aux_prec);
+      k_aux_h<<<blocks_for(B * d), kThreads, 0, st>>>(recon.data(), vecs.data(), int(n_vec), slot,
+                                                       B, d, w, h.data(), aux_loss.data() + a);
+      SAE_CUDA_LAUNCHED();
+      cuda::gemm(ctx, Trans::No, Trans::Yes, B, n_g, d, 1.0f, {h.data(), false, d},
+                 {wd.data(), false, d}, 0.0f, aux_dpre.data(), n_g, aux_prec);
+      k_mask<<<blocks_for(B * n_g), kThreads, 0, st>>>(aux_dpre.data(), aux_sel.data(), B * n_g);
+      SAE_CUDA_LAUNCHED();
+      cuda::gemm(ctx, Trans::Yes, Trans::No, n_g, d, B, 1.0f, {aux_acts.data(), false, n_g},
+                 {h.data(), false, d}, 0.0f, gwd.data() + g0 * d, d, aux_prec);
+      cuda::gemm(ctx, Trans::Yes, Trans::No, n_g, d, B, 1.0f, {aux_dpre.data(), false, n_g},
+                 {sae_in.data(), false, d}, 0.0f, gwe.data() + g0 * d, d, aux_prec);
+      if (sp.apply_b_dec_to_input)
+        cuda::gemm(ctx, Trans::No, Trans::No, B, d, n_g, 1.0f, {aux_dpre.data(), false, n_g},
+                   {we.data(), false, d}, 1.0f, dsae_in.data(), d, aux_prec);
+      k_col_sums<<<blocks_for(n_g), kThreads, 0, st>>>(aux_dpre.data(), B, n_g, gb_aux.data() + g0);
+      SAE_CUDA_LAUNCHED();
+      g0 += n_g;
+    }
+  }
+
+  StepResult result_from(const Report& r, const std::vector<int64_t>& group_n) const {
+    StepResult res;
+    res.level_loss.assign(size_t(L), 0.0);
+    for (int64_t i = 0; i < L; ++i) {
+      res.level_loss[size_t(i)] = r.level[i] / double(B);
+      res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];
+    }
+    res.outer_sq_error = r.outer_ss / double(B);
+    const int64_t k_aux_max = d / 2;
+    for (size_t a = 0; a < group_n.size(); ++a) {
+      if (group_n[a] == 0) continue;
+      const double scale = std::min(double(group_n[a]) / double(k_aux_max), 1.0);
+      res.aux_loss += sp.aux_coefficient * scale * r.aux[a] / double(B);
+      res.n_dead += group_n[a];
+    }
+    res.loss += res.aux_loss;
+    res.n_active = r.n_active;
+    res.min_selected = r.min_selected;
+    return res;
+  }
+
+  void fetch_report() {
+    k_report<<<1, 1, 0, s()>>>(losses.data(), int(L), aux_loss.data(), int(n_groups),
+                               norm_sq.data(), theta.data(), min_selected.data(),
+                               active.offsets.data() + B, dead_after.data(), report.data());
+    SAE_CUDA_LAUNCHED();
+    SAE_CUDA(cudaMemcpyAsync(pinned_report, report.data(), sizeof(Report), cudaMemcpyDeviceToHost,
+                             s()));
+    ctx.sync();
+  }
+};
+
+DeviceTrainer::DeviceTrainer(const TrainSpec& spec, const AdamConfig& adam, int64_t batch,
+                             const std::string& precision) {
+  require_device(Device::Cuda);
+  impl_ = std::make_unique<Impl>(spec, adam, batch, precision);
+}
+DeviceTrainer::~DeviceTrainer() = default;
+
+void DeviceTrainer::upload(const TrainingSae& sae, const Optimizer& opt,
+                           const std::vector<int64_t>& since,
+                           const std::vector<int64_t>& counts) {
+  Impl& m = *impl_;
+  const cudaStream_t s = m.s();
+  auto up = [&](DeviceBuffer<float>& dst, const std::vector<float>& src) {
+    SAE_CHECK(src.size() <= dst.size(), "upload size");
+    SAE_CUDA(cudaMemcpyAsync(dst.data(), src.data(), src.size() * 4, cudaMemcpyHostToDevice, s));
+  };
+  up(m.W_encT, sae.W_encT);
+  up(m.W_dec, sae.W_dec);
+  up(m.b_enc, sae.b_enc);
+  up(m.b_dec, sae.b_dec);
+  up(m.v_W_encT, opt.v_W_encT);
+  up(m.v_W_dec, opt.v_W_dec);
+  up(m.v_b_enc, opt.v_b_enc);
+  up(m.v_b_dec, opt.v_b_dec);
+  if (opt.has_first_moment()) {
+    up(m.m_W_encT, opt.m_W_encT);
+    up(m.m_W_dec, opt.m_W_dec);
+    up(m.m_b_enc, opt.m_b_enc);
+    up(m.m_b_dec, opt.m_b_dec);
+  }
+  SAE_CUDA(cudaMemcpyAsync(m.theta.data(), &sae.threshold, sizeof(double), cudaMemcpyHostToDevice, s));
+  std::vector<int64_t> zeros(size_t(m.D), 0);
+  const auto& sv = since.empty() ? zeros : since;
+  const auto& cv = counts.empty() ? zeros : counts;
+  SAE_CUDA(cudaMemcpyAsync(m.since.data(), sv.data(), size_t(m.D) * 8, cudaMemcpyHostToDevice, s));
+  SAE_CUDA(cudaMemcpyAsync(m.counts.data(), cv.data(), size_t(m.D) * 8, cudaMemcpyHostToDevice, s));
+  if (m.prec == cuda::Precision::Bf16) cuda::to_bf16(m.ctx, m.W_encT.data(), m.W_encT_bf16.data(), m.D * m.d);
+  m.ctx.sync();
+}
+
+void DeviceTrainer::download(TrainingSae& sae, Optimizer* opt, std::vector<int64_t>* since,
+                             std::vector<int64_t>* counts) const {
+  Impl& m = *impl_;
+  const cudaStream_t s = m.s();
+  auto down = [&](std::vector<float>& dst, const DeviceBuffer<float>& src, size_t n) {
+    dst.resize(n);
+    SAE_CUDA(cudaMemcpyAsync(dst.data(), src.data(), n * 4, cudaMemcpyDeviceToHost, s));
+  };
+  const size_t Dd = size_t(m.D * m.d);
+  down(sae.W_encT, m.W_encT, Dd);
+  down(sae.W_dec, m.W_dec, Dd);
+  down(sae.b_enc, m.b_enc, size_t(m.D));
+  down(sae.b_dec, m.b_dec, size_t(m.d));
+  SAE_CUDA(cudaMemcpyAsync(&sae.threshold, m.theta.data(), sizeof(double), cudaMemcpyDeviceToHost, s));
+  if (opt) {
+    down(opt->v_W_encT, m.v_W_encT, Dd);
+    down(opt->v_W_dec, m.v_W_dec, Dd);
+    down(opt->v_b_enc, m.v_b_enc, size_t(m.D));
+    down(opt->v_b_dec, m.v_b_dec, size_t(m.d));
+    if (opt->has_first_moment()) {
+      down(opt->m_W_encT, m.m_W_encT, Dd);
+      down(opt->m_W_dec, m.m_W_dec, Dd);
+      down(opt->m_b_enc, m.m_b_enc, size_t(m.D));
+      down(opt->m_b_dec, m.m_b_dec, size_t(m.d));
+    }
+  }
+  if (since) {
+    since->resize(size_t(m.D));
+    SAE_CUDA(cudaMemcpyAsync(since->data(), m.since.data(), size_t(m.D) * 8, cudaMemcpyDeviceToHost, s));
+  }
+  if (counts) {
+    counts->resize(size_t(m.D));
+    SAE_CUDA(cudaMemcpyAsync(counts->data(), m.counts.data(), size_t(m.D) * 8, cudaMemcpyDeviceToHost, s));
+  }
+  m.ctx.sync();
+}
+
+float* DeviceTrainer::host_batch() { return impl_->pinned_x; }
+
+DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, int64_t adam_step,
+                                               int64_t dead_window, bool new_window) {
+  Impl& m = *impl_;
+  const cudaStream_t s = m.s();
+  m.mark(0);
+  SAE_CUDA(cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
+  m.prepare_dead(true, dead_window);
+  if (input_scale != 1.0) {
+    k_scale<<<blocks_for(m.B * m.d), kThreads, 0, s>>>(m.x.data(), m.B * m.d, float(input_scale));
+    SAE_CUDA_LAUNCHED();
+  }
+  m.forward_backward();
+  // counters and threshold (from this step's selection), then clip + Adam
+  SAE_CUDA(cudaMemsetAsync(m.dead_after.data(), 0, sizeof(unsigned long long), s));
+  k_counters<<<blocks_for(m.D), kThreads, 0, s>>>(m.start.data(), m.D, dead_window, new_window,
+                                                  m.since.data(), m.counts.data(), m.dead_after.data());
+  SAE_CUDA_LAUNCHED();
+  k_threshold<<<1, 1, 0, s>>>(m.theta.data(), m.sp.topk_threshold_lr, m.min_selected.data(),
+                              m.active.offsets.data() + m.B);
+  SAE_CUDA_LAUNCHED();
+  const ops::AdamStep a{float(lr), float(m.adam.beta1), float(m.adam.beta2), float(m.adam.eps),
+                        adam_step};
+  const bool mom = m.adam.beta1 != 0.0;
+  const double clip = m.adam.grad_clip;
+  const int64_t Dd = m.D * m.d;
+  cuda::adam_update(m.ctx, m.W_encT.data(), m.gW_encT.data(), mom ? m.m_W_encT.data() : nullptr,
+                    m.v_W_encT.data(), Dd, a, m.norm_sq.data(), clip,
+                    m.prec == cuda::Precision::Bf16 ? m.W_encT_bf16.data() : nullptr);
+  cuda::adam_update(m.ctx, m.W_dec.data(), m.gW_dec.data(), mom ? m.m_W_dec.data() : nullptr,
+                    m.v_W_dec.data(), Dd, a, m.norm_sq.data(), clip);
+  cuda::adam_update(m.ctx, m.b_enc.data(), m.gb_enc.data(), mom ? m.m_b_enc.data() : nullptr,
+                    m.v_b_enc.data(), m.D, a, m.norm_sq.data(), clip);
+  cuda::adam_update(m.ctx, m.b_dec.data(), m.gb_dec.data(), mom ? m.m_b_dec.data() : nullptr,
+                    m.v_b_dec.data(), m.d, a, m.norm_sq.data(), clip);
+  // Timing events: 0 start, 1 batch in and sae_in, 2 encoder GEMM, 3 BatchTopK, 4 levels,
+  // 5 per-entry backward and sort, 6 AuxK, 7 gradient rows, 8 counters and clip + Adam.
+  m.mark(8);
+  m.fetch_report();
+  StepScalars out;
+  out.result = m.result_from(*m.pinned_report, m.last_group_n);
+  out.grad_norm = std::sqrt(m.pinned_report->norm_sq);
+  out.threshold = m.pinned_report->threshold;
+  out.dead_after = int64_t(m.pinned_report->dead_after);
+  if (m.timing) {
+    float ms[8] = {};
+    for (int i = 0; i < 8; ++i) SAE_CUDA(cudaEventElapsedTime(&ms[i], m.ev[i], m.ev[i + 1]));
+    m.times.upload += ms[0];
+    m.times.encoder_gemm += ms[1];
+    m.times.select += ms[2];
+    m.times.levels += ms[3];
+    m.times.backward += ms[4] + ms[6];
+    m.times.aux += ms[5];
+    m.times.optimizer += ms[7];
+    m.times.steps++;
+  }
+  return out;
+}
+
+StepResult DeviceTrainer::forward_backward(const float* x, const std::vector<uint8_t>& dead,
+                                           Grads& g) {
+  Impl& m = *impl_;
+  const cudaStream_t s = m.s();
+  SAE_CUDA(cudaMemcpyAsync(m.x.data(), x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
+  if (dead.empty())
+    SAE_CUDA(cudaMemsetAsync(m.dead.data(), 0, size_t(m.D), s));
+  else
+    SAE_CUDA(cudaMemcpyAsync(m.dead.data(), dead.data(), size_t(m.D), cudaMemcpyHostToDevice, s));
+  m.prepare_dead(false, 0);
+  m.forward_backward();
+  m.fetch_report();
+  StepResult r = m.result_from(*m.pinned_report, m.last_group_n);
+  const size_t Dd = size_t(m.D * m.d);
+  g.resize(m.d, m.D);
+  SAE_CUDA(cudaMemcpyAsync(g.W_encT.data(), m.gW_encT.data(), Dd * 4, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(cudaMemcpyAsync(g.W_dec.data(), m.gW_dec.data(), Dd * 4, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(cudaMemcpyAsync(g.b_enc.data(), m.gb_enc.data(), size_t(m.D) * 4, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(cudaMemcpyAsync(g.b_dec.data(), m.gb_dec.data(), size_t(m.d) * 4, cudaMemcpyDeviceToHost, s));
+  std::vector<int64_t> start(size_t(m.D + 1));
+  SAE_CUDA(cudaMemcpyAsync(start.data(), m.start.data(), start.size() * 8, cudaMemcpyDeviceToHost, s));
+  m.ctx.sync();
+  r.fired.assign(size_t(m.D), 0);
+  for (int64_t j = 0; j < m.D; ++j) r.fired[size_t(j)] = start[size_t(j + 1)] > start[size_t(j)];
+  for (int64_t j = 0; j < m.D; ++j) {
+    bool any = false;
+    for (int64_t c = 0; c < m.d && !any; ++c)
+      any = g.W_dec[size_t(j * m.d + c)] != 0.0f || g.W_encT[size_t(j * m.d + c)] != 0.0f;
+    if (any) g.row_touched[size_t(j)] = 1, g.touched.push_back(int32_t(j));
+  }
+  return r;
+}
+
+void DeviceTrainer::enable_timing(bool on) { impl_->timing = on; }
+const DeviceStepTimes& DeviceTrainer::times() const { return impl_->times; }
+void DeviceTrainer::reset_times() { impl_->times = {}; }
+
+size_t DeviceTrainer::device_bytes() const {
+  const cuda::MemoryInfo mi = cuda::memory_info();
+  return mi.total - mi.free;
+}
+
+}  // namespace sae::train
