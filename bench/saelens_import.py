@@ -9,6 +9,7 @@ HookedRootModule (an nn.Module with setup()). The SAE arithmetic is SAELens's ow
 """
 
 import importlib.util
+import logging
 import sys
 import types
 
@@ -25,6 +26,7 @@ except Exception:  # noqa: BLE001 - any missing dependency of the full package
     from importlib.metadata import version
 
     pkg.__version__ = version("sae-lens")
+    pkg.logger = logging.getLogger("sae_lens")  # as sae_lens/__init__.py defines it
     sys.modules["sae_lens"] = pkg
     if importlib.util.find_spec("transformer_lens") is None:
         import torch.nn as nn

@@ -273,7 +273,8 @@ TEST_P(CudaStep, ForwardBackwardMatchesCpuInFp32) {
 
   EXPECT_EQ(q.n_active, r.n_active);
   EXPECT_EQ(q.fired, r.fired) << "the selected latents";
-  EXPECT_EQ(q.min_selected, r.min_selected);
+  // The GEMM sums in another order: values agree to rounding, the selection exactly.
+  EXPECT_NEAR(q.min_selected, r.min_selected, 1e-5 * std::abs(r.min_selected));
   EXPECT_EQ(q.n_dead, r.n_dead);
   EXPECT_NEAR(q.loss, r.loss, 1e-5 * std::abs(r.loss));
   EXPECT_NEAR(q.aux_loss, r.aux_loss, 1e-5 * std::abs(r.aux_loss) + 1e-12);

@@ -323,7 +323,7 @@ __global__ void k_bdec_partial(const float* vecs, int n_vec, const float* dsae_i
   atomicAdd(&acc[c], s);
 }
 
-__global__ void k_bdec_final(const double* acc, int64_t d, float* gb_dec, double* norm_sq) {
+__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, int64_t d, float* gb_dec, double* norm_sq) {
   __shared__ double sh[32];
   double sq = 0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -336,7 +336,7 @@ __global__ void k_bdec_final(const double* acc, int64_t d, float* gb_dec, double
 }
 
 // Sums per level of R_tok and of ss_outer into out[0..L) and out[L].
-__global__ void k_reduce_losses(const double* R_tok, const double* ss_outer, int64_t B, int L,
+__global__ void __launch_bounds__(1024) k_reduce_losses(const double* R_tok, const double* ss_outer, int64_t B, int L,
                                 double* out) {
   __shared__ double sh[32];
   for (int i = 0; i <= L; ++i) {

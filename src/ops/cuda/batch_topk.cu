@@ -81,7 +81,7 @@ __device__ void find_bin(const unsigned long long* hist, int nbins, unsigned lon
   if (threadIdx.x == 0 && !found) *bin = -1;
 }
 
-__global__ void k_find_coarse(const unsigned long long* hist, long long budget, unsigned* state) {
+__global__ void __launch_bounds__(1024) k_find_coarse(const unsigned long long* hist, long long budget, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
   if (budget <= 0) {  // nothing is kept: a key no value reaches
@@ -120,7 +120,7 @@ __global__ void k_fine(const float* x, int64_t rows, int64_t cols, const float* 
 
 // The exact cut key T and how many entries equal to T are kept (need_eq); entries > T are all
 // kept. In "all" mode T = 0 (every positive) and need_eq = 0.
-__global__ void k_find_fine(const unsigned long long* hist, unsigned* state) {
+__global__ void __launch_bounds__(1024) k_find_fine(const unsigned long long* hist, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
   if (state[kAll]) return;
