@@ -99,6 +99,40 @@ TEST(Cuda, BatchTopKMatchesCpuIncludingTiesAndShortfall) {
   }
 }
 
+// The sampled rows (every 4th) hold every large value, so the bound from the sample is too high;
+// and a matrix of equal values overflows the candidate buffer: both take the exact row path.
+TEST(Cuda, BatchTopKFallsBackToExactWhenTheSampleMisleadsOrCandidatesOverflow) {
+  REQUIRE_GPU();
+  cuda::Context ctx;
+  const int64_t rows = 1024, cols = 300;
+  std::vector<float> misleading(size_t(rows * cols)), flat(size_t(rows * cols), 1.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      misleading[size_t(r * cols + c)] =
+          (r % 4 == 0 ? 100.0f : 1.0f) + 0.001f * float((r * 7 + c * 13) % 97);
+  for (int64_t i = 0; i < rows * cols; i += 101) flat[size_t(i)] = 2.0f;
+  for (const auto* x : {&misleading, &flat}) {
+    for (int64_t budget : {int64_t(1000), int64_t(90000), int64_t(200000)}) {
+      ops::RowSparse want;
+      ops::batch_topk_reference(x->data(), rows, cols, budget, want);
+      auto dx = to_device(*x, ctx);
+      cuda::DeviceRowSparse out;
+      cuda::BatchTopkScratch ws;
+      cuda::DeviceBuffer<float> min_sel(1);
+      cuda::batch_topk(ctx, dx.data(), rows, cols, budget, nullptr, nullptr, false, out, ws,
+                       min_sel.data());
+      auto offsets = cuda::download(out.offsets.data(), size_t(rows + 1), ctx.stream());
+      const std::string what = cat(x == &flat ? "flat" : "misleading", " budget ", budget);
+      EXPECT_EQ(offsets, want.offsets) << what;
+      EXPECT_EQ(cuda::download(out.cols.data(), size_t(offsets.back()), ctx.stream()), want.cols)
+          << what;
+      EXPECT_EQ(cuda::download(out.values.data(), size_t(offsets.back()), ctx.stream()),
+                want.values)
+          << what;
+    }
+  }
+}
+
 TEST(Cuda, TopkRowsMatchesCpuWithTiesAndNegatives) {
   REQUIRE_GPU();
   cuda::Context ctx;

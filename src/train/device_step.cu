@@ -111,7 +111,7 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
                          const int64_t* offsets, const int32_t* cols, const float* vals,
                          const float* inv_norms, Levels ls, int64_t d, int n_vec, int n_aux,
                          int per_level_aux, double inv_B, float* vecs, double* R_tok,
-                         double* ss_outer) {
+                         double* ss_outer, int32_t* token, float* dpre, float* u_out) {
   extern __shared__ float r[];
   __shared__ double sh[32];
   const int64_t t = blockIdx.x;
@@ -160,44 +160,22 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
   if (!ls.detach)
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
       for (int i = ls.n - 2; i >= 0; --i) vt[int64_t(i) * d + c] += vt[int64_t(i + 1) * d + c];
-}
-
-__global__ void k_entry_token(const int64_t* offsets, int32_t* token) {
-  const int64_t t = blockIdx.x;
-  for (int64_t e = offsets[t] + threadIdx.x; e < offsets[t + 1]; e += blockDim.x)
-    token[e] = int32_t(t);
-}
-
-// One warp per entry: dpre = <W_dec[j], vecs[t][level(j)]>, u = the value it decoded with.
-__global__ void k_dpre(const int64_t* offsets, int64_t B, const int32_t* cols, const float* vals,
-                       const int32_t* token, const float* inv_norms, const float* W_dec,
-                       const float* vecs, int n_vec, int64_t d, Levels ls, float* dpre,
-                       float* u_out) {
-  const int64_t e = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (e >= offsets[B]) return;
-  const int32_t j = cols[e];
-  const int64_t t = token[e];
-  const float* w = W_dec + int64_t(j) * d;
-  const float* g = vecs + (t * n_vec + level_of(j, ls)) * d;
-  float s = 0;
-  for (int64_t c = lane; c < d; c += 32) s += w[c] * g[c];
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xFFFFFFFFu, s, o);
-  if (lane == 0) {
-    dpre[e] = s;
-    u_out[e] = inv_norms ? vals[e] * inv_norms[j] : vals[e];
-  }
-}
-
-// d(sae_in)[t] = sum over the token's entries of dpre * W_enc column (a W_encT row).
-__global__ void k_dsae_in(const int64_t* offsets, const int32_t* cols, const float* dpre,
-                          const float* W_encT, int64_t d, float* dsae_in) {
-  const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0;
-    for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e)
-      acc += dpre[e] * W_encT[int64_t(cols[e]) * d + c];
-    dsae_in[t * d + c] = acc;
+  // The backward of the token's entries while its rows are in cache, one warp per entry:
+  // d(pre) = <W_dec[j], vecs[t][level(j)]> and the value it decoded with.
+  __syncthreads();  // the vectors above, written by every thread, are read across the block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  for (int64_t e2 = offsets[t] + warp; e2 < end; e2 += n_warps) {
+    const int32_t j = cols[e2];
+    const float* w = W_dec + int64_t(j) * d;
+    const float* g = vt + int64_t(level_of(j, ls)) * d;
+    float s = 0;
+    for (int64_t c = lane; c < d; c += 32) s += w[c] * g[c];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xFFFFFFFFu, s, o);
+    if (lane == 0) {
+      dpre[e2] = s;
+      u_out[e2] = inv_norms ? vals[e2] * inv_norms[j] : vals[e2];
+      token[e2] = int32_t(t);
+    }
   }
 }
 
@@ -311,23 +289,24 @@ __global__ void k_grad_rows(const int64_t* start, const int32_t* sorted_ids, con
   if (threadIdx.x == 0) atomicAdd(norm_sq, total);
 }
 
-// d(b_dec)[c] = sum_t G_0[t][c] - d(sae_in)[t][c], in double over token chunks.
-__global__ void k_bdec_partial(const float* vecs, int n_vec, const float* dsae_in, int64_t B,
-                               int64_t d, int64_t chunk, double* acc) {
+// sum_t G_0[t][c] (every level's reconstruction includes b_dec), in double over token chunks.
+__global__ void k_bdec_partial(const float* vecs, int n_vec, int64_t B, int64_t d, int64_t chunk,
+                               double* acc) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= d) return;
   const int64_t t0 = blockIdx.y * chunk, t1 = min(B, t0 + chunk);
   double s = 0;
   for (int64_t t = t0; t < t1; ++t)
-    s += double(vecs[t * n_vec * d + c]) - (dsae_in ? double(dsae_in[t * d + c]) : 0.0);
+    s += double(vecs[t * n_vec * d + c]);
   atomicAdd(&acc[c], s);
 }
 
-__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, int64_t d, float* gb_dec, double* norm_sq) {
+__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, const float* wenc_db,
+                                                     int64_t d, float* gb_dec, double* norm_sq) {
   __shared__ double sh[32];
   double sq = 0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    const float g = float(acc[c]);
+    const float g = float(acc[c] - (wenc_db ? double(wenc_db[c]) : 0.0));
     gb_dec[c] = g;
     sq += double(g) * g;
   }
@@ -415,7 +394,7 @@ struct DeviceTrainer::Impl {
   DeviceBuffer<float> gW_encT, gW_dec, gb_enc, gb_dec;
   DeviceBuffer<double> norm_sq, bdec_acc;
   // step scratch
-  DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, dsae_in;
+  DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, wenc_db;
   DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss;
   cuda::DeviceRowSparse active;
   cuda::BatchTopkScratch topk_ws;
@@ -428,7 +407,7 @@ struct DeviceTrainer::Impl {
   DeviceBuffer<uint8_t> dead, aux_sel;
   DeviceBuffer<int32_t> dead_list, aux_pos, top_i;
   DeviceBuffer<int> dead_counts, n_dead_dev;
-  DeviceBuffer<float> hp_g, top_v, aux_acts, wd, we, recon, h, aux_dpre, gwd, gwe, gb_aux;
+  DeviceBuffer<float> hp_g, top_v, aux_acts, wd, recon, h, aux_dpre, gwd, gwe, gb_aux;
   DeviceBuffer<unsigned long long> dead_after;
   DeviceBuffer<Report> report;
   // host side
@@ -483,7 +462,7 @@ struct DeviceTrainer::Impl {
     bdec_acc.resize(size_t(d), "b_dec gradient");
     x.resize(size_t(B * d), "batch");
     sae_in.resize(size_t(B * d), "sae_in");
-    dsae_in.resize(size_t(B * d), "d(sae_in)");
+    wenc_db.resize(size_t(d), "W_enc db_enc");
     hidden_pre.resize(size_t(B * D), "pre-activations [batch, d_sae]");
     if (sp.rescale_acts_by_decoder_norm) norms2.resize(size_t(2 * D), "decoder norms");
     vecs.resize(size_t(B * n_vec * d), "per-token level gradients");
@@ -591,24 +570,14 @@ struct DeviceTrainer::Impl {
     k_levels<<<unsigned(B), kThreads, size_t(d) * sizeof(float), st>>>(
         x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),
         active.values.data(), inv_norms, ls, d, int(n_vec), n_aux_slots, sp.per_level_aux,
-        1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data());
+        1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data(), token.data(), dpre.data(),
+        u.data());
     SAE_CUDA_LAUNCHED();
     k_reduce_losses<<<1, 1024, 0, st>>>(R_tok.data(), ss_outer.data(), B, int(L), losses.data());
     SAE_CUDA_LAUNCHED();
     mark(4);
-    // per-entry backward
+    // latent-major order of the entries for the gradient rows
     const int64_t cap = std::max<int64_t>(budget, 1);
-    k_entry_token<<<unsigned(B), 64, 0, st>>>(active.offsets.data(), token.data());
-    SAE_CUDA_LAUNCHED();
-    k_dpre<<<unsigned((cap * 32 + kThreads - 1) / kThreads), kThreads, 0, st>>>(
-        active.offsets.data(), B, active.cols.data(), active.values.data(), token.data(),
-        inv_norms, W_dec.data(), vecs.data(), int(n_vec), d, ls, dpre.data(), u.data());
-    SAE_CUDA_LAUNCHED();
-    if (sp.apply_b_dec_to_input) {
-      k_dsae_in<<<unsigned(B), kThreads, 0, st>>>(active.offsets.data(), active.cols.data(),
-                                                   dpre.data(), W_encT.data(), d, dsae_in.data());
-      SAE_CUDA_LAUNCHED();
-    }
     k_sort_keys<<<blocks_for(cap), kThreads, 0, st>>>(active.offsets.data(), B, active.cols.data(),
                                                       cap, int32_t(D), keys.data(), ids.data());
     SAE_CUDA_LAUNCHED();
@@ -636,11 +605,18 @@ struct DeviceTrainer::Impl {
     SAE_CUDA(cudaMemsetAsync(bdec_acc.data(), 0, bdec_acc.bytes(), st));
     const int64_t chunk = 64;
     k_bdec_partial<<<dim3(unsigned((d + kThreads - 1) / kThreads), unsigned((B + chunk - 1) / chunk)),
-                     kThreads, 0, st>>>(vecs.data(), int(n_vec),
-                                        sp.apply_b_dec_to_input ? dsae_in.data() : nullptr, B, d,
-                                        chunk, bdec_acc.data());
+                     kThreads, 0, st>>>(vecs.data(), int(n_vec), B, d, chunk, bdec_acc.data());
     SAE_CUDA_LAUNCHED();
-    k_bdec_final<<<1, 1024, 0, st>>>(bdec_acc.data(), d, gb_dec.data(), norm_sq.data());
+    // Through sae_in = x - b_dec: -sum_t d(sae_in)[t] = -W_enc (sum_t d(pre)[t]) = -W_enc db_enc,
+    // one GEMV instead of a [B, d_in] d(sae_in) (AuxK's part included, as db_enc holds it).
+    if (sp.apply_b_dec_to_input) {
+      const float one = 1.0f, zero = 0.0f;
+      SAE_CUBLAS(cublasSgemv(ctx.blas(), CUBLAS_OP_N, int(d), int(D), &one, W_encT.data(), int(d),
+                             gb_enc.data(), 1, &zero, wenc_db.data(), 1));
+    }
+    k_bdec_final<<<1, 1024, 0, st>>>(bdec_acc.data(),
+                                     sp.apply_b_dec_to_input ? wenc_db.data() : nullptr, d,
+                                     gb_dec.data(), norm_sq.data());
     SAE_CUDA_LAUNCHED();
     mark(7);
     last_group_n = group_n;
@@ -679,7 +655,6 @@ struct DeviceTrainer::Impl {
       top_i.resize(size_t(B * k_aux), "AuxK top-k");
       top_v.resize(size_t(B * k_aux), "AuxK top-k");
       wd.resize(size_t(n_g * d), "AuxK rows");
-      we.resize(size_t(n_g * d), "AuxK rows");
       recon.resize(size_t(B * d), "AuxK reconstruction");
       h.resize(size_t(B * d), "AuxK gradient");
       k_gather_cols<<<blocks_for(B * n_g), kThreads, 0, st>>>(hidden_pre.data(), B, D, list, n_g,
@@ -693,7 +668,6 @@ struct DeviceTrainer::Impl {
           aux_sel.data());
       SAE_CUDA_LAUNCHED();
       k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_dec.data(), list, n_g, d, wd.data());
-      k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_encT.data(), list, n_g, d, we.data());
       SAE_CUDA_LAUNCHED();
       using ops::Trans;
       cuda::gemm(ctx, Trans::No, Trans::No, B, d, n_g, 1.0f, {aux_acts.data(), false, n_g},
@@ -709,9 +683,6 @@ struct DeviceTrainer::Impl {
                  {h.data(), false, d}, 0.0f, gwd.data() + g0 * d, d, aux_prec);
       cuda::gemm(ctx, Trans::Yes, Trans::No, n_g, d, B, 1.0f, {aux_dpre.data(), false, n_g},
                  {sae_in.data(), false, d}, 0.0f, gwe.data() + g0 * d, d, aux_prec);
-      if (sp.apply_b_dec_to_input)
-        cuda::gemm(ctx, Trans::No, Trans::No, B, d, n_g, 1.0f, {aux_dpre.data(), false, n_g},
-                   {we.data(), false, d}, 1.0f, dsae_in.data(), d, aux_prec);
       k_col_sums<<<blocks_for(n_g), kThreads, 0, st>>>(aux_dpre.data(), B, n_g, gb_aux.data() + g0);
       SAE_CUDA_LAUNCHED();
       g0 += n_g;

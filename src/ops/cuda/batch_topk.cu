@@ -1,6 +1,9 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
+
+#include <algorithm>
 
 #include "core/error.h"
 #include "ops/cuda/batch_topk.h"
@@ -17,7 +20,12 @@ constexpr int kCoarseBits = 12, kFineBits = 19;
 constexpr int kCoarseBins = 1 << kCoarseBits, kFineBins = 1 << kFineBits;
 
 // state[] layout (unsigned ints on the device)
-enum : int { kBin = 0, kKey, kAll, kMinKey, kNeedLo, kNeedHi, kStateSize };
+enum : int {
+  kBin = 0, kKey, kAll, kMinKey, kNeedLo, kNeedHi,  // the exact (row-pass) path
+  kFallback,                                          // 1: the exact path runs
+  kBound, kCount, kTaken, kSampleBin, kSampleNeed,    // the candidate path
+  kStateSize
+};
 
 __device__ __forceinline__ unsigned key_of(float v) {
   return v > 0.0f ? __float_as_uint(v) : 0u;
@@ -29,17 +37,16 @@ __device__ __forceinline__ float affine(float v, int64_t c, const float* bias, c
   return v;
 }
 
-__global__ void k_coarse(float* x, int64_t rows, int64_t cols, const float* bias,
-                         const float* scale, bool write_back, unsigned long long* hist) {
+__global__ void k_coarse(const float* x, int64_t rows, int64_t cols, const float* bias,
+                         const float* scale, const unsigned* state, unsigned long long* hist) {
   __shared__ unsigned sh[kCoarseBins];
+  if (!state[kFallback]) return;
   for (int i = threadIdx.x; i < kCoarseBins; i += blockDim.x) sh[i] = 0;
   __syncthreads();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    float* xr = x + r * cols;
+    const float* xr = x + r * cols;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      const float v = affine(xr[c], c, bias, scale);
-      if (write_back) xr[c] = v;
-      const unsigned k = key_of(v);
+      const unsigned k = key_of(affine(xr[c], c, bias, scale));
       if (k) atomicAdd(&sh[k >> kFineBits], 1u);
     }
   }
@@ -84,6 +91,7 @@ __device__ void find_bin(const unsigned long long* hist, int nbins, unsigned lon
 __global__ void __launch_bounds__(1024) k_find_coarse(const unsigned long long* hist, long long budget, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
+  if (!state[kFallback]) return;
   if (budget <= 0) {  // nothing is kept: a key no value reaches
     if (threadIdx.x == 0)
       state[kBin] = 0, state[kKey] = 0xFFFFFFFFu, state[kAll] = 1, state[kNeedLo] = 0,
@@ -93,7 +101,6 @@ __global__ void __launch_bounds__(1024) k_find_coarse(const unsigned long long* 
   find_bin(hist, kCoarseBins, (unsigned long long)budget, &bin, &above);
   __syncthreads();
   if (threadIdx.x != 0) return;
-  state[kMinKey] = 0xFFFFFFFFu;
   if (bin < 0) {  // fewer positives than the budget: keep them all (key > 0)
     state[kAll] = 1, state[kKey] = 0, state[kNeedLo] = 0, state[kNeedHi] = 0;
     return;
@@ -107,7 +114,7 @@ __global__ void __launch_bounds__(1024) k_find_coarse(const unsigned long long* 
 
 __global__ void k_fine(const float* x, int64_t rows, int64_t cols, const float* bias,
                        const float* scale, const unsigned* state, unsigned long long* hist) {
-  if (state[kAll]) return;
+  if (!state[kFallback] || state[kAll]) return;
   const unsigned bin = state[kBin];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * cols;
@@ -123,7 +130,7 @@ __global__ void k_fine(const float* x, int64_t rows, int64_t cols, const float* 
 __global__ void __launch_bounds__(1024) k_find_fine(const unsigned long long* hist, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
-  if (state[kAll]) return;
+  if (!state[kFallback] || state[kAll]) return;
   const unsigned long long need =
       (unsigned long long)state[kNeedLo] | ((unsigned long long)state[kNeedHi] << 32);
   find_bin(hist, kFineBins, need, &bin, &above);
@@ -139,6 +146,7 @@ __global__ void k_row_counts(const float* x, int64_t cols, const float* bias, co
                              const unsigned* state, int64_t* row_gt, int64_t* row_eq) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
+  if (!state[kFallback]) return;
   const unsigned T = state[kKey];
   const float* xr = x + int64_t(blockIdx.x) * cols;
   int gt = 0, eq = 0;
@@ -158,6 +166,11 @@ __global__ void k_row_allowed(int64_t rows, const unsigned* state, const int64_t
                               int64_t* row_n) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r > rows) return;
+  if (!state[kFallback]) {  // keep the scans that follow harmless
+    row_n[r] = 0;
+    if (r < rows) allowed[r] = 0;
+    return;
+  }
   if (r == rows) {
     row_n[r] = 0;  // the exclusive scan's last entry becomes the total
     return;
@@ -180,6 +193,7 @@ __global__ void k_write(const float* x, int64_t cols, const float* bias, const f
   using Reduce = cub::BlockReduce<unsigned, kThreads>;
   __shared__ typename Scan::TempStorage tmp;
   __shared__ typename Reduce::TempStorage rtmp;
+  if (!state[kFallback]) return;
   const unsigned T = state[kKey];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * cols;
@@ -216,6 +230,154 @@ __global__ void k_write(const float* x, int64_t cols, const float* bias, const f
   if (threadIdx.x == 0 && m != 0xFFFFFFFFu) atomicMin(&state[kMinKey], m);
 }
 
+__global__ void k_copy_offsets(const unsigned* state, const int64_t* from, int64_t n, int64_t* to) {
+  if (!state[kFallback]) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    to[i] = from[i];
+}
+
+// ---- the candidate path: a bound for the cut from a sample of rows, one pass that collects the
+// entries at or above it (few: about 1.25 budget), then the exact selection among those by two
+// small radix sorts. The exact row-pass path above runs instead when the sample misled (fewer
+// candidates than the budget) or the candidates overflow their buffer.
+
+// Coarse (bits 30..19) or, with `coarse_bin` >= 0, fine (bits 18..7 inside that coarse bin)
+// histogram of the sampled rows r = 0, stride, 2 stride, ...
+__global__ void k_sample_hist(const float* x, int64_t rows, int64_t cols, int64_t stride,
+                              const float* bias, const float* scale, const unsigned* state,
+                              int fine, unsigned long long* hist) {
+  __shared__ unsigned sh[kCoarseBins];
+  if (fine && state[kSampleBin] == 0xFFFFFFFFu) return;
+  const unsigned coarse_bin = fine ? state[kSampleBin] : 0;
+  for (int i = threadIdx.x; i < kCoarseBins; i += blockDim.x) sh[i] = 0;
+  __syncthreads();
+  for (int64_t r = int64_t(blockIdx.x) * stride; r < rows; r += int64_t(gridDim.x) * stride) {
+    const float* xr = x + r * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const unsigned k = key_of(affine(xr[c], c, bias, scale));
+      if (!k) continue;
+      if (!fine) atomicAdd(&sh[k >> kFineBits], 1u);
+      else if ((k >> kFineBits) == coarse_bin) atomicAdd(&sh[(k >> 7) & (kCoarseBins - 1)], 1u);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kCoarseBins; i += blockDim.x)
+    if (sh[i]) atomicAdd(&hist[i], (unsigned long long)sh[i]);
+}
+
+// The rank in the sample that bounds the cut from below, with a margin (as the CPU's
+// ops::batch_topk): expected * 1.25 + 4 sqrt(expected) + 16.
+__global__ void __launch_bounds__(1024) k_sample_bound(const unsigned long long* hist, int fine,
+                                                       long long budget, long long rows,
+                                                       long long sampled, unsigned* state) {
+  __shared__ int bin;
+  __shared__ unsigned long long above;
+  if (!fine) {
+    if (threadIdx.x == 0) {
+      state[kMinKey] = 0xFFFFFFFFu;
+      state[kCount] = 0;
+      state[kFallback] = 0;
+      state[kSampleBin] = 0xFFFFFFFFu;
+      state[kBound] = budget <= 0 ? 0xFFFFFFFFu : 1u;  // 1: every positive value
+    }
+    if (budget <= 0) return;
+    const double expected = double(budget) * double(sampled) / double(rows);
+    const unsigned long long rank =
+        (unsigned long long)ceil(expected * 1.25 + 4.0 * sqrt(expected) + 16.0);
+    find_bin(hist, kCoarseBins, rank, &bin, &above);
+    __syncthreads();
+    if (threadIdx.x == 0 && bin >= 0) {
+      state[kSampleBin] = unsigned(bin);
+      state[kSampleNeed] = unsigned(rank - above);
+      state[kBound] = unsigned(bin) << kFineBits;  // refined by the fine pass
+    }
+    return;
+  }
+  if (state[kSampleBin] == 0xFFFFFFFFu) return;
+  find_bin(hist, kCoarseBins, state[kSampleNeed], &bin, &above);
+  __syncthreads();
+  if (threadIdx.x == 0 && bin >= 0) state[kBound] = (state[kSampleBin] << kFineBits) | (unsigned(bin) << 7);
+}
+
+// The pass over the matrix: affine update (written back when asked), candidates appended as
+// (composite key, value). The composite key sorts by value descending, then flat index.
+__global__ void k_collect(float* x, int64_t rows, int64_t cols, const float* bias,
+                          const float* scale, bool write_back, unsigned* state, int idx_bits,
+                          unsigned long long cap, unsigned long long* keys, float* vals) {
+  const unsigned bound = state[kBound];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float* xr = x + r * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const float v = affine(xr[c], c, bias, scale);
+      if (write_back) xr[c] = v;
+      const unsigned k = key_of(v);
+      if (k && k >= bound) {
+        const unsigned pos = atomicAdd(&state[kCount], 1u);
+        if (pos < cap) {
+          keys[pos] = ((unsigned long long)(0x7FFFFFFFu - k) << idx_bits) |
+                      (unsigned long long)(r * cols + c);
+          vals[pos] = v;
+        }
+      }
+    }
+  }
+}
+
+// Decides the path and pads the unused candidate slots so they sort last.
+__global__ void k_check(unsigned* state, long long budget, unsigned long long cap,
+                        unsigned long long* keys) {
+  const unsigned long long n = state[kCount];
+  const bool ok = n <= cap && (n >= (unsigned long long)max(budget, 0ll) || state[kBound] <= 1u);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    state[kFallback] = ok ? 0 : 1;
+    state[kTaken] = ok ? unsigned(min(n, (unsigned long long)max(budget, 0ll))) : 0;
+  }
+  for (unsigned long long i = n + blockIdx.x * blockDim.x + threadIdx.x; i < cap;
+       i += (unsigned long long)gridDim.x * blockDim.x)
+    keys[i] = ~0ull;
+}
+
+// The first `taken` candidates by value are the selection: their flat indices (padding after).
+__global__ void k_take(unsigned* state, long long budget, int idx_bits,
+                       const unsigned long long* keys, const float* vals,
+                       unsigned long long* sel_idx, float* sel_vals) {
+  const long long m = state[kTaken];
+  const unsigned long long mask = (1ull << idx_bits) - 1;
+  for (long long i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < budget;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if (i < m) {
+      sel_idx[i] = keys[i] & mask;
+      sel_vals[i] = vals[i];
+      if (i == m - 1) state[kMinKey] = key_of(vals[i]);
+    } else {
+      sel_idx[i] = ~0ull;
+    }
+  }
+}
+
+// CSR from the selection sorted by flat index (= row-major order, columns ascending).
+__global__ void k_fast_out(const unsigned* state, int64_t rows, int64_t cols,
+                           const unsigned long long* idx, const float* vals, int64_t* offsets,
+                           int32_t* out_cols, float* out_vals) {
+  if (state[kFallback]) return;
+  const int64_t m = state[kTaken];
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = tid; i < m; i += stride) {
+    out_cols[i] = int32_t(idx[i] % (unsigned long long)cols);
+    out_vals[i] = vals[i];
+  }
+  for (int64_t r = tid; r <= rows; r += stride) {
+    const unsigned long long target = (unsigned long long)(r * cols);
+    int64_t lo = 0, hi = m;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (idx[mid] < target) lo = mid + 1;
+      else hi = mid;
+    }
+    offsets[r] = lo;
+  }
+}
+
 __global__ void k_min_selected(const unsigned* state, float* min_selected) {
   const unsigned m = state[kMinKey];
   *min_selected = m == 0xFFFFFFFFu ? 0.0f : __uint_as_float(m);
@@ -234,64 +396,134 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
                 const float* bias, const float* scale, bool write_back, DeviceRowSparse& out,
                 BatchTopkScratch& ws, float* min_selected) {
   const cudaStream_t s = ctx.stream();
+  const int64_t cap_out = std::max<int64_t>(budget, 1);
   out.offsets.resize(size_t(rows + 1), "BatchTopK offsets");
-  out.cols.resize(size_t(std::max<int64_t>(budget, 1)), "BatchTopK columns");
-  out.values.resize(size_t(std::max<int64_t>(budget, 1)), "BatchTopK values");
-  ws.hist.resize(kCoarseBins + kFineBins, "BatchTopK histograms");
+  out.cols.resize(size_t(cap_out), "BatchTopK columns");
+  out.values.resize(size_t(cap_out), "BatchTopK values");
+  ws.hist.resize(3 * kCoarseBins + kFineBins, "BatchTopK histograms");
   for (auto* b : {&ws.row_gt, &ws.row_eq, &ws.eq_before, &ws.row_allowed})
-    b->resize(size_t(rows), "BatchTopK row counts");
+    b->resize(size_t(std::max<int64_t>(rows, 1)), "BatchTopK row counts");
   ws.row_n.resize(size_t(rows + 1), "BatchTopK row counts");
+  ws.fb_offsets.resize(size_t(rows + 1), "BatchTopK row offsets");
   ws.state.resize(kStateSize, "BatchTopK state");
-  unsigned long long* coarse = ws.hist.data();
+  int idx_bits = 1;
+  while (idx_bits < 64 && (int64_t(1) << idx_bits) < rows * cols) ++idx_bits;
+  SAE_CHECK(idx_bits <= 33, "BatchTopK over more than 2^33 entries");
+  // Candidates: about 1.25 budget expected; room for twice that plus slack.
+  const unsigned long long cap = (unsigned long long)(2 * cap_out + 65536);
+  ws.cand_keys.resize(cap, "BatchTopK candidates");
+  ws.cand_keys_sorted.resize(cap, "BatchTopK candidates");
+  ws.cand_vals.resize(cap, "BatchTopK candidates");
+  ws.cand_vals_sorted.resize(cap, "BatchTopK candidates");
+  ws.sel_idx.resize(size_t(cap_out), "BatchTopK selection");
+  ws.sel_idx_sorted.resize(size_t(cap_out), "BatchTopK selection");
+  ws.sel_vals.resize(size_t(cap_out), "BatchTopK selection");
+  ws.sel_vals_sorted.resize(size_t(cap_out), "BatchTopK selection");
+  unsigned long long* sample_coarse = ws.hist.data();
+  unsigned long long* sample_fine = sample_coarse + kCoarseBins;
+  unsigned long long* coarse = sample_fine + kCoarseBins;
   unsigned long long* fine = coarse + kCoarseBins;
-  SAE_CUDA(cudaMemsetAsync(coarse, 0, ws.hist.bytes(), s));
+  unsigned* st = ws.state.data();
+  SAE_CUDA(cudaMemsetAsync(ws.hist.data(), 0, ws.hist.bytes(), s));
   const int grid = grid_for_rows(rows);
-  if (rows > 0) {
-    k_coarse<<<grid, kThreads, 0, s>>>(x, rows, cols, bias, scale, write_back, coarse);
+
+  // ---- candidate path
+  const int64_t stride = std::max<int64_t>(1, rows / 256);
+  const int64_t sampled = rows > 0 ? (rows + stride - 1) / stride : 0;
+  const int sgrid = int(std::max<int64_t>(1, std::min<int64_t>(sampled, grid)));
+  for (int fine_pass = 0; fine_pass < 2; ++fine_pass) {
+    if (rows > 0) {
+      k_sample_hist<<<sgrid, kThreads, 0, s>>>(x, rows, cols, stride, bias, scale, st, fine_pass,
+                                               fine_pass ? sample_fine : sample_coarse);
+      SAE_CUDA_LAUNCHED();
+    }
+    k_sample_bound<<<1, 1024, 0, s>>>(fine_pass ? sample_fine : sample_coarse, fine_pass,
+                                      (long long)budget, (long long)std::max<int64_t>(rows, 1),
+                                      (long long)sampled, st);
     SAE_CUDA_LAUNCHED();
   }
-  k_find_coarse<<<1, 1024, 0, s>>>(coarse, (long long)budget, ws.state.data());
+  if (rows > 0) {
+    k_collect<<<grid, kThreads, 0, s>>>(x, rows, cols, bias, scale, write_back, st, idx_bits, cap,
+                                        ws.cand_keys.data(), ws.cand_vals.data());
+    SAE_CUDA_LAUNCHED();
+  }
+  k_check<<<int((cap + 255) / 256 < 1024 ? (cap + 255) / 256 : 1024), 256, 0, s>>>(
+      st, (long long)budget, cap, ws.cand_keys.data());
   SAE_CUDA_LAUNCHED();
-  // After a write-back, x already holds the affine values.
+  size_t t_sort1 = 0, t_sort2 = 0;
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, t_sort1, ws.cand_keys.data(),
+                                           ws.cand_keys_sorted.data(), ws.cand_vals.data(),
+                                           ws.cand_vals_sorted.data(), (int64_t)cap, 0,
+                                           idx_bits + 31, s));
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, t_sort2, ws.sel_idx.data(),
+                                           ws.sel_idx_sorted.data(), ws.sel_vals.data(),
+                                           ws.sel_vals_sorted.data(), cap_out, 0, idx_bits, s));
+  size_t t_scan1 = 0, t_scan2 = 0;
+  SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, t_scan1, ws.row_eq.data(), ws.eq_before.data(),
+                                         std::max<int64_t>(rows, 1), s));
+  SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, t_scan2, ws.row_n.data(), ws.fb_offsets.data(),
+                                         rows + 1, s));
+  ws.cub_temp.resize(std::max({t_sort1, t_sort2, t_scan1, t_scan2}), "BatchTopK scratch");
+  size_t temp = ws.cub_temp.size();
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(ws.cub_temp.data(), temp, ws.cand_keys.data(),
+                                           ws.cand_keys_sorted.data(), ws.cand_vals.data(),
+                                           ws.cand_vals_sorted.data(), (int64_t)cap, 0,
+                                           idx_bits + 31, s));
+  k_take<<<int(std::min<int64_t>((cap_out + 255) / 256, 1024)), 256, 0, s>>>(
+      st, (long long)cap_out, idx_bits, ws.cand_keys_sorted.data(), ws.cand_vals_sorted.data(),
+      ws.sel_idx.data(), ws.sel_vals.data());
+  SAE_CUDA_LAUNCHED();
+  temp = ws.cub_temp.size();
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(ws.cub_temp.data(), temp, ws.sel_idx.data(),
+                                           ws.sel_idx_sorted.data(), ws.sel_vals.data(),
+                                           ws.sel_vals_sorted.data(), cap_out, 0, idx_bits, s));
+  k_fast_out<<<int(std::min<int64_t>((std::max(cap_out, rows + 1) + 255) / 256, 1024)), 256, 0,
+               s>>>(st, rows, cols, ws.sel_idx_sorted.data(), ws.sel_vals_sorted.data(),
+                    out.offsets.data(), out.cols.data(), out.values.data());
+  SAE_CUDA_LAUNCHED();
+
+  // ---- exact row-pass path (only when k_check chose it; every kernel checks the flag).
+  // x already holds the affine values when they were written back.
   const float* b2 = write_back ? nullptr : bias;
   const float* s2 = write_back ? nullptr : scale;
   if (rows > 0) {
-    k_fine<<<grid, kThreads, 0, s>>>(x, rows, cols, b2, s2, ws.state.data(), fine);
+    k_coarse<<<grid, kThreads, 0, s>>>(x, rows, cols, b2, s2, st, coarse);
     SAE_CUDA_LAUNCHED();
   }
-  k_find_fine<<<1, 1024, 0, s>>>(fine, ws.state.data());
+  k_find_coarse<<<1, 1024, 0, s>>>(coarse, (long long)budget, st);
   SAE_CUDA_LAUNCHED();
   if (rows > 0) {
-    k_row_counts<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, ws.state.data(),
-                                                      ws.row_gt.data(), ws.row_eq.data());
+    k_fine<<<grid, kThreads, 0, s>>>(x, rows, cols, b2, s2, st, fine);
     SAE_CUDA_LAUNCHED();
   }
-  size_t temp = 0;
-  SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, temp, ws.row_eq.data(), ws.eq_before.data(),
-                                         rows, s));
-  size_t temp2 = 0;
-  SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, temp2, ws.row_n.data(), out.offsets.data(),
-                                         rows + 1, s));
-  ws.cub_temp.resize(std::max(temp, temp2), "BatchTopK scan scratch");
+  k_find_fine<<<1, 1024, 0, s>>>(fine, st);
+  SAE_CUDA_LAUNCHED();
+  if (rows > 0) {
+    k_row_counts<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, st, ws.row_gt.data(),
+                                                      ws.row_eq.data());
+    SAE_CUDA_LAUNCHED();
+  }
   temp = ws.cub_temp.size();
   if (rows > 0)
     SAE_CUDA(cub::DeviceScan::ExclusiveSum(ws.cub_temp.data(), temp, ws.row_eq.data(),
                                            ws.eq_before.data(), rows, s));
   k_row_allowed<<<unsigned((rows + 1 + 255) / 256), 256, 0, s>>>(
-      rows, ws.state.data(), ws.row_gt.data(), ws.row_eq.data(), ws.eq_before.data(),
-      ws.row_allowed.data(), ws.row_n.data());
+      rows, st, ws.row_gt.data(), ws.row_eq.data(), ws.eq_before.data(), ws.row_allowed.data(),
+      ws.row_n.data());
   SAE_CUDA_LAUNCHED();
   temp = ws.cub_temp.size();
   SAE_CUDA(cub::DeviceScan::ExclusiveSum(ws.cub_temp.data(), temp, ws.row_n.data(),
-                                         out.offsets.data(), rows + 1, s));
+                                         ws.fb_offsets.data(), rows + 1, s));
+  k_copy_offsets<<<int(std::min<int64_t>((rows + 1 + 255) / 256, 1024)), 256, 0, s>>>(
+      st, ws.fb_offsets.data(), rows + 1, out.offsets.data());
+  SAE_CUDA_LAUNCHED();
   if (rows > 0) {
-    k_write<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, ws.state.data(),
-                                                 out.offsets.data(), ws.row_allowed.data(),
-                                                 ws.row_eq.data(), out.cols.data(),
-                                                 out.values.data());
+    k_write<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, st, ws.fb_offsets.data(),
+                                                 ws.row_allowed.data(), ws.row_eq.data(),
+                                                 out.cols.data(), out.values.data());
     SAE_CUDA_LAUNCHED();
   }
-  k_min_selected<<<1, 1, 0, s>>>(ws.state.data(), min_selected);
+  k_min_selected<<<1, 1, 0, s>>>(st, min_selected);
   SAE_CUDA_LAUNCHED();
 }
 

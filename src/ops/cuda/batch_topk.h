@@ -1,7 +1,8 @@
 // BatchTopK and per-row top-k on the GPU, with the CPU versions' exact contracts
 // (ops/batch_topk.h, ops/select.h) including their tie rules. Selection is a radix select on
-// the float bits (histograms, no sort of the matrix), then a per-row compaction that writes
-// each row's entries in column order.
+// the float bits, never a sort of the matrix: a bound for the cut from a sample of rows, one
+// pass that collects the few entries above it, and the exact cut among those (two small sorts);
+// or, when the sample misleads, exact histograms over the whole matrix and a per-row compaction.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,9 @@ struct DeviceRowSparse {
 // Scratch reused across calls (sized on first use).
 struct BatchTopkScratch {
   DeviceBuffer<unsigned long long> hist;  // coarse + fine histograms
-  DeviceBuffer<int64_t> row_gt, row_eq, eq_before, row_allowed, row_n;
+  DeviceBuffer<int64_t> row_gt, row_eq, eq_before, row_allowed, row_n, fb_offsets;
+  DeviceBuffer<unsigned long long> cand_keys, cand_keys_sorted, sel_idx, sel_idx_sorted;
+  DeviceBuffer<float> cand_vals, cand_vals_sorted, sel_vals, sel_vals_sorted;
   DeviceBuffer<unsigned int> state;  // see batch_topk.cu
   DeviceBuffer<uint8_t> cub_temp;
 };
