@@ -67,6 +67,29 @@ echo "== training step benchmark"
   echo '```'
 } 2>&1 | tee "$out/bench_train_cuda.log" | tee -a "$results"
 
+if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
+  echo "== per-kernel GPU time (ncu, bf16 step)"
+  ncu_bin=$(command -v ncu || find /opt /usr/local -name ncu -type f 2>/dev/null | head -1)
+  timeout 240 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin/bench_train_cuda" --steps 2 --precision bf16 >"$out/ncu.csv" 2>"$out/ncu.err"
+  python3 - "$out/ncu.csv" <<'PY' | tee -a "$results"
+import csv, collections, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head = rows[0]; name_i = head.index("Kernel Name"); val_i = head.index("Metric Value")
+unit_i = head.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    v = float(r[val_i].replace(",", "")); u = r[unit_i]
+    v = v / 1e3 if u in ("nsecond", "ns") else v if u in ("usecond", "us") else v * 1e3
+    k = r[name_i].split("(")[0].split("<")[0][:60]; tot[k] += v; cnt[k] += 1
+steps = 5  # 3 warm-up + 2 timed
+print("```\nper-kernel GPU time per step (us), bf16, ncu gpu__time_duration (5 steps averaged)")
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
+    print(f"{v / steps:10.1f}  x{cnt[k] // steps:<3d} {k}")
+print("```")
+PY
+fi
+
 echo "== SAELens on the same GPU"
 site=/tmp/saelens_site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl

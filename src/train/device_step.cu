@@ -179,6 +179,176 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
   }
 }
 
+// ---- float4 versions of the two widest kernels, for d_in % 4 == 0 (every real model): each
+// thread keeps V float4 columns in registers (block of ceil(d/4/V) threads, a multiple of 32).
+// Per element the arithmetic and its order are those of the scalar kernels above.
+
+__device__ __forceinline__ float4 f4_fma(float a, float4 b, float4 c) {
+  return make_float4(c.x + a * b.x, c.y + a * b.y, c.z + a * b.z, c.w + a * b.w);
+}
+
+template <int V>
+__global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec,
+                          const int64_t* offsets, const int32_t* cols, const float* vals,
+                          const float* inv_norms, Levels ls, int64_t d, int n_vec, int n_aux,
+                          int per_level_aux, double inv_B, float* vecs, double* R_tok,
+                          double* ss_outer, int32_t* token, float* dpre, float* u_out) {
+  __shared__ double sh[32];
+  const int64_t t = blockIdx.x, d4 = d / 4;
+  const float4* xt = reinterpret_cast<const float4*>(x + t * d);
+  const float4* W4 = reinterpret_cast<const float4*>(W_dec);
+  float* vt = vecs + t * int64_t(n_vec) * d;
+  float4* vt4 = reinterpret_cast<float4*>(vt);
+  float4 r[V], xv[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+    r[k] = q < d4 ? reinterpret_cast<const float4*>(b_dec)[q] : make_float4(0, 0, 0, 0);
+    xv[k] = q < d4 ? xt[q] : make_float4(0, 0, 0, 0);
+  }
+  int64_t e = offsets[t];
+  const int64_t end = offsets[t + 1];
+  for (int i = 0; i < ls.n; ++i) {
+    for (; e < end && cols[e] < ls.width[i]; ++e) {
+      const int32_t j = cols[e];
+      const float u = inv_norms ? vals[e] * inv_norms[j] : vals[e];
+      const float4* w = W4 + int64_t(j) * d4;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+        if (q < d4) r[k] = f4_fma(u, w[q], r[k]);
+      }
+    }
+    int aux_slot = -1;
+    if (n_aux > 0) {
+      if (per_level_aux) aux_slot = ls.n + i;
+      else if (i == ls.n - 1) aux_slot = ls.n;
+    }
+    double ss = 0;
+    float4 err[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+      err[k] = make_float4(xv[k].x - r[k].x, xv[k].y - r[k].y, xv[k].z - r[k].z, xv[k].w - r[k].w);
+      if (q < d4) {
+        ss += double(err[k].x) * err[k].x + double(err[k].y) * err[k].y +
+              double(err[k].z) * err[k].z + double(err[k].w) * err[k].w;
+        if (aux_slot >= 0) vt4[int64_t(aux_slot) * d4 + q] = err[k];
+      }
+    }
+    ss = block_sum(ss, sh);
+    double R, coef;
+    const double w = ls.weight[i] * inv_B;
+    if (!ls.l2[i]) {
+      R = ss;
+      coef = -2.0 * w;
+    } else {
+      const double norm = sqrt(ss), p = ls.l2_power;
+      R = pow(norm, p);
+      coef = norm > 1e-12 ? -p * pow(norm, p - 2.0) * w : 0.0;
+    }
+    if (threadIdx.x == 0) {
+      R_tok[t * ls.n + i] = R;
+      if (i == ls.n - 1) ss_outer[t] = ss;
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+      if (q < d4)
+        vt4[int64_t(i) * d4 + q] =
+            make_float4(float(coef * double(err[k].x)), float(coef * double(err[k].y)),
+                        float(coef * double(err[k].z)), float(coef * double(err[k].w)));
+    }
+  }
+  if (!ls.detach)
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+      if (q >= d4) continue;
+      float4 acc = vt4[int64_t(ls.n - 1) * d4 + q];
+      for (int i = ls.n - 2; i >= 0; --i) {
+        const float4 g = vt4[int64_t(i) * d4 + q];
+        acc = make_float4(g.x + acc.x, g.y + acc.y, g.z + acc.z, g.w + acc.w);
+        vt4[int64_t(i) * d4 + q] = acc;
+      }
+    }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  for (int64_t e2 = offsets[t] + warp; e2 < end; e2 += n_warps) {
+    const int32_t j = cols[e2];
+    const float4* w = W4 + int64_t(j) * d4;
+    const float4* g = vt4 + int64_t(level_of(j, ls)) * d4;
+    float s = 0;
+    for (int64_t q = lane; q < d4; q += 32) {
+      const float4 a = w[q], b = g[q];
+      s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xFFFFFFFFu, s, o);
+    if (lane == 0) {
+      dpre[e2] = s;
+      u_out[e2] = inv_norms ? vals[e2] * inv_norms[j] : vals[e2];
+      token[e2] = int32_t(t);
+    }
+  }
+}
+
+template <int V>
+__global__ void k_grad_rows4(const int64_t* start, const int32_t* sorted_ids,
+                             const int32_t* token, const float* u, const float* dpre,
+                             const float* vecs, int n_vec, const float* sae_in, int64_t d,
+                             Levels ls, const int32_t* aux_pos, const float* gwd,
+                             const float* gwe, const float* gb_aux, float* gW_dec,
+                             float* gW_encT, float* gb_enc, double* norm_part) {
+  __shared__ double sh[32];
+  const int64_t j = blockIdx.x, d4 = d / 4;
+  const int64_t s0 = start[j], s1 = start[j + 1];
+  const int lvl = level_of(j, ls);
+  const int32_t qa = aux_pos ? aux_pos[j] : -1;
+  const float4* V4 = reinterpret_cast<const float4*>(vecs);
+  const float4* X4 = reinterpret_cast<const float4*>(sae_in);
+  float4 gd[V], ge[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) gd[k] = ge[k] = make_float4(0, 0, 0, 0);
+  for (int64_t s = s0; s < s1; ++s) {
+    const int32_t e = sorted_ids[s];
+    const int64_t t = token[e];
+    const float ue = u[e], de = dpre[e];
+    const float4* g = V4 + (t * n_vec + lvl) * d4;
+    const float4* xs = X4 + t * d4;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+      if (q < d4) gd[k] = f4_fma(ue, g[q], gd[k]), ge[k] = f4_fma(de, xs[q], ge[k]);
+    }
+  }
+  float sq = 0;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+    if (q >= d4) continue;
+    if (qa >= 0) {
+      const float4 a = reinterpret_cast<const float4*>(gwd)[int64_t(qa) * d4 + q];
+      const float4 b = reinterpret_cast<const float4*>(gwe)[int64_t(qa) * d4 + q];
+      gd[k] = make_float4(gd[k].x + a.x, gd[k].y + a.y, gd[k].z + a.z, gd[k].w + a.w);
+      ge[k] = make_float4(ge[k].x + b.x, ge[k].y + b.y, ge[k].z + b.z, ge[k].w + b.w);
+    }
+    reinterpret_cast<float4*>(gW_dec)[j * d4 + q] = gd[k];
+    reinterpret_cast<float4*>(gW_encT)[j * d4 + q] = ge[k];
+    sq += gd[k].x * gd[k].x + ge[k].x * ge[k].x + gd[k].y * gd[k].y + ge[k].y * ge[k].y +
+          gd[k].z * gd[k].z + ge[k].z * ge[k].z + gd[k].w * gd[k].w + ge[k].w * ge[k].w;
+  }
+  double gb = 0;
+  if (threadIdx.x == 0) {
+    for (int64_t s = s0; s < s1; ++s) gb += dpre[sorted_ids[s]];
+    float g = float(gb);
+    if (qa >= 0) g += gb_aux[qa];
+    gb_enc[j] = g;
+    sq += g * g;
+  }
+  const double total = block_sum(double(sq), sh);
+  if (threadIdx.x == 0) norm_part[j] = total;  // summed in a fixed order: reproducible
+}
+
 // Keys for the latent-major sort: the entry's latent, or D past the end (sorted last).
 __global__ void k_sort_keys(const int64_t* offsets, int64_t B, const int32_t* cols, int64_t cap,
                             int32_t D, int32_t* keys, int32_t* ids) {
@@ -257,7 +427,7 @@ __global__ void k_grad_rows(const int64_t* start, const int32_t* sorted_ids, con
                             const float* u, const float* dpre, const float* vecs, int n_vec,
                             const float* sae_in, int64_t d, Levels ls, const int32_t* aux_pos,
                             const float* gwd, const float* gwe, const float* gb_aux,
-                            float* gW_dec, float* gW_encT, float* gb_enc, double* norm_sq) {
+                            float* gW_dec, float* gW_encT, float* gb_enc, double* norm_part) {
   __shared__ double sh[32];
   const int64_t j = blockIdx.x;
   const int64_t s0 = start[j], s1 = start[j + 1];
@@ -286,7 +456,7 @@ __global__ void k_grad_rows(const int64_t* start, const int32_t* sorted_ids, con
     sq += g * g;
   }
   const double total = block_sum(double(sq), sh);
-  if (threadIdx.x == 0) atomicAdd(norm_sq, total);
+  if (threadIdx.x == 0) norm_part[j] = total;  // summed in a fixed order: reproducible
 }
 
 // sum_t G_0[t][c] (every level's reconstruction includes b_dec), in double over token chunks.
@@ -298,20 +468,33 @@ __global__ void k_bdec_partial(const float* vecs, int n_vec, int64_t B, int64_t 
   double s = 0;
   for (int64_t t = t0; t < t1; ++t)
     s += double(vecs[t * n_vec * d + c]);
-  atomicAdd(&acc[c], s);
+  acc[blockIdx.y * d + c] = s;  // chunks summed in order by k_bdec_final
 }
 
-__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, const float* wenc_db,
-                                                     int64_t d, float* gb_dec, double* norm_sq) {
+__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, int n_chunks,
+                                                     const float* wenc_db, int64_t d,
+                                                     float* gb_dec, double* norm_part) {
   __shared__ double sh[32];
   double sq = 0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    const float g = float(acc[c] - (wenc_db ? double(wenc_db[c]) : 0.0));
+    double a = 0;
+    for (int ch = 0; ch < n_chunks; ++ch) a += acc[int64_t(ch) * d + c];
+    const float g = float(a - (wenc_db ? double(wenc_db[c]) : 0.0));
     gb_dec[c] = g;
     sq += double(g) * g;
   }
   sq = block_sum(sq, sh);
-  if (threadIdx.x == 0) atomicAdd(norm_sq, sq);
+  if (threadIdx.x == 0) *norm_part = sq;
+}
+
+// The squared gradient norm from the per-block parts, in a fixed order.
+__global__ void __launch_bounds__(1024) k_norm_reduce(const double* part, int64_t n,
+                                                      double* norm_sq) {
+  __shared__ double sh[32];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) *norm_sq = s;
 }
 
 // Sums per level of R_tok and of ss_outer into out[0..L) and out[L].
@@ -392,7 +575,7 @@ struct DeviceTrainer::Impl {
   DeviceBuffer<int64_t> since, counts;
   // gradients
   DeviceBuffer<float> gW_encT, gW_dec, gb_enc, gb_dec;
-  DeviceBuffer<double> norm_sq, bdec_acc;
+  DeviceBuffer<double> norm_sq, norm_part, bdec_acc;
   // step scratch
   DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, wenc_db;
   DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss;
@@ -459,7 +642,8 @@ struct DeviceTrainer::Impl {
     since.resize(size_t(D), "dead counters");
     counts.resize(size_t(D), "firing counts");
     norm_sq.resize(1, "gradient norm");
-    bdec_acc.resize(size_t(d), "b_dec gradient");
+    bdec_acc.resize(size_t(d * ((B + 63) / 64)), "b_dec gradient");
+    norm_part.resize(size_t(D + 1), "gradient norm parts");
     x.resize(size_t(B * d), "batch");
     sae_in.resize(size_t(B * d), "sae_in");
     wenc_db.resize(size_t(d), "W_enc db_enc");
@@ -509,6 +693,16 @@ struct DeviceTrainer::Impl {
   }
 
   cudaStream_t s() const { return ctx.stream(); }
+  // float4 columns per thread for the vectorised kernels (0: use the scalar ones), and the
+  // block size that covers d_in / 4 with them.
+  int vec_width() const {
+    if (d % 4 != 0 || d > 4 * 4 * kThreads) return 0;
+    return int((d / 4 + kThreads - 1) / kThreads);
+  }
+  unsigned vec_threads(int V) const {
+    const int64_t t = (d / 4 + V - 1) / V;
+    return unsigned((t + 31) / 32 * 32);
+  }
   void mark(int i) {
     if (timing) SAE_CUDA(cudaEventRecord(ev[i], s()));
   }
@@ -567,11 +761,23 @@ struct DeviceTrainer::Impl {
     mark(3);
     // levels
     const int n_aux_slots = aux ? int(n_groups) : 0;
-    k_levels<<<unsigned(B), kThreads, size_t(d) * sizeof(float), st>>>(
-        x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),
-        active.values.data(), inv_norms, ls, d, int(n_vec), n_aux_slots, sp.per_level_aux,
-        1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data(), token.data(), dpre.data(),
-        u.data());
+    const int V = vec_width();
+#define SAE_LEVELS_ARGS                                                                         \
+  x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),              \
+      active.values.data(), inv_norms, ls, d, int(n_vec), n_aux_slots, sp.per_level_aux,      \
+      1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data(), token.data(), dpre.data(), \
+      u.data()
+    if (V == 0)
+      k_levels<<<unsigned(B), kThreads, size_t(d) * sizeof(float), st>>>(SAE_LEVELS_ARGS);
+    else if (V == 1)
+      k_levels4<1><<<unsigned(B), vec_threads(V), 0, st>>>(SAE_LEVELS_ARGS);
+    else if (V == 2)
+      k_levels4<2><<<unsigned(B), vec_threads(V), 0, st>>>(SAE_LEVELS_ARGS);
+    else if (V == 3)
+      k_levels4<3><<<unsigned(B), vec_threads(V), 0, st>>>(SAE_LEVELS_ARGS);
+    else
+      k_levels4<4><<<unsigned(B), vec_threads(V), 0, st>>>(SAE_LEVELS_ARGS);
+#undef SAE_LEVELS_ARGS
     SAE_CUDA_LAUNCHED();
     k_reduce_losses<<<1, 1024, 0, st>>>(R_tok.data(), ss_outer.data(), B, int(L), losses.data());
     SAE_CUDA_LAUNCHED();
@@ -596,13 +802,22 @@ struct DeviceTrainer::Impl {
     if (aux) run_aux(group_n, n_dead, inv_norms);
     mark(6);
     // gradient rows, b_dec, norm
-    SAE_CUDA(cudaMemsetAsync(norm_sq.data(), 0, sizeof(double), st));
-    k_grad_rows<<<unsigned(D), kThreads, 0, st>>>(
-        start.data(), ids_sorted.data(), token.data(), u.data(), dpre.data(), vecs.data(),
-        int(n_vec), sae_in.data(), d, ls, aux ? aux_pos.data() : nullptr, gwd.data(), gwe.data(),
-        gb_aux.data(), gW_dec.data(), gW_encT.data(), gb_enc.data(), norm_sq.data());
+#define SAE_ROWS_ARGS                                                                           \
+  start.data(), ids_sorted.data(), token.data(), u.data(), dpre.data(), vecs.data(), int(n_vec), \
+      sae_in.data(), d, ls, aux ? aux_pos.data() : nullptr, gwd.data(), gwe.data(),            \
+      gb_aux.data(), gW_dec.data(), gW_encT.data(), gb_enc.data(), norm_part.data()
+    if (V == 0)
+      k_grad_rows<<<unsigned(D), kThreads, 0, st>>>(SAE_ROWS_ARGS);
+    else if (V == 1)
+      k_grad_rows4<1><<<unsigned(D), vec_threads(V), 0, st>>>(SAE_ROWS_ARGS);
+    else if (V == 2)
+      k_grad_rows4<2><<<unsigned(D), vec_threads(V), 0, st>>>(SAE_ROWS_ARGS);
+    else if (V == 3)
+      k_grad_rows4<3><<<unsigned(D), vec_threads(V), 0, st>>>(SAE_ROWS_ARGS);
+    else
+      k_grad_rows4<4><<<unsigned(D), vec_threads(V), 0, st>>>(SAE_ROWS_ARGS);
+#undef SAE_ROWS_ARGS
     SAE_CUDA_LAUNCHED();
-    SAE_CUDA(cudaMemsetAsync(bdec_acc.data(), 0, bdec_acc.bytes(), st));
     const int64_t chunk = 64;
     k_bdec_partial<<<dim3(unsigned((d + kThreads - 1) / kThreads), unsigned((B + chunk - 1) / chunk)),
                      kThreads, 0, st>>>(vecs.data(), int(n_vec), B, d, chunk, bdec_acc.data());
@@ -614,9 +829,11 @@ struct DeviceTrainer::Impl {
       SAE_CUBLAS(cublasSgemv(ctx.blas(), CUBLAS_OP_N, int(d), int(D), &one, W_encT.data(), int(d),
                              gb_enc.data(), 1, &zero, wenc_db.data(), 1));
     }
-    k_bdec_final<<<1, 1024, 0, st>>>(bdec_acc.data(),
+    k_bdec_final<<<1, 1024, 0, st>>>(bdec_acc.data(), int((B + chunk - 1) / chunk),
                                      sp.apply_b_dec_to_input ? wenc_db.data() : nullptr, d,
-                                     gb_dec.data(), norm_sq.data());
+                                     gb_dec.data(), norm_part.data() + D);
+    SAE_CUDA_LAUNCHED();
+    k_norm_reduce<<<1, 1024, 0, st>>>(norm_part.data(), D + 1, norm_sq.data());
     SAE_CUDA_LAUNCHED();
     mark(7);
     last_group_n = group_n;
