@@ -12,6 +12,7 @@
 #include "eval/metrics.h"
 #include "model/gemma2.h"
 #include "prompts.h"
+#include "sae/device_sae.h"
 #include "sae/load.h"
 
 namespace sae::cli {
@@ -24,6 +25,7 @@ Runner add_eval(CLI::App& app) {
     bool json = false, density = false;
     int64_t batch = 4096;
     double dense_threshold = 0.1;
+    std::string device = "cpu", precision = "fp32";
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("sae", o->ref, "SAE folder or release:sae_id")->required();
@@ -42,6 +44,10 @@ Runner add_eval(CLI::App& app) {
                   "A latent firing on more than this fraction of tokens counts as dense");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->add_flag("--density", o->density, "Include per-latent firing frequency in the JSON");
+  cmd->add_option("--device", o->device, "cpu or cuda (encode and decode; metrics on the host)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   return [=] {
     LoadedSae l = load_sae_ref(o->ref);
     const Sae& s = l.sae;
@@ -74,7 +80,14 @@ Runner add_eval(CLI::App& app) {
       fail(o->acts.empty() ? o->model : o->acts, "shape",
            cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
     if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
-    Metrics m = evaluate_in_batches(s, a.data, a.n, o->batch, o->dense_threshold);
+    if (o->device == "cuda" && lm)
+      fail("eval", "--device", "CE-loss scores with --model run on the CPU only (not built yet)");
+    Metrics m = o->device == "cuda"
+                    ? [&] {
+                        DeviceSae dev(s, o->precision);
+                        return evaluate_in_batches(dev, a.data, a.n, o->batch, o->dense_threshold);
+                      }()
+                    : evaluate_in_batches(s, a.data, a.n, o->batch, o->dense_threshold);
     std::optional<LmScore> score;
     if (lm) score = lm_score(*lm, s, point, layer, prompts);
     if (o->json) {

@@ -15,9 +15,10 @@ mode=${1:-}
 if [[ $mode == build ]]; then
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAECPP_NATIVE=OFF \
     -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON
-  cmake --build build/gpu -j "$(nproc)" --target sae test_cuda bench_train_cuda
+  cmake --build build/gpu -j "$(nproc)" --target sae test_cuda bench_train_cuda bench_encode_cuda
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
-  for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/bench/bench_train_cuda; do
+  for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/bench/bench_train_cuda \
+    build/gpu/bench/bench_encode_cuda; do
     cp "$b" .gpu/bin/ && strip .gpu/bin/"$(basename "$b")"
   done
   # Every shared library outside glibc and the CUDA toolkit (the GPU machine has those).
@@ -40,7 +41,7 @@ mkdir -p "$out"
 cuda_lib=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets /usr/lib /opt -name 'libcublasLt.so.13' 2>/dev/null | head -1)" 2>/dev/null || true)
 lib_path=$PWD/.gpu/lib:${cuda_lib:-/usr/local/cuda/lib64}:${LD_LIBRARY_PATH:-}
 echo "libraries: $lib_path"
-for b in sae test_cuda bench_train_cuda; do
+for b in sae test_cuda bench_train_cuda bench_encode_cuda; do
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$lib_path" "$PWD/.gpu/bin/$b" >"/tmp/$b"
   chmod +x "/tmp/$b"
 done
@@ -89,6 +90,13 @@ for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
 print("```")
 PY
 fi
+
+echo "== encode benchmark"
+{
+  echo '```'
+  timeout 120 "$bin/bench_encode_cuda"
+  echo '```'
+} 2>&1 | tee "$out/bench_encode_cuda.log" | tee -a "$results"
 
 echo "== SAELens on the same GPU"
 site=/tmp/saelens_site

@@ -16,6 +16,7 @@
 #include "ops/select.h"
 #include "test_util.h"
 #include "data/synthetic.h"
+#include "sae/device_sae.h"
 #include "train/device_step.h"
 #include "train/trainer.h"
 #include "train/optimizer.h"
@@ -205,6 +206,65 @@ TEST(Cuda, AdamWithClipMatchesCpu) {
     test::expect_close(cuda::download(dv.data(), v.size(), ctx.stream()), v, 1e-6, "adam v");
     if (beta1 != 0.0f)
       test::expect_close(cuda::download(dm.data(), m.size(), ctx.stream()), m, 1e-6, "adam m");
+  }
+}
+
+// ---- inference ---------------------------------------------------------------------------------
+
+TEST(CudaSae, EncodeAndDecodeMatchCpuForEveryArchitecture) {
+  REQUIRE_GPU();
+  struct Arch {
+    Architecture a;
+    InputNorm norm;
+    bool rescale, b_dec_in;
+    int64_t d_in;
+  };
+  for (const Arch& c : {Arch{Architecture::Standard, InputNorm::None, false, true, 72},
+                        Arch{Architecture::JumpReLU, InputNorm::None, false, true, 37},
+                        Arch{Architecture::TopK, InputNorm::None, false, true, 72},
+                        Arch{Architecture::TopK, InputNorm::None, true, false, 37},
+                        Arch{Architecture::Standard, InputNorm::ConstantNormRescale, false, true, 40},
+                        Arch{Architecture::JumpReLU, InputNorm::LayerNorm, false, false, 72}}) {
+    SaeConfig cfg;
+    cfg.architecture = c.a;
+    cfg.d_in = c.d_in;
+    cfg.d_sae = 333;
+    cfg.k = 7;
+    cfg.normalize_activations = c.norm;
+    cfg.rescale_acts_by_decoder_norm = c.rescale;
+    cfg.apply_b_dec_to_input = c.b_dec_in;
+    Sae s(cfg);
+    s.W_enc = test::random_vector(s.W_enc.size(), 1, 0.2f);
+    s.W_dec = test::random_vector(s.W_dec.size(), 2, 0.2f);
+    s.b_enc = test::random_vector(s.b_enc.size(), 3, 0.1f);
+    s.b_dec = test::random_vector(s.b_dec.size(), 4, 0.1f);
+    if (c.a == Architecture::JumpReLU) {
+      s.threshold = test::random_vector(s.threshold.size(), 5, 0.3f);
+      for (auto& v : s.threshold) v = std::abs(v);
+    }
+    const int64_t n = 301;
+    auto x = test::random_vector(size_t(n * c.d_in), 6);
+    const SparseCodes want = s.encode(x, n);
+    const auto want_hat = s.decode(want);
+    const std::string what = cat(architecture_name(c.a), " ", input_norm_name(c.norm), " d_in ",
+                                 c.d_in, c.rescale ? " rescale" : "");
+    for (const char* prec : {"fp32", "bf16"}) {
+      DeviceSae dev(s, prec);
+      std::vector<float> hat;
+      const SparseCodes got = dev.encode_decode(x, n, hat);
+      if (std::string(prec) == "fp32") {
+        EXPECT_EQ(got.offsets, want.offsets) << what;
+        EXPECT_EQ(got.indices, want.indices) << what;
+        test::expect_close(got.values, want.values, 1e-5, what + " values");
+        test::expect_close(hat, want_hat, 1e-5, what + " decode");
+        test::expect_close(got.out_scale, want.out_scale, 1e-6, what + " out_scale");
+      } else {  // bf16 operands: the same reconstruction quality, not the same entries
+        double num = 0, den = 0;
+        for (size_t i = 0; i < hat.size(); ++i)
+          num += std::pow(double(hat[i]) - want_hat[i], 2), den += std::pow(double(want_hat[i]), 2);
+        EXPECT_LT(std::sqrt(num / den), 0.05) << what << " bf16 decode";
+      }
+    }
   }
 }
 

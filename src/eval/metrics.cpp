@@ -1,5 +1,7 @@
 #include "eval/metrics.h"
 
+#include "sae/device_sae.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -123,6 +125,20 @@ Metrics evaluate_in_batches(const Sae& sae, std::span<const float> x, int64_t n,
     std::span<const float> xs = x.subspan(size_t(t0 * d), size_t(b * d));
     SparseCodes codes = sae.encode(xs, b);
     acc.add_batch(xs, sae.decode(codes), codes);
+  }
+  return acc.finish();
+}
+
+Metrics evaluate_in_batches(DeviceSae& sae, std::span<const float> x, int64_t n, int64_t batch,
+                            double dense_threshold) {
+  const int64_t d = sae.cfg().d_in;
+  MetricsAccumulator acc(d, sae.cfg().d_sae, dense_threshold);
+  std::vector<float> x_hat;
+  for (int64_t t0 = 0; t0 < n; t0 += batch) {
+    const int64_t b = std::min(batch, n - t0);
+    std::span<const float> xs = x.subspan(size_t(t0 * d), size_t(b * d));
+    SparseCodes codes = sae.encode_decode(xs, b, x_hat);
+    acc.add_batch(xs, x_hat, codes);
   }
   return acc.finish();
 }

@@ -58,10 +58,14 @@ class MetricsAccumulator {
 };
 
 class Sae;
+class DeviceSae;
 
 // Encodes and decodes x [n, d_in] in batches of `batch` tokens and accumulates the metrics
 // (the legacy explained variance uses each batch's mean).
 Metrics evaluate_in_batches(const Sae& sae, std::span<const float> x, int64_t n, int64_t batch,
+                            double dense_threshold = 0.1);
+// The same with the encode and decode on the GPU (the metrics are summed on the host).
+Metrics evaluate_in_batches(DeviceSae& sae, std::span<const float> x, int64_t n, int64_t batch,
                             double dense_threshold = 0.1);
 
 }  // namespace sae

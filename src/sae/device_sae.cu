@@ -1,0 +1,339 @@
+// DeviceSae (device_sae.h): per batch, sae_in (run-time normalisation, b_dec) -> encoder GEMM
+// (cuBLAS) -> selection (ReLU / JumpReLU threshold: a count pass, a scan and an ordered
+// write per row; TopK: per-row radix select) -> CSR codes -> optional decode (one block per
+// token gathering W_dec rows), mirroring sae.cpp step by step.
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "ops/cuda/batch_topk.h"
+#include "ops/cuda/gemm.h"
+#include "ops/cuda/runtime.h"
+#include "sae/device_sae.h"
+
+namespace sae {
+
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ double block_sum(double v, double* sh) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0;
+    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) s += sh[w];
+    sh[0] = s;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// mode 0: none, 1: constant_norm_rescale, 2: layer_norm (as Sae::sae_input).
+__global__ void k_sae_input(const float* x, int64_t d, int mode, const float* b_dec, int apply,
+                            float* sae_in, float* out_scale, float* out_shift, int* non_finite) {
+  __shared__ double sh[32];
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * d;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+    if (!isfinite(xr[j])) *non_finite = 1;  // the host names the row and column
+  float* s = sae_in + t * d;
+  float mul = 1.0f, add = 0.0f, coeff = 1.0f;
+  double mean = 0, denom_d = 1;
+  if (mode == 1) {
+    double ss = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) ss += double(xr[j]) * xr[j];
+    ss = block_sum(ss, sh);
+    coeff = float(sqrt(double(d)) / sqrt(ss));
+    mul = 1.0f / coeff;
+  } else if (mode == 2) {
+    double m = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) m += xr[j];
+    mean = block_sum(m, sh) / double(d);
+    double var = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) var += (xr[j] - mean) * (xr[j] - mean);
+    var = block_sum(var, sh);
+    const double std_unbiased = sqrt(var / double(d - 1));
+    denom_d = std_unbiased + 1e-5;
+    mul = float(std_unbiased);
+    add = float(mean);
+  }
+  const float denom = float(denom_d);
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float v = xr[j];
+    if (mode == 1) v = xr[j] * coeff;
+    else if (mode == 2) v = float(xr[j] - mean) / denom;
+    if (apply) v -= b_dec[j];
+    s[j] = v;
+  }
+  if (threadIdx.x == 0) out_scale[t] = mul, out_shift[t] = add;
+}
+
+__device__ __forceinline__ bool active(float v, const float* thr, int64_t c) {
+  return v > 0.0f && (!thr || v > thr[c]);
+}
+
+__global__ void k_count(const float* pre, int64_t D, const float* b_enc, const float* thr,
+                        int64_t* row_n) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int64_t t = blockIdx.x;
+  int n = 0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) n += active(pre[t * D + c] + b_enc[c], thr, c);
+  int total;
+  Scan(tmp).ExclusiveSum(n, n, total);
+  if (threadIdx.x == 0) row_n[t] = total;
+}
+
+__global__ void k_write_active(const float* pre, int64_t D, const float* b_enc, const float* thr,
+                               const int64_t* offsets, int32_t* idx, float* val) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int64_t t = blockIdx.x;
+  int64_t pos = offsets[t];
+  for (int64_t c0 = 0; c0 < D; c0 += kThreads) {
+    const int64_t c = c0 + threadIdx.x;
+    float v = 0;
+    int sel = 0;
+    if (c < D) v = pre[t * D + c] + b_enc[c], sel = active(v, thr, c);
+    if (__syncthreads_count(sel) == 0) continue;
+    int rank, total;
+    Scan(tmp).ExclusiveSum(sel, rank, total);
+    __syncthreads();
+    if (sel) idx[pos + rank] = int32_t(c), val[pos + rank] = v;
+    pos += total;
+  }
+}
+
+__global__ void k_bias_scale(float* pre, int64_t n, int64_t D, const float* b_enc,
+                             const float* norms) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * D;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % D;
+    float v = pre[i] + b_enc[c];
+    if (norms) v *= norms[c];
+    pre[i] = v;
+  }
+}
+
+// TopK: the positive values among each row's k (already in column order).
+__global__ void k_topk_count(const float* top_v, int64_t n, int64_t k, int64_t* row_n) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  int64_t c = 0;
+  for (int64_t j = 0; j < k; ++j) c += top_v[t * k + j] > 0.0f;
+  row_n[t] = c;
+}
+
+__global__ void k_topk_write(const int32_t* top_i, const float* top_v, int64_t n, int64_t k,
+                             const int64_t* offsets, int32_t* idx, float* val) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  int64_t pos = offsets[t];
+  for (int64_t j = 0; j < k; ++j)
+    if (top_v[t * k + j] > 0.0f) idx[pos] = top_i[t * k + j], val[pos] = top_v[t * k + j], ++pos;
+}
+
+// One block per token: x_hat = (b_dec + sum value * W_dec[i] [/ norm_i]) * scale + shift.
+__global__ void k_decode(const int64_t* offsets, const int32_t* idx, const float* val,
+                         const float* norms, const float* W_dec, const float* b_dec, int64_t d,
+                         const float* out_scale, const float* out_shift, int renorm,
+                         float* x_hat) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float r = b_dec[c];
+    for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
+      const float v = norms ? val[e] / norms[idx[e]] : val[e];
+      r += v * W_dec[int64_t(idx[e]) * d + c];
+    }
+    x_hat[t * d + c] = renorm ? r * out_scale[t] + out_shift[t] : r;
+  }
+}
+
+__global__ void k_norms(const float* W, int64_t d, float* norms) {
+  __shared__ double sh[32];
+  const int64_t i = blockIdx.x;
+  double s = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) s += double(W[i * d + c]) * W[i * d + c];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) norms[i] = fmaxf(float(sqrt(s)), 1e-8f);
+}
+
+}  // namespace
+
+struct DeviceSae::Impl {
+  SaeConfig cfg;
+  cuda::Precision prec;
+  cuda::Context ctx;
+  int64_t d, D, chunk;
+  DeviceBuffer<float> W_enc, W_dec, b_enc, b_dec, thr, norms;
+  DeviceBuffer<uint16_t> W_enc_bf16, in_bf16;
+  DeviceBuffer<float> x, sae_in, pre, scale, shift, top_v, vals, x_hat;
+  DeviceBuffer<int32_t> top_i, idx;
+  DeviceBuffer<int64_t> row_n, offsets;
+  DeviceBuffer<int> non_finite;
+  DeviceBuffer<uint8_t> cub_temp;
+
+  Impl(const Sae& s, const std::string& precision)
+      : cfg(s.cfg), prec(cuda::parse_precision(precision, "encode")), d(s.cfg.d_in),
+        D(s.cfg.d_sae) {
+    chunk = std::clamp<int64_t>((int64_t(1) << 30) / (4 * D), 256, 16384);
+    const cudaStream_t st = ctx.stream();
+    cuda::upload(W_enc, std::span<const float>(s.W_enc), st, "W_enc");
+    cuda::upload(W_dec, std::span<const float>(s.W_dec), st, "W_dec");
+    cuda::upload(b_enc, std::span<const float>(s.b_enc), st, "b_enc");
+    cuda::upload(b_dec, std::span<const float>(s.b_dec), st, "b_dec");
+    if (cfg.architecture == Architecture::JumpReLU)
+      cuda::upload(thr, std::span<const float>(s.threshold), st, "threshold");
+    if (cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm) {
+      norms.resize(size_t(D), "decoder norms");
+      k_norms<<<unsigned(D), kThreads, 0, st>>>(W_dec.data(), d, norms.data());
+      SAE_CUDA_LAUNCHED();
+    }
+    if (prec == cuda::Precision::Bf16) {
+      W_enc_bf16.resize(size_t(d * D), "bf16 W_enc");
+      cuda::to_bf16(ctx, W_enc.data(), W_enc_bf16.data(), d * D);
+    }
+    x.resize(size_t(chunk * d), "batch");
+    sae_in.resize(size_t(chunk * d), "sae_in");
+    if (prec == cuda::Precision::Bf16) in_bf16.resize(size_t(chunk * d), "bf16 sae_in");
+    pre.resize(size_t(chunk * D), "pre-activations");
+    scale.resize(size_t(chunk), "scale");
+    shift.resize(size_t(chunk), "shift");
+    row_n.resize(size_t(chunk + 1), "row counts");
+    offsets.resize(size_t(chunk + 1), "offsets");
+    non_finite.resize(1, "flag");
+    size_t temp = 0;
+    SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, temp, row_n.data(), offsets.data(),
+                                           chunk + 1, st));
+    cub_temp.resize(temp, "scan scratch");
+    ctx.sync();
+  }
+
+  // Encodes n <= chunk tokens of host x; appends to codes (and x_hat when asked).
+  void run(const float* xh, int64_t n, SparseCodes& codes, std::vector<float>* xhat_out) {
+    const cudaStream_t st = ctx.stream();
+    SAE_CUDA(cudaMemcpyAsync(x.data(), xh, size_t(n * d) * 4, cudaMemcpyHostToDevice, st));
+    const int mode = cfg.normalize_activations == InputNorm::ConstantNormRescale ? 1
+                     : cfg.normalize_activations == InputNorm::LayerNorm          ? 2
+                                                                                   : 0;
+    SAE_CUDA(cudaMemsetAsync(non_finite.data(), 0, sizeof(int), st));
+    k_sae_input<<<unsigned(n), kThreads, 0, st>>>(x.data(), d, mode, b_dec.data(),
+                                                  cfg.apply_b_dec_to_input, sae_in.data(),
+                                                  scale.data(), shift.data(), non_finite.data());
+    SAE_CUDA_LAUNCHED();
+    if (prec == cuda::Precision::Bf16) {
+      cuda::to_bf16(ctx, sae_in.data(), in_bf16.data(), n * d);
+      cuda::gemm(ctx, ops::Trans::No, ops::Trans::No, n, D, d, 1.0f, {in_bf16.data(), true, d},
+                 {W_enc_bf16.data(), true, D}, 0.0f, pre.data(), D, prec);
+    } else {
+      cuda::gemm(ctx, ops::Trans::No, ops::Trans::No, n, D, d, 1.0f, {sae_in.data(), false, d},
+                 {W_enc.data(), false, D}, 0.0f, pre.data(), D, prec);
+    }
+    const bool topk = cfg.architecture == Architecture::TopK;
+    const int64_t k = topk ? cfg.k : 0;
+    if (topk) {
+      k_bias_scale<<<4096, kThreads, 0, st>>>(pre.data(), n, D, b_enc.data(),
+                                              norms.size() ? norms.data() : nullptr);
+      SAE_CUDA_LAUNCHED();
+      top_i.resize(size_t(chunk * k), "top-k");
+      top_v.resize(size_t(chunk * k), "top-k");
+      cuda::topk_rows(ctx, pre.data(), n, D, k, top_i.data(), top_v.data());
+      k_topk_count<<<unsigned((n + 255) / 256), 256, 0, st>>>(top_v.data(), n, k, row_n.data());
+    } else {
+      k_count<<<unsigned(n), kThreads, 0, st>>>(pre.data(), D, b_enc.data(),
+                                                thr.size() ? thr.data() : nullptr, row_n.data());
+    }
+    SAE_CUDA_LAUNCHED();
+    SAE_CUDA(cudaMemsetAsync(row_n.data() + n, 0, sizeof(int64_t), st));
+    size_t temp = cub_temp.size();
+    SAE_CUDA(cub::DeviceScan::ExclusiveSum(cub_temp.data(), temp, row_n.data(), offsets.data(),
+                                           n + 1, st));
+    std::vector<int64_t> off = cuda::download(offsets.data(), size_t(n + 1), st);
+    if (cuda::download(non_finite.data(), 1, st)[0])  // the CPU check says where, and throws
+      check_finite(std::span<const float>(xh, size_t(n * d)), n, d, "activations");
+    const int64_t nnz = off.back();
+    idx.resize(size_t(std::max<int64_t>(nnz, 1)), "codes");
+    vals.resize(size_t(std::max<int64_t>(nnz, 1)), "codes");
+    if (topk) {
+      k_topk_write<<<unsigned((n + 255) / 256), 256, 0, st>>>(
+          top_i.data(), top_v.data(), n, k, offsets.data(), idx.data(), vals.data());
+    } else {
+      k_write_active<<<unsigned(n), kThreads, 0, st>>>(pre.data(), D, b_enc.data(),
+                                                       thr.size() ? thr.data() : nullptr,
+                                                       offsets.data(), idx.data(), vals.data());
+    }
+    SAE_CUDA_LAUNCHED();
+    const bool renorm = cfg.normalize_activations == InputNorm::ConstantNormRescale ||
+                        cfg.normalize_activations == InputNorm::LayerNorm;
+    if (xhat_out) {
+      x_hat.resize(size_t(chunk * d), "reconstruction");
+      k_decode<<<unsigned(n), kThreads, 0, st>>>(
+          offsets.data(), idx.data(), vals.data(), norms.size() ? norms.data() : nullptr,
+          W_dec.data(), b_dec.data(), d, scale.data(), shift.data(), renorm, x_hat.data());
+      SAE_CUDA_LAUNCHED();
+    }
+    const size_t base = codes.indices.size();
+    codes.indices.resize(base + size_t(nnz));
+    codes.values.resize(base + size_t(nnz));
+    SAE_CUDA(cudaMemcpyAsync(codes.indices.data() + base, idx.data(), size_t(nnz) * 4,
+                             cudaMemcpyDeviceToHost, st));
+    SAE_CUDA(cudaMemcpyAsync(codes.values.data() + base, vals.data(), size_t(nnz) * 4,
+                             cudaMemcpyDeviceToHost, st));
+    if (renorm) {
+      const size_t b2 = codes.out_scale.size();
+      codes.out_scale.resize(b2 + size_t(n));
+      codes.out_shift.resize(b2 + size_t(n));
+      SAE_CUDA(cudaMemcpyAsync(codes.out_scale.data() + b2, scale.data(), size_t(n) * 4,
+                               cudaMemcpyDeviceToHost, st));
+      SAE_CUDA(cudaMemcpyAsync(codes.out_shift.data() + b2, shift.data(), size_t(n) * 4,
+                               cudaMemcpyDeviceToHost, st));
+    }
+    if (xhat_out) {
+      const size_t b3 = xhat_out->size();
+      xhat_out->resize(b3 + size_t(n * d));
+      SAE_CUDA(cudaMemcpyAsync(xhat_out->data() + b3, x_hat.data(), size_t(n * d) * 4,
+                               cudaMemcpyDeviceToHost, st));
+    }
+    const int64_t start = codes.offsets.back();
+    for (int64_t t = 1; t <= n; ++t) codes.offsets.push_back(start + off[size_t(t)]);
+    ctx.sync();
+  }
+
+  SparseCodes encode(std::span<const float> xs, int64_t n, std::vector<float>* x_hat_out) {
+    if (int64_t(xs.size()) != n * d)
+      fail("encode", "x", cat("has ", xs.size(), " values, expected ", n, " x d_in ", d));
+    SparseCodes codes;
+    codes.n_tokens = n;
+    codes.d_sae = D;
+    codes.offsets.push_back(0);
+    if (x_hat_out) x_hat_out->clear();
+    for (int64_t t0 = 0; t0 < n; t0 += chunk)
+      run(xs.data() + t0 * d, std::min(chunk, n - t0), codes, x_hat_out);
+    return codes;
+  }
+};
+
+DeviceSae::DeviceSae(const Sae& sae, const std::string& precision) {
+  require_device(Device::Cuda);
+  impl_ = std::make_unique<Impl>(sae, precision);
+}
+DeviceSae::~DeviceSae() = default;
+const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }
+SparseCodes DeviceSae::encode(std::span<const float> x, int64_t n) {
+  return impl_->encode(x, n, nullptr);
+}
+SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n,
+                                     std::vector<float>& x_hat) {
+  return impl_->encode(x, n, &x_hat);
+}
+
+}  // namespace sae

@@ -1,0 +1,35 @@
+// An SAE's inference on a GPU: the same encode and decode as sae::Sae (the CPU version is the
+// reference), weights resident in device memory, host batches in and sparse codes out.
+// precision: "fp32", "tf32" or "bf16" for the encoder GEMM's operands (fp32 accumulate).
+// In a build without CUDA the constructor throws a clear error.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "sae/sae.h"
+
+namespace sae {
+
+class DeviceSae {
+ public:
+  DeviceSae(const Sae& sae, const std::string& precision = "fp32");
+  ~DeviceSae();
+  DeviceSae(const DeviceSae&) = delete;
+  DeviceSae& operator=(const DeviceSae&) = delete;
+
+  const SaeConfig& cfg() const;
+  // x [n, d_in] row-major; rejects NaN/Inf like Sae::encode.
+  SparseCodes encode(std::span<const float> x, int64_t n);
+  // Codes and the reconstruction [n, d_in] from one pass (for evaluation).
+  SparseCodes encode_decode(std::span<const float> x, int64_t n, std::vector<float>& x_hat);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sae

@@ -1,0 +1,19 @@
+// The CPU-only build: a DeviceSae cannot be made.
+#include "core/device.h"
+#include "sae/device_sae.h"
+
+namespace sae {
+
+struct DeviceSae::Impl {
+  SaeConfig cfg;
+};
+
+DeviceSae::DeviceSae(const Sae&, const std::string&) { require_device(Device::Cuda); }
+DeviceSae::~DeviceSae() = default;
+const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }
+SparseCodes DeviceSae::encode(std::span<const float>, int64_t) { return {}; }
+SparseCodes DeviceSae::encode_decode(std::span<const float>, int64_t, std::vector<float>&) {
+  return {};
+}
+
+}  // namespace sae
