@@ -55,7 +55,7 @@ results=$out/results.md
 
 echo "== CUDA tests"
 set +e
-timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
+SAECPP_CLI=$bin/sae timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 tests_rc=${PIPESTATUS[0]}
 echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
 

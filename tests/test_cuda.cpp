@@ -31,6 +31,8 @@
 namespace sae {
 namespace {
 
+namespace fs = std::filesystem;
+
 #define REQUIRE_GPU()                                                                      \
   do {                                                                                     \
     if (!cuda_compiled()) GTEST_SKIP() << "CUDA test skipped: this build has no CUDA";     \
@@ -46,6 +48,34 @@ TEST(Cuda, DeviceQueriesNeverThrow) {
     EXPECT_THROW(train::DeviceTrainer(s, {}, 1, "fp32"), Error);
   }
   EXPECT_THROW(parse_device("tpu", "test"), Error);
+}
+
+TEST(Cuda, CliDeviceCudaEitherRunsOrSaysWhyNot) {
+  // On a machine without a GPU (or a build without CUDA) the commands fail with one clear
+  // line and leave no output; with a GPU they give the CPU's codes.
+  test::TempDir dir;
+  const std::string sae = test::golden("standard/sae"), x = test::golden("standard/x.npy");
+  auto r = test::run_cli(cat("encode ", sae, " ", x, " --device cuda -o ", dir / "codes.safetensors"));
+  if (cuda_device_count() == 0) {
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find(cuda_compiled() ? "no CUDA GPU is visible" : "built without CUDA"),
+              std::string::npos)
+        << r.output;
+    EXPECT_FALSE(fs::exists(dir / "codes.safetensors"));
+    auto t = test::run_cli(cat("train --preset hierarchy-snap --device cuda -o ", dir / "t"));
+    EXPECT_EQ(t.exit_code, 1) << t.output;
+    return;
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto c = test::run_cli(cat("encode ", sae, " ", x, " -o ", dir / "cpu.safetensors"));
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  const SparseCodes a = load_sparse_codes(dir / "codes.safetensors");
+  const SparseCodes b = load_sparse_codes(dir / "cpu.safetensors");
+  EXPECT_EQ(a.offsets, b.offsets);
+  EXPECT_EQ(a.indices, b.indices);
+  test::expect_close(a.values, b.values, 1e-5, "cli codes");
+  auto e = test::run_cli(cat("eval ", sae, " ", x, " --device cuda --json"));
+  EXPECT_EQ(e.exit_code, 0) << e.output;
 }
 
 #if SAECPP_HAS_CUDA

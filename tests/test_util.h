@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -74,8 +75,10 @@ struct CliResult {
   std::string output;  // stdout and stderr together
 };
 
+// The `sae` binary of this build, or $SAECPP_CLI (the GPU check runs a relocated bundle).
 inline CliResult run_cli(const std::string& args) {
-  std::string cmd = std::string(SAECPP_CLI) + " " + args + " 2>&1";
+  const char* env = std::getenv("SAECPP_CLI");
+  std::string cmd = std::string(env && *env ? env : SAECPP_CLI) + " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   std::string out;
   std::array<char, 4096> buf{};
