@@ -279,7 +279,7 @@ TEST(CudaSae, EncodeAndDecodeMatchCpuForEveryArchitecture) {
     const std::string what = cat(architecture_name(c.a), " ", input_norm_name(c.norm), " d_in ",
                                  c.d_in, c.rescale ? " rescale" : "");
     for (const char* prec : {"fp32", "bf16"}) {
-      DeviceSae dev(s, prec);
+      DeviceSae dev(s, prec, 128);  // three chunks, the last partial: the double-buffered copy
       std::vector<float> hat;
       const SparseCodes got = dev.encode_decode(x, n, hat);
       if (std::string(prec) == "fp32") {

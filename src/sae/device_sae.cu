@@ -176,16 +176,20 @@ struct DeviceSae::Impl {
   int64_t d, D, chunk;
   DeviceBuffer<float> W_enc, W_dec, b_enc, b_dec, thr, norms;
   DeviceBuffer<uint16_t> W_enc_bf16, in_bf16;
-  DeviceBuffer<float> x, sae_in, pre, scale, shift, top_v, vals, x_hat;
+  DeviceBuffer<float> x[2], sae_in, pre, scale, shift, top_v, vals, x_hat;
+  // The next chunk's host-to-device copy runs on its own stream while this one computes.
+  cudaStream_t copy_stream = nullptr;
+  cudaEvent_t copied[2] = {}, consumed[2] = {};
   DeviceBuffer<int32_t> top_i, idx;
   DeviceBuffer<int64_t> row_n, offsets;
   DeviceBuffer<int> non_finite;
   DeviceBuffer<uint8_t> cub_temp;
 
-  Impl(const Sae& s, const std::string& precision)
+  Impl(const Sae& s, const std::string& precision, int64_t chunk_tokens)
       : cfg(s.cfg), prec(cuda::parse_precision(precision, "encode")), d(s.cfg.d_in),
         D(s.cfg.d_sae) {
-    chunk = std::clamp<int64_t>((int64_t(1) << 30) / (4 * D), 256, 16384);
+    chunk = chunk_tokens > 0 ? chunk_tokens
+                             : std::clamp<int64_t>((int64_t(1) << 30) / (4 * D), 256, 16384);
     const cudaStream_t st = ctx.stream();
     cuda::upload(W_enc, std::span<const float>(s.W_enc), st, "W_enc");
     cuda::upload(W_dec, std::span<const float>(s.W_dec), st, "W_dec");
@@ -202,7 +206,13 @@ struct DeviceSae::Impl {
       W_enc_bf16.resize(size_t(d * D), "bf16 W_enc");
       cuda::to_bf16(ctx, W_enc.data(), W_enc_bf16.data(), d * D);
     }
-    x.resize(size_t(chunk * d), "batch");
+    x[0].resize(size_t(chunk * d), "batch");
+    x[1].resize(size_t(chunk * d), "batch");
+    SAE_CUDA(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; ++i) {
+      SAE_CUDA(cudaEventCreateWithFlags(&copied[i], cudaEventDisableTiming));
+      SAE_CUDA(cudaEventCreateWithFlags(&consumed[i], cudaEventDisableTiming));
+    }
     sae_in.resize(size_t(chunk * d), "sae_in");
     if (prec == cuda::Precision::Bf16) in_bf16.resize(size_t(chunk * d), "bf16 sae_in");
     pre.resize(size_t(chunk * D), "pre-activations");
@@ -218,18 +228,37 @@ struct DeviceSae::Impl {
     ctx.sync();
   }
 
-  // Encodes n <= chunk tokens of host x; appends to codes (and x_hat when asked).
-  void run(const float* xh, int64_t n, SparseCodes& codes, std::vector<float>* xhat_out) {
+  ~Impl() {
+    if (copy_stream) cudaStreamSynchronize(copy_stream), cudaStreamDestroy(copy_stream);
+    for (int i = 0; i < 2; ++i) {
+      if (copied[i]) cudaEventDestroy(copied[i]);
+      if (consumed[i]) cudaEventDestroy(consumed[i]);
+    }
+  }
+
+  // Copies n tokens of host x into slot b once the chunk that used it has been read.
+  void stage(const float* xh, int64_t n, int b) {
+    SAE_CUDA(cudaStreamWaitEvent(copy_stream, consumed[b], 0));
+    SAE_CUDA(cudaMemcpyAsync(x[b].data(), xh, size_t(n * d) * 4, cudaMemcpyHostToDevice,
+                             copy_stream));
+    SAE_CUDA(cudaEventRecord(copied[b], copy_stream));
+  }
+
+  // Encodes the n <= chunk tokens staged in slot b (host copy xh, for error messages); appends
+  // to codes (and x_hat when asked).
+  void run(const float* xh, int b, int64_t n, SparseCodes& codes, std::vector<float>* xhat_out) {
     const cudaStream_t st = ctx.stream();
-    SAE_CUDA(cudaMemcpyAsync(x.data(), xh, size_t(n * d) * 4, cudaMemcpyHostToDevice, st));
+    SAE_CUDA(cudaStreamWaitEvent(st, copied[b], 0));
+    const float* xd = x[b].data();
     const int mode = cfg.normalize_activations == InputNorm::ConstantNormRescale ? 1
                      : cfg.normalize_activations == InputNorm::LayerNorm          ? 2
                                                                                    : 0;
     SAE_CUDA(cudaMemsetAsync(non_finite.data(), 0, sizeof(int), st));
-    k_sae_input<<<unsigned(n), kThreads, 0, st>>>(x.data(), d, mode, b_dec.data(),
+    k_sae_input<<<unsigned(n), kThreads, 0, st>>>(xd, d, mode, b_dec.data(),
                                                   cfg.apply_b_dec_to_input, sae_in.data(),
                                                   scale.data(), shift.data(), non_finite.data());
     SAE_CUDA_LAUNCHED();
+    SAE_CUDA(cudaEventRecord(consumed[b], st));
     if (prec == cuda::Precision::Bf16) {
       cuda::to_bf16(ctx, sae_in.data(), in_bf16.data(), n * d);
       cuda::gemm(ctx, ops::Trans::No, ops::Trans::No, n, D, d, 1.0f, {in_bf16.data(), true, d},
@@ -316,15 +345,20 @@ struct DeviceSae::Impl {
     codes.d_sae = D;
     codes.offsets.push_back(0);
     if (x_hat_out) x_hat_out->clear();
-    for (int64_t t0 = 0; t0 < n; t0 += chunk)
-      run(xs.data() + t0 * d, std::min(chunk, n - t0), codes, x_hat_out);
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    if (n_chunks > 0) stage(xs.data(), std::min(chunk, n), 0);
+    for (int64_t i = 0; i < n_chunks; ++i) {
+      const int64_t t0 = i * chunk, t1 = t0 + chunk;
+      if (t1 < n) stage(xs.data() + t1 * d, std::min(chunk, n - t1), int((i + 1) % 2));
+      run(xs.data() + t0 * d, int(i % 2), std::min(chunk, n - t0), codes, x_hat_out);
+    }
     return codes;
   }
 };
 
-DeviceSae::DeviceSae(const Sae& sae, const std::string& precision) {
+DeviceSae::DeviceSae(const Sae& sae, const std::string& precision, int64_t chunk_tokens) {
   require_device(Device::Cuda);
-  impl_ = std::make_unique<Impl>(sae, precision);
+  impl_ = std::make_unique<Impl>(sae, precision, chunk_tokens);
 }
 DeviceSae::~DeviceSae() = default;
 const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }

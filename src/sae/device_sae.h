@@ -16,7 +16,8 @@ namespace sae {
 
 class DeviceSae {
  public:
-  DeviceSae(const Sae& sae, const std::string& precision = "fp32");
+  // chunk_tokens: tokens per encoder GEMM (0: as many as keep [chunk, d_sae] under 1 GiB).
+  DeviceSae(const Sae& sae, const std::string& precision = "fp32", int64_t chunk_tokens = 0);
   ~DeviceSae();
   DeviceSae(const DeviceSae&) = delete;
   DeviceSae& operator=(const DeviceSae&) = delete;

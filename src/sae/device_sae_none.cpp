@@ -8,7 +8,7 @@ struct DeviceSae::Impl {
   SaeConfig cfg;
 };
 
-DeviceSae::DeviceSae(const Sae&, const std::string&) { require_device(Device::Cuda); }
+DeviceSae::DeviceSae(const Sae&, const std::string&, int64_t) { require_device(Device::Cuda); }
 DeviceSae::~DeviceSae() = default;
 const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }
 SparseCodes DeviceSae::encode(std::span<const float>, int64_t) { return {}; }

@@ -209,6 +209,22 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
   int64_t e = offsets[t];
   const int64_t end = offsets[t + 1];
   for (int i = 0; i < ls.n; ++i) {
+    // Two rows at a time when both belong to this level: twice the loads in flight, the same
+    // additions in the same order.
+    for (; e + 1 < end && cols[e + 1] < ls.width[i]; e += 2) {
+      const int32_t j0 = cols[e], j1 = cols[e + 1];
+      const float u0 = inv_norms ? vals[e] * inv_norms[j0] : vals[e];
+      const float u1 = inv_norms ? vals[e + 1] * inv_norms[j1] : vals[e + 1];
+      const float4 *w0 = W4 + int64_t(j0) * d4, *w1 = W4 + int64_t(j1) * d4;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+        if (q < d4) {
+          const float4 a = w0[q], b = w1[q];
+          r[k] = f4_fma(u1, b, f4_fma(u0, a, r[k]));
+        }
+      }
+    }
     for (; e < end && cols[e] < ls.width[i]; ++e) {
       const int32_t j = cols[e];
       const float u = inv_norms ? vals[e] * inv_norms[j] : vals[e];
@@ -309,7 +325,24 @@ __global__ void k_grad_rows4(const int64_t* start, const int32_t* sorted_ids,
   float4 gd[V], ge[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) gd[k] = ge[k] = make_float4(0, 0, 0, 0);
-  for (int64_t s = s0; s < s1; ++s) {
+  int64_t s = s0;
+  for (; s + 1 < s1; s += 2) {  // two entries at a time, added in order
+    const int32_t e0 = sorted_ids[s], e1 = sorted_ids[s + 1];
+    const int64_t t0 = token[e0], t1 = token[e1];
+    const float u0 = u[e0], d0 = dpre[e0], u1 = u[e1], d1 = dpre[e1];
+    const float4 *g0 = V4 + (t0 * n_vec + lvl) * d4, *x0 = X4 + t0 * d4;
+    const float4 *g1 = V4 + (t1 * n_vec + lvl) * d4, *x1 = X4 + t1 * d4;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
+      if (q < d4) {
+        const float4 a0 = g0[q], b0 = x0[q], a1 = g1[q], b1 = x1[q];
+        gd[k] = f4_fma(u1, a1, f4_fma(u0, a0, gd[k]));
+        ge[k] = f4_fma(d1, b1, f4_fma(d0, b0, ge[k]));
+      }
+    }
+  }
+  for (; s < s1; ++s) {
     const int32_t e = sorted_ids[s];
     const int64_t t = token[e];
     const float ue = u[e], de = dpre[e];
