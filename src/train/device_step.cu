@@ -209,22 +209,6 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
   int64_t e = offsets[t];
   const int64_t end = offsets[t + 1];
   for (int i = 0; i < ls.n; ++i) {
-    // Two rows at a time when both belong to this level: twice the loads in flight, the same
-    // additions in the same order.
-    for (; e + 1 < end && cols[e + 1] < ls.width[i]; e += 2) {
-      const int32_t j0 = cols[e], j1 = cols[e + 1];
-      const float u0 = inv_norms ? vals[e] * inv_norms[j0] : vals[e];
-      const float u1 = inv_norms ? vals[e + 1] * inv_norms[j1] : vals[e + 1];
-      const float4 *w0 = W4 + int64_t(j0) * d4, *w1 = W4 + int64_t(j1) * d4;
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const int64_t q = threadIdx.x + int64_t(k) * blockDim.x;
-        if (q < d4) {
-          const float4 a = w0[q], b = w1[q];
-          r[k] = f4_fma(u1, b, f4_fma(u0, a, r[k]));
-        }
-      }
-    }
     for (; e < end && cols[e] < ls.width[i]; ++e) {
       const int32_t j = cols[e];
       const float u = inv_norms ? vals[e] * inv_norms[j] : vals[e];

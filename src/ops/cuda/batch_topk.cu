@@ -251,9 +251,13 @@ __global__ void k_sample_hist(const float* x, int64_t rows, int64_t cols, int64_
   const unsigned coarse_bin = fine ? state[kSampleBin] : 0;
   for (int i = threadIdx.x; i < kCoarseBins; i += blockDim.x) sh[i] = 0;
   __syncthreads();
+  // blockIdx.y splits each sampled row into gridDim.y column ranges (more blocks, less
+  // contention on each block's shared histogram).
+  const int64_t span = (cols + gridDim.y - 1) / gridDim.y;
+  const int64_t c_lo = blockIdx.y * span, c_hi = min(cols, c_lo + span);
   for (int64_t r = int64_t(blockIdx.x) * stride; r < rows; r += int64_t(gridDim.x) * stride) {
     const float* xr = x + r * cols;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    for (int64_t c = c_lo + threadIdx.x; c < c_hi; c += blockDim.x) {
       const unsigned k = key_of(affine(xr[c], c, bias, scale));
       if (!k) continue;
       if (!fine) atomicAdd(&sh[k >> kFineBits], 1u);
@@ -469,8 +473,10 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
   const int sgrid = int(std::max<int64_t>(1, std::min<int64_t>(sampled, grid)));
   for (int fine_pass = 0; fine_pass < 2; ++fine_pass) {
     if (rows > 0) {
-      k_sample_hist<<<sgrid, kThreads, 0, s>>>(x, rows, cols, stride, bias, scale, st, fine_pass,
-                                               fine_pass ? sample_fine : sample_coarse);
+      const unsigned col_blocks = unsigned(std::clamp<int64_t>(cols / 2048, 1, 16));
+      k_sample_hist<<<dim3(unsigned(sgrid), col_blocks), kThreads, 0, s>>>(
+          x, rows, cols, stride, bias, scale, st, fine_pass,
+          fine_pass ? sample_fine : sample_coarse);
       SAE_CUDA_LAUNCHED();
     }
     k_sample_bound<<<1, 1024, 0, s>>>(fine_pass ? sample_fine : sample_coarse, fine_pass,
