@@ -18,9 +18,12 @@ int main(int argc, char** argv) {
   int64_t d_in = 2304, d_sae = 32768, tokens = 65536, cpu_tokens = 4096;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i], v = argv[i + 1];
-    if (a == "--tokens") tokens = std::stoll(v);
-    else if (a == "--cpu-tokens") cpu_tokens = std::stoll(v);
-    else if (a == "--d-sae") d_sae = std::stoll(v);
+    if (a == "--tokens")
+      tokens = std::stoll(v);
+    else if (a == "--cpu-tokens")
+      cpu_tokens = std::stoll(v);
+    else if (a == "--d-sae")
+      d_sae = std::stoll(v);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -40,10 +43,12 @@ int main(int argc, char** argv) {
   for (auto& v : s.W_dec) v = float(rng.normal()) * w;
   for (auto& v : s.threshold) v = 3.0f;  // P(N(0,1) > 3) * 32768 = 44 active
   float* x = nullptr;
-  if (cudaMallocHost(reinterpret_cast<void**>(&x), size_t(tokens * d_in) * 4) != cudaSuccess) return 1;
+  if (cudaMallocHost(reinterpret_cast<void**>(&x), size_t(tokens * d_in) * 4) != cudaSuccess)
+    return 1;
   for (int64_t i = 0; i < tokens * d_in; ++i) x[i] = float(rng.normal());
-  std::printf("config: JumpReLU d_in %lld, d_sae %lld, %lld tokens from page-locked host memory\n\n",
-              (long long)d_in, (long long)d_sae, (long long)tokens);
+  std::printf(
+      "config: JumpReLU d_in %lld, d_sae %lld, %lld tokens from page-locked host memory\n\n",
+      (long long)d_in, (long long)d_sae, (long long)tokens);
   std::printf("%-10s %12s %12s %8s\n", "encode", "ms", "tokens/s", "L0");
   for (const char* prec : {"fp32", "tf32", "bf16"}) {
     DeviceSae dev(s, prec);

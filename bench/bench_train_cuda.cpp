@@ -21,13 +21,20 @@ int main(int argc, char** argv) {
   std::string preset_name = "gemma-2-2b-matryoshka-standard", precisions = "fp32,tf32,bf16";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i], v = argv[i + 1];
-    if (a == "--d-in") d_in = std::stoll(v);
-    else if (a == "--d-sae") d_sae = std::stoll(v);
-    else if (a == "--batch") batch = std::stoll(v);
-    else if (a == "--steps") steps = std::stoll(v);
-    else if (a == "--dead") n_dead = std::stoll(v);
-    else if (a == "--preset") preset_name = v;
-    else if (a == "--precision") precisions = v;
+    if (a == "--d-in")
+      d_in = std::stoll(v);
+    else if (a == "--d-sae")
+      d_sae = std::stoll(v);
+    else if (a == "--batch")
+      batch = std::stoll(v);
+    else if (a == "--steps")
+      steps = std::stoll(v);
+    else if (a == "--dead")
+      n_dead = std::stoll(v);
+    else if (a == "--preset")
+      preset_name = v;
+    else if (a == "--precision")
+      precisions = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -45,10 +52,11 @@ int main(int argc, char** argv) {
   j["data"] = {{"type", "synthetic"}};
   train::TrainConfig cfg = train::TrainConfig::from_json(j, "bench");
   cfg.spec.d_in = d_in;
-  std::printf("config: preset %s, d_in %lld, d_sae %lld, k %.0f, batch %lld, %lld dead latents "
-              "(AuxK), Adam beta1 %.1f, %lld timed steps after 3 warm-up\n",
-              preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k,
-              (long long)batch, (long long)n_dead, cfg.adam.beta1, (long long)steps);
+  std::printf(
+      "config: preset %s, d_in %lld, d_sae %lld, k %.0f, batch %lld, %lld dead latents "
+      "(AuxK), Adam beta1 %.1f, %lld timed steps after 3 warm-up\n",
+      preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, (long long)batch,
+      (long long)n_dead, cfg.adam.beta1, (long long)steps);
   train::TrainingSae sae(cfg.spec);
   sae.init(0, 0.1);
   train::Optimizer opt(sae, cfg.adam);
@@ -77,8 +85,8 @@ int main(int argc, char** argv) {
     const double wall_ms = (now_seconds() - t0) * 1e3 / double(steps);
     const auto& t = dev.times();
     const double n = double(t.steps);
-    const double total = (t.upload + t.encoder_gemm + t.select + t.levels + t.backward + t.aux +
-                          t.optimizer) / n;
+    const double total =
+        (t.upload + t.encoder_gemm + t.select + t.levels + t.backward + t.aux + t.optimizer) / n;
     const double no_copy = total - t.upload / n;
     std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f | %9.3f %10.0f %8.1f %9.1f\n",
                 prec.c_str(), t.upload / n, t.encoder_gemm / n, t.select / n, t.levels / n,
@@ -88,7 +96,8 @@ int main(int argc, char** argv) {
     std::printf("%-6s wall %.3f ms/step (host loop, includes the per-step scalar read-back)\n",
                 prec.c_str(), wall_ms);
   }
-  std::printf("(phase columns: GPU ms per step from CUDA events; 'no copy' = total without the "
-              "host-to-device batch copy)\n");
+  std::printf(
+      "(phase columns: GPU ms per step from CUDA events; 'no copy' = total without the "
+      "host-to-device batch copy)\n");
   return 0;
 }

@@ -11,16 +11,16 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "data/synthetic.h"
 #include "ops/adam.h"
 #include "ops/batch_topk.h"
 #include "ops/select.h"
-#include "test_util.h"
-#include "data/synthetic.h"
 #include "sae/device_sae.h"
+#include "test_util.h"
 #include "train/device_step.h"
-#include "train/trainer.h"
 #include "train/optimizer.h"
 #include "train/step.h"
+#include "train/trainer.h"
 
 #if SAECPP_HAS_CUDA
 #include "ops/cuda/adam.h"
@@ -33,10 +33,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-#define REQUIRE_GPU()                                                                      \
-  do {                                                                                     \
-    if (!cuda_compiled()) GTEST_SKIP() << "CUDA test skipped: this build has no CUDA";     \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "CUDA test skipped: no GPU is visible";  \
+#define REQUIRE_GPU()                                                                     \
+  do {                                                                                    \
+    if (!cuda_compiled()) GTEST_SKIP() << "CUDA test skipped: this build has no CUDA";    \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "CUDA test skipped: no GPU is visible"; \
   } while (0)
 
 TEST(Cuda, DeviceQueriesNeverThrow) {
@@ -55,7 +55,8 @@ TEST(Cuda, CliDeviceCudaEitherRunsOrSaysWhyNot) {
   // line and leave no output; with a GPU they give the CPU's codes.
   test::TempDir dir;
   const std::string sae = test::golden("standard/sae"), x = test::golden("standard/x.npy");
-  auto r = test::run_cli(cat("encode ", sae, " ", x, " --device cuda -o ", dir / "codes.safetensors"));
+  auto r =
+      test::run_cli(cat("encode ", sae, " ", x, " --device cuda -o ", dir / "codes.safetensors"));
   if (cuda_device_count() == 0) {
     EXPECT_EQ(r.exit_code, 1) << r.output;
     EXPECT_NE(r.output.find(cuda_compiled() ? "no CUDA GPU is visible" : "built without CUDA"),
@@ -123,8 +124,9 @@ TEST(Cuda, BatchTopKMatchesCpuIncludingTiesAndShortfall) {
           EXPECT_EQ(gvals, want.values) << what;
           EXPECT_EQ(gx, xc) << what << " (the matrix after the call)";
           const float m = cuda::download(min_sel.data(), 1, ctx.stream())[0];
-          const float want_min =
-              want.values.empty() ? 0.0f : *std::min_element(want.values.begin(), want.values.end());
+          const float want_min = want.values.empty()
+                                     ? 0.0f
+                                     : *std::min_element(want.values.begin(), want.values.end());
           EXPECT_EQ(m, want_min) << what;
         }
       }
@@ -169,8 +171,10 @@ TEST(Cuda, BatchTopKFallsBackToExactWhenTheSampleMisleadsOrCandidatesOverflow) {
 TEST(Cuda, TopkRowsMatchesCpuWithTiesAndNegatives) {
   REQUIRE_GPU();
   cuda::Context ctx;
-  for (auto [rows, cols, k] : {std::tuple<int64_t, int64_t, int64_t>{13, 77, 5}, {3, 2049, 1152},
-                               {40, 9, 9}, {7, 300, 1}}) {
+  for (auto [rows, cols, k] : {std::tuple<int64_t, int64_t, int64_t>{13, 77, 5},
+                               {3, 2049, 1152},
+                               {40, 9, 9},
+                               {7, 300, 1}}) {
     auto x = test::random_vector(size_t(rows * cols), uint32_t(cols + k));
     for (int64_t i = 0; i < rows * cols; i += 5) x[size_t(i)] = -0.25f;
     for (int64_t i = 2; i < rows * cols; i += 13) x[size_t(i)] = 0.5f;
@@ -209,7 +213,9 @@ TEST(Cuda, GemmMatchesCpuInEachPrecision) {
                    {bf ? static_cast<const void*>(ha.data()) : da.data(), bf, lda},
                    {bf ? static_cast<const void*>(hb.data()) : db.data(), bf, ldb}, 0.25f,
                    dc.data(), N, prec);
-        const double tol = prec == cuda::Precision::Fp32 ? 1e-5 : prec == cuda::Precision::Tf32 ? 3e-3 : 2e-2;
+        const double tol = prec == cuda::Precision::Fp32   ? 1e-5
+                           : prec == cuda::Precision::Tf32 ? 3e-3
+                                                           : 2e-2;
         test::expect_close(cuda::download(dc.data(), c.size(), ctx.stream()), want, tol,
                            cat("gemm ", cuda::precision_name(prec)));
       }
@@ -225,7 +231,8 @@ TEST(Cuda, AdamWithClipMatchesCpu) {
     double norm_sq = 0;
     for (float x : g) norm_sq += double(x) * x;
     const float scale = float(std::min(1.0 / (std::sqrt(norm_sq) + 1e-6), 1.0));
-    auto dp = to_device(p, ctx), dg = to_device(g, ctx), dm = to_device(m, ctx), dv = to_device(v, ctx);
+    auto dp = to_device(p, ctx), dg = to_device(g, ctx), dm = to_device(m, ctx),
+         dv = to_device(v, ctx);
     auto dn = to_device(std::vector<double>{norm_sq}, ctx);
     for (int64_t step = 1; step <= 3; ++step) {
       ops::AdamStep a{1e-3f, beta1, 0.999f, 1e-8f, step};
@@ -249,12 +256,13 @@ TEST(CudaSae, EncodeAndDecodeMatchCpuForEveryArchitecture) {
     bool rescale, b_dec_in;
     int64_t d_in;
   };
-  for (const Arch& c : {Arch{Architecture::Standard, InputNorm::None, false, true, 72},
-                        Arch{Architecture::JumpReLU, InputNorm::None, false, true, 37},
-                        Arch{Architecture::TopK, InputNorm::None, false, true, 72},
-                        Arch{Architecture::TopK, InputNorm::None, true, false, 37},
-                        Arch{Architecture::Standard, InputNorm::ConstantNormRescale, false, true, 40},
-                        Arch{Architecture::JumpReLU, InputNorm::LayerNorm, false, false, 72}}) {
+  for (const Arch& c :
+       {Arch{Architecture::Standard, InputNorm::None, false, true, 72},
+        Arch{Architecture::JumpReLU, InputNorm::None, false, true, 37},
+        Arch{Architecture::TopK, InputNorm::None, false, true, 72},
+        Arch{Architecture::TopK, InputNorm::None, true, false, 37},
+        Arch{Architecture::Standard, InputNorm::ConstantNormRescale, false, true, 40},
+        Arch{Architecture::JumpReLU, InputNorm::LayerNorm, false, false, 72}}) {
     SaeConfig cfg;
     cfg.architecture = c.a;
     cfg.d_in = c.d_in;
@@ -309,7 +317,9 @@ struct StepCase {
   bool with_dead = false;
 };
 
-void PrintTo(const StepCase& c, std::ostream* os) { *os << c.name; }
+void PrintTo(const StepCase& c, std::ostream* os) {
+  *os << c.name;
+}
 
 train::TrainSpec base_spec() {
   train::TrainSpec s;
@@ -456,8 +466,8 @@ TEST_P(CudaStep, FullStepsMatchCpuTrainerArithmetic) {
     bool any = false;
     for (int64_t j = 0; j < D; ++j) any |= (dead[size_t(j)] = since[size_t(j)] > window) != 0;
     g.clear();
-    const auto r = train::forward_backward(cpu, x.data(), f.B, any ? dead : std::vector<uint8_t>{},
-                                           g, ws);
+    const auto r =
+        train::forward_backward(cpu, x.data(), f.B, any ? dead : std::vector<uint8_t>{}, g, ws);
     cpu.update_threshold(r.min_selected, r.n_active > 0);
     for (int64_t j = 0; j < D; ++j) {
       since[size_t(j)] = r.fired[size_t(j)] ? 0 : since[size_t(j)] + 1;
@@ -515,7 +525,8 @@ TEST_P(CudaStep, ReducedPrecisionStaysWithinDerivedTolerance) {
     EXPECT_NEAR(q.loss, r.loss, tol * std::abs(r.loss)) << prec;
     double num = 0, den = 0;
     for (size_t i = 0; i < want.W_dec.size(); ++i)
-      num += std::pow(double(got.W_dec[i]) - want.W_dec[i], 2), den += std::pow(double(want.W_dec[i]), 2);
+      num += std::pow(double(got.W_dec[i]) - want.W_dec[i], 2),
+          den += std::pow(double(want.W_dec[i]), 2);
     EXPECT_LT(std::sqrt(num / den), 4 * tol) << prec << " dW_dec relative L2 error";
   }
 }
@@ -533,11 +544,15 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
     j["sae"]["d_sae"] = 48;
     j["sae"]["matryoshka_widths"] = {8, 24, 48};
     j["sae"]["normalize_activations"] = "expected_average_only_in";
-    j["data"] = {{"type", "synthetic"}, {"d_in", 24}, {"n_roots", 12}, {"n_parents", 4},
+    j["data"] = {{"type", "synthetic"},
+                 {"d_in", 24},
+                 {"n_roots", 12},
+                 {"n_parents", 4},
                  {"heldout_tokens", 512}};
-    j["training"] = {{"batch_size", 128}, {"total_tokens", 128 * 300}, {"eval_every_steps", 100},
-                     {"eval_tokens", 512}, {"log_every_steps", 50}, {"checkpoint_every_steps", 40},
-                     {"n_norm_batches", 2}, {"device", device}, {"precision", precision}};
+    j["training"] = {
+        {"batch_size", 128},   {"total_tokens", 128 * 300}, {"eval_every_steps", 100},
+        {"eval_tokens", 512},  {"log_every_steps", 50},     {"checkpoint_every_steps", 40},
+        {"n_norm_batches", 2}, {"device", device},          {"precision", precision}};
     j["loss"]["dead_feature_window"] = 5;  // AuxK runs
     j["optimizer"]["adam_beta1"] = 0.0;
     j["output"] = {{"dir", out}};

@@ -14,9 +14,13 @@ Device parse_device(const std::string& name, const std::string& where) {
   fail(where, "device", cat("unknown device '", name, "' (expected cpu or cuda)"));
 }
 
-const char* device_name(Device d) { return d == Device::Cuda ? "cuda" : "cpu"; }
+const char* device_name(Device d) {
+  return d == Device::Cuda ? "cuda" : "cpu";
+}
 
-bool cuda_compiled() { return SAECPP_HAS_CUDA != 0; }
+bool cuda_compiled() {
+  return SAECPP_HAS_CUDA != 0;
+}
 
 int cuda_device_count() {
 #if SAECPP_HAS_CUDA
@@ -48,11 +52,13 @@ std::string cuda_device_description() {
 void require_device(Device d) {
   if (d == Device::Cpu) return;
   if (!cuda_compiled())
-    fail("--device cuda: this sae.cpp was built without CUDA (configure with -DSAECPP_CUDA=ON "
-         "on a machine with the CUDA toolkit)");
+    fail(
+        "--device cuda: this sae.cpp was built without CUDA (configure with -DSAECPP_CUDA=ON "
+        "on a machine with the CUDA toolkit)");
   if (cuda_device_count() == 0)
-    fail("--device cuda: no CUDA GPU is visible to this process (check nvidia-smi and "
-         "CUDA_VISIBLE_DEVICES)");
+    fail(
+        "--device cuda: no CUDA GPU is visible to this process (check nvidia-smi and "
+        "CUDA_VISIBLE_DEVICES)");
 }
 
 }  // namespace sae

@@ -69,8 +69,10 @@ __global__ void k_sae_input(const float* x, int64_t d, int mode, const float* b_
   const float denom = float(denom_d);
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     float v = xr[j];
-    if (mode == 1) v = xr[j] * coeff;
-    else if (mode == 2) v = float(xr[j] - mean) / denom;
+    if (mode == 1)
+      v = xr[j] * coeff;
+    else if (mode == 2)
+      v = float(xr[j] - mean) / denom;
     if (apply) v -= b_dec[j];
     s[j] = v;
   }
@@ -87,7 +89,8 @@ __global__ void k_count(const float* pre, int64_t D, const float* b_enc, const f
   __shared__ typename Scan::TempStorage tmp;
   const int64_t t = blockIdx.x;
   int n = 0;
-  for (int64_t c = threadIdx.x; c < D; c += kThreads) n += active(pre[t * D + c] + b_enc[c], thr, c);
+  for (int64_t c = threadIdx.x; c < D; c += kThreads)
+    n += active(pre[t * D + c] + b_enc[c], thr, c);
   int total;
   Scan(tmp).ExclusiveSum(n, n, total);
   if (threadIdx.x == 0) row_n[t] = total;
@@ -145,8 +148,7 @@ __global__ void k_topk_write(const int32_t* top_i, const float* top_v, int64_t n
 // One block per token: x_hat = (b_dec + sum value * W_dec[i] [/ norm_i]) * scale + shift.
 __global__ void k_decode(const int64_t* offsets, const int32_t* idx, const float* val,
                          const float* norms, const float* W_dec, const float* b_dec, int64_t d,
-                         const float* out_scale, const float* out_shift, int renorm,
-                         float* x_hat) {
+                         const float* out_scale, const float* out_shift, int renorm, float* x_hat) {
   const int64_t t = blockIdx.x;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     float r = b_dec[c];
@@ -186,7 +188,9 @@ struct DeviceSae::Impl {
   DeviceBuffer<uint8_t> cub_temp;
 
   Impl(const Sae& s, const std::string& precision, int64_t chunk_tokens)
-      : cfg(s.cfg), prec(cuda::parse_precision(precision, "encode")), d(s.cfg.d_in),
+      : cfg(s.cfg),
+        prec(cuda::parse_precision(precision, "encode")),
+        d(s.cfg.d_in),
         D(s.cfg.d_sae) {
     chunk = chunk_tokens > 0 ? chunk_tokens
                              : std::clamp<int64_t>((int64_t(1) << 30) / (4 * D), 256, 16384);
@@ -222,8 +226,8 @@ struct DeviceSae::Impl {
     offsets.resize(size_t(chunk + 1), "offsets");
     non_finite.resize(1, "flag");
     size_t temp = 0;
-    SAE_CUDA(cub::DeviceScan::ExclusiveSum(nullptr, temp, row_n.data(), offsets.data(),
-                                           chunk + 1, st));
+    SAE_CUDA(
+        cub::DeviceScan::ExclusiveSum(nullptr, temp, row_n.data(), offsets.data(), chunk + 1, st));
     cub_temp.resize(temp, "scan scratch");
     ctx.sync();
   }
@@ -239,8 +243,8 @@ struct DeviceSae::Impl {
   // Copies n tokens of host x into slot b once the chunk that used it has been read.
   void stage(const float* xh, int64_t n, int b) {
     SAE_CUDA(cudaStreamWaitEvent(copy_stream, consumed[b], 0));
-    SAE_CUDA(cudaMemcpyAsync(x[b].data(), xh, size_t(n * d) * 4, cudaMemcpyHostToDevice,
-                             copy_stream));
+    SAE_CUDA(
+        cudaMemcpyAsync(x[b].data(), xh, size_t(n * d) * 4, cudaMemcpyHostToDevice, copy_stream));
     SAE_CUDA(cudaEventRecord(copied[b], copy_stream));
   }
 
@@ -251,8 +255,8 @@ struct DeviceSae::Impl {
     SAE_CUDA(cudaStreamWaitEvent(st, copied[b], 0));
     const float* xd = x[b].data();
     const int mode = cfg.normalize_activations == InputNorm::ConstantNormRescale ? 1
-                     : cfg.normalize_activations == InputNorm::LayerNorm          ? 2
-                                                                                   : 0;
+                     : cfg.normalize_activations == InputNorm::LayerNorm         ? 2
+                                                                                 : 0;
     SAE_CUDA(cudaMemsetAsync(non_finite.data(), 0, sizeof(int), st));
     k_sae_input<<<unsigned(n), kThreads, 0, st>>>(xd, d, mode, b_dec.data(),
                                                   cfg.apply_b_dec_to_input, sae_in.data(),
@@ -361,7 +365,9 @@ DeviceSae::DeviceSae(const Sae& sae, const std::string& precision, int64_t chunk
   impl_ = std::make_unique<Impl>(sae, precision, chunk_tokens);
 }
 DeviceSae::~DeviceSae() = default;
-const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }
+const SaeConfig& DeviceSae::cfg() const {
+  return impl_->cfg;
+}
 SparseCodes DeviceSae::encode(std::span<const float> x, int64_t n) {
   return impl_->encode(x, n, nullptr);
 }

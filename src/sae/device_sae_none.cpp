@@ -8,10 +8,16 @@ struct DeviceSae::Impl {
   SaeConfig cfg;
 };
 
-DeviceSae::DeviceSae(const Sae&, const std::string&, int64_t) { require_device(Device::Cuda); }
+DeviceSae::DeviceSae(const Sae&, const std::string&, int64_t) {
+  require_device(Device::Cuda);
+}
 DeviceSae::~DeviceSae() = default;
-const SaeConfig& DeviceSae::cfg() const { return impl_->cfg; }
-SparseCodes DeviceSae::encode(std::span<const float>, int64_t) { return {}; }
+const SaeConfig& DeviceSae::cfg() const {
+  return impl_->cfg;
+}
+SparseCodes DeviceSae::encode(std::span<const float>, int64_t) {
+  return {};
+}
 SparseCodes DeviceSae::encode_decode(std::span<const float>, int64_t, std::vector<float>&) {
   return {};
 }

@@ -3,9 +3,9 @@
 //   per-entry d(pre) -> d(sae_in) -> AuxK (dense over the dead latents, cuBLAS) ->
 //   latent-major gradient rows (+ squared norm) -> d(b_dec) -> counters, threshold -> clip+Adam.
 // The CPU step (step.cpp) is the reference; the comments there explain each formula.
+#include <thrust/iterator/counting_iterator.h>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
-#include <thrust/iterator/counting_iterator.h>
 
 #include <algorithm>
 #include <cmath>
@@ -85,8 +85,8 @@ __global__ void k_row_norms(const float* W, int64_t rows, int64_t d, float* inv_
   s = block_sum(s, sh);
   if (threadIdx.x == 0) {
     const float n = float(sqrt(s));
-    inv_norms[rows + j] = n;          // second half: the norms themselves
-    inv_norms[j] = 1.0f / n;          // first half: their inverses
+    inv_norms[rows + j] = n;  // second half: the norms themselves
+    inv_norms[j] = 1.0f / n;  // first half: their inverses
   }
 }
 
@@ -130,8 +130,10 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
     float* gi = vt + int64_t(i) * d;
     int aux_slot = -1;
     if (n_aux > 0) {
-      if (per_level_aux) aux_slot = ls.n + i;
-      else if (i == ls.n - 1) aux_slot = ls.n;
+      if (per_level_aux)
+        aux_slot = ls.n + i;
+      else if (i == ls.n - 1)
+        aux_slot = ls.n;
     }
     double ss = 0;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -221,8 +223,10 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
     }
     int aux_slot = -1;
     if (n_aux > 0) {
-      if (per_level_aux) aux_slot = ls.n + i;
-      else if (i == ls.n - 1) aux_slot = ls.n;
+      if (per_level_aux)
+        aux_slot = ls.n + i;
+      else if (i == ls.n - 1)
+        aux_slot = ls.n;
     }
     double ss = 0;
     float4 err[V];
@@ -293,11 +297,10 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
 }
 
 template <int V>
-__global__ void k_grad_rows4(const int64_t* start, const int32_t* sorted_ids,
-                             const int32_t* token, const float* u, const float* dpre,
-                             const float* vecs, int n_vec, const float* sae_in, int64_t d,
-                             Levels ls, const int32_t* aux_pos, const float* gwd,
-                             const float* gwe, const float* gb_aux, float* gW_dec,
+__global__ void k_grad_rows4(const int64_t* start, const int32_t* sorted_ids, const int32_t* token,
+                             const float* u, const float* dpre, const float* vecs, int n_vec,
+                             const float* sae_in, int64_t d, Levels ls, const int32_t* aux_pos,
+                             const float* gwd, const float* gwe, const float* gb_aux, float* gW_dec,
                              float* gW_encT, float* gb_enc, double* norm_part) {
   __shared__ double sh[32];
   const int64_t j = blockIdx.x, d4 = d / 4;
@@ -376,14 +379,15 @@ __global__ void k_sort_keys(const int64_t* offsets, int64_t B, const int32_t* co
   }
 }
 
-__global__ void k_latent_start(const int32_t* sorted_keys, int64_t cap, int64_t D,
-                               int64_t* start) {
+__global__ void k_latent_start(const int32_t* sorted_keys, int64_t cap, int64_t D, int64_t* start) {
   GRID_STRIDE(j, D + 1) {
     int64_t lo = 0, hi = cap;  // first position whose key >= j
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (sorted_keys[mid] < j) lo = mid + 1;
-      else hi = mid;
+      if (sorted_keys[mid] < j)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     start[j] = lo;
   }
@@ -401,8 +405,8 @@ __global__ void k_gather_rows(const float* W, const int32_t* list, int64_t n_g, 
 }
 
 __global__ void k_aux_scatter(const int32_t* top_i, const float* top_v, int64_t B, int64_t k,
-                              int64_t n_g, const int32_t* list, const float* inv_norms,
-                              float* acts, uint8_t* sel) {
+                              int64_t n_g, const int32_t* list, const float* inv_norms, float* acts,
+                              uint8_t* sel) {
   GRID_STRIDE(i, B * k) {
     const int64_t t = i / k, c = top_i[i];
     const float u = inv_norms ? top_v[i] * inv_norms[list[c]] : top_v[i];
@@ -443,8 +447,8 @@ __global__ void k_col_sums(const float* m, int64_t rows, int64_t cols, float* ou
 __global__ void k_grad_rows(const int64_t* start, const int32_t* sorted_ids, const int32_t* token,
                             const float* u, const float* dpre, const float* vecs, int n_vec,
                             const float* sae_in, int64_t d, Levels ls, const int32_t* aux_pos,
-                            const float* gwd, const float* gwe, const float* gb_aux,
-                            float* gW_dec, float* gW_encT, float* gb_enc, double* norm_part) {
+                            const float* gwd, const float* gwe, const float* gb_aux, float* gW_dec,
+                            float* gW_encT, float* gb_enc, double* norm_part) {
   __shared__ double sh[32];
   const int64_t j = blockIdx.x;
   const int64_t s0 = start[j], s1 = start[j + 1];
@@ -483,14 +487,13 @@ __global__ void k_bdec_partial(const float* vecs, int n_vec, int64_t B, int64_t 
   if (c >= d) return;
   const int64_t t0 = blockIdx.y * chunk, t1 = min(B, t0 + chunk);
   double s = 0;
-  for (int64_t t = t0; t < t1; ++t)
-    s += double(vecs[t * n_vec * d + c]);
+  for (int64_t t = t0; t < t1; ++t) s += double(vecs[t * n_vec * d + c]);
   acc[blockIdx.y * d + c] = s;  // chunks summed in order by k_bdec_final
 }
 
-__global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, int n_chunks,
-                                                     const float* wenc_db, int64_t d,
-                                                     float* gb_dec, double* norm_part) {
+__global__ void __launch_bounds__(1024)
+    k_bdec_final(const double* acc, int n_chunks, const float* wenc_db, int64_t d, float* gb_dec,
+                 double* norm_part) {
   __shared__ double sh[32];
   double sq = 0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -505,8 +508,8 @@ __global__ void __launch_bounds__(1024) k_bdec_final(const double* acc, int n_ch
 }
 
 // The squared gradient norm from the per-block parts, in a fixed order.
-__global__ void __launch_bounds__(1024) k_norm_reduce(const double* part, int64_t n,
-                                                      double* norm_sq) {
+__global__ void __launch_bounds__(1024)
+    k_norm_reduce(const double* part, int64_t n, double* norm_sq) {
   __shared__ double sh[32];
   double s = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
@@ -515,8 +518,8 @@ __global__ void __launch_bounds__(1024) k_norm_reduce(const double* part, int64_
 }
 
 // Sums per level of R_tok and of ss_outer into out[0..L) and out[L].
-__global__ void __launch_bounds__(1024) k_reduce_losses(const double* R_tok, const double* ss_outer, int64_t B, int L,
-                                double* out) {
+__global__ void __launch_bounds__(1024)
+    k_reduce_losses(const double* R_tok, const double* ss_outer, int64_t B, int L, double* out) {
   __shared__ double sh[32];
   for (int i = 0; i <= L; ++i) {
     double s = 0;
@@ -560,8 +563,7 @@ struct Report {
 
 __global__ void k_report(const double* losses, int L, const double* aux, int n_aux,
                          const double* norm_sq, const double* theta, const float* min_selected,
-                         const int64_t* n_active, const unsigned long long* dead_after,
-                         Report* r) {
+                         const int64_t* n_active, const unsigned long long* dead_after, Report* r) {
   for (int i = 0; i < L; ++i) r->level[i] = losses[i];
   r->outer_ss = losses[L];
   for (int i = 0; i < n_aux; ++i) r->aux[i] = aux[i];
@@ -733,7 +735,7 @@ struct DeviceTrainer::Impl {
     SAE_CUDA(cudaMemsetAsync(dead_counts.data(), 0, kMaxLevels * sizeof(int), s()));
     if (n_groups > 0) {
       k_dead_counts<<<blocks_for(D), kThreads, 0, s()>>>(dead.data(), D, ls, sp.per_level_aux,
-                                                          dead_counts.data());
+                                                         dead_counts.data());
       SAE_CUDA_LAUNCHED();
     }
     SAE_CUDA(cudaMemcpyAsync(pinned_counts, dead_counts.data(), kMaxLevels * sizeof(int),
@@ -747,9 +749,8 @@ struct DeviceTrainer::Impl {
     const cudaStream_t st = s();
     const float* inv_norms = nullptr;
     // sae_in and the encoder GEMM
-    k_sae_in<<<blocks_for(B * d), kThreads, 0, st>>>(x.data(), b_dec.data(),
-                                                      sp.apply_b_dec_to_input, B * d, d,
-                                                      sae_in.data());
+    k_sae_in<<<blocks_for(B * d), kThreads, 0, st>>>(
+        x.data(), b_dec.data(), sp.apply_b_dec_to_input, B * d, d, sae_in.data());
     SAE_CUDA_LAUNCHED();
     mark(1);
     if (prec == cuda::Precision::Bf16) {
@@ -770,7 +771,8 @@ struct DeviceTrainer::Impl {
     SAE_CUDA(cudaEventSynchronize(counts_ready));
     std::vector<int64_t> group_n(static_cast<size_t>(n_groups));
     int64_t n_dead = 0;
-    for (int64_t a = 0; a < n_groups; ++a) group_n[size_t(a)] = pinned_counts[a], n_dead += group_n[size_t(a)];
+    for (int64_t a = 0; a < n_groups; ++a)
+      group_n[size_t(a)] = pinned_counts[a], n_dead += group_n[size_t(a)];
     const bool aux = n_dead > 0;
     cuda::batch_topk(ctx, hidden_pre.data(), B, D, budget, b_enc.data(),
                      inv_norms ? inv_norms + D : nullptr, aux, active, topk_ws,
@@ -779,8 +781,8 @@ struct DeviceTrainer::Impl {
     // levels
     const int n_aux_slots = aux ? int(n_groups) : 0;
     const int V = vec_width();
-#define SAE_LEVELS_ARGS                                                                         \
-  x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),              \
+#define SAE_LEVELS_ARGS                                                                       \
+  x.data(), W_dec.data(), b_dec.data(), active.offsets.data(), active.cols.data(),            \
       active.values.data(), inv_norms, ls, d, int(n_vec), n_aux_slots, sp.per_level_aux,      \
       1.0 / double(B), vecs.data(), R_tok.data(), ss_outer.data(), token.data(), dpre.data(), \
       u.data()
@@ -807,9 +809,8 @@ struct DeviceTrainer::Impl {
     int end_bit = 1;
     while ((int64_t(1) << end_bit) <= D) ++end_bit;
     size_t temp = cub_temp.size();
-    SAE_CUDA(cub::DeviceRadixSort::SortPairs(cub_temp.data(), temp, keys.data(),
-                                             keys_sorted.data(), ids.data(), ids_sorted.data(),
-                                             cap, 0, end_bit, st));
+    SAE_CUDA(cub::DeviceRadixSort::SortPairs(cub_temp.data(), temp, keys.data(), keys_sorted.data(),
+                                             ids.data(), ids_sorted.data(), cap, 0, end_bit, st));
     k_latent_start<<<blocks_for(D + 1), kThreads, 0, st>>>(keys_sorted.data(), cap, D,
                                                            start.data());
     SAE_CUDA_LAUNCHED();
@@ -819,10 +820,10 @@ struct DeviceTrainer::Impl {
     if (aux) run_aux(group_n, n_dead, inv_norms);
     mark(6);
     // gradient rows, b_dec, norm
-#define SAE_ROWS_ARGS                                                                           \
-  start.data(), ids_sorted.data(), token.data(), u.data(), dpre.data(), vecs.data(), int(n_vec), \
-      sae_in.data(), d, ls, aux ? aux_pos.data() : nullptr, gwd.data(), gwe.data(),            \
-      gb_aux.data(), gW_dec.data(), gW_encT.data(), gb_enc.data(), norm_part.data()
+#define SAE_ROWS_ARGS                                                                              \
+  start.data(), ids_sorted.data(), token.data(), u.data(), dpre.data(), vecs.data(), int(n_vec),   \
+      sae_in.data(), d, ls, aux ? aux_pos.data() : nullptr, gwd.data(), gwe.data(), gb_aux.data(), \
+      gW_dec.data(), gW_encT.data(), gb_enc.data(), norm_part.data()
     if (V == 0)
       k_grad_rows<<<unsigned(D), kThreads, 0, st>>>(SAE_ROWS_ARGS);
     else if (V == 1)
@@ -836,7 +837,8 @@ struct DeviceTrainer::Impl {
 #undef SAE_ROWS_ARGS
     SAE_CUDA_LAUNCHED();
     const int64_t chunk = 64;
-    k_bdec_partial<<<dim3(unsigned((d + kThreads - 1) / kThreads), unsigned((B + chunk - 1) / chunk)),
+    k_bdec_partial<<<dim3(unsigned((d + kThreads - 1) / kThreads),
+                          unsigned((B + chunk - 1) / chunk)),
                      kThreads, 0, st>>>(vecs.data(), int(n_vec), B, d, chunk, bdec_acc.data());
     SAE_CUDA_LAUNCHED();
     // Through sae_in = x - b_dec: -sum_t d(sae_in)[t] = -W_enc (sum_t d(pre)[t]) = -W_enc db_enc,
@@ -860,11 +862,12 @@ struct DeviceTrainer::Impl {
   void run_aux(const std::vector<int64_t>& group_n, int64_t n_dead, const float* inv_norms) {
     const cudaStream_t st = s();
     size_t temp = cub_temp.size();
-    SAE_CUDA(cub::DeviceSelect::Flagged(cub_temp.data(), temp, thrust::counting_iterator<int32_t>(0),
-                                        dead.data(), dead_list.data(), n_dead_dev.data(), D, st));
+    SAE_CUDA(cub::DeviceSelect::Flagged(cub_temp.data(), temp,
+                                        thrust::counting_iterator<int32_t>(0), dead.data(),
+                                        dead_list.data(), n_dead_dev.data(), D, st));
     SAE_CUDA(cudaMemsetAsync(aux_pos.data(), 0xFF, aux_pos.bytes(), st));  // -1
     k_aux_pos<<<blocks_for(D), kThreads, 0, st>>>(dead_list.data(), n_dead_dev.data(),
-                                                   aux_pos.data());
+                                                  aux_pos.data());
     SAE_CUDA_LAUNCHED();
     gwd.resize(size_t(n_dead * d), "AuxK gradients");
     gwe.resize(size_t(n_dead * d), "AuxK gradients");
@@ -892,22 +895,23 @@ struct DeviceTrainer::Impl {
       recon.resize(size_t(B * d), "AuxK reconstruction");
       h.resize(size_t(B * d), "AuxK gradient");
       k_gather_cols<<<blocks_for(B * n_g), kThreads, 0, st>>>(hidden_pre.data(), B, D, list, n_g,
-                                                               hp_g.data());
+                                                              hp_g.data());
       SAE_CUDA_LAUNCHED();
       cuda::topk_rows(ctx, hp_g.data(), B, n_g, k_aux, top_i.data(), top_v.data());
       SAE_CUDA(cudaMemsetAsync(aux_acts.data(), 0, size_t(B * n_g) * sizeof(float), st));
       SAE_CUDA(cudaMemsetAsync(aux_sel.data(), 0, size_t(B * n_g), st));
-      k_aux_scatter<<<blocks_for(B * k_aux), kThreads, 0, st>>>(
-          top_i.data(), top_v.data(), B, k_aux, n_g, list, inv_norms, aux_acts.data(),
-          aux_sel.data());
+      k_aux_scatter<<<blocks_for(B * k_aux), kThreads, 0, st>>>(top_i.data(), top_v.data(), B,
+                                                                k_aux, n_g, list, inv_norms,
+                                                                aux_acts.data(), aux_sel.data());
       SAE_CUDA_LAUNCHED();
-      k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_dec.data(), list, n_g, d, wd.data());
+      k_gather_rows<<<blocks_for(n_g * d), kThreads, 0, st>>>(W_dec.data(), list, n_g, d,
+                                                              wd.data());
       SAE_CUDA_LAUNCHED();
       using ops::Trans;
       cuda::gemm(ctx, Trans::No, Trans::No, B, d, n_g, 1.0f, {aux_acts.data(), false, n_g},
                  {wd.data(), false, d}, 0.0f, recon.data(), d, aux_prec);
       k_aux_h<<<blocks_for(B * d), kThreads, 0, st>>>(recon.data(), vecs.data(), int(n_vec), slot,
-                                                       B, d, w, h.data(), aux_loss.data() + a);
+                                                      B, d, w, h.data(), aux_loss.data() + a);
       SAE_CUDA_LAUNCHED();
       cuda::gemm(ctx, Trans::No, Trans::Yes, B, n_g, d, 1.0f, {h.data(), false, d},
                  {wd.data(), false, d}, 0.0f, aux_dpre.data(), n_g, aux_prec);
@@ -949,8 +953,8 @@ struct DeviceTrainer::Impl {
                                norm_sq.data(), theta.data(), min_selected.data(),
                                active.offsets.data() + B, dead_after.data(), report.data());
     SAE_CUDA_LAUNCHED();
-    SAE_CUDA(cudaMemcpyAsync(pinned_report, report.data(), sizeof(Report), cudaMemcpyDeviceToHost,
-                             s()));
+    SAE_CUDA(
+        cudaMemcpyAsync(pinned_report, report.data(), sizeof(Report), cudaMemcpyDeviceToHost, s()));
     ctx.sync();
   }
 };
@@ -963,8 +967,7 @@ DeviceTrainer::DeviceTrainer(const TrainSpec& spec, const AdamConfig& adam, int6
 DeviceTrainer::~DeviceTrainer() = default;
 
 void DeviceTrainer::upload(const TrainingSae& sae, const Optimizer& opt,
-                           const std::vector<int64_t>& since,
-                           const std::vector<int64_t>& counts) {
+                           const std::vector<int64_t>& since, const std::vector<int64_t>& counts) {
   Impl& m = *impl_;
   const cudaStream_t s = m.s();
   auto up = [&](DeviceBuffer<float>& dst, const std::vector<float>& src) {
@@ -985,13 +988,15 @@ void DeviceTrainer::upload(const TrainingSae& sae, const Optimizer& opt,
     up(m.m_b_enc, opt.m_b_enc);
     up(m.m_b_dec, opt.m_b_dec);
   }
-  SAE_CUDA(cudaMemcpyAsync(m.theta.data(), &sae.threshold, sizeof(double), cudaMemcpyHostToDevice, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(m.theta.data(), &sae.threshold, sizeof(double), cudaMemcpyHostToDevice, s));
   std::vector<int64_t> zeros(size_t(m.D), 0);
   const auto& sv = since.empty() ? zeros : since;
   const auto& cv = counts.empty() ? zeros : counts;
   SAE_CUDA(cudaMemcpyAsync(m.since.data(), sv.data(), size_t(m.D) * 8, cudaMemcpyHostToDevice, s));
   SAE_CUDA(cudaMemcpyAsync(m.counts.data(), cv.data(), size_t(m.D) * 8, cudaMemcpyHostToDevice, s));
-  if (m.prec == cuda::Precision::Bf16) cuda::to_bf16(m.ctx, m.W_encT.data(), m.W_encT_bf16.data(), m.D * m.d);
+  if (m.prec == cuda::Precision::Bf16)
+    cuda::to_bf16(m.ctx, m.W_encT.data(), m.W_encT_bf16.data(), m.D * m.d);
   m.ctx.sync();
 }
 
@@ -1008,7 +1013,8 @@ void DeviceTrainer::download(TrainingSae& sae, Optimizer* opt, std::vector<int64
   down(sae.W_dec, m.W_dec, Dd);
   down(sae.b_enc, m.b_enc, size_t(m.D));
   down(sae.b_dec, m.b_dec, size_t(m.d));
-  SAE_CUDA(cudaMemcpyAsync(&sae.threshold, m.theta.data(), sizeof(double), cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(&sae.threshold, m.theta.data(), sizeof(double), cudaMemcpyDeviceToHost, s));
   if (opt) {
     down(opt->v_W_encT, m.v_W_encT, Dd);
     down(opt->v_W_dec, m.v_W_dec, Dd);
@@ -1023,23 +1029,28 @@ void DeviceTrainer::download(TrainingSae& sae, Optimizer* opt, std::vector<int64
   }
   if (since) {
     since->resize(size_t(m.D));
-    SAE_CUDA(cudaMemcpyAsync(since->data(), m.since.data(), size_t(m.D) * 8, cudaMemcpyDeviceToHost, s));
+    SAE_CUDA(
+        cudaMemcpyAsync(since->data(), m.since.data(), size_t(m.D) * 8, cudaMemcpyDeviceToHost, s));
   }
   if (counts) {
     counts->resize(size_t(m.D));
-    SAE_CUDA(cudaMemcpyAsync(counts->data(), m.counts.data(), size_t(m.D) * 8, cudaMemcpyDeviceToHost, s));
+    SAE_CUDA(cudaMemcpyAsync(counts->data(), m.counts.data(), size_t(m.D) * 8,
+                             cudaMemcpyDeviceToHost, s));
   }
   m.ctx.sync();
 }
 
-float* DeviceTrainer::host_batch() { return impl_->pinned_x; }
+float* DeviceTrainer::host_batch() {
+  return impl_->pinned_x;
+}
 
 DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, int64_t adam_step,
                                                int64_t dead_window, bool new_window) {
   Impl& m = *impl_;
   const cudaStream_t s = m.s();
   m.mark(0);
-  SAE_CUDA(cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
   m.prepare_dead(true, dead_window);
   if (input_scale != 1.0) {
     k_scale<<<blocks_for(m.B * m.d), kThreads, 0, s>>>(m.x.data(), m.B * m.d, float(input_scale));
@@ -1049,7 +1060,8 @@ DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, in
   // counters and threshold (from this step's selection), then clip + Adam
   SAE_CUDA(cudaMemsetAsync(m.dead_after.data(), 0, sizeof(unsigned long long), s));
   k_counters<<<blocks_for(m.D), kThreads, 0, s>>>(m.start.data(), m.D, dead_window, new_window,
-                                                  m.since.data(), m.counts.data(), m.dead_after.data());
+                                                  m.since.data(), m.counts.data(),
+                                                  m.dead_after.data());
   SAE_CUDA_LAUNCHED();
   k_threshold<<<1, 1, 0, s>>>(m.theta.data(), m.sp.topk_threshold_lr, m.min_selected.data(),
                               m.active.offsets.data() + m.B);
@@ -1109,10 +1121,13 @@ StepResult DeviceTrainer::forward_backward(const float* x, const std::vector<uin
   g.resize(m.d, m.D);
   SAE_CUDA(cudaMemcpyAsync(g.W_encT.data(), m.gW_encT.data(), Dd * 4, cudaMemcpyDeviceToHost, s));
   SAE_CUDA(cudaMemcpyAsync(g.W_dec.data(), m.gW_dec.data(), Dd * 4, cudaMemcpyDeviceToHost, s));
-  SAE_CUDA(cudaMemcpyAsync(g.b_enc.data(), m.gb_enc.data(), size_t(m.D) * 4, cudaMemcpyDeviceToHost, s));
-  SAE_CUDA(cudaMemcpyAsync(g.b_dec.data(), m.gb_dec.data(), size_t(m.d) * 4, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(g.b_enc.data(), m.gb_enc.data(), size_t(m.D) * 4, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(g.b_dec.data(), m.gb_dec.data(), size_t(m.d) * 4, cudaMemcpyDeviceToHost, s));
   std::vector<int64_t> start(size_t(m.D + 1));
-  SAE_CUDA(cudaMemcpyAsync(start.data(), m.start.data(), start.size() * 8, cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(
+      cudaMemcpyAsync(start.data(), m.start.data(), start.size() * 8, cudaMemcpyDeviceToHost, s));
   m.ctx.sync();
   r.fired.assign(size_t(m.D), 0);
   for (int64_t j = 0; j < m.D; ++j) r.fired[size_t(j)] = start[size_t(j + 1)] > start[size_t(j)];
@@ -1125,9 +1140,15 @@ StepResult DeviceTrainer::forward_backward(const float* x, const std::vector<uin
   return r;
 }
 
-void DeviceTrainer::enable_timing(bool on) { impl_->timing = on; }
-const DeviceStepTimes& DeviceTrainer::times() const { return impl_->times; }
-void DeviceTrainer::reset_times() { impl_->times = {}; }
+void DeviceTrainer::enable_timing(bool on) {
+  impl_->timing = on;
+}
+const DeviceStepTimes& DeviceTrainer::times() const {
+  return impl_->times;
+}
+void DeviceTrainer::reset_times() {
+  impl_->times = {};
+}
 
 size_t DeviceTrainer::device_bytes() const {
   const cuda::MemoryInfo mi = cuda::memory_info();

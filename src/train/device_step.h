@@ -17,8 +17,7 @@ namespace sae::train {
 
 // Where a device step's time went (milliseconds of GPU time, accumulated; CUDA events).
 struct DeviceStepTimes {
-  double upload = 0, encoder_gemm = 0, select = 0, levels = 0, backward = 0, aux = 0,
-         optimizer = 0;
+  double upload = 0, encoder_gemm = 0, select = 0, levels = 0, backward = 0, aux = 0, optimizer = 0;
   int64_t steps = 0;
 };
 

@@ -15,7 +15,9 @@ void DeviceTrainer::upload(const TrainingSae&, const Optimizer&, const std::vect
                            const std::vector<int64_t>&) {}
 void DeviceTrainer::download(TrainingSae&, Optimizer*, std::vector<int64_t>*,
                              std::vector<int64_t>*) const {}
-float* DeviceTrainer::host_batch() { return nullptr; }
+float* DeviceTrainer::host_batch() {
+  return nullptr;
+}
 DeviceTrainer::StepScalars DeviceTrainer::step(double, double, int64_t, int64_t, bool) {
   return {};
 }
@@ -28,6 +30,8 @@ const DeviceStepTimes& DeviceTrainer::times() const {
   return t;
 }
 void DeviceTrainer::reset_times() {}
-size_t DeviceTrainer::device_bytes() const { return 0; }
+size_t DeviceTrainer::device_bytes() const {
+  return 0;
+}
 
 }  // namespace sae::train

@@ -38,7 +38,7 @@ struct TrainConfig {
   int threads = 0;
   std::string device = "cpu";      // cpu | cuda (train/device_step.h)
   std::string precision = "fp32";  // cuda only: the encoder GEMM's operands, fp32 | tf32 | bf16
-  nlohmann::json data;  // the data section, parsed by the source
+  nlohmann::json data;             // the data section, parsed by the source
   std::string output_dir = "out/train";
   bool fold_decoder_norms = true;  // unit-norm decoder rows in the saved SAE
   std::string save_dtype = "f32";

@@ -67,7 +67,9 @@ void adam_update(const Context& ctx, float* p, const float* g, float* m, float* 
   // 16-byte accesses need 16-byte alignment (cudaMalloc gives 256; sub-views may not).
   const bool aligned = (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
                         reinterpret_cast<uintptr_t>(v) | reinterpret_cast<uintptr_t>(m) |
-                        reinterpret_cast<uintptr_t>(bf16_copy)) % 16 == 0;
+                        reinterpret_cast<uintptr_t>(bf16_copy)) %
+                           16 ==
+                       0;
   SAE_CHECK(aligned, "adam_update: buffers must be 16-byte aligned");
   const int blocks = int(std::min<int64_t>((n / 4 + 255) / 256 + 1, 132 * 16));
   k_adam<<<blocks, 256, 0, ctx.stream()>>>(p, g, a.beta1 == 0.0f ? nullptr : m, v, n, c, norm_sq,

@@ -21,9 +21,18 @@ constexpr int kCoarseBins = 1 << kCoarseBits, kFineBins = 1 << kFineBits;
 
 // state[] layout (unsigned ints on the device)
 enum : int {
-  kBin = 0, kKey, kAll, kMinKey, kNeedLo, kNeedHi,  // the exact (row-pass) path
-  kFallback,                                          // 1: the exact path runs
-  kBound, kCount, kTaken, kSampleBin, kSampleNeed,    // the candidate path
+  kBin = 0,
+  kKey,
+  kAll,
+  kMinKey,
+  kNeedLo,
+  kNeedHi,    // the exact (row-pass) path
+  kFallback,  // 1: the exact path runs
+  kBound,
+  kCount,
+  kTaken,
+  kSampleBin,
+  kSampleNeed,  // the candidate path
   kStateSize
 };
 
@@ -88,7 +97,8 @@ __device__ void find_bin(const unsigned long long* hist, int nbins, unsigned lon
   if (threadIdx.x == 0 && !found) *bin = -1;
 }
 
-__global__ void __launch_bounds__(1024) k_find_coarse(const unsigned long long* hist, long long budget, unsigned* state) {
+__global__ void __launch_bounds__(1024)
+    k_find_coarse(const unsigned long long* hist, long long budget, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
   if (!state[kFallback]) return;
@@ -127,7 +137,8 @@ __global__ void k_fine(const float* x, int64_t rows, int64_t cols, const float* 
 
 // The exact cut key T and how many entries equal to T are kept (need_eq); entries > T are all
 // kept. In "all" mode T = 0 (every positive) and need_eq = 0.
-__global__ void __launch_bounds__(1024) k_find_fine(const unsigned long long* hist, unsigned* state) {
+__global__ void __launch_bounds__(1024)
+    k_find_fine(const unsigned long long* hist, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
   if (!state[kFallback] || state[kAll]) return;
@@ -232,7 +243,8 @@ __global__ void k_write(const float* x, int64_t cols, const float* bias, const f
 
 __global__ void k_copy_offsets(const unsigned* state, const int64_t* from, int64_t n, int64_t* to) {
   if (!state[kFallback]) return;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
     to[i] = from[i];
 }
 
@@ -260,8 +272,10 @@ __global__ void k_sample_hist(const float* x, int64_t rows, int64_t cols, int64_
     for (int64_t c = c_lo + threadIdx.x; c < c_hi; c += blockDim.x) {
       const unsigned k = key_of(affine(xr[c], c, bias, scale));
       if (!k) continue;
-      if (!fine) atomicAdd(&sh[k >> kFineBits], 1u);
-      else if ((k >> kFineBits) == coarse_bin) atomicAdd(&sh[(k >> 7) & (kCoarseBins - 1)], 1u);
+      if (!fine)
+        atomicAdd(&sh[k >> kFineBits], 1u);
+      else if ((k >> kFineBits) == coarse_bin)
+        atomicAdd(&sh[(k >> 7) & (kCoarseBins - 1)], 1u);
     }
   }
   __syncthreads();
@@ -271,9 +285,9 @@ __global__ void k_sample_hist(const float* x, int64_t rows, int64_t cols, int64_
 
 // The rank in the sample that bounds the cut from below, with a margin (as the CPU's
 // ops::batch_topk): expected * 1.25 + 4 sqrt(expected) + 16.
-__global__ void __launch_bounds__(1024) k_sample_bound(const unsigned long long* hist, int fine,
-                                                       long long budget, long long rows,
-                                                       long long sampled, unsigned* state) {
+__global__ void __launch_bounds__(1024)
+    k_sample_bound(const unsigned long long* hist, int fine, long long budget, long long rows,
+                   long long sampled, unsigned* state) {
   __shared__ int bin;
   __shared__ unsigned long long above;
   if (!fine) {
@@ -300,7 +314,8 @@ __global__ void __launch_bounds__(1024) k_sample_bound(const unsigned long long*
   if (state[kSampleBin] == 0xFFFFFFFFu) return;
   find_bin(hist, kCoarseBins, state[kSampleNeed], &bin, &above);
   __syncthreads();
-  if (threadIdx.x == 0 && bin >= 0) state[kBound] = (state[kSampleBin] << kFineBits) | (unsigned(bin) << 7);
+  if (threadIdx.x == 0 && bin >= 0)
+    state[kBound] = (state[kSampleBin] << kFineBits) | (unsigned(bin) << 7);
 }
 
 // The pass over the matrix: affine update (written back when asked), candidates appended as
@@ -400,7 +415,8 @@ __global__ void k_fast_out(const unsigned* state, int64_t rows, int64_t cols,
                            int32_t* out_cols, float* out_vals) {
   if (state[kFallback]) return;
   const int64_t m = state[kTaken];
-  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x,
+                stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = tid; i < m; i += stride) {
     out_cols[i] = int32_t(idx[i] % (unsigned long long)cols);
     out_vals[i] = vals[i];
@@ -410,8 +426,10 @@ __global__ void k_fast_out(const unsigned* state, int64_t rows, int64_t cols,
     int64_t lo = 0, hi = m;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (idx[mid] < target) lo = mid + 1;
-      else hi = mid;
+      if (idx[mid] < target)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     offsets[r] = lo;
   }
@@ -493,10 +511,9 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
       st, (long long)budget, cap, ws.cand_keys.data());
   SAE_CUDA_LAUNCHED();
   size_t t_sort1 = 0, t_sort2 = 0;
-  SAE_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, t_sort1, ws.cand_keys.data(),
-                                           ws.cand_keys_sorted.data(), ws.cand_vals.data(),
-                                           ws.cand_vals_sorted.data(), (int64_t)cap, 0,
-                                           idx_bits + 31, s));
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(
+      nullptr, t_sort1, ws.cand_keys.data(), ws.cand_keys_sorted.data(), ws.cand_vals.data(),
+      ws.cand_vals_sorted.data(), (int64_t)cap, 0, idx_bits + 31, s));
   SAE_CUDA(cub::DeviceRadixSort::SortPairs(nullptr, t_sort2, ws.sel_idx.data(),
                                            ws.sel_idx_sorted.data(), ws.sel_vals.data(),
                                            ws.sel_vals_sorted.data(), cap_out, 0, idx_bits, s));
@@ -507,10 +524,9 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
                                          rows + 1, s));
   ws.cub_temp.resize(std::max({t_sort1, t_sort2, t_scan1, t_scan2}), "BatchTopK scratch");
   size_t temp = ws.cub_temp.size();
-  SAE_CUDA(cub::DeviceRadixSort::SortPairs(ws.cub_temp.data(), temp, ws.cand_keys.data(),
-                                           ws.cand_keys_sorted.data(), ws.cand_vals.data(),
-                                           ws.cand_vals_sorted.data(), (int64_t)cap, 0,
-                                           idx_bits + 31, s));
+  SAE_CUDA(cub::DeviceRadixSort::SortPairs(
+      ws.cub_temp.data(), temp, ws.cand_keys.data(), ws.cand_keys_sorted.data(),
+      ws.cand_vals.data(), ws.cand_vals_sorted.data(), (int64_t)cap, 0, idx_bits + 31, s));
   k_take<<<int(std::min<int64_t>((cap_out + 255) / 256, 1024)), 256, 0, s>>>(
       st, (long long)cap_out, idx_bits, ws.cand_keys_sorted.data(), ws.cand_vals_sorted.data(),
       ws.sel_idx.data(), ws.sel_vals.data());
@@ -542,7 +558,7 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
   SAE_CUDA_LAUNCHED();
   if (rows > 0) {
     k_row_counts<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, st, ws.row_gt.data(),
-                                                      ws.row_eq.data());
+                                                     ws.row_eq.data());
     SAE_CUDA_LAUNCHED();
   }
   temp = ws.cub_temp.size();
@@ -561,8 +577,8 @@ void batch_topk(const Context& ctx, float* x, int64_t rows, int64_t cols, int64_
   SAE_CUDA_LAUNCHED();
   if (rows > 0) {
     k_write<<<unsigned(rows), kThreads, 0, s>>>(x, cols, b2, s2, st, ws.fb_offsets.data(),
-                                                 ws.row_allowed.data(), ws.row_eq.data(),
-                                                 out.cols.data(), out.values.data());
+                                                ws.row_allowed.data(), ws.row_eq.data(),
+                                                out.cols.data(), out.values.data());
     SAE_CUDA_LAUNCHED();
   }
   k_min_selected<<<1, 1, 0, s>>>(st, min_selected);

@@ -51,6 +51,8 @@ Context::~Context() {
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-void Context::sync() const { SAE_CUDA(cudaStreamSynchronize(stream_)); }
+void Context::sync() const {
+  SAE_CUDA(cudaStreamSynchronize(stream_));
+}
 
 }  // namespace sae::cuda

@@ -17,16 +17,16 @@ namespace sae::cuda {
 [[noreturn]] void fail_cuda(const char* call, cudaError_t err, const char* file, int line);
 [[noreturn]] void fail_cublas(const char* call, cublasStatus_t st, const char* file, int line);
 
-#define SAE_CUDA(call)                                                          \
-  do {                                                                          \
-    const cudaError_t sae_err_ = (call);                                        \
+#define SAE_CUDA(call)                                                                        \
+  do {                                                                                        \
+    const cudaError_t sae_err_ = (call);                                                      \
     if (sae_err_ != cudaSuccess) ::sae::cuda::fail_cuda(#call, sae_err_, __FILE__, __LINE__); \
   } while (0)
-#define SAE_CUBLAS(call)                                                                 \
-  do {                                                                                   \
-    const cublasStatus_t sae_st_ = (call);                                               \
-    if (sae_st_ != CUBLAS_STATUS_SUCCESS)                                                \
-      ::sae::cuda::fail_cublas(#call, sae_st_, __FILE__, __LINE__);                      \
+#define SAE_CUBLAS(call)                                            \
+  do {                                                              \
+    const cublasStatus_t sae_st_ = (call);                          \
+    if (sae_st_ != CUBLAS_STATUS_SUCCESS)                           \
+      ::sae::cuda::fail_cublas(#call, sae_st_, __FILE__, __LINE__); \
   } while (0)
 // After a kernel launch: launch-configuration errors surface here, with the kernel's line.
 #define SAE_CUDA_LAUNCHED() SAE_CUDA(cudaGetLastError())
