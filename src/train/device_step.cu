@@ -1,7 +1,8 @@
 // The GPU training step (device_step.h). Stream-ordered phases, each a few kernels:
-//   dead mask -> sae_in -> encoder GEMM (cuBLAS) -> BatchTopK (ops/cuda) -> level sweep ->
-//   per-entry d(pre) -> d(sae_in) -> AuxK (dense over the dead latents, cuBLAS) ->
-//   latent-major gradient rows (+ squared norm) -> d(b_dec) -> counters, threshold -> clip+Adam.
+//   dead mask -> sae_in -> encoder GEMM (cuBLAS) -> BatchTopK (ops/cuda) -> level sweep with
+//   per-entry d(pre) -> latent-major sort -> AuxK (dense over the dead latents, cuBLAS) ->
+//   gradient rows (+ squared norm parts) -> d(b_dec) (+ W_enc db_enc GEMV) -> counters,
+//   threshold -> clip + Adam. docs/gpu.md walks through them.
 // The CPU step (step.cpp) is the reference; the comments there explain each formula.
 #include <thrust/iterator/counting_iterator.h>
 #include <cub/device/device_radix_sort.cuh>
@@ -743,8 +744,8 @@ struct DeviceTrainer::Impl {
     SAE_CUDA(cudaEventRecord(counts_ready, s()));
   }
 
-  // The forward and backward pass on x (already scaled), gradients into g*, squared norm into
-  // norm_sq. Returns the number of AuxK groups that ran.
+  // The forward and backward pass on x (already scaled): gradients into g*, their squared norm
+  // into norm_sq, each AuxK group's size into last_group_n.
   void forward_backward() {
     const cudaStream_t st = s();
     const float* inv_norms = nullptr;
