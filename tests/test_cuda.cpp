@@ -88,6 +88,18 @@ cuda::DeviceBuffer<T> to_device(const std::vector<T>& v, const cuda::Context& ct
   return b;
 }
 
+TEST(Cuda, OutOfMemorySaysHowMuchWasAskedAndIsFree) {
+  REQUIRE_GPU();
+  try {
+    cuda::DeviceBuffer<float> huge(size_t(1) << 48, "a test buffer");  // 1 PiB
+    FAIL() << "allocated 1 PiB";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of GPU memory allocating a test buffer"), std::string::npos) << m;
+    EXPECT_NE(m.find("MiB free of"), std::string::npos) << m;
+  }
+}
+
 TEST(Cuda, BatchTopKMatchesCpuIncludingTiesAndShortfall) {
   REQUIRE_GPU();
   cuda::Context ctx;
