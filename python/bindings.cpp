@@ -23,6 +23,8 @@
 #include "model/tokenizer.h"
 #include "pipeline/release.h"
 #include "pipeline/source_factory.h"
+#include "core/device.h"
+#include "sae/device_sae.h"
 #include "sae/load.h"
 #include "sae/save.h"
 #include "train/trainer.h"
@@ -189,13 +191,19 @@ PYBIND11_MODULE(_core, m) {
           "SAELens 6's name for the (sae, cfg, sparsity) form; the same as from_pretrained here.")
       .def(
           "encode",
-          [](py::object self, FloatArray x, bool sparse) -> py::object {
+          [](py::object self, FloatArray x, bool sparse, const std::string& device,
+             const std::string& precision) -> py::object {
             Sae& s = self.cast<PySae&>().sae();
             const int64_t n = tokens_of(x, s.cfg.d_in);
+            const std::span<const float> xs(x.data(), size_t(n * s.cfg.d_in));
             SparseCodes codes;
-            {
+            if (parse_device(device, "encode") == Device::Cuda) {
+              DeviceSae dev(s, precision);  // uploads the weights (each call, for now)
               py::gil_scoped_release nogil;
-              codes = s.encode(std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n);
+              codes = dev.encode(xs, n);
+            } else {
+              py::gil_scoped_release nogil;
+              codes = s.encode(xs, n);
             }
             if (sparse) return py::cast(std::move(codes));
             std::vector<float> dense;
@@ -205,9 +213,11 @@ PYBIND11_MODULE(_core, m) {
             }
             return copy_to_numpy(dense, shape_with_last(x, s.cfg.d_sae));
           },
-          py::arg("x"), py::arg("sparse") = false,
+          py::arg("x"), py::arg("sparse") = false, py::arg("device") = "cpu",
+          py::arg("precision") = "fp32",
           "Feature activations of x [..., d_in]: dense [..., d_sae], or SparseCodes with "
-          "sparse=True.")
+          "sparse=True. device='cuda' encodes on the GPU (precision fp32, tf32 or bf16) in a "
+          "build with CUDA.")
       .def(
           "decode",
           [](py::object self, py::object codes_or_acts) {
@@ -312,27 +322,39 @@ PYBIND11_MODULE(_core, m) {
       });
 
   m.def(
+      "cuda_available", [] { return cuda_compiled() && cuda_device_count() > 0; },
+      "Whether this build has the CUDA backend and a GPU is visible (device='cuda' works).");
+
+  m.def(
       "evaluate",
-      [](py::object sae_obj, FloatArray x, int64_t batch_size, double dense_threshold) {
+      [](py::object sae_obj, FloatArray x, int64_t batch_size, double dense_threshold,
+         const std::string& device, const std::string& precision) {
         Sae& s = sae_obj.cast<PySae&>().sae();
         const int64_t n = tokens_of(x, s.cfg.d_in);
+        const std::span<const float> xs(x.data(), size_t(n * s.cfg.d_in));
         Metrics met;
-        {
+        if (parse_device(device, "evaluate") == Device::Cuda) {
+          DeviceSae dev(s, precision);
           py::gil_scoped_release nogil;
-          met = evaluate_in_batches(s, std::span<const float>(x.data(), size_t(n * s.cfg.d_in)), n,
-                                    batch_size, dense_threshold);
+          met = evaluate_in_batches(dev, xs, n, batch_size, dense_threshold);
+        } else {
+          py::gil_scoped_release nogil;
+          met = evaluate_in_batches(s, xs, n, batch_size, dense_threshold);
         }
         return metrics_dict(met, true);
       },
       py::arg("sae"), py::arg("x"), py::arg("batch_size") = 4096, py::arg("dense_threshold") = 0.1,
+      py::arg("device") = "cpu", py::arg("precision") = "fp32",
       "SAELens's reconstruction and sparsity metrics of the SAE on activations x [..., d_in].");
 
   m.def(
       "train",
       [](py::object config, py::object activations, py::object progress, bool resume,
-         const std::string& preset) {
+         const std::string& preset, py::object device, py::object precision) {
         nlohmann::json j = preset.empty() ? nlohmann::json::object() : train::preset(preset);
         train::merge_json(j, from_python(config));
+        if (!device.is_none()) j["training"]["device"] = device.cast<std::string>();
+        if (!precision.is_none()) j["training"]["precision"] = precision.cast<std::string>();
         FloatArray x;
         int64_t heldout = 4096;
         if (!activations.is_none()) {
@@ -383,10 +405,12 @@ PYBIND11_MODULE(_core, m) {
         return py::make_tuple(py::cast(s), to_python(trainer.final_eval().to_json()));
       },
       py::arg("config"), py::arg("activations") = py::none(), py::arg("progress") = py::none(),
-      py::arg("resume") = false, py::arg("preset") = "",
+      py::arg("resume") = false, py::arg("preset") = "", py::arg("device") = py::none(),
+      py::arg("precision") = py::none(),
       "Train a batch-TopK (Matryoshka) SAE. config: the JSON config as a dict (docs/training.md), "
       "merged over `preset`. activations: optional float32 [tokens, d_in] array used instead of "
-      "config['data']. progress: called with each log record (dict). Returns (sae, final eval "
+      "config['data']. progress: called with each log record (dict). device/precision: "
+      "training.device ('cpu' or 'cuda') and training.precision. Returns (sae, final eval "
       "dict).");
 
   m.def("presets", &train::preset_names, "Names of the training presets.");

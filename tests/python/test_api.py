@@ -161,6 +161,23 @@ def test_train_stops_cleanly_on_callback_error_and_resumes(tmp_path):
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 40
 
 
+def test_device_cuda_runs_or_says_why_not():
+    sae = saecpp.SAE.load_from_disk(str(GOLDENS / "jumprelu" / "sae"))
+    x = load_npy("jumprelu", "x")
+    with pytest.raises(saecpp.SaeError, match="unknown device"):
+        sae.encode(x, device="tpu")
+    if not saecpp.cuda_available():  # the default wheel is CPU-only
+        for call in (lambda: sae.encode(x, device="cuda"),
+                     lambda: saecpp.evaluate(sae, x, device="cuda")):
+            with pytest.raises(saecpp.SaeError, match="CUDA"):
+                call()
+        return
+    gpu = sae.encode(x, device="cuda")
+    assert np.array_equal(gpu != 0, sae.encode(x) != 0)
+    close(gpu, sae.encode(x))
+    assert saecpp.evaluate(sae, x, device="cuda")["l0"] == saecpp.evaluate(sae, x)["l0"]
+
+
 def test_version_is_the_cmake_version():
     text = (GOLDENS.parent.parent / "CMakeLists.txt").read_text()
     assert f"project(saecpp VERSION {saecpp.__version__}" in text
