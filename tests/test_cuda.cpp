@@ -65,6 +65,7 @@ TEST(Cuda, CliDeviceCudaEitherRunsOrSaysWhyNot) {
     EXPECT_FALSE(fs::exists(dir / "codes.safetensors"));
     auto t = test::run_cli(cat("train --preset hierarchy-snap --device cuda -o ", dir / "t"));
     EXPECT_EQ(t.exit_code, 1) << t.output;
+    EXPECT_FALSE(fs::exists(dir / "t")) << "a refused run leaves no folder";
     return;
   }
   ASSERT_EQ(r.exit_code, 0) << r.output;

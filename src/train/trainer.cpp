@@ -101,6 +101,8 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
       source_(source),
       label_(std::move(label)),
       sae_([&] {
+        // Before anything is allocated or written: a GPU run needs a GPU.
+        if (cfg_.device == "cuda") require_device(Device::Cuda);
         TrainSpec s = cfg_.spec;
         s.d_in = source.d_in();
         s.validate("train config");
@@ -108,7 +110,7 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
       }()),
       opt_(sae_, cfg_.adam) {
   cfg_.spec = sae_.spec;
-  grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);
+  if (cfg_.device != "cuda") grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);  // GPU: on the device
   steps_since_fired_.assign(size_t(sae_.spec.d_sae), 0);
   window_counts_.assign(size_t(sae_.spec.d_sae), 0);
   n_heldout_ = source_.heldout_size(cfg_.eval_tokens);
