@@ -107,7 +107,7 @@ class Context {
   DeviceBuffer<uint8_t> lt_ws_;
 };
 
-// Bytes of device memory in use by this process and free on the device, for memory reports.
+// Free and total bytes of device memory (cudaMemGetInfo), for memory reports.
 struct MemoryInfo {
   size_t free = 0, total = 0;
 };
