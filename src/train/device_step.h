@@ -63,7 +63,7 @@ class DeviceTrainer {
   void enable_timing(bool on);
   const DeviceStepTimes& times() const;
   void reset_times();
-  // Bytes of device memory this trainer holds.
+  // Device memory in use on this GPU (total - free: this process, its CUDA context, others).
   size_t device_bytes() const;
 
  private:
