@@ -41,7 +41,9 @@ namespace fs = std::filesystem;
 
 TEST(Cuda, DeviceQueriesNeverThrow) {
   // On any machine: the build reports itself and a missing GPU is a count of 0, not a crash.
-  EXPECT_GE(cuda_device_count(), 0);
+  if (!cuda_compiled()) {
+    EXPECT_EQ(cuda_device_count(), 0);
+  }
   EXPECT_FALSE(cuda_device_description().empty());
   if (!cuda_compiled()) {
     train::TrainSpec s;

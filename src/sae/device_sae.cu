@@ -11,31 +11,19 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "ops/cuda/batch_topk.h"
+#include "ops/cuda/block_reduce.cuh"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/runtime.h"
 #include "sae/device_sae.h"
 
 namespace sae {
 
+using cuda::block_sum;
 using cuda::DeviceBuffer;
 
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ double block_sum(double v, double* sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0;
-    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) s += sh[w];
-    sh[0] = s;
-  }
-  __syncthreads();
-  return sh[0];
-}
 
 // mode 0: none, 1: constant_norm_rescale, 2: layer_norm (as Sae::sae_input).
 __global__ void k_sae_input(const float* x, int64_t d, int mode, const float* b_dec, int apply,

@@ -15,12 +15,14 @@
 #include "core/error.h"
 #include "ops/cuda/adam.h"
 #include "ops/cuda/batch_topk.h"
+#include "ops/cuda/block_reduce.cuh"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/runtime.h"
 #include "train/device_step.h"
 
 namespace sae::train {
 
+using cuda::block_sum;
 using cuda::DeviceBuffer;
 
 namespace {
@@ -44,20 +46,27 @@ __device__ __forceinline__ int level_of(int64_t j, const Levels& ls) {
   return l;
 }
 
-template <class T>
-__device__ T block_sum(T v, T* sh) {  // sh: >= 32 entries of shared memory
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  T s = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) s += sh[w];
-    sh[0] = s;
+// Level i's loss R_i from its squared error ss, and the factor c_i/B dR/dr applies to the error
+// (R = ||e||^2: -2 w; R = ||e||^p: -p ||e||^(p-2) w, guarded at ||e|| = 0).
+__device__ void level_loss(const Levels& ls, int i, double ss, double inv_B, double* R,
+                           double* coef) {
+  const double w = ls.weight[i] * inv_B;
+  if (!ls.l2[i]) {
+    *R = ss;
+    *coef = -2.0 * w;
+  } else {
+    const double norm = sqrt(ss), p = ls.l2_power;
+    *R = pow(norm, p);
+    *coef = norm > 1e-12 ? -p * pow(norm, p - 2.0) * w : 0.0;
   }
-  __syncthreads();
-  return sh[0];
+}
+
+// The vecs slot that receives level i's (unscaled) residual for AuxK, or -1: each level's own
+// with per-level AuxK, else the outer level's only.
+__device__ __forceinline__ int aux_slot_of(const Levels& ls, int i, int n_aux, int per_level_aux) {
+  if (n_aux == 0) return -1;
+  if (per_level_aux) return ls.n + i;
+  return i == ls.n - 1 ? ls.n : -1;
 }
 
 int blocks_for(int64_t n, int threads = kThreads) {
@@ -129,13 +138,7 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
       for (int64_t c = threadIdx.x; c < d; c += blockDim.x) r[c] += u * w[c];
     }
     float* gi = vt + int64_t(i) * d;
-    int aux_slot = -1;
-    if (n_aux > 0) {
-      if (per_level_aux)
-        aux_slot = ls.n + i;
-      else if (i == ls.n - 1)
-        aux_slot = ls.n;
-    }
+    const int aux_slot = aux_slot_of(ls, i, n_aux, per_level_aux);
     double ss = 0;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
       const float err = xt[c] - r[c];
@@ -144,15 +147,7 @@ __global__ void k_levels(const float* x, const float* W_dec, const float* b_dec,
     }
     ss = block_sum(ss, sh);
     double R, coef;
-    const double w = ls.weight[i] * inv_B;
-    if (!ls.l2[i]) {
-      R = ss;
-      coef = -2.0 * w;
-    } else {
-      const double norm = sqrt(ss), p = ls.l2_power;
-      R = pow(norm, p);
-      coef = norm > 1e-12 ? -p * pow(norm, p - 2.0) * w : 0.0;
-    }
+    level_loss(ls, i, ss, inv_B, &R, &coef);
     if (threadIdx.x == 0) {
       R_tok[t * ls.n + i] = R;
       if (i == ls.n - 1) ss_outer[t] = ss;
@@ -222,13 +217,7 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
         if (q < d4) r[k] = f4_fma(u, w[q], r[k]);
       }
     }
-    int aux_slot = -1;
-    if (n_aux > 0) {
-      if (per_level_aux)
-        aux_slot = ls.n + i;
-      else if (i == ls.n - 1)
-        aux_slot = ls.n;
-    }
+    const int aux_slot = aux_slot_of(ls, i, n_aux, per_level_aux);
     double ss = 0;
     float4 err[V];
 #pragma unroll
@@ -243,15 +232,7 @@ __global__ void k_levels4(const float* x, const float* W_dec, const float* b_dec
     }
     ss = block_sum(ss, sh);
     double R, coef;
-    const double w = ls.weight[i] * inv_B;
-    if (!ls.l2[i]) {
-      R = ss;
-      coef = -2.0 * w;
-    } else {
-      const double norm = sqrt(ss), p = ls.l2_power;
-      R = pow(norm, p);
-      coef = norm > 1e-12 ? -p * pow(norm, p - 2.0) * w : 0.0;
-    }
+    level_loss(ls, i, ss, inv_B, &R, &coef);
     if (threadIdx.x == 0) {
       R_tok[t * ls.n + i] = R;
       if (i == ls.n - 1) ss_outer[t] = ss;
@@ -382,15 +363,7 @@ __global__ void k_sort_keys(const int64_t* offsets, int64_t B, const int32_t* co
 
 __global__ void k_latent_start(const int32_t* sorted_keys, int64_t cap, int64_t D, int64_t* start) {
   GRID_STRIDE(j, D + 1) {
-    int64_t lo = 0, hi = cap;  // first position whose key >= j
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (sorted_keys[mid] < j)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    start[j] = lo;
+    start[j] = cuda::lower_bound(sorted_keys, cap, int32_t(j));
   }
 }
 

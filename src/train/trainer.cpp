@@ -184,7 +184,7 @@ void Trainer::pull(bool all) {
 
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
-  pull(false);
+  if (!final) pull(false);  // finish() has pulled the whole state already
   EvalResult r = evaluate(inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_);
   json rec = {{"eval", json::parse(r.to_json().dump())},
               {"step", step_},

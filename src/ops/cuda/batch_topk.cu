@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/batch_topk.h"
+#include "ops/cuda/block_reduce.cuh"
 
 namespace sae::cuda {
 
@@ -422,16 +423,7 @@ __global__ void k_fast_out(const unsigned* state, int64_t rows, int64_t cols,
     out_vals[i] = vals[i];
   }
   for (int64_t r = tid; r <= rows; r += stride) {
-    const unsigned long long target = (unsigned long long)(r * cols);
-    int64_t lo = 0, hi = m;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (idx[mid] < target)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    offsets[r] = lo;
+    offsets[r] = cuda::lower_bound(idx, m, (unsigned long long)(r * cols));
   }
 }
 
