@@ -14,16 +14,18 @@
 #include <memory>
 #include <thread>
 
+#include "core/device.h"
 #include "core/error.h"
+#include "core/threads.h"
 #include "data/activation_files.h"
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
 #include "model/activations.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
+#include "ops/gemm.h"
 #include "pipeline/release.h"
 #include "pipeline/source_factory.h"
-#include "core/device.h"
 #include "sae/device_sae.h"
 #include "sae/load.h"
 #include "sae/save.h"
@@ -321,6 +323,21 @@ PYBIND11_MODULE(_core, m) {
                    ", d_sae=", c.d_sae, ")");
       });
 
+  // The process's thread count, chosen as the CLI chooses it (core/threads.h).
+  static ThreadChoice thread_choice = choose_threads(read_thread_inputs());
+  ops::set_num_threads(thread_choice.threads);
+  m.def(
+      "threads", [] { return py::make_tuple(thread_choice.threads, thread_choice.reason); },
+      "(threads, why): the threads sae.cpp computes with and how that number was chosen.");
+  m.def(
+      "set_threads",
+      [](int n) {
+        if (n <= 0) throw Error(cat("set_threads: ", n, " threads; give a positive count"));
+        thread_choice = {n, "set_threads"};
+        ops::set_num_threads(n);
+      },
+      py::arg("n"), "Use n threads for BLAS and OpenMP from now on.");
+
   m.def(
       "cuda_available", [] { return cuda_compiled() && cuda_device_count() > 0; },
       "Whether this build has the CUDA backend and a GPU is visible (device='cuda' works).");
@@ -453,6 +470,7 @@ PYBIND11_MODULE(_core, m) {
         bool finished = false;
         std::exception_ptr error;
         std::thread worker([&] {
+          ops::adopt_num_threads();  // OpenMP's thread count is per thread
           try {
             finished = pipeline::run_release(o, &stop);
           } catch (...) {

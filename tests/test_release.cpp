@@ -2,7 +2,11 @@
 // served once, the same token in every layer, deterministic) and `sae release` end to end
 // (layout, loading back, the model card's numbers re-measured, stop and resume, bad input).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <regex>
 #include <set>
@@ -188,6 +192,37 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
       EXPECT_NEAR(row[2], res["ce_loss_score"].get<double>(), 5e-5);
       EXPECT_TRUE(std::isfinite(res["lm_score"]["ce_clean"].get<double>()));
     }
+}
+
+// Threads that share the machine (docs/threads.md): beside a CPU-bound process, the tiny
+// release on every core the process may use must not collapse against one thread (it took
+// 68x as long before its parallel regions were sized by their work). 3x is generous on
+// purpose, so that other tests running at the same time cannot make it flaky.
+TEST(Release, TinyReleaseBesideABusyProcessKeepsItsPace) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir);
+  const pid_t busy = ::fork();
+  ASSERT_GE(busy, 0);
+  if (busy == 0)
+    for (volatile uint64_t i = 0;; i = i + 1) {
+    }
+  // The defaults a user gets: no OMP_* settings, so the CLI picks its threads and wait policy.
+  auto seconds = [&](const std::string& threads, const std::string& out) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = test::run_cli_env("env -u OMP_NUM_THREADS -u OMP_WAIT_POLICY",
+                                     threads + release_args(corpus, dir / out));
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  double one = 1e9, all = 1e9;
+  for (int rep = 0; rep < 2; ++rep) {  // the better of two runs of each, interleaved
+    one = std::min(one, seconds("--threads 1 ", "one" + std::to_string(rep)));
+    all = std::min(all, seconds("", "all" + std::to_string(rep)));
+  }
+  ::kill(busy, SIGKILL);
+  ::waitpid(busy, nullptr, 0);
+  EXPECT_LT(all, 3.0 * one) << "1 thread " << one << " s, default threads " << all << " s";
+  std::printf("beside a busy process: 1 thread %.2f s, default threads %.2f s\n", one, all);
 }
 
 TEST(Release, StopsAndResumes) {

@@ -75,10 +75,12 @@ struct CliResult {
   std::string output;  // stdout and stderr together
 };
 
-// The `sae` binary of this build, or $SAECPP_CLI (the GPU check runs a relocated bundle).
-inline CliResult run_cli(const std::string& args) {
+// The `sae` binary of this build, or $SAECPP_CLI (the GPU check runs a relocated bundle), run
+// after `prefix` (e.g. "env -u OMP_WAIT_POLICY").
+inline CliResult run_cli_env(const std::string& prefix, const std::string& args) {
   const char* env = std::getenv("SAECPP_CLI");
-  std::string cmd = std::string(env && *env ? env : SAECPP_CLI) + " " + args + " 2>&1";
+  std::string cmd =
+      prefix + " " + std::string(env && *env ? env : SAECPP_CLI) + " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   std::string out;
   std::array<char, 4096> buf{};
@@ -86,6 +88,10 @@ inline CliResult run_cli(const std::string& args) {
   while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
   int status = ::pclose(p);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+inline CliResult run_cli(const std::string& args) {
+  return run_cli_env("", args);
 }
 
 inline std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1.0f) {

@@ -13,8 +13,21 @@ on the SAE's own buffers. Errors about files and configs raise saecpp.SaeError (
 naming the file and the field.
 """
 
-from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cuda_available, evaluate,
-                          presets, release, train)
+import os as _os
+
+# libgomp reads its wait policy once, when _core loads it. Its default spins at every barrier
+# and between parallel regions, taking the core from a sibling thread or another process;
+# sae.cpp sizes its regions so a sleeping wait costs nothing measurable (docs/threads.md).
+# Only for this import, and only when the user has not chosen a policy.
+_chose = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ
+if _chose:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+try:
+    from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cuda_available,
+                              evaluate, presets, release, set_threads, threads, train)
+finally:
+    if _chose:
+        del _os.environ["OMP_WAIT_POLICY"]
 
 __all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cuda_available", "evaluate",
-           "presets", "release", "train"]
+           "presets", "release", "set_threads", "threads", "train"]

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "sae/sae.h"
 
 namespace sae {
@@ -33,7 +34,7 @@ void MetricsAccumulator::add_batch(std::span<const float> x, std::span<const flo
 
   double sq_norm = 0, sq_resid = 0, ev_legacy = 0, cos = 0, norm_in = 0, norm_out = 0;
   double ratio = 0, xhat_sq = 0, dot = 0;
-#pragma omp parallel for schedule(static) \
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n) * double(d), 2.0)) \
     reduction(+ : sq_norm, sq_resid, ev_legacy, cos, norm_in, norm_out, ratio, xhat_sq, dot)
   for (int64_t t = 0; t < n; ++t) {
     const float* xr = x.data() + t * d;

@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/threads.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "ops/attention.h"
@@ -73,7 +74,7 @@ const float* Weight::rows_f32(int64_t r0, int64_t r1, std::vector<float>& scratc
   if (scratch.size() < n) scratch.resize(n);
   const uint16_t* src = bf16.data() + r0 * cols;
   float* dst = scratch.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n), 0.3))
   for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
   return dst;
 }
@@ -89,7 +90,8 @@ int64_t Gemma2::weight_bytes() const {
   int64_t b = embed.bytes() + int64_t(final_norm.size()) * 4;
   for (const Gemma2Layer& L : layers)
     b += int64_t(L.input_norm.size() + L.post_attn_norm.size() + L.pre_ff_norm.size() +
-                 L.post_ff_norm.size()) * 4 +
+                 L.post_ff_norm.size()) *
+             4 +
          L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes() +
          L.gate_proj.bytes() + L.up_proj.bytes() + L.down_proj.bytes();
   return b;
@@ -102,8 +104,8 @@ Gemma2 Gemma2::load(const std::string& folder, const Gemma2Options& opt) {
   const int64_t last = opt.last_layer < 0 ? c.num_layers - 1 : opt.last_layer;
   if (last >= c.num_layers)
     fail(folder, "last_layer",
-         cat("layer ", last, " asked for, the model has ", c.num_layers, " (0..",
-             c.num_layers - 1, ")"));
+         cat("layer ", last, " asked for, the model has ", c.num_layers, " (0..", c.num_layers - 1,
+             ")"));
   if (opt.verbose)
     std::fprintf(stderr,
                  "gemma2: %lld layers (loading 0..%lld), hidden %lld, vocab %lld; weights need "
@@ -198,8 +200,7 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
   if (last_layer < 0 || last_layer >= c.num_layers) fail("forward", "last_layer", "out of range");
   if (last_layer >= int64_t(layers.size()))
     fail("forward", "last_layer",
-         cat("layer ", last_layer, " was not loaded (loaded 0..", int64_t(layers.size()) - 1,
-             ")"));
+         cat("layer ", last_layer, " was not loaded (loaded 0..", int64_t(layers.size()) - 1, ")"));
   std::vector<int64_t> pos(static_cast<size_t>(T));
   for (int64_t s = 0; s < batch.n_prompts(); ++s) {
     const int64_t a = batch.starts[size_t(s)], b = batch.starts[size_t(s + 1)];
@@ -254,7 +255,7 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     ops::rms_norm_gemma(h.data(), L.pre_ff_norm.data(), x.data(), T, H, eps);
     linear(x.data(), L.gate_proj, gate.data(), T, scratch);
     linear(x.data(), L.up_proj, up.data(), T, scratch);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * I), 10.0))
     for (int64_t i = 0; i < T * I; ++i)
       gate[size_t(i)] = ops::gelu_tanh(gate[size_t(i)]) * up[size_t(i)];
     linear(gate.data(), L.down_proj, x.data(), T, scratch);
@@ -279,8 +280,9 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     }
     if (c.final_logit_softcap) {
       const float cap = float(*c.final_logit_softcap);
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < T * V; ++i) (*logits)[size_t(i)] = std::tanh((*logits)[size_t(i)] / cap) * cap;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * V), 10.0))
+      for (int64_t i = 0; i < T * V; ++i)
+        (*logits)[size_t(i)] = std::tanh((*logits)[size_t(i)] / cap) * cap;
     }
   }
 }

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 namespace {
@@ -43,19 +45,20 @@ inline void update_no_momentum(float& p, float g, float& v, const AdamStep& a, c
 void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamStep& a,
                  float grad_scale) {
   const Coeffs c = coeffs(a);
+  const int team = threads_for(double(n), 1.0);
   if (a.beta1 == 0.0f) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) num_threads(team)
     for (int64_t i = 0; i < n; ++i) update_no_momentum(p[i], g[i] * grad_scale, v[i], a, c);
     return;
   }
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) num_threads(team)
   for (int64_t i = 0; i < n; ++i) update(p[i], g[i] * grad_scale, m[i], v[i], a, c);
 }
 
 void adam_update_rows(float* p, const float* g, const uint8_t* has_grad, float* m, float* v,
                       int64_t rows, int64_t cols, const AdamStep& a, float grad_scale) {
   const Coeffs c = coeffs(a);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(rows) * double(cols), 1.0))
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * cols;
     if (a.beta1 == 0.0f) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/threads.h"
 #include "ops/gemm.h"
 
 namespace sae::ops {
@@ -20,17 +21,26 @@ void attention_causal(const float* q, const float* k, const float* v, float* out
   const int64_t T = s.tokens, H = s.heads, KV = s.kv_heads, hd = s.head_dim;
   const int64_t group = H / KV;
   // 128 queries at a time: the score block stays in cache-sized pieces and the causal upper
-  // triangle wastes at most one block's worth of work per row of blocks.
-  const int64_t block = 128;
-  std::vector<float> p(static_cast<size_t>(std::min(block, T) * T));
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t kvh = h / group;
-    for (int64_t i0 = 0; i0 < T; i0 += block) {
+  // triangle wastes at most one block's worth of work per row of blocks. The (head, block)
+  // pairs are independent: one parallel region over all of them, each pair's two GEMMs
+  // single-threaded inside it (one region per call rather than one per block).
+  const int64_t block = 128, n_blocks = (T + block - 1) / block;
+  double work_ns = 0;  // for sizing the team: two GEMMs plus the soft-capped softmax per score
+  for (int64_t i0 = 0; i0 < T; i0 += block)
+    work_ns += double(std::min(T, i0 + block) - i0) *
+               double(std::min(T, i0 + block) - first_key(i0, s.window)) *
+               (2.0 * double(hd) * 0.03 + 15.0);
+#pragma omp parallel num_threads(threads_for(double(H) * work_ns, 1.0))
+  {
+    std::vector<float> p(static_cast<size_t>(std::min(block, T) * T));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < H * n_blocks; ++task) {
+      const int64_t h = task / n_blocks, kvh = h / group;
+      const int64_t i0 = (task % n_blocks) * block;
       const int64_t i1 = std::min(T, i0 + block), m = i1 - i0;
       const int64_t j0 = first_key(i0, s.window), n = i1 - j0;
       gemm(Trans::No, Trans::Yes, m, n, hd, s.scale, q + (i0 * H + h) * hd, H * hd,
            k + (j0 * KV + kvh) * hd, KV * hd, 0.0f, p.data(), n);
-#pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < m; ++r) {
         const int64_t i = i0 + r;
         float* row = p.data() + r * n;

@@ -8,11 +8,14 @@
 #include <functional>
 #include <numeric>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse& out,
                 const float* bias, const float* scale, bool write_back) {
   const int n_threads = omp_get_max_threads();
+  const int team = threads_for(double(rows) * double(cols), 0.5);
   auto affine = [&](float v, int64_t j) {
     if (bias) v += bias[j];
     if (scale) v *= scale[j];
@@ -49,7 +52,7 @@ void batch_topk(float* x, int64_t rows, int64_t cols, int64_t budget, RowSparse&
   std::vector<std::vector<float>> t_vals(static_cast<size_t>(n_threads));
   const bool has_affine = bias || scale;
   auto collect = [&](bool transform, float lo) {
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(team)
     {
       auto& tc = t_cols[size_t(omp_get_thread_num())];
       auto& tv = t_vals[size_t(omp_get_thread_num())];

@@ -17,8 +17,10 @@ void gemm_reference(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float a
                     const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                     int64_t ldc);
 
-// Number of threads BLAS and OpenMP use (0 = leave the library default).
+// Number of threads BLAS and OpenMP use (0 = leave the library default). OpenMP keeps the
+// count per thread: a thread the process starts itself calls adopt_num_threads() first.
 void set_num_threads(int n);
+void adopt_num_threads();
 int num_threads();
 
 }  // namespace sae::ops

@@ -2,10 +2,12 @@
 
 #include <cmath>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 void rms_norm_gemma(const float* x, const float* w, float* y, int64_t rows, int64_t d, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(rows) * double(d), 0.5))
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     float* yr = y + r * d;

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 void rope_half(float* x, const int64_t* positions, int64_t tokens, int64_t heads, int64_t head_dim,
@@ -12,7 +14,8 @@ void rope_half(float* x, const int64_t* positions, int64_t tokens, int64_t heads
   std::vector<float> inv_freq(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i)
     inv_freq[size_t(i)] = float(1.0 / std::pow(theta, double(2 * i) / double(head_dim)));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(double(tokens) * double(half), 15.0 + 2.0 * double(heads)))
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < half; ++i) {
       const float angle = float(positions[t]) * inv_freq[size_t(i)];

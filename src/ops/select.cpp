@@ -5,6 +5,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 namespace {
@@ -17,7 +19,7 @@ inline bool ranks_above(float va, int32_t ia, float vb, int32_t ib) {
 void topk_rows(const float* x, int64_t rows, int64_t cols, int64_t k, int32_t* indices,
                float* values) {
   if (k <= 0) return;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(double(rows) * double(cols), 1.0))
   {
     // A min-heap (by rank) of the best k seen so far; the root is the weakest kept entry,
     // so most of a row costs one comparison per element.

@@ -3,11 +3,15 @@
 #include <cstring>
 #include <vector>
 
+#include "core/threads.h"
+
 namespace sae::ops {
 
 void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indices,
                    const float* values, const float* w, int64_t d, const float* bias, float* out) {
-#pragma omp parallel for schedule(static)
+  const double entries = double(offsets[n_tokens] - offsets[0]);
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for((entries + double(n_tokens)) * double(d), 0.25))
   for (int64_t t = 0; t < n_tokens; ++t) {
     float* o = out + t * d;
     if (bias)

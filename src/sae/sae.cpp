@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
 #include "ops/sparse_decode.h"
@@ -47,7 +48,8 @@ void check_finite(std::span<const float> x, int64_t n, int64_t d, const std::str
 std::vector<float> Sae::decoder_norms() const {
   const int64_t din = cfg.d_in;
   std::vector<float> norms(static_cast<size_t>(cfg.d_sae));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(double(cfg.d_sae) * double(din), 1.0))
   for (int64_t i = 0; i < cfg.d_sae; ++i) {
     double s = 0;
     for (int64_t j = 0; j < din; ++j)
@@ -78,7 +80,7 @@ void Sae::fold_W_dec_norm() {
 void Sae::sae_input(const float* x, int64_t n, float* sae_in, float* out_scale,
                     float* out_shift) const {
   const int64_t din = cfg.d_in;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n) * double(din), 2.0))
   for (int64_t t = 0; t < n; ++t) {
     const float* xr = x + t * din;
     float* s = sae_in + t * din;
@@ -120,7 +122,7 @@ void Sae::pre_activations(const float* x, int64_t n, float* pre, float* out_scal
   std::vector<float> norms;
   const bool rescale = cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm;
   if (rescale) norms = decoder_norms();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n) * double(dsae), 0.3))
   for (int64_t t = 0; t < n; ++t)
     for (int64_t i = 0; i < dsae; ++i) {
       float& v = pre[t * dsae + i];
@@ -164,7 +166,7 @@ void Sae::encode_chunk(const float* x, int64_t n, SparseCodes& out) const {
   if (topk) {
     top_idx.resize(size_t(n * cfg.k));
     top_val.resize(size_t(n * cfg.k));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n) * double(dsae), 0.3))
     for (int64_t t = 0; t < n; ++t) {
       float* p = pre + t * dsae;
       for (int64_t i = 0; i < dsae; ++i) p[i] += b_enc[size_t(i)];
@@ -182,7 +184,7 @@ void Sae::encode_chunk(const float* x, int64_t n, SparseCodes& out) const {
   std::vector<std::vector<int32_t>> local_idx(static_cast<size_t>(n_threads));
   std::vector<std::vector<float>> local_val(static_cast<size_t>(n_threads));
   std::vector<int64_t> first_row(static_cast<size_t>(n_threads), n);
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(threads_for(double(n) * double(topk ? cfg.k : dsae), 0.5))
   {
     const int tid = omp_get_thread_num();
     auto& li = local_idx[size_t(tid)];
@@ -256,7 +258,7 @@ std::vector<float> Sae::decode(const SparseCodes& codes) const {
   ops::sparse_decode(n, codes.offsets.data(), codes.indices.data(), values, W_dec.data(), din,
                      b_dec.data(), out.data());
   if (!codes.out_scale.empty()) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n) * double(din), 0.3))
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < din; ++j)
         out[size_t(t * din + j)] =

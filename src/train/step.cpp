@@ -9,6 +9,7 @@
 
 #include "core/clock.h"
 #include "core/error.h"
+#include "core/threads.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
 
@@ -27,7 +28,8 @@ void Grads::resize(int64_t d_in, int64_t d_sae) {
 
 void Grads::clear() {
   const size_t d_in = b_dec.size();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(double(touched.size()) * double(d_in), 0.1))
   for (size_t i = 0; i < touched.size(); ++i) {
     const size_t j = size_t(touched[i]);
     std::memset(&W_encT[j * d_in], 0, d_in * sizeof(float));
@@ -42,7 +44,8 @@ void Grads::clear() {
 double Grads::squared_norm() const {
   const size_t d_in = b_dec.size();
   double s = 0;
-#pragma omp parallel for schedule(static) reduction(+ : s)
+#pragma omp parallel for schedule(static) reduction(+ : s) \
+    num_threads(threads_for(double(touched.size()) * double(d_in), 0.5))
   for (size_t i = 0; i < touched.size(); ++i) {
     const size_t j = size_t(touched[i]);
     for (size_t c = 0; c < d_in; ++c)
@@ -94,7 +97,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // sae_in = x - b_dec; hidden_pre = (sae_in @ W_enc + b_enc) [* ||W_dec||]
   ws.sae_in.resize(size_t(B * d));
   ws.hidden_pre.resize(size_t(B * D));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(B) * double(d), 0.3))
   for (int64_t t = 0; t < B; ++t)
     for (int64_t c = 0; c < d; ++c)
       ws.sae_in[size_t(t * d + c)] =
@@ -155,7 +158,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // ---- levels: one sweep over each token's index-sorted active list ----
   const int n_threads = omp_get_max_threads();
   std::vector<double> level_sum(size_t(n_threads * L), 0.0), outer_sq(size_t(n_threads), 0.0);
-#pragma omp parallel
+  // Per token: the active latents' axpys, then L passes over d for the level gradients.
+  const double sweep_items = (double(res.n_active) + double(B) * double(L + n_aux) * 3.0) * d;
+#pragma omp parallel num_threads(threads_for(sweep_items, 0.3))
   {
     std::vector<float> r(static_cast<size_t>(d));
     double* my_sum = level_sum.data() + omp_get_thread_num() * L;
@@ -214,7 +219,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
 
   // ---- backward of the active latents: entries in token order (CSR) ----
   std::vector<Entry> entries(size_t(res.n_active));
-#pragma omp parallel for schedule(static)
+  const int team_entries = threads_for(double(res.n_active) * double(d), 0.3);
+#pragma omp parallel for schedule(static) num_threads(team_entries)
   for (int64_t t = 0; t < B; ++t)
     for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
       const int32_t j = act.cols[size_t(e)];
@@ -226,7 +232,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // d(loss)/d(sae_in), per token, from the active latents (AuxK adds its part below).
   std::vector<float> dsae_in(sp.apply_b_dec_to_input ? size_t(B * d) : 0, 0.0f);
   if (sp.apply_b_dec_to_input) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(team_entries)
     for (int64_t t = 0; t < B; ++t)
       for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e)
         axpy(entries[size_t(e)].dpre, &sae.W_encT[size_t(entries[size_t(e)].latent) * size_t(d)],
@@ -247,7 +253,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   };
   for (int64_t j = 0; j < D; ++j)
     if (start[size_t(j + 1)] > start[size_t(j)]) touch(int32_t(j));
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) \
+    num_threads(threads_for(double(res.n_active) * 2.0 * double(d), 0.3))
   for (size_t q = 0; q < g.touched.size(); ++q) {
     const int32_t j = g.touched[q];
     float* gw_dec = &g.W_dec[size_t(j) * size_t(d)];
@@ -277,7 +284,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     const double w = sp.aux_coefficient * scale / double(B);
     // Gathered rows of the group's latents.
     std::vector<float> wd(size_t(n_g * d)), we(size_t(n_g * d));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n_g) * double(d), 0.2))
     for (int64_t q = 0; q < n_g; ++q) {
       std::memcpy(&wd[size_t(q * d)], &sae.W_dec[size_t(grp[size_t(q)]) * size_t(d)],
                   size_t(d) * 4);
@@ -287,7 +294,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     // acts [B, n_g]: the selected dead latents' decode values, 0 elsewhere; sel marks them.
     std::vector<float> acts(size_t(B * n_g), 0.0f);
     std::vector<uint8_t> sel(size_t(B * n_g), 0);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(double(B) * double(n_g), 2.0))
     {
       std::vector<float> vals(static_cast<size_t>(n_g)), top_v(static_cast<size_t>(k_aux));
       std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
@@ -309,7 +316,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
               recon.data(), d);
     std::vector<float> h(size_t(B * d));
     double loss_sum = 0;
-#pragma omp parallel for schedule(static) reduction(+ : loss_sum)
+#pragma omp parallel for schedule(static) reduction(+ : loss_sum) \
+    num_threads(threads_for(double(B) * double(d), 1.0))
     for (int64_t t = 0; t < B; ++t) {
       const float* resid = vec(t, L + a);
       for (int64_t c = 0; c < d; ++c) {
@@ -334,7 +342,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, dpre.data(), n_g, we.data(), d,
                 1.0f, dsae_in.data(), d);
     for (int64_t q = 0; q < n_g; ++q) touch(grp[size_t(q)]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for(double(n_g) * double(2 * d + B), 0.5))
     for (int64_t q = 0; q < n_g; ++q) {
       const size_t j = size_t(grp[size_t(q)]);
       axpy(1.0f, &gwd[size_t(q * d)], &g.W_dec[j * size_t(d)], d);

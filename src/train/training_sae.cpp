@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "core/threads.h"
 
 namespace sae::train {
 
@@ -60,7 +61,7 @@ void TrainingSae::init(uint64_t seed, double decoder_init_norm) {
 std::vector<float> TrainingSae::decoder_norms() const {
   const int64_t d = spec.d_in, D = spec.d_sae;
   std::vector<float> n(static_cast<size_t>(D));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(D) * double(d), 1.0))
   for (int64_t j = 0; j < D; ++j) {
     double s = 0;
     for (int64_t c = 0; c < d; ++c)
