@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <regex>
@@ -203,9 +204,10 @@ TEST(Release, TinyReleaseBesideABusyProcessKeepsItsPace) {
   const std::string corpus = write_corpus(dir);
   const pid_t busy = ::fork();
   ASSERT_GE(busy, 0);
-  if (busy == 0)
-    for (volatile uint64_t i = 0;; i = i + 1) {
-    }
+  if (busy == 0) {
+    std::atomic<uint64_t> spins{0};
+    for (;;) spins.fetch_add(1, std::memory_order_relaxed);
+  }
   // The defaults a user gets: no OMP_* settings, so the CLI picks its threads and wait policy.
   auto seconds = [&](const std::string& threads, const std::string& out) {
     const auto t0 = std::chrono::steady_clock::now();

@@ -31,7 +31,8 @@ TEST(Threads, OmpNumThreadsWins) {
 }
 
 TEST(Threads, AffinityMaskCappedByTheCgroupQuota) {
-  ThreadInputs in{.affinity_cpus = 8, .online_cpus = 16};
+  ThreadInputs in;
+  in.affinity_cpus = 8, in.online_cpus = 16;
   EXPECT_EQ(choose_threads(in).threads, 8);
   EXPECT_NE(choose_threads(in).reason.find("8 CPUs in the affinity mask"), std::string::npos);
   in.cgroup_cpus = 2.5;  // a quota of 2.5 CPUs: 2 threads never get throttled
@@ -42,13 +43,15 @@ TEST(Threads, AffinityMaskCappedByTheCgroupQuota) {
 }
 
 TEST(Threads, UnboundRanksOnANodeShareIt) {
-  ThreadInputs in{.affinity_cpus = 16, .online_cpus = 16, .local_ranks = 4};
+  ThreadInputs in;
+  in.affinity_cpus = 16, in.online_cpus = 16, in.local_ranks = 4;
   EXPECT_EQ(choose_threads(in).threads, 4);
   EXPECT_NE(choose_threads(in).reason.find("shared by 4 processes"), std::string::npos);
   in.local_ranks = 32;
   EXPECT_EQ(choose_threads(in).threads, 1);
   // A launcher that bound each rank to its own CPUs: the mask is already the rank's share.
-  ThreadInputs bound{.affinity_cpus = 4, .online_cpus = 16, .local_ranks = 4};
+  ThreadInputs bound;
+  bound.affinity_cpus = 4, bound.online_cpus = 16, bound.local_ranks = 4;
   EXPECT_EQ(choose_threads(bound).threads, 4);
 }
 

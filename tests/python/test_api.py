@@ -178,6 +178,22 @@ def test_device_cuda_runs_or_says_why_not():
     assert saecpp.evaluate(sae, x, device="cuda")["l0"] == saecpp.evaluate(sae, x)["l0"]
 
 
+def test_threads_are_chosen_and_can_be_set():
+    n, why = saecpp.threads()
+    assert n >= 1 and why  # OMP_NUM_THREADS, or the affinity mask / cgroup quota
+    if "OMP_NUM_THREADS" in os.environ:
+        assert why == f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS'].split(',')[0]}"
+    with pytest.raises(saecpp.SaeError, match="positive"):
+        saecpp.set_threads(0)
+    saecpp.set_threads(1)
+    assert saecpp.threads() == (1, "set_threads")
+    sae = saecpp.SAE.load_from_disk(str(GOLDENS / "jumprelu" / "sae"))
+    x = load_npy("jumprelu", "x")
+    one = sae.encode(x)
+    saecpp.set_threads(n)
+    assert np.array_equal(one, sae.encode(x))
+
+
 def test_version_is_the_cmake_version():
     text = (GOLDENS.parent.parent / "CMakeLists.txt").read_text()
     assert f"project(saecpp VERSION {saecpp.__version__}" in text
