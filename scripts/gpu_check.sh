@@ -4,9 +4,10 @@
 #       bench_train_cuda for sm_90 with a portable host arch (x86-64-v3, not native) into
 #       build/gpu and bundles them with the shared libraries the GPU machine lacks (OpenBLAS,
 #       sentencepiece, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
-#   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests, the training-step
-#       benchmark in fp32/tf32/bf16 (and with dead latents), SAELens's step on the same GPU, and
-#       2000 steps of the hierarchy job on the GPU against the CPU. Logs and results.md go to
+#   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests (SAE and Gemma-2),
+#       the Gemma-2 forward against transformers, the training-step benchmark in fp32/tf32/bf16
+#       (and with dead latents), SAELens's step on the same GPU, and 2000 steps of the
+#       hierarchy job on the GPU against the CPU. Logs and results.md go to
 #       $OUT (or out/gpu_check). Meant to finish in under 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,12 @@ mode=${1:-}
 if [[ $mode == build ]]; then
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAECPP_NATIVE=OFF \
     -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON
-  cmake --build build/gpu -j "$(nproc)" --target sae test_cuda bench_train_cuda bench_encode_cuda
+  cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
+    bench_encode_cuda bench_gemma_cuda
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
-  for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/bench/bench_train_cuda \
-    build/gpu/bench/bench_encode_cuda; do
+  for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/tests/test_cuda_gemma2 \
+    build/gpu/bench/bench_train_cuda build/gpu/bench/bench_encode_cuda \
+    build/gpu/bench/bench_gemma_cuda; do
     cp "$b" .gpu/bin/ && strip .gpu/bin/"$(basename "$b")"
   done
   # Every shared library outside glibc and the CUDA toolkit (the GPU machine has those).
@@ -41,7 +44,7 @@ mkdir -p "$out"
 cuda_lib=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets /usr/lib /opt -name 'libcublasLt.so.13' 2>/dev/null | head -1)" 2>/dev/null || true)
 lib_path=$PWD/.gpu/lib:${cuda_lib:-/usr/local/cuda/lib64}:${LD_LIBRARY_PATH:-}
 echo "libraries: $lib_path"
-for b in sae test_cuda bench_train_cuda bench_encode_cuda; do
+for b in sae test_cuda test_cuda_gemma2 bench_train_cuda bench_encode_cuda bench_gemma_cuda; do
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$lib_path" "$PWD/.gpu/bin/$b" >"/tmp/$b"
   chmod +x "/tmp/$b"
 done
@@ -58,6 +61,17 @@ set +e
 SAECPP_CLI=$bin/sae timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 tests_rc=${PIPESTATUS[0]}
 echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
+SAECPP_CLI=$bin/sae timeout 120 "$bin/test_cuda_gemma2" 2>&1 | tee "$out/test_cuda_gemma2.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
+gemma_rc=${PIPESTATUS[0]}
+echo "CUDA Gemma-2 tests: exit $gemma_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda_gemma2.log") passed)" | tee -a "$results"
+
+echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
+{
+  echo '```'
+  timeout 150 "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 12,24
+  timeout 150 python3 bench/transformers_gemma_cuda.py --prompts 4 --seq 1024 --last-layers 12,24
+  echo '```'
+} 2>&1 | tee "$out/bench_gemma.log" | tee -a "$results"
 
 echo "== training step benchmark"
 {

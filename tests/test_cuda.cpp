@@ -33,12 +33,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-#define REQUIRE_GPU()                                                                     \
-  do {                                                                                    \
-    if (!cuda_compiled()) GTEST_SKIP() << "CUDA test skipped: this build has no CUDA";    \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "CUDA test skipped: no GPU is visible"; \
-  } while (0)
-
 TEST(Cuda, DeviceQueriesNeverThrow) {
   // On any machine: the build reports itself and a missing GPU is a count of 0, not a crash.
   if (!cuda_compiled()) {

@@ -13,8 +13,16 @@
 #include <string>
 #include <vector>
 
+#include "core/device.h"
 #include "core/dtype.h"
 #include "io/npy.h"
+
+// In a CUDA test: skip, with one line saying why, where no GPU can run it.
+#define REQUIRE_GPU()                                                                            \
+  do {                                                                                           \
+    if (!::sae::cuda_compiled()) GTEST_SKIP() << "CUDA test skipped: this build has no CUDA";    \
+    if (::sae::cuda_device_count() == 0) GTEST_SKIP() << "CUDA test skipped: no GPU is visible"; \
+  } while (0)
 
 namespace sae::test {
 

@@ -1,0 +1,138 @@
+// Gemma-2-2b-shaped forward on the GPU with random bf16 weights (made in memory: no checkpoint
+// to download or write): tokens/s to a layer, in bf16 and fp32, with device memory in use.
+// Compare with bench/transformers_gemma_cuda.py on the same GPU and shape.
+//   build/release/bench/bench_gemma_cuda [--prompts 4] [--seq 1024] [--last-layers 12,24]
+//                                        [--precision bf16] [--reps 3]
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+#include <string>
+
+#include "bench_util.h"
+#include "core/device.h"
+#include "core/dtype.h"
+#include "model/device_gemma2.h"
+#include "model/gemma2.h"
+
+using namespace sae;
+using namespace sae::model;
+
+namespace {
+
+// google/gemma-2-2b's config.json.
+Gemma2Config gemma_2_2b() {
+  Gemma2Config c;
+  c.vocab_size = 256000, c.hidden_size = 2304, c.intermediate_size = 9216, c.num_layers = 26;
+  c.num_heads = 8, c.num_kv_heads = 4, c.head_dim = 256, c.query_pre_attn_scalar = 256;
+  c.attn_logit_softcap = 50.0, c.final_logit_softcap = 30.0, c.sliding_window = 4096;
+  c.sliding.resize(26);
+  for (int l = 0; l < 26; ++l) c.sliding[size_t(l)] = l % 2 == 0;
+  return c;
+}
+
+// Uniform values of standard deviation `std` from a counter hash, in bf16.
+Weight random_weight(int64_t rows, int64_t cols, uint64_t seed, float std) {
+  Weight w;
+  w.rows = rows, w.cols = cols;
+  w.bf16.resize(size_t(rows * cols));
+  const float a = std * 1.7320508f;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    uint64_t z = (uint64_t(i) + seed * 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    z ^= z >> 29;
+    const float u = float(z >> 40) / float(1ull << 24);  // [0, 1)
+    w.bf16[size_t(i)] = f32_to_bf16((2.0f * u - 1.0f) * a);
+  }
+  return w;
+}
+
+Gemma2 random_model(int64_t last_layer) {
+  Gemma2 m;
+  m.cfg = gemma_2_2b();
+  const int64_t H = m.cfg.hidden_size, I = m.cfg.intermediate_size;
+  const int64_t nq = m.cfg.num_heads * m.cfg.head_dim, nkv = m.cfg.num_kv_heads * m.cfg.head_dim;
+  m.embed = random_weight(m.cfg.vocab_size, H, 1, 0.02f);
+  m.final_norm.assign(size_t(H), 0.0f);
+  for (int64_t l = 0; l <= last_layer; ++l) {
+    Gemma2Layer& L = m.layers.emplace_back();
+    for (auto* n : {&L.input_norm, &L.post_attn_norm, &L.pre_ff_norm, &L.post_ff_norm})
+      n->assign(size_t(H), 0.0f);
+    const uint64_t s = 100 + uint64_t(l) * 8;
+    L.q_proj = random_weight(nq, H, s, 0.02f);
+    L.k_proj = random_weight(nkv, H, s + 1, 0.02f);
+    L.v_proj = random_weight(nkv, H, s + 2, 0.02f);
+    L.o_proj = random_weight(H, nq, s + 3, 0.02f);
+    L.gate_proj = random_weight(I, H, s + 4, 0.02f);
+    L.up_proj = random_weight(I, H, s + 5, 0.02f);
+    L.down_proj = random_weight(H, I, s + 6, 0.02f);
+  }
+  return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t prompts = 4, seq = 1024, reps = 3;
+  std::string layers = "12,24", precisions = "bf16";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--prompts")
+      prompts = std::stoll(v);
+    else if (a == "--seq")
+      seq = std::stoll(v);
+    else if (a == "--last-layers")
+      layers = v;
+    else if (a == "--precision")
+      precisions = v;
+    else if (a == "--reps")
+      reps = std::stoll(v);
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  bench::print_header(argc, argv);
+  require_device(Device::Cuda);
+  std::printf("device: %s\n", cuda_device_description().c_str());
+  std::vector<int64_t> last_layers;
+  std::stringstream ls(layers);
+  for (std::string l; std::getline(ls, l, ',');) last_layers.push_back(std::stoll(l));
+  int64_t deepest = 0;
+  for (int64_t l : last_layers) deepest = std::max(deepest, l);
+  const auto t_make = std::chrono::steady_clock::now();
+  const Gemma2 host = random_model(deepest);
+  std::printf("random Gemma-2-2b-shaped weights, layers 0..%lld, made in %.1f s\n",
+              (long long)deepest,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_make).count());
+  TokenBatch batch;
+  for (int64_t p = 0; p < prompts; ++p) {
+    std::vector<int32_t> ids(static_cast<size_t>(seq));
+    ids[0] = 2;  // BOS
+    for (int64_t t = 1; t < seq; ++t)
+      ids[size_t(t)] = int32_t(3 + (p * 7919 + t * 104729) % 255990);
+    batch.add(ids);
+  }
+  std::stringstream ps(precisions);
+  for (std::string prec; std::getline(ps, prec, ',');) {
+    DeviceGemma2 g(host, prec);
+    for (int64_t last : last_layers) {
+      g.forward(batch, last, nullptr);  // warm-up (allocations, cuBLAS heuristics)
+      double best = 1e30;
+      for (int64_t r = 0; r < reps; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        g.forward(batch, last, nullptr);  // synchronises at the end
+        best = std::min(
+            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::printf(
+          "sae.cpp %s forward to layer %lld: %lld x %lld tokens in %.1f ms = %.0f tokens/s "
+          "(best of %lld); weights %.2f GiB on the device\n",
+          prec.c_str(), (long long)last, (long long)prompts, (long long)seq, best * 1e3,
+          double(prompts * seq) / best, (long long)reps, double(g.weight_bytes()) / (1 << 30));
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,53 @@
+// Gemma-2 on the GPU: the forward of model/gemma2.h (the CPU version is its reference) with the
+// weights resident in device memory and the activations kept there. Hooks receive device
+// pointers, so what consumes them (an SAE being trained, a spliced reconstruction) can stay on
+// the device too.
+//
+// precision "bf16": bf16 weights and GEMM operands, fp32 accumulate, fp32 residual stream and
+// non-GEMM arithmetic. "fp32": fp32 throughout. In a build without CUDA the constructor throws
+// a clear error.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/gemma2.h"
+
+namespace sae::model {
+
+// Called at every hook point with the device activation [tokens, hidden] (fp32), on the
+// forward's stream: work the hook queues there is ordered with the forward. The hook may
+// overwrite it (splicing); the forward continues with what it wrote.
+using DeviceHookFn =
+    std::function<void(HookPoint point, int64_t layer, float* device_act, int64_t tokens)>;
+
+class DeviceGemma2 {
+ public:
+  // Uploads the embedding, the final norm and the layers `host` loaded.
+  explicit DeviceGemma2(const Gemma2& host, const std::string& precision = "bf16");
+  ~DeviceGemma2();
+  DeviceGemma2(const DeviceGemma2&) = delete;
+  DeviceGemma2& operator=(const DeviceGemma2&) = delete;
+
+  const Gemma2Config& cfg() const;
+  int64_t n_layers_loaded() const;
+  int64_t weight_bytes() const;  // device memory the weights take
+
+  // As Gemma2::forward; `logits` (host, [tokens, vocab], soft-capped) needs the last layer.
+  void forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
+               std::vector<float>* logits = nullptr);
+
+  // A device activation copied to the host (after the work queued before it).
+  std::vector<float> to_host(const float* device_act, int64_t n) const;
+  // The stream the forward runs on (a cudaStream_t).
+  void* stream() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sae::model

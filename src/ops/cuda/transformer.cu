@@ -1,0 +1,202 @@
+// Gemma-2's non-GEMM kernels (transformer.h), fp32 arithmetic throughout.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "ops/cuda/block_reduce.cuh"
+#include "ops/cuda/transformer.h"
+
+namespace sae::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ inline void put(const ActOut& o, int64_t i, float v) {
+  if (o.f32) o.f32[i] = v;
+  if (o.bf16) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    o.bf16[i] = *reinterpret_cast<const uint16_t*>(&b);
+  }
+}
+
+__device__ inline float bf16_bits_to_float(uint16_t b) {
+  return __uint_as_float(uint32_t(b) << 16);
+}
+
+int blocks_for(int64_t n) {
+  return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 4));
+}
+
+__global__ void k_embed(const int32_t* ids, const void* embed, int bf16, int64_t d, float scale,
+                        float* h) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = int64_t(ids[t]) * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float e = bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(embed)[row + i])
+                         : static_cast<const float*>(embed)[row + i];
+    h[t * d + i] = e * scale;
+  }
+}
+
+__global__ void k_rms_norm(const float* x, const float* w, int64_t d, float eps, ActOut y) {
+  __shared__ float sh[32];
+  const float* xr = x + int64_t(blockIdx.x) * d;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_sum(ss, sh);
+  const float inv = 1.0f / sqrtf(ss / float(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    put(y, int64_t(blockIdx.x) * d + i, (xr[i] * inv) * (1.0f + w[i]));
+}
+
+__global__ void k_rope(float* x, const int32_t* pos, int64_t heads, int64_t hd, double theta) {
+  const int64_t t = blockIdx.x, half = hd / 2;
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    const float inv_freq = float(1.0 / pow(theta, double(2 * i) / double(hd)));
+    const float angle = float(pos[t]) * inv_freq;
+    const float c = cosf(angle), s = sinf(angle);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * hd;
+      const float a = v[i], b = v[i + half];
+      v[i] = a * c - b * s;
+      v[i + half] = b * c + a * s;
+    }
+  }
+}
+
+// One warp per (token, head): the lanes hold head_dim / 32 dimensions each of q and of the
+// output, and walk the visible keys once with an online softmax (running max and sum).
+constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
+__global__ void k_attention(const float* q, const float* k, const float* v,
+                            const int32_t* prompt_start, AttentionDims a, ActOut out) {
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= a.tokens * a.heads) return;
+  const int64_t t = warp / a.heads, h = warp % a.heads;
+  const int64_t kvh = h / (a.heads / a.kv_heads), hd = a.head_dim;
+  float qv[kMaxDimsPerLane], acc[kMaxDimsPerLane];
+#pragma unroll
+  for (int r = 0; r < kMaxDimsPerLane; ++r) {
+    const int64_t c = lane + 32 * r;
+    qv[r] = c < hd ? q[(t * a.heads + h) * hd + c] : 0.0f;
+    acc[r] = 0.0f;
+  }
+  int64_t lo = prompt_start[t];
+  if (a.window > 0) lo = max(lo, t - a.window + 1);
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j = lo; j <= t; ++j) {
+    const float* kj = k + (j * a.kv_heads + kvh) * hd;
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kMaxDimsPerLane; ++r) {
+      const int64_t c = lane + 32 * r;
+      if (c < hd) s += qv[r] * kj[c];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+    s *= a.scale;
+    if (a.softcap > 0.0f) s = tanhf(s / a.softcap) * a.softcap;
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new), p = expf(s - m_new);
+    l = l * corr + p;
+    const float* vj = v + (j * a.kv_heads + kvh) * hd;
+#pragma unroll
+    for (int r = 0; r < kMaxDimsPerLane; ++r) {
+      const int64_t c = lane + 32 * r;
+      if (c < hd) acc[r] = acc[r] * corr + p * vj[c];
+    }
+    m = m_new;
+  }
+  const float inv = 1.0f / l;
+#pragma unroll
+  for (int r = 0; r < kMaxDimsPerLane; ++r) {
+    const int64_t c = lane + 32 * r;
+    if (c < hd) put(out, (t * a.heads + h) * hd + c, acc[r] * inv);
+  }
+}
+
+__device__ inline float gelu_tanh(float x) {
+  constexpr float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__global__ void k_gelu_mul(const float* gu, int64_t tokens, int64_t inter, ActOut out) {
+  const int64_t n = tokens * inter;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / inter, i = e % inter;
+    const float* row = gu + t * 2 * inter;
+    put(out, e, gelu_tanh(row[i]) * row[inter + i]);
+  }
+}
+
+__global__ void k_add(float* h, const float* x, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    h[i] += x[i];
+}
+
+__global__ void k_soft_cap(float* x, int64_t n, float cap) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = tanhf(x[i] / cap) * cap;
+}
+
+}  // namespace
+
+void embed_rows(const Context& ctx, const int32_t* ids, int64_t tokens, const void* embed,
+                bool embed_bf16, int64_t d, float scale, float* h) {
+  if (tokens == 0) return;
+  k_embed<<<unsigned(tokens), kThreads, 0, ctx.stream()>>>(ids, embed, embed_bf16, d, scale, h);
+  SAE_CUDA_LAUNCHED();
+}
+
+void rms_norm_gemma(const Context& ctx, const float* x, const float* w, int64_t rows, int64_t d,
+                    float eps, ActOut y) {
+  if (rows == 0) return;
+  k_rms_norm<<<unsigned(rows), kThreads, 0, ctx.stream()>>>(x, w, d, eps, y);
+  SAE_CUDA_LAUNCHED();
+}
+
+void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t tokens,
+               int64_t heads, int64_t head_dim, double theta) {
+  if (tokens == 0) return;
+  const int threads = int(std::min<int64_t>(std::max<int64_t>(head_dim / 2, 32), kThreads));
+  k_rope<<<unsigned(tokens), threads, 0, ctx.stream()>>>(x, positions, heads, head_dim, theta);
+  SAE_CUDA_LAUNCHED();
+}
+
+void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
+                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out) {
+  SAE_CHECK(dims.head_dim <= 32 * kMaxDimsPerLane, "attention: head_dim above 256");
+  SAE_CHECK(dims.heads % dims.kv_heads == 0, "attention: heads not a multiple of kv_heads");
+  const int64_t warps = dims.tokens * dims.heads;
+  if (warps == 0) return;
+  constexpr int kWarpsPerBlock = 4;
+  const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  k_attention<<<unsigned(blocks), 32 * kWarpsPerBlock, 0, ctx.stream()>>>(q, k, v, prompt_start,
+                                                                          dims, out);
+  SAE_CUDA_LAUNCHED();
+}
+
+void gelu_mul(const Context& ctx, const float* gu, int64_t tokens, int64_t inter, ActOut out) {
+  if (tokens * inter == 0) return;
+  k_gelu_mul<<<blocks_for(tokens * inter), kThreads, 0, ctx.stream()>>>(gu, tokens, inter, out);
+  SAE_CUDA_LAUNCHED();
+}
+
+void add_into(const Context& ctx, float* h, const float* x, int64_t n) {
+  if (n == 0) return;
+  k_add<<<blocks_for(n), kThreads, 0, ctx.stream()>>>(h, x, n);
+  SAE_CUDA_LAUNCHED();
+}
+
+void soft_cap(const Context& ctx, float* x, int64_t n, float cap) {
+  if (n == 0) return;
+  k_soft_cap<<<blocks_for(n), kThreads, 0, ctx.stream()>>>(x, n, cap);
+  SAE_CUDA_LAUNCHED();
+}
+
+}  // namespace sae::cuda

@@ -1,0 +1,57 @@
+// The non-GEMM kernels of a Gemma-2 forward on the GPU, each the device mirror of its CPU
+// reference in ops/ (rms_norm.h, rope.h, attention.h, gelu.h): the same formulas in fp32, so
+// the CPU functions are their references in the kernel tests.
+//
+// Activations that feed a GEMM may be written in bf16 as well as (or instead of) fp32: an
+// ActOut names the buffers a kernel writes (row-major, the kernel's [rows, cols]).
+#pragma once
+
+#include <cstdint>
+
+#include "ops/cuda/runtime.h"
+
+namespace sae::cuda {
+
+struct ActOut {
+  float* f32 = nullptr;      // written when not null
+  uint16_t* bf16 = nullptr;  // written (round to nearest even) when not null
+};
+
+// h[t, :] = embed[ids[t], :] * scale (fp32 multiply, as the CPU); embed is bf16 or fp32
+// [vocab, d]. ids are checked on the host.
+void embed_rows(const Context& ctx, const int32_t* ids, int64_t tokens, const void* embed,
+                bool embed_bf16, int64_t d, float scale, float* h);
+
+// Gemma's RMSNorm: y = x / sqrt(mean(x^2) + eps) * (1 + w), per row of [rows, d].
+void rms_norm_gemma(const Context& ctx, const float* x, const float* w, int64_t rows, int64_t d,
+                    float eps, ActOut y);
+
+// Rotary embedding, rotate-half convention, in place on x [tokens, heads, head_dim] with
+// positions [tokens] (inv_freq and the angle in fp32, as transformers).
+void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t tokens,
+               int64_t heads, int64_t head_dim, double theta);
+
+// Causal attention over prompts packed end to end: token t sees the tokens of its own prompt
+// (prompt_start[t] <= j <= t), and with window > 0 only the last `window` of them. Scores are
+// scaled, soft-capped (softcap > 0: tanh(s / cap) * cap) before the mask, softmaxed in fp32.
+// q [tokens, heads, hd], k and v [tokens, kv_heads, hd] (GQA: head h reads kv head
+// h / (heads / kv_heads)); out [tokens, heads, hd]. head_dim <= 256.
+struct AttentionDims {
+  int64_t tokens, heads, kv_heads, head_dim;
+  float scale, softcap;
+  int64_t window;
+};
+void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
+                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out);
+
+// out[t, i] = gelu_tanh(gu[t, i]) * gu[t, inter + i] for gu [tokens, 2 * inter] (the fused
+// gate and up projections).
+void gelu_mul(const Context& ctx, const float* gu, int64_t tokens, int64_t inter, ActOut out);
+
+// h += x, n elements.
+void add_into(const Context& ctx, float* h, const float* x, int64_t n);
+
+// x = tanh(x / cap) * cap, n elements.
+void soft_cap(const Context& ctx, float* x, int64_t n, float cap);
+
+}  // namespace sae::cuda

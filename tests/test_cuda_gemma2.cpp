@@ -1,0 +1,270 @@
+// Gemma-2 on the GPU against the CPU forward (itself checked against transformers): each
+// non-GEMM kernel against its ops/ reference, then the whole forward on the tiny checkpoints at
+// every hook point and in the logits, in fp32 (tight) and bf16 (the rounding of bf16 operands).
+// Where no GPU is visible (or the build has no CUDA) every test skips with one line saying so.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+
+#include "core/error.h"
+#include "io/json_file.h"
+#include "model/device_gemma2.h"
+#include "model/gemma2.h"
+#include "ops/attention.h"
+#include "ops/gelu.h"
+#include "ops/rms_norm.h"
+#include "ops/rope.h"
+#include "test_util.h"
+
+#if SAECPP_HAS_CUDA
+#include "ops/cuda/runtime.h"
+#include "ops/cuda/transformer.h"
+#endif
+
+namespace sae::model {
+namespace {
+
+#if SAECPP_HAS_CUDA
+template <class T>
+cuda::DeviceBuffer<T> on_device(const std::vector<T>& host, const cuda::Context& ctx) {
+  cuda::DeviceBuffer<T> d;
+  cuda::upload(d, std::span<const T>(host), ctx.stream(), "test");
+  return d;
+}
+#endif
+
+TEST(CudaKernels, NormRopeGeluMatchTheirCpuReferences) {
+  REQUIRE_GPU();
+#if SAECPP_HAS_CUDA
+  cuda::Context ctx;
+  const int64_t rows = 37, d = 300;
+  const auto x = test::random_vector(size_t(rows * d), 1, 3.0f);
+  const auto w = test::random_vector(size_t(d), 2, 0.5f);
+  std::vector<float> ref(x.size());
+  ops::rms_norm_gemma(x.data(), w.data(), ref.data(), rows, d, 1e-6f);
+  auto dx = on_device(x, ctx);
+  auto dw = on_device(w, ctx);
+  cuda::DeviceBuffer<float> dy(x.size());
+  cuda::DeviceBuffer<uint16_t> dyb(x.size());
+  cuda::rms_norm_gemma(ctx, dx.data(), dw.data(), rows, d, 1e-6f, {dy.data(), dyb.data()});
+  test::expect_close(cuda::download(dy.data(), x.size(), ctx.stream()), ref, 1e-5, "rms_norm");
+  const auto yb = cuda::download(dyb.data(), x.size(), ctx.stream());
+  for (size_t i = 0; i < ref.size(); i += 97)
+    EXPECT_EQ(yb[i], f32_to_bf16(cuda::download(dy.data(), x.size(), ctx.stream())[i])) << i;
+
+  // RoPE at positions far into a long context (angles of thousands of radians).
+  const int64_t tokens = 9, heads = 3, hd = 256;
+  auto q = test::random_vector(size_t(tokens * heads * hd), 3);
+  std::vector<int64_t> pos64 = {0, 1, 2, 7, 100, 1000, 4095, 5000, 8191};
+  std::vector<int32_t> pos32(pos64.begin(), pos64.end());
+  auto dq = on_device(q, ctx);
+  auto dpos = on_device(pos32, ctx);
+  ops::rope_half(q.data(), pos64.data(), tokens, heads, hd, 10000.0);
+  cuda::rope_half(ctx, dq.data(), dpos.data(), tokens, heads, hd, 10000.0);
+  test::expect_close(cuda::download(dq.data(), q.size(), ctx.stream()), q, 2e-5, "rope");
+
+  const int64_t inter = 301;
+  const auto gu = test::random_vector(size_t(tokens * 2 * inter), 4, 2.0f);
+  std::vector<float> gref(size_t(tokens * inter));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < inter; ++i)
+      gref[size_t(t * inter + i)] =
+          ops::gelu_tanh(gu[size_t(t * 2 * inter + i)]) * gu[size_t(t * 2 * inter + inter + i)];
+  auto dgu = on_device(gu, ctx);
+  cuda::DeviceBuffer<float> dg(gref.size());
+  cuda::gelu_mul(ctx, dgu.data(), tokens, inter, {dg.data(), nullptr});
+  test::expect_close(cuda::download(dg.data(), gref.size(), ctx.stream()), gref, 1e-5, "gelu");
+#endif
+}
+
+// Packed prompts of different lengths, GQA, soft-capping, a sliding window shorter than the
+// prompts, head dims that are and are not multiples of the warp: against attention_causal run
+// on each prompt alone.
+TEST(CudaKernels, PackedAttentionMatchesCpuPerPrompt) {
+  REQUIRE_GPU();
+#if SAECPP_HAS_CUDA
+  cuda::Context ctx;
+  struct Case {
+    int64_t heads, kv, hd;
+    float softcap;
+    int64_t window;
+  };
+  for (const Case c : {Case{4, 2, 12, 50.0f, 0}, Case{4, 2, 12, 50.0f, 5},
+                       Case{8, 4, 256, 50.0f, 0}, Case{3, 1, 40, 0.0f, 6}}) {
+    SCOPED_TRACE(testing::Message() << "heads " << c.heads << " kv " << c.kv << " hd " << c.hd
+                                    << " window " << c.window);
+    const std::vector<int64_t> lengths = {7, 1, 13, 30};
+    int64_t T = 0;
+    std::vector<int32_t> start;
+    for (int64_t n : lengths) {
+      for (int64_t i = 0; i < n; ++i) start.push_back(int32_t(T));
+      T += n;
+    }
+    const int64_t nq = c.heads * c.hd, nkv = c.kv * c.hd;
+    const auto q = test::random_vector(size_t(T * nq), 5, 2.0f);
+    const auto k = test::random_vector(size_t(T * nkv), 6, 2.0f);
+    const auto v = test::random_vector(size_t(T * nkv), 7);
+    const float scale = 1.0f / std::sqrt(float(c.hd));
+    std::vector<float> ref(size_t(T * nq));
+    for (int64_t a = 0, s = 0; s < int64_t(lengths.size()); a += lengths[size_t(s)], ++s)
+      ops::attention_causal(q.data() + a * nq, k.data() + a * nkv, v.data() + a * nkv,
+                            ref.data() + a * nq,
+                            {lengths[size_t(s)], c.heads, c.kv, c.hd, scale, c.softcap, c.window});
+    auto dq = on_device(q, ctx);
+    auto dk = on_device(k, ctx);
+    auto dv = on_device(v, ctx);
+    auto dstart = on_device(start, ctx);
+    cuda::DeviceBuffer<float> dout(ref.size());
+    cuda::attention_packed(ctx, dq.data(), dk.data(), dv.data(), dstart.data(),
+                           {T, c.heads, c.kv, c.hd, scale, c.softcap, c.window},
+                           {dout.data(), nullptr});
+    test::expect_close(cuda::download(dout.data(), ref.size(), ctx.stream()), ref, 1e-5,
+                       "attention");
+  }
+#endif
+}
+
+// Every hook point of every layer and the logits, for a packed batch of the golden prompts plus
+// one longer than the sliding window.
+struct Captured {
+  std::map<std::pair<int, int64_t>, std::vector<float>> acts;
+  std::vector<float> logits;
+};
+
+TokenBatch golden_batch(const std::string& name, const Gemma2Config& cfg) {
+  auto prompts = read_json_file(test::golden("gemma2/" + name + "/prompts.json"))["prompts"];
+  TokenBatch b;
+  for (const auto& p : prompts) b.add(p.get<std::vector<int32_t>>());
+  std::vector<int32_t> longer;
+  for (int32_t i = 0; i < 23; ++i) longer.push_back(int32_t((i * 37 + 5) % cfg.vocab_size));
+  b.add(longer);
+  return b;
+}
+
+Captured cpu_run(const Gemma2& m, const TokenBatch& b) {
+  Captured c;
+  const int64_t H = m.cfg.hidden_size;
+  m.forward(
+      b, m.cfg.num_layers - 1,
+      [&](HookPoint p, int64_t l, float* a, int64_t n) {
+        c.acts[{int(p), l}].assign(a, a + n * H);
+      },
+      nullptr, &c.logits);
+  return c;
+}
+
+Captured device_run(DeviceGemma2& g, const TokenBatch& b) {
+  Captured c;
+  const int64_t H = g.cfg().hidden_size;
+  g.forward(
+      b, g.cfg().num_layers - 1,
+      [&](HookPoint p, int64_t l, float* a, int64_t n) {
+        c.acts[{int(p), l}] = g.to_host(a, n * H);
+      },
+      &c.logits);
+  return c;
+}
+
+void expect_same_run(const Captured& got, const Captured& want, double rel,
+                     const std::string& what) {
+  ASSERT_EQ(got.acts.size(), want.acts.size()) << what;
+  for (const auto& [key, acts] : want.acts)
+    test::expect_close(got.acts.at(key), acts, rel,
+                       what + " " + hook_name(HookPoint(key.first), key.second));
+  test::expect_close(got.logits, want.logits, rel, what + " logits");
+}
+
+TEST(CudaGemma2, ForwardMatchesCpuAtEveryHookAndInTheLogits) {
+  REQUIRE_GPU();
+  for (const std::string name : {"gqa_window", "odd_bf16", "sharded"}) {
+    SCOPED_TRACE(name);
+    const Gemma2 m = Gemma2::load(test::golden("gemma2/" + name + "/model"), {.verbose = false});
+    const TokenBatch b = golden_batch(name, m.cfg);
+    const Captured want = cpu_run(m, b);
+    DeviceGemma2 f32(m, "fp32");
+    expect_same_run(device_run(f32, b), want, 2e-5, name + " fp32");
+    // bf16: the CPU with the same bf16 weights is the reference; what remains is the rounding
+    // of the activations that feed each GEMM (8 significant bits) through a few layers.
+    const Gemma2 kept = Gemma2::load(test::golden("gemma2/" + name + "/model"),
+                                     {.keep_bf16 = true, .verbose = false});
+    DeviceGemma2 bf16(kept, "bf16");
+    EXPECT_LT(bf16.weight_bytes(), f32.weight_bytes() * 6 / 10);
+    expect_same_run(device_run(bf16, b), cpu_run(kept, b), 3e-2, name + " bf16");
+  }
+}
+
+// A hook that overwrites the activation (splicing an SAE in) changes what follows on the GPU
+// exactly as on the CPU.
+TEST(CudaGemma2, HooksThatOverwriteSpliceAsOnTheCpu) {
+  REQUIRE_GPU();
+  const Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), {.verbose = false});
+  const TokenBatch b = golden_batch("gqa_window", m.cfg);
+  const int64_t H = m.cfg.hidden_size, L = m.cfg.num_layers;
+  std::vector<float> cpu_logits, dev_logits;
+  m.forward(
+      b, L - 1,
+      [&](HookPoint p, int64_t l, float* a, int64_t n) {
+        if (p == HookPoint::AttnOut && l == 0)
+          for (int64_t i = 0; i < n * H; ++i) a[i] *= 0.5f;
+      },
+      nullptr, &cpu_logits);
+  DeviceGemma2 g(m, "fp32");
+  g.forward(
+      b, L - 1,
+      [&](HookPoint p, int64_t l, float* a, int64_t n) {
+        if (p != HookPoint::AttnOut || l != 0) return;
+        std::vector<float> host = g.to_host(a, n * H);
+        for (float& v : host) v *= 0.5f;
+#if SAECPP_HAS_CUDA
+        SAE_CUDA(cudaMemcpyAsync(a, host.data(), host.size() * 4, cudaMemcpyHostToDevice,
+                                 static_cast<cudaStream_t>(g.stream())));
+#endif
+      },
+      &dev_logits);
+  test::expect_close(dev_logits, cpu_logits, 2e-5, "spliced logits");
+  std::vector<float> plain;
+  m.forward(b, L - 1, nullptr, nullptr, &plain);
+  double diff = 0;
+  for (size_t i = 0; i < plain.size(); ++i)
+    diff = std::max(diff, double(std::abs(plain[i] - dev_logits[i])));
+  EXPECT_GT(diff, 1e-3) << "the splice changed the logits";
+}
+
+TEST(CudaGemma2, BadInputsAreClearErrors) {
+  REQUIRE_GPU();
+  const Gemma2 m =
+      Gemma2::load(test::golden("gemma2/gqa_window/model"), {.last_layer = 0, .verbose = false});
+  DeviceGemma2 g(m, "bf16");
+  TokenBatch b;
+  b.add(std::vector<int32_t>{1, 2, int32_t(m.cfg.vocab_size)});
+  EXPECT_THROW(g.forward(b, 0, nullptr), Error);
+  TokenBatch ok;
+  ok.add(std::vector<int32_t>{1, 2, 3});
+  try {
+    g.forward(ok, 1, nullptr);
+    ADD_FAILURE() << "layer 1 was not loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not loaded"), std::string::npos) << e.what();
+  }
+  std::vector<float> logits;
+  EXPECT_THROW(g.forward(ok, 0, nullptr, &logits), Error) << "logits need the last layer";
+  EXPECT_THROW(DeviceGemma2(m, "fp16"), Error);
+}
+
+TEST(CudaGemma2, WithoutAGpuTheConstructorSaysWhy) {
+  if (cuda_compiled() && cuda_device_count() > 0) GTEST_SKIP() << "a GPU is visible";
+  const Gemma2 m =
+      Gemma2::load(test::golden("gemma2/gqa_window/model"), {.last_layer = 0, .verbose = false});
+  try {
+    DeviceGemma2 g(m, "bf16");
+    ADD_FAILURE() << "constructed without a GPU";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_TRUE(msg.find("CUDA") != std::string::npos || msg.find("GPU") != std::string::npos)
+        << msg;
+  }
+}
+
+}  // namespace
+}  // namespace sae::model
