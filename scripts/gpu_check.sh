@@ -61,7 +61,7 @@ set +e
 SAECPP_CLI=$bin/sae timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 tests_rc=${PIPESTATUS[0]}
 echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
-SAECPP_CLI=$bin/sae timeout 120 "$bin/test_cuda_gemma2" 2>&1 | tee "$out/test_cuda_gemma2.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
+SAECPP_TEST_DIR=$PWD/tests SAECPP_CLI=$bin/sae timeout 120 "$bin/test_cuda_gemma2" 2>&1 | tee "$out/test_cuda_gemma2.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 gemma_rc=${PIPESTATUS[0]}
 echo "CUDA Gemma-2 tests: exit $gemma_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda_gemma2.log") passed)" | tee -a "$results"
 

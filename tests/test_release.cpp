@@ -31,7 +31,7 @@ const std::string kModel = test::golden("gemma2/gqa_window/model");
 
 // 400 short documents (the tiny corpus's lines, numbered) as one .jsonl.zst shard.
 std::string write_corpus(const test::TempDir& dir) {
-  std::ifstream in(fs::path(SAECPP_TEST_DIR) / "data/tiny_corpus.txt");
+  std::ifstream in(test::test_dir() / "data/tiny_corpus.txt");
   std::vector<std::string> lines;
   for (std::string l; std::getline(in, l);)
     if (!l.empty()) lines.push_back(l);

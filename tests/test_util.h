@@ -28,8 +28,15 @@ namespace sae::test {
 
 namespace fs = std::filesystem;
 
+// tests/ of the source tree: where the build saw it, or $SAECPP_TEST_DIR (the GPU check runs
+// the test binaries from a copy of the repository elsewhere).
+inline fs::path test_dir() {
+  const char* env = std::getenv("SAECPP_TEST_DIR");
+  return env && *env ? fs::path(env) : fs::path(SAECPP_TEST_DIR);
+}
+
 inline std::string golden(const std::string& rel) {
-  return (fs::path(SAECPP_TEST_DIR) / "goldens" / rel).string();
+  return (test_dir() / "goldens" / rel).string();
 }
 
 // A fresh folder under the system temp dir, removed at scope exit.
