@@ -2,7 +2,7 @@
 """Threads that share the machine: four small jobs, each timed quiet, beside a CPU-bound
 process, and as two processes at once, against the same job on one thread.
 
-    python3 bench/threads_under_load.py [--sae build/release/sae] [--repeats 3]
+    python3 bench/threads_under_load.py [--sae build/release/sae] [--repeats 3] [--only 1,3]
 
 Jobs (all on the repository's tiny test model and built-in data, so the benchmark needs no
 download): the tiny release (2 layers x 2 variants, as tests/test_release.cpp), the default
@@ -143,7 +143,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sae", default=os.path.join(ROOT, "build/release/sae"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="jobs to run by number, e.g. 1,3 (default: all)")
     args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",") if x}
 
     default_line = subprocess.run([args.sae, "demo", "--help"], capture_output=True,
                                   env=clean_env())  # proves the binary runs
@@ -163,7 +165,9 @@ def main():
               f"mode\n")
         print("| job | mode | 1 thread (s) | default threads (s) | ratio |")
         print("|---|---|---|---|---|")
-        for name, argv_of in jobs(work):
+        for number, (name, argv_of) in enumerate(jobs(work), 1):
+            if only and number not in only:
+                continue
             one_quiet = median_time(args.sae, argv_of, 1, 1, args.repeats, work, False)
             many_quiet = median_time(args.sae, argv_of, 0, 1, args.repeats, work, False)
             one_busy = median_time(args.sae, argv_of, 1, 1, args.repeats, work, True)

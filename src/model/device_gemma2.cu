@@ -224,7 +224,8 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
                                    float(1.0 / std::sqrt(c.query_pre_attn_scalar)),
                                    c.attn_logit_softcap ? float(*c.attn_logit_softcap) : 0.0f,
                                    c.sliding[size_t(l)] ? c.sliding_window : 0};
-    cuda::attention_packed(ctx, m.q.data(), m.k.data(), m.v.data(), m.start.data(), dims, att);
+    cuda::attention_packed(ctx, m.q.data(), m.k.data(), m.v.data(), m.start.data(), dims, att,
+                           m.bf16);
     m.linear(m.operand(att, nq), L.o, m.proj.data(), T);
     cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_attn_norm.data(), T, H, eps, {x, nullptr});
     if (hook) hook(HookPoint::AttnOut, l, x, T);

@@ -1,5 +1,6 @@
 // Gemma-2's non-GEMM kernels (transformer.h), fp32 arithmetic throughout.
 #include <cuda_bf16.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -117,6 +118,154 @@ __global__ void k_attention(const float* q, const float* k, const float* v,
   }
 }
 
+// The same attention on tensor cores (bf16 operands, fp32 accumulate and softmax), flash-style:
+// a block takes 64 consecutive queries of one head and walks 64-key tiles of the visible range
+// once. Per tile: S = Q K^T (WMMA), then per row the scale, soft-cap, mask and an online
+// softmax update in fp32, then O = O * correction + P V (WMMA; O lives in shared memory so each
+// row can be rescaled). Queries of one tile may belong to different prompts: the mask is per
+// row. head_dim must be a multiple of 16 (<= 256).
+namespace wmma = nvcuda::wmma;
+constexpr int kTq = 64, kTk = 64, kTcWarps = 4;  // each warp owns 16 query rows
+
+struct TcLayout {        // dynamic shared memory, in elements of each array's type
+  int dq, ds, dp, dout;  // row strides (padded against bank conflicts, multiples of 8)
+  size_t bytes;
+  size_t off_k, off_v, off_s, off_p, off_o, off_stats;
+  explicit TcLayout(int hd) {
+    dq = hd + 8, ds = kTk + 4, dp = kTk + 8, dout = hd + 4;
+    size_t b = 0;
+    off_k = b += size_t(kTq) * dq * 2;  // q tile first, at 0
+    off_v = b += size_t(kTk) * dq * 2;
+    off_s = b += size_t(kTk) * dq * 2;
+    off_p = b += size_t(kTq) * ds * 4;
+    off_o = b += size_t(kTq) * dp * 2;
+    off_stats = b += size_t(kTq) * dout * 4;
+    bytes = b + size_t(kTq) * 3 * 4;  // m, l, correction per row
+  }
+};
+
+__device__ inline int64_t first_visible(const int32_t* prompt_start, int64_t i, int64_t window) {
+  int64_t lo = prompt_start[i];
+  if (window > 0) lo = max(lo, i - window + 1);
+  return lo;
+}
+
+__global__ void __launch_bounds__(32 * kTcWarps)
+    k_attention_tc(const float* q, const float* k, const float* v, const int32_t* prompt_start,
+                   AttentionDims a, ActOut out, TcLayout lay) {
+#if __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_k);
+  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_v);
+  float* S = reinterpret_cast<float*>(smem + lay.off_s);
+  __nv_bfloat16* Ps = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_p);
+  float* O = reinterpret_cast<float*>(smem + lay.off_o);
+  float* row_m = reinterpret_cast<float*>(smem + lay.off_stats);
+  float* row_l = row_m + kTq;
+  float* row_c = row_l + kTq;
+  const int hd = int(a.head_dim), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t q0 = int64_t(blockIdx.x) * kTq, h = blockIdx.y;
+  const int64_t kvh = h / (a.heads / a.kv_heads);
+  const int64_t q_last = min(q0 + kTq, a.tokens) - 1;
+
+  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) {
+    const int r = e / hd, c = e % hd;
+    const int64_t t = q0 + r;
+    Qs[r * lay.dq + c] = __float2bfloat16_rn(t < a.tokens ? q[(t * a.heads + h) * hd + c] : 0.0f);
+    O[r * lay.dout + c] = 0.0f;
+  }
+  if (threadIdx.x < kTq) row_m[threadIdx.x] = -INFINITY, row_l[threadIdx.x] = 0.0f;
+
+  const int64_t k_begin = first_visible(prompt_start, q0, a.window);
+  for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
+    __syncthreads();  // the previous tile's K, V are no longer read
+    for (int e = threadIdx.x; e < kTk * hd; e += blockDim.x) {
+      const int r = e / hd, c = e % hd;
+      const int64_t j = k0 + r;
+      const bool in = j < a.tokens;
+      Ks[r * lay.dq + c] = __float2bfloat16_rn(in ? k[(j * a.kv_heads + kvh) * hd + c] : 0.0f);
+      Vs[r * lay.dq + c] = __float2bfloat16_rn(in ? v[(j * a.kv_heads + kvh) * hd + c] : 0.0f);
+    }
+    __syncthreads();
+    // S[16 rows of this warp, 64 keys] = Q K^T.
+    const int r0 = warp * 16;
+    for (int n0 = 0; n0 < kTk; n0 += 16) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+      for (int d0 = 0; d0 < hd; d0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, Qs + r0 * lay.dq + d0, lay.dq);
+        wmma::load_matrix_sync(fb, Ks + n0 * lay.dq + d0, lay.dq);  // K^T, column-major
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(S + r0 * lay.ds + n0, acc, lay.ds, wmma::mem_row_major);
+    }
+    __syncwarp();
+    // Per row: scale, soft-cap, mask, online softmax; P in bf16, the correction for O.
+    for (int rr = 0; rr < 16; ++rr) {
+      const int r = r0 + rr;
+      const int64_t i = q0 + r;
+      const int64_t lo = i < a.tokens ? first_visible(prompt_start, i, a.window) : i + 1;
+      float sv[kTk / 32];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kTk / 32; ++u) {
+        const int c = lane + 32 * u;
+        const int64_t j = k0 + c;
+        float x = S[r * lay.ds + c] * a.scale;
+        if (a.softcap > 0.0f) x = tanhf(x / a.softcap) * a.softcap;
+        sv[u] = (j >= lo && j <= i && i < a.tokens) ? x : -INFINITY;
+        mx = fmaxf(mx, sv[u]);
+      }
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+      const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
+      float sum = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kTk / 32; ++u) {
+        const float p = m_new == -INFINITY ? 0.0f : expf(sv[u] - m_new);
+        sum += p;
+        Ps[r * lay.dp + lane + 32 * u] = __float2bfloat16_rn(p);
+      }
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+      __syncwarp();
+      if (lane == 0) {
+        const float corr = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);
+        row_c[r] = corr;
+        row_l[r] = row_l[r] * corr + sum;
+        row_m[r] = m_new;
+      }
+    }
+    __syncwarp();
+    for (int rr = 0; rr < 16; ++rr) {
+      const float corr = row_c[r0 + rr];
+      for (int c = lane; c < hd; c += 32) O[(r0 + rr) * lay.dout + c] *= corr;
+    }
+    __syncwarp();
+    // O[16 rows, hd] += P V.
+    for (int n0 = 0; n0 < hd; n0 += 16) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, O + r0 * lay.dout + n0, lay.dout, wmma::mem_row_major);
+      for (int kk = 0; kk < kTk; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, Ps + r0 * lay.dp + kk, lay.dp);
+        wmma::load_matrix_sync(fb, Vs + kk * lay.dq + n0, lay.dq);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(O + r0 * lay.dout + n0, acc, lay.dout, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) {
+    const int r = e / hd, c = e % hd;
+    const int64_t t = q0 + r;
+    if (t < a.tokens) put(out, (t * a.heads + h) * hd + c, O[r * lay.dout + c] / row_l[r]);
+  }
+#endif
+}
+
 __device__ inline float gelu_tanh(float x) {
   constexpr float k = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
@@ -168,12 +317,37 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
   SAE_CUDA_LAUNCHED();
 }
 
+bool tensor_core_attention(int64_t head_dim) {
+  static const int major = [] {
+    int dev = 0, m = 0;
+    SAE_CUDA(cudaGetDevice(&dev));
+    SAE_CUDA(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev));
+    return m;
+  }();
+  return major >= 8 && head_dim % 16 == 0 && head_dim <= 256;
+}
+
 void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
-                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out) {
+                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out,
+                      bool bf16_math) {
   SAE_CHECK(dims.head_dim <= 32 * kMaxDimsPerLane, "attention: head_dim above 256");
   SAE_CHECK(dims.heads % dims.kv_heads == 0, "attention: heads not a multiple of kv_heads");
   const int64_t warps = dims.tokens * dims.heads;
   if (warps == 0) return;
+  if (bf16_math && tensor_core_attention(dims.head_dim)) {
+    const TcLayout lay(int(dims.head_dim));
+    static size_t opted_in = 0;  // the largest dynamic shared memory asked for so far
+    if (lay.bytes > opted_in) {
+      SAE_CUDA(cudaFuncSetAttribute(k_attention_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(lay.bytes)));
+      opted_in = lay.bytes;
+    }
+    const dim3 grid(unsigned((dims.tokens + kTq - 1) / kTq), unsigned(dims.heads));
+    k_attention_tc<<<grid, 32 * kTcWarps, lay.bytes, ctx.stream()>>>(q, k, v, prompt_start, dims,
+                                                                     out, lay);
+    SAE_CUDA_LAUNCHED();
+    return;
+  }
   constexpr int kWarpsPerBlock = 4;
   const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
   k_attention<<<unsigned(blocks), 32 * kWarpsPerBlock, 0, ctx.stream()>>>(q, k, v, prompt_start,

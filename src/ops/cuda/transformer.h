@@ -36,13 +36,18 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
 // scaled, soft-capped (softcap > 0: tanh(s / cap) * cap) before the mask, softmaxed in fp32.
 // q [tokens, heads, hd], k and v [tokens, kv_heads, hd] (GQA: head h reads kv head
 // h / (heads / kv_heads)); out [tokens, heads, hd]. head_dim <= 256.
+// bf16_math: on tensor cores (sm_80 and later, head_dim a multiple of 16), q, k, v and the
+// softmax weights rounded to bf16, fp32 accumulate; else fp32 throughout (the CPU's arithmetic).
 struct AttentionDims {
   int64_t tokens, heads, kv_heads, head_dim;
   float scale, softcap;
   int64_t window;
 };
 void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
-                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out);
+                      const int32_t* prompt_start, const AttentionDims& dims, ActOut out,
+                      bool bf16_math = false);
+// Whether attention_packed(..., bf16_math = true) runs on tensor cores for this head_dim here.
+bool tensor_core_attention(int64_t head_dim);
 
 // out[t, i] = gelu_tanh(gu[t, i]) * gu[t, inter + i] for gu [tokens, 2 * inter] (the fused
 // gate and up projections).
