@@ -109,8 +109,9 @@ TEST(CudaKernels, PackedAttentionMatchesCpuPerPrompt) {
     float softcap;
     int64_t window;
   };
-  for (const Case c : {Case{4, 2, 12, 50.0f, 0}, Case{4, 2, 12, 50.0f, 5},
-                       Case{8, 4, 256, 50.0f, 0}, Case{3, 1, 40, 0.0f, 6}}) {
+  for (const Case c :
+       {Case{4, 2, 12, 50.0f, 0}, Case{4, 2, 12, 50.0f, 5}, Case{8, 4, 256, 50.0f, 0},
+        Case{3, 1, 40, 0.0f, 6}, Case{4, 2, 16, 50.0f, 5}, Case{2, 2, 128, 0.0f, 70}}) {
     SCOPED_TRACE(testing::Message() << "heads " << c.heads << " kv " << c.kv << " hd " << c.hd
                                     << " window " << c.window);
     // Prompts shorter and longer than a 64-query tile, so that tiles straddle prompts.

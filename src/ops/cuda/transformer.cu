@@ -150,6 +150,24 @@ __device__ inline int64_t first_visible(const int32_t* prompt_start, int64_t i, 
   return lo;
 }
 
+// Rows of fp32 [.., HD] (token stride `stride` floats) into bf16 shared rows of stride ld, rows
+// past `valid` zero: float4 loads with index arithmetic by shifts (HD a power of two).
+template <int HD, int Rows>
+__device__ inline void stage_rows_bf16(const float* src, int64_t stride, int64_t valid,
+                                       __nv_bfloat16* dst, int ld) {
+  constexpr int kVecPerRow = HD / 4;
+#pragma unroll 8
+  for (int e = threadIdx.x; e < Rows * kVecPerRow; e += 32 * kTcWarps) {
+    const int r = e / kVecPerRow, c = (e % kVecPerRow) * 4;
+    const float4 x = r < valid ? *reinterpret_cast<const float4*>(src + r * stride + c)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + c);
+    d[0] = __floats2bfloat162_rn(x.x, x.y);
+    d[1] = __floats2bfloat162_rn(x.z, x.w);
+  }
+}
+
+template <int HD>
 __global__ void __launch_bounds__(32 * kTcWarps)
     k_attention_tc(const float* q, const float* k, const float* v, const int32_t* prompt_start,
                    AttentionDims a, ActOut out, TcLayout lay) {
@@ -164,29 +182,23 @@ __global__ void __launch_bounds__(32 * kTcWarps)
   float* row_m = reinterpret_cast<float*>(smem + lay.off_stats);
   float* row_l = row_m + kTq;
   float* row_c = row_l + kTq;
-  const int hd = int(a.head_dim), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int hd = HD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q0 = int64_t(blockIdx.x) * kTq, h = blockIdx.y;
   const int64_t kvh = h / (a.heads / a.kv_heads);
   const int64_t q_last = min(q0 + kTq, a.tokens) - 1;
 
-  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) {
-    const int r = e / hd, c = e % hd;
-    const int64_t t = q0 + r;
-    Qs[r * lay.dq + c] = __float2bfloat16_rn(t < a.tokens ? q[(t * a.heads + h) * hd + c] : 0.0f);
-    O[r * lay.dout + c] = 0.0f;
-  }
+  stage_rows_bf16<HD, kTq>(q + (q0 * a.heads + h) * hd, a.heads * hd, a.tokens - q0, Qs, lay.dq);
+  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) O[(e / hd) * lay.dout + e % hd] = 0.0f;
   if (threadIdx.x < kTq) row_m[threadIdx.x] = -INFINITY, row_l[threadIdx.x] = 0.0f;
 
   const int64_t k_begin = first_visible(prompt_start, q0, a.window);
   for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
     __syncthreads();  // the previous tile's K, V are no longer read
-    for (int e = threadIdx.x; e < kTk * hd; e += blockDim.x) {
-      const int r = e / hd, c = e % hd;
-      const int64_t j = k0 + r;
-      const bool in = j < a.tokens;
-      Ks[r * lay.dq + c] = __float2bfloat16_rn(in ? k[(j * a.kv_heads + kvh) * hd + c] : 0.0f);
-      Vs[r * lay.dq + c] = __float2bfloat16_rn(in ? v[(j * a.kv_heads + kvh) * hd + c] : 0.0f);
-    }
+    stage_rows_bf16<HD, kTk>(k + (k0 * a.kv_heads + kvh) * hd, a.kv_heads * hd, a.tokens - k0, Ks,
+                             lay.dq);
+    stage_rows_bf16<HD, kTk>(v + (k0 * a.kv_heads + kvh) * hd, a.kv_heads * hd, a.tokens - k0, Vs,
+                             lay.dq);
     __syncthreads();
     // S[16 rows of this warp, 64 keys] = Q K^T.
     const int r0 = warp * 16;
@@ -317,6 +329,22 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
   SAE_CUDA_LAUNCHED();
 }
 
+template <int HD>
+void launch_attention_tc(const Context& ctx, const float* q, const float* k, const float* v,
+                         const int32_t* prompt_start, const AttentionDims& dims, ActOut out) {
+  const TcLayout lay(HD);
+  static bool opted_in = false;  // once per instantiation: its shared memory above 48 KiB
+  if (!opted_in) {
+    SAE_CUDA(cudaFuncSetAttribute(k_attention_tc<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  int(lay.bytes)));
+    opted_in = true;
+  }
+  const dim3 grid(unsigned((dims.tokens + kTq - 1) / kTq), unsigned(dims.heads));
+  k_attention_tc<HD>
+      <<<grid, 32 * kTcWarps, lay.bytes, ctx.stream()>>>(q, k, v, prompt_start, dims, out, lay);
+  SAE_CUDA_LAUNCHED();
+}
+
 bool tensor_core_attention(int64_t head_dim) {
   static const int major = [] {
     int dev = 0, m = 0;
@@ -324,7 +352,7 @@ bool tensor_core_attention(int64_t head_dim) {
     SAE_CUDA(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev));
     return m;
   }();
-  return major >= 8 && head_dim % 16 == 0 && head_dim <= 256;
+  return major >= 8 && head_dim >= 16 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0;
 }
 
 void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
@@ -335,18 +363,18 @@ void attention_packed(const Context& ctx, const float* q, const float* k, const 
   const int64_t warps = dims.tokens * dims.heads;
   if (warps == 0) return;
   if (bf16_math && tensor_core_attention(dims.head_dim)) {
-    const TcLayout lay(int(dims.head_dim));
-    static size_t opted_in = 0;  // the largest dynamic shared memory asked for so far
-    if (lay.bytes > opted_in) {
-      SAE_CUDA(cudaFuncSetAttribute(k_attention_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(lay.bytes)));
-      opted_in = lay.bytes;
+    switch (dims.head_dim) {
+      case 16:
+        return launch_attention_tc<16>(ctx, q, k, v, prompt_start, dims, out);
+      case 32:
+        return launch_attention_tc<32>(ctx, q, k, v, prompt_start, dims, out);
+      case 64:
+        return launch_attention_tc<64>(ctx, q, k, v, prompt_start, dims, out);
+      case 128:
+        return launch_attention_tc<128>(ctx, q, k, v, prompt_start, dims, out);
+      default:
+        return launch_attention_tc<256>(ctx, q, k, v, prompt_start, dims, out);
     }
-    const dim3 grid(unsigned((dims.tokens + kTq - 1) / kTq), unsigned(dims.heads));
-    k_attention_tc<<<grid, 32 * kTcWarps, lay.bytes, ctx.stream()>>>(q, k, v, prompt_start, dims,
-                                                                     out, lay);
-    SAE_CUDA_LAUNCHED();
-    return;
   }
   constexpr int kWarpsPerBlock = 4;
   const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;

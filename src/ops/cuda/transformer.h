@@ -36,8 +36,9 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
 // scaled, soft-capped (softcap > 0: tanh(s / cap) * cap) before the mask, softmaxed in fp32.
 // q [tokens, heads, hd], k and v [tokens, kv_heads, hd] (GQA: head h reads kv head
 // h / (heads / kv_heads)); out [tokens, heads, hd]. head_dim <= 256.
-// bf16_math: on tensor cores (sm_80 and later, head_dim a multiple of 16), q, k, v and the
-// softmax weights rounded to bf16, fp32 accumulate; else fp32 throughout (the CPU's arithmetic).
+// bf16_math: on tensor cores (sm_80 and later, head_dim a power of two from 16 to 256), q, k, v and
+// the softmax weights rounded to bf16, fp32 accumulate; else fp32 throughout (the CPU's
+// arithmetic).
 struct AttentionDims {
   int64_t tokens, heads, kv_heads, head_dim;
   float scale, softcap;
