@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "model/gemma2_config.h"
 #include "pipeline/release.h"
+#include "pipeline/release_merge.h"
 #include "prompts.h"
 
 namespace sae::cli {
@@ -127,6 +128,23 @@ Runner add_release(CLI::App& app) {
     const std::atomic<bool>& stop = stop_on_signals();
     const bool finished = pipeline::run_release(r, &stop);
     return finished || !stop ? 0 : 130;  // 130: interrupted by a signal, state saved
+  };
+}
+
+Runner add_release_merge(CLI::App& app) {
+  auto* cmd = app.add_subcommand("release-merge",
+                                 "Merge releases run in groups of layers into one release folder");
+  auto inputs = std::make_shared<std::vector<std::string>>();
+  auto output = std::make_shared<std::string>();
+  cmd->add_option("inputs", *inputs, "Release folders (each written by sae release)")
+      ->required()
+      ->expected(2, -1);
+  cmd->add_option("-o,--output", *output, "The merged release folder (new)")->required();
+  return [=] {
+    pipeline::merge_releases(*inputs, *output);
+    std::printf("release-merge: %zu releases merged into %s (model card README.md, release.json)\n",
+                inputs->size(), output->c_str());
+    return 0;
   };
 }
 

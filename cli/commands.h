@@ -17,6 +17,7 @@ Runner add_demo(CLI::App& app);
 Runner add_activations(CLI::App& app);
 Runner add_lm_loss(CLI::App& app);
 Runner add_release(CLI::App& app);
+Runner add_release_merge(CLI::App& app);
 Runner add_cache(CLI::App& app);
 
 }  // namespace sae::cli

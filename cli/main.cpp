@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   for (auto add :
        {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert,
         sae::cli::add_train, sae::cli::add_demo, sae::cli::add_activations, sae::cli::add_lm_loss,
-        sae::cli::add_release, sae::cli::add_cache}) {
+        sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;

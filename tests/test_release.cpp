@@ -275,6 +275,60 @@ TEST(Release, BadInputs) {
       "n_batches_in_buffer");
 }
 
+// A release run in two groups of layers and merged: one folder per variant with every layer's
+// SAE (the groups' files), one release.json, one model card with every row; groups trained
+// differently, overlapping layers, a used output folder and a missing release are refused,
+// leaving nothing behind.
+TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir);
+  auto group = [&](const std::string& layers, const std::string& out, const std::string& extra) {
+    std::string args = release_args(corpus, dir / out);
+    args.replace(args.find("--layers 0,2"), 12, "--layers " + layers);
+    return test::run_cli(args + extra);
+  };
+  ASSERT_EQ(group("0", "a", "").exit_code, 0);
+  ASSERT_EQ(group("2", "b", "").exit_code, 0);
+  auto r = test::run_cli("release-merge " + (dir / "b") + " " + (dir / "a") + " -o " + (dir / "m"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto merged = read_json_file(dir / "m/release.json");
+  EXPECT_EQ(merged["layers"], nlohmann::json({0, 2}));
+  ASSERT_EQ(merged["merged_from"].size(), 2u);
+  const auto ra = read_json_file(dir / "a/release.json"),
+             rb = read_json_file(dir / "b/release.json");
+  EXPECT_EQ(merged["tokens_forwarded"].get<int64_t>(),
+            ra["tokens_forwarded"].get<int64_t>() + rb["tokens_forwarded"].get<int64_t>());
+  const auto rows = card_rows(test::read_bytes(dir / "m/README.md"));
+  ASSERT_EQ(rows.size(), 4u);
+  for (const std::string variant : {"standard", "snap"})
+    for (int64_t layer : {0, 2}) {
+      const std::string hook = "blocks." + std::to_string(layer) + ".hook_resid_post";
+      const std::string id = variant + "/" + hook, group_dir = dir / (layer == 0 ? "a" : "b");
+      SCOPED_TRACE(id);
+      const auto& res = merged["results"][variant][hook];
+      EXPECT_EQ(res, (layer == 0 ? ra : rb)["results"][variant][hook]);
+      EXPECT_NEAR(rows.at(id)[1], res["explained_variance"].get<double>(), 5e-5);
+      EXPECT_EQ(test::read_bytes(dir / ("m/" + id + "/sae_weights.safetensors")),
+                test::read_bytes(group_dir + "/" + id + "/sae_weights.safetensors"));
+      const LoadedSae l = load_from_disk(resolve_pretrained(dir / "m", id));
+      EXPECT_EQ(l.sae.cfg.d_sae, 64);
+    }
+  EXPECT_FALSE(fs::exists(dir / "m/.work")) << "only the SAEs, not the groups' job state";
+
+  auto refused = [&](const std::string& args, const std::string& out, const std::string& says) {
+    const auto f = test::run_cli("release-merge " + args + " -o " + out);
+    EXPECT_EQ(f.exit_code, 1) << f.output;
+    EXPECT_NE(f.output.find(says), std::string::npos) << f.output;
+    EXPECT_FALSE(fs::exists(out + ".merging")) << "no partial output";
+  };
+  ASSERT_EQ(group("2", "c", " --set sae.k=3").exit_code, 0);
+  refused((dir / "a") + " " + (dir / "c"), dir / "m2", "recipe.variants.standard.k");
+  EXPECT_FALSE(fs::exists(dir / "m2"));
+  refused((dir / "a") + " " + (dir / "a"), dir / "m3", "layer 0 is also in");
+  refused((dir / "a") + " " + (dir / "b"), dir / "m", "not empty");
+  refused((dir / "a") + " " + (dir / "nowhere"), dir / "m4", "nowhere/release.json");
+}
+
 TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), cache = dir / "cache";

@@ -15,6 +15,7 @@
 #include "io/json_file.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
+#include "pipeline/model_card.h"
 #include "sae/load.h"
 #include "train/trainer.h"
 
@@ -66,6 +67,7 @@ struct Job {
   std::string variant, hook;
   int64_t layer = 0, layer_slot = 0;  // slot: index into the store's layers
   std::string level_losses;           // as the preset names it: mse / snap / l2
+  json recipe;                        // the config without what is this SAE's own (its hook)
   train::TrainConfig cfg;
   std::unique_ptr<train::Trainer> trainer;
   std::vector<float> x;  // this SAE's copy of the batch (the trainer scales it in place)
@@ -87,80 +89,6 @@ double sae_bytes(const train::TrainConfig& c, int64_t d) {
   const double D = double(c.spec.d_sae), per = D * double(d) * 4.0;
   const double moments = c.adam.beta1 > 0 ? 4 : 2;
   return per * (2 + 2 + moments) + double(c.batch_size) * D * 4.0;
-}
-
-std::string model_card(const ReleaseOptions& opt, const std::vector<Job>& jobs,
-                       const json& store_cfg, int64_t tokens_trained) {
-  std::ostringstream md;
-  md << "---\nlibrary_name: saelens\ntags:\n- sparse-autoencoder\n- matryoshka\n- sae.cpp\n---\n\n";
-  md << "# " << opt.release_name << "\n\n";
-  md << "Batch-TopK Matryoshka sparse autoencoders on the " << opt.hook << " activations of "
-     << opt.model_name << ", one per layer and variant, trained with sae.cpp " << SAECPP_VERSION
-     << " and saved in SAELens format.\n\n";
-  md << "## How they were trained\n\n";
-  const auto& c0 = jobs.front().cfg;
-  md << "- Model: `" << opt.model_name << "` (" << opt.model_dir << "), hook `blocks.L.hook_"
-     << opt.hook << "`\n";
-  md << "- Data: "
-     << (opt.dataset_path.empty() ? std::string("see the shards below") : opt.dataset_path)
-     << "; context windows of " << opt.store.windows.context_size << " tokens, BOS first, "
-     << (opt.store.windows.concat ? "documents packed" : "documents truncated")
-     << "; BOS/EOS/PAD positions excluded; every " << opt.corpus.holdout_every
-     << "th document held out\n";
-  md << "- " << tokens_trained << " training tokens per SAE, batches of " << c0.batch_size
-     << " tokens from a shuffled buffer of " << store_cfg["buffer_tokens"].get<int64_t>()
-     << " tokens\n";
-  md << "- Corpus shards:";
-  for (const std::string& sh : opt.corpus.shards) md << " `" << sh << "`";
-  md << "\n- Width " << c0.spec.d_sae << ", k = " << c0.spec.k << ", Matryoshka widths";
-  for (int64_t w : c0.spec.widths) md << " " << w;
-  md << "\n- Variants:";
-  std::vector<std::string> seen;
-  for (const Job& j : jobs)
-    if (std::find(seen.begin(), seen.end(), j.variant) == seen.end()) {
-      seen.push_back(j.variant);
-      md << " `" << j.variant << "` (preset " << variant_preset(j.variant) << ", level losses "
-         << j.level_losses << ")";
-    }
-  md << "\n\n## Evaluation (held-out tokens)\n\n";
-  md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
-        "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "
-        "per-token mean is in release.json).";
-  if (opt.ce_windows > 0)
-    md << " CE-loss score: (CE zero-ablated - CE with SAE) / (CE zero-ablated - CE clean) on "
-       << opt.ce_windows << " held-out windows, BOS never replaced.";
-  md << "\n";
-  for (const std::string& v : seen) {
-    md << "\n### " << v << "\n\n| layer | SAE ID | width | l0 | explained variance |"
-       << (opt.ce_windows > 0 ? " CE-loss score |" : "") << "\n|---|---|---|---|---|"
-       << (opt.ce_windows > 0 ? "---|" : "") << "\n";
-    for (const Job& j : jobs) {
-      if (j.variant != v) continue;
-      char row[256];
-      std::snprintf(row, sizeof row, "| %lld | %s/%s | %lld | %.2f | %.4f |", (long long)j.layer,
-                    v.c_str(), j.hook.c_str(), (long long)j.cfg.spec.d_sae,
-                    j.result["l0"].get<double>(), j.result["explained_variance"].get<double>());
-      md << row;
-      if (opt.ce_windows > 0) {
-        char ce[32];
-        std::snprintf(ce, sizeof ce, " %.4f |", j.result["ce_loss_score"].get<double>());
-        md << ce;
-      }
-      md << "\n";
-    }
-  }
-  const Job& ex = jobs.front();
-  md << "\n## Loading\n\nSAELens, from a local copy of this folder:\n\n```python\n"
-     << "from sae_lens import SAE\nsae = SAE.load_from_disk(\"" << ex.variant << "/" << ex.hook
-     << "\")\n```\n\nSAELens, once this folder is uploaded to a Hugging Face repo "
-        "`<org>/<repo>`:\n\n```python\nsae = SAE.from_pretrained(release=\"<org>/<repo>\", "
-        "sae_id=\""
-     << ex.variant << "/" << ex.hook
-     << "\")\n```\n\nsae.cpp, Python:\n\n```python\nimport saecpp\nsae, cfg, sparsity = "
-        "saecpp.SAE.from_pretrained(\"<this folder>\", \""
-     << ex.variant << "/" << ex.hook << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info "
-     << ex.variant << "/" << ex.hook << "\n```\n";
-  return md.str();
 }
 
 // One training config per (variant, layer): the variant's preset, the overrides, this run's
@@ -200,6 +128,11 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>
           opt.dataset_path.empty() ? json(opt.corpus.shards) : json(opt.dataset_path);
       meta["model_from_pretrained_kwargs"] = json::object();
       meta["seqpos_slice"] = {nullptr};
+      j.recipe = c;
+      j.recipe["output"].erase("dir");
+      j.recipe["output"]["metadata"].erase("hook_name");
+      j.recipe["data"].erase("hook");
+      j.recipe["data"].erase("model");  // the path may differ between machines; the name may not
       j.cfg = train::TrainConfig::from_json(c, "variant " + v);
       if (!jobs.empty() && j.cfg.batch_size != jobs.front().cfg.batch_size)
         fail("variant " + v, "training.batch_size",
@@ -411,6 +344,29 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     summary[j.variant][j.hook] = j.result;
   }
   const int64_t tokens = jobs.front().trainer->step() * store.batch_tokens;
+  // How the SAEs were trained: what must be equal for groups of layers to merge (release_merge.h)
+  // and everything the model card says.
+  ojson variants = ojson::object();
+  for (const Job& j : jobs)
+    if (!variants.contains(j.variant))
+      variants[j.variant] = {
+          {"preset", variant_preset(j.variant)}, {"level_losses", j.level_losses},
+          {"d_sae", j.cfg.spec.d_sae},           {"k", j.cfg.spec.k},
+          {"widths", j.cfg.spec.widths},         {"config", ojson::parse(j.recipe.dump())}};
+  const ojson recipe = {{"sae_cpp_version", SAECPP_VERSION},
+                        {"model_name", opt.model_name},
+                        {"model", opt.model_dir},
+                        {"hook", opt.hook},
+                        {"dataset", opt.dataset_path},
+                        {"corpus", ojson::parse(opt.corpus.to_json().dump())},
+                        {"context_size", store.windows.context_size},
+                        {"packed", opt.store.windows.concat},
+                        {"training_tokens", tokens},
+                        {"batch_size", jobs.front().cfg.batch_size},
+                        {"buffer_tokens", acts.buffer_tokens()},
+                        {"heldout_tokens", opt.heldout_tokens},
+                        {"ce_windows", opt.ce_windows},
+                        {"variants", variants}};
   ojson release = {{"release", opt.release_name},
                    {"model", opt.model_dir},
                    {"hook", opt.hook},
@@ -420,10 +376,10 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                    {"context_size", store.windows.context_size},
                    {"corpus", ojson::parse(opt.corpus.to_json().dump())},
                    {"tokens_forwarded", acts.tokens_forwarded()},
+                   {"recipe", recipe},
                    {"results", summary}};
   write_file_atomic((out / "release.json").string(), release.dump(2) + "\n");
-  const json store_info = {{"buffer_tokens", acts.buffer_tokens()}};
-  write_file_atomic((out / "README.md").string(), model_card(opt, jobs, store_info, tokens));
+  write_file_atomic((out / "README.md").string(), model_card(release));
   write_state();  // finish() saved every SAE's final checkpoint
   const double t_end = now_seconds();
   std::fprintf(

@@ -1,0 +1,82 @@
+#include "pipeline/model_card.h"
+
+#include <cstdio>
+#include <sstream>
+
+namespace sae::pipeline {
+
+std::string model_card(const nlohmann::ordered_json& release) {
+  const auto& r = release.at("recipe");
+  const std::string model_name = r.at("model_name"), hook = r.at("hook");
+  const bool with_ce = r.at("ce_windows").get<int64_t>() > 0;
+  std::ostringstream md;
+  md << "---\nlibrary_name: saelens\ntags:\n- sparse-autoencoder\n- matryoshka\n- sae.cpp\n---\n\n";
+  md << "# " << release.at("release").get<std::string>() << "\n\n";
+  md << "Batch-TopK Matryoshka sparse autoencoders on the " << hook << " activations of "
+     << model_name << ", one per layer and variant, trained with sae.cpp "
+     << r.at("sae_cpp_version").get<std::string>() << " and saved in SAELens format.\n\n";
+  md << "## How they were trained\n\n";
+  md << "- Model: `" << model_name << "` (" << r.at("model").get<std::string>()
+     << "), hook `blocks.L.hook_" << hook << "`\n";
+  const std::string dataset = r.at("dataset");
+  md << "- Data: " << (dataset.empty() ? std::string("see the shards below") : dataset)
+     << "; context windows of " << r.at("context_size").get<int64_t>() << " tokens, BOS first, "
+     << (r.at("packed").get<bool>() ? "documents packed" : "documents truncated")
+     << "; BOS/EOS/PAD positions excluded; every "
+     << r.at("corpus").at("holdout_every").get<int64_t>() << "th document held out\n";
+  md << "- " << r.at("training_tokens").get<int64_t>() << " training tokens per SAE, batches of "
+     << r.at("batch_size").get<int64_t>() << " tokens from a shuffled buffer of "
+     << r.at("buffer_tokens").get<int64_t>() << " tokens\n";
+  md << "- Corpus shards:";
+  for (const auto& sh : r.at("corpus").at("shards")) md << " `" << sh.get<std::string>() << "`";
+  const auto& variants = r.at("variants");
+  const auto& v0 = variants.begin().value();
+  md << "\n- Width " << v0.at("d_sae").get<int64_t>() << ", k = " << v0.at("k").get<double>()
+     << ", Matryoshka widths";
+  for (const auto& w : v0.at("widths")) md << " " << w.get<int64_t>();
+  md << "\n- Variants:";
+  for (const auto& [v, vr] : variants.items())
+    md << " `" << v << "` (preset " << vr.at("preset").get<std::string>() << ", level losses "
+       << vr.at("level_losses").get<std::string>() << ")";
+  md << "\n\n## Evaluation (held-out tokens)\n\n";
+  md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
+        "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "
+        "per-token mean is in release.json).";
+  if (with_ce)
+    md << " CE-loss score: (CE zero-ablated - CE with SAE) / (CE zero-ablated - CE clean) on "
+       << r.at("ce_windows").get<int64_t>() << " held-out windows, BOS never replaced.";
+  md << "\n";
+  std::string first_id;
+  for (const auto& [v, per_hook] : release.at("results").items()) {
+    md << "\n### " << v << "\n\n| layer | SAE ID | width | l0 | explained variance |"
+       << (with_ce ? " CE-loss score |" : "") << "\n|---|---|---|---|---|"
+       << (with_ce ? "---|" : "") << "\n";
+    for (const auto& [h, res] : per_hook.items()) {
+      if (first_id.empty()) first_id = v + "/" + h;
+      char row[256];
+      std::snprintf(row, sizeof row, "| %lld | %s/%s | %lld | %.2f | %.4f |",
+                    (long long)res.at("layer").get<int64_t>(), v.c_str(), h.c_str(),
+                    (long long)res.at("width").get<int64_t>(), res.at("l0").get<double>(),
+                    res.at("explained_variance").get<double>());
+      md << row;
+      if (with_ce) {
+        char ce[32];
+        std::snprintf(ce, sizeof ce, " %.4f |", res.at("ce_loss_score").get<double>());
+        md << ce;
+      }
+      md << "\n";
+    }
+  }
+  md << "\n## Loading\n\nSAELens, from a local copy of this folder:\n\n```python\n"
+     << "from sae_lens import SAE\nsae = SAE.load_from_disk(\"" << first_id
+     << "\")\n```\n\nSAELens, once this folder is uploaded to a Hugging Face repo "
+        "`<org>/<repo>`:\n\n```python\nsae = SAE.from_pretrained(release=\"<org>/<repo>\", "
+        "sae_id=\""
+     << first_id
+     << "\")\n```\n\nsae.cpp, Python:\n\n```python\nimport saecpp\nsae, cfg, sparsity = "
+        "saecpp.SAE.from_pretrained(\"<this folder>\", \""
+     << first_id << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info " << first_id << "\n```\n";
+  return md.str();
+}
+
+}  // namespace sae::pipeline
