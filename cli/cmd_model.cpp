@@ -5,10 +5,12 @@
 #include <set>
 
 #include "commands.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "eval/lm_score.h"
 #include "io/safetensors.h"
 #include "model/activations.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "prompts.h"
@@ -60,6 +62,17 @@ std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
   return {out.begin(), out.end()};
 }
 
+namespace {
+// --device / --precision of the commands that run the model.
+void add_device_options(CLI::App* cmd, std::string& device, std::string& precision) {
+  cmd->add_option("--device", device, "cpu or cuda (the model forward on the GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", precision,
+                  "On cuda: bf16 (bf16 weights and GEMM operands, fp32 accumulate) or fp32")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
+}
+}  // namespace
+
 Runner add_activations(CLI::App& app) {
   auto* cmd =
       app.add_subcommand("activations", "Gemma-2 activations at hook points, to safetensors");
@@ -67,6 +80,7 @@ Runner add_activations(CLI::App& app) {
     std::string model, file, layers = "0", hook = "resid_post", out;
     std::vector<std::string> texts;
     bool bf16 = false;
+    std::string device = "cpu", precision = "bf16";
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model,
@@ -78,16 +92,27 @@ Runner add_activations(CLI::App& app) {
   cmd->add_option("--hook", o->hook, "resid_post, resid_pre, attn_out or mlp_out");
   cmd->add_option("-o,--output", o->out, "Output .safetensors")->required();
   cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
+  add_device_options(cmd, o->device, o->precision);
   return [=] {
     const model::HookPoint point = model::parse_hook_kind(o->hook);
     auto texts = read_prompts(o->texts, o->file);
     const model::Gemma2Config cfg = model::read_gemma2_config(o->model);
     const auto layers = parse_layers(o->layers, cfg.num_layers);
-    model::Gemma2 m =
-        model::Gemma2::load(o->model, {.last_layer = layers.back(), .keep_bf16 = o->bf16});
+    const bool cuda = parse_device(o->device, "--device") == Device::Cuda;
+    if (cuda) require_device(Device::Cuda);  // before loading anything
+    // The GPU in bf16 reads bf16 weights: the host copy need not be upcast first.
+    model::Gemma2 m = model::Gemma2::load(
+        o->model,
+        {.last_layer = layers.back(), .keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
     auto prompts = tokenize_prompts(o->model, texts);
     const int64_t H = m.cfg.hidden_size;
-    auto acts = model::collect_activations(m, prompts, point, layers);
+    std::vector<std::vector<float>> acts;
+    if (cuda) {
+      model::DeviceGemma2 g(m, o->precision);
+      acts = model::collect_activations(g, prompts, point, layers);
+    } else {
+      acts = model::collect_activations(m, prompts, point, layers);
+    }
     std::vector<int32_t> tokens;
     std::vector<int64_t> offsets = {0};
     for (const auto& ids : prompts) {
@@ -117,17 +142,28 @@ Runner add_lm_loss(CLI::App& app) {
     std::string model, file;
     std::vector<std::string> texts;
     bool bf16 = false;
+    std::string device = "cpu", precision = "bf16";
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Hugging Face Gemma-2 folder")->required();
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");
   cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
+  add_device_options(cmd, o->device, o->precision);
   return [=] {
     auto texts = read_prompts(o->texts, o->file);
-    model::Gemma2 m = model::Gemma2::load(o->model, {.keep_bf16 = o->bf16});
+    const bool cuda = parse_device(o->device, "--device") == Device::Cuda;
+    if (cuda) require_device(Device::Cuda);  // before loading anything
+    model::Gemma2 m =
+        model::Gemma2::load(o->model, {.keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
     int64_t n = 0;
-    const double ce = lm_loss(m, tokenize_prompts(o->model, texts), &n);
+    double ce = 0;
+    if (cuda) {
+      model::DeviceGemma2 g(m, o->precision);
+      ce = lm_loss(g, tokenize_prompts(o->model, texts), &n);
+    } else {
+      ce = lm_loss(m, tokenize_prompts(o->model, texts), &n);
+    }
     std::printf("cross-entropy %.6f nats/token over %lld predictions (%zu prompts)\n", ce,
                 (long long)n, texts.size());
     return 0;

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "io/json_file.h"
+#include "io/safetensors.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "ops/attention.h"
@@ -287,6 +288,47 @@ TEST(CudaGemma2, BadInputsAreClearErrors) {
   std::vector<float> logits;
   EXPECT_THROW(g.forward(ok, 0, nullptr, &logits), Error) << "logits need the last layer";
   EXPECT_THROW(DeviceGemma2(m, "fp16"), Error);
+}
+
+// `sae activations` and `sae lm-loss` with --device cuda (fp32) give the CPU's numbers; without a
+// GPU they say why before loading anything.
+TEST(CudaGemma2, CliActivationsAndLmLossOnTheDevice) {
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  const std::string text = " --text 'The quick brown fox jumps over the lazy dog' --text 'Hello'";
+  if (!cuda_compiled() || cuda_device_count() == 0) {
+    for (const std::string cmd : {"activations --model " + model + text + " -o " + (dir / "x"),
+                                  "lm-loss --model " + model + text})
+      for (const std::string dev : {" --device cuda"}) {
+        const auto r = test::run_cli(cmd + dev);
+        EXPECT_EQ(r.exit_code, 1) << r.output;
+        EXPECT_TRUE(r.output.find("no CUDA GPU") != std::string::npos ||
+                    r.output.find("without CUDA") != std::string::npos)
+            << r.output;
+        EXPECT_EQ(r.output.find("gemma2:"), std::string::npos) << "checked before loading";
+      }
+    GTEST_SKIP() << "CUDA test skipped: no GPU is visible (the errors were checked)";
+  }
+  auto run = [&](const std::string& args) {
+    const auto r = test::run_cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.output;
+  };
+  run("activations --model " + model + text + " --layers 0-2 -o " + (dir / "cpu.safetensors"));
+  run("activations --model " + model + text + " --layers 0-2 --device cuda --precision fp32 -o " +
+      (dir / "gpu.safetensors"));
+  SafetensorsFile cpu(dir / "cpu.safetensors"), gpu(dir / "gpu.safetensors");
+  for (int l = 0; l < 3; ++l) {
+    const std::string name = "blocks." + std::to_string(l) + ".hook_resid_post";
+    test::expect_close(gpu.read_f32(name), cpu.read_f32(name), 2e-5, name);
+  }
+  auto ce = [](const std::string& out) {
+    return std::stod(out.substr(out.find("cross-entropy ") + 14));
+  };
+  const double c = ce(run("lm-loss --model " + model + text));
+  EXPECT_NEAR(ce(run("lm-loss --model " + model + text + " --device cuda --precision fp32")), c,
+              1e-4);
+  EXPECT_NEAR(ce(run("lm-loss --model " + model + text + " --device cuda")), c, 5e-2) << "bf16";
 }
 
 TEST(CudaGemma2, WithoutAGpuTheConstructorSaysWhy) {

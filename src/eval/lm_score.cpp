@@ -50,20 +50,46 @@ constexpr int64_t kLogitTokens = 512;
 
 }  // namespace
 
-double lm_loss(const model::Gemma2& m, const std::vector<std::vector<int32_t>>& prompts,
-               int64_t* n_predictions) {
-  const int64_t V = m.cfg.vocab_size, L = m.cfg.num_layers;
+namespace {
+
+template <class Forward>
+double mean_cross_entropy(const std::vector<std::vector<int32_t>>& prompts, int64_t V,
+                          Forward forward, int64_t* n_predictions) {
   double sum = 0;
   int64_t n = 0;
   std::vector<float> logits;
   for (const auto& [batch, which] : pack(prompts, kLogitTokens)) {
-    m.forward(batch, L - 1, nullptr, nullptr, &logits);
+    forward(batch, logits);
     for (int64_t s = 0; s < batch.n_prompts(); ++s)
       for (int64_t t = batch.starts[size_t(s)]; t + 1 < batch.starts[size_t(s + 1)]; ++t, ++n)
         sum -= log_softmax(&logits[size_t(t * V)], V)[size_t(batch.ids[size_t(t + 1)])];
   }
   if (n_predictions) *n_predictions = n;
   return n ? sum / double(n) : 0.0;
+}
+
+}  // namespace
+
+double lm_loss(const model::Gemma2& m, const std::vector<std::vector<int32_t>>& prompts,
+               int64_t* n_predictions) {
+  const int64_t L = m.cfg.num_layers;
+  return mean_cross_entropy(
+      prompts, m.cfg.vocab_size,
+      [&](const model::TokenBatch& b, std::vector<float>& logits) {
+        m.forward(b, L - 1, nullptr, nullptr, &logits);
+      },
+      n_predictions);
+}
+
+double lm_loss(model::DeviceGemma2& m, const std::vector<std::vector<int32_t>>& prompts,
+               int64_t* n_predictions) {
+  const int64_t L = m.cfg().num_layers;
+  return mean_cross_entropy(
+      prompts, m.cfg().vocab_size,
+      [&](const model::TokenBatch& b, std::vector<float>& logits) {
+        m.forward(b, L - 1, nullptr, &logits);
+      },
+      n_predictions);
 }
 
 LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point, int64_t layer,

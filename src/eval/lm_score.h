@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "sae/sae.h"
 
@@ -22,6 +23,8 @@ struct LmScore {
 
 // Mean next-token cross-entropy (nats) over every prediction of every prompt.
 double lm_loss(const model::Gemma2& m, const std::vector<std::vector<int32_t>>& prompts,
+               int64_t* n_predictions = nullptr);
+double lm_loss(model::DeviceGemma2& m, const std::vector<std::vector<int32_t>>& prompts,
                int64_t* n_predictions = nullptr);
 
 // Three forwards per prompt: clean; the hook's activation replaced by the SAE's reconstruction;
