@@ -297,9 +297,9 @@ TEST(CudaGemma2, CliActivationsAndLmLossOnTheDevice) {
   const std::string model = test::golden("gemma2/gqa_window/model");
   const std::string text = " --text 'The quick brown fox jumps over the lazy dog' --text 'Hello'";
   if (!cuda_compiled() || cuda_device_count() == 0) {
-    for (const std::string cmd : {"activations --model " + model + text + " -o " + (dir / "x"),
-                                  "lm-loss --model " + model + text})
-      for (const std::string dev : {" --device cuda"}) {
+    for (const std::string& cmd : {"activations --model " + model + text + " -o " + (dir / "x"),
+                                   "lm-loss --model " + model + text})
+      for (const std::string& dev : {std::string(" --device cuda")}) {
         const auto r = test::run_cli(cmd + dev);
         EXPECT_EQ(r.exit_code, 1) << r.output;
         EXPECT_TRUE(r.output.find("no CUDA GPU") != std::string::npos ||

@@ -118,29 +118,27 @@ __global__ void k_attention(const float* q, const float* k, const float* v,
   }
 }
 
-// The same attention on tensor cores (bf16 operands, fp32 accumulate and softmax), flash-style:
-// a block takes 64 consecutive queries of one head and walks 64-key tiles of the visible range
-// once. Per tile: S = Q K^T (WMMA), then per row the scale, soft-cap, mask and an online
-// softmax update in fp32, then O = O * correction + P V (WMMA; O lives in shared memory so each
-// row can be rescaled). Queries of one tile may belong to different prompts: the mask is per
-// row. head_dim must be a multiple of 16 (<= 256).
+// The same attention on tensor cores (bf16 operands, fp32 accumulate and softmax): a block
+// takes 64 consecutive queries of one head (4 warps, 16 query rows each) and walks the 64-key
+// tiles of the visible range twice. Pass 1: S = Q K^T (WMMA) and, per row, the scale, soft-cap,
+// mask and a running max and sum. Pass 2: S again, P = exp(S - max) / sum in bf16, O += P V
+// with O in WMMA accumulators (registers: the final max is known, so O is never rescaled and
+// needs no shared memory). K and then V of a tile share one buffer, which keeps a block at
+// 93 KB of shared memory for head_dim 256 (two blocks per SM). Queries of one tile may belong
+// to different prompts: the mask is per row. head_dim: a power of two from 16 to 256.
 namespace wmma = nvcuda::wmma;
-constexpr int kTq = 64, kTk = 64, kTcWarps = 4;  // each warp owns 16 query rows
+constexpr int kTq = 64, kTk = 64, kTcWarps = 4;
 
-struct TcLayout {        // dynamic shared memory, in elements of each array's type
-  int dq, ds, dp, dout;  // row strides (padded against bank conflicts, multiples of 8)
-  size_t bytes;
-  size_t off_k, off_v, off_s, off_p, off_o, off_stats;
+struct TcLayout {  // dynamic shared memory
+  int dq, ds, dp;  // row strides in elements (padded against bank conflicts, multiples of 8)
+  size_t off_kv, off_s, off_p, off_stats, bytes;
   explicit TcLayout(int hd) {
-    dq = hd + 8, ds = kTk + 4, dp = kTk + 8, dout = hd + 4;
-    size_t b = 0;
-    off_k = b += size_t(kTq) * dq * 2;  // q tile first, at 0
-    off_v = b += size_t(kTk) * dq * 2;
-    off_s = b += size_t(kTk) * dq * 2;
-    off_p = b += size_t(kTq) * ds * 4;
-    off_o = b += size_t(kTq) * dp * 2;
-    off_stats = b += size_t(kTq) * dout * 4;
-    bytes = b + size_t(kTq) * 3 * 4;  // m, l, correction per row
+    dq = hd + 8, ds = kTk + 4, dp = kTk + 8;
+    off_kv = size_t(kTq) * dq * 2;             // Q first
+    off_s = off_kv + size_t(kTk) * dq * 2;     // K, then V
+    off_p = off_s + size_t(kTq) * ds * 4;      // S (fp32), also the output staging
+    off_stats = off_p + size_t(kTq) * dp * 2;  // P (bf16)
+    bytes = off_stats + size_t(kTq) * 2 * 4;   // max and sum per row
   }
 };
 
@@ -167,113 +165,140 @@ __device__ inline void stage_rows_bf16(const float* src, int64_t stride, int64_t
   }
 }
 
+// S[16 rows of this warp, 64 keys] = Q K^T.
 template <int HD>
-__global__ void __launch_bounds__(32 * kTcWarps)
+__device__ inline void tile_scores(const __nv_bfloat16* Qs, const __nv_bfloat16* Ks, float* S,
+                                   const TcLayout& lay, int r0) {
+  for (int n0 = 0; n0 < kTk; n0 += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int d0 = 0; d0 < HD; d0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, Qs + r0 * lay.dq + d0, lay.dq);
+      wmma::load_matrix_sync(fb, Ks + n0 * lay.dq + d0, lay.dq);  // K^T, column-major
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(S + r0 * lay.ds + n0, acc, lay.ds, wmma::mem_row_major);
+  }
+}
+
+// The scaled, soft-capped, masked scores of row r of the tile at k0 (2 per lane; -inf masked).
+__device__ inline void row_scores(const float* S, const TcLayout& lay, int r, int64_t i, int64_t lo,
+                                  int64_t k0, const AttentionDims& a, int lane, float sv[2]) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int c = lane + 32 * u;
+    const int64_t j = k0 + c;
+    float x = S[r * lay.ds + c] * a.scale;
+    if (a.softcap > 0.0f) x = tanhf(x / a.softcap) * a.softcap;
+    sv[u] = (j >= lo && j <= i && i < a.tokens) ? x : -INFINITY;
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(32 * kTcWarps, 2)
     k_attention_tc(const float* q, const float* k, const float* v, const int32_t* prompt_start,
                    AttentionDims a, ActOut out, TcLayout lay) {
 #if __CUDA_ARCH__ >= 800
+  static_assert(kTk == 64, "row_scores holds 2 keys per lane");
   extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
-  __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_k);
-  __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_v);
+  __nv_bfloat16* KVs = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_kv);
   float* S = reinterpret_cast<float*>(smem + lay.off_s);
   __nv_bfloat16* Ps = reinterpret_cast<__nv_bfloat16*>(smem + lay.off_p);
-  float* O = reinterpret_cast<float*>(smem + lay.off_o);
   float* row_m = reinterpret_cast<float*>(smem + lay.off_stats);
   float* row_l = row_m + kTq;
-  float* row_c = row_l + kTq;
-  constexpr int hd = HD;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
   const int64_t q0 = int64_t(blockIdx.x) * kTq, h = blockIdx.y;
   const int64_t kvh = h / (a.heads / a.kv_heads);
   const int64_t q_last = min(q0 + kTq, a.tokens) - 1;
+  const int64_t kv_stride = a.kv_heads * HD;
 
-  stage_rows_bf16<HD, kTq>(q + (q0 * a.heads + h) * hd, a.heads * hd, a.tokens - q0, Qs, lay.dq);
-  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) O[(e / hd) * lay.dout + e % hd] = 0.0f;
-  if (threadIdx.x < kTq) row_m[threadIdx.x] = -INFINITY, row_l[threadIdx.x] = 0.0f;
-
+  stage_rows_bf16<HD, kTq>(q + (q0 * a.heads + h) * HD, a.heads * HD, a.tokens - q0, Qs, lay.dq);
+  // Each lane keeps the first visible key of the warp's 16 rows (lane rr: row r0 + rr).
+  int64_t my_lo = 0;
+  if (lane < 16 && q0 + r0 + lane < a.tokens)
+    my_lo = first_visible(prompt_start, q0 + r0 + lane, a.window);
+  float m_run = -INFINITY, l_run = 0.0f;  // lane rr < 16: row r0 + rr
   const int64_t k_begin = first_visible(prompt_start, q0, a.window);
+
+  // Pass 1: each row's max and sum of exp over every visible key.
   for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
-    __syncthreads();  // the previous tile's K, V are no longer read
-    stage_rows_bf16<HD, kTk>(k + (k0 * a.kv_heads + kvh) * hd, a.kv_heads * hd, a.tokens - k0, Ks,
-                             lay.dq);
-    stage_rows_bf16<HD, kTk>(v + (k0 * a.kv_heads + kvh) * hd, a.kv_heads * hd, a.tokens - k0, Vs,
-                             lay.dq);
     __syncthreads();
-    // S[16 rows of this warp, 64 keys] = Q K^T.
-    const int r0 = warp * 16;
-    for (int n0 = 0; n0 < kTk; n0 += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int d0 = 0; d0 < hd; d0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, Qs + r0 * lay.dq + d0, lay.dq);
-        wmma::load_matrix_sync(fb, Ks + n0 * lay.dq + d0, lay.dq);  // K^T, column-major
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      wmma::store_matrix_sync(S + r0 * lay.ds + n0, acc, lay.ds, wmma::mem_row_major);
-    }
+    stage_rows_bf16<HD, kTk>(k + k0 * kv_stride + kvh * HD, kv_stride, a.tokens - k0, KVs, lay.dq);
+    __syncthreads();
+    tile_scores<HD>(Qs, KVs, S, lay, r0);
     __syncwarp();
-    // Per row: scale, soft-cap, mask, online softmax; P in bf16, the correction for O.
+    for (int rr = 0; rr < 16; ++rr) {
+      const int64_t i = q0 + r0 + rr, lo = __shfl_sync(0xFFFFFFFFu, my_lo, rr);
+      float sv[2];
+      row_scores(S, lay, r0 + rr, i, lo, k0, a, lane, sv);
+      float mx = fmaxf(sv[0], sv[1]);
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+      const float m_old = __shfl_sync(0xFFFFFFFFu, m_run, rr), m_new = fmaxf(m_old, mx);
+      float sum = m_new == -INFINITY ? 0.0f : expf(sv[0] - m_new) + expf(sv[1] - m_new);
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+      if (lane == rr) {
+        l_run = (m_new == -INFINITY ? 1.0f : expf(m_old - m_new)) * l_run + sum;
+        m_run = m_new;
+      }
+    }
+  }
+  if (lane < 16) row_m[r0 + lane] = m_run, row_l[r0 + lane] = l_run;
+  __syncwarp();
+
+  // Pass 2: O = sum over tiles of softmax(S) V, accumulated in registers.
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_acc[HD / 16];
+#pragma unroll
+  for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(o_acc[n], 0.0f);
+  for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
+    __syncthreads();
+    stage_rows_bf16<HD, kTk>(k + k0 * kv_stride + kvh * HD, kv_stride, a.tokens - k0, KVs, lay.dq);
+    __syncthreads();
+    tile_scores<HD>(Qs, KVs, S, lay, r0);
+    __syncwarp();
     for (int rr = 0; rr < 16; ++rr) {
       const int r = r0 + rr;
-      const int64_t i = q0 + r;
-      const int64_t lo = i < a.tokens ? first_visible(prompt_start, i, a.window) : i + 1;
-      float sv[kTk / 32];
-      float mx = -INFINITY;
+      const int64_t i = q0 + r, lo = __shfl_sync(0xFFFFFFFFu, my_lo, rr);
+      float sv[2];
+      row_scores(S, lay, r, i, lo, k0, a, lane, sv);
+      const float m = row_m[r], inv_l = row_l[r] > 0.0f ? 1.0f / row_l[r] : 0.0f;
 #pragma unroll
-      for (int u = 0; u < kTk / 32; ++u) {
-        const int c = lane + 32 * u;
-        const int64_t j = k0 + c;
-        float x = S[r * lay.ds + c] * a.scale;
-        if (a.softcap > 0.0f) x = tanhf(x / a.softcap) * a.softcap;
-        sv[u] = (j >= lo && j <= i && i < a.tokens) ? x : -INFINITY;
-        mx = fmaxf(mx, sv[u]);
-      }
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-      const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
-      float sum = 0.0f;
+      for (int u = 0; u < 2; ++u)
+        Ps[r * lay.dp + lane + 32 * u] =
+            __float2bfloat16_rn(m == -INFINITY ? 0.0f : expf(sv[u] - m) * inv_l);
+    }
+    __syncthreads();  // every warp is done with K: V takes its place
+    stage_rows_bf16<HD, kTk>(v + k0 * kv_stride + kvh * HD, kv_stride, a.tokens - k0, KVs, lay.dq);
+    __syncthreads();
 #pragma unroll
-      for (int u = 0; u < kTk / 32; ++u) {
-        const float p = m_new == -INFINITY ? 0.0f : expf(sv[u] - m_new);
-        sum += p;
-        Ps[r * lay.dp + lane + 32 * u] = __float2bfloat16_rn(p);
-      }
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
-      __syncwarp();
-      if (lane == 0) {
-        const float corr = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);
-        row_c[r] = corr;
-        row_l[r] = row_l[r] * corr + sum;
-        row_m[r] = m_new;
-      }
-    }
-    __syncwarp();
-    for (int rr = 0; rr < 16; ++rr) {
-      const float corr = row_c[r0 + rr];
-      for (int c = lane; c < hd; c += 32) O[(r0 + rr) * lay.dout + c] *= corr;
-    }
-    __syncwarp();
-    // O[16 rows, hd] += P V.
-    for (int n0 = 0; n0 < hd; n0 += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, O + r0 * lay.dout + n0, lay.dout, wmma::mem_row_major);
+    for (int n = 0; n < HD / 16; ++n)
+#pragma unroll
       for (int kk = 0; kk < kTk; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
         wmma::load_matrix_sync(fa, Ps + r0 * lay.dp + kk, lay.dp);
-        wmma::load_matrix_sync(fb, Vs + kk * lay.dq + n0, lay.dq);
-        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::load_matrix_sync(fb, KVs + kk * lay.dq + n * 16, lay.dq);
+        wmma::mma_sync(o_acc[n], fa, fb, o_acc[n]);
       }
-      wmma::store_matrix_sync(O + r0 * lay.dout + n0, acc, lay.dout, wmma::mem_row_major);
-    }
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTq * hd; e += blockDim.x) {
-    const int r = e / hd, c = e % hd;
-    const int64_t t = q0 + r;
-    if (t < a.tokens) put(out, (t * a.heads + h) * hd + c, O[r * lay.dout + c] / row_l[r]);
+  // Out, 64 columns at a time through this warp's rows of S.
+#pragma unroll
+  for (int n0 = 0; n0 < HD; n0 += kTk) {
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < kTk / 16 && n0 + n * 16 < HD; ++n)
+      wmma::store_matrix_sync(S + r0 * lay.ds + n * 16, o_acc[n0 / 16 + n], lay.ds,
+                              wmma::mem_row_major);
+    __syncwarp();
+    const int cols = min(kTk, HD - n0);
+    for (int e = lane; e < 16 * cols; e += 32) {
+      const int rr = e / cols, c = e % cols;
+      const int64_t t = q0 + r0 + rr;
+      if (t < a.tokens) put(out, (t * a.heads + h) * HD + n0 + c, S[(r0 + rr) * lay.ds + c]);
+    }
   }
 #endif
 }
