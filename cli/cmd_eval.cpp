@@ -7,9 +7,12 @@
 
 #include "acts_file.h"
 #include "commands.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
+#include "model/activations.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "prompts.h"
 #include "sae/device_sae.h"
@@ -54,7 +57,10 @@ Runner add_eval(CLI::App& app) {
     if (o->acts.empty() && o->model.empty())
       fail("eval", "acts", "give an activations file or --model");
     Activations a;
+    const bool cuda = o->device == "cuda";
+    if (cuda) require_device(Device::Cuda);  // before loading anything
     std::unique_ptr<model::Gemma2> lm;
+    std::unique_ptr<model::DeviceGemma2> dlm;  // the model on the GPU (--model --device cuda)
     std::vector<std::vector<int32_t>> prompts;
     model::HookPoint point{};
     int64_t layer = 0;
@@ -63,11 +69,25 @@ Runner add_eval(CLI::App& app) {
       if (hook.empty())
         fail(l.folder + "/cfg.json", "metadata.hook_name", "missing: cannot tell where to splice");
       std::tie(point, layer) = model::parse_hook_name(hook);
-      lm = std::make_unique<model::Gemma2>(model::Gemma2::load(o->model));
+      // On the GPU the model runs in bf16 when the SAE does, else in fp32 (tf32: fp32).
+      const std::string model_precision = o->precision == "bf16" ? "bf16" : "fp32";
+      lm = std::make_unique<model::Gemma2>(
+          model::Gemma2::load(o->model, {.keep_bf16 = cuda && model_precision == "bf16"}));
+      if (cuda) dlm = std::make_unique<model::DeviceGemma2>(*lm, model_precision);
       prompts = tokenize_prompts(o->model, read_prompts(o->texts, o->text_file));
     }
     if (!o->acts.empty()) {
       a = read_activations(o->acts, o->tensor);
+    } else if (dlm) {  // the hook's activations on the prompts, BOS excluded
+      a.d = lm->cfg.hidden_size;
+      const auto rows = model::collect_activations(*dlm, prompts, point, {layer})[0];
+      int64_t r = 0;
+      for (const auto& ids : prompts) {
+        a.data.insert(a.data.end(), rows.begin() + (r + 1) * a.d,
+                      rows.begin() + (r + int64_t(ids.size())) * a.d);
+        r += int64_t(ids.size());
+      }
+      a.n = int64_t(a.data.size()) / a.d;
     } else {  // the hook's activations on the prompts, BOS excluded
       a.d = lm->cfg.hidden_size;
       for (const auto& ids : prompts)
@@ -80,16 +100,15 @@ Runner add_eval(CLI::App& app) {
       fail(o->acts.empty() ? o->model : o->acts, "shape",
            cat("activations have d_in ", a.d, " but the SAE expects ", s.cfg.d_in));
     if (a.n == 0) fail(o->acts, "shape", "holds no tokens");
-    if (o->device == "cuda" && lm)
-      fail("eval", "--device", "CE-loss scores with --model run on the CPU only (not built yet)");
-    Metrics m = o->device == "cuda"
-                    ? [&] {
-                        DeviceSae dev(s, o->precision);
-                        return evaluate_in_batches(dev, a.data, a.n, o->batch, o->dense_threshold);
-                      }()
+    std::unique_ptr<DeviceSae> dev;
+    if (cuda) dev = std::make_unique<DeviceSae>(s, o->precision);
+    Metrics m = dev ? evaluate_in_batches(*dev, a.data, a.n, o->batch, o->dense_threshold)
                     : evaluate_in_batches(s, a.data, a.n, o->batch, o->dense_threshold);
     std::optional<LmScore> score;
-    if (lm) score = lm_score(*lm, s, point, layer, prompts);
+    if (dlm)
+      score = lm_score(*dlm, *dev, point, layer, prompts);
+    else if (lm)
+      score = lm_score(*lm, s, point, layer, prompts);
     if (o->json) {
       auto j = m.to_json(o->density);
       if (score) j["lm_score"] = score->to_json();

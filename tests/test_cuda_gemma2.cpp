@@ -16,6 +16,7 @@
 #include "ops/gelu.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
+#include "sae/save.h"
 #include "test_util.h"
 
 #if SAECPP_HAS_CUDA
@@ -329,6 +330,40 @@ TEST(CudaGemma2, CliActivationsAndLmLossOnTheDevice) {
   EXPECT_NEAR(ce(run("lm-loss --model " + model + text + " --device cuda --precision fp32")), c,
               1e-4);
   EXPECT_NEAR(ce(run("lm-loss --model " + model + text + " --device cuda")), c, 5e-2) << "bf16";
+}
+
+// `sae eval <sae> --model --device cuda`: the activations, L0/EV and the CE-loss and KL scores
+// with the SAE spliced in, all from the GPU forward, equal the CPU's (fp32).
+TEST(CudaGemma2, CliEvalWithModelOnTheDevice) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  SaeConfig c;
+  c.architecture = Architecture::Standard;
+  c.d_in = 64, c.d_sae = 128;
+  c.json = nlohmann::ordered_json::object();
+  c.json["metadata"] = {{"hook_name", "blocks.1.hook_resid_post"}};
+  Sae sae(c);
+  sae.W_enc = test::random_vector(sae.W_enc.size(), 11, 0.2f);
+  sae.W_dec = test::random_vector(sae.W_dec.size(), 12, 0.2f);
+  sae.b_enc = test::random_vector(sae.b_enc.size(), 13, 0.1f);
+  save_to_disk(sae, dir / "sae");
+  test::write_bytes(dir / "prompts.txt",
+                    "Hello world!\nSparse autoencoders decompose the activations.\n");
+  auto eval = [&](const std::string& extra) {
+    const auto r = test::run_cli("eval " + (dir / "sae") + " --model " + model + " --text-file " +
+                                 (dir / "prompts.txt") + " --json" + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  };
+  const auto cpu = eval(""), gpu = eval(" --device cuda --precision fp32");
+  EXPECT_NEAR(gpu["explained_variance"].get<double>(), cpu["explained_variance"].get<double>(),
+              1e-4);
+  EXPECT_NEAR(gpu["l0"].get<double>(), cpu["l0"].get<double>(), 0.05);
+  for (const char* key : {"ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae"})
+    EXPECT_NEAR(gpu["lm_score"][key].get<double>(), cpu["lm_score"][key].get<double>(), 1e-3)
+        << key;
+  EXPECT_EQ(gpu["lm_score"]["n_predictions"], cpu["lm_score"]["n_predictions"]);
 }
 
 TEST(CudaGemma2, WithoutAGpuTheConstructorSaysWhy) {

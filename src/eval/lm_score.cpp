@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <span>
 
 #include "core/error.h"
 
@@ -92,37 +94,43 @@ double lm_loss(model::DeviceGemma2& m, const std::vector<std::vector<int32_t>>& 
       n_predictions);
 }
 
-LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point, int64_t layer,
-                 const std::vector<std::vector<int32_t>>& prompts) {
-  const int64_t V = m.cfg.vocab_size, L = m.cfg.num_layers, H = m.cfg.hidden_size;
-  if (sae.cfg.d_in != H)
+namespace {
+
+// The activation rows of each prompt after its BOS, replaced by the SAE's reconstruction
+// (`reconstruct(rows, n)`) or zeroed; act is the batch's hook activation on the host.
+using Reconstruct = std::function<std::vector<float>(std::span<const float>, int64_t)>;
+enum Mode { Clean, WithSae, Zero };
+void splice(float* act, const model::TokenBatch& batch, int mode, int64_t H,
+            const Reconstruct& reconstruct) {
+  for (int64_t s = 0; s < batch.n_prompts(); ++s) {
+    float* rows = act + (batch.starts[size_t(s)] + 1) * H;  // keep BOS
+    const int64_t k = batch.starts[size_t(s + 1)] - batch.starts[size_t(s)] - 1;
+    if (mode == Zero) {
+      std::fill(rows, rows + k * H, 0.0f);
+    } else {
+      std::vector<float> rec = reconstruct(std::span<const float>(rows, size_t(k * H)), k);
+      std::copy(rec.begin(), rec.end(), rows);
+    }
+  }
+}
+
+// Three forwards per batch (`forward(batch, mode, logits)` splices per mode), then CE and KL.
+template <class Forward>
+LmScore score(const model::Gemma2Config& c, int64_t sae_d_in, int64_t layer,
+              const std::vector<std::vector<int32_t>>& prompts, Forward forward) {
+  const int64_t V = c.vocab_size, L = c.num_layers, H = c.hidden_size;
+  if (sae_d_in != H)
     fail("lm_score", "d_in",
-         cat("SAE d_in ", sae.cfg.d_in, " differs from the model's hidden size ", H));
+         cat("SAE d_in ", sae_d_in, " differs from the model's hidden size ", H));
   if (layer < 0 || layer >= L)
     fail("lm_score", "layer", cat(layer, " is not a layer of the model"));
   std::vector<std::vector<int32_t>> usable;  // shorter prompts have nothing to change
   for (const auto& p : prompts)
     if (p.size() >= 3) usable.push_back(p);
   LmScore r;
-  enum Mode { Clean, WithSae, Zero };
   std::vector<float> logits[3];
   for (const auto& [batch, which] : pack(usable, kLogitTokens)) {
-    for (int mode : {Clean, WithSae, Zero}) {
-      auto hook = [&](model::HookPoint p, int64_t l, float* act, int64_t) {
-        if (mode == Clean || p != point || l != layer) return;
-        for (int64_t s = 0; s < batch.n_prompts(); ++s) {
-          float* rows = act + (batch.starts[size_t(s)] + 1) * H;  // keep BOS
-          const int64_t k = batch.starts[size_t(s + 1)] - batch.starts[size_t(s)] - 1;
-          if (mode == Zero) {
-            std::fill(rows, rows + k * H, 0.0f);
-          } else {
-            std::vector<float> rec = sae.forward(std::span<const float>(rows, size_t(k * H)), k);
-            std::copy(rec.begin(), rec.end(), rows);
-          }
-        }
-      };
-      m.forward(batch, L - 1, hook, nullptr, &logits[mode]);
-    }
+    for (int mode : {Clean, WithSae, Zero}) forward(batch, mode, logits[mode]);
     for (int64_t s = 0; s < batch.n_prompts(); ++s)
       for (int64_t t = batch.starts[size_t(s)] + 1; t + 1 < batch.starts[size_t(s + 1)]; ++t) {
         const auto lc = log_softmax(&logits[Clean][size_t(t * V)], V);
@@ -147,6 +155,48 @@ LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point,
   r.ce_loss_score = (r.ce_zero - r.ce_sae) / (r.ce_zero - r.ce_clean);
   r.kl_score = (r.kl_zero - r.kl_sae) / r.kl_zero;
   return r;
+}
+
+}  // namespace
+
+LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point, int64_t layer,
+                 const std::vector<std::vector<int32_t>>& prompts) {
+  const int64_t H = m.cfg.hidden_size;
+  const Reconstruct rec = [&](std::span<const float> x, int64_t n) { return sae.forward(x, n); };
+  return score(m.cfg, sae.cfg.d_in, layer, prompts,
+               [&](const model::TokenBatch& batch, int mode, std::vector<float>& logits) {
+                 m.forward(
+                     batch, m.cfg.num_layers - 1,
+                     [&](model::HookPoint p, int64_t l, float* act, int64_t) {
+                       if (mode != Clean && p == point && l == layer)
+                         splice(act, batch, mode, H, rec);
+                     },
+                     nullptr, &logits);
+               });
+}
+
+LmScore lm_score(model::DeviceGemma2& m, DeviceSae& sae, model::HookPoint point, int64_t layer,
+                 const std::vector<std::vector<int32_t>>& prompts) {
+  const int64_t H = m.cfg().hidden_size;
+  const Reconstruct rec = [&](std::span<const float> x, int64_t n) {
+    std::vector<float> x_hat;
+    sae.encode_decode(x, n, x_hat);
+    return x_hat;
+  };
+  return score(m.cfg(), sae.cfg().d_in, layer, prompts,
+               [&](const model::TokenBatch& batch, int mode, std::vector<float>& logits) {
+                 m.forward(
+                     batch, m.cfg().num_layers - 1,
+                     [&](model::HookPoint p, int64_t l, float* act, int64_t n) {
+                       if (mode == Clean || p != point || l != layer) return;
+                       // Through the host: the SAE's codes are made on the GPU by DeviceSae,
+                       // whose interface takes host rows.
+                       std::vector<float> host = m.to_host(act, n * H);
+                       splice(host.data(), batch, mode, H, rec);
+                       m.to_device(host, act);
+                     },
+                     &logits);
+               });
 }
 
 }  // namespace sae

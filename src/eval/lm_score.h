@@ -8,6 +8,7 @@
 
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
+#include "sae/device_sae.h"
 #include "sae/sae.h"
 
 namespace sae {
@@ -31,6 +32,9 @@ double lm_loss(model::DeviceGemma2& m, const std::vector<std::vector<int32_t>>& 
 // replaced by zeros. BOS (position 0) is never replaced, and losses average the predictions
 // made at positions 1..T-2 (those the replacement can change).
 LmScore lm_score(const model::Gemma2& m, const Sae& sae, model::HookPoint point, int64_t layer,
+                 const std::vector<std::vector<int32_t>>& prompts);
+// The same with the forward on the GPU and the SAE's encode and decode there (DeviceSae).
+LmScore lm_score(model::DeviceGemma2& m, DeviceSae& sae, model::HookPoint point, int64_t layer,
                  const std::vector<std::vector<int32_t>>& prompts);
 
 }  // namespace sae

@@ -158,6 +158,12 @@ std::vector<float> DeviceGemma2::to_host(const float* device_act, int64_t n) con
   return cuda::download(device_act, size_t(n), impl_->ctx.stream());
 }
 
+void DeviceGemma2::to_device(const std::vector<float>& host, float* device_act) const {
+  SAE_CUDA(cudaMemcpyAsync(device_act, host.data(), host.size() * sizeof(float),
+                           cudaMemcpyHostToDevice, impl_->ctx.stream()));
+  SAE_CUDA(cudaStreamSynchronize(impl_->ctx.stream()));
+}
+
 void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
                            std::vector<float>* logits) {
   Impl& m = *impl_;

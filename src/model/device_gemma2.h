@@ -40,8 +40,10 @@ class DeviceGemma2 {
   void forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
                std::vector<float>* logits = nullptr);
 
-  // A device activation copied to the host (after the work queued before it).
+  // A device activation copied to the host (after the work queued before it), and host rows
+  // copied back over it (ordered on the forward's stream).
   std::vector<float> to_host(const float* device_act, int64_t n) const;
+  void to_device(const std::vector<float>& host, float* device_act) const;
   // The stream the forward runs on (a cudaStream_t).
   void* stream() const;
 

@@ -25,6 +25,7 @@ void DeviceGemma2::forward(const TokenBatch&, int64_t, const DeviceHookFn&, std:
 std::vector<float> DeviceGemma2::to_host(const float*, int64_t) const {
   return {};
 }
+void DeviceGemma2::to_device(const std::vector<float>&, float*) const {}
 void* DeviceGemma2::stream() const {
   return nullptr;
 }
