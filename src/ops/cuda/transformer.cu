@@ -134,11 +134,13 @@ struct TcLayout {  // dynamic shared memory
   size_t off_kv, off_s, off_p, off_stats, bytes;
   explicit TcLayout(int hd) {
     dq = hd + 8, ds = kTk + 4, dp = kTk + 8;
-    off_kv = size_t(kTq) * dq * 2;             // Q first
-    off_s = off_kv + size_t(kTk) * dq * 2;     // K, then V
-    off_p = off_s + size_t(kTq) * ds * 4;      // S (fp32), also the output staging
-    off_stats = off_p + size_t(kTq) * dp * 2;  // P (bf16)
-    bytes = off_stats + size_t(kTq) * 2 * 4;   // max and sum per row
+    // In order: Q [kTq][dq] bf16; K, then V [kTk][dq] bf16; S [kTq][ds] fp32 (also the
+    // output staging); P [kTq][dp] bf16; the max and the sum of each row, fp32.
+    off_kv = size_t(kTq) * dq * 2;
+    off_s = off_kv + size_t(kTk) * dq * 2;
+    off_p = off_s + size_t(kTq) * ds * 4;
+    off_stats = off_p + size_t(kTq) * dp * 2;
+    bytes = off_stats + size_t(kTq) * 2 * 4;
   }
 };
 
