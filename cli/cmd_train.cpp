@@ -44,6 +44,16 @@ Runner add_train(CLI::App& app) {
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
   cmd->add_flag("--print-config", o->print, "Print the resolved config and exit");
   return [=] {
+    if (o->preset.empty() && o->config.empty() && o->sets.empty()) {
+      // Nothing to train yet: say how to start, with the presets, rather than which field of
+      // an empty config is missing first.
+      std::fprintf(stderr, "%s\nsae train: give --preset NAME or --config FILE. Presets:",
+                   cmd->help().c_str());
+      for (const std::string& name : train::preset_names())
+        std::fprintf(stderr, " %s", name.c_str());
+      std::fprintf(stderr, "\n");
+      return 2;
+    }
     nlohmann::json j = nlohmann::json::object();
     std::string where = "command line";
     if (!o->preset.empty()) j = train::preset(o->preset), where = "preset " + o->preset;

@@ -305,6 +305,14 @@ TEST(TrainCli, TrainsFromActivationFilesAndRejectsBadConfig) {
                                " --set 'data.paths=[\"nope.npy\"]' -o " + (dir / "bad"));
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.output.find("nope.npy"), std::string::npos) << missing.output;
+
+  // Nothing to train from: the usage and the presets, not the first missing field.
+  auto bare = test::run_cli("train -o " + (dir / "bare"));
+  EXPECT_EQ(bare.exit_code, 2);
+  EXPECT_NE(bare.output.find("--preset"), std::string::npos) << bare.output;
+  EXPECT_NE(bare.output.find("gemma-2-2b-matryoshka-snap"), std::string::npos) << bare.output;
+  EXPECT_EQ(bare.output.find("missing"), std::string::npos) << bare.output;
+  EXPECT_FALSE(fs::exists(dir / "bare"));
 }
 
 }  // namespace
