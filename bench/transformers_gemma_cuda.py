@@ -12,12 +12,7 @@ import torch
 import transformers
 from transformers import Gemma2Config, Gemma2Model
 
-GEMMA_2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                  query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192,
-                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh", bos_token_id=2,
-                  eos_token_id=1, pad_token_id=0)
+from make_random_gemma import GEMMA_2_2B  # google/gemma-2-2b config.json (bench/)
 
 
 def main() -> None:

@@ -15,9 +15,9 @@
 
 namespace sae {
 
-// Nanoseconds of single-threaded work each woken thread should receive. Measured on the 2-core
-// CI machine: below about this much, the tiny release ran slower with 2 threads than with 1
-// once another process competed for the cores (docs/threads.md).
+// Nanoseconds of single-threaded work each woken thread should receive: chosen, not tuned;
+// with it the tiny release beside a busy process took 1.00x its 1-thread time with 2 threads
+// (bench/threads_under_load.py, docs/benchmarks.md).
 inline constexpr double kMinNsPerThread = 50'000;
 
 // Threads worth using for a loop of `items` iterations of about `ns_per_item` nanoseconds

@@ -177,21 +177,10 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
              ")"));
   if (logits && last_layer != c.num_layers - 1)
     fail("forward", "logits", "the logits need the model's last layer");
-  if (T == 0) fail("forward", "ids", "empty batch");
+  const std::vector<int64_t> pos64 = check_batch(batch, c);
   std::vector<int32_t> pos(static_cast<size_t>(T)), start(static_cast<size_t>(T));
-  for (int64_t s = 0; s < batch.n_prompts(); ++s) {
-    const int64_t a = batch.starts[size_t(s)], b = batch.starts[size_t(s + 1)];
-    if (b <= a) fail("forward", "ids", cat("prompt ", s, " is empty"));
-    if (b - a > c.max_position_embeddings)
-      fail("forward", "ids",
-           cat("prompt ", s, " has ", b - a,
-               " tokens, longer than the context (max_position_embeddings = ",
-               c.max_position_embeddings, ")"));
-    for (int64_t t = a; t < b; ++t) pos[size_t(t)] = int32_t(t - a), start[size_t(t)] = int32_t(a);
-  }
-  for (int32_t id : batch.ids)
-    if (id < 0 || id >= c.vocab_size)
-      fail("forward", "ids", cat("token id ", id, " outside the vocabulary"));
+  for (int64_t t = 0; t < T; ++t)
+    pos[size_t(t)] = int32_t(pos64[size_t(t)]), start[size_t(t)] = int32_t(t - pos64[size_t(t)]);
 
   const cuda::Context& ctx = m.ctx;
   const cudaStream_t s = ctx.stream();

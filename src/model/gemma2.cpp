@@ -185,6 +185,25 @@ std::pair<HookPoint, int64_t> parse_hook_name(const std::string& name) {
   return {parse_hook_kind(name.substr(dot + 6)), std::stoll(num)};
 }
 
+std::vector<int64_t> check_batch(const TokenBatch& batch, const Gemma2Config& c) {
+  if (batch.n_tokens() == 0) fail("forward", "ids", "empty batch");
+  std::vector<int64_t> pos(static_cast<size_t>(batch.n_tokens()));
+  for (int64_t s = 0; s < batch.n_prompts(); ++s) {
+    const int64_t a = batch.starts[size_t(s)], b = batch.starts[size_t(s + 1)];
+    if (b <= a) fail("forward", "ids", cat("prompt ", s, " is empty"));
+    if (b - a > c.max_position_embeddings)
+      fail("forward", "ids",
+           cat("prompt ", s, " has ", b - a,
+               " tokens, longer than the context (max_position_embeddings = ",
+               c.max_position_embeddings, ")"));
+    for (int64_t t = a; t < b; ++t) pos[size_t(t)] = t - a;
+  }
+  for (int32_t id : batch.ids)
+    if (id < 0 || id >= c.vocab_size)
+      fail("forward", "ids", cat("token id ", id, " outside the vocabulary"));
+  return pos;
+}
+
 void Gemma2::forward(std::span<const int32_t> ids, int64_t last_layer, const HookFn& hook,
                      std::vector<float>* final_hidden, std::vector<float>* logits) const {
   TokenBatch b;
@@ -201,26 +220,13 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
   if (last_layer >= int64_t(layers.size()))
     fail("forward", "last_layer",
          cat("layer ", last_layer, " was not loaded (loaded 0..", int64_t(layers.size()) - 1, ")"));
-  std::vector<int64_t> pos(static_cast<size_t>(T));
-  for (int64_t s = 0; s < batch.n_prompts(); ++s) {
-    const int64_t a = batch.starts[size_t(s)], b = batch.starts[size_t(s + 1)];
-    if (b <= a) fail("forward", "ids", cat("prompt ", s, " is empty"));
-    if (b - a > c.max_position_embeddings)
-      fail("forward", "ids",
-           cat("prompt ", s, " has ", b - a,
-               " tokens, longer than the context (max_position_embeddings = ",
-               c.max_position_embeddings, ")"));
-    for (int64_t t = a; t < b; ++t) pos[size_t(t)] = t - a;
-  }
-  if (T == 0) fail("forward", "ids", "empty batch");
+  const std::vector<int64_t> pos = check_batch(batch, c);
   std::vector<float> h(size_t(T * H)), x(size_t(T * H)), q(size_t(T * nq)), k(size_t(T * nkv)),
       v(size_t(T * nkv)), att(size_t(T * nq)), gate(size_t(T * I)), up(size_t(T * I));
   std::vector<float> scratch;  // bf16 weights upcast here, one matrix at a time
   const float scale = float(std::sqrt(double(H)));  // the embedding normaliser, in f32
   for (int64_t t = 0; t < T; ++t) {
     const int32_t id = batch.ids[size_t(t)];
-    if (id < 0 || id >= c.vocab_size)
-      fail("forward", "ids", cat("token id ", id, " outside the vocabulary"));
     const float* e = embed.rows_f32(id, id + 1, scratch);
     for (int64_t i = 0; i < H; ++i) h[size_t(t * H + i)] = e[i] * scale;
   }

@@ -37,6 +37,11 @@ struct TokenBatch {
   int64_t n_tokens() const { return int64_t(ids.size()); }
 };
 
+// Checks a batch against the model (not empty, no empty prompt, none longer than the context,
+// every id in the vocabulary; errors name the prompt or id) and returns each token's position
+// in its prompt. Both forwards (CPU and GPU) start with it.
+std::vector<int64_t> check_batch(const TokenBatch& batch, const Gemma2Config& c);
+
 // A weight matrix [rows, cols]: f32, or bf16 upcast into a scratch buffer when used.
 struct Weight {
   int64_t rows = 0, cols = 0;
@@ -66,8 +71,8 @@ class Gemma2 {
   static Gemma2 load(const std::string& folder, const Gemma2Options& opt = {});
 
   Gemma2Config cfg;
-  Weight embed;                   // [vocab, hidden] (tied: also the output projection)
-  std::vector<float> final_norm;  // [hidden]
+  Weight embed;                     // [vocab, hidden] (tied: also the output projection)
+  std::vector<float> final_norm;    // [hidden]
   std::vector<Gemma2Layer> layers;  // the loaded ones: 0..last_layer
 
   // Runs layers 0..last_layer on a batch, calling `hook` at every hook point with the
