@@ -1,6 +1,7 @@
 // sae cache: text corpus + Gemma-2 -> activation shards per layer, to train SAEs from later
 // without the model (sae train with data.type = "files"; docs/release.md).
 #include "commands.h"
+#include "model/checkpoint.h"
 #include "model/gemma2_config.h"
 #include "pipeline/activation_cache.h"
 #include "prompts.h"
@@ -17,7 +18,7 @@ Runner add_cache(CLI::App& app) {
     bool truncate = false;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->c.model_dir, "Hugging Face Gemma-2 folder")->required();
+  cmd->add_option("--model", o->c.model_dir, "Gemma-2 folder or Hugging Face repo id")->required();
   cmd->add_option("--dataset", o->c.corpus.shards,
                   "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)")
       ->required();
@@ -43,6 +44,7 @@ Runner add_cache(CLI::App& app) {
                   "Exit 0 after this many shards (continue later with --resume)");
   return [=] {
     pipeline::CacheOptions c = o->c;
+    c.model_dir = model::resolve_checkpoint(c.model_dir).folder;
     const model::Gemma2Config mcfg = model::read_gemma2_config(c.model_dir);
     c.layers = parse_layers(o->layers, mcfg.num_layers);
     c.total_tokens = parse_count("--tokens", o->tokens);

@@ -12,6 +12,7 @@
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
 #include "model/activations.h"
+#include "model/checkpoint.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "prompts.h"
@@ -71,10 +72,11 @@ Runner add_eval(CLI::App& app) {
       std::tie(point, layer) = model::parse_hook_name(hook);
       // On the GPU the model runs in bf16 when the SAE does, else in fp32 (tf32: fp32).
       const std::string model_precision = o->precision == "bf16" ? "bf16" : "fp32";
+      const std::string model_dir = model::resolve_checkpoint(o->model).folder;
       lm = std::make_unique<model::Gemma2>(
-          model::Gemma2::load(o->model, {.keep_bf16 = cuda && model_precision == "bf16"}));
+          model::Gemma2::load(model_dir, {.keep_bf16 = cuda && model_precision == "bf16"}));
       if (cuda) dlm = std::make_unique<model::DeviceGemma2>(*lm, model_precision);
-      prompts = tokenize_prompts(o->model, read_prompts(o->texts, o->text_file));
+      prompts = tokenize_prompts(model_dir, read_prompts(o->texts, o->text_file));
     }
     if (!o->acts.empty()) {
       a = read_activations(o->acts, o->tensor);

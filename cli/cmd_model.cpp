@@ -10,6 +10,7 @@
 #include "eval/lm_score.h"
 #include "io/safetensors.h"
 #include "model/activations.h"
+#include "model/checkpoint.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
@@ -84,7 +85,7 @@ Runner add_activations(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model,
-                  "Hugging Face Gemma-2 folder (config.json, safetensors, tokenizer.model)")
+                  "Gemma-2 checkpoint: a folder (config.json, safetensors, tokenizer.model) or a Hugging Face repo id (downloaded into the HF cache on a miss)")
       ->required();
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");
@@ -96,15 +97,16 @@ Runner add_activations(CLI::App& app) {
   return [=] {
     const model::HookPoint point = model::parse_hook_kind(o->hook);
     auto texts = read_prompts(o->texts, o->file);
-    const model::Gemma2Config cfg = model::read_gemma2_config(o->model);
+    const std::string model_dir = model::resolve_checkpoint(o->model).folder;
+    const model::Gemma2Config cfg = model::read_gemma2_config(model_dir);
     const auto layers = parse_layers(o->layers, cfg.num_layers);
     const bool cuda = parse_device(o->device, "--device") == Device::Cuda;
     if (cuda) require_device(Device::Cuda);  // before loading anything
     // The GPU in bf16 reads bf16 weights: the host copy need not be upcast first.
     model::Gemma2 m = model::Gemma2::load(
-        o->model,
+        model_dir,
         {.last_layer = layers.back(), .keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
-    auto prompts = tokenize_prompts(o->model, texts);
+    auto prompts = tokenize_prompts(model_dir, texts);
     const int64_t H = m.cfg.hidden_size;
     std::vector<std::vector<float>> acts;
     if (cuda) {
@@ -145,7 +147,7 @@ Runner add_lm_loss(CLI::App& app) {
     std::string device = "cpu", precision = "bf16";
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->model, "Hugging Face Gemma-2 folder")->required();
+  cmd->add_option("--model", o->model, "Gemma-2 folder or Hugging Face repo id")->required();
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");
   cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
@@ -154,15 +156,16 @@ Runner add_lm_loss(CLI::App& app) {
     auto texts = read_prompts(o->texts, o->file);
     const bool cuda = parse_device(o->device, "--device") == Device::Cuda;
     if (cuda) require_device(Device::Cuda);  // before loading anything
+    const std::string model_dir = model::resolve_checkpoint(o->model).folder;
     model::Gemma2 m =
-        model::Gemma2::load(o->model, {.keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
+        model::Gemma2::load(model_dir, {.keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
     int64_t n = 0;
     double ce = 0;
     if (cuda) {
       model::DeviceGemma2 g(m, o->precision);
-      ce = lm_loss(g, tokenize_prompts(o->model, texts), &n);
+      ce = lm_loss(g, tokenize_prompts(model_dir, texts), &n);
     } else {
-      ce = lm_loss(m, tokenize_prompts(o->model, texts), &n);
+      ce = lm_loss(m, tokenize_prompts(model_dir, texts), &n);
     }
     std::printf("cross-entropy %.6f nats/token over %lld predictions (%zu prompts)\n", ce,
                 (long long)n, texts.size());

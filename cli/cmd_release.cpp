@@ -5,6 +5,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "model/checkpoint.h"
 #include "model/gemma2_config.h"
 #include "pipeline/release.h"
 #include "pipeline/release_merge.h"
@@ -84,7 +85,9 @@ Runner add_release(CLI::App& app) {
     bool truncate = false;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->r.model_dir, "Hugging Face Gemma-2 folder")->required();
+  cmd->add_option("--model", o->r.model,
+                  "Gemma-2 checkpoint: a folder or a Hugging Face repo id (e.g. google/gemma-2-2b)")
+      ->required();
   cmd->add_option("--dataset", o->r.corpus.shards,
                   "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)")
       ->required();
@@ -110,16 +113,19 @@ Runner add_release(CLI::App& app) {
                   "Override a field of every SAE's training config: section.key=value");
   cmd->add_option("--log-every", o->r.log_every_steps, "Steps between progress lines");
   cmd->add_option("--release-name", o->r.release_name, "Name in the model card");
-  cmd->add_option("--model-name", o->r.model_name, "cfg.json metadata.model_name");
-  cmd->add_option("--dataset-path", o->r.dataset_path,
-                  "cfg.json metadata.dataset_path (default: the shard patterns)");
+  cmd->add_option("--model-name", o->r.model_name,
+                  "cfg.json metadata.model_name (default: the checkpoint's name, e.g. gemma-2-2b)");
+  cmd->add_option("--dataset-name,--dataset-path", o->r.dataset_name,
+                  "The corpus as cfg.json metadata.dataset_path and the model card name it, e.g. "
+                  "monology/pile-uncopyrighted (default: the shards' file names)");
   cmd->add_flag("--bf16", o->r.keep_bf16, "Keep the model weights in bf16");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");
   return [=] {
     pipeline::ReleaseOptions r = o->r;
-    const model::Gemma2Config mcfg = model::read_gemma2_config(r.model_dir);
+    r.model = model::resolve_checkpoint(r.model).folder;  // once, before the layers are checked
+    const model::Gemma2Config mcfg = model::read_gemma2_config(r.model);
     r.layers = parse_layers(o->layers, mcfg.num_layers);
     r.variants = split_commas(o->variants);
     if (!o->tokens.empty()) r.total_tokens = parse_count("--tokens", o->tokens);

@@ -19,5 +19,6 @@ Runner add_lm_loss(CLI::App& app);
 Runner add_release(CLI::App& app);
 Runner add_release_merge(CLI::App& app);
 Runner add_cache(CLI::App& app);
+Runner add_download(CLI::App& app);
 
 }  // namespace sae::cli

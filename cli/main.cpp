@@ -21,7 +21,7 @@ namespace {
 // a sleeping wait costs nothing measurable and asks for it. The policy can only be given to a
 // fresh image, so the process re-executes itself once with it set. A user's own
 // OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone.
-// Commands that compute nothing (info, --help, --version) skip the second start-up.
+// Commands that compute nothing (info, download, --help, --version) skip the second start-up.
 void reexec_with_passive_wait(int argc, char** argv) {
   if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
   const char* command = nullptr;
@@ -33,7 +33,7 @@ void reexec_with_passive_wait(int argc, char** argv) {
     else if (a[0] != '-')
       command = argv[i];
   }
-  if (!command || std::string(command) == "info") return;
+  if (!command || std::string(command) == "info" || std::string(command) == "download") return;
   ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
   ::execv("/proc/self/exe", argv);
   // No /proc (or exec refused): run on with the default policy.
@@ -49,8 +49,8 @@ int main(int argc, char** argv) {
   CLI::App app{"sae.cpp " SAECPP_VERSION
                " — sparse autoencoders in C++ (SAELens format).\n"
                "<sae> is an SAE folder (cfg.json + sae_weights.safetensors) or release:sae_id,\n"
-               "e.g. gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post (read from the\n"
-               "Hugging Face cache) or path/to/release:snap/blocks.12.hook_resid_post."};
+               "e.g. gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post (from the Hugging\n"
+               "Face cache, downloaded on a miss) or path/to/release:snap/blocks.12.hook_resid_post."};
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads,
@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
   for (auto add :
        {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert,
         sae::cli::add_train, sae::cli::add_demo, sae::cli::add_activations, sae::cli::add_lm_loss,
-        sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache}) {
+        sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache,
+        sae::cli::add_download}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;

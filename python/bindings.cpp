@@ -21,6 +21,7 @@
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
 #include "model/activations.h"
+#include "model/checkpoint.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "ops/gemm.h"
@@ -439,10 +440,10 @@ PYBIND11_MODULE(_core, m) {
          std::vector<std::string> overrides, int64_t context_size, int64_t prompts_per_forward,
          int64_t n_batches_in_buffer, int64_t holdout_every, int64_t heldout_tokens,
          int64_t ce_windows, const std::string& hook, const std::string& model_name,
-         const std::string& dataset_path, bool bf16, bool resume, int64_t stop_at_step,
+         const std::string& dataset_name, bool bf16, bool resume, int64_t stop_at_step,
          int64_t log_every) -> py::object {
         pipeline::ReleaseOptions o;
-        o.model_dir = model;
+        o.model = model;
         o.corpus.shards = py::isinstance<py::str>(dataset)
                               ? std::vector<std::string>{dataset.cast<std::string>()}
                               : dataset.cast<std::vector<std::string>>();
@@ -459,7 +460,7 @@ PYBIND11_MODULE(_core, m) {
         o.ce_windows = ce_windows;
         o.hook = hook;
         o.model_name = model_name;
-        o.dataset_path = dataset_path;
+        o.dataset_name = dataset_name;
         o.keep_bf16 = bf16;
         o.resume = resume;
         o.stop_at_step = stop_at_step;
@@ -502,28 +503,32 @@ PYBIND11_MODULE(_core, m) {
       py::arg("overrides") = std::vector<std::string>{}, py::arg("context_size") = 1024,
       py::arg("prompts_per_forward") = 8, py::arg("n_batches_in_buffer") = 4,
       py::arg("holdout_every") = 100, py::arg("heldout_tokens") = 16384, py::arg("ce_windows") = 8,
-      py::arg("hook") = "resid_post", py::arg("model_name") = "gemma-2-2b",
-      py::arg("dataset_path") = "", py::arg("bf16") = false, py::arg("resume") = false,
+      py::arg("hook") = "resid_post", py::arg("model_name") = "",
+      py::arg("dataset_name") = "", py::arg("bf16") = false, py::arg("resume") = false,
       py::arg("stop_at_step") = 0, py::arg("log_every") = 100,
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
-      "Gemma-2 activations of a text corpus, evaluated on held-out tokens, written as a SAELens "
+      "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated on held-out tokens, written as a SAELens "
       "release folder with a model card. overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
-      m, "Gemma2", "A Gemma-2 checkpoint folder (HF format) and its tokenizer.")
-      .def(py::init([](const std::string& folder, bool bf16) {
+      m, "Gemma2",
+      "A Gemma-2 checkpoint (a folder in HF format, or a Hugging Face repo id such as "
+      "'google/gemma-2-2b', downloaded into the HF cache on a miss) and its tokenizer.")
+      .def(py::init([](const std::string& spec, bool bf16) {
              auto g = std::make_shared<PyGemma2>();
+             std::string folder;
              {
                py::gil_scoped_release nogil;
+               folder = model::resolve_checkpoint(spec).folder;
                g->m = model::Gemma2::load(folder, {.keep_bf16 = bf16});
              }
              g->tok = std::make_unique<model::Tokenizer>(
                  (std::filesystem::path(folder) / "tokenizer.model").string());
              return g;
            }),
-           py::arg("folder"), py::arg("bf16") = false,
+           py::arg("model"), py::arg("bf16") = false,
            "bf16=True keeps the weight matrices in bf16 (half the memory; computes in f32).")
       .def("tokenize", &PyGemma2::tokenize, py::arg("texts"), "Token ids, BOS first.")
       .def(

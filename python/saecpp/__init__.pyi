@@ -88,8 +88,8 @@ def release(
     heldout_tokens: int = 16384,
     ce_windows: int = 8,
     hook: str = "resid_post",
-    model_name: str = "gemma-2-2b",
-    dataset_path: str = "",
+    model_name: str = "",
+    dataset_name: str = "",
     bf16: bool = False,
     resume: bool = False,
     stop_at_step: int = 0,
@@ -97,8 +97,9 @@ def release(
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:
-    """A Gemma-2 checkpoint folder (Hugging Face format) and its tokenizer."""
-    def __init__(self, folder: str, bf16: bool = False) -> None: ...
+    """A Gemma-2 checkpoint (a Hugging Face format folder, or a repo id such as
+    'google/gemma-2-2b' fetched into the Hugging Face cache on a miss) and its tokenizer."""
+    def __init__(self, model: str, bf16: bool = False) -> None: ...
     def tokenize(self, texts: list[str]) -> list[list[int]]: ...
     def activations(self, texts: list[str], layers: list[int], hook: str = "resid_post") -> dict[str, npt.NDArray[Any]]: ...
     def lm_loss(self, texts: list[str]) -> float: ...

@@ -13,6 +13,7 @@
 #include "eval/lm_score.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
+#include "model/checkpoint.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/model_card.h"
@@ -91,10 +92,34 @@ double sae_bytes(const train::TrainConfig& c, int64_t d) {
   return per * (2 + 2 + moments) + double(c.batch_size) * D * 4.0;
 }
 
+// How the published files (cfg.json, release.json, the model card) name the model and the
+// data: by repo id, name and file name, never by a path on this machine.
+struct PublishedNames {
+  std::string model_name;  // cfg.json metadata.model_name: "gemma-2-2b"
+  std::string model_id;    // "google/gemma-2-2b", or the checkpoint folder's name
+  std::string dataset;     // cfg.json metadata.dataset_path
+  ojson corpus;            // the corpus options with the shards by file name
+};
+
+PublishedNames published_names(const ReleaseOptions& opt, const model::Checkpoint& ckpt) {
+  PublishedNames n;
+  n.model_name = opt.model_name.empty() ? ckpt.name : opt.model_name;
+  n.model_id = ckpt.repo_id.empty() ? ckpt.name : ckpt.repo_id;
+  std::vector<std::string> files;
+  for (const auto& s : opt.corpus.shards) files.push_back(fs::path(s).filename().string());
+  n.dataset = opt.dataset_name;
+  if (n.dataset.empty())
+    for (size_t i = 0; i < files.size(); ++i) n.dataset += (i ? ", " : "") + files[i];
+  n.corpus = ojson::parse(opt.corpus.to_json().dump());
+  n.corpus["shards"] = files;
+  return n;
+}
+
 // One training config per (variant, layer): the variant's preset, the overrides, this run's
 // output folder and the SAELens metadata of the hook; all on one batch size (one stream).
-std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>& layers,
-                           model::HookPoint point, const fs::path& work) {
+std::vector<Job> make_jobs(const ReleaseOptions& opt, const PublishedNames& names,
+                           const std::vector<int64_t>& layers, model::HookPoint point,
+                           const fs::path& work) {
   std::vector<Job> jobs;
   for (const std::string& v : opt.variants)
     for (size_t s = 0; s < layers.size(); ++s) {
@@ -109,13 +134,13 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>
       c["output"]["dir"] = (work / v / j.hook).string();
       // Where the activations came from, recorded in the SAE's training config.
       c["data"] = {{"type", "release"},
-                   {"model", opt.model_dir},
+                   {"model", names.model_id},
                    {"hook", j.hook},
                    {"corpus", opt.corpus.to_json()},
                    {"context_size", opt.store.windows.context_size}};
       j.level_losses = c["loss"].value("level_losses", std::string("mse"));
       auto& meta = c["output"]["metadata"];
-      meta["model_name"] = opt.model_name;
+      meta["model_name"] = names.model_name;
       meta["model_class_name"] = "HookedTransformer";
       meta["hook_name"] = j.hook;
       meta["hook_head_index"] = nullptr;
@@ -124,15 +149,15 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const std::vector<int64_t>
       meta["exclude_special_tokens"] = opt.store.exclude_special;
       meta["disable_concat_sequences"] = !opt.store.windows.concat;
       meta["sequence_separator_token"] = opt.store.windows.separator_id ? json("bos") : json();
-      meta["dataset_path"] =
-          opt.dataset_path.empty() ? json(opt.corpus.shards) : json(opt.dataset_path);
+      meta["dataset_path"] = names.dataset;
       meta["model_from_pretrained_kwargs"] = json::object();
       meta["seqpos_slice"] = {nullptr};
       j.recipe = c;
       j.recipe["output"].erase("dir");
       j.recipe["output"]["metadata"].erase("hook_name");
       j.recipe["data"].erase("hook");
-      j.recipe["data"].erase("model");  // the path may differ between machines; the name may not
+      j.recipe["data"].erase("model");  // said once, in the recipe, by name
+      j.recipe["data"].erase("corpus");
       j.cfg = train::TrainConfig::from_json(c, "variant " + v);
       if (!jobs.empty() && j.cfg.batch_size != jobs.front().cfg.batch_size)
         fail("variant " + v, "training.batch_size",
@@ -153,10 +178,12 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
          "holds a release job already (.work/state.json): pass --resume (Python: resume=True) to "
          "continue it, or choose another output folder");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
-  const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
+  const model::Checkpoint ckpt = model::resolve_checkpoint(opt.model);
+  const PublishedNames names = published_names(opt, ckpt);
+  const model::Gemma2Config mcfg = model::read_gemma2_config(ckpt.folder);
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
-  std::vector<Job> jobs = make_jobs(opt, layers, point, work);
+  std::vector<Job> jobs = make_jobs(opt, names, layers, point, work);
   StoreConfig store = opt.store;
   store.batch_tokens = jobs.front().cfg.batch_size;
   const int64_t d = mcfg.hidden_size, total_steps = jobs.front().cfg.total_steps();
@@ -182,8 +209,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
 
   const double t_load = now_seconds();
   const model::Gemma2 m = model::Gemma2::load(
-      opt.model_dir, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
-  const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
+      ckpt.folder, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
+  const model::Tokenizer tok((fs::path(ckpt.folder) / "tokenizer.model").string());
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
   store.windows.bos_id = tok.bos_id();
   if (store.windows.separator_id) store.windows.separator_id = tok.bos_id();
@@ -354,11 +381,11 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
           {"d_sae", j.cfg.spec.d_sae},           {"k", j.cfg.spec.k},
           {"widths", j.cfg.spec.widths},         {"config", ojson::parse(j.recipe.dump())}};
   const ojson recipe = {{"sae_cpp_version", SAECPP_VERSION},
-                        {"model_name", opt.model_name},
-                        {"model", opt.model_dir},
+                        {"model_name", names.model_name},
+                        {"model", names.model_id},
                         {"hook", opt.hook},
-                        {"dataset", opt.dataset_path},
-                        {"corpus", ojson::parse(opt.corpus.to_json().dump())},
+                        {"dataset", names.dataset},
+                        {"corpus", names.corpus},
                         {"context_size", store.windows.context_size},
                         {"packed", opt.store.windows.concat},
                         {"training_tokens", tokens},
@@ -368,13 +395,13 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                         {"ce_windows", opt.ce_windows},
                         {"variants", variants}};
   ojson release = {{"release", opt.release_name},
-                   {"model", opt.model_dir},
+                   {"model", names.model_id},
                    {"hook", opt.hook},
                    {"layers", layers},
                    {"variants", opt.variants},
                    {"training_tokens", tokens},
                    {"context_size", store.windows.context_size},
-                   {"corpus", ojson::parse(opt.corpus.to_json().dump())},
+                   {"corpus", names.corpus},
                    {"tokens_forwarded", acts.tokens_forwarded()},
                    {"recipe", recipe},
                    {"results", summary}};

@@ -14,7 +14,8 @@
 namespace sae::pipeline {
 
 struct ReleaseOptions {
-  std::string model_dir;  // Hugging Face Gemma-2 folder
+  // The Gemma-2 checkpoint: a folder, or a Hugging Face repo id (model::resolve_checkpoint).
+  std::string model;
   std::string output_dir = "out/release";
   data::CorpusConfig corpus;
   std::vector<int64_t> layers;
@@ -32,8 +33,9 @@ struct ReleaseOptions {
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
   bool keep_bf16 = false;    // model weights kept in bf16
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
-  std::string model_name = "gemma-2-2b";  // cfg.json metadata.model_name
-  std::string dataset_path;               // cfg.json metadata.dataset_path ("" = the shards)
+  // What the release publishes carries no local path (cfg.json, release.json, the model card):
+  std::string model_name;    // metadata.model_name ("" = the checkpoint's name, e.g. gemma-2-2b)
+  std::string dataset_name;  // metadata.dataset_path ("" = the shards' file names)
 };
 
 // Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every

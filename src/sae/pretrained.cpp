@@ -2,9 +2,11 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 
 #include "core/error.h"
+#include "hub/cache.h"
+#include "hub/download.h"
+#include "hub/settings.h"
 
 namespace sae {
 
@@ -24,47 +26,36 @@ std::optional<PretrainedEntry> lookup_pretrained(const std::string& release,
   return std::nullopt;
 }
 
-std::string hf_hub_cache_dir() {
-  if (const char* v = std::getenv("HF_HUB_CACHE"); v && *v) return v;
-  if (const char* v = std::getenv("HF_HOME"); v && *v) return (fs::path(v) / "hub").string();
-  const char* home = std::getenv("HOME");
-  return (fs::path(home ? home : ".") / ".cache" / "huggingface" / "hub").string();
-}
-
 namespace {
 
 bool is_sae_folder(const fs::path& p) {
   return fs::exists(p / "cfg.json");
 }
 
-// <hub>/models--org--name/snapshots/<rev>/<path>, preferring the revision refs/main names.
+// <hub>/models--org--name/snapshots/<rev>/<path>: the snapshot refs/main names, else the most
+// recently written one that holds the SAE, else downloaded from the Hub.
 std::string find_in_hf_cache(const std::string& repo_id, const std::string& path) {
-  std::string mangled = "models--" + repo_id;
-  for (size_t p = mangled.find('/'); p != std::string::npos; p = mangled.find('/', p))
-    mangled.replace(p, 1, "--");
-  const fs::path repo_dir = fs::path(hf_hub_cache_dir()) / mangled;
-  const std::string hint =
-      cat(" (download it with: huggingface-cli download ", repo_id, " --include '", path, "/*')");
-  if (!fs::is_directory(repo_dir / "snapshots"))
-    fail(repo_dir.string(), "", cat("repo ", repo_id, " is not in the Hugging Face cache", hint));
-
-  std::ifstream ref(repo_dir / "refs" / "main");
-  std::string main_rev;
-  if (ref) std::getline(ref, main_rev);
-  if (!main_rev.empty() && is_sae_folder(repo_dir / "snapshots" / main_rev / path))
-    return (repo_dir / "snapshots" / main_rev / path).string();
-  // Otherwise the most recently written snapshot that holds the SAE.
+  hub::check_repo_id(repo_id);
+  hub::check_repo_path(repo_id, path);
+  const hub::RepoCache cache(hub::hub_cache_dir(), repo_id);
+  if (auto main = hub::cached_snapshot(repo_id, "main"); main && is_sae_folder(fs::path(*main) / path))
+    return (fs::path(*main) / path).string();
   fs::path best;
   fs::file_time_type best_time{};
-  for (const auto& snap : fs::directory_iterator(repo_dir / "snapshots")) {
+  std::error_code ec;
+  for (const auto& snap : fs::directory_iterator(cache.dir() / "snapshots", ec)) {
     const fs::path cand = snap.path() / path;
     if (!is_sae_folder(cand)) continue;
     auto t = fs::last_write_time(snap.path());
     if (best.empty() || t > best_time) best = cand, best_time = t;
   }
-  if (best.empty())
-    fail(repo_dir.string(), path, cat("no snapshot holds this SAE (cfg.json)", hint));
-  return best.string();
+  if (!best.empty()) return best.string();
+  // Not cached: the SAE's folder from the Hub (cfg.json, the weights, sparsity if there).
+  const fs::path snap = hub::snapshot_download(
+      {.repo_id = repo_id, .include = {path + "/*"}, .folder = path});
+  if (!is_sae_folder(snap / path))
+    fail(repo_id, path, "the Hub has this folder but no cfg.json in it: not a SAELens SAE");
+  return (snap / path).string();
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
-// Resolving SAELens pretrained releases to folders on this machine (sae.cpp never downloads:
-// it reads a local release folder or the Hugging Face cache that `huggingface-cli download` or
-// SAELens filled).
+// Resolving SAELens pretrained releases to folders on this machine: a local release folder, or
+// the Hugging Face cache (shared with huggingface_hub, SAELens and transformers), downloading
+// the SAE's files into it on a miss (hub/download.h).
 #pragma once
 
 #include <optional>
@@ -18,14 +18,12 @@ const std::vector<PretrainedEntry>& pretrained_table();
 std::optional<PretrainedEntry> lookup_pretrained(const std::string& release,
                                                  const std::string& sae_id);
 
-// $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
-std::string hf_hub_cache_dir();
-
 // Returns the SAE folder for (release, sae_id):
 //  - release is a folder: <release>/<sae_id> (a release laid out as on the Hub);
 //  - release is a known SAELens release name: its repo and path, looked up in the HF cache;
 //  - release is "org/name": that repo in the HF cache, path = sae_id.
-// Throws sae::Error saying where it looked.
+// A SAE missing from the cache is downloaded (unless HF_HUB_OFFLINE=1). Throws sae::Error
+// saying where it looked.
 std::string resolve_pretrained(const std::string& release, const std::string& sae_id);
 
 }  // namespace sae
