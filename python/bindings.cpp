@@ -20,6 +20,7 @@
 #include "data/activation_files.h"
 #include "eval/lm_score.h"
 #include "eval/metrics.h"
+#include "hub/download.h"
 #include "model/activations.h"
 #include "model/checkpoint.h"
 #include "model/gemma2.h"
@@ -338,6 +339,23 @@ PYBIND11_MODULE(_core, m) {
         ops::set_num_threads(n);
       },
       py::arg("n"), "Use n threads for BLAS and OpenMP from now on.");
+
+  m.def(
+      "download",
+      [](const std::string& repo_id, py::object include, const std::string& revision) {
+        hub::SnapshotRequest req{.repo_id = repo_id, .revision = revision};
+        if (py::isinstance<py::str>(include))
+          req.include = {include.cast<std::string>()};
+        else if (!include.is_none())
+          req.include = include.cast<std::vector<std::string>>();
+        py::gil_scoped_release nogil;
+        return hub::snapshot_download(req);
+      },
+      py::arg("repo_id"), py::arg("include") = py::none(), py::arg("revision") = "main",
+      "Download the files of a Hugging Face repo that match `include` (a glob or a list of "
+      "globs; '*' crosses '/'; None: every file) into the shared Hugging Face cache, as "
+      "huggingface_hub.snapshot_download does, and return the snapshot folder. Reads HF_ENDPOINT, "
+      "HF_TOKEN (or the token file), HF_HUB_CACHE/HF_HOME and HF_HUB_OFFLINE.");
 
   m.def(
       "cuda_available", [] { return cuda_compiled() && cuda_device_count() > 0; },

@@ -52,8 +52,8 @@ void send_all(int fd, const std::string& data) {
 
 struct Response {
   int status = 200;
-  std::vector<std::pair<std::string, std::string>> headers;
-  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers{};
+  std::string body{};
   int64_t content_length = -1;  // announced length when it differs from body.size()
 };
 
@@ -222,7 +222,10 @@ void MockHub::handle(int fd) {
   }
   auto join = [&](size_t from) {
     std::string out;
-    for (size_t i = from; i < seg.size(); ++i) out += (i > from ? "/" : "") + url_decode(seg[i]);
+    for (size_t i = from; i < seg.size(); ++i) {
+      if (i > from) out += '/';
+      out += url_decode(seg[i]);
+    }
     return out;
   };
 
@@ -293,7 +296,10 @@ void MockHub::handle(int fd) {
     if (auto ren = renamed_.find(id); ren != renamed_.end()) {
       r.status = 307;
       std::string rest;  // the raw path after /resolve/<rev>/
-      for (size_t i = 4; i < seg.size(); ++i) rest += (i > 4 ? "/" : "") + seg[i];
+      for (size_t i = 4; i < seg.size(); ++i) {
+        if (i > 4) rest += '/';
+        rest += seg[i];
+      }
       r.headers.push_back({"Location", "/" + ren->second + "/resolve/" + seg[3] + "/" + rest});
     } else if (const MockRepo* repo = open_repo(id, r)) {
       auto f = repo->files.find(path);

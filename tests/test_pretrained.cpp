@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "sae/load.h"
+#include "hub/settings.h"
 #include "sae/pretrained.h"
 #include "test_util.h"
 
@@ -27,41 +28,33 @@ TEST(Pretrained, MatryoshkaReleasesMapLikeSaeLens) {
   EXPECT_FALSE(lookup_pretrained("gemma-2-2b-res-matryoshka-dc", "blocks.25.hook_resid_post"));
 }
 
-struct EnvVar {
-  std::string name;
-  std::optional<std::string> old;
-  EnvVar(std::string n, const std::string& value) : name(std::move(n)) {
-    if (const char* v = std::getenv(name.c_str())) old = v;
-    ::setenv(name.c_str(), value.c_str(), 1);
-  }
-  ~EnvVar() {
-    if (old)
-      ::setenv(name.c_str(), old->c_str(), 1);
-    else
-      ::unsetenv(name.c_str());
-  }
-};
+using test::EnvVar;
 
-TEST(Pretrained, HubCacheDirPrecedence) {
+TEST(Pretrained, HubCacheDirPrecedence) {  // as huggingface_hub's constants.py reads them
   EnvVar home("HOME", "/home/someone");
-  ::unsetenv("HF_HUB_CACHE");
-  ::unsetenv("HF_HOME");
-  EXPECT_EQ(hf_hub_cache_dir(), "/home/someone/.cache/huggingface/hub");
-  EnvVar hf_home("HF_HOME", "/data/hf");
-  EXPECT_EQ(hf_hub_cache_dir(), "/data/hf/hub");
-  EnvVar hub("HF_HUB_CACHE", "/fast/hub");
-  EXPECT_EQ(hf_hub_cache_dir(), "/fast/hub");
+  EnvVar xdg("XDG_CACHE_HOME", std::nullopt), legacy("HUGGINGFACE_HUB_CACHE", std::nullopt);
+  EnvVar cache("HF_HUB_CACHE", std::nullopt), hf_home("HF_HOME", std::nullopt);
+  EXPECT_EQ(hub::hub_cache_dir(), "/home/someone/.cache/huggingface/hub");
+  EnvVar xdg2("XDG_CACHE_HOME", "/xdg");
+  EXPECT_EQ(hub::hub_cache_dir(), "/xdg/huggingface/hub");
+  EnvVar hf_home2("HF_HOME", "~/hf");
+  EXPECT_EQ(hub::hub_cache_dir(), "/home/someone/hf/hub");
+  EnvVar legacy2("HUGGINGFACE_HUB_CACHE", "/old/hub");
+  EXPECT_EQ(hub::hub_cache_dir(), "/old/hub");
+  EnvVar cache2("HF_HUB_CACHE", "/fast/hub");
+  EXPECT_EQ(hub::hub_cache_dir(), "/fast/hub");
 }
 
 TEST(Pretrained, ResolvesReleaseNameInHfCache) {
   test::TempDir dir;
-  EnvVar hub("HF_HUB_CACHE", dir.path.string());
+  EnvVar cache_env("HF_HUB_CACHE", dir.path.string());
   const fs::path repo =
       dir.path / "models--chanind--gemma-2-2b-batch-topk-matryoshka-saes-w-32k-l0-40";
-  const fs::path sae = repo / "snapshots" / "abc123" / "snap" / "blocks.12.hook_resid_post";
+  const std::string commit = "0123456789abcdef0123456789abcdef01234567";
+  const fs::path sae = repo / "snapshots" / commit / "snap" / "blocks.12.hook_resid_post";
   fs::create_directories(sae);
   fs::create_directories(repo / "refs");
-  test::write_bytes((repo / "refs" / "main").string(), "abc123");
+  test::write_bytes((repo / "refs" / "main").string(), commit);
   for (auto& f : fs::directory_iterator(test::golden("jumprelu/sae")))
     fs::copy(f.path(), sae / f.path().filename());
 
@@ -78,13 +71,13 @@ TEST(Pretrained, ResolvesReleaseNameInHfCache) {
   auto r = test::run_cli("info gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("architecture: jumprelu"), std::string::npos) << r.output;
-  // A layer not downloaded: the error says how to get it.
+  // A layer not cached, offline: the error says so (online it is downloaded: test_hub.cpp).
+  EnvVar offline("HF_HUB_OFFLINE", "1");
   try {
     resolve_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.3.hook_resid_post");
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("huggingface-cli download"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("HF_HUB_OFFLINE=1"), std::string::npos) << e.what();
   }
 }
 

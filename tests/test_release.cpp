@@ -145,6 +145,15 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
   const std::string card = test::read_bytes(out + "/README.md");
   const auto rows = card_rows(card);
   ASSERT_EQ(rows.size(), 4u) << card;
+  // What is published names the model and the data, never a path on this machine.
+  const std::string model_folder = fs::path(kModel).filename().string();
+  EXPECT_EQ(release["model"], model_folder);
+  EXPECT_EQ(release["corpus"]["shards"][0], fs::path(corpus).filename().string());
+  for (const std::string& text : {card, release.dump()}) {
+    EXPECT_EQ(text.find(dir.path.string()), std::string::npos) << text;
+    EXPECT_EQ(text.find(test::test_dir().string()), std::string::npos) << text;
+  }
+  EXPECT_NE(card.find("hf upload <org>/<repo> . . --exclude \".work/*\""), std::string::npos);
 
   // The held-out activations the release evaluated on, rebuilt independently.
   const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
@@ -173,6 +182,8 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
       const auto cfg = read_json_file(l.folder + "/cfg.json");
       EXPECT_EQ(cfg["metadata"]["hook_name"], hook);
       EXPECT_EQ(cfg["metadata"]["model_name"], "tiny-gemma2");
+      EXPECT_EQ(cfg["metadata"]["dataset_path"], fs::path(corpus).filename().string());
+      EXPECT_EQ(cfg.dump().find(dir.path.string()), std::string::npos) << cfg.dump();
       EXPECT_EQ(cfg["metadata"]["context_size"], 16);
       EXPECT_EQ(cfg["metadata"]["prepend_bos"], true);
 

@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <fstream>
 
 #include "core/error.h"
@@ -80,7 +81,8 @@ void RepoCache::link(const std::string& commit, const std::string& path,
   std::error_code ec;
   if (fs::is_symlink(ptr, ec) && fs::read_symlink(ptr, ec) == target) return;
   // A new link under a unique name, renamed over the pointer: readers see the old or the new.
-  const fs::path tmp = ptr.string() + ".tmp." + std::to_string(::getpid());
+  static std::atomic<uint64_t> serial{0};
+  const fs::path tmp = cat(ptr.string(), ".tmp.", ::getpid(), ".", serial++);
   fs::remove(tmp, ec);
   fs::create_symlink(target, tmp);
   fs::rename(tmp, ptr);

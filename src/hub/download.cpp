@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -25,8 +26,13 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr int kApiAttempts = 4;       // a Hub API call: retried on 429, 5xx and broken connections
-constexpr int kTransferAttempts = 6;  // a file: resumed this many times after a broken connection
+// Tries of an API call (retried on 429, 5xx and broken connections) and of a file transfer
+// (resumed after a broken connection): 1 + $SAECPP_HUB_RETRIES (default 5), waiting 0, 1, 2,
+// 4, ... s between them.
+int attempts() {
+  const char* v = std::getenv("SAECPP_HUB_RETRIES");
+  return 1 + (v && *v ? std::max(0, std::atoi(v)) : 5);
+}
 
 // urllib.parse.quote: everything but unreserved characters and `safe` percent-encoded.
 std::string url_quote(const std::string& s, const std::string& safe) {
@@ -76,7 +82,7 @@ std::string body_excerpt(const HttpResponse& r) {
     fail(repo_id, what,
          cat("gated repository (HTTP ", r.status, "): accept its licence at ", page,
              " with your Hugging Face account, then set HF_TOKEN to a token of that account (or "
-             "run `huggingface-cli login`)",
+             "run `hf auth login`)",
              s.token.empty() ? "; no token is set"
                              : cat("; the token from ", s.token_source, " has no access yet")));
   if (r.status == 401 && msg == "Invalid credentials in Authorization header")
@@ -103,13 +109,14 @@ void wait_before_retry(int attempt) {  // 0 s, then 1, 2, 4, ... s
 
 // An API request retried on 429, 5xx and broken connections.
 HttpResponse send_api(HttpRequest req) {
+  const int tries = attempts();
   for (int attempt = 0;; ++attempt) {
     wait_before_retry(attempt);
     try {
       HttpResponse r = http_send(req);
-      if (!retryable(r.status) || attempt + 1 == kApiAttempts) return r;
+      if (!retryable(r.status) || attempt + 1 == tries) return r;
     } catch (const TransferError&) {
-      if (attempt + 1 == kApiAttempts) throw;
+      if (attempt + 1 == tries) throw;
     }
   }
 }
@@ -248,6 +255,7 @@ class ProgressLine {
 // server has sent it all. The caller holds the blob's lock.
 void fetch(const HubSettings& s, const std::string& repo_id, const std::string& path,
            const FileMeta& m, const fs::path& incomplete) {
+  const int tries = attempts();
   if (!fs::exists(incomplete) && !std::ofstream(incomplete))
     fail(incomplete.string(), "", "cannot create (is the cache folder writable?)");
   ProgressLine bar(cat(repo_id, "/", path), m.size, int64_t(fs::file_size(incomplete)),
@@ -292,9 +300,9 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
       ::fsync(fd), ::close(fd);
       if (r.status == 416) {  // the range is past the end: what we have is wrong, start over
         fs::resize_file(incomplete, 0);
-        if (attempt + 1 < kTransferAttempts) continue;
+        if (attempt + 1 < tries) continue;
       }
-      if (retryable(r.status) && attempt + 1 < kTransferAttempts) {
+      if (retryable(r.status) && attempt + 1 < tries) {
         wait_before_retry(attempt + 1);
         continue;
       }
@@ -308,12 +316,12 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
       }
       if (m.size < 0 || int64_t(fs::file_size(incomplete)) >= m.size) break;
       // A complete response that ends short of the size the Hub announced: resume.
-      if (attempt + 1 == kTransferAttempts)
+      if (attempt + 1 == tries)
         fail(repo_id, path, cat("the server sent ", fs::file_size(incomplete), " of ", m.size,
                                 " bytes (partial file kept in ", incomplete.string(), ")"));
     } catch (const TransferError& e) {
       ::close(fd);
-      if (attempt + 1 == kTransferAttempts)
+      if (attempt + 1 == tries)
         fail(repo_id, path,
              cat("download broke after ", fs::file_size(incomplete), " of ", m.size, " bytes: ",
                  e.what(), "; the same command resumes it (partial file: ", incomplete.string(),

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -12,7 +13,9 @@
 namespace sae {
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  tmp_path_ = cat(path_, ".tmp.", ::getpid());
+  // Unique per process and per file written by it: two threads may write the same path.
+  static std::atomic<uint64_t> serial{0};
+  tmp_path_ = cat(path_, ".tmp.", ::getpid(), ".", serial++);
   fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd_ < 0) fail(path_, "", cat("cannot create temp file: ", std::strerror(errno)));
 }

@@ -1,5 +1,5 @@
 // Writes a file so that readers see either the old file or the whole new one, never a part:
-// data goes to "<path>.tmp.<pid>" in the same folder, is fsynced, then renamed over <path>.
+// data goes to "<path>.tmp.<pid>.<n>" in the same folder, is fsynced, then renamed over <path>.
 #pragma once
 
 #include <cstdint>
