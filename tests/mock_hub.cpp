@@ -315,7 +315,10 @@ void MockHub::handle(int fd) {
                      {"X-Linked-Etag", "\"" + sha + "\""},
                      {"X-Linked-Size", std::to_string(f->second.size())},
                      {"ETag", "\"" + git_blob_sha1_hex(sha) + "\""},
-                     {"Location", endpoint() + "/storage/" + id + "/" + sha}};
+                     // Storage on another host name, as on the real Hub (its signed URLs need
+                     // no token; clients follow only redirects that stay on the Hub's host).
+                     {"Location", "http://localhost:" + std::to_string(port_) + "/storage/" + id +
+                                      "/" + sha}};
       } else {
         r.headers = {{"X-Repo-Commit", repo->commit},
                      {"ETag", "\"" + git_blob_sha1_hex(f->second) + "\""}};

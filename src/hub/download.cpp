@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "core/error.h"
@@ -177,9 +178,9 @@ std::vector<RepoFile> list_files(const HubSettings& s, const std::string& repo_i
   return files;
 }
 
-// What the Hub says of one file at a revision: the HEAD of its resolve URL (not following the
-// redirect to storage, whose headers are not the Hub's; relative redirects, which the Hub sends
-// for a renamed repo, are followed).
+// What the Hub says of one file at a revision: the HEAD of its resolve URL, following redirects
+// that stay on the Hub's host (a renamed repo) but not the one to storage on another host,
+// whose response carries the file's metadata (huggingface_hub does the same).
 struct FileMeta {
   std::string commit, etag, url;
   int64_t size = -1;
@@ -194,8 +195,9 @@ FileMeta head_file(const HubSettings& s, const std::string& repo_id, const std::
   for (int hop = 0;; ++hop) {
     r = send_api({.method = "HEAD", .url = m.url, .headers = auth_headers(s)});
     const std::string loc = r.header("location");
-    if (r.status / 100 == 3 && loc.starts_with('/') && hop < 5) {
-      m.url = origin_of(m.url) + loc;
+    const std::string target = loc.starts_with('/') ? origin_of(m.url) + loc : loc;
+    if (r.status / 100 == 3 && origin_of(target) == origin_of(m.url) && hop < 5) {
+      m.url = target;
       continue;
     }
     break;
@@ -251,6 +253,18 @@ class ProgressLine {
   Clock::time_point start_, last_{};
 };
 
+// An open file descriptor, closed (after fsync) however the scope ends.
+struct SyncedFd {
+  int fd;
+  explicit SyncedFd(int f) : fd(f) {}
+  ~SyncedFd() {
+    ::fsync(fd);
+    ::close(fd);
+  }
+  SyncedFd(const SyncedFd&) = delete;
+  SyncedFd& operator=(const SyncedFd&) = delete;
+};
+
 // Fetches a file's bytes into `incomplete`, resuming what is already there; returns when the
 // server has sent it all. The caller holds the blob's lock.
 void fetch(const HubSettings& s, const std::string& repo_id, const std::string& path,
@@ -271,8 +285,12 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
              cat("not enough disk space for ", repo_id, "/", path, ": ", (m.size - have) / 1e6,
                  " MB to download, ", space.available / 1e6, " MB free"));
     }
-    const int fd = ::open(incomplete.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0) fail(incomplete.string(), "", "cannot open for writing");
+    std::optional<SyncedFd> file;
+    if (const int fd = ::open(incomplete.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644); fd >= 0)
+      file.emplace(fd);
+    else
+      fail(incomplete.string(), "", "cannot open for writing");
+    const int fd = file->fd;
     ::lseek(fd, have, SEEK_SET);
     int64_t written = have;
     bool first_chunk = true;
@@ -297,7 +315,7 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
     };
     try {
       const HttpResponse r = http_send(req);
-      ::fsync(fd), ::close(fd);
+      file.reset();
       if (r.status == 416) {  // the range is past the end: what we have is wrong, start over
         fs::resize_file(incomplete, 0);
         if (attempt + 1 < tries) continue;
@@ -320,7 +338,7 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
         fail(repo_id, path, cat("the server sent ", fs::file_size(incomplete), " of ", m.size,
                                 " bytes (partial file kept in ", incomplete.string(), ")"));
     } catch (const TransferError& e) {
-      ::close(fd);
+      file.reset();
       if (attempt + 1 == tries)
         fail(repo_id, path,
              cat("download broke after ", fs::file_size(incomplete), " of ", m.size, " bytes: ",

@@ -34,6 +34,8 @@ class MockHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        # Storage on another host name, as on the real Hub (clients follow same-host redirects).
+        self.storage = f"http://localhost:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -103,7 +105,7 @@ class MockHub:
                 sha = hashlib.sha256(data).hexdigest()
                 return self._reply(h, 302, [("X-Repo-Commit", repo["commit"]), ("X-Linked-Etag", f'"{sha}"'),
                                             ("X-Linked-Size", str(len(data))), ("ETag", f'"{git_blob_sha1(sha.encode())}"'),
-                                            ("Location", f"{self.endpoint}/storage/{repo_id}/{sha}")], b"", head)
+                                            ("Location", f"{self.storage}/storage/{repo_id}/{sha}")], b"", head)
             return self._reply(h, 200, [("X-Repo-Commit", repo["commit"]), ("ETag", f'"{git_blob_sha1(data)}"')], data, head)
         if seg[0] == "storage" and len(seg) == 4:
             repo = self.repos.get(f"{seg[1]}/{seg[2]}", {"files": {}})
