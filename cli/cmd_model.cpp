@@ -85,7 +85,8 @@ Runner add_activations(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model,
-                  "Gemma-2 checkpoint: a folder (config.json, safetensors, tokenizer.model) or a Hugging Face repo id (downloaded into the HF cache on a miss)")
+                  "Gemma-2 checkpoint: a folder (config.json, safetensors, tokenizer.model) or a "
+                  "Hugging Face repo id (downloaded into the HF cache on a miss)")
       ->required();
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");

@@ -172,7 +172,11 @@ PYBIND11_MODULE(_core, m) {
       .def_static(
           "from_pretrained",
           [](const std::string& release, const std::string& sae_id) {
-            auto s = std::make_shared<PySae>(PySae{from_pretrained(release, sae_id)});
+            std::shared_ptr<PySae> s;
+            {
+              py::gil_scoped_release nogil;  // may download: other Python threads run meanwhile
+              s = std::make_shared<PySae>(PySae{from_pretrained(release, sae_id)});
+            }
             py::object sparsity = py::none();
             if (s->loaded.sparsity)
               sparsity =
@@ -181,9 +185,8 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("release"), py::arg("sae_id"),
           "Returns (sae, cfg dict, sparsity or None). `release` is a local release folder, a "
-          "SAELens "
-          "release name, or a Hugging Face repo id; the latter two are read from the local HF "
-          "cache.")
+          "SAELens release name, or a Hugging Face repo id; the latter two are read from the "
+          "Hugging Face cache, and downloaded into it on a miss.")
       .def_static(
           "from_pretrained_with_cfg_and_sparsity",
           [](const std::string& release, const std::string& sae_id) {
@@ -521,11 +524,12 @@ PYBIND11_MODULE(_core, m) {
       py::arg("overrides") = std::vector<std::string>{}, py::arg("context_size") = 1024,
       py::arg("prompts_per_forward") = 8, py::arg("n_batches_in_buffer") = 4,
       py::arg("holdout_every") = 100, py::arg("heldout_tokens") = 16384, py::arg("ce_windows") = 8,
-      py::arg("hook") = "resid_post", py::arg("model_name") = "",
-      py::arg("dataset_name") = "", py::arg("bf16") = false, py::arg("resume") = false,
-      py::arg("stop_at_step") = 0, py::arg("log_every") = 100,
+      py::arg("hook") = "resid_post", py::arg("model_name") = "", py::arg("dataset_name") = "",
+      py::arg("bf16") = false, py::arg("resume") = false, py::arg("stop_at_step") = 0,
+      py::arg("log_every") = 100,
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
-      "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated on held-out tokens, written as a SAELens "
+      "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
+      "on held-out tokens, written as a SAELens "
       "release folder with a model card. overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");

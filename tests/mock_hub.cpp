@@ -59,15 +59,24 @@ struct Response {
 
 const char* reason(int status) {
   switch (status) {
-    case 200: return "OK";
-    case 206: return "Partial Content";
-    case 302: return "Found";
-    case 307: return "Temporary Redirect";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 416: return "Range Not Satisfiable";
-    default: return "Status";
+    case 200:
+      return "OK";
+    case 206:
+      return "Partial Content";
+    case 302:
+      return "Found";
+    case 307:
+      return "Temporary Redirect";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 416:
+      return "Range Not Satisfiable";
+    default:
+      return "Status";
   }
 }
 
@@ -82,17 +91,21 @@ std::string head_of(const Response& r, bool head_request) {
 }
 
 Response error(int status, const std::string& code, const std::string& message) {
-  Response r{status, {{"X-Error-Code", code}, {"X-Error-Message", message},
-                      {"Content-Type", "application/json"}}};
+  Response r{
+      status,
+      {{"X-Error-Code", code}, {"X-Error-Message", message}, {"Content-Type", "application/json"}}};
   r.body = nlohmann::json{{"error", message}}.dump();
   return r;
 }
 
 }  // namespace
 
-std::string sha256_hex(const std::string& bytes) { return digest_hex(EVP_sha256(), bytes); }
+std::string sha256_hex(const std::string& bytes) {
+  return digest_hex(EVP_sha256(), bytes);
+}
 std::string git_blob_sha1_hex(const std::string& bytes) {
-  return digest_hex(EVP_sha1(), "blob " + std::to_string(bytes.size()) + std::string(1, '\0') + bytes);
+  return digest_hex(EVP_sha1(),
+                    "blob " + std::to_string(bytes.size()) + std::string(1, '\0') + bytes);
 }
 
 MockHub::MockHub() {
@@ -120,7 +133,9 @@ MockHub::~MockHub() {
   for (auto& w : workers_) w.join();
 }
 
-std::string MockHub::endpoint() const { return "http://127.0.0.1:" + std::to_string(port_); }
+std::string MockHub::endpoint() const {
+  return "http://127.0.0.1:" + std::to_string(port_);
+}
 
 void MockHub::add_folder(MockRepo& repo, const std::string& folder, const std::string& prefix) {
   for (const auto& e : fs::recursive_directory_iterator(folder)) {
@@ -209,7 +224,8 @@ void MockHub::handle(int fd) {
     log_.push_back({method, target, range, auth});
   }
   const bool head = method == "HEAD";
-  const std::string query = target.find('?') == std::string::npos ? "" : target.substr(target.find('?') + 1);
+  const std::string query =
+      target.find('?') == std::string::npos ? "" : target.substr(target.find('?') + 1);
   const std::string path_part = target.substr(0, target.find('?'));
 
   // Splits "/a/b/c" into its raw segments.
@@ -239,12 +255,14 @@ void MockHub::handle(int fd) {
     }
     if (it->second.gated && auth != "Bearer " + good_token) {
       r = auth.empty() ? error(401, "GatedRepo",
-                               "Access to model " + id + " is restricted. You must have access "
-                               "to it and be authenticated to access it. Please log in.")
+                               "Access to model " + id +
+                                   " is restricted. You must have access "
+                                   "to it and be authenticated to access it. Please log in.")
                        : error(403, "GatedRepo",
-                               "Access to model " + id + " is restricted and you are not in the "
-                               "authorized list. Visit https://huggingface.co/" + id +
-                               " to ask for access.");
+                               "Access to model " + id +
+                                   " is restricted and you are not in the "
+                                   "authorized list. Visit https://huggingface.co/" +
+                                   id + " to ask for access.");
       return nullptr;
     }
     return &it->second;
@@ -268,8 +286,10 @@ void MockHub::handle(int fd) {
       nlohmann::json all = nlohmann::json::array();
       for (const auto& [p, bytes] : repo->files) {
         if (!folder.empty() && !p.starts_with(folder + "/")) continue;
-        nlohmann::json e = {{"type", "file"}, {"oid", git_blob_sha1_hex(bytes)},
-                            {"size", bytes.size()}, {"path", p}};
+        nlohmann::json e = {{"type", "file"},
+                            {"oid", git_blob_sha1_hex(bytes)},
+                            {"size", bytes.size()},
+                            {"path", p}};
         if (repo->lfs.count(p))
           e["lfs"] = {{"oid", sha256_hex(bytes)}, {"size", bytes.size()}, {"pointerSize", 134}};
         all.push_back(e);
@@ -317,8 +337,8 @@ void MockHub::handle(int fd) {
                      {"ETag", "\"" + git_blob_sha1_hex(sha) + "\""},
                      // Storage on another host name, as on the real Hub (its signed URLs need
                      // no token; clients follow only redirects that stay on the Hub's host).
-                     {"Location", "http://localhost:" + std::to_string(port_) + "/storage/" + id +
-                                      "/" + sha}};
+                     {"Location",
+                      "http://localhost:" + std::to_string(port_) + "/storage/" + id + "/" + sha}};
       } else {
         r.headers = {{"X-Repo-Commit", repo->commit},
                      {"ETag", "\"" + git_blob_sha1_hex(f->second) + "\""}};

@@ -21,7 +21,7 @@ struct MockRepo {
   std::string commit{};                        // 40 hex digits
   std::map<std::string, std::string> files{};  // path -> bytes
   std::set<std::string> lfs{};                 // paths stored in LFS (redirected to storage)
-  bool gated = false;                        // needs MockHub::good_token
+  bool gated = false;                          // needs MockHub::good_token
 };
 
 class MockHub {

@@ -4,8 +4,8 @@
 #include <cstdlib>
 
 #include "core/error.h"
-#include "sae/load.h"
 #include "hub/settings.h"
+#include "sae/load.h"
 #include "sae/pretrained.h"
 #include "test_util.h"
 

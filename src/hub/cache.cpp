@@ -28,11 +28,14 @@ bool is_commit_hash(const std::string& s) {
 
 void check_repo_id(const std::string& repo_id) {
   const size_t slash = repo_id.find('/');
-  bool ok = !repo_id.empty() && repo_id.size() <= 96 && repo_id.find('/', slash + 1) == std::string::npos &&
-            slash != 0 && slash + 1 != repo_id.size() && repo_id.find("--") == std::string::npos &&
-            repo_id.find("..") == std::string::npos && repo_id.front() != '.' && repo_id.back() != '.';
+  bool ok = !repo_id.empty() && repo_id.size() <= 96 &&
+            repo_id.find('/', slash + 1) == std::string::npos && slash != 0 &&
+            slash + 1 != repo_id.size() && repo_id.find("--") == std::string::npos &&
+            repo_id.find("..") == std::string::npos && repo_id.front() != '.' &&
+            repo_id.back() != '.';
   for (char c : repo_id)
-    ok &= std::isalnum(static_cast<unsigned char>(c)) || c == '/' || c == '-' || c == '_' || c == '.';
+    ok &=
+        std::isalnum(static_cast<unsigned char>(c)) || c == '/' || c == '-' || c == '_' || c == '.';
   if (!ok) fail(repo_id, "repo_id", "is not a Hugging Face repo id (name or org/name)");
 }
 
@@ -50,7 +53,8 @@ void check_repo_path(const std::string& repo_id, const std::string& path) {
 }
 
 RepoCache::RepoCache(const std::string& cache_dir, const std::string& repo_id)
-    : root_(cache_dir), dir_(fs::path(cache_dir) / repo_folder_name(repo_id)),
+    : root_(cache_dir),
+      dir_(fs::path(cache_dir) / repo_folder_name(repo_id)),
       folder_(repo_folder_name(repo_id)) {}
 
 fs::path RepoCache::lock_file(const std::string& etag) const {
@@ -91,10 +95,11 @@ void RepoCache::link(const std::string& commit, const std::string& path,
 void RepoCache::tag_cache_dir() const {
   const fs::path tag = root_ / "CACHEDIR.TAG";
   if (fs::exists(tag)) return;
-  std::ofstream(tag) << "Signature: 8a477f597d28d172789f06886806bc55\n"
-                        "# This file is a cache directory tag (Hugging Face cache, written by sae.cpp).\n"
-                        "# For information about cache directory tags, see:\n"
-                        "#\thttps://bford.info/cachedir/\n";
+  std::ofstream(tag)
+      << "Signature: 8a477f597d28d172789f06886806bc55\n"
+         "# This file is a cache directory tag (Hugging Face cache, written by sae.cpp).\n"
+         "# For information about cache directory tags, see:\n"
+         "#\thttps://bford.info/cachedir/\n";
 }
 
 FileLock::FileLock(const fs::path& path) {

@@ -19,7 +19,8 @@ struct MdDeleter {
 
 std::string digest_file(const std::string& path, const EVP_MD* md, const std::string& prefix) {
   std::unique_ptr<EVP_MD_CTX, MdDeleter> ctx(EVP_MD_CTX_new());
-  if (!ctx || EVP_DigestInit_ex(ctx.get(), md, nullptr) != 1) fail(path, "", "cannot start a digest");
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), md, nullptr) != 1)
+    fail(path, "", "cannot start a digest");
   EVP_DigestUpdate(ctx.get(), prefix.data(), prefix.size());
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "", "cannot open to check its digest");

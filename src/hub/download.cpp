@@ -6,8 +6,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -102,7 +102,9 @@ std::string body_excerpt(const HttpResponse& r) {
   fail(repo_id, what, cat("HTTP ", r.status, " from ", r.url, msg.empty() ? "" : ": ", msg));
 }
 
-bool retryable(long status) { return status == 429 || status / 100 == 5; }
+bool retryable(long status) {
+  return status == 429 || status / 100 == 5;
+}
 
 void wait_before_retry(int attempt) {  // 0 s, then 1, 2, 4, ... s
   if (attempt > 0) std::this_thread::sleep_for(std::chrono::seconds(1 << (attempt - 1)));
@@ -125,16 +127,16 @@ HttpResponse send_api(HttpRequest req) {
 [[noreturn]] void fail_unreachable(const HubSettings& s, const std::string& repo_id,
                                    const TransferError& e) {
   fail(repo_id, "",
-       cat("cannot reach the Hub at ", s.endpoint, ": ", e.what(),
-           " (nothing usable in the cache ", s.cache_dir,
+       cat("cannot reach the Hub at ", s.endpoint, ": ", e.what(), " (nothing usable in the cache ",
+           s.cache_dir,
            "; HF_ENDPOINT sets another endpoint, HF_HUB_OFFLINE=1 uses the cache only)"));
 }
 
 std::string resolve_revision(const HubSettings& s, const std::string& repo_id,
                              const std::string& revision) {
-  const HttpResponse r = send_api({.url = cat(s.endpoint, "/api/models/", repo_id, "/revision/",
-                                              url_quote(revision, "")),
-                                   .headers = auth_headers(s)});
+  const HttpResponse r = send_api(
+      {.url = cat(s.endpoint, "/api/models/", repo_id, "/revision/", url_quote(revision, "")),
+       .headers = auth_headers(s)});
   if (r.status != 200) fail_response(s, repo_id, "", revision, r);
   const auto j = nlohmann::json::parse(r.body, nullptr, false);
   if (!j.is_object() || !j.contains("sha") || !j["sha"].is_string() ||
@@ -225,8 +227,12 @@ FileMeta head_file(const HubSettings& s, const std::string& repo_id, const std::
 class ProgressLine {
  public:
   ProgressLine(std::string name, int64_t total, int64_t resumed_from, bool enabled)
-      : name_(std::move(name)), total_(total), resumed_from_(resumed_from), enabled_(enabled),
-        tty_(::isatty(2)), start_(Clock::now()) {}
+      : name_(std::move(name)),
+        total_(total),
+        resumed_from_(resumed_from),
+        enabled_(enabled),
+        tty_(::isatty(2)),
+        start_(Clock::now()) {}
   void update(int64_t done) {
     if (!enabled_ || !tty_ || Clock::now() - last_ < std::chrono::milliseconds(200)) return;
     last_ = Clock::now();
@@ -272,8 +278,7 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
   const int tries = attempts();
   if (!fs::exists(incomplete) && !std::ofstream(incomplete))
     fail(incomplete.string(), "", "cannot create (is the cache folder writable?)");
-  ProgressLine bar(cat(repo_id, "/", path), m.size, int64_t(fs::file_size(incomplete)),
-                   s.progress);
+  ProgressLine bar(cat(repo_id, "/", path), m.size, int64_t(fs::file_size(incomplete)), s.progress);
   for (int attempt = 0;; ++attempt) {
     int64_t have = int64_t(fs::file_size(incomplete));
     if (m.size >= 0 && have > m.size) fs::resize_file(incomplete, have = 0);
@@ -335,15 +340,16 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
       if (m.size < 0 || int64_t(fs::file_size(incomplete)) >= m.size) break;
       // A complete response that ends short of the size the Hub announced: resume.
       if (attempt + 1 == tries)
-        fail(repo_id, path, cat("the server sent ", fs::file_size(incomplete), " of ", m.size,
-                                " bytes (partial file kept in ", incomplete.string(), ")"));
+        fail(repo_id, path,
+             cat("the server sent ", fs::file_size(incomplete), " of ", m.size,
+                 " bytes (partial file kept in ", incomplete.string(), ")"));
     } catch (const TransferError& e) {
       file.reset();
       if (attempt + 1 == tries)
         fail(repo_id, path,
-             cat("download broke after ", fs::file_size(incomplete), " of ", m.size, " bytes: ",
-                 e.what(), "; the same command resumes it (partial file: ", incomplete.string(),
-                 ")"));
+             cat("download broke after ", fs::file_size(incomplete), " of ", m.size,
+                 " bytes: ", e.what(),
+                 "; the same command resumes it (partial file: ", incomplete.string(), ")"));
       wait_before_retry(attempt);
     }
   }
@@ -395,7 +401,8 @@ std::vector<std::string> snapshot_files(const fs::path& snap) {
   std::vector<std::string> out;
   std::error_code ec;
   for (auto it = fs::recursive_directory_iterator(snap, ec); !ec && it != fs::end(it); ++it)
-    if (fs::is_regular_file(it->path())) out.push_back(it->path().lexically_relative(snap).string());
+    if (fs::is_regular_file(it->path()))
+      out.push_back(it->path().lexically_relative(snap).string());
   return out;
 }
 

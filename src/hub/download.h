@@ -42,7 +42,7 @@ struct SnapshotRequest {
   std::string repo_id{};
   std::string revision = "main";
   std::vector<std::string> include{};  // globs (matches_any); empty = every file
-  std::string folder{};               // list only this folder of the repo ("" = all of it)
+  std::string folder{};                // list only this folder of the repo ("" = all of it)
 };
 
 // The files of a revision that match, each downloaded unless cached; returns the snapshot

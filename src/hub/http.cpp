@@ -75,7 +75,9 @@ struct SlistDeleter {
 
 }  // namespace
 
-bool http_available() { return true; }
+bool http_available() {
+  return true;
+}
 
 HttpResponse http_send(const HttpRequest& req) {
   static std::once_flag init;
@@ -86,8 +88,7 @@ HttpResponse http_send(const HttpRequest& req) {
   HttpResponse resp;
   Transfer t{&req, &resp, curl.get()};
   std::unique_ptr<curl_slist, SlistDeleter> headers;
-  for (const auto& h : req.headers)
-    headers.reset(curl_slist_append(headers.release(), h.c_str()));
+  for (const auto& h : req.headers) headers.reset(curl_slist_append(headers.release(), h.c_str()));
   // The size the server reports must be the file's size: no transfer encoding.
   headers.reset(curl_slist_append(headers.release(), "Accept-Encoding: identity"));
 

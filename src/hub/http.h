@@ -18,8 +18,8 @@ struct HttpRequest {
   std::string method = "GET";  // GET or HEAD
   std::string url{};
   std::vector<std::string> headers{};  // "Name: value"
-  bool follow_redirects = false;     // curl drops Authorization on a redirect to another host
-  int64_t range_from = -1;           // >= 0: ask for bytes range_from.. (Range header)
+  bool follow_redirects = false;       // curl drops Authorization on a redirect to another host
+  int64_t range_from = -1;             // >= 0: ask for bytes range_from.. (Range header)
   // Receives the body of a 2xx response with its status (200, or 206 for a range), else the
   // body is kept in HttpResponse::body.
   std::function<void(long status, std::string_view)> sink{};

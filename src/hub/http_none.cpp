@@ -3,7 +3,9 @@
 
 namespace sae::hub {
 
-bool http_available() { return false; }
+bool http_available() {
+  return false;
+}
 
 HttpResponse http_send(const HttpRequest& req) {
   throw TransferError(cat(req.url,

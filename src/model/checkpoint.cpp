@@ -40,9 +40,9 @@ std::string repo_id_of_cache_folder(const fs::path& folder) {
 }  // namespace
 
 const std::vector<std::string>& checkpoint_files() {
-  static const std::vector<std::string> files = {
-      "config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-      "tokenizer.model"};
+  static const std::vector<std::string> files = {"config.json", "model.safetensors",
+                                                 "model-*.safetensors",
+                                                 "model.safetensors.index.json", "tokenizer.model"};
   return files;
 }
 

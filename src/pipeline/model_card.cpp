@@ -76,8 +76,8 @@ std::string model_card(const nlohmann::ordered_json& release) {
      << "\")\n```\n\nsae.cpp, Python (a folder, or the repo id: downloaded into the Hugging "
         "Face cache on first use):\n\n```python\nimport saecpp\nsae, cfg, sparsity = "
         "saecpp.SAE.from_pretrained(\"<org>/<repo>\", \""
-     << first_id << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info <org>/<repo>:"
-     << first_id << "\n```\n";
+     << first_id << "\")\n```\n\nsae.cpp, command line:\n\n```\nsae info <org>/<repo>:" << first_id
+     << "\n```\n";
   md << "\n## Publishing\n\nA release folder is published by uploading it, without the "
         "training state in `.work/`, to a Hugging Face model repo (after `hf auth login`, or "
         "with HF_TOKEN set), from inside the folder:\n\n```\nhf upload <org>/<repo> . . "

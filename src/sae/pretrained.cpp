@@ -38,7 +38,8 @@ std::string find_in_hf_cache(const std::string& repo_id, const std::string& path
   hub::check_repo_id(repo_id);
   hub::check_repo_path(repo_id, path);
   const hub::RepoCache cache(hub::hub_cache_dir(), repo_id);
-  if (auto main = hub::cached_snapshot(repo_id, "main"); main && is_sae_folder(fs::path(*main) / path))
+  if (auto main = hub::cached_snapshot(repo_id, "main");
+      main && is_sae_folder(fs::path(*main) / path))
     return (fs::path(*main) / path).string();
   fs::path best;
   fs::file_time_type best_time{};
@@ -51,8 +52,8 @@ std::string find_in_hf_cache(const std::string& repo_id, const std::string& path
   }
   if (!best.empty()) return best.string();
   // Not cached: the SAE's folder from the Hub (cfg.json, the weights, sparsity if there).
-  const fs::path snap = hub::snapshot_download(
-      {.repo_id = repo_id, .include = {path + "/*"}, .folder = path});
+  const fs::path snap =
+      hub::snapshot_download({.repo_id = repo_id, .include = {path + "/*"}, .folder = path});
   if (!is_sae_folder(snap / path))
     fail(repo_id, path, "the Hub has this folder but no cfg.json in it: not a SAELens SAE");
   return (snap / path).string();

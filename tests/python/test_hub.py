@@ -36,7 +36,7 @@ def hub(tmp_path, monkeypatch):
 
 def test_saecpp_downloads_and_huggingface_hub_reads_it_offline(hub, tmp_path, monkeypatch):
     sae, cfg, sparsity = saecpp.SAE.from_pretrained(REPO, SAE_ID)
-    assert sae.d_sae == 64 and sparsity is not None
+    assert cfg["d_sae"] == 64 and sparsity is not None
     cache = tmp_path / "hub"
     for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
         found = huggingface_hub.hf_hub_download(REPO, f"{SAE_ID}/{name}", cache_dir=cache,
@@ -67,7 +67,7 @@ def test_huggingface_hub_downloads_and_saecpp_reads_it_offline(hub, tmp_path, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     n = len(hub.requests)
     sae, cfg, _ = saecpp.SAE.from_pretrained(REPO, SAE_ID)
-    assert sae.d_sae == 64
+    assert cfg["d_sae"] == 64
     assert saecpp.download(REPO, include=f"{SAE_ID}/*") == folder
     g = saecpp.Gemma2("google/gemma-2-2b")
     assert g.tokenize(["hello"])[0][0] == 2  # BOS first
