@@ -3,6 +3,7 @@
 // ending in the right file or a clear error, never a half file in the cache.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <thread>
 
 #include "core/error.h"
@@ -292,6 +293,14 @@ TEST_F(Hub, UnreachableHubFallsBackToTheCache) {
   const std::string e = error_of([] { hub::download_file(kRepo, kWeights); });
   EXPECT_TRUE(has(e, "cannot reach the Hub at http://127.0.0.1:1")) << e;
   EXPECT_TRUE(has(e, "HF_HUB_OFFLINE=1")) << e;
+}
+
+TEST_F(Hub, AHostThatDoesNotResolveFailsAtOnce) {       // no network: no 31 s of retries
+  EnvVar nowhere("HF_ENDPOINT", "http://hub.invalid");  // .invalid never resolves (RFC 2606)
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string e = error_of([] { resolve_pretrained(kRepo, kSae); });
+  EXPECT_TRUE(has(e, "cannot reach the Hub at http://hub.invalid")) << e;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
 }
 
 TEST_F(Hub, PathsThatEscapeTheSnapshotAreRefused) {

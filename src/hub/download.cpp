@@ -118,8 +118,8 @@ HttpResponse send_api(HttpRequest req) {
     try {
       HttpResponse r = http_send(req);
       if (!retryable(r.status) || attempt + 1 == tries) return r;
-    } catch (const TransferError&) {
-      if (attempt + 1 == tries) throw;
+    } catch (const TransferError& e) {
+      if (attempt + 1 == tries || !e.transient) throw;
     }
   }
 }
@@ -345,7 +345,7 @@ void fetch(const HubSettings& s, const std::string& repo_id, const std::string& 
                  " bytes (partial file kept in ", incomplete.string(), ")"));
     } catch (const TransferError& e) {
       file.reset();
-      if (attempt + 1 == tries)
+      if (attempt + 1 == tries || !e.transient)
         fail(repo_id, path,
              cat("download broke after ", fs::file_size(incomplete), " of ", m.size,
                  " bytes: ", e.what(),

@@ -117,7 +117,9 @@ HttpResponse http_send(const HttpRequest& req) {
   if (t.sink_error) std::rethrow_exception(t.sink_error);
   if (rc != CURLE_OK)
     throw TransferError(cat(req.url, ": ", errbuf[0] ? errbuf : curl_easy_strerror(rc)),
-                        t.body_bytes);
+                        t.body_bytes,
+                        rc != CURLE_COULDNT_RESOLVE_HOST && rc != CURLE_COULDNT_RESOLVE_PROXY &&
+                            rc != CURLE_UNSUPPORTED_PROTOCOL && rc != CURLE_URL_MALFORMAT);
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &resp.status);
   char* effective = nullptr;
   curl_easy_getinfo(c, CURLINFO_EFFECTIVE_URL, &effective);

@@ -39,11 +39,14 @@ struct HttpResponse {
 };
 
 // The connection failed or broke before the response was complete (no such host, refused,
-// timed out, dropped mid-body). bytes_received says how far a body got.
+// timed out, dropped mid-body). bytes_received says how far a body got; transient is false
+// where trying again cannot help soon (the host name does not resolve: no network, a typo).
 class TransferError : public Error {
  public:
-  TransferError(const std::string& what, int64_t bytes) : Error(what), bytes_received(bytes) {}
+  TransferError(const std::string& what, int64_t bytes, bool transient_ = true)
+      : Error(what), bytes_received(bytes), transient(transient_) {}
   int64_t bytes_received;
+  bool transient;
 };
 
 // True when this build has an HTTP client (libcurl); without it http_send throws.

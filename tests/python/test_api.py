@@ -83,7 +83,9 @@ def test_from_pretrained_local_release_and_hf_cache(tmp_path, monkeypatch):
     sae3, _, _ = saecpp.SAE.from_pretrained_with_cfg_and_sparsity("gemma-2-2b-res-snap-matryoshka-dc",
                                                                    "blocks.12.hook_resid_post")
     assert np.array_equal(sae3.W_enc, sae.W_enc)
-    with pytest.raises(saecpp.SaeError, match="huggingface-cli download"):
+    # Not cached: downloaded online (tests/python/test_hub.py); offline, an error that says so.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(saecpp.SaeError, match="HF_HUB_OFFLINE=1"):
         saecpp.SAE.from_pretrained("gemma-2-2b-res-snap-matryoshka-dc", "blocks.3.hook_resid_post")
 
 
