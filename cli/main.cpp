@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "dist/comm.h"
 #include "ops/gemm.h"
 
 namespace {
@@ -42,15 +43,14 @@ void reexec_with_passive_wait(int argc, char** argv) {
 // Commands that run long enough for their thread count to matter say how it was chosen.
 const std::set<std::string> kJobs = {"train", "demo", "release", "cache"};
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  reexec_with_passive_wait(argc, argv);
-  CLI::App app{"sae.cpp " SAECPP_VERSION
-               " — sparse autoencoders in C++ (SAELens format).\n"
-               "<sae> is an SAE folder (cfg.json + sae_weights.safetensors) or release:sae_id,\n"
-               "e.g. gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post (from the Hugging\n"
-               "Face cache, downloaded on a miss) or path/to/release:snap/blocks.12.hook_resid_post."};
+// The command line on this rank.
+int run_command(int argc, char** argv) {
+  CLI::App app{
+      "sae.cpp " SAECPP_VERSION
+      " — sparse autoencoders in C++ (SAELens format).\n"
+      "<sae> is an SAE folder (cfg.json + sae_weights.safetensors) or release:sae_id,\n"
+      "e.g. gemma-2-2b-res-snap-matryoshka-dc:blocks.12.hook_resid_post (from the Hugging\n"
+      "Face cache, downloaded on a miss) or path/to/release:snap/blocks.12.hook_resid_post."};
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads,
@@ -59,11 +59,10 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", SAECPP_VERSION);
 
   std::map<CLI::App*, sae::cli::Runner> runners;
-  for (auto add :
-       {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert,
-        sae::cli::add_train, sae::cli::add_demo, sae::cli::add_activations, sae::cli::add_lm_loss,
-        sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache,
-        sae::cli::add_download}) {
+  for (auto add : {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval,
+                   sae::cli::add_convert, sae::cli::add_train, sae::cli::add_demo,
+                   sae::cli::add_activations, sae::cli::add_lm_loss, sae::cli::add_release,
+                   sae::cli::add_release_merge, sae::cli::add_cache, sae::cli::add_download}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;
@@ -73,22 +72,42 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
-    const sae::ThreadChoice choice = threads > 0 ? sae::ThreadChoice{threads, "--threads"}
-                                                 : sae::choose_threads(sae::read_thread_inputs());
-    sae::ops::set_num_threads(choice.threads);
-    for (auto& [sub, run] : runners)
-      if (sub->parsed()) {
-        if (kJobs.count(sub->get_name()))
-          std::fprintf(stderr, "threads: %d (%s)\n", choice.threads, choice.reason.c_str());
-        return run();
-      }
-  } catch (const sae::Error& e) {
-    std::fprintf(stderr, "sae: error: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "sae: error: %s\n", e.what());
-    return 1;
-  }
-  return 1;
+  // An error ends the command with status 1 (and, on several ranks, the whole job).
+  return sae::dist::run_or_abort(
+      [&] {
+        const sae::dist::Comm& world = sae::dist::world();
+        for (auto& [sub, run] : runners) {
+          if (!sub->parsed()) continue;
+          if (kJobs.count(sub->get_name()) && world.size() > 1)
+            sae::fail(sae::cat("`sae ", sub->get_name(), "` was launched as ", world.size(),
+                               " ranks: data-, module- and latent-parallel jobs are not built "
+                               "yet; run it as one process"));
+          const sae::ThreadChoice choice = threads > 0
+                                               ? sae::ThreadChoice{threads, "--threads"}
+                                               : sae::choose_threads(sae::read_thread_inputs());
+          sae::ops::set_num_threads(choice.threads);
+          if (kJobs.count(sub->get_name()))
+            std::fprintf(stderr, "threads: %d (%s)\n", choice.threads, choice.reason.c_str());
+          return run();
+        }
+        return 1;
+      },
+      "sae");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  reexec_with_passive_wait(argc, argv);
+  // Launched by mpirun or srun as one of several ranks: MPI (or, without it, a clear refusal).
+  const int dist_rc = sae::dist::run_or_abort(
+      [&] {
+        sae::dist::init(&argc, &argv);
+        return 0;
+      },
+      "sae");
+  if (dist_rc != 0) return dist_rc;
+  const int rc = run_command(argc, argv);
+  sae::dist::finalize();
+  return rc;
 }

@@ -1,0 +1,98 @@
+#include "dist/comm.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+
+#include "core/error.h"
+
+namespace sae::dist {
+
+namespace {
+
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : -1;
+}
+
+// One process: every collective is the identity.
+class SingleProcess final : public Comm {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string transport() const override { return "single process"; }
+  void allreduce_sum(std::span<float>) override {}
+  void allreduce_sum(std::span<double>) override {}
+  void allreduce_max(std::span<double>) override {}
+  void allgather(std::span<const double> mine, std::span<double> all) override {
+    std::copy(mine.begin(), mine.end(), all.begin());
+  }
+  void broadcast(std::span<uint8_t>, int) override {}
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override { std::exit(code); }
+};
+
+std::unique_ptr<Comm>& world_ptr() {
+  static std::unique_ptr<Comm> w;
+  return w;
+}
+
+}  // namespace
+
+// In comm_mpi.cpp when this build has MPI, else in comm_no_mpi.cpp.
+std::unique_ptr<Comm> make_mpi_comm(int* argc, char*** argv);
+void finalize_mpi();
+
+std::optional<Launch> launch_from_environment() {
+  struct Source {
+    const char *rank, *size, *launcher;
+  };
+  for (const Source& s :
+       {Source{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "mpirun (Open MPI)"},
+        Source{"PMI_RANK", "PMI_SIZE", "an MPI launcher (PMI)"},
+        Source{"PMIX_RANK", "PMIX_SIZE", "an MPI launcher (PMIx)"},
+        Source{"SLURM_PROCID", "SLURM_NTASKS", "srun"}}) {
+    const int rank = env_int(s.rank), size = env_int(s.size);
+    if (rank >= 0 && size > 1) return Launch{rank, size, s.launcher};
+  }
+  return std::nullopt;
+}
+
+void init(int* argc, char*** argv) {
+  if (world_ptr()) return;
+  if (const auto launch = launch_from_environment())
+    world_ptr() = make_mpi_comm(argc, argv);  // throws in a build without MPI
+  else
+    world_ptr() = std::make_unique<SingleProcess>();
+}
+
+Comm& world() {
+  if (!world_ptr()) world_ptr() = std::make_unique<SingleProcess>();
+  return *world_ptr();
+}
+
+void finalize() {
+  if (world_ptr() && world_ptr()->size() > 1) finalize_mpi();
+}
+
+int run_or_abort(const std::function<int()>& body, const char* program) {
+  std::string what;
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  Comm& w = world();
+  if (w.size() > 1) {
+    std::fprintf(stderr, "%s: error (rank %d of %d): %s\n", program, w.rank(), w.size(),
+                 what.c_str());
+    std::fflush(stderr);
+    w.abort(1);  // the other ranks may be waiting for this one in a collective
+  }
+  std::fprintf(stderr, "%s: error: %s\n", program, what.c_str());
+  return 1;
+}
+
+}  // namespace sae::dist

@@ -1,0 +1,55 @@
+// The processes of one job and what they share: a single process (the default), or the ranks
+// of an MPI launch (mpirun, srun). Jobs ask world() for their rank and the collectives; none of
+// them knows whether MPI is underneath (DESIGN.md section 1, dist/).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <span>
+#include <string>
+
+namespace sae::dist {
+
+class Comm {
+ public:
+  virtual ~Comm() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string transport() const = 0;  // "single process", "MPI (Open MPI 4.1.4)"
+  // Element-wise sums over the ranks, in place, the same result on every rank.
+  virtual void allreduce_sum(std::span<float> v) = 0;
+  virtual void allreduce_sum(std::span<double> v) = 0;
+  virtual void allreduce_max(std::span<double> v) = 0;
+  // Every rank's `mine` (the same size on each), concatenated in rank order.
+  virtual void allgather(std::span<const double> mine, std::span<double> all) = 0;
+  virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Ends every rank of the job now with this exit code (a failed rank must not leave the
+  // others waiting in a collective).
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// What the environment says of the launch: rank and size when an MPI launcher (Open MPI, MPICH,
+// Slurm's srun) started this process as one of several, else nullopt.
+struct Launch {
+  int rank = 0, size = 1;
+  std::string launcher;  // "mpirun (Open MPI)", "srun", ...
+};
+std::optional<Launch> launch_from_environment();
+
+// Sets up the job's communicator once, before any other use: MPI when launched as several
+// ranks (MPI_Init), else a single process. Throws sae::Error when launched as several ranks by
+// a build without MPI.
+void init(int* argc, char*** argv);
+// The communicator init() chose (a single process when init() was not called).
+Comm& world();
+// Shuts MPI down cleanly at exit (MPI_Finalize); nothing for a single process.
+void finalize();
+
+// Runs a job's body on this rank; an exception becomes "error (rank r of N): ..." on stderr
+// and, with several ranks, ends the whole job (abort) so that no rank hangs. Returns the exit
+// code for main().
+int run_or_abort(const std::function<int()>& body, const char* program);
+
+}  // namespace sae::dist
