@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 
 if [[ $mode == build ]]; then
+  # No Hub client and no MPI: the device machine has no network and one GPU, and their
+  # libraries (libcurl, OpenSSL, Open MPI) would push the bundle past carry's 64 MiB.
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAECPP_NATIVE=OFF \
-    -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON
+    -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON \
+    -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF
   cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
     bench_encode_cuda bench_gemma_cuda
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
