@@ -164,6 +164,7 @@ TEST_F(Hub, CachedFileIsRevalidatedWithOneHeadAndNoTransfer) {
 
 TEST_F(Hub, GatedRepoNeedsAToken) {
   std::string e = error_of([] { model::resolve_checkpoint(kGemma); });
+  EXPECT_TRUE(has(e, "no such folder; as a Hugging Face repo id")) << e;
   EXPECT_TRUE(has(e, "gated repository")) << e;
   EXPECT_TRUE(has(e, "accept its licence at " + hub.endpoint() + "/" + kGemma)) << e;
   EXPECT_TRUE(has(e, "HF_TOKEN")) << e;
@@ -198,6 +199,8 @@ TEST_F(Hub, GatedRepoNeedsAToken) {
   const model::Checkpoint local = model::resolve_checkpoint(test::golden("gemma2/sharded/model"));
   EXPECT_EQ(local.repo_id, "");
   EXPECT_EQ(local.name, "model");
+  e = error_of([] { model::resolve_checkpoint("no/such/folder"); });
+  EXPECT_TRUE(has(e, "no such folder, and not a Hugging Face repo id")) << e;
 }
 
 TEST_F(Hub, MissingRepoFileRevisionAndFolderEachSaySo) {

@@ -57,17 +57,26 @@ Checkpoint resolve_checkpoint(const std::string& spec, const std::string& revisi
                                : c.repo_id.substr(c.repo_id.find('/') + 1);
     return c;
   }
-  if (spec.find('/') == std::string::npos || spec.starts_with('.') || spec.starts_with('/'))
-    fail(spec, "model", "is neither a folder nor a Hugging Face repo id (org/name)");
-  hub::check_repo_id(spec);
+  bool repo_id = spec.find('/') != std::string::npos;
+  try {
+    hub::check_repo_id(spec);
+  } catch (const Error&) {
+    repo_id = false;
+  }
+  if (!repo_id) fail(spec, "model", "no such folder, and not a Hugging Face repo id (org/name)");
   c.repo_id = spec;
   c.name = spec.substr(spec.find('/') + 1);
   if (auto snap = hub::cached_snapshot(spec, revision); snap && complete(*snap)) {
     c.folder = *snap;
     return c;
   }
-  const fs::path snap = hub::snapshot_download(
-      {.repo_id = spec, .revision = revision, .include = checkpoint_files()});
+  fs::path snap;
+  try {
+    snap = hub::snapshot_download(
+        {.repo_id = spec, .revision = revision, .include = checkpoint_files()});
+  } catch (const Error& e) {  // a mistyped folder reads as a repo id: say both
+    fail(spec, "model", cat("no such folder; as a Hugging Face repo id: ", e.what()));
+  }
   if (!complete(snap))
     fail(spec, "model",
          cat("the repository lacks a file a Gemma-2 checkpoint needs (config.json, "
