@@ -270,6 +270,23 @@ TEST_F(Hub, ConcurrentDownloadsOfOneBlobTransferItOnce) {
   EXPECT_EQ(hub.count("GET", "/storage/"), 1);
 }
 
+TEST_F(Hub, ConcurrentProcessesShareTheCacheWithoutCorruptingIt) {
+  hub.slow(5);
+  const std::string env = "env HF_ENDPOINT=" + hub.endpoint() +
+                          " HF_HUB_CACHE=" + cache().string() + " HF_HOME=" + home.path.string() +
+                          " HF_HUB_DISABLE_PROGRESS_BARS=1";
+  test::CliResult a{}, b{};
+  std::thread t1([&] { a = test::run_cli_env(env, "download " + kRepo + " --include 'snap/*'"); });
+  std::thread t2([&] { b = test::run_cli_env(env, "download " + kRepo + " --include 'snap/*'"); });
+  t1.join();
+  t2.join();
+  EXPECT_EQ(a.exit_code, 0) << a.output;
+  EXPECT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_EQ(test::read_bytes(repo_cache().pointer(kCommit, kWeights).string()), served(kWeights));
+  EXPECT_EQ(hub.count("GET", "/storage/"), 2);  // each of the two LFS files once
+  EXPECT_EQ(incomplete_files(cache()), 0);
+}
+
 TEST_F(Hub, OfflineReadsTheCacheAndNeverTheNetwork) {
   {
     EnvVar offline("HF_HUB_OFFLINE", "1");
