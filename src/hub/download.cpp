@@ -106,8 +106,8 @@ bool retryable(long status) {
   return status == 429 || status / 100 == 5;
 }
 
-void wait_before_retry(int attempt) {  // 0 s, then 1, 2, 4, ... s
-  if (attempt > 0) std::this_thread::sleep_for(std::chrono::seconds(1 << (attempt - 1)));
+void wait_before_retry(int attempt) {  // 0 s, then 1, 2, 4, ... s, at most 32 s
+  if (attempt > 0) std::this_thread::sleep_for(std::chrono::seconds(1 << std::min(attempt - 1, 5)));
 }
 
 // An API request retried on 429, 5xx and broken connections.
@@ -176,6 +176,8 @@ std::vector<RepoFile> list_files(const HubSettings& s, const std::string& repo_i
       files.push_back(std::move(f));
     }
     url = next_page(r.header("link"));
+    if (!url.empty() && origin_of(url) != origin_of(s.endpoint))  // the token stays on the Hub
+      fail(repo_id, folder, cat("the file listing's next page is on another host: ", url));
   }
   return files;
 }
@@ -214,7 +216,12 @@ FileMeta head_file(const HubSettings& s, const std::string& repo_id, const std::
   m.etag = etag;
   std::string size = r.header("x-linked-size");
   if (size.empty() && r.status / 100 == 2) size = r.header("content-length");
-  if (!size.empty()) m.size = std::stoll(size);
+  if (!size.empty()) {
+    char* end = nullptr;
+    m.size = std::strtoll(size.c_str(), &end, 10);
+    if (*end != '\0' || m.size < 0)
+      fail(repo_id, path, cat("the Hub sent a size of \"", size, "\""));
+  }
   if (!is_commit_hash(m.commit) || m.etag.empty() ||
       m.etag.find_first_of("/\\") != std::string::npos || m.etag.starts_with('.'))
     fail(repo_id, path,
