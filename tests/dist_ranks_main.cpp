@@ -4,11 +4,49 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <stdexcept>
 #include <vector>
 
 #include "core/error.h"
 #include "dist/comm.h"
+#include "ops/batch_topk.h"
+#include "train/global_batch_topk.h"
+
+// BatchTopK of a batch split by rows across the ranks equals the single-process selection on
+// the whole batch, rows for rows, with many ties at the cut (values on a coarse grid).
+void check_global_batch_topk(sae::dist::Comm& w) {
+  const int64_t rows = 16, cols = 64, all_rows = rows * w.size(), budget = 3 * all_rows;
+  std::mt19937 rng(1234);  // the same whole batch on every rank
+  std::normal_distribution<float> normal;
+  std::vector<float> whole(size_t(all_rows * cols)), bias(static_cast<size_t>(cols)),
+      scale(static_cast<size_t>(cols));
+  for (float& v : whole) v = std::round(normal(rng) * 4.0f) / 4.0f;
+  for (float& v : bias) v = std::round(normal(rng) * 2.0f) / 8.0f;
+  for (float& v : scale) v = 1.0f + float(rng() % 2);
+  sae::ops::RowSparse want, got;
+  std::vector<float> copy = whole;
+  sae::ops::batch_topk(copy.data(), all_rows, cols, budget, want, bias.data(), scale.data());
+  std::vector<float> mine(whole.begin() + w.rank() * rows * cols,
+                          whole.begin() + (w.rank() + 1) * rows * cols);
+  sae::train::global_batch_topk(w, mine.data(), rows, cols, budget, got, bias.data(), scale.data());
+  const int64_t first = w.rank() * rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t a = want.offsets[size_t(first + r)], b = want.offsets[size_t(first + r + 1)];
+    SAE_CHECK(got.offsets[size_t(r + 1)] - got.offsets[size_t(r)] == b - a, "row ", r,
+              ": selected count");
+    for (int64_t e = 0; e < b - a; ++e) {
+      SAE_CHECK(got.cols[size_t(got.offsets[size_t(r)] + e)] == want.cols[size_t(a + e)], "row ", r,
+                ": column");
+      SAE_CHECK(got.values[size_t(got.offsets[size_t(r)] + e)] == want.values[size_t(a + e)],
+                "row ", r, ": value");
+    }
+  }
+  int64_t total = got.offsets.back();
+  std::vector<double> t = {double(total)};
+  w.allreduce_sum(t);
+  SAE_CHECK(int64_t(t[0]) == budget, "selected ", t[0], " of a budget of ", budget);
+}
 
 int main(int argc, char** argv) {
   int fail_rank = -1;
@@ -47,6 +85,7 @@ int main(int argc, char** argv) {
         std::vector<uint8_t> bytes = {uint8_t(r), uint8_t(r + 1)};
         w.broadcast(bytes, n - 1);
         SAE_CHECK(bytes[0] == n - 1 && bytes[1] == n, "broadcast from the last rank");
+        check_global_batch_topk(w);
         w.barrier();
         std::printf("rank %d of %d ok (%s)\n", r, n, w.transport().c_str());
         return 0;

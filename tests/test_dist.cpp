@@ -69,12 +69,19 @@ TEST(Dist, LaunchersAreReadFromTheEnvironment) {
   EXPECT_FALSE(dist::launch_from_environment());
 }
 
-TEST(Dist, CollectivesAgreeOnTwoRanks) {
+// dist_ranks_main.cpp checks each collective, and BatchTopK over rows split across the ranks
+// against the single-process selection on the whole batch (ties at the cut included).
+TEST(Dist, CollectivesAndGlobalBatchTopKAgreeOnTwoAndThreeRanks) {
   REQUIRE_MPI();
-  const auto r = run(mpirun(2) + SAECPP_DIST_RANKS);
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("rank 0 of 2 ok (MPI"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("rank 1 of 2 ok (MPI"), std::string::npos) << r.output;
+  for (int n : {2, 3}) {
+    const auto r = run("timeout 120 " + mpirun(n) + SAECPP_DIST_RANKS);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    for (int q = 0; q < n; ++q)
+      EXPECT_NE(
+          r.output.find("rank " + std::to_string(q) + " of " + std::to_string(n) + " ok (MPI"),
+          std::string::npos)
+          << r.output;
+  }
 }
 
 TEST(Dist, AFailedRankEndsTheWholeJobNamingIt) {
