@@ -24,16 +24,6 @@ std::string mpirun(int ranks) {
          " --oversubscribe --mca btl_vader_single_copy_mechanism none ";
 }
 
-test::CliResult run(const std::string& cmd) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
-}
-
 #define REQUIRE_MPI()                                                                 \
   do {                                                                                \
     if (std::string(SAECPP_MPIEXEC).empty()) GTEST_SKIP() << "this build has no MPI"; \
@@ -74,7 +64,7 @@ TEST(Dist, LaunchersAreReadFromTheEnvironment) {
 TEST(Dist, CollectivesAndGlobalBatchTopKAgreeOnTwoAndThreeRanks) {
   REQUIRE_MPI();
   for (int n : {2, 3}) {
-    const auto r = run("timeout 120 " + mpirun(n) + SAECPP_DIST_RANKS);
+    const auto r = test::run_shell("timeout 120 " + mpirun(n) + SAECPP_DIST_RANKS);
     EXPECT_EQ(r.exit_code, 0) << r.output;
     for (int q = 0; q < n; ++q)
       EXPECT_NE(
@@ -87,7 +77,7 @@ TEST(Dist, CollectivesAndGlobalBatchTopKAgreeOnTwoAndThreeRanks) {
 TEST(Dist, AFailedRankEndsTheWholeJobNamingIt) {
   REQUIRE_MPI();
   const auto t0 = std::chrono::steady_clock::now();
-  const auto r = run("timeout 120 " + mpirun(2) + SAECPP_DIST_RANKS + " --fail-rank 1");
+  const auto r = test::run_shell("timeout 120 " + mpirun(2) + SAECPP_DIST_RANKS + " --fail-rank 1");
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.exit_code, 124) << "the job hung until timeout killed it\n" << r.output;
@@ -99,15 +89,15 @@ TEST(Dist, AFailedRankEndsTheWholeJobNamingIt) {
 TEST(Dist, CliRefusesParallelJobsItCannotRunYet) {
   REQUIRE_MPI();
   test::TempDir dir;
-  const auto r = run("timeout 120 " + mpirun(2) + SAECPP_CLI +
-                     " train --preset hierarchy-snap -o " + (dir / "run"));
+  const auto r = test::run_shell("timeout 120 " + mpirun(2) + SAECPP_CLI +
+                                 " train --preset hierarchy-snap -o " + (dir / "run"));
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.exit_code, 124) << r.output;
   EXPECT_NE(r.output.find("was launched as 2 ranks"), std::string::npos) << r.output;
   EXPECT_FALSE(std::filesystem::exists(dir / "run"));
   // A command that computes nothing runs on every rank as on one.
-  const auto info =
-      run("timeout 120 " + mpirun(2) + SAECPP_CLI + " info " + test::golden("topk/sae"));
+  const auto info = test::run_shell("timeout 120 " + mpirun(2) + SAECPP_CLI + " info " +
+                                    test::golden("topk/sae"));
   EXPECT_EQ(info.exit_code, 0) << info.output;
 }
 

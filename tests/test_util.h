@@ -91,12 +91,9 @@ struct CliResult {
   std::string output;  // stdout and stderr together
 };
 
-// The `sae` binary of this build, or $SAECPP_CLI (the GPU check runs a relocated bundle), run
-// after `prefix` (e.g. "env -u OMP_WAIT_POLICY").
-inline CliResult run_cli_env(const std::string& prefix, const std::string& args) {
-  const char* env = std::getenv("SAECPP_CLI");
-  std::string cmd =
-      prefix + " " + std::string(env && *env ? env : SAECPP_CLI) + " " + args + " 2>&1";
+// A shell command's exit code and its stdout and stderr together.
+inline CliResult run_shell(const std::string& command) {
+  const std::string cmd = command + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   std::string out;
   std::array<char, 4096> buf{};
@@ -104,6 +101,13 @@ inline CliResult run_cli_env(const std::string& prefix, const std::string& args)
   while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
   int status = ::pclose(p);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
+}
+
+// The `sae` binary of this build, or $SAECPP_CLI (the GPU check runs a relocated bundle), run
+// after `prefix` (e.g. "env -u OMP_WAIT_POLICY").
+inline CliResult run_cli_env(const std::string& prefix, const std::string& args) {
+  const char* env = std::getenv("SAECPP_CLI");
+  return run_shell(prefix + " " + std::string(env && *env ? env : SAECPP_CLI) + " " + args);
 }
 
 inline CliResult run_cli(const std::string& args) {

@@ -439,11 +439,6 @@ bool matches_any(const std::string& path, const std::vector<std::string>& patter
   return false;
 }
 
-std::string resolve_revision(const std::string& repo_id, const std::string& revision) {
-  check_repo_id(repo_id);
-  return resolve_revision(hub_settings(), repo_id, revision);
-}
-
 std::vector<RepoFile> list_files(const std::string& repo_id, const std::string& revision,
                                  const std::string& folder) {
   check_repo_id(repo_id);

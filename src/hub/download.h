@@ -23,9 +23,6 @@ struct RepoFile {
   std::string lfs_sha256;  // "" for a file stored in git
 };
 
-// The commit id a revision (branch, tag or commit) names on the Hub.
-std::string resolve_revision(const std::string& repo_id, const std::string& revision);
-
 // Every file of the repo at a revision, under folder ("" = the whole repo).
 std::vector<RepoFile> list_files(const std::string& repo_id, const std::string& revision,
                                  const std::string& folder = "");

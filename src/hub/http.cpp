@@ -15,7 +15,6 @@ struct Transfer {
   HttpResponse* resp;
   CURL* curl;
   int64_t body_bytes = 0;
-  int64_t content_length = -1;
   bool to_sink = false;
   long status = 0;
   std::exception_ptr sink_error{};
@@ -47,9 +46,6 @@ size_t on_body(char* data, size_t size, size_t n, void* user) {
   if (t->body_bytes == 0) {  // first bytes of the final response: decide where they go
     curl_easy_getinfo(t->curl, CURLINFO_RESPONSE_CODE, &t->status);
     t->to_sink = t->req->sink && t->status / 100 == 2;
-    curl_off_t len = -1;
-    curl_easy_getinfo(t->curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &len);
-    t->content_length = len;
   }
   t->body_bytes += int64_t(bytes);
   if (t->to_sink) {
@@ -62,7 +58,6 @@ size_t on_body(char* data, size_t size, size_t n, void* user) {
   } else if (t->resp->body.size() < (1u << 20)) {  // error pages and API answers, not files
     t->resp->body.append(data, bytes);
   }
-  if (t->req->on_progress) t->req->on_progress(t->body_bytes, t->content_length);
   return bytes;
 }
 
@@ -84,7 +79,7 @@ HttpResponse http_send(const HttpRequest& req) {
   std::call_once(init, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
 
   std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
-  if (!curl) throw TransferError("cannot start an HTTP transfer (curl_easy_init)", 0);
+  if (!curl) throw TransferError("cannot start an HTTP transfer (curl_easy_init)");
   HttpResponse resp;
   Transfer t{&req, &resp, curl.get()};
   std::unique_ptr<curl_slist, SlistDeleter> headers;
@@ -117,7 +112,6 @@ HttpResponse http_send(const HttpRequest& req) {
   if (t.sink_error) std::rethrow_exception(t.sink_error);
   if (rc != CURLE_OK)
     throw TransferError(cat(req.url, ": ", errbuf[0] ? errbuf : curl_easy_strerror(rc)),
-                        t.body_bytes,
                         rc != CURLE_COULDNT_RESOLVE_HOST && rc != CURLE_COULDNT_RESOLVE_PROXY &&
                             rc != CURLE_UNSUPPORTED_PROTOCOL && rc != CURLE_URL_MALFORMAT);
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &resp.status);

@@ -23,8 +23,6 @@ struct HttpRequest {
   // Receives the body of a 2xx response with its status (200, or 206 for a range), else the
   // body is kept in HttpResponse::body.
   std::function<void(long status, std::string_view)> sink{};
-  // Called as bytes arrive: (bytes of this response so far, its Content-Length or -1).
-  std::function<void(int64_t, int64_t)> on_progress{};
 };
 
 struct HttpResponse {
@@ -39,13 +37,12 @@ struct HttpResponse {
 };
 
 // The connection failed or broke before the response was complete (no such host, refused,
-// timed out, dropped mid-body). bytes_received says how far a body got; transient is false
-// where trying again cannot help soon (the host name does not resolve: no network, a typo).
+// timed out, dropped mid-body). transient is false where trying again cannot help soon (the
+// host name does not resolve: no network, a typo).
 class TransferError : public Error {
  public:
-  TransferError(const std::string& what, int64_t bytes, bool transient_ = true)
-      : Error(what), bytes_received(bytes), transient(transient_) {}
-  int64_t bytes_received;
+  explicit TransferError(const std::string& what, bool transient_ = true)
+      : Error(what), transient(transient_) {}
   bool transient;
 };
 

@@ -11,7 +11,7 @@ HttpResponse http_send(const HttpRequest& req) {
   throw TransferError(cat(req.url,
                           ": this build of sae.cpp has no HTTP client (libcurl was not found "
                           "when it was built: apt install libcurl4-openssl-dev, then rebuild)"),
-                      0, /*transient=*/false);
+                      /*transient=*/false);
 }
 
 }  // namespace sae::hub

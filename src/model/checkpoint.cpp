@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "core/error.h"
 #include "hub/cache.h"
@@ -37,14 +38,15 @@ std::string repo_id_of_cache_folder(const fs::path& folder) {
   return p == std::string::npos ? id : id.substr(0, p) + "/" + id.substr(p + 2);
 }
 
-}  // namespace
-
+// The files of a Gemma-2 repo the engine reads (globs for hub::snapshot_download).
 const std::vector<std::string>& checkpoint_files() {
   static const std::vector<std::string> files = {"config.json", "model.safetensors",
                                                  "model-*.safetensors",
                                                  "model.safetensors.index.json", "tokenizer.model"};
   return files;
 }
+
+}  // namespace
 
 Checkpoint resolve_checkpoint(const std::string& spec, const std::string& revision) {
   Checkpoint c;

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <string>
-#include <vector>
 
 namespace sae::model {
 
@@ -17,8 +16,5 @@ struct Checkpoint {
 // `spec` is a folder if one exists at that path, else a repo id ("org/name") at `revision`.
 // Throws sae::Error naming the spec when it is neither, or when the download fails.
 Checkpoint resolve_checkpoint(const std::string& spec, const std::string& revision = "main");
-
-// The files of a Gemma-2 repo the engine needs (globs for hub::snapshot_download).
-const std::vector<std::string>& checkpoint_files();
 
 }  // namespace sae::model
