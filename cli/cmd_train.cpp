@@ -6,6 +6,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "dist/comm.h"
 #include "io/json_file.h"
 #include "pipeline/hierarchy_demo.h"
 #include "pipeline/source_factory.h"
@@ -26,7 +27,7 @@ Runner add_train(CLI::App& app) {
   struct Opts {
     std::string config, preset, output;
     std::vector<std::string> sets;
-    std::string device, precision;
+    std::string device, precision, parallel = "data";
     bool resume = false, print = false;
   };
   auto o = std::make_shared<Opts>();
@@ -42,6 +43,10 @@ Runner add_train(CLI::App& app) {
   cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
       ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
+  cmd->add_option("--parallel", o->parallel,
+                  "Under mpirun/srun: data (each rank steps on its rows of every batch; "
+                  "docs/distributed.md)")
+      ->check(CLI::IsMember({"data"}));
   cmd->add_flag("--print-config", o->print, "Print the resolved config and exit");
   return [=] {
     if (o->preset.empty() && o->config.empty() && o->sets.empty()) {
@@ -73,7 +78,7 @@ Runner add_train(CLI::App& app) {
     auto source = pipeline::make_source(cfg.data, where);
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    train::Trainer trainer(cfg, *source);
+    train::Trainer trainer(cfg, *source, "train", &dist::world());
     return trainer.run(o->resume, -1, &g_stop) ? 0 : 130;
   };
 }

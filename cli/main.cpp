@@ -42,6 +42,8 @@ void reexec_with_passive_wait(int argc, char** argv) {
 
 // Commands that run long enough for their thread count to matter say how it was chosen.
 const std::set<std::string> kJobs = {"train", "demo", "release", "cache"};
+// The jobs that run over several ranks (the others refuse rather than run N copies).
+const std::set<std::string> kParallelJobs = {"train"};
 
 // The command line on this rank.
 int run_command(int argc, char** argv) {
@@ -78,16 +80,18 @@ int run_command(int argc, char** argv) {
         const sae::dist::Comm& world = sae::dist::world();
         for (auto& [sub, run] : runners) {
           if (!sub->parsed()) continue;
-          if (kJobs.count(sub->get_name()) && world.size() > 1)
+          if (kJobs.count(sub->get_name()) && !kParallelJobs.count(sub->get_name()) &&
+              world.size() > 1)
             sae::fail(sae::cat("`sae ", sub->get_name(), "` was launched as ", world.size(),
-                               " ranks: data-, module- and latent-parallel jobs are not built "
-                               "yet; run it as one process"));
+                               " ranks: only `sae train` runs over several ranks yet (data "
+                               "parallel); run it as one process"));
           const sae::ThreadChoice choice = threads > 0
                                                ? sae::ThreadChoice{threads, "--threads"}
                                                : sae::choose_threads(sae::read_thread_inputs());
           sae::ops::set_num_threads(choice.threads);
-          if (kJobs.count(sub->get_name()))
-            std::fprintf(stderr, "threads: %d (%s)\n", choice.threads, choice.reason.c_str());
+          if (kJobs.count(sub->get_name()) && world.rank() == 0)
+            std::fprintf(stderr, "threads: %d (%s)%s\n", choice.threads, choice.reason.c_str(),
+                         world.size() > 1 ? " on each rank" : "");
           return run();
         }
         return 1;

@@ -26,10 +26,12 @@ class SingleProcess final : public Comm {
   void allreduce_sum(std::span<float>) override {}
   void allreduce_sum(std::span<double>) override {}
   void allreduce_max(std::span<double>) override {}
+  void allreduce_or(std::span<uint8_t>) override {}
   void allgather(std::span<const double> mine, std::span<double> all) override {
     std::copy(mine.begin(), mine.end(), all.begin());
   }
   void broadcast(std::span<uint8_t>, int) override {}
+  using Comm::broadcast;
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };

@@ -21,9 +21,16 @@ class Comm {
   virtual void allreduce_sum(std::span<float> v) = 0;
   virtual void allreduce_sum(std::span<double> v) = 0;
   virtual void allreduce_max(std::span<double> v) = 0;
+  // Bitwise OR of byte masks (e.g. which latents fired on any rank).
+  virtual void allreduce_or(std::span<uint8_t> v) = 0;
   // Every rank's `mine` (the same size on each), concatenated in rank order.
   virtual void allgather(std::span<const double> mine, std::span<double> all) = 0;
   virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
+  // Root's value on every rank (a decision that must not differ by a rounding).
+  double broadcast(double v, int root) {
+    broadcast(std::span<uint8_t>(reinterpret_cast<uint8_t*>(&v), sizeof v), root);
+    return v;
+  }
   virtual void barrier() = 0;
   // Ends every rank of the job now with this exit code (a failed rank must not leave the
   // others waiting in a collective).

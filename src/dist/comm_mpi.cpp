@@ -2,6 +2,7 @@
 // a failure is reported with its rank before the job is aborted.
 #include <mpi.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "core/error.h"
@@ -33,18 +34,10 @@ class MpiComm final : public Comm {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string transport() const override { return transport_; }
-  void allreduce_sum(std::span<float> v) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), int(v.size()), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
-          "allreduce");
-  }
-  void allreduce_sum(std::span<double> v) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), int(v.size()), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD),
-          "allreduce");
-  }
-  void allreduce_max(std::span<double> v) override {
-    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), int(v.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD),
-          "allreduce");
-  }
+  void allreduce_sum(std::span<float> v) override { allreduce(v, MPI_FLOAT, MPI_SUM); }
+  void allreduce_sum(std::span<double> v) override { allreduce(v, MPI_DOUBLE, MPI_SUM); }
+  void allreduce_max(std::span<double> v) override { allreduce(v, MPI_DOUBLE, MPI_MAX); }
+  void allreduce_or(std::span<uint8_t> v) override { allreduce(v, MPI_UINT8_T, MPI_BOR); }
   void allgather(std::span<const double> mine, std::span<double> all) override {
     SAE_CHECK(all.size() == mine.size() * size_t(size_), "allgather: ", all.size(),
               " != ", mine.size(), " x ", size_);
@@ -55,6 +48,7 @@ class MpiComm final : public Comm {
   void broadcast(std::span<uint8_t> bytes, int root) override {
     check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
   }
+  using Comm::broadcast;
   void barrier() override { check(MPI_Barrier(MPI_COMM_WORLD), "barrier"); }
   [[noreturn]] void abort(int code) override {
     MPI_Abort(MPI_COMM_WORLD, code);
@@ -62,6 +56,16 @@ class MpiComm final : public Comm {
   }
 
  private:
+  // MPI counts are int: a gradient of a wide SAE (1M latents x 2304 x 2) goes in pieces.
+  template <class T>
+  void allreduce(std::span<T> v, MPI_Datatype type, MPI_Op op) {
+    constexpr size_t kPiece = size_t(1) << 30;
+    for (size_t at = 0; at < v.size(); at += kPiece)
+      check(MPI_Allreduce(MPI_IN_PLACE, v.data() + at, int(std::min(kPiece, v.size() - at)), type,
+                          op, MPI_COMM_WORLD),
+            "allreduce");
+  }
+
   int rank_ = 0, size_ = 1;
   std::string transport_;
 };

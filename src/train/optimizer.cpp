@@ -18,8 +18,7 @@ Optimizer::Optimizer(const TrainingSae& sae, AdamConfig c) : cfg(c) {
   m_b_dec.assign(sae.b_dec.size(), 0.0f);
 }
 
-double Optimizer::step(TrainingSae& sae, Grads& g, double lr) {
-  const double norm = std::sqrt(g.squared_norm());
+double Optimizer::apply(TrainingSae& sae, Grads& g, double lr, double norm) {
   // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, always applied.
   float scale = 1.0f;
   if (cfg.grad_clip > 0) scale = float(std::min(cfg.grad_clip / (norm + 1e-6), 1.0));

@@ -4,6 +4,7 @@
 // known to be zero.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -21,7 +22,12 @@ class Optimizer {
   Optimizer(const TrainingSae& sae, AdamConfig cfg);
 
   // One update at learning rate lr. Returns the gradient norm before clipping.
-  double step(TrainingSae& sae, Grads& g, double lr);
+  double step(TrainingSae& sae, Grads& g, double lr) {
+    return apply(sae, g, lr, std::sqrt(g.squared_norm()));
+  }
+  // The same with the gradient norm given (data parallel: one rank's, so that every rank clips
+  // by the same factor even where threads summed the norm in another order).
+  double apply(TrainingSae& sae, Grads& g, double lr, double grad_norm);
 
   // With beta1 = 0 the first moment is the gradient itself: m_* stay empty (never allocated).
   bool has_first_moment() const { return cfg.beta1 != 0.0; }

@@ -12,6 +12,8 @@
 #include "core/threads.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
+#include "train/data_parallel.h"
+#include "train/global_batch_topk.h"
 
 namespace sae::train {
 
@@ -86,9 +88,12 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
 }  // namespace
 
 StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
-                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws) {
+                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws,
+                            const BatchShard& shard) {
   const TrainSpec& sp = sae.spec;
   const int64_t d = sp.d_in, D = sp.d_sae, L = sp.n_levels();
+  // Every mean is over the whole batch (B_all rows), of which this rank holds B.
+  const int64_t B_all = shard.split() ? shard.global_batch : B;
   const bool rescale = sp.rescale_acts_by_decoder_norm;
   StepResult res;
   res.level_loss.assign(size_t(L), 0.0);
@@ -118,11 +123,15 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
 
   // hidden_pre = (pre + b_enc) [* norms], fused into BatchTopK's first pass, which keeps the
   // int(k * B) largest positive values across the batch.
-  const int64_t budget = int64_t(sp.k * double(B));
+  const int64_t budget = int64_t(sp.k * double(B_all));
   // hidden_pre itself is read again only by AuxK (dead latents), so it is written back only then.
   const bool aux_active = !dead.empty() && sp.aux_coefficient != 0.0;
-  ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
-                  rescale ? norms.data() : nullptr, aux_active);
+  if (shard.split())
+    global_batch_topk(*shard.comm, ws.hidden_pre.data(), B, D, budget, ws.active,
+                      sae.b_enc.data(), rescale ? norms.data() : nullptr, aux_active);
+  else
+    ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
+                    rescale ? norms.data() : nullptr, aux_active);
   const auto& act = ws.active;
   res.n_active = act.offsets.back();
   res.min_selected = 0;
@@ -187,7 +196,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
           if (aux_level(a) == i) std::copy(gi, gi + d, vec(t, L + a));  // detached residual
         // d R / d r for R = ||e||^2 (mse) or ||e||^p (l2), times c_i / B.
         double R, coef;
-        const double w = sp.level_weight[size_t(i)] / double(B);
+        const double w = sp.level_weight[size_t(i)] / double(B_all);
         if (sp.level_loss[size_t(i)] == LevelLoss::Mse) {
           R = ss;
           coef = -2.0 * w;
@@ -207,10 +216,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   }
   for (int th = 0; th < n_threads; ++th) {
     for (int64_t i = 0; i < L; ++i) res.level_loss[size_t(i)] += level_sum[size_t(th * L + i)];
-    res.outer_sq_error += outer_sq[size_t(th)] / double(B);
+    res.outer_sq_error += outer_sq[size_t(th)] / double(B_all);
   }
   for (int64_t i = 0; i < L; ++i) {
-    res.level_loss[size_t(i)] /= double(B);
+    res.level_loss[size_t(i)] /= double(B_all);
     res.loss += sp.level_weight[size_t(i)] * res.level_loss[size_t(i)];
   }
 
@@ -281,7 +290,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     if (n_g == 0) continue;
     const int64_t k_aux = std::min(k_aux_max, n_g);
     const double scale = std::min(double(n_g) / double(k_aux_max), 1.0);
-    const double w = sp.aux_coefficient * scale / double(B);
+    const double w = sp.aux_coefficient * scale / double(B_all);
     // Gathered rows of the group's latents.
     std::vector<float> wd(size_t(n_g * d)), we(size_t(n_g * d));
 #pragma omp parallel for schedule(static) num_threads(threads_for(double(n_g) * double(d), 0.2))
@@ -326,7 +335,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
         h[size_t(t * d + c)] = float(2.0 * w * diff);
       }
     }
-    res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B);
+    res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B_all);
     // dpre = (h @ wd^T) on the selected entries; then the parameter gradients.
     std::vector<float> dpre(size_t(B * n_g));
     ops::gemm(ops::Trans::No, ops::Trans::Yes, B, n_g, d, 1.0f, h.data(), d, wd.data(), d, 0.0f,
@@ -367,6 +376,11 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
   ws.times.backward += now_seconds() - t1;
+  if (shard.split()) {
+    t1 = now_seconds();
+    reduce_over_ranks(*shard.comm, res, g);
+    ws.times.exchange += now_seconds() - t1;
+  }
   return res;
 }
 

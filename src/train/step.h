@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dist/comm.h"
 #include "ops/batch_topk.h"
 #include "train/training_sae.h"
 
@@ -36,6 +37,7 @@ struct StepResult {
 // Where a step's time went (seconds, accumulated across steps; reset by the caller).
 struct StepTimes {
   double encoder_gemm = 0, select = 0, levels = 0, aux = 0, backward = 0;
+  double exchange = 0;  // data parallel: the reduction over ranks after the backward
 };
 
 // Scratch reused across steps (sized on first use).
@@ -45,10 +47,24 @@ struct StepWorkspace {
   StepTimes times;
 };
 
-// x: [B, d_in] inputs as the SAE sees them (already scaled). dead: [d_sae] mask (empty = none).
-// Writes gradients of the total loss into g (after g.clear()).
+// Data parallel (docs/distributed.md): this rank holds rows [batch_begin(B), batch_end(B)) of
+// a global batch of B rows. Whatever depends on the whole batch — the BatchTopK cut, every 1/B,
+// the losses, the threshold's input, the fired flags, the gradient — is made global through
+// `comm`, so that every rank ends the step with the single-process result.
+struct BatchShard {
+  dist::Comm* comm = nullptr;  // null: one process, the whole batch
+  int64_t global_batch = 0;
+  bool split() const { return comm && comm->size() > 1; }
+  int64_t begin(int64_t B) const { return split() ? B * comm->rank() / comm->size() : 0; }
+  int64_t end(int64_t B) const { return split() ? B * (comm->rank() + 1) / comm->size() : B; }
+};
+
+// x: [B, d_in] inputs as the SAE sees them (already scaled): the whole batch, or this rank's
+// rows of `shard`. dead: [d_sae] mask (empty = none). Writes gradients of the total loss into g
+// (after g.clear()).
 StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t batch,
-                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws);
+                            const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws,
+                            const BatchShard& shard = {});
 
 // Only the loss, in double precision with dense arithmetic and a full sort for the selection:
 // the reference the sparse step is tested against and the finite-difference oracle. What the

@@ -1,7 +1,9 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <tuple>
@@ -96,12 +98,22 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
   return r;
 }
 
-Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label)
+Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label,
+                 dist::Comm* comm)
     : cfg_(std::move(cfg)),
       source_(source),
       label_(std::move(label)),
+      shard_{comm, cfg_.batch_size},
       sae_([&] {
         // Before anything is allocated or written: a GPU run needs a GPU.
+        if (shard_.split() && cfg_.device == "cuda")
+          fail("training.device", "cuda",
+               cat("data-parallel training over ", comm->size(),
+                   " ranks runs on the CPU for now (the GPU exchange through NCCL is not built "
+                   "yet): launch one process, or set training.device = cpu"));
+        if (shard_.split() && cfg_.batch_size < comm->size())
+          fail("training.batch_size", cat(cfg_.batch_size),
+               cat("fewer rows than the ", comm->size(), " ranks to split them over"));
         if (cfg_.device == "cuda") require_device(Device::Cuda);
         TrainSpec s = cfg_.spec;
         s.d_in = source.d_in();
@@ -113,7 +125,8 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
   if (cfg_.device != "cuda") grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);  // GPU: on the device
   steps_since_fired_.assign(size_t(sae_.spec.d_sae), 0);
   window_counts_.assign(size_t(sae_.spec.d_sae), 0);
-  n_heldout_ = source_.heldout_size(cfg_.eval_tokens);
+  print_progress = lead();
+  n_heldout_ = lead() ? source_.heldout_size(cfg_.eval_tokens) : 0;  // rank 0 evaluates
   heldout_.resize(size_t(n_heldout_ * sae_.spec.d_in));
   source_.heldout(n_heldout_, heldout_.data());
 }
@@ -159,14 +172,51 @@ Sae Trainer::inference_sae() const {
 }
 
 std::vector<float> Trainer::log_sparsity() const {
-  std::vector<float> s(window_counts_.size());
+  const std::vector<int64_t> counts = window_counts_all();
+  std::vector<float> s(counts.size());
   for (size_t j = 0; j < s.size(); ++j)
-    s[j] = float(std::log10(
-        double(window_counts_[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
+    s[j] = float(
+        std::log10(double(counts[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
   return s;
 }
 
+std::vector<int64_t> Trainer::window_counts_all() const {
+  if (!shard_.split()) return window_counts_;
+  std::vector<double> sum(window_counts_.begin(), window_counts_.end());  // exact below 2^53
+  shard_.comm->allreduce_sum(sum);
+  return std::vector<int64_t>(sum.begin(), sum.end());
+}
+
+void Trainer::check_ranks_agree(const char* when) const {
+  if (!shard_.split()) return;
+  // FNV-1a over the parameters' bits and the threshold's.
+  uint64_t h = 1469598103934665603ull;
+  auto add = [&](const void* p, size_t bytes) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i + 8 <= bytes; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, b + i, 8);
+      h = (h ^ w) * 1099511628211ull;
+    }
+    for (size_t i = bytes / 8 * 8; i < bytes; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  };
+  for (const auto* v : {&sae_.W_encT, &sae_.W_dec, &sae_.b_enc, &sae_.b_dec})
+    add(v->data(), v->size() * sizeof(float));
+  add(&sae_.threshold, sizeof sae_.threshold);
+  dist::Comm& comm = *shard_.comm;
+  const std::vector<double> mine = {double(h >> 32), double(h & 0xffffffffu), double(step_)};
+  std::vector<double> all(mine.size() * size_t(comm.size()));
+  comm.allgather(mine, all);
+  const size_t n = mine.size();
+  for (int q = 1; q < comm.size(); ++q)
+    if (!std::equal(all.begin(), all.begin() + ptrdiff_t(n), all.begin() + ptrdiff_t(q * n)))
+      fail(cat("data parallel: rank ", q, " holds other parameters than rank 0 at step ",
+               int64_t(all[size_t(q) * n + 2]), " (", when,
+               "); the ranks must run the same build with the same config and data"));
+}
+
 void Trainer::append_log(const json& record) {
+  if (!lead()) return;
   {
     std::ofstream out(fs::path(cfg_.output_dir) / "log.jsonl", std::ios::app);
     out << record.dump() << "\n";
@@ -247,6 +297,9 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
 
 void Trainer::save_checkpoint() {
   pull(true);
+  const std::vector<int64_t> window_counts = window_counts_all();
+  check_ranks_agree("checkpoint");
+  if (!lead()) return;  // every rank holds the same state: rank 0 writes it
   const fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
   const fs::path tmp = fs::path(cfg_.output_dir) / "checkpoint.tmp";
   const fs::path old = fs::path(cfg_.output_dir) / "checkpoint.old";
@@ -267,7 +320,7 @@ void Trainer::save_checkpoint() {
       tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
       tensor_view("threshold", std::span<const double>(thr), {1}),
       tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
-      tensor_view("window_counts", std::span<const int64_t>(window_counts_), {D})};
+      tensor_view("window_counts", std::span<const int64_t>(window_counts), {D})};
   if (opt_.has_first_moment())
     for (auto [name, m, shape] :
          {std::tuple{"m_W_encT", &opt_.m_W_encT, std::vector<int64_t>{D, d}},
@@ -332,6 +385,8 @@ bool Trainer::load_checkpoint() {
   input_scale_ = state["input_scale"].get<double>();
   window_steps_ = state["window_steps"].get<int64_t>();
   window_tokens_ = state["window_tokens"].get<int64_t>();
+  // Data parallel: the checkpoint holds the sum over the ranks; rank 0 carries it on.
+  if (!lead()) std::fill(window_counts_.begin(), window_counts_.end(), 0);
   return true;
 }
 
@@ -339,26 +394,51 @@ bool Trainer::begin(bool resume) {
   if (cfg_.threads > 0) ops::set_num_threads(cfg_.threads);
   fs::create_directories(cfg_.output_dir);
   const bool resumed = resume && load_checkpoint();
+  if (shard_.split()) {
+    // Every rank must resume from the same step (one folder that all of them see).
+    std::vector<double> mine = {double(resumed), double(step_)};
+    std::vector<double> all(2 * size_t(shard_.comm->size()));
+    shard_.comm->allgather(mine, all);
+    for (int q = 1; q < shard_.comm->size(); ++q)
+      if (all[size_t(2 * q)] != all[0] || all[size_t(2 * q + 1)] != all[1])
+        fail((fs::path(cfg_.output_dir) / "checkpoint").string(), "step",
+             cat("rank 0 ", all[0] != 0.0 ? cat("resumes at step ", int64_t(all[1])) : "starts",
+                 " but rank ", q, " ",
+                 all[size_t(2 * q)] != 0.0 ? cat("resumes at step ", int64_t(all[size_t(2 * q + 1)]))
+                                           : "found no checkpoint",
+                 ": the output folder must be one that every rank sees (a shared filesystem)"));
+  }
   if (!resumed) {
     sae_.init(cfg_.seed, cfg_.decoder_init_norm);
     prepare_normalisation();
-    write_file_atomic((fs::path(cfg_.output_dir) / "config.json").string(),
-                      cfg_.to_json().dump(2) + "\n");
-    std::error_code ec;
-    fs::remove(fs::path(cfg_.output_dir) / "log.jsonl", ec);
+    if (lead()) {
+      write_file_atomic((fs::path(cfg_.output_dir) / "config.json").string(),
+                        cfg_.to_json().dump(2) + "\n");
+      std::error_code ec;
+      fs::remove(fs::path(cfg_.output_dir) / "log.jsonl", ec);
+    }
   }
+  check_ranks_agree(resumed ? "after resuming" : "after initialisation");
   if (cfg_.device == "cuda") {
     dev_ = std::make_unique<DeviceTrainer>(sae_.spec, cfg_.adam, cfg_.batch_size, cfg_.precision);
     dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
     std::fprintf(stderr, "[%s] device: %s, encoder GEMM in %s\n", label_.c_str(),
                  cuda_device_description().c_str(), cfg_.precision.c_str());
   }
-  std::fprintf(
-      stderr,
-      "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
-      label_.c_str(), resumed ? "resuming" : "training", (long long)step_,
-      (long long)cfg_.total_steps(), fmt_count(double(cfg_.total_tokens)).c_str(),
-      (long long)cfg_.batch_size, source_.describe().c_str(), input_scale_);
+  if (lead())
+    std::fprintf(
+        stderr,
+        "[%s] %s from step %lld of %lld (%s tokens, batch %lld); data: %s; input scale %.4g\n",
+        label_.c_str(), resumed ? "resuming" : "training", (long long)step_,
+        (long long)cfg_.total_steps(), fmt_count(double(cfg_.total_tokens)).c_str(),
+        (long long)cfg_.batch_size, source_.describe().c_str(), input_scale_);
+  if (lead() && shard_.split())
+    std::fprintf(stderr,
+                 "[%s] data parallel over %d ranks (%s): each steps on %lld-%lld rows of every "
+                 "batch; rank 0 writes\n",
+                 label_.c_str(), shard_.comm->size(), shard_.comm->transport().c_str(),
+                 (long long)(cfg_.batch_size / shard_.comm->size()),
+                 (long long)((cfg_.batch_size + shard_.comm->size() - 1) / shard_.comm->size()));
   run_start_ = interval_start_ = now_seconds();
   run_start_step_ = step_;
   interval_steps_ = 0;
@@ -394,12 +474,16 @@ void Trainer::train_step(float* x) {
     }
     if (new_window) std::fill(window_counts_.begin(), window_counts_.end(), 0);
     grads_.clear();
-    r = forward_backward(sae_, x, B, any_dead ? dead_ : std::vector<uint8_t>{}, grads_, ws_);
+    const int64_t first = shard_.begin(B), rows = shard_.end(B) - first;
+    r = forward_backward(sae_, x + first * d, rows, any_dead ? dead_ : std::vector<uint8_t>{},
+                         grads_, ws_, shard_);
     sae_.update_threshold(r.min_selected, r.n_active > 0);
     for (size_t j = 0; j < dead_.size(); ++j)
       steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
-    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;
-    grad_norm = opt_.step(sae_, grads_, lr);
+    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;  // this rank's rows
+    grad_norm = std::sqrt(grads_.squared_norm());
+    if (shard_.split()) grad_norm = shard_.comm->broadcast(grad_norm, 0);
+    opt_.apply(sae_, grads_, lr, grad_norm);
   }
   window_steps_++;
   window_tokens_ += B;
@@ -430,13 +514,17 @@ void Trainer::finish() {
   pull(true);
   eval_and_log(true);
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
-  save_to_disk(inference_sae(), out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
-               log_sparsity());
-  write_file_atomic((fs::path(cfg_.output_dir) / "eval.json").string(),
-                    final_eval_.to_json().dump(2) + "\n");
+  const std::vector<float> sparsity = log_sparsity();  // collective under data parallel
+  if (lead()) {
+    save_to_disk(inference_sae(), out.string(),
+                 cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32, sparsity);
+    write_file_atomic((fs::path(cfg_.output_dir) / "eval.json").string(),
+                      final_eval_.to_json().dump(2) + "\n");
+  }
   save_checkpoint();  // the final state, so a longer run can continue from it
-  std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(), (long long)step_,
-               out.string().c_str());
+  if (lead())
+    std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(),
+                 (long long)step_, out.string().c_str());
 }
 
 bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {
@@ -445,11 +533,19 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   std::vector<float> host_x(dev_ ? 0 : size_t(B * d));
   float* x = dev_ ? dev_->host_batch() : host_x.data();  // page-locked when on the GPU
   while (step_ < cfg_.total_steps()) {
-    if ((stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
-        (should_stop && should_stop())) {
+    bool stop_now = (stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
+                    (should_stop && should_stop());
+    if (shard_.split()) {  // a signal reaches one rank: every rank stops at the same step
+      std::vector<double> any = {double(stop_now)};
+      shard_.comm->allreduce_max(any);
+      stop_now = any[0] != 0.0;
+    }
+    if (stop_now) {
       save_checkpoint();
-      std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
-                   label_.c_str(), (long long)step_);
+      if (lead())
+        std::fprintf(stderr,
+                     "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
+                     label_.c_str(), (long long)step_);
       return false;
     }
     source_.train_batch(step_, B, x);

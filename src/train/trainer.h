@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "data/source.h"
+#include "dist/comm.h"
 #include "eval/metrics.h"
 #include "train/device_step.h"
 #include "train/optimizer.h"
@@ -29,8 +30,13 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
 
 class Trainer {
  public:
-  // `label` prefixes the progress line (e.g. the variant name).
-  Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label = "train");
+  // `label` prefixes the progress line (e.g. the variant name). With `comm` of several ranks
+  // the training is data parallel: every rank runs the same loop on the same global batches,
+  // steps on its block of rows (BatchShard) and applies the same update; rank 0 alone writes
+  // the output folder and prints. The folder must be one every rank sees (resume reads it on
+  // every rank).
+  Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label = "train",
+          dist::Comm* comm = nullptr);
 
   // Trains until total_steps, resuming from <output_dir>/checkpoint when `resume` and one
   // exists. If stop_at_step >= 0, checkpoints and returns false when that step is reached (a
@@ -41,7 +47,8 @@ class Trainer {
   // The pieces of run(), for a driver that feeds batches itself (many SAEs on one activation
   // stream). begin: resume from the checkpoint or initialise (normalisation batches come from
   // source.train_batch(0..)); returns whether it resumed. train_step: one step on a raw batch
-  // x [batch_size, d_in] (scaled in place), with logging, evaluation and — when
+  // x [batch_size, d_in] (scaled in place; data parallel: the whole global batch, of which this
+  // rank steps on its rows), with logging, evaluation and — when
   // auto_checkpoint — checkpoints on the configured schedule. finish: final evaluation, the
   // SAE to <output_dir>/sae, eval.json, a last checkpoint.
   bool begin(bool resume);
@@ -66,6 +73,8 @@ class Trainer {
   const EvalResult& final_eval() const { return final_eval_; }
   Sae inference_sae() const;                // the SAE as it would be saved now
   std::vector<float> log_sparsity() const;  // log10 firing frequency over the current window
+  // Data parallel: whether this rank writes the output folder and prints (rank 0).
+  bool lead() const { return !shard_.split() || shard_.comm->rank() == 0; }
 
  private:
   void prepare_normalisation();
@@ -76,10 +85,16 @@ class Trainer {
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
   void pull(bool all);
   void append_log(const nlohmann::json& record);
+  // Data parallel: each latent's firings in the window, summed over the ranks (collective).
+  std::vector<int64_t> window_counts_all() const;
+  // Data parallel: every rank must hold the same parameters; a difference is an error that
+  // names the rank (collective; a hash of the parameters through one allgather).
+  void check_ranks_agree(const char* when) const;
 
   TrainConfig cfg_;
   data::ActivationSource& source_;
   std::string label_;
+  BatchShard shard_;
   TrainingSae sae_;
   Optimizer opt_;
   Grads grads_;
@@ -91,6 +106,7 @@ class Trainer {
   double input_scale_ = 1.0;
   std::vector<int64_t> steps_since_fired_;
   std::vector<int64_t> window_counts_;  // firings per latent in the current sampling window
+                                        // (data parallel: of this rank's rows)
   int64_t window_steps_ = 0, window_tokens_ = 0;
   std::vector<float> heldout_;
   int64_t n_heldout_ = 0;
