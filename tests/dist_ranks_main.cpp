@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <tuple>
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -12,6 +14,8 @@
 #include "dist/comm.h"
 #include "ops/batch_topk.h"
 #include "train/global_batch_topk.h"
+#include "train/optimizer.h"
+#include "train/step.h"
 
 // BatchTopK of a batch split by rows across the ranks equals the single-process selection on
 // the whole batch, rows for rows, with many ties at the cut (values on a coarse grid).
@@ -46,6 +50,87 @@ void check_global_batch_topk(sae::dist::Comm& w) {
   std::vector<double> t = {double(total)};
   w.allreduce_sum(t);
   SAE_CHECK(int64_t(t[0]) == budget, "selected ", t[0], " of a budget of ", budget);
+}
+
+// One data-parallel step (each rank: its rows of a global batch, uneven when the ranks do not
+// divide it) equals the single-process step on the whole batch: losses, the selection's count
+// and smallest value, the fired flags, the touched rows, every gradient, and the parameters
+// after the optimizer's update. Two specs: the MSE recipe with decoder-norm rescaling and one
+// AuxK group; snap-like L2 levels, detached levels and AuxK per level.
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0, scale = 1e-30;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, double(std::fabs(a[i] - b[i]))), scale = std::max(scale, double(std::fabs(a[i])));
+  return worst / scale;
+}
+
+void check_data_parallel_step(sae::dist::Comm& w) {
+  using namespace sae::train;
+  for (int variant = 0; variant < 2; ++variant) {
+    TrainSpec sp;
+    sp.d_in = 16, sp.d_sae = 64, sp.k = 3;
+    sp.widths = {8, 32, 64};
+    if (variant == 0) {
+      sp.level_loss.assign(3, LevelLoss::Mse);
+      sp.level_weight = {1, 1, 1};
+      sp.rescale_acts_by_decoder_norm = true;
+    } else {
+      sp.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
+      sp.level_weight = {0.5, 1, 2};
+      sp.detach_levels = true;
+      sp.per_level_aux = true;
+    }
+    TrainingSae sae(sp);
+    sae.init(7, 0.1);
+    const int64_t B = 7 * w.size() + 3, d = sp.d_in, D = sp.d_sae;
+    std::mt19937 rng(99);  // the same batch and dead mask on every rank
+    std::normal_distribution<float> normal;
+    std::vector<float> x(size_t(B * d));
+    for (float& v : x) v = normal(rng);
+    std::vector<uint8_t> dead(static_cast<size_t>(D));
+    for (auto& v : dead) v = uint8_t(rng() % 3 == 0);
+
+    Grads g_one, g_dp;
+    g_one.resize(d, D), g_dp.resize(d, D);
+    StepWorkspace ws_one, ws_dp;
+    const StepResult one = forward_backward(sae, x.data(), B, dead, g_one, ws_one);
+    const BatchShard shard{&w, B};
+    const int64_t first = shard.begin(B), rows = shard.end(B) - first;
+    const StepResult dp =
+        forward_backward(sae, x.data() + first * d, rows, dead, g_dp, ws_dp, shard);
+
+    auto close = [](double a, double b) { return std::fabs(a - b) <= 1e-5 * std::max(1.0, std::fabs(a)); };
+    SAE_CHECK(close(one.loss, dp.loss), "variant ", variant, ": loss ", one.loss, " vs ", dp.loss);
+    SAE_CHECK(close(one.aux_loss, dp.aux_loss), "variant ", variant, ": aux loss");
+    SAE_CHECK(one.aux_loss > 0, "variant ", variant, ": AuxK did not run");
+    SAE_CHECK(close(one.outer_sq_error, dp.outer_sq_error), "variant ", variant, ": sq error");
+    for (size_t i = 0; i < one.level_loss.size(); ++i)
+      SAE_CHECK(close(one.level_loss[i], dp.level_loss[i]), "variant ", variant, ": level ", i);
+    SAE_CHECK(one.n_active == dp.n_active, "variant ", variant, ": n_active ", one.n_active,
+              " vs ", dp.n_active);
+    SAE_CHECK(one.min_selected == dp.min_selected, "variant ", variant, ": min selected");
+    SAE_CHECK(one.fired == dp.fired, "variant ", variant, ": fired flags");
+    SAE_CHECK(one.n_dead == dp.n_dead, "variant ", variant, ": dead count");
+    std::vector<int32_t> t_one = g_one.touched;
+    std::sort(t_one.begin(), t_one.end());
+    SAE_CHECK(t_one == g_dp.touched, "variant ", variant, ": touched rows");
+    for (auto [name, a, b] : {std::tuple{"W_encT", &g_one.W_encT, &g_dp.W_encT},
+                              std::tuple{"W_dec", &g_one.W_dec, &g_dp.W_dec},
+                              std::tuple{"b_enc", &g_one.b_enc, &g_dp.b_enc},
+                              std::tuple{"b_dec", &g_one.b_dec, &g_dp.b_dec}}) {
+      const double e = relative_error(*a, *b);
+      SAE_CHECK(e <= 1e-5, "variant ", variant, ": gradient of ", name, " off by ", e);
+    }
+    // The update: every rank ends with the single-process parameters.
+    TrainingSae sae_one = sae, sae_dp = sae;
+    Optimizer opt_one(sae_one, {}), opt_dp(sae_dp, {});
+    opt_one.step(sae_one, g_one, 1e-2);
+    opt_dp.apply(sae_dp, g_dp, 1e-2, w.broadcast(std::sqrt(g_dp.squared_norm()), 0));
+    SAE_CHECK(relative_error(sae_one.W_dec, sae_dp.W_dec) <= 1e-5, "variant ", variant,
+              ": W_dec after the update");
+    SAE_CHECK(relative_error(sae_one.W_encT, sae_dp.W_encT) <= 1e-5, "variant ", variant,
+              ": W_encT after the update");
+  }
 }
 
 int main(int argc, char** argv) {
@@ -86,6 +171,7 @@ int main(int argc, char** argv) {
         w.broadcast(bytes, n - 1);
         SAE_CHECK(bytes[0] == n - 1 && bytes[1] == n, "broadcast from the last rank");
         check_global_batch_topk(w);
+        check_data_parallel_step(w);
         w.barrier();
         std::printf("rank %d of %d ok (%s)\n", r, n, w.transport().c_str());
         return 0;
