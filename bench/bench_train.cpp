@@ -1,13 +1,17 @@
 // Training-step speed at the release's shape: d_in 2304, d_sae 32768, k 40, Matryoshka widths
 // 128..32768, batch 4096 — the sparse step plus Adam, with the time split by phase and the
-// encoder GEMM's share.
+// encoder GEMM's share. Under mpirun, data parallel: each rank steps on its rows of the batch
+// and the gradients of the touched rows are all-reduced (bench/data_parallel.sh compares).
 //   build/release/bench/bench_train [--d-in 2304] [--d-sae 32768] [--batch 4096] [--steps 3]
 //                                   [--dead 0] [--preset gemma-2-2b-matryoshka-standard]
+#include <cmath>
 #include <cstdio>
 #include <string>
 
 #include "bench_util.h"
 #include "core/rng.h"
+#include "dist/comm.h"
+#include "train/data_parallel.h"
 #include "train/optimizer.h"
 #include "train/step.h"
 #include "train/train_config.h"
@@ -15,6 +19,10 @@
 using namespace sae;
 
 int main(int argc, char** argv) {
+  dist::init(&argc, &argv);
+  dist::Comm& comm = dist::world();
+  const bool lead = comm.rank() == 0;
+  if (!lead) std::freopen("/dev/null", "w", stdout);  // rank 0 reports
   int64_t d_in = 2304, d_sae = 32768, batch = 4096, steps = 3, n_dead = 0;
   std::string preset_name = "gemma-2-2b-matryoshka-standard";
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -39,6 +47,7 @@ int main(int argc, char** argv) {
     }
   }
   bench::print_header(argc, argv);
+  std::printf("ranks: %d (%s)\n", comm.size(), comm.transport().c_str());
   nlohmann::json j = train::preset(preset_name);
   j["sae"]["d_sae"] = d_sae;
   if (d_sae != 32768)
@@ -71,23 +80,40 @@ int main(int argc, char** argv) {
     for (int64_t q = 0; q < n_dead; ++q) dead[size_t(q * (d_sae / n_dead))] = 1;
   }
 
+  // Data parallel: this rank's rows of the batch (all of them in one process).
+  const train::BatchShard shard{&comm, batch};
+  const float* rows = x.data() + shard.begin(batch) * d_in;
+  const int64_t n_rows = shard.end(batch) - shard.begin(batch);
+  auto step = [&] {
+    train::StepResult r = train::forward_backward(sae, rows, n_rows, dead, g, ws, shard);
+    sae.update_threshold(r.min_selected, r.n_active > 0);
+  };
+  train::ShardedUpdate sharded(comm, d_sae, d_in);
+  auto update = [&] {
+    if (comm.size() > 1)
+      sharded.step(sae, opt, g, 1e-4);
+    else
+      opt.step(sae, g, 1e-4);
+  };
   // Warm-up step (allocations, page faults), then timed steps.
   g.clear();
-  train::forward_backward(sae, x.data(), batch, dead, g, ws);
-  opt.step(sae, g, 1e-4);
+  step();
+  update();
   ws.times = {};
+  sharded.times = {};
   double t_clear = 0, t_opt = 0;
+  comm.barrier();
   const double t0 = now_seconds();
   for (int64_t s = 0; s < steps; ++s) {
     double a = now_seconds();
     g.clear();
     t_clear += now_seconds() - a;
-    train::StepResult r = train::forward_backward(sae, x.data(), batch, dead, g, ws);
-    sae.update_threshold(r.min_selected, r.n_active > 0);
+    step();
     a = now_seconds();
-    opt.step(sae, g, 1e-4);
+    update();
     t_opt += now_seconds() - a;
   }
+  comm.barrier();
   const double per_step = (now_seconds() - t0) / double(steps);
   const auto& t = ws.times;
   const double n = double(steps);
@@ -101,9 +127,26 @@ int main(int argc, char** argv) {
   row("levels (sparse decode+loss)", t.levels);
   row("AuxK", t.aux);
   row("sparse backward", t.backward);
-  row("Adam + clip", t_opt);
+  if (comm.size() > 1) row("losses, masks (all-reduce)", t.exchange);
+  if (comm.size() > 1) {
+    row("reduce-scatter grads + norm", sharded.times.reduce_scatter);
+    row("Adam (own rows)", sharded.times.adam);
+    row("all-gather updated rows", sharded.times.allgather);
+  } else {
+    row("Adam + clip", t_opt);
+  }
   row("zero grads", t_clear);
   std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total",
-              per_step * 1e3, double(batch) / per_step, gemm_flop / (t.encoder_gemm / n) * 1e-9);
+              per_step * 1e3, double(batch) / per_step,
+              gemm_flop / double(comm.size()) / (t.encoder_gemm / n) * 1e-9);
+  if (comm.size() > 1)
+    std::printf("sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "
+                "all-gather of updated rows, biases) for %.1f MB of touched gradients (%zu rows "
+                "of %lld); %.1f MB of masks\n",
+                double(sharded.last_bytes_sent()) * 1e-6,
+                double(g.touched.size()) * 2.0 * double(d_in) * 4e-6, g.touched.size(),
+                (long long)d_sae, 2.0 * double(d_sae) * 1e-6);
+  std::fflush(stdout);
+  dist::finalize();
   return 0;
 }

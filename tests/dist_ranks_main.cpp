@@ -14,6 +14,7 @@
 #include "dist/comm.h"
 #include "ops/batch_topk.h"
 #include "train/global_batch_topk.h"
+#include "train/data_parallel.h"
 #include "train/optimizer.h"
 #include "train/step.h"
 
@@ -114,22 +115,33 @@ void check_data_parallel_step(sae::dist::Comm& w) {
     std::vector<int32_t> t_one = g_one.touched;
     std::sort(t_one.begin(), t_one.end());
     SAE_CHECK(t_one == g_dp.touched, "variant ", variant, ": touched rows");
-    for (auto [name, a, b] : {std::tuple{"W_encT", &g_one.W_encT, &g_dp.W_encT},
-                              std::tuple{"W_dec", &g_one.W_dec, &g_dp.W_dec},
-                              std::tuple{"b_enc", &g_one.b_enc, &g_dp.b_enc},
-                              std::tuple{"b_dec", &g_one.b_dec, &g_dp.b_dec}}) {
-      const double e = relative_error(*a, *b);
-      SAE_CHECK(e <= 1e-5, "variant ", variant, ": gradient of ", name, " off by ", e);
-    }
-    // The update: every rank ends with the single-process parameters.
+    // The update (with momentum in variant 0, without in 1): every rank ends with the
+    // single-process parameters, and, once gathered, its moments.
+    AdamConfig adam;
+    adam.beta1 = variant == 0 ? 0.9 : 0.0;
     TrainingSae sae_one = sae, sae_dp = sae;
-    Optimizer opt_one(sae_one, {}), opt_dp(sae_dp, {});
-    opt_one.step(sae_one, g_one, 1e-2);
-    opt_dp.apply(sae_dp, g_dp, 1e-2, w.broadcast(std::sqrt(g_dp.squared_norm()), 0));
-    SAE_CHECK(relative_error(sae_one.W_dec, sae_dp.W_dec) <= 1e-5, "variant ", variant,
-              ": W_dec after the update");
-    SAE_CHECK(relative_error(sae_one.W_encT, sae_dp.W_encT) <= 1e-5, "variant ", variant,
-              ": W_encT after the update");
+    Optimizer opt_one(sae_one, adam), opt_dp(sae_dp, adam);
+    ShardedUpdate sharded(w, D, d);
+    const double norm_one = opt_one.step(sae_one, g_one, 1e-2);
+    const double norm_dp = sharded.step(sae_dp, opt_dp, g_dp, 1e-2);
+    SAE_CHECK(close(norm_one, norm_dp), "variant ", variant, ": gradient norm ", norm_one, " vs ",
+              norm_dp);
+    for (auto [name, a, b] : {std::tuple{"W_encT", &sae_one.W_encT, &sae_dp.W_encT},
+                              std::tuple{"W_dec", &sae_one.W_dec, &sae_dp.W_dec},
+                              std::tuple{"b_enc", &sae_one.b_enc, &sae_dp.b_enc},
+                              std::tuple{"b_dec", &sae_one.b_dec, &sae_dp.b_dec}}) {
+      const double e = relative_error(*a, *b);
+      SAE_CHECK(e <= 1e-5, "variant ", variant, ": ", name, " after the update off by ", e);
+    }
+    SAE_CHECK(sae_dp.W_dec != sae.W_dec, "variant ", variant, ": the update changed nothing");
+    sharded.gather_moments(opt_dp);
+    SAE_CHECK(relative_error(opt_one.v_W_encT, opt_dp.v_W_encT) <= 1e-5, "variant ", variant,
+              ": second moment of W_encT");
+    SAE_CHECK(relative_error(opt_one.v_W_dec, opt_dp.v_W_dec) <= 1e-5, "variant ", variant,
+              ": second moment of W_dec");
+    if (variant == 0)
+      SAE_CHECK(relative_error(opt_one.m_W_dec, opt_dp.m_W_dec) <= 1e-5, "first moment of W_dec");
+    SAE_CHECK(sharded.last_bytes_sent() > 0, "nothing exchanged");
   }
 }
 

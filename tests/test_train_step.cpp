@@ -205,7 +205,9 @@ TEST_P(StepCase, LossMatchesDenseReference) {
     EXPECT_NEAR(r.level_loss[i], ref.level[i], 1e-5 * std::abs(ref.level[i])) << "level " << i;
   EXPECT_NEAR(r.aux_loss, ref.aux, 1e-5 * std::abs(ref.aux) + 1e-12);
   EXPECT_NEAR(r.loss, ref.total, 1e-5 * std::abs(ref.total));
-  if (GetParam().with_dead) EXPECT_GT(r.aux_loss, 0.0);
+  if (GetParam().with_dead) {
+    EXPECT_GT(r.aux_loss, 0.0);
+  }
 }
 
 TEST_P(StepCase, GradientsMatchFiniteDifferences) {

@@ -1,5 +1,6 @@
 #include "dist/comm.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +31,11 @@ class SingleProcess final : public Comm {
   void allgather(std::span<const double> mine, std::span<double> all) override {
     std::copy(mine.begin(), mine.end(), all.begin());
   }
+  void reduce_scatter_sum(std::span<const float> all, std::span<float> mine,
+                          std::span<const int> counts) override {
+    std::copy(all.begin(), all.begin() + counts[0], mine.begin());
+  }
+  void allgather(std::span<float>, std::span<const int>) override {}
   void broadcast(std::span<uint8_t>, int) override {}
   using Comm::broadcast;
   void barrier() override {}

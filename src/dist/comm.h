@@ -25,6 +25,12 @@ class Comm {
   virtual void allreduce_or(std::span<uint8_t> v) = 0;
   // Every rank's `mine` (the same size on each), concatenated in rank order.
   virtual void allgather(std::span<const double> mine, std::span<double> all) = 0;
+  // Rank r's segment of `all` (counts[r] floats, segments in rank order) summed over the ranks,
+  // into `mine` (counts[rank] floats).
+  virtual void reduce_scatter_sum(std::span<const float> all, std::span<float> mine,
+                                  std::span<const int> counts) = 0;
+  // In place: each rank's segment of `all` (counts[r] floats, in rank order) to every rank.
+  virtual void allgather(std::span<float> all, std::span<const int> counts) = 0;
   virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
   // Root's value on every rank (a decision that must not differ by a rounding).
   double broadcast(double v, int root) {

@@ -1,23 +1,26 @@
 #include "train/data_parallel.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
+#include "core/clock.h"
 #include "core/threads.h"
 
 namespace sae::train {
 
 namespace {
 
-// Gradient rows go through the all-reduce in pieces of about 32 MB: the pack buffer stays small
-// beside the gradients themselves (600 MB at the release shape).
-constexpr size_t kPieceFloats = size_t(8) << 20;
+// Rows go through the collectives in rounds of at most this many floats per owner: the pack
+// buffer stays small beside the gradients (600 MB at the release shape) and MPI's int counts
+// are never exceeded.
+constexpr size_t kRoundFloats = size_t(8) << 20;
 
 }  // namespace
 
 void reduce_over_ranks(dist::Comm& comm, StepResult& res, Grads& g) {
-  const size_t D = g.row_touched.size(), d = g.b_dec.size(), L = res.level_loss.size();
+  const size_t D = g.row_touched.size(), L = res.level_loss.size();
 
   // The losses are sums over this rank's tokens already divided by the global batch: they add.
   // A rank that selected nothing offers +inf as its smallest selected value.
@@ -41,43 +44,165 @@ void reduce_over_ranks(dist::Comm& comm, StepResult& res, Grads& g) {
   std::copy(g.row_touched.begin(), g.row_touched.end(), masks.begin() + ptrdiff_t(D));
   comm.allreduce_or(masks);
   std::copy(masks.begin(), masks.begin() + ptrdiff_t(D), res.fired.begin());
-  // The union, in latent order (the same list on every rank). Rows this rank did not touch are
-  // zero in g (Grads' invariant), so they join the sum as they are.
+  // Rows this rank did not touch are zero in g (Grads' invariant): they join the sums as they
+  // are, and g.clear() zeroes the whole union next step.
   g.touched.clear();
   for (size_t j = 0; j < D; ++j)
     if (masks[D + j]) g.row_touched[j] = 1, g.touched.push_back(int32_t(j));
+}
 
-  // The touched rows of dW_encT and dW_dec, packed, summed in pieces; then the biases.
-  const size_t rows_per_piece = std::max<size_t>(1, kPieceFloats / (2 * d));
-  std::vector<float> buf(std::min(g.touched.size(), rows_per_piece) * 2 * d);
-  for (size_t first = 0; first < g.touched.size(); first += rows_per_piece) {
-    const size_t n = std::min(rows_per_piece, g.touched.size() - first);
-    const int team = threads_for(double(n) * double(2 * d), 0.2);
-#pragma omp parallel for schedule(static) num_threads(team)
-    for (size_t q = 0; q < n; ++q) {
-      const size_t j = size_t(g.touched[first + q]);
-      std::memcpy(&buf[2 * q * d], &g.W_encT[j * d], d * sizeof(float));
-      std::memcpy(&buf[(2 * q + 1) * d], &g.W_dec[j * d], d * sizeof(float));
+ShardedUpdate::ShardedUpdate(dist::Comm& comm, int64_t d_sae, int64_t d_in)
+    : comm_(comm), d_sae_(d_sae), d_in_(d_in) {}
+
+std::vector<std::vector<int32_t>> ShardedUpdate::by_owner(const std::vector<int32_t>& rows) const {
+  std::vector<std::vector<int32_t>> out(size_t(comm_.size()));
+  int r = 0;
+  for (int32_t j : rows) {
+    while (j >= block_begin(r + 1)) ++r;
+    out[size_t(r)].push_back(j);
+  }
+  return out;
+}
+
+void ShardedUpdate::allgather_rows(const std::vector<std::vector<int32_t>>& rows,
+                                   const std::vector<float*>& mats) {
+  const size_t n = size_t(comm_.size()), d = size_t(d_in_), per_row = mats.size() * d;
+  const size_t round_rows = std::max<size_t>(1, kRoundFloats / per_row);
+  std::vector<int> counts(n);
+  for (size_t first = 0;; first += round_rows) {
+    size_t total = 0;
+    for (size_t r = 0; r < n; ++r) {
+      const size_t k = rows[r].size() > first ? std::min(round_rows, rows[r].size() - first) : 0;
+      counts[r] = int(k * per_row), total += k;
     }
-    comm.allreduce_sum(std::span<float>(buf.data(), 2 * n * d));
-#pragma omp parallel for schedule(static) num_threads(team)
-    for (size_t q = 0; q < n; ++q) {
-      const size_t j = size_t(g.touched[first + q]);
-      std::memcpy(&g.W_encT[j * d], &buf[2 * q * d], d * sizeof(float));
-      std::memcpy(&g.W_dec[j * d], &buf[(2 * q + 1) * d], d * sizeof(float));
+    if (total == 0) break;
+    buf_.resize(total * per_row);
+    // Segments in rank order; this rank fills its own, the collective fills the others.
+    size_t at = 0;
+    for (size_t r = 0; r < n; ++r) {
+      const size_t k = size_t(counts[r]) / per_row;
+      if (int(r) == comm_.rank())
+        for (size_t q = 0; q < k; ++q)
+          for (size_t m = 0; m < mats.size(); ++m)
+            std::memcpy(&buf_[(at + q) * per_row + m * d],
+                        mats[m] + size_t(rows[r][first + q]) * d, d * sizeof(float));
+      at += k;
+    }
+    comm_.allgather(std::span<float>(buf_.data(), total * per_row), counts);
+    last_sent_ += int64_t(counts[size_t(comm_.rank())]) * int64_t(n - 1);  // to every other rank
+    at = 0;
+    for (size_t r = 0; r < n; ++r) {
+      const size_t k = size_t(counts[r]) / per_row;
+      if (int(r) != comm_.rank())
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
+        for (size_t q = 0; q < k; ++q)
+          for (size_t m = 0; m < mats.size(); ++m)
+            std::memcpy(mats[m] + size_t(rows[r][first + q]) * d,
+                        &buf_[(at + q) * per_row + m * d], d * sizeof(float));
+      at += k;
     }
   }
+}
+
+double ShardedUpdate::step(TrainingSae& sae, Optimizer& opt, Grads& g, double lr) {
+  const size_t n = size_t(comm_.size()), d = size_t(d_in_), me = size_t(comm_.rank());
+  const size_t per_row = 2 * d, round_rows = std::max<size_t>(1, kRoundFloats / per_row);
+  last_sent_ = 0;
+  double t0 = now_seconds();
+
+  // 1. Each touched gradient row (dW_encT and dW_dec side by side) summed at its owner.
+  const auto touched = by_owner(g.touched);
+  std::vector<int> counts(n);
+  std::vector<float> mine;
+  for (size_t first = 0;; first += round_rows) {
+    size_t total = 0;
+    for (size_t r = 0; r < n; ++r) {
+      const size_t k =
+          touched[r].size() > first ? std::min(round_rows, touched[r].size() - first) : 0;
+      counts[r] = int(k * per_row), total += k;
+    }
+    if (total == 0) break;
+    buf_.resize(total * per_row);
+    size_t at = 0;
+    for (size_t r = 0; r < n; ++r) {
+      const size_t k = size_t(counts[r]) / per_row;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
+      for (size_t q = 0; q < k; ++q) {
+        const size_t j = size_t(touched[r][first + q]);
+        std::memcpy(&buf_[(at + q) * per_row], &g.W_encT[j * d], d * sizeof(float));
+        std::memcpy(&buf_[(at + q) * per_row + d], &g.W_dec[j * d], d * sizeof(float));
+      }
+      at += k;
+    }
+    mine.resize(size_t(counts[me]));
+    comm_.reduce_scatter_sum(std::span<const float>(buf_.data(), total * per_row), mine, counts);
+    last_sent_ += int64_t(total * per_row) - counts[me];  // the other owners' rows
+    const size_t k = size_t(counts[me]) / per_row;
+    for (size_t q = 0; q < k; ++q) {
+      const size_t j = size_t(touched[me][first + q]);
+      std::memcpy(&g.W_encT[j * d], &mine[q * per_row], d * sizeof(float));
+      std::memcpy(&g.W_dec[j * d], &mine[q * per_row + d], d * sizeof(float));
+    }
+  }
+
+  // 2. The biases are small: summed on every rank.
+  const size_t D = size_t(d_sae_);
   std::vector<float> biases(D + d);
   std::copy(g.b_enc.begin(), g.b_enc.end(), biases.begin());
   std::copy(g.b_dec.begin(), g.b_dec.end(), biases.begin() + ptrdiff_t(D));
-  comm.allreduce_sum(biases);
+  comm_.allreduce_sum(biases);
+  last_sent_ += int64_t(biases.size());
   std::copy(biases.begin(), biases.begin() + ptrdiff_t(D), g.b_enc.begin());
   std::copy(biases.begin() + ptrdiff_t(D), biases.end(), g.b_dec.begin());
+
+  // 3. The global norm: each owner's rows, summed over the ranks, plus the biases.
+  double rows_sq = 0;
+  const auto& own = touched[me];
+#pragma omp parallel for schedule(static) reduction(+ : rows_sq) \
+    num_threads(threads_for(double(own.size() * per_row), 0.5))
+  for (size_t q = 0; q < own.size(); ++q)
+    for (size_t c = 0, j = size_t(own[q]); c < d; ++c)
+      rows_sq += double(g.W_encT[j * d + c]) * g.W_encT[j * d + c] +
+                 double(g.W_dec[j * d + c]) * g.W_dec[j * d + c];
+  std::vector<double> sq = {rows_sq};
+  comm_.allreduce_sum(sq);
+  for (float v : g.b_enc) sq[0] += double(v) * v;
+  for (float v : g.b_dec) sq[0] += double(v) * v;
+  const double norm = std::sqrt(sq[0]);
+
+  double t1 = now_seconds();
+  times.reduce_scatter += t1 - t0;
+
+  // 4. Adam on the owned rows (every rank steps the biases alike).
+  opt.apply(sae, g, lr, norm, block_begin(int(me)), block_begin(int(me) + 1));
+  t0 = now_seconds();
+  times.adam += t0 - t1;
+
+  // 5. The updated rows to every rank: the touched ones, or with momentum every row (a row
+  // with no gradient still moves by its first moment).
+  if (opt.has_first_moment()) {
+    std::vector<std::vector<int32_t>> all(n);
+    for (size_t r = 0; r < n; ++r)
+      for (int64_t j = block_begin(int(r)); j < block_begin(int(r) + 1); ++j)
+        all[r].push_back(int32_t(j));
+    allgather_rows(all, {sae.W_encT.data(), sae.W_dec.data()});
+  } else {
+    allgather_rows(touched, {sae.W_encT.data(), sae.W_dec.data()});
+  }
+  times.allgather += now_seconds() - t0;
+  return norm;
 }
 
-int64_t exchanged_gradient_bytes(const Grads& g) {
-  const int64_t d = int64_t(g.b_dec.size()), D = int64_t(g.b_enc.size());
-  return (int64_t(g.touched.size()) * 2 * d + D + d) * int64_t(sizeof(float));
+void ShardedUpdate::gather_moments(Optimizer& opt) {
+  std::vector<std::vector<int32_t>> all(size_t(comm_.size()));
+  for (int r = 0; r < comm_.size(); ++r)
+    for (int64_t j = block_begin(r); j < block_begin(r + 1); ++j)
+      all[size_t(r)].push_back(int32_t(j));
+  std::vector<float*> mats = {opt.v_W_encT.data(), opt.v_W_dec.data()};
+  if (opt.has_first_moment()) mats.push_back(opt.m_W_encT.data()), mats.push_back(opt.m_W_dec.data());
+  const int64_t sent = last_sent_;
+  allgather_rows(all, mats);
+  last_sent_ = sent;
 }
 
 }  // namespace sae::train

@@ -25,9 +25,11 @@ class Optimizer {
   double step(TrainingSae& sae, Grads& g, double lr) {
     return apply(sae, g, lr, std::sqrt(g.squared_norm()));
   }
-  // The same with the gradient norm given (data parallel: one rank's, so that every rank clips
-  // by the same factor even where threads summed the norm in another order).
-  double apply(TrainingSae& sae, Grads& g, double lr, double grad_norm);
+  // The same with the gradient norm given, on latent rows [row_begin, row_end) of W_encT and
+  // W_dec only (-1: all) and both biases: data parallel's sharded update, where each rank
+  // steps the rows it owns.
+  double apply(TrainingSae& sae, Grads& g, double lr, double grad_norm, int64_t row_begin = 0,
+               int64_t row_end = -1);
 
   // With beta1 = 0 the first moment is the gradient itself: m_* stay empty (never allocated).
   bool has_first_moment() const { return cfg.beta1 != 0.0; }

@@ -125,6 +125,8 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
   if (cfg_.device != "cuda") grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);  // GPU: on the device
   steps_since_fired_.assign(size_t(sae_.spec.d_sae), 0);
   window_counts_.assign(size_t(sae_.spec.d_sae), 0);
+  if (shard_.split())
+    update_ = std::make_unique<ShardedUpdate>(*comm, sae_.spec.d_sae, sae_.spec.d_in);
   print_progress = lead();
   n_heldout_ = lead() ? source_.heldout_size(cfg_.eval_tokens) : 0;  // rank 0 evaluates
   heldout_.resize(size_t(n_heldout_ * sae_.spec.d_in));
@@ -297,6 +299,7 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
 
 void Trainer::save_checkpoint() {
   pull(true);
+  if (update_) update_->gather_moments(opt_);  // each rank's moments are current in its block
   const std::vector<int64_t> window_counts = window_counts_all();
   check_ranks_agree("checkpoint");
   if (!lead()) return;  // every rank holds the same state: rank 0 writes it
@@ -481,9 +484,7 @@ void Trainer::train_step(float* x) {
     for (size_t j = 0; j < dead_.size(); ++j)
       steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
     for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;  // this rank's rows
-    grad_norm = std::sqrt(grads_.squared_norm());
-    if (shard_.split()) grad_norm = shard_.comm->broadcast(grad_norm, 0);
-    opt_.apply(sae_, grads_, lr, grad_norm);
+    grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr) : opt_.step(sae_, grads_, lr);
   }
   window_steps_++;
   window_tokens_ += B;

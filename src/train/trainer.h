@@ -13,6 +13,7 @@
 #include "data/source.h"
 #include "dist/comm.h"
 #include "eval/metrics.h"
+#include "train/data_parallel.h"
 #include "train/device_step.h"
 #include "train/optimizer.h"
 #include "train/train_config.h"
@@ -96,6 +97,7 @@ class Trainer {
   std::string label_;
   BatchShard shard_;
   TrainingSae sae_;
+  std::unique_ptr<ShardedUpdate> update_;  // data parallel only
   Optimizer opt_;
   Grads grads_;
   std::unique_ptr<DeviceTrainer> dev_;  // null on the CPU
