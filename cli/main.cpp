@@ -43,7 +43,7 @@ void reexec_with_passive_wait(int argc, char** argv) {
 // Commands that run long enough for their thread count to matter say how it was chosen.
 const std::set<std::string> kJobs = {"train", "demo", "release", "cache"};
 // The jobs that run over several ranks (the others refuse rather than run N copies).
-const std::set<std::string> kParallelJobs = {"train"};
+const std::set<std::string> kParallelJobs = {"train", "release"};
 
 // The command line on this rank.
 int run_command(int argc, char** argv) {
@@ -83,8 +83,9 @@ int run_command(int argc, char** argv) {
           if (kJobs.count(sub->get_name()) && !kParallelJobs.count(sub->get_name()) &&
               world.size() > 1)
             sae::fail(sae::cat("`sae ", sub->get_name(), "` was launched as ", world.size(),
-                               " ranks: only `sae train` runs over several ranks yet (data "
-                               "parallel); run it as one process"));
+                               " ranks: only `sae train` (data parallel) and `sae release` "
+                               "(module parallel) run over several ranks yet; run it as one "
+                               "process"));
           const sae::ThreadChoice choice = threads > 0
                                                ? sae::ThreadChoice{threads, "--threads"}
                                                : sae::choose_threads(sae::read_thread_inputs());

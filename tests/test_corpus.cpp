@@ -103,6 +103,30 @@ TEST(Corpus, JsonlZstTxtAndSplit) {
   Corpus again(cfg, Split::Train);
   again.seek(9);
   EXPECT_EQ(texts(again), (std::vector<std::string>{"doc 8", "doc 9", "text one"}));
+  // Shares (module parallel): every n-th training document, the shares partitioning the split
+  // in turn, also after a seek; the held-out split is not divided.
+  for (int n : {2, 3}) {
+    std::vector<std::vector<std::string>> shares(static_cast<size_t>(n));
+    for (int r = 0; r < n; ++r) {
+      Corpus share(cfg, Split::Train);
+      share.take_share(r, n);
+      shares[size_t(r)] = texts(share);
+    }
+    Corpus whole(cfg, Split::Train), whole_held(cfg, Split::Heldout);
+    const auto all = texts(whole);
+    for (size_t i = 0; i < all.size(); ++i)
+      EXPECT_EQ(shares[i % size_t(n)][i / size_t(n)], all[i]) << n << " shares, document " << i;
+    size_t total = 0;
+    for (const auto& sh : shares) total += sh.size();
+    EXPECT_EQ(total, all.size());
+    Corpus held_share(cfg, Split::Heldout);
+    held_share.take_share(1, n);
+    EXPECT_EQ(texts(held_share), texts(whole_held));
+  }
+  Corpus late(cfg, Split::Train);
+  late.take_share(1, 2);
+  late.seek(9);  // from index 9: doc 8 (train ordinal 6), doc 9 (7), "text one" (8)
+  EXPECT_EQ(texts(late), (std::vector<std::string>{"doc 9"}));
   cfg.text_field = "content";
   cfg.holdout_every = 0;
   cfg.shards = {dir / "a.jsonl"};

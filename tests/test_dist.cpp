@@ -18,21 +18,7 @@ namespace {
 
 using test::EnvVar;
 
-// mpirun as CI runs it: as root (Open MPI refuses root unless told), 2 ranks on 2 cores.
-// Shared-memory single copy (CMA) is blocked in some containers: vader copies through its
-// buffers instead. Under AddressSanitizer, what Open MPI itself never frees is not ours to
-// report (the ranks inherit the environment).
-std::string mpirun(int ranks) {
-  return "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 "
-         "ASAN_OPTIONS=detect_leaks=0 " +
-         std::string(SAECPP_MPIEXEC) + " -np " + std::to_string(ranks) +
-         " --oversubscribe --mca btl_vader_single_copy_mechanism none ";
-}
-
-#define REQUIRE_MPI()                                                                 \
-  do {                                                                                \
-    if (std::string(SAECPP_MPIEXEC).empty()) GTEST_SKIP() << "this build has no MPI"; \
-  } while (0)
+using test::mpirun;
 
 TEST(Dist, OneProcessByDefault) {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"})

@@ -266,6 +266,82 @@ TEST(Release, StopsAndResumes) {
     }
 }
 
+// Module parallel (docs/distributed.md): under mpirun each rank forwards its share of the
+// corpus and trains its share of the SAEs on every rank's activations. 2 ranks (2 SAEs each)
+// and 3 ranks (4 SAEs do not divide): every SAE is there, loads, and its held-out numbers agree
+// with the single-process release on the same corpus (other batches, so not bit for bit).
+TEST(Release, ModuleParallelAgreesWithOneProcess) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir);
+  auto one = test::run_cli(release_args(corpus, dir / "one"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  const auto base = read_json_file(dir / "one/release.json");
+  for (int n : {2, 3}) {
+    SCOPED_TRACE(n);
+    const std::string out = dir / ("ranks" + std::to_string(n));
+    const auto r = test::run_shell("timeout 300 " + test::mpirun(n) + SAECPP_CLI + " " +
+                                   release_args(corpus, out));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("module parallel over " + std::to_string(n) + " ranks"),
+              std::string::npos)
+        << r.output;
+    EXPECT_NE(r.output.find("release: rank " + std::to_string(n - 1) + ": "), std::string::npos)
+        << "each rank's SAEs are listed\n"
+        << r.output;
+    const auto release = read_json_file(out + "/release.json");
+    EXPECT_EQ(release["ranks"], n);
+    EXPECT_EQ(card_rows(test::read_bytes(out + "/README.md")).size(), 4u);
+    for (const std::string variant : {"standard", "snap"})
+      for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+        SCOPED_TRACE(variant + "/" + hook);
+        const auto& res = release["results"][variant][hook];
+        const auto& want = base["results"][variant][hook];
+        EXPECT_EQ(res["training_tokens"], want["training_tokens"]);
+        EXPECT_NEAR(res["explained_variance"].get<double>(),
+                    want["explained_variance"].get<double>(), 0.02);
+        EXPECT_NEAR(res["l0"].get<double>(), want["l0"].get<double>(),
+                    0.1 * want["l0"].get<double>());
+        const LoadedSae l = load_from_disk(resolve_pretrained(out, variant + "/" + hook));
+        EXPECT_EQ(l.sae.cfg.d_sae, 64);
+      }
+  }
+}
+
+// Under mpirun a release stops and resumes as in one process (one state per rank), and
+// refuses to resume with another number of ranks.
+TEST(Release, ModuleParallelStopsAndResumes) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  const std::string two = "timeout 300 " + test::mpirun(2) + SAECPP_CLI + " ";
+  auto r = test::run_shell(two + release_args(corpus, out) + " --stop-at-step 120");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(fs::exists(out + "/release.json"));
+  for (int rank : {0, 1}) {
+    const auto state =
+        read_json_file(out + "/.work/state.rank" + std::to_string(rank) + "-of-2.json");
+    EXPECT_EQ(state["step"], 120);
+  }
+  r = test::run_shell("timeout 300 " + test::mpirun(3) + SAECPP_CLI + " " +
+                      release_args(corpus, out) + " --resume");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("resume it with the same mpirun -np"), std::string::npos) << r.output;
+  r = test::run_cli(release_args(corpus, out) + " --resume");  // one process: refused too
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("another number of ranks"), std::string::npos) << r.output;
+
+  r = test::run_shell(two + release_args(corpus, out) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+  const auto release = read_json_file(out + "/release.json");
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      EXPECT_EQ(release["results"][variant][hook]["training_tokens"], 19968);
+      EXPECT_GT(release["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
+    }
+}
+
 TEST(Release, BadInputs) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "release";

@@ -69,7 +69,9 @@ TEST(SaeConfig, Pre6ConvertedAsSaeLensDoes) {
     for (const char* key : {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input",
                             "normalize_activations", "reshape_activations"})
       EXPECT_EQ(got[key], want[key]) << c << " " << key;
-    if (want.contains("k")) EXPECT_EQ(got["k"], want["k"]);
+    if (want.contains("k")) {
+      EXPECT_EQ(got["k"], want["k"]);
+    }
     for (auto it = want["metadata"].begin(); it != want["metadata"].end(); ++it) {
       if (it.key() == "sae_lens_version") continue;  // SAELens stamps its own version
       EXPECT_EQ(got["metadata"][it.key()], it.value()) << c << " metadata." << it.key();

@@ -232,9 +232,22 @@ bool Corpus::next(Document& doc) {
            cat(bad_, " malformed lines out of ", lines_, " read, more than the allowed ",
                cfg_.max_bad_fraction * 100, "%"));
     const bool held = cfg_.holdout_every > 0 && doc.index % cfg_.holdout_every == 0;
-    if (held == (split_ == Split::Heldout)) return true;
+    if (held != (split_ == Split::Heldout)) continue;
+    if (n_shares_ > 1 && !held) {
+      // The document's position in the training split: its index less the held-out indices
+      // (0, h, 2h, ...) below it. A function of the index alone, so a seek keeps the shares.
+      const int64_t h = cfg_.holdout_every;
+      const int64_t ordinal = h > 0 ? doc.index - (doc.index + h - 1) / h : doc.index;
+      if (ordinal % n_shares_ != share_) continue;
+    }
+    return true;
   }
   return false;
+}
+
+void Corpus::take_share(int share, int n) {
+  SAE_CHECK(n >= 1 && share >= 0 && share < n, "corpus share ", share, " of ", n);
+  share_ = share, n_shares_ = n;
 }
 
 void Corpus::seek(int64_t index) {

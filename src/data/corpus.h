@@ -46,6 +46,10 @@ class Corpus {
   bool next(Document& doc);
   // Skips ahead so the next document returned has index >= `index` (resume).
   void seek(int64_t index);
+  // Several processes reading one corpus (module parallel): this one takes every n-th document
+  // of the training split, starting at the `share`-th, so that the shares partition it.
+  // The held-out split is not divided (every process evaluates on the same documents).
+  void take_share(int share, int n);
   int64_t bad_lines() const { return bad_; }
   int64_t next_document() const { return next_index_; }  // the position to seek to on resume
   const std::vector<std::string>& shard_paths() const { return paths_; }
@@ -60,6 +64,7 @@ class Corpus {
   size_t shard_ = 0;
   std::unique_ptr<Reader> reader_;
   int64_t next_index_ = 0, lines_ = 0, bad_ = 0;
+  int share_ = 0, n_shares_ = 1;
 };
 
 }  // namespace sae::data

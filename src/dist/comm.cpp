@@ -36,6 +36,10 @@ class SingleProcess final : public Comm {
     std::copy(all.begin(), all.begin() + counts[0], mine.begin());
   }
   void allgather(std::span<float>, std::span<const int>) override {}
+  void alltoall(std::span<const float> send, std::span<const int> send_counts,
+                std::span<float> recv, std::span<const int>) override {
+    std::copy(send.begin(), send.begin() + send_counts[0], recv.begin());
+  }
   void broadcast(std::span<uint8_t>, int) override {}
   using Comm::broadcast;
   void barrier() override {}
@@ -52,6 +56,19 @@ std::unique_ptr<Comm>& world_ptr() {
 // In comm_mpi.cpp when this build has MPI, else in comm_no_mpi.cpp.
 std::unique_ptr<Comm> make_mpi_comm(int* argc, char*** argv);
 void finalize_mpi();
+
+std::vector<std::string> allgather_strings(Comm& comm, const std::string& mine) {
+  const std::vector<double> size = {double(mine.size())};
+  std::vector<double> sizes(size_t(comm.size()));
+  comm.allgather(size, sizes);
+  std::vector<std::string> all(size_t(comm.size()));
+  for (int r = 0; r < comm.size(); ++r) {
+    std::string bytes = r == comm.rank() ? mine : std::string(size_t(sizes[size_t(r)]), '\0');
+    comm.broadcast(std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()), r);
+    all[size_t(r)] = std::move(bytes);
+  }
+  return all;
+}
 
 std::optional<Launch> launch_from_environment() {
   struct Source {

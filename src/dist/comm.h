@@ -8,6 +8,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace sae::dist {
 
@@ -31,6 +32,10 @@ class Comm {
                                   std::span<const int> counts) = 0;
   // In place: each rank's segment of `all` (counts[r] floats, in rank order) to every rank.
   virtual void allgather(std::span<float> all, std::span<const int> counts) = 0;
+  // Personalised exchange: send_counts[q] floats of `send` (segments in rank order) go to rank
+  // q; recv_counts[q] floats from rank q land in `recv` (segments in rank order).
+  virtual void alltoall(std::span<const float> send, std::span<const int> send_counts,
+                        std::span<float> recv, std::span<const int> recv_counts) = 0;
   virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
   // Root's value on every rank (a decision that must not differ by a rounding).
   double broadcast(double v, int root) {
@@ -42,6 +47,9 @@ class Comm {
   // others waiting in a collective).
   [[noreturn]] virtual void abort(int code) = 0;
 };
+
+// Every rank's string, in rank order (small metadata: sizes through allgather, then bytes).
+std::vector<std::string> allgather_strings(Comm& comm, const std::string& mine);
 
 // What the environment says of the launch: rank and size when an MPI launcher (Open MPI, MPICH,
 // Slurm's srun) started this process as one of several, else nullopt.

@@ -81,6 +81,17 @@ class MpiComm final : public Comm {
                          displs.data(), MPI_FLOAT, MPI_COMM_WORLD),
           "allgatherv");
   }
+  void alltoall(std::span<const float> send, std::span<const int> send_counts,
+                std::span<float> recv, std::span<const int> recv_counts) override {
+    SAE_CHECK(send_counts.size() == size_t(size_) && recv_counts.size() == size_t(size_),
+              "alltoall: counts");
+    std::vector<int> sd(size_t(size_), 0), rd(size_t(size_), 0);
+    for (size_t r = 1; r < size_t(size_); ++r)
+      sd[r] = sd[r - 1] + send_counts[r - 1], rd[r] = rd[r - 1] + recv_counts[r - 1];
+    check(MPI_Alltoallv(send.data(), send_counts.data(), sd.data(), MPI_FLOAT, recv.data(),
+                        recv_counts.data(), rd.data(), MPI_FLOAT, MPI_COMM_WORLD),
+          "alltoallv");
+  }
   void broadcast(std::span<uint8_t> bytes, int root) override {
     check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
   }

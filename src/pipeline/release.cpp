@@ -10,6 +10,7 @@
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/memory.h"
+#include "dist/comm.h"
 #include "eval/lm_score.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -167,16 +168,107 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const PublishedNames& name
   return jobs;
 }
 
+// Module parallel: which rank trains each SAE. Largest first, each to the least loaded rank
+// (ties to the lower rank): balanced by cost when the SAEs differ in width, and the same
+// answer on every rank.
+std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks) {
+  std::vector<size_t> order(jobs.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return sae_bytes(jobs[a].cfg, d) > sae_bytes(jobs[b].cfg, d);
+  });
+  std::vector<double> load(size_t(n_ranks), 0.0);
+  std::vector<int> owner(jobs.size(), 0);
+  for (size_t i : order) {
+    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[i] = r;
+    load[size_t(r)] += sae_bytes(jobs[i].cfg, d);
+  }
+  return owner;
+}
+
+// Module parallel's activation exchange: every rank forwards its share of the corpus and holds
+// rows [B*r/N, B*(r+1)/N) of each layer's global batch; each layer's rows go to the ranks that
+// own an SAE of that layer (one MPI_Alltoallv), which assemble the global batch in rank order.
+class BatchExchange {
+ public:
+  BatchExchange(dist::Comm& comm, int64_t batch, int64_t d, std::vector<std::vector<uint8_t>> wants)
+      : comm_(comm), B_(batch), d_(d), wants_(std::move(wants)) {}
+  int64_t rows_of(int r) const { return B_ * (r + 1) / comm_.size() - B_ * r / comm_.size(); }
+
+  // local[s]: this rank's rows of slot s; global[s]: the whole batch, filled for the slots
+  // this rank wants.
+  void exchange(const std::vector<std::vector<float>>& local,
+                std::vector<std::vector<float>>& global) {
+    const int n = comm_.size(), me = comm_.rank();
+    const size_t slots = local.size();
+    std::vector<int> send_counts(size_t(n), 0), recv_counts(size_t(n), 0);
+    send_.clear();
+    for (int q = 0; q < n; ++q) {
+      int64_t floats = 0;
+      for (size_t s = 0; s < slots; ++s)
+        if (wants_[size_t(q)][s]) {
+          send_.insert(send_.end(), local[s].begin(), local[s].end());
+          floats += rows_of(me) * d_;
+        }
+      int64_t from_q = 0;
+      for (size_t s = 0; s < slots; ++s)
+        if (wants_[size_t(me)][s]) from_q += rows_of(q) * d_;
+      SAE_CHECK(floats < (int64_t(1) << 31) && from_q < (int64_t(1) << 31),
+                "module parallel: one exchange of more than 2^31 floats");
+      send_counts[size_t(q)] = int(floats), recv_counts[size_t(q)] = int(from_q);
+    }
+    int64_t total = 0;
+    for (int c : recv_counts) total += c;
+    recv_.resize(size_t(total));
+    comm_.alltoall(send_, send_counts, recv_, recv_counts);
+    // recv: [source rank][wanted slot][its rows, d] -> global[slot]: [rank-ordered rows, d].
+    size_t at = 0;
+    for (int q = 0; q < n; ++q) {
+      const size_t first_row = size_t(B_ * q / n), rows = size_t(rows_of(q));
+      for (size_t s = 0; s < slots; ++s)
+        if (wants_[size_t(me)][s]) {
+          std::copy_n(recv_.data() + at, rows * size_t(d_),
+                      global[s].data() + first_row * size_t(d_));
+          at += rows * size_t(d_);
+        }
+    }
+  }
+
+ private:
+  dist::Comm& comm_;
+  int64_t B_, d_;
+  std::vector<std::vector<uint8_t>> wants_;  // [rank][slot]: owns an SAE of that layer
+  std::vector<float> send_, recv_;
+};
+
 }  // namespace
 
 bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
+  // Launched as several ranks (mpirun): module parallel; each rank trains its own SAEs.
+  dist::Comm& comm = dist::world();
+  const int rank = comm.rank(), n_ranks = comm.size();
+  const bool lead = rank == 0;
   if (opt.variants.empty()) fail("release", "variants", "give at least one variant");
   const fs::path out = opt.output_dir, work = out / ".work";
-  const fs::path state_path = work / "state.json";
-  if (!opt.resume && fs::exists(state_path))  // never overwrite days of training by accident
+  // One state per rank: where its share of the corpus stood.
+  const fs::path state_path =
+      work / (n_ranks == 1 ? std::string("state.json")
+                           : cat("state.rank", rank, "-of-", n_ranks, ".json"));
+  std::vector<std::string> states;  // any rank layout's
+  if (fs::exists(work))
+    for (const auto& e : fs::directory_iterator(work))
+      if (e.path().filename().string().rfind("state", 0) == 0 && e.path().extension() == ".json")
+        states.push_back(e.path().filename().string());
+  if (!opt.resume && !states.empty())  // never overwrite days of training by accident
     fail(out.string(), "state",
-         "holds a release job already (.work/state.json): pass --resume (Python: resume=True) to "
-         "continue it, or choose another output folder");
+         cat("holds a release job already (.work/", states.front(),
+             "): pass --resume (Python: resume=True) to continue it, or choose another output "
+             "folder"));
+  if (opt.resume && !states.empty() && !fs::exists(state_path))
+    fail((work / states.front()).string(), "ranks",
+         cat("this release was run with another number of ranks than ", n_ranks,
+             ": resume it with the same mpirun -np"));
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const model::Checkpoint ckpt = model::resolve_checkpoint(opt.model);
   const PublishedNames names = published_names(opt, ckpt);
@@ -184,8 +276,15 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
   std::vector<Job> jobs = make_jobs(opt, names, layers, point, work);
+  const std::vector<int> owner = assign_owners(jobs, mcfg.hidden_size, n_ranks);
+  auto mine = [&](size_t i) { return owner[i] == rank; };
+  // [rank][slot]: whether the rank trains an SAE of layers[slot] (it then needs its batches).
+  std::vector<std::vector<uint8_t>> wants(size_t(n_ranks), std::vector<uint8_t>(layers.size(), 0));
+  for (size_t i = 0; i < jobs.size(); ++i) wants[size_t(owner[i])][size_t(jobs[i].layer_slot)] = 1;
   StoreConfig store = opt.store;
-  store.batch_tokens = jobs.front().cfg.batch_size;
+  const int64_t global_batch = jobs.front().cfg.batch_size;
+  BatchExchange exchange(comm, global_batch, mcfg.hidden_size, wants);
+  store.batch_tokens = exchange.rows_of(rank);  // this rank's rows of every batch
   const int64_t d = mcfg.hidden_size, total_steps = jobs.front().cfg.total_steps();
   for (const Job& j : jobs)
     if (j.cfg.total_steps() != total_steps)
@@ -196,15 +295,37 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const int64_t last_needed = opt.ce_windows > 0 ? mcfg.num_layers - 1 : layers.back();
   const double model_b = double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16));
   double saes_b = 0;
-  for (const Job& j : jobs) saes_b += sae_bytes(j.cfg, d);
+  for (size_t i = 0; i < jobs.size(); ++i)
+    if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
   const double buffer_b = double(store.n_batches_in_buffer * store.prompts_per_forward *
                                  store.windows.context_size * d * 4 * int64_t(layers.size()));
-  std::fprintf(stderr,
-               "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n"
-               "memory: model %s + SAEs %s + activation buffers %s = %s\n",
-               jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
-               (long long)store.batch_tokens, fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(),
-               fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
+  if (lead)
+    std::fprintf(stderr, "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n",
+                 jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
+                 (long long)global_batch);
+  if (n_ranks > 1) {
+    // What each rank trains, and its memory: said by every rank, in rank order.
+    std::string mine_list;
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (mine(i)) mine_list += (mine_list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
+    const auto lines = dist::allgather_strings(
+        comm, cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list,
+                  "; memory: model ", fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b),
+                  " + activation buffers ", fmt_bytes(buffer_b), " = ",
+                  fmt_bytes(model_b + saes_b + buffer_b)));
+    if (lead) {
+      std::fprintf(stderr,
+                   "release: module parallel over %d ranks (%s): each forwards its share of the "
+                   "corpus (%lld-%lld rows of every batch) and trains its SAEs on all ranks' rows\n",
+                   n_ranks, comm.transport().c_str(), (long long)(global_batch / n_ranks),
+                   (long long)((global_batch + n_ranks - 1) / n_ranks));
+      for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
+    }
+  } else {
+    std::fprintf(stderr, "memory: model %s + SAEs %s + activation buffers %s = %s\n",
+                 fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(),
+                 fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
+  }
   const double plan_bytes = model_b + saes_b + buffer_b;
 
   const double t_load = now_seconds();
@@ -219,9 +340,15 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const double t_heldout = now_seconds();
   data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
   WindowStream heldout_windows(heldout_corpus, tok, store.windows);
-  const Heldout heldout =
-      collect_heldout(m, heldout_windows, point, layers, opt.heldout_tokens, special);
-  if (heldout.n == 0)
+  // Each rank keeps the held-out activations of the layers it trains (my_slot: index there).
+  std::vector<int64_t> my_layers;
+  std::vector<int64_t> my_slot(layers.size(), -1);
+  for (size_t s = 0; s < layers.size(); ++s)
+    if (wants[size_t(rank)][s]) my_slot[s] = int64_t(my_layers.size()), my_layers.push_back(layers[s]);
+  Heldout heldout;
+  if (!my_layers.empty())  // (a rank that trains no SAE only forwards)
+    heldout = collect_heldout(m, heldout_windows, point, my_layers, opt.heldout_tokens, special);
+  if (!my_layers.empty() && heldout.n == 0)
     std::fprintf(stderr, "warning: no held-out tokens (corpus.holdout_every = %lld)\n",
                  (long long)opt.corpus.holdout_every);
 
@@ -236,19 +363,39 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     state_step = st.at("step").get<int64_t>();
   }
   data::Corpus corpus(opt.corpus, data::Split::Train);
+  if (n_ranks > 1) corpus.take_share(rank, n_ranks);
   corpus.seek(corpus_pos);
   WindowStream windows(corpus, tok, store.windows);
   ActivationStore acts(m, windows, point, layers, store, special);
 
-  std::vector<std::unique_ptr<LayerSource>> sources;
+  std::vector<std::unique_ptr<LayerSource>> sources(layers.size());
   for (size_t s = 0; s < layers.size(); ++s)
-    sources.push_back(std::make_unique<LayerSource>(d, heldout.acts[s], heldout.n,
-                                                    cat(opt.hook, " of layer ", layers[s], " from ",
-                                                        corpus.shard_paths().size(), " shard(s)")));
+    if (my_slot[s] >= 0)
+      sources[s] = std::make_unique<LayerSource>(
+          d, heldout.acts[size_t(my_slot[s])], heldout.n,
+          cat(opt.hook, " of layer ", layers[s], " from ", corpus.shard_paths().size(),
+              " shard(s)"));
+  // local: this rank's rows of each layer's batch; batch: the whole batch of the layers this
+  // rank trains (one process: the same buffers).
   std::vector<float*> ptrs(layers.size());
-  std::vector<std::vector<float>> batch(layers.size(),
+  std::vector<std::vector<float>> local(layers.size(),
                                         std::vector<float>(size_t(store.batch_tokens * d)));
-  for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = batch[s].data();
+  std::vector<std::vector<float>> batch_all;
+  if (n_ranks > 1)
+    for (size_t s = 0; s < layers.size(); ++s)
+      batch_all.emplace_back(my_slot[s] >= 0 ? size_t(global_batch * d) : 0);
+  std::vector<std::vector<float>>& batch = n_ranks > 1 ? batch_all : local;
+  for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = local[s].data();
+  // The next global batch on every rank; false on every rank when any rank's share ran out.
+  auto next_batch = [&] {
+    bool ok = acts.next_batch(ptrs);
+    if (n_ranks == 1) return ok;
+    std::vector<double> out_of_data = {ok ? 0.0 : 1.0};
+    comm.allreduce_max(out_of_data);
+    if (out_of_data[0] != 0.0) return false;
+    exchange.exchange(local, batch_all);
+    return true;
+  };
 
   // Normalisation batches, only when some SAE starts fresh and needs them.
   int64_t n_norm = 0;
@@ -256,31 +403,50 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     if (j.cfg.normalize_activations != "none" || j.cfg.b_dec_init == "mean")
       n_norm = std::max(n_norm, j.cfg.n_norm_batches);
   const bool fresh = !(opt.resume && fs::exists(state_path));
+  if (n_ranks > 1) {  // every rank starts fresh, or every rank resumes
+    std::vector<double> f = {fresh ? 1.0 : 0.0, fresh ? 0.0 : 1.0};
+    comm.allreduce_max(f);
+    if (f[0] != 0.0 && f[1] != 0.0)
+      fail(work.string(), "state",
+           cat("some ranks have a saved state and others not (", n_ranks,
+               " ranks): the release folder must be one that every rank sees"));
+  }
   if (n_norm > 0 && fresh)
     for (int64_t b = 0; b < n_norm; ++b) {
-      if (!acts.next_batch(ptrs)) fail("release", "corpus", "ran out during normalisation");
+      if (!next_batch()) fail("release", "corpus", "ran out during normalisation");
       for (size_t s = 0; s < layers.size(); ++s)
-        sources[s]->norm_batches.insert(sources[s]->norm_batches.end(), batch[s].begin(),
-                                        batch[s].end());
+        if (sources[s])
+          sources[s]->norm_batches.insert(sources[s]->norm_batches.end(), batch[s].begin(),
+                                          batch[s].end());
     }
 
   int64_t step = std::numeric_limits<int64_t>::max();
-  for (Job& j : jobs) {
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!mine(i)) continue;
+    Job& j = jobs[i];
     j.trainer = std::make_unique<train::Trainer>(j.cfg, *sources[size_t(j.layer_slot)],
                                                  j.variant + " " + j.hook);
     j.trainer->print_progress = false;
     j.trainer->auto_checkpoint = false;
     j.trainer->begin(opt.resume);
-    j.x.resize(size_t(store.batch_tokens * d));
+    j.x.resize(size_t(global_batch * d));
     step = std::min(step, j.trainer->step());
   }
-  for (auto& s : sources) s->norm_batches = {};
+  if (step == std::numeric_limits<int64_t>::max()) step = state_step;  // a rank with no SAE
+  if (n_ranks > 1) {  // the ranks go in lockstep from the step the furthest-behind SAE is at
+    std::vector<double> neg = {-double(step)};
+    comm.allreduce_max(neg);
+    step = int64_t(-neg[0]);
+  }
+  for (auto& s : sources)
+    if (s) s->norm_batches = {};
   if (opt.resume && step != state_step)
     std::fprintf(stderr, "release: SAE checkpoints at step %lld, release state at %lld\n",
                  (long long)step, (long long)state_step);
-  std::fprintf(stderr, "release: %s at step %lld of %lld (corpus document %lld)\n",
-               step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
-               (long long)corpus_pos);
+  if (lead)
+    std::fprintf(stderr, "release: %s at step %lld of %lld (corpus document %lld)\n",
+                 step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
+                 (long long)corpus_pos);
 
   auto write_state = [&] {
     write_file_atomic(state_path.string(), json{{"version", kStateVersion},
@@ -289,7 +455,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                                                .dump(2));
   };
   auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
-    for (Job& j : jobs) j.trainer->save_checkpoint();
+    for (Job& j : jobs)
+      if (j.trainer) j.trainer->save_checkpoint();
     write_state();
   };
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
@@ -297,20 +464,30 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const int64_t step_start = step;
   double sae_seconds = 0, fwd_start = acts.forward_seconds();
   while (step < total_steps) {
-    if ((stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step)) {
+    bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
+    if (n_ranks > 1) {  // a signal to one rank stops every rank at the same step
+      std::vector<double> any = {stop_now ? 1.0 : 0.0};
+      comm.allreduce_max(any);
+      stop_now = any[0] != 0.0;
+    }
+    if (stop_now) {
       checkpoint();
-      std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
-                   (long long)step);
+      if (lead)
+        std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
+                     (long long)step);
       return false;
     }
-    if (!acts.next_batch(ptrs)) {
-      std::fprintf(stderr, "release: the corpus ran out at step %lld of %lld; finishing early\n",
-                   (long long)step, (long long)total_steps);
+    if (!next_batch()) {
+      if (lead)
+        std::fprintf(stderr,
+                     "release: the corpus ran out at step %lld of %lld; finishing early\n",
+                     (long long)step, (long long)total_steps);
       break;
     }
     const double t0 = now_seconds();
     for (Job& j : jobs) {
-      if (j.trainer->step() > step) continue;  // ahead after a kill mid-checkpoint
+      if (!j.trainer || j.trainer->step() > step) continue;  // another rank's, or ahead after a
+                                                             // kill mid-checkpoint
       std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
                 j.x.begin());
       j.trainer->train_step(j.x.data());
@@ -320,17 +497,21 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     if (step % opt.log_every_steps == 0 || step == total_steps) {
       const double el = now_seconds() - t_start;
       const double fwd = acts.forward_seconds() - fwd_start;
-      const double rate = double((step - step_start) * store.batch_tokens) / std::max(el, 1e-9);
-      double l0 = 0, ev = 0;
-      for (const Job& j : jobs) l0 += j.trainer->last_l0(), ev += j.trainer->last_ev();
-      std::fprintf(stderr,
+      const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
+      std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over every rank's SAEs
+      for (const Job& j : jobs)
+        if (j.trainer) sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev();
+      comm.allreduce_sum(sums);
+      const double l0 = sums[0], ev = sums[1];
+      if (lead)
+        std::fprintf(stderr,
                    "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
                    "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
-                   (long long)step, (long long)total_steps, (long long)(step * store.batch_tokens),
+                   (long long)step, (long long)total_steps, (long long)(step * global_batch),
                    rate, 100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
                    l0 / double(jobs.size()), ev / double(jobs.size()),
                    fmt_bytes(double(resident_bytes())).c_str(),
-                   double(total_steps - step) * store.batch_tokens / std::max(rate, 1e-9));
+                   double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
     if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
   }
@@ -340,8 +521,9 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   std::vector<std::vector<int32_t>> ce_windows(
       heldout.windows.begin(),
       heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
-  ojson summary = ojson::object();
+  ojson summary = ojson::object(), my_results = ojson::array();
   for (Job& j : jobs) {
+    if (!j.trainer) continue;  // another rank's
     j.trainer->finish();
     const train::EvalResult& r = j.trainer->final_eval();
     j.result = {{"layer", j.layer},
@@ -368,9 +550,19 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     fs::create_directories(dst.parent_path());
     fs::remove_all(dst, ec);
     fs::rename(fs::path(j.cfg.output_dir) / "sae", dst);
-    summary[j.variant][j.hook] = j.result;
+    my_results.push_back({{"variant", j.variant}, {"hook", j.hook}, {"result", j.result}});
   }
-  const int64_t tokens = jobs.front().trainer->step() * store.batch_tokens;
+  // Every rank's results to rank 0, which writes release.json and the model card.
+  for (const std::string& part : dist::allgather_strings(comm, my_results.dump()))
+    for (const auto& r : ojson::parse(part))
+      summary[r["variant"].get<std::string>()][r["hook"].get<std::string>()] = r["result"];
+  // In job order (variant, then layer), whichever rank trained each.
+  ojson ordered = ojson::object();
+  for (const Job& j : jobs) ordered[j.variant][j.hook] = summary[j.variant][j.hook];
+  summary = ordered;
+  std::vector<double> forwarded = {double(acts.tokens_forwarded())};
+  comm.allreduce_sum(forwarded);
+  const int64_t tokens = step * global_batch;
   // How the SAEs were trained: what must be equal for groups of layers to merge (release_merge.h)
   // and everything the model card says.
   ojson variants = ojson::object();
@@ -389,7 +581,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                         {"context_size", store.windows.context_size},
                         {"packed", opt.store.windows.concat},
                         {"training_tokens", tokens},
-                        {"batch_size", jobs.front().cfg.batch_size},
+                        {"batch_size", global_batch},
                         {"buffer_tokens", acts.buffer_tokens()},
                         {"heldout_tokens", opt.heldout_tokens},
                         {"ce_windows", opt.ce_windows},
@@ -402,14 +594,18 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                    {"training_tokens", tokens},
                    {"context_size", store.windows.context_size},
                    {"corpus", names.corpus},
-                   {"tokens_forwarded", acts.tokens_forwarded()},
+                   {"tokens_forwarded", int64_t(forwarded[0])},
                    {"recipe", recipe},
                    {"results", summary}};
-  write_file_atomic((out / "release.json").string(), release.dump(2) + "\n");
-  write_file_atomic((out / "README.md").string(), model_card(release));
+  if (n_ranks > 1) release["ranks"] = n_ranks;
+  if (lead) {
+    write_file_atomic((out / "release.json").string(), release.dump(2) + "\n");
+    write_file_atomic((out / "README.md").string(), model_card(release));
+  }
   write_state();  // finish() saved every SAE's final checkpoint
   const double t_end = now_seconds();
-  std::fprintf(
+  if (lead)
+    std::fprintf(
       stderr,
       "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
       "%s against the plan's %s\n"
