@@ -44,7 +44,10 @@ Runner add_cache(CLI::App& app) {
                   "Exit 0 after this many shards (continue later with --resume)");
   return [=] {
     pipeline::CacheOptions c = o->c;
-    c.model_dir = model::resolve_checkpoint(c.model_dir).folder;
+    const model::Checkpoint ckpt = model::resolve_checkpoint(c.model_dir);
+    c.model_dir = ckpt.folder;
+    c.model_name = ckpt.name;
+    c.model_id = ckpt.repo_id.empty() ? ckpt.name : ckpt.repo_id;
     const model::Gemma2Config mcfg = model::read_gemma2_config(c.model_dir);
     c.layers = parse_layers(o->layers, mcfg.num_layers);
     c.total_tokens = parse_count("--tokens", o->tokens);

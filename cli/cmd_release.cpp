@@ -1,5 +1,6 @@
 // sae release: text corpus + Gemma-2 -> Matryoshka SAEs per (variant, layer) -> a release
 // folder in SAELens layout with a model card (docs/release.md).
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 
@@ -7,6 +8,7 @@
 #include "core/error.h"
 #include "model/checkpoint.h"
 #include "model/gemma2_config.h"
+#include "pipeline/activation_cache.h"
 #include "pipeline/release.h"
 #include "pipeline/release_merge.h"
 #include "prompts.h"
@@ -86,12 +88,15 @@ Runner add_release(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->r.model,
-                  "Gemma-2 checkpoint: a folder or a Hugging Face repo id (e.g. google/gemma-2-2b)")
-      ->required();
+                  "Gemma-2 checkpoint: a folder or a Hugging Face repo id (e.g. google/gemma-2-2b)");
   cmd->add_option("--dataset", o->r.corpus.shards,
-                  "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)")
-      ->required();
-  cmd->add_option("--layers", o->layers, "Layers, e.g. 0-24 or 3,12")->required();
+                  "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)");
+  cmd->add_option("--layers", o->layers,
+                  "Layers, e.g. 0-24 or 3,12 (with --from-cache: default the cache's)");
+  cmd->add_option("--from-cache", o->r.from_cache,
+                  "Train from an activation cache (sae cache) instead of running the model: "
+                  "hook, layers, windows and corpus from its cache.json; its last shards are "
+                  "the held-out rows");
   cmd->add_option("--variants", o->variants, "standard,snap (or preset names)");
   cmd->add_option("--tokens", o->tokens, "Training tokens per SAE, e.g. 750M (default: preset)");
   cmd->add_option("-o,--output", o->r.output_dir, "Release folder (default out/release)");
@@ -129,9 +134,22 @@ Runner add_release(CLI::App& app) {
       ->check(CLI::IsMember({"modules"}));
   return [=] {
     pipeline::ReleaseOptions r = o->r;
-    r.model = model::resolve_checkpoint(r.model).folder;  // once, before the layers are checked
-    const model::Gemma2Config mcfg = model::read_gemma2_config(r.model);
-    r.layers = parse_layers(o->layers, mcfg.num_layers);
+    if (!r.from_cache.empty()) {
+      if (!r.model.empty() || !r.corpus.shards.empty())
+        fail("--from-cache", r.from_cache,
+             "takes the model and the corpus from the cache: drop --model and --dataset");
+      const pipeline::CacheManifest c = pipeline::read_cache_manifest(r.from_cache);
+      if (!o->layers.empty())
+        r.layers = parse_layers(o->layers, *std::max_element(c.layers.begin(), c.layers.end()) + 1);
+    } else {
+      for (auto [name, missing] : {std::pair{"--model", r.model.empty()},
+                                   std::pair{"--dataset", r.corpus.shards.empty()},
+                                   std::pair{"--layers", o->layers.empty()}})
+        if (missing) fail(name, "", "required (or --from-cache CACHE)");
+      r.model = model::resolve_checkpoint(r.model).folder;  // once, before the layers are checked
+      const model::Gemma2Config mcfg = model::read_gemma2_config(r.model);
+      r.layers = parse_layers(o->layers, mcfg.num_layers);
+    }
     r.variants = split_commas(o->variants);
     if (!o->tokens.empty()) r.total_tokens = parse_count("--tokens", o->tokens);
     r.corpus.holdout_every = o->holdout_every;

@@ -342,6 +342,76 @@ TEST(Release, ModuleParallelStopsAndResumes) {
     }
 }
 
+// A release trained from an activation cache (no model): the hook, layers, windows and corpus
+// come from cache.json, the last shard is the held-out set, and under mpirun each rank reads
+// every N-th shard; the SAEs load and agree across the two; bad uses are clear errors.
+TEST(Release, FromCacheInOneProcessAndModuleParallel) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), cache = dir / "cache";
+  auto r = test::run_cli("cache --model " + kModel + " --dataset '" + corpus +
+                         "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
+                         "--prompts-per-forward 4 --tokens 20480 -o " + cache);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string args =
+      "release --from-cache " + cache +
+      " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
+      "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
+      "--set training.batch_size=64 --set training.checkpoint_every_steps=50 "
+      "--set optimizer.lr=3e-3 -o ";
+  r = test::run_cli(args + (dir / "one"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto one = read_json_file(dir / "one/release.json");
+  EXPECT_EQ(one["from_cache"]["heldout_shards"], 1);
+  EXPECT_EQ(one["from_cache"]["trained_shards"], 19);
+  EXPECT_EQ(one["tokens_forwarded"], 0) << "no model ran";
+  EXPECT_EQ(one["hook"], "resid_post");
+  EXPECT_EQ(one["corpus"]["shards"][0], fs::path(corpus).filename().string());
+  const std::string card = test::read_bytes(dir / "one/README.md");
+  EXPECT_NE(card.find("Trained from an activation cache"), std::string::npos) << card;
+  EXPECT_EQ(card.find("CE-loss score"), std::string::npos) << "no model, no CE-loss score";
+  // The held-out rows are the first 512 of the last shard, never trained on.
+  SafetensorsFile last(cache + "/blocks.2.hook_resid_post/shard-00019.safetensors");
+  const std::vector<float> held = last.read_f32("activations");
+  const LoadedSae l2 =
+      load_from_disk(resolve_pretrained(dir / "one", "snap/blocks.2.hook_resid_post"));
+  const Metrics m2 = evaluate_in_batches(l2.sae, {held.data(), size_t(512 * 64)}, 512, 512);
+  EXPECT_NEAR(one["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(),
+              m2.explained_variance, 1e-5);
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      EXPECT_EQ(one["results"][variant][hook]["training_tokens"], 12800);
+      EXPECT_GT(one["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
+    }
+
+  // Bad uses.
+  r = test::run_cli(args + (dir / "bad") + " --model " + kModel);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("drop --model"), std::string::npos) << r.output;
+  r = test::run_cli("release --from-cache " + (dir / "nothing") + " -o " + (dir / "bad"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("nothing/cache.json"), std::string::npos) << r.output;
+  r = test::run_cli(args + (dir / "bad") + " --layers 1");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("the cache holds no layer 1"), std::string::npos) << r.output;
+  r = test::run_cli("release --layers 0 -o " + (dir / "bad"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "bad"));
+
+  if (std::string(SAECPP_MPIEXEC).empty()) return;  // the rest needs MPI
+  r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("reads every N-th shard of the cache"), std::string::npos) << r.output;
+  const auto two = read_json_file(dir / "two/release.json");
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      SCOPED_TRACE(variant + "/" + hook);
+      EXPECT_NEAR(two["results"][variant][hook]["explained_variance"].get<double>(),
+                  one["results"][variant][hook]["explained_variance"].get<double>(), 0.02);
+      EXPECT_TRUE(fs::exists(dir / ("two/" + variant + "/" + hook + "/sae_weights.safetensors")));
+    }
+}
+
 TEST(Release, BadInputs) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "release";

@@ -114,6 +114,8 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
     manifest["corpus_next_document"] = corpus.next_document();
     manifest["complete"] = complete;
     manifest["hidden_size"] = d;
+    manifest["model_name"] = opt.model_name;
+    manifest["model_id"] = opt.model_id;
     write_file_atomic(manifest_path.string(), manifest.dump(2) + "\n");
   };
 
@@ -185,6 +187,68 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
   std::fprintf(stderr, "cache: %lld shards of %lld tokens per layer in %s\n",
                (long long)shards_done, (long long)opt.shard_tokens, out.string().c_str());
   return shards_done == n_shards;
+}
+
+CacheManifest read_cache_manifest(const std::string& folder) {
+  CacheManifest c;
+  c.folder = folder;
+  const std::string where = (fs::path(folder) / "cache.json").string();
+  if (!fs::exists(where)) fail(where, "cache.json", "no activation cache here (sae cache writes one)");
+  c.json = json::parse(read_json_file(where).dump());
+  if (c.json.value("version", 0) != kCacheVersion)
+    fail(where, "version", "unsupported cache version");
+  try {
+    c.hook = c.json.at("hook").get<std::string>();
+    c.layers = c.json.at("layers").get<std::vector<int64_t>>();
+    c.shards = c.json.at("shards").get<int64_t>();
+    c.shard_tokens = c.json.at("shard_tokens").get<int64_t>();
+    c.hidden_size = c.json.at("hidden_size").get<int64_t>();
+    c.model_name = c.json.value("model_name", std::string());
+    c.model_id = c.json.value("model_id", std::string());
+  } catch (const json::exception& e) {
+    fail(where, "fields", e.what());
+  }
+  if (c.shards <= 0) fail(where, "shards", "the cache holds no complete shard yet");
+  return c;
+}
+
+CacheRows::CacheRows(const CacheManifest& c, std::vector<int64_t> layers,
+                     std::vector<int64_t> shards)
+    : c_(c), layers_(std::move(layers)), shards_(std::move(shards)) {}
+
+int64_t CacheRows::next_shard() const {
+  const size_t next = shard_pos_ + (row_ > 0 ? 1 : 0);
+  return next < shards_.size() ? shards_[next] : (shards_.empty() ? 0 : shards_.back() + 1);
+}
+
+int64_t CacheRows::read(const std::vector<float*>& dst, int64_t max_rows) {
+  const model::HookPoint point = model::parse_hook_kind(c_.hook);
+  const int64_t S = c_.shard_tokens, d = c_.hidden_size;
+  int64_t done = 0;
+  while (done < max_rows && shard_pos_ < shards_.size()) {
+    if (open_.empty())
+      for (int64_t l : layers_) {
+        const std::string path = (fs::path(c_.folder) / model::hook_name(point, l) /
+                                  shard_name(shards_[shard_pos_]))
+                                     .string();
+        open_.push_back(std::make_unique<SafetensorsFile>(path));
+        const TensorInfo& t = open_.back()->info("activations");
+        if (t.shape != std::vector<int64_t>{S, d} || !dtype_is_float(t.dtype))
+          fail(path, "activations",
+               cat("expected a float tensor [", S, ", ", d, "] as cache.json says"));
+      }
+    const int64_t n = std::min(max_rows - done, S - row_);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const TensorInfo& t = open_[i]->info("activations");
+      const uint8_t* base = open_[i]->bytes(t).data();
+      const size_t width = dtype_size(t.dtype);
+      convert_to_f32(t.dtype, base + size_t(row_ * d) * width, dst[i] + done * d, size_t(n * d));
+    }
+    done += n, row_ += n;
+    if (row_ == S) open_.clear(), row_ = 0, ++shard_pos_;
+  }
+  rows_read_ += done;
+  return done;
 }
 
 }  // namespace sae::pipeline

@@ -12,11 +12,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "data/context_windows.h"
 #include "data/corpus.h"
+#include "io/safetensors.h"
+#include "nlohmann/json.hpp"
 
 namespace sae::pipeline {
 
@@ -30,10 +33,43 @@ struct CacheOptions {
   int64_t prompts_per_forward = 8;
   int64_t total_tokens = 0;  // per layer (rounded down to whole shards)
   int64_t shard_tokens = 1 << 16;
+  std::string model_name, model_id;  // recorded for what is trained from the cache
   std::string dtype = "f32";  // activations stored as f32 or bf16
   bool keep_bf16 = false;     // model weights kept in bf16
   bool resume = false;
   int64_t stop_after_shards = 0;  // > 0: return after writing this many shard sets (slices)
+};
+
+// A cache read back (`sae release --from-cache`): its manifest, checked.
+struct CacheManifest {
+  std::string folder;
+  nlohmann::json json;  // cache.json as written
+  std::string hook;     // resid_post, ...
+  std::vector<int64_t> layers;
+  int64_t shards = 0, shard_tokens = 0, hidden_size = 0;
+  std::string model_name, model_id;  // as `sae cache` resolved them ("" in older caches)
+};
+// Throws sae::Error naming cache.json and the field when it is missing or malformed.
+CacheManifest read_cache_manifest(const std::string& folder);
+
+// The rows of some of a cache's shards, for several layers, in the order given, a few at a time
+// (memory-mapped: a shard is never read whole). Errors name the shard file and the tensor.
+class CacheRows {
+ public:
+  CacheRows(const CacheManifest& c, std::vector<int64_t> layers, std::vector<int64_t> shards);
+  // Up to max_rows next rows of each layer into dst[i] ([rows, d]); 0 when every shard is read.
+  int64_t read(const std::vector<float*>& dst, int64_t max_rows);
+  // The first shard (by index) not begun yet: where a resumed run continues.
+  int64_t next_shard() const;
+  int64_t rows_read() const { return rows_read_; }
+
+ private:
+  const CacheManifest& c_;
+  std::vector<int64_t> layers_, shards_;
+  size_t shard_pos_ = 0;  // index into shards_ of the open shard
+  int64_t row_ = 0;       // next row in it
+  std::vector<std::unique_ptr<SafetensorsFile>> open_;  // per layer
+  int64_t rows_read_ = 0;
 };
 
 // Bytes the cache will take on disk.

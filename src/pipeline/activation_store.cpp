@@ -47,8 +47,8 @@ bool WindowStream::next(std::vector<int32_t>& window) {
 ActivationStore::ActivationStore(const model::Gemma2& m, WindowStream& windows,
                                  model::HookPoint point, std::vector<int64_t> layers,
                                  StoreConfig cfg, std::vector<int32_t> special)
-    : m_(m),
-      windows_(windows),
+    : m_(&m),
+      windows_(&windows),
       point_(point),
       layers_(std::move(layers)),
       cfg_(cfg),
@@ -56,41 +56,56 @@ ActivationStore::ActivationStore(const model::Gemma2& m, WindowStream& windows,
       d_(m.cfg.hidden_size),
       rng_(cfg.seed) {
   if (layers_.empty()) fail("activation store", "layers", "none asked for");
-  const int64_t forward_tokens = cfg_.prompts_per_forward * cfg_.windows.context_size;
-  capacity_ = cfg_.n_batches_in_buffer * forward_tokens;
+  fill_ = [this](const std::vector<float*>& dst) { return forward_once(dst); };
+  allocate(cfg_.prompts_per_forward * cfg_.windows.context_size, layers_.size());
+}
+
+ActivationStore::ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers,
+                                 StoreConfig cfg)
+    : cfg_(cfg), fill_(std::move(fill)), d_(d), rng_(cfg.seed) {
+  if (n_layers == 0) fail("activation store", "layers", "none asked for");
+  allocate(max_fill_rows, n_layers);
+}
+
+void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers) {
+  capacity_ = cfg_.n_batches_in_buffer * cfg_.prompts_per_forward * cfg_.windows.context_size;
   if (capacity_ < 2 * cfg_.batch_tokens)
     fail("activation store", "n_batches_in_buffer",
          cat("the buffer (", capacity_, " tokens) must hold at least two training batches of ",
              cfg_.batch_tokens, " tokens"));
-  // Room for a full buffer plus one forward's worth of overshoot.
-  buf_.assign(layers_.size(), std::vector<float>(size_t((capacity_ + forward_tokens) * d_)));
+  // Room for a full buffer plus one fill's worth of overshoot.
+  buf_.assign(n_layers, std::vector<float>(size_t((capacity_ + max_fill_rows) * d_)));
 }
 
-bool ActivationStore::forward_once() {
+int64_t ActivationStore::forward_once(const std::vector<float*>& dst) {
   model::TokenBatch batch;
   std::vector<int32_t> w;
-  for (int64_t p = 0; p < cfg_.prompts_per_forward && windows_.next(w); ++p) batch.add(w);
-  if (batch.n_prompts() == 0) return false;
+  for (int64_t p = 0; p < cfg_.prompts_per_forward && windows_->next(w); ++p) batch.add(w);
+  if (batch.n_prompts() == 0) return 0;
   const std::vector<uint8_t> keep =
       non_special(batch.ids, cfg_.exclude_special ? special_ : std::vector<int32_t>{});
   const int64_t n_keep = std::count(keep.begin(), keep.end(), uint8_t(1));
   const double t0 = now_seconds();
-  m_.forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+  m_->forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
     auto it = std::find(layers_.begin(), layers_.end(), l);
     if (p != point_ || it == layers_.end()) return;
-    float* dst = buf_[size_t(it - layers_.begin())].data() + rows_ * d_;
+    float* out = dst[size_t(it - layers_.begin())];
     for (int64_t t = 0; t < n; ++t)
-      if (keep[size_t(t)]) std::memcpy(dst, a + t * d_, size_t(d_) * 4), dst += d_;
+      if (keep[size_t(t)]) std::memcpy(out, a + t * d_, size_t(d_) * 4), out += d_;
   });
   forward_seconds_ += now_seconds() - t0;
   tokens_forwarded_ += batch.n_tokens();
-  rows_ += n_keep;
-  return true;
+  return n_keep;
 }
 
 void ActivationStore::refill() {
-  while (rows_ < capacity_ && !exhausted_)
-    if (!forward_once()) exhausted_ = true;
+  std::vector<float*> dst(buf_.size());
+  while (rows_ < capacity_ && !exhausted_) {
+    for (size_t i = 0; i < buf_.size(); ++i) dst[i] = buf_[i].data() + rows_ * d_;
+    const int64_t added = fill_(dst);
+    if (added == 0) exhausted_ = true;
+    rows_ += added;
+  }
   // Shuffle all rows with one permutation shared by the layers.
   std::vector<int64_t> perm(static_cast<size_t>(rows_));
   std::iota(perm.begin(), perm.end(), 0);
@@ -109,7 +124,7 @@ void ActivationStore::refill() {
 }
 
 bool ActivationStore::next_batch(const std::vector<float*>& out) {
-  if (out.size() != layers_.size()) fail("activation store", "out", "one pointer per layer");
+  if (out.size() != buf_.size()) fail("activation store", "out", "one pointer per layer");
   if (serve_begin_ == serve_end_) {
     // Drop what was served, keep the rest at the front, fill up and shuffle again.
     for (auto& b : buf_)
@@ -119,7 +134,7 @@ bool ActivationStore::next_batch(const std::vector<float*>& out) {
     refill();
     if (serve_begin_ == serve_end_) return false;
   }
-  for (size_t i = 0; i < layers_.size(); ++i)
+  for (size_t i = 0; i < buf_.size(); ++i)
     std::memcpy(out[i], buf_[i].data() + serve_begin_ * d_, size_t(cfg_.batch_tokens * d_) * 4);
   serve_begin_ += cfg_.batch_tokens;
   return true;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <span>
 #include <string>
@@ -52,10 +53,19 @@ class WindowStream {
   int64_t windows_ = 0;
 };
 
+// Where the store's rows come from: each call appends up to `max_rows` rows of every layer at
+// dst[i] ([rows, d] each) and returns how many (0: no more).
+using RowFill = std::function<int64_t(const std::vector<float*>& dst)>;
+
 class ActivationStore {
  public:
+  // Rows from the model's forward over the windows.
   ActivationStore(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
                   std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
+  // Rows from elsewhere (an activation cache): `fill` appends at most `max_fill_rows` rows of
+  // each of `n_layers` layers of width d per call.
+  ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers,
+                  StoreConfig cfg);
   // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i]; false when the
   // corpus ran out before a whole batch.
   bool next_batch(const std::vector<float*>& out);
@@ -65,15 +75,17 @@ class ActivationStore {
   int64_t buffer_tokens() const { return capacity_; }
 
  private:
-  bool forward_once();  // one forward into the buffers; false at the end of the corpus
-  void refill();        // forward until full (or the corpus ends), shuffle, mark the serving half
+  int64_t forward_once(const std::vector<float*>& dst);  // one forward: rows appended
+  void allocate(int64_t max_fill_rows, size_t n_layers);
+  void refill();  // fill until full (or the rows end), shuffle, mark the serving half
 
-  const model::Gemma2& m_;
-  WindowStream& windows_;
-  model::HookPoint point_;
+  const model::Gemma2* m_ = nullptr;
+  WindowStream* windows_ = nullptr;
+  model::HookPoint point_ = model::HookPoint::ResidPost;
   std::vector<int64_t> layers_;
   StoreConfig cfg_;
   std::vector<int32_t> special_;
+  RowFill fill_;
   int64_t d_ = 0, capacity_ = 0;
   std::vector<std::vector<float>> buf_;  // per layer, [rows, d]
   int64_t rows_ = 0;                     // filled rows

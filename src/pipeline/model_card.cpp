@@ -27,6 +27,14 @@ std::string model_card(const nlohmann::ordered_json& release) {
   md << "- " << r.at("training_tokens").get<int64_t>() << " training tokens per SAE, batches of "
      << r.at("batch_size").get<int64_t>() << " tokens from a shuffled buffer of "
      << r.at("buffer_tokens").get<int64_t>() << " tokens\n";
+  if (release.contains("from_cache")) {
+    const auto& c = release.at("from_cache");
+    md << "- Trained from an activation cache (`sae cache`) of " << c.at("shards").get<int64_t>()
+       << " shards of " << c.at("shard_tokens").get<int64_t>() << " tokens: "
+       << c.at("trained_shards").get<int64_t>() << " trained on, the last "
+       << c.at("heldout_shards").get<int64_t>()
+       << " held out for the evaluation below (training-split documents never trained on)\n";
+  }
   md << "- Corpus shards:";
   for (const auto& sh : r.at("corpus").at("shards")) md << " `" << sh.get<std::string>() << "`";
   const auto& variants = r.at("variants");

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "core/clock.h"
@@ -15,6 +16,7 @@
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "model/checkpoint.h"
+#include "pipeline/activation_cache.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/model_card.h"
@@ -242,9 +244,28 @@ class BatchExchange {
   std::vector<float> send_, recv_;
 };
 
+// A release from an activation cache takes what the cache was made with from its cache.json.
+ReleaseOptions options_from_cache(ReleaseOptions o, const CacheManifest& c) {
+  const std::string where = (fs::path(c.folder) / "cache.json").string();
+  o.hook = c.hook;
+  if (o.layers.empty()) o.layers = c.layers;
+  for (int64_t l : o.layers)
+    if (std::find(c.layers.begin(), c.layers.end(), l) == c.layers.end())
+      fail(where, "layers", cat("the cache holds no layer ", l));
+  o.store.windows.context_size = c.json.at("context_size").get<int64_t>();
+  o.store.windows.concat = c.json.at("concat").get<bool>();
+  o.corpus = data::CorpusConfig::from_json(c.json.at("corpus"), where);
+  o.ce_windows = 0;  // no model
+  return o;
+}
+
 }  // namespace
 
-bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
+bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
+  const bool from_cache = !options.from_cache.empty();
+  std::optional<CacheManifest> cache;
+  if (from_cache) cache = read_cache_manifest(options.from_cache);
+  const ReleaseOptions opt = from_cache ? options_from_cache(options, *cache) : options;
   // Launched as several ranks (mpirun): module parallel; each rank trains its own SAEs.
   dist::Comm& comm = dist::world();
   const int rank = comm.rank(), n_ranks = comm.size();
@@ -270,9 +291,21 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
          cat("this release was run with another number of ranks than ", n_ranks,
              ": resume it with the same mpirun -np"));
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
-  const model::Checkpoint ckpt = model::resolve_checkpoint(opt.model);
+  // The model: its checkpoint, or (from a cache) only its names and width.
+  model::Checkpoint ckpt;
+  model::Gemma2Config mcfg;
+  if (from_cache) {
+    const std::string path = cache->json.value("model", std::string());
+    ckpt.name = !cache->model_name.empty() ? cache->model_name
+                                           : fs::path(path).filename().string();
+    ckpt.repo_id = cache->model_id;
+    mcfg.hidden_size = cache->hidden_size;
+    mcfg.num_layers = *std::max_element(cache->layers.begin(), cache->layers.end()) + 1;
+  } else {
+    ckpt = model::resolve_checkpoint(opt.model);
+    mcfg = model::read_gemma2_config(ckpt.folder);
+  }
   const PublishedNames names = published_names(opt, ckpt);
-  const model::Gemma2Config mcfg = model::read_gemma2_config(ckpt.folder);
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
   std::vector<Job> jobs = make_jobs(opt, names, layers, point, work);
@@ -293,7 +326,8 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
 
   // The memory plan, before anything large is allocated.
   const int64_t last_needed = opt.ce_windows > 0 ? mcfg.num_layers - 1 : layers.back();
-  const double model_b = double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16));
+  const double model_b =
+      from_cache ? 0.0 : double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16));
   double saes_b = 0;
   for (size_t i = 0; i < jobs.size(); ++i)
     if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
@@ -315,9 +349,12 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                   fmt_bytes(model_b + saes_b + buffer_b)));
     if (lead) {
       std::fprintf(stderr,
-                   "release: module parallel over %d ranks (%s): each forwards its share of the "
-                   "corpus (%lld-%lld rows of every batch) and trains its SAEs on all ranks' rows\n",
-                   n_ranks, comm.transport().c_str(), (long long)(global_batch / n_ranks),
+                   "release: module parallel over %d ranks (%s): each %s (%lld-%lld rows of "
+                   "every batch) and trains its SAEs on all ranks' rows\n",
+                   n_ranks, comm.transport().c_str(),
+                   from_cache ? "reads every N-th shard of the cache"
+                              : "forwards its share of the corpus",
+                   (long long)(global_batch / n_ranks),
                    (long long)((global_batch + n_ranks - 1) / n_ranks));
       for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
     }
@@ -329,25 +366,52 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   const double plan_bytes = model_b + saes_b + buffer_b;
 
   const double t_load = now_seconds();
-  const model::Gemma2 m = model::Gemma2::load(
-      ckpt.folder, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
-  const model::Tokenizer tok((fs::path(ckpt.folder) / "tokenizer.model").string());
-  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
-  store.windows.bos_id = tok.bos_id();
-  if (store.windows.separator_id) store.windows.separator_id = tok.bos_id();
+  std::optional<model::Gemma2> model;  // none when training from a cache
+  std::optional<model::Tokenizer> tok;
+  std::vector<int32_t> special;
+  if (!from_cache) {
+    model = model::Gemma2::load(
+        ckpt.folder, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
+    tok.emplace((fs::path(ckpt.folder) / "tokenizer.model").string());
+    special = {tok->bos_id(), tok->eos_id(), tok->pad_id()};
+    store.windows.bos_id = tok->bos_id();
+    if (store.windows.separator_id) store.windows.separator_id = tok->bos_id();
+  }
+
+  // A cache's last shards are its held-out rows; the others are trained on.
+  int64_t cache_train_shards = 0, cache_heldout_shards = 0;
+  if (from_cache) {
+    cache_heldout_shards = (opt.heldout_tokens + cache->shard_tokens - 1) / cache->shard_tokens;
+    cache_train_shards = cache->shards - cache_heldout_shards;
+    if (cache_train_shards < n_ranks)
+      fail((fs::path(cache->folder) / "cache.json").string(), "shards",
+           cat(cache->shards, " shards: ", cache_heldout_shards, " held out for ",
+               opt.heldout_tokens, " held-out tokens leave fewer than one shard per rank (",
+               n_ranks, ") to train on"));
+  }
 
   // Held-out activations (recomputed on resume: deterministic).
   const double t_heldout = now_seconds();
-  data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
-  WindowStream heldout_windows(heldout_corpus, tok, store.windows);
   // Each rank keeps the held-out activations of the layers it trains (my_slot: index there).
   std::vector<int64_t> my_layers;
   std::vector<int64_t> my_slot(layers.size(), -1);
   for (size_t s = 0; s < layers.size(); ++s)
     if (wants[size_t(rank)][s]) my_slot[s] = int64_t(my_layers.size()), my_layers.push_back(layers[s]);
   Heldout heldout;
-  if (!my_layers.empty())  // (a rank that trains no SAE only forwards)
-    heldout = collect_heldout(m, heldout_windows, point, my_layers, opt.heldout_tokens, special);
+  if (!my_layers.empty() && from_cache) {
+    std::vector<int64_t> held_shards;
+    for (int64_t i = cache_train_shards; i < cache->shards; ++i) held_shards.push_back(i);
+    CacheRows rows(*cache, my_layers, held_shards);
+    heldout.acts.assign(my_layers.size(), std::vector<float>(size_t(opt.heldout_tokens * d)));
+    std::vector<float*> dst;
+    for (auto& a : heldout.acts) dst.push_back(a.data());
+    heldout.n = rows.read(dst, opt.heldout_tokens);
+  } else if (!my_layers.empty()) {  // (a rank that trains no SAE only forwards)
+    data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
+    WindowStream heldout_windows(heldout_corpus, *tok, store.windows);
+    heldout =
+        collect_heldout(*model, heldout_windows, point, my_layers, opt.heldout_tokens, special);
+  }
   if (!my_layers.empty() && heldout.n == 0)
     std::fprintf(stderr, "warning: no held-out tokens (corpus.holdout_every = %lld)\n",
                  (long long)opt.corpus.holdout_every);
@@ -359,22 +423,40 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     json st = json::parse(read_json_file(state_path.string()).dump());
     if (st.value("version", 0) != kStateVersion)
       fail(state_path.string(), "version", "unsupported release state version");
-    corpus_pos = st.at("corpus_next_document").get<int64_t>();
+    corpus_pos = st.at(from_cache ? "cache_next_shard" : "corpus_next_document").get<int64_t>();
     state_step = st.at("step").get<int64_t>();
   }
-  data::Corpus corpus(opt.corpus, data::Split::Train);
-  if (n_ranks > 1) corpus.take_share(rank, n_ranks);
-  corpus.seek(corpus_pos);
-  WindowStream windows(corpus, tok, store.windows);
-  ActivationStore acts(m, windows, point, layers, store, special);
+  // The rows: this rank's share of the corpus through the model, or of the cache's shards.
+  std::optional<data::Corpus> corpus;
+  std::optional<WindowStream> windows;
+  std::optional<CacheRows> cache_rows;
+  std::optional<ActivationStore> acts_store;
+  const int64_t fill_rows = store.prompts_per_forward * store.windows.context_size;
+  if (from_cache) {
+    std::vector<int64_t> shards;  // every N-th training shard from where this rank stood
+    for (int64_t i = rank; i < cache_train_shards; i += n_ranks)
+      if (i >= corpus_pos) shards.push_back(i);
+    cache_rows.emplace(*cache, layers, shards);
+    acts_store.emplace([&](const std::vector<float*>& dst) { return cache_rows->read(dst, fill_rows); },
+                       fill_rows, d, layers.size(), store);
+  } else {
+    corpus.emplace(opt.corpus, data::Split::Train);
+    if (n_ranks > 1) corpus->take_share(rank, n_ranks);
+    corpus->seek(corpus_pos);
+    windows.emplace(*corpus, *tok, store.windows);
+    acts_store.emplace(*model, *windows, point, layers, store, special);
+  }
+  ActivationStore& acts = *acts_store;
+  const std::string data_what =
+      from_cache ? cat("the activation cache ", fs::path(cache->folder).filename().string())
+                 : cat(corpus->shard_paths().size(), " shard(s)");
 
   std::vector<std::unique_ptr<LayerSource>> sources(layers.size());
   for (size_t s = 0; s < layers.size(); ++s)
     if (my_slot[s] >= 0)
       sources[s] = std::make_unique<LayerSource>(
           d, heldout.acts[size_t(my_slot[s])], heldout.n,
-          cat(opt.hook, " of layer ", layers[s], " from ", corpus.shard_paths().size(),
-              " shard(s)"));
+          cat(opt.hook, " of layer ", layers[s], " from ", data_what));
   // local: this rank's rows of each layer's batch; batch: the whole batch of the layers this
   // rank trains (one process: the same buffers).
   std::vector<float*> ptrs(layers.size());
@@ -444,15 +526,17 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
     std::fprintf(stderr, "release: SAE checkpoints at step %lld, release state at %lld\n",
                  (long long)step, (long long)state_step);
   if (lead)
-    std::fprintf(stderr, "release: %s at step %lld of %lld (corpus document %lld)\n",
+    std::fprintf(stderr, "release: %s at step %lld of %lld (%s %lld)\n",
                  step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
-                 (long long)corpus_pos);
+                 from_cache ? "cache shard" : "corpus document", (long long)corpus_pos);
 
   auto write_state = [&] {
-    write_file_atomic(state_path.string(), json{{"version", kStateVersion},
-                                                {"step", step},
-                                                {"corpus_next_document", corpus.next_document()}}
-                                               .dump(2));
+    json st = {{"version", kStateVersion}, {"step", step}};
+    if (from_cache)
+      st["cache_next_shard"] = cache_rows->next_shard();
+    else
+      st["corpus_next_document"] = corpus->next_document();
+    write_file_atomic(state_path.string(), st.dump(2));
   };
   auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
     for (Job& j : jobs)
@@ -539,7 +623,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                 {"training_tokens", j.trainer->step() * j.cfg.batch_size}};
     if (!ce_windows.empty()) {
       const Sae s = j.trainer->inference_sae();
-      const LmScore sc = lm_score(m, s, point, j.layer, ce_windows);
+      const LmScore sc = lm_score(*model, s, point, j.layer, ce_windows);
       j.result["ce_loss_score"] = sc.ce_loss_score;
       j.result["lm_score"] = ojson::parse(sc.to_json().dump());
     }
@@ -560,7 +644,7 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
   ojson ordered = ojson::object();
   for (const Job& j : jobs) ordered[j.variant][j.hook] = summary[j.variant][j.hook];
   summary = ordered;
-  std::vector<double> forwarded = {double(acts.tokens_forwarded())};
+  std::vector<double> forwarded = {double(from_cache ? 0 : acts.tokens_forwarded())};
   comm.allreduce_sum(forwarded);
   const int64_t tokens = step * global_batch;
   // How the SAEs were trained: what must be equal for groups of layers to merge (release_merge.h)
@@ -598,6 +682,11 @@ bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop) {
                    {"recipe", recipe},
                    {"results", summary}};
   if (n_ranks > 1) release["ranks"] = n_ranks;
+  if (from_cache)  // where the activations came from, and which of them were held out
+    release["from_cache"] = {{"shards", cache->shards},
+                             {"shard_tokens", cache->shard_tokens},
+                             {"trained_shards", cache_train_shards},
+                             {"heldout_shards", cache_heldout_shards}};
   if (lead) {
     write_file_atomic((out / "release.json").string(), release.dump(2) + "\n");
     write_file_atomic((out / "README.md").string(), model_card(release));

@@ -36,6 +36,11 @@ struct ReleaseOptions {
   // What the release publishes carries no local path (cfg.json, release.json, the model card):
   std::string model_name;    // metadata.model_name ("" = the checkpoint's name, e.g. gemma-2-2b)
   std::string dataset_name;  // metadata.dataset_path ("" = the shards' file names)
+  // Train from an activation cache (`sae cache`) instead of the model: the hook, the layers
+  // (default all of the cache's), the context windows and the corpus come from its cache.json;
+  // the held-out rows are its last shards (never trained on); no CE-loss score (no model).
+  // Module parallel: each rank reads every N-th shard.
+  std::string from_cache;
 };
 
 // Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every
