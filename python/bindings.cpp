@@ -108,6 +108,41 @@ py::dict metrics_dict(const Metrics& m, bool density) {
   return to_python(m.to_json(density));
 }
 
+// Runs a release on a worker thread while this (main) thread polls for Ctrl-C, which stops it
+// at the next step with everything checkpointed. Returns release.json, or None when stopped.
+py::object run_release_job(const pipeline::ReleaseOptions& o) {
+  std::atomic<bool> stop{false}, done{false};
+  bool finished = false;
+  std::exception_ptr error;
+  std::thread worker([&] {
+    ops::adopt_num_threads();  // OpenMP's thread count is per thread
+    try {
+      finished = pipeline::run_release(o, &stop);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    done = true;
+  });
+  std::unique_ptr<py::error_already_set> interrupted;
+  while (!done) {
+    {
+      py::gil_scoped_release nogil;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (!interrupted && PyErr_CheckSignals() != 0) {
+      interrupted = std::make_unique<py::error_already_set>();
+      stop = true;
+    }
+  }
+  worker.join();
+  if (error) std::rethrow_exception(error);
+  if (interrupted) throw std::move(*interrupted);
+  if (!finished) return py::none();
+  std::ifstream in(std::filesystem::path(o.output_dir) / "release.json");
+  const std::string text((std::istreambuf_iterator<char>(in)), {});
+  return py::module_::import("json").attr("loads")(text);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -486,38 +521,7 @@ PYBIND11_MODULE(_core, m) {
         o.resume = resume;
         o.stop_at_step = stop_at_step;
         o.log_every_steps = log_every;
-        // The job runs on a worker thread; this (main) thread polls for Ctrl-C, which stops it
-        // at the next step with everything checkpointed.
-        std::atomic<bool> stop{false}, done{false};
-        bool finished = false;
-        std::exception_ptr error;
-        std::thread worker([&] {
-          ops::adopt_num_threads();  // OpenMP's thread count is per thread
-          try {
-            finished = pipeline::run_release(o, &stop);
-          } catch (...) {
-            error = std::current_exception();
-          }
-          done = true;
-        });
-        std::unique_ptr<py::error_already_set> interrupted;
-        while (!done) {
-          {
-            py::gil_scoped_release nogil;
-            std::this_thread::sleep_for(std::chrono::milliseconds(50));
-          }
-          if (!interrupted && PyErr_CheckSignals() != 0) {
-            interrupted = std::make_unique<py::error_already_set>();
-            stop = true;
-          }
-        }
-        worker.join();
-        if (error) std::rethrow_exception(error);
-        if (interrupted) throw std::move(*interrupted);
-        if (!finished) return py::none();
-        std::ifstream in(std::filesystem::path(output) / "release.json");
-        const std::string text((std::istreambuf_iterator<char>(in)), {});
-        return py::module_::import("json").attr("loads")(text);
+        return run_release_job(o);
       },
       py::arg("model"), py::arg("dataset"), py::arg("layers"), py::arg("output"),
       py::arg("variants") = std::vector<std::string>{"standard", "snap"}, py::arg("tokens") = 0,
@@ -533,6 +537,41 @@ PYBIND11_MODULE(_core, m) {
       "release folder with a model card. overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
+
+  m.def(
+      "release_from_cache",
+      [](const std::string& cache, const std::string& output, std::vector<int64_t> layers,
+         std::vector<std::string> variants, int64_t tokens, std::vector<std::string> overrides,
+         int64_t prompts_per_forward, int64_t n_batches_in_buffer, int64_t heldout_tokens,
+         const std::string& model_name, const std::string& dataset_name, bool resume,
+         int64_t stop_at_step, int64_t log_every) -> py::object {
+        pipeline::ReleaseOptions o;
+        o.from_cache = cache;
+        o.layers = std::move(layers);
+        o.output_dir = output;
+        o.variants = std::move(variants);
+        o.total_tokens = tokens;
+        o.overrides = std::move(overrides);
+        o.store.prompts_per_forward = prompts_per_forward;
+        o.store.n_batches_in_buffer = n_batches_in_buffer;
+        o.heldout_tokens = heldout_tokens;
+        o.model_name = model_name;
+        o.dataset_name = dataset_name;
+        o.resume = resume;
+        o.stop_at_step = stop_at_step;
+        o.log_every_steps = log_every;
+        return run_release_job(o);
+      },
+      py::arg("cache"), py::arg("output"), py::arg("layers") = std::vector<int64_t>{},
+      py::arg("variants") = std::vector<std::string>{"standard", "snap"}, py::arg("tokens") = 0,
+      py::arg("overrides") = std::vector<std::string>{}, py::arg("prompts_per_forward") = 8,
+      py::arg("n_batches_in_buffer") = 4, py::arg("heldout_tokens") = 16384,
+      py::arg("model_name") = "", py::arg("dataset_name") = "", py::arg("resume") = false,
+      py::arg("stop_at_step") = 0, py::arg("log_every") = 100,
+      "`sae release --from-cache` (docs/release.md): the release trained from an activation "
+      "cache written by `sae cache`, without the model (layers: default all of the cache's; "
+      "its last shards are the held-out set; no CE-loss score). Returns release.json as a "
+      "dict, or None when stopped at stop_at_step.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2",

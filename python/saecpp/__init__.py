@@ -24,10 +24,11 @@ if _chose:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cuda_available,
-                              download, evaluate, presets, release, set_threads, threads, train)
+                              download, evaluate, presets, release, release_from_cache,
+                              set_threads, threads, train)
 finally:
     if _chose:
         del _os.environ["OMP_WAIT_POLICY"]
 
 __all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cuda_available", "download", "evaluate",
-           "presets", "release", "set_threads", "threads", "train"]
+           "presets", "release", "release_from_cache", "set_threads", "threads", "train"]

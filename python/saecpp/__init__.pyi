@@ -100,6 +100,23 @@ def release(
     log_every: int = 100,
 ) -> Optional[dict[str, Any]]: ...
 
+def release_from_cache(
+    cache: str,
+    output: str,
+    layers: list[int] = [],
+    variants: list[str] = ["standard", "snap"],
+    tokens: int = 0,
+    overrides: list[str] = [],
+    prompts_per_forward: int = 8,
+    n_batches_in_buffer: int = 4,
+    heldout_tokens: int = 16384,
+    model_name: str = "",
+    dataset_name: str = "",
+    resume: bool = False,
+    stop_at_step: int = 0,
+    log_every: int = 100,
+) -> Optional[dict[str, Any]]: ...
+
 class Gemma2:
     """A Gemma-2 checkpoint (a Hugging Face format folder, or a repo id such as
     'google/gemma-2-2b' fetched into the Hugging Face cache on a miss) and its tokenizer."""

@@ -74,3 +74,60 @@ def test_release_stops_and_resumes(tmp_path):
     for sae_id in IDS:
         variant, hook = sae_id.split("/")
         assert summary["results"][variant][hook]["training_tokens"] == 19968
+
+
+def write_cache(folder: pathlib.Path, layers=(3,), d=16, shards=6, shard_tokens=512) -> str:
+    """An activation cache in `sae cache`'s layout, written by hand: sparse combinations of a
+    random dictionary, so that an SAE has something to find."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    dictionary = rng.normal(size=(32, d)).astype(np.float32)
+    for layer in layers:
+        hook = folder / f"blocks.{layer}.hook_resid_post"
+        hook.mkdir(parents=True)
+        for s in range(shards):
+            codes = rng.exponential(size=(shard_tokens, 32)) * (rng.random((shard_tokens, 32)) < 0.1)
+            acts = (codes @ dictionary).astype(np.float32)
+            tokens = rng.integers(3, 100, size=shard_tokens).astype(np.int32)
+            save_file({"activations": acts, "tokens": tokens}, str(hook / f"shard-{s:05d}.safetensors"))
+    manifest = {"version": 1, "model": "/somewhere/gemma-2-2b", "model_name": "gemma-2-2b",
+                "model_id": "google/gemma-2-2b", "hook": "resid_post", "layers": list(layers),
+                "context_size": 128, "concat": True, "dtype": "f32", "shard_tokens": shard_tokens,
+                "shards": shards, "tokens": shards * shard_tokens, "hidden_size": d,
+                "complete": True, "corpus_next_document": 10,
+                "corpus": {"shards": ["/data/pile-00.jsonl.zst"], "text_field": "text",
+                           "bin_dtype": "u16", "holdout_every": 100, "max_bad_fraction": 0.01}}
+    (folder / "cache.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_release_from_cache_loads_in_saelens(tmp_path):
+    cache = write_cache(tmp_path / "cache")
+    out = tmp_path / "release"
+    summary = saecpp.release_from_cache(
+        cache, str(out), tokens=2048, heldout_tokens=512, prompts_per_forward=4,
+        n_batches_in_buffer=64, log_every=1000,
+        overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                   "training.batch_size=64", "optimizer.lr=3e-3"])
+    assert summary["from_cache"] == {"shards": 6, "shard_tokens": 512, "trained_shards": 5,
+                                     "heldout_shards": 1}
+    assert summary["model"] == "google/gemma-2-2b"
+    assert summary["corpus"]["shards"] == ["pile-00.jsonl.zst"]  # no local path published
+    from safetensors.numpy import load_file
+
+    # The held-out rows are the last shard's: SAELens and sae.cpp encode them alike.
+    x = load_file(str(tmp_path / "cache" / "blocks.3.hook_resid_post" / "shard-00005.safetensors"))["activations"]
+    for variant in ("standard", "snap"):
+        sae_id = f"{variant}/blocks.3.hook_resid_post"
+        ref = SAE.load_from_disk(str(out / sae_id))
+        assert ref.cfg.metadata.model_name == "gemma-2-2b"
+        mine, _, _ = saecpp.SAE.from_pretrained(str(out), sae_id)
+        with torch.no_grad():
+            want = ref.encode(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(mine.encode(x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        res = summary["results"][variant]["blocks.3.hook_resid_post"]
+        assert res["heldout_tokens"] == 512 and "ce_loss_score" not in res
+        assert res["training_tokens"] == 2048
+    with pytest.raises(saecpp.SaeError, match="cache.json"):
+        saecpp.release_from_cache(str(tmp_path / "nothing"), str(tmp_path / "bad"))
