@@ -140,12 +140,13 @@ int main(int argc, char** argv) {
               per_step * 1e3, double(batch) / per_step,
               gemm_flop / double(comm.size()) / (t.encoder_gemm / n) * 1e-9);
   if (comm.size() > 1)
-    std::printf("sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "
-                "all-gather of updated rows, biases) for %.1f MB of touched gradients (%zu rows "
-                "of %lld); %.1f MB of masks\n",
-                double(sharded.last_bytes_sent()) * 1e-6,
-                double(g.touched.size()) * 2.0 * double(d_in) * 4e-6, g.touched.size(),
-                (long long)d_sae, 2.0 * double(d_sae) * 1e-6);
+    std::printf(
+        "sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "
+        "all-gather of updated rows, biases) for %.1f MB of touched gradients (%zu rows "
+        "of %lld); %.1f MB of masks\n",
+        double(sharded.last_bytes_sent()) * 1e-6,
+        double(g.touched.size()) * 2.0 * double(d_in) * 4e-6, g.touched.size(), (long long)d_sae,
+        2.0 * double(d_sae) * 1e-6);
   std::fflush(stdout);
   dist::finalize();
   return 0;

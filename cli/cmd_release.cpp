@@ -87,8 +87,9 @@ Runner add_release(CLI::App& app) {
     bool truncate = false;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->r.model,
-                  "Gemma-2 checkpoint: a folder or a Hugging Face repo id (e.g. google/gemma-2-2b)");
+  cmd->add_option(
+      "--model", o->r.model,
+      "Gemma-2 checkpoint: a folder or a Hugging Face repo id (e.g. google/gemma-2-2b)");
   cmd->add_option("--dataset", o->r.corpus.shards,
                   "Corpus shards: paths or globs of .jsonl(.zst), .txt, .npy, .bin (repeatable)");
   cmd->add_option("--layers", o->layers,
@@ -142,9 +143,9 @@ Runner add_release(CLI::App& app) {
       if (!o->layers.empty())
         r.layers = parse_layers(o->layers, *std::max_element(c.layers.begin(), c.layers.end()) + 1);
     } else {
-      for (auto [name, missing] : {std::pair{"--model", r.model.empty()},
-                                   std::pair{"--dataset", r.corpus.shards.empty()},
-                                   std::pair{"--layers", o->layers.empty()}})
+      for (auto [name, missing] :
+           {std::pair{"--model", r.model.empty()}, std::pair{"--dataset", r.corpus.shards.empty()},
+            std::pair{"--layers", o->layers.empty()}})
         if (missing) fail(name, "", "required (or --from-cache CACHE)");
       r.model = model::resolve_checkpoint(r.model).folder;  // once, before the layers are checked
       const model::Gemma2Config mcfg = model::read_gemma2_config(r.model);

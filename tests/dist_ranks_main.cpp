@@ -1,20 +1,20 @@
 // Run under `mpirun -np N` by test_dist.cpp: each rank checks the collectives against what the
 // ranks' inputs make them equal to, and prints "rank R ok". With --fail-rank R, rank R throws
 // while the others wait in a barrier: the job must end (run_or_abort), not hang.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <tuple>
-#include <algorithm>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
 #include "dist/comm.h"
 #include "ops/batch_topk.h"
-#include "train/global_batch_topk.h"
 #include "train/data_parallel.h"
+#include "train/global_batch_topk.h"
 #include "train/optimizer.h"
 #include "train/step.h"
 
@@ -61,7 +61,8 @@ void check_global_batch_topk(sae::dist::Comm& w) {
 double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
   double worst = 0, scale = 1e-30;
   for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, double(std::fabs(a[i] - b[i]))), scale = std::max(scale, double(std::fabs(a[i])));
+    worst = std::max(worst, double(std::fabs(a[i] - b[i]))),
+    scale = std::max(scale, double(std::fabs(a[i])));
   return worst / scale;
 }
 
@@ -100,15 +101,17 @@ void check_data_parallel_step(sae::dist::Comm& w) {
     const StepResult dp =
         forward_backward(sae, x.data() + first * d, rows, dead, g_dp, ws_dp, shard);
 
-    auto close = [](double a, double b) { return std::fabs(a - b) <= 1e-5 * std::max(1.0, std::fabs(a)); };
+    auto close = [](double a, double b) {
+      return std::fabs(a - b) <= 1e-5 * std::max(1.0, std::fabs(a));
+    };
     SAE_CHECK(close(one.loss, dp.loss), "variant ", variant, ": loss ", one.loss, " vs ", dp.loss);
     SAE_CHECK(close(one.aux_loss, dp.aux_loss), "variant ", variant, ": aux loss");
     SAE_CHECK(one.aux_loss > 0, "variant ", variant, ": AuxK did not run");
     SAE_CHECK(close(one.outer_sq_error, dp.outer_sq_error), "variant ", variant, ": sq error");
     for (size_t i = 0; i < one.level_loss.size(); ++i)
       SAE_CHECK(close(one.level_loss[i], dp.level_loss[i]), "variant ", variant, ": level ", i);
-    SAE_CHECK(one.n_active == dp.n_active, "variant ", variant, ": n_active ", one.n_active,
-              " vs ", dp.n_active);
+    SAE_CHECK(one.n_active == dp.n_active, "variant ", variant, ": n_active ", one.n_active, " vs ",
+              dp.n_active);
     SAE_CHECK(one.min_selected == dp.min_selected, "variant ", variant, ": min selected");
     SAE_CHECK(one.fired == dp.fired, "variant ", variant, ": fired flags");
     SAE_CHECK(one.n_dead == dp.n_dead, "variant ", variant, ": dead count");

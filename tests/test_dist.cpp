@@ -172,9 +172,9 @@ TEST(Dist, AKilledRankEndsTrainingAndResumeFinishesIt) {
       test::run_shell("timeout 300 " + mpirun(2) + SAECPP_CLI + args + " --resume");
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming from step"), std::string::npos) << resumed.output;
-  const auto straight = test::run_shell("timeout 300 " + mpirun(2) + SAECPP_CLI +
-                                        train_args(dir / "straight", 1500) +
-                                        " --set training.checkpoint_every_steps=100");
+  const auto straight =
+      test::run_shell("timeout 300 " + mpirun(2) + SAECPP_CLI + train_args(dir / "straight", 1500) +
+                      " --set training.checkpoint_every_steps=100");
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   for (const char* f : {"sae/sae_weights.safetensors", "sae/sparsity.safetensors"})
     EXPECT_EQ(test::read_bytes(dir / (std::string("run/") + f)),

@@ -350,7 +350,8 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   const std::string corpus = write_corpus(dir), cache = dir / "cache";
   auto r = test::run_cli("cache --model " + kModel + " --dataset '" + corpus +
                          "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
-                         "--prompts-per-forward 4 --tokens 20480 -o " + cache);
+                         "--prompts-per-forward 4 --tokens 20480 -o " +
+                         cache);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string args =
       "release --from-cache " + cache +
@@ -375,8 +376,9 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   const LoadedSae l2 =
       load_from_disk(resolve_pretrained(dir / "one", "snap/blocks.2.hook_resid_post"));
   const Metrics m2 = evaluate_in_batches(l2.sae, {held.data(), size_t(512 * 64)}, 512, 512);
-  EXPECT_NEAR(one["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(),
-              m2.explained_variance, 1e-5);
+  EXPECT_NEAR(
+      one["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(),
+      m2.explained_variance, 1e-5);
   for (const std::string variant : {"standard", "snap"})
     for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
       EXPECT_EQ(one["results"][variant][hook]["training_tokens"], 12800);

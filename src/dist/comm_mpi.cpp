@@ -96,7 +96,9 @@ class MpiComm final : public Comm {
     check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
   }
   using Comm::broadcast;
-  void barrier() override { check(MPI_Barrier(MPI_COMM_WORLD), "barrier"); }
+  void barrier() override {
+    check(MPI_Barrier(MPI_COMM_WORLD), "barrier");
+  }
   [[noreturn]] void abort(int code) override {
     MPI_Abort(MPI_COMM_WORLD, code);
     std::_Exit(code);  // MPI_Abort does not return; if it did, still end this rank

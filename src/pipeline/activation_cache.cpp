@@ -193,7 +193,8 @@ CacheManifest read_cache_manifest(const std::string& folder) {
   CacheManifest c;
   c.folder = folder;
   const std::string where = (fs::path(folder) / "cache.json").string();
-  if (!fs::exists(where)) fail(where, "cache.json", "no activation cache here (sae cache writes one)");
+  if (!fs::exists(where))
+    fail(where, "cache.json", "no activation cache here (sae cache writes one)");
   c.json = json::parse(read_json_file(where).dump());
   if (c.json.value("version", 0) != kCacheVersion)
     fail(where, "version", "unsupported cache version");
@@ -228,9 +229,9 @@ int64_t CacheRows::read(const std::vector<float*>& dst, int64_t max_rows) {
   while (done < max_rows && shard_pos_ < shards_.size()) {
     if (open_.empty())
       for (int64_t l : layers_) {
-        const std::string path = (fs::path(c_.folder) / model::hook_name(point, l) /
-                                  shard_name(shards_[shard_pos_]))
-                                     .string();
+        const std::string path =
+            (fs::path(c_.folder) / model::hook_name(point, l) / shard_name(shards_[shard_pos_]))
+                .string();
         open_.push_back(std::make_unique<SafetensorsFile>(path));
         const TensorInfo& t = open_.back()->info("activations");
         if (t.shape != std::vector<int64_t>{S, d} || !dtype_is_float(t.dtype))

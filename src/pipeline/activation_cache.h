@@ -34,8 +34,8 @@ struct CacheOptions {
   int64_t total_tokens = 0;  // per layer (rounded down to whole shards)
   int64_t shard_tokens = 1 << 16;
   std::string model_name, model_id;  // recorded for what is trained from the cache
-  std::string dtype = "f32";  // activations stored as f32 or bf16
-  bool keep_bf16 = false;     // model weights kept in bf16
+  std::string dtype = "f32";         // activations stored as f32 or bf16
+  bool keep_bf16 = false;            // model weights kept in bf16
   bool resume = false;
   int64_t stop_after_shards = 0;  // > 0: return after writing this many shard sets (slices)
 };
@@ -66,8 +66,8 @@ class CacheRows {
  private:
   const CacheManifest& c_;
   std::vector<int64_t> layers_, shards_;
-  size_t shard_pos_ = 0;  // index into shards_ of the open shard
-  int64_t row_ = 0;       // next row in it
+  size_t shard_pos_ = 0;                                // index into shards_ of the open shard
+  int64_t row_ = 0;                                     // next row in it
   std::vector<std::unique_ptr<SafetensorsFile>> open_;  // per layer
   int64_t rows_read_ = 0;
 };

@@ -64,8 +64,7 @@ class ActivationStore {
                   std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
   // Rows from elsewhere (an activation cache): `fill` appends at most `max_fill_rows` rows of
   // each of `n_layers` layers of width d per call.
-  ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers,
-                  StoreConfig cfg);
+  ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers, StoreConfig cfg);
   // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i]; false when the
   // corpus ran out before a whole batch.
   bool next_batch(const std::vector<float*>& out);

@@ -30,8 +30,8 @@ std::string model_card(const nlohmann::ordered_json& release) {
   if (release.contains("from_cache")) {
     const auto& c = release.at("from_cache");
     md << "- Trained from an activation cache (`sae cache`) of " << c.at("shards").get<int64_t>()
-       << " shards of " << c.at("shard_tokens").get<int64_t>() << " tokens: "
-       << c.at("trained_shards").get<int64_t>() << " trained on, the last "
+       << " shards of " << c.at("shard_tokens").get<int64_t>()
+       << " tokens: " << c.at("trained_shards").get<int64_t>() << " trained on, the last "
        << c.at("heldout_shards").get<int64_t>()
        << " held out for the evaluation below (training-split documents never trained on)\n";
   }

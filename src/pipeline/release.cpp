@@ -16,9 +16,9 @@
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "model/checkpoint.h"
-#include "pipeline/activation_cache.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
+#include "pipeline/activation_cache.h"
 #include "pipeline/model_card.h"
 #include "sae/load.h"
 #include "train/trainer.h"
@@ -296,8 +296,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   model::Gemma2Config mcfg;
   if (from_cache) {
     const std::string path = cache->json.value("model", std::string());
-    ckpt.name = !cache->model_name.empty() ? cache->model_name
-                                           : fs::path(path).filename().string();
+    ckpt.name = !cache->model_name.empty() ? cache->model_name : fs::path(path).filename().string();
     ckpt.repo_id = cache->model_id;
     mcfg.hidden_size = cache->hidden_size;
     mcfg.num_layers = *std::max_element(cache->layers.begin(), cache->layers.end()) + 1;
@@ -334,34 +333,35 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const double buffer_b = double(store.n_batches_in_buffer * store.prompts_per_forward *
                                  store.windows.context_size * d * 4 * int64_t(layers.size()));
   if (lead)
-    std::fprintf(stderr, "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n",
+    std::fprintf(stderr,
+                 "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n",
                  jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
                  (long long)global_batch);
   if (n_ranks > 1) {
     // What each rank trains, and its memory: said by every rank, in rank order.
     std::string mine_list;
     for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i)) mine_list += (mine_list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
+      if (mine(i))
+        mine_list += (mine_list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
     const auto lines = dist::allgather_strings(
-        comm, cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list,
-                  "; memory: model ", fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b),
-                  " + activation buffers ", fmt_bytes(buffer_b), " = ",
-                  fmt_bytes(model_b + saes_b + buffer_b)));
+        comm,
+        cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list, "; memory: model ",
+            fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b), " + activation buffers ",
+            fmt_bytes(buffer_b), " = ", fmt_bytes(model_b + saes_b + buffer_b)));
     if (lead) {
-      std::fprintf(stderr,
-                   "release: module parallel over %d ranks (%s): each %s (%lld-%lld rows of "
-                   "every batch) and trains its SAEs on all ranks' rows\n",
-                   n_ranks, comm.transport().c_str(),
-                   from_cache ? "reads every N-th shard of the cache"
-                              : "forwards its share of the corpus",
-                   (long long)(global_batch / n_ranks),
-                   (long long)((global_batch + n_ranks - 1) / n_ranks));
+      std::fprintf(
+          stderr,
+          "release: module parallel over %d ranks (%s): each %s (%lld-%lld rows of "
+          "every batch) and trains its SAEs on all ranks' rows\n",
+          n_ranks, comm.transport().c_str(),
+          from_cache ? "reads every N-th shard of the cache" : "forwards its share of the corpus",
+          (long long)(global_batch / n_ranks), (long long)((global_batch + n_ranks - 1) / n_ranks));
       for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
     }
   } else {
     std::fprintf(stderr, "memory: model %s + SAEs %s + activation buffers %s = %s\n",
-                 fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(),
-                 fmt_bytes(buffer_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b).c_str());
+                 fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(), fmt_bytes(buffer_b).c_str(),
+                 fmt_bytes(model_b + saes_b + buffer_b).c_str());
   }
   const double plan_bytes = model_b + saes_b + buffer_b;
 
@@ -396,7 +396,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   std::vector<int64_t> my_layers;
   std::vector<int64_t> my_slot(layers.size(), -1);
   for (size_t s = 0; s < layers.size(); ++s)
-    if (wants[size_t(rank)][s]) my_slot[s] = int64_t(my_layers.size()), my_layers.push_back(layers[s]);
+    if (wants[size_t(rank)][s])
+      my_slot[s] = int64_t(my_layers.size()), my_layers.push_back(layers[s]);
   Heldout heldout;
   if (!my_layers.empty() && from_cache) {
     std::vector<int64_t> held_shards;
@@ -437,8 +438,9 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     for (int64_t i = rank; i < cache_train_shards; i += n_ranks)
       if (i >= corpus_pos) shards.push_back(i);
     cache_rows.emplace(*cache, layers, shards);
-    acts_store.emplace([&](const std::vector<float*>& dst) { return cache_rows->read(dst, fill_rows); },
-                       fill_rows, d, layers.size(), store);
+    acts_store.emplace(
+        [&](const std::vector<float*>& dst) { return cache_rows->read(dst, fill_rows); }, fill_rows,
+        d, layers.size(), store);
   } else {
     corpus.emplace(opt.corpus, data::Split::Train);
     if (n_ranks > 1) corpus->take_share(rank, n_ranks);
@@ -563,15 +565,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     }
     if (!next_batch()) {
       if (lead)
-        std::fprintf(stderr,
-                     "release: the corpus ran out at step %lld of %lld; finishing early\n",
+        std::fprintf(stderr, "release: the corpus ran out at step %lld of %lld; finishing early\n",
                      (long long)step, (long long)total_steps);
       break;
     }
     const double t0 = now_seconds();
     for (Job& j : jobs) {
-      if (!j.trainer || j.trainer->step() > step) continue;  // another rank's, or ahead after a
-                                                             // kill mid-checkpoint
+      if (!j.trainer || j.trainer->step() > step)
+        continue;  // another rank's, or ahead after a
+                   // kill mid-checkpoint
       std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
                 j.x.begin());
       j.trainer->train_step(j.x.data());
@@ -588,14 +590,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       comm.allreduce_sum(sums);
       const double l0 = sums[0], ev = sums[1];
       if (lead)
-        std::fprintf(stderr,
-                   "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
-                   "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
-                   (long long)step, (long long)total_steps, (long long)(step * global_batch),
-                   rate, 100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
-                   l0 / double(jobs.size()), ev / double(jobs.size()),
-                   fmt_bytes(double(resident_bytes())).c_str(),
-                   double(total_steps - step) * global_batch / std::max(rate, 1e-9));
+        std::fprintf(
+            stderr,
+            "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
+            "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
+            (long long)step, (long long)total_steps, (long long)(step * global_batch), rate,
+            100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
+            l0 / double(jobs.size()), ev / double(jobs.size()),
+            fmt_bytes(double(resident_bytes())).c_str(),
+            double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
     if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
   }
@@ -695,14 +698,14 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const double t_end = now_seconds();
   if (lead)
     std::fprintf(
-      stderr,
-      "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
-      "%s against the plan's %s\n"
-      "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
-      "(model forward %.1f s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
-      jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
-      fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
-      acts.forward_seconds(), sae_seconds, t_end - t_final);
+        stderr,
+        "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
+        "%s against the plan's %s\n"
+        "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
+        "(model forward %.1f s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
+        jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
+        fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
+        acts.forward_seconds(), sae_seconds, t_end - t_final);
   return true;
 }
 

@@ -84,8 +84,8 @@ void ShardedUpdate::allgather_rows(const std::vector<std::vector<int32_t>>& rows
       if (int(r) == comm_.rank())
         for (size_t q = 0; q < k; ++q)
           for (size_t m = 0; m < mats.size(); ++m)
-            std::memcpy(&buf_[(at + q) * per_row + m * d],
-                        mats[m] + size_t(rows[r][first + q]) * d, d * sizeof(float));
+            std::memcpy(&buf_[(at + q) * per_row + m * d], mats[m] + size_t(rows[r][first + q]) * d,
+                        d * sizeof(float));
       at += k;
     }
     comm_.allgather(std::span<float>(buf_.data(), total * per_row), counts);
@@ -97,8 +97,8 @@ void ShardedUpdate::allgather_rows(const std::vector<std::vector<int32_t>>& rows
 #pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
         for (size_t q = 0; q < k; ++q)
           for (size_t m = 0; m < mats.size(); ++m)
-            std::memcpy(mats[m] + size_t(rows[r][first + q]) * d,
-                        &buf_[(at + q) * per_row + m * d], d * sizeof(float));
+            std::memcpy(mats[m] + size_t(rows[r][first + q]) * d, &buf_[(at + q) * per_row + m * d],
+                        d * sizeof(float));
       at += k;
     }
   }
@@ -199,7 +199,8 @@ void ShardedUpdate::gather_moments(Optimizer& opt) {
     for (int64_t j = block_begin(r); j < block_begin(r + 1); ++j)
       all[size_t(r)].push_back(int32_t(j));
   std::vector<float*> mats = {opt.v_W_encT.data(), opt.v_W_dec.data()};
-  if (opt.has_first_moment()) mats.push_back(opt.m_W_encT.data()), mats.push_back(opt.m_W_dec.data());
+  if (opt.has_first_moment())
+    mats.push_back(opt.m_W_encT.data()), mats.push_back(opt.m_W_dec.data());
   const int64_t sent = last_sent_;
   allgather_rows(all, mats);
   last_sent_ = sent;

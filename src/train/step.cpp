@@ -127,8 +127,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // hidden_pre itself is read again only by AuxK (dead latents), so it is written back only then.
   const bool aux_active = !dead.empty() && sp.aux_coefficient != 0.0;
   if (shard.split())
-    global_batch_topk(*shard.comm, ws.hidden_pre.data(), B, D, budget, ws.active,
-                      sae.b_enc.data(), rescale ? norms.data() : nullptr, aux_active);
+    global_batch_topk(*shard.comm, ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
+                      rescale ? norms.data() : nullptr, aux_active);
   else
     ops::batch_topk(ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
                     rescale ? norms.data() : nullptr, aux_active);

@@ -177,8 +177,8 @@ std::vector<float> Trainer::log_sparsity() const {
   const std::vector<int64_t> counts = window_counts_all();
   std::vector<float> s(counts.size());
   for (size_t j = 0; j < s.size(); ++j)
-    s[j] = float(
-        std::log10(double(counts[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
+    s[j] =
+        float(std::log10(double(counts[j]) / double(std::max<int64_t>(window_tokens_, 1)) + 1e-10));
   return s;
 }
 
@@ -404,12 +404,13 @@ bool Trainer::begin(bool resume) {
     shard_.comm->allgather(mine, all);
     for (int q = 1; q < shard_.comm->size(); ++q)
       if (all[size_t(2 * q)] != all[0] || all[size_t(2 * q + 1)] != all[1])
-        fail((fs::path(cfg_.output_dir) / "checkpoint").string(), "step",
-             cat("rank 0 ", all[0] != 0.0 ? cat("resumes at step ", int64_t(all[1])) : "starts",
-                 " but rank ", q, " ",
-                 all[size_t(2 * q)] != 0.0 ? cat("resumes at step ", int64_t(all[size_t(2 * q + 1)]))
-                                           : "found no checkpoint",
-                 ": the output folder must be one that every rank sees (a shared filesystem)"));
+        fail(
+            (fs::path(cfg_.output_dir) / "checkpoint").string(), "step",
+            cat("rank 0 ", all[0] != 0.0 ? cat("resumes at step ", int64_t(all[1])) : "starts",
+                " but rank ", q, " ",
+                all[size_t(2 * q)] != 0.0 ? cat("resumes at step ", int64_t(all[size_t(2 * q + 1)]))
+                                          : "found no checkpoint",
+                ": the output folder must be one that every rank sees (a shared filesystem)"));
   }
   if (!resumed) {
     sae_.init(cfg_.seed, cfg_.decoder_init_norm);
@@ -459,8 +460,7 @@ void Trainer::train_step(float* x) {
     // Scaling, the dead mask, the counters and the threshold all happen on the device.
     float* staged = dev_->host_batch();
     if (x != staged) std::copy(x, x + B * d, staged);
-    const auto out =
-        dev_->step(input_scale_, lr, opt_.t + 1, cfg_.dead_feature_window, new_window);
+    const auto out = dev_->step(input_scale_, lr, opt_.t + 1, cfg_.dead_feature_window, new_window);
     ++opt_.t;
     r = out.result;
     grad_norm = out.grad_norm;
@@ -544,8 +544,7 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
     if (stop_now) {
       save_checkpoint();
       if (lead())
-        std::fprintf(stderr,
-                     "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
+        std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
                      label_.c_str(), (long long)step_);
       return false;
     }
