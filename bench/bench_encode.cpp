@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
     }
   }
   bench::print_header(argc, argv);
+  const bench::MachinePeak peak = bench::print_peak();
   std::printf(
       "config: jumprelu SAE d_in %lld, d_sae %lld, batch %lld tokens, iters %lld, "
       "threshold set for L0 ~ %lld\n",
@@ -70,8 +71,9 @@ int main(int argc, char** argv) {
   const double flop = 2.0 * double(batch) * double(d_in) * double(d_sae);
   c = {};
   std::printf("\n%-34s %12s %12s %10s\n", "what", "ms/batch", "tokens/s", "GFLOP/s");
-  std::printf("%-34s %12.1f %12.0f %10.1f\n", "sgemm [B,d_in]x[d_in,d_sae]", gemm_s * 1e3,
-              double(batch) / gemm_s, flop / gemm_s * 1e-9);
+  std::printf("%-34s %12.1f %12.0f %10.1f   (%.0f%% of the sgemm peak)\n",
+              "sgemm [B,d_in]x[d_in,d_sae]", gemm_s * 1e3, double(batch) / gemm_s,
+              flop / gemm_s * 1e-9, peak.gemm_share(flop / gemm_s * 1e-9));
 
   for (DType dt : {DType::F32, DType::BF16}) {
     // Through the file: save in dtype, load back (weights become f32 in memory).
@@ -89,9 +91,12 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < iters; ++i) out = l.sae.decode(codes);
     const double dec_s = (now_seconds() - t0) / double(iters);
     const std::string tag = std::string(dtype_name(dt)) + " weights";
-    std::printf("%-34s %12.1f %12.0f %10.1f   (L0 %.1f, %.0f%% of time in sgemm)\n",
-                (tag + ": encode").c_str(), enc_s * 1e3, double(batch) / enc_s, flop / enc_s * 1e-9,
-                double(codes.nnz()) / double(batch), 100.0 * gemm_s / enc_s);
+    std::printf(
+        "%-34s %12.1f %12.0f %10.1f   (L0 %.1f, %.0f%% of time in sgemm, %.0f%% of the sgemm "
+        "peak)\n",
+        (tag + ": encode").c_str(), enc_s * 1e3, double(batch) / enc_s, flop / enc_s * 1e-9,
+        double(codes.nnz()) / double(batch), 100.0 * gemm_s / enc_s,
+        peak.gemm_share(flop / enc_s * 1e-9));
     std::printf("%-34s %12.1f %12.0f\n", (tag + ": sparse decode").c_str(), dec_s * 1e3,
                 double(batch) / dec_s);
     std::printf("%-34s %12.1f\n", (tag + ": load from disk").c_str(), load_s * 1e3);

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) ops::set_num_threads(threads);
   bench::print_header(argc, argv);
+  const bench::MachinePeak peak = bench::print_peak();
 
   double t0 = now_seconds();
   const model::Gemma2Config cfg = model::read_gemma2_config(folder);
@@ -63,5 +64,17 @@ int main(int argc, char** argv) {
               "RSS %.2f GiB\n",
               what.c_str(), (long long)prompts, (long long)seq, s, double(prompts * seq) / s,
               load_s, double(ru.ru_maxrss) / double(1 << 20));
+  // The weight GEMMs' FLOPs per token (attention's QK and AV products not counted).
+  const double qkv = double(cfg.hidden_size) * double(cfg.head_dim) *
+                     double(cfg.num_heads + 2 * cfg.num_kv_heads);
+  const double per_layer = qkv + double(cfg.num_heads * cfg.head_dim) * cfg.hidden_size +
+                           3.0 * double(cfg.hidden_size) * double(cfg.intermediate_size);
+  const double flop_per_token =
+      2.0 * (per_layer * double(last_layer + 1) +
+             (to_end ? double(cfg.vocab_size) * double(cfg.hidden_size) : 0.0));
+  const double gflops = flop_per_token * double(prompts * seq) / s * 1e-9;
+  std::printf("weight GEMMs at %.1f GFLOP/s = %.0f%% of this machine's sgemm peak (attention "
+              "products not counted)\n",
+              gflops, peak.gemm_share(gflops));
   return 0;
 }

@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     }
   }
   bench::print_header(argc, argv);
+  const bench::MachinePeak peak = bench::print_peak();
   std::printf("ranks: %d (%s)\n", comm.size(), comm.transport().c_str());
   nlohmann::json j = train::preset(preset_name);
   j["sae"]["d_sae"] = d_sae;
@@ -136,9 +137,24 @@ int main(int argc, char** argv) {
     row("Adam + clip", t_opt);
   }
   row("zero grads", t_clear);
+  const double gemm_gflops = gemm_flop / double(comm.size()) / (t.encoder_gemm / n) * 1e-9;
   std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total",
-              per_step * 1e3, double(batch) / per_step,
-              gemm_flop / double(comm.size()) / (t.encoder_gemm / n) * 1e-9);
+              per_step * 1e3, double(batch) / per_step, gemm_gflops);
+  // Adam's memory traffic (fp32): a touched row reads p, g, v (and m) and writes p, v (and m);
+  // an untouched one updates v (and p, m with momentum); the clip's norm reads every touched g.
+  // Data parallel: this rank's own rows only.
+  const double rows_all = double(d_sae) / double(comm.size());
+  const double touched = std::min(double(g.touched.size()) / double(comm.size()), rows_all);
+  const bool momentum = cfg.adam.beta1 != 0.0;
+  const double row_bytes = double(d_in) * 4.0 * 2.0;  // both matrices
+  const double norm_reads = comm.size() > 1 ? 0.0 : touched;  // (ranks: timed with the exchange)
+  const double adam_bytes = row_bytes * (touched * (momentum ? 7.0 : 5.0) + norm_reads +
+                                         (rows_all - touched) * (momentum ? 6.0 : 2.0));
+  const double adam_s = (comm.size() > 1 ? sharded.times.adam : t_opt) / n;
+  std::printf("share of this machine's peak: encoder GEMM %.0f%% of sgemm; Adam + clip %.1f GB/s "
+              "= %.0f%% of copy (%.0f MB moved per step)\n",
+              peak.gemm_share(gemm_gflops), adam_bytes / adam_s * 1e-9,
+              peak.copy_share(adam_bytes / adam_s * 1e-9), adam_bytes * 1e-6);
   if (comm.size() > 1)
     std::printf(
         "sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "
