@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "dist/comm.h"
+#include "max_relative_error.h"
 #include "ops/batch_topk.h"
 #include "train/data_parallel.h"
 #include "train/global_batch_topk.h"
@@ -58,13 +59,6 @@ void check_global_batch_topk(sae::dist::Comm& w) {
 // and smallest value, the fired flags, the touched rows, every gradient, and the parameters
 // after the optimizer's update. Two specs: the MSE recipe with decoder-norm rescaling and one
 // AuxK group; snap-like L2 levels, detached levels and AuxK per level.
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = 0, scale = 1e-30;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, double(std::fabs(a[i] - b[i]))),
-    scale = std::max(scale, double(std::fabs(a[i])));
-  return worst / scale;
-}
 
 void check_data_parallel_step(sae::dist::Comm& w) {
   using namespace sae::train;
@@ -133,17 +127,18 @@ void check_data_parallel_step(sae::dist::Comm& w) {
                               std::tuple{"W_dec", &sae_one.W_dec, &sae_dp.W_dec},
                               std::tuple{"b_enc", &sae_one.b_enc, &sae_dp.b_enc},
                               std::tuple{"b_dec", &sae_one.b_dec, &sae_dp.b_dec}}) {
-      const double e = relative_error(*a, *b);
+      const double e = sae::test::max_relative_error(*a, *b);
       SAE_CHECK(e <= 1e-5, "variant ", variant, ": ", name, " after the update off by ", e);
     }
     SAE_CHECK(sae_dp.W_dec != sae.W_dec, "variant ", variant, ": the update changed nothing");
     sharded.gather_moments(opt_dp);
-    SAE_CHECK(relative_error(opt_one.v_W_encT, opt_dp.v_W_encT) <= 1e-5, "variant ", variant,
-              ": second moment of W_encT");
-    SAE_CHECK(relative_error(opt_one.v_W_dec, opt_dp.v_W_dec) <= 1e-5, "variant ", variant,
-              ": second moment of W_dec");
+    SAE_CHECK(sae::test::max_relative_error(opt_one.v_W_encT, opt_dp.v_W_encT) <= 1e-5, "variant ",
+              variant, ": second moment of W_encT");
+    SAE_CHECK(sae::test::max_relative_error(opt_one.v_W_dec, opt_dp.v_W_dec) <= 1e-5, "variant ",
+              variant, ": second moment of W_dec");
     if (variant == 0)
-      SAE_CHECK(relative_error(opt_one.m_W_dec, opt_dp.m_W_dec) <= 1e-5, "first moment of W_dec");
+      SAE_CHECK(sae::test::max_relative_error(opt_one.m_W_dec, opt_dp.m_W_dec) <= 1e-5,
+                "first moment of W_dec");
     SAE_CHECK(sharded.last_bytes_sent() > 0, "nothing exchanged");
   }
 }

@@ -11,6 +11,7 @@
 #include "io/safetensors.h"
 
 #include "dist/comm.h"
+#include "max_relative_error.h"
 #include "test_util.h"
 
 namespace sae {
@@ -87,14 +88,6 @@ std::string train_args(const std::string& out, int64_t steps) {
          out;
 }
 
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = 0, scale = 1e-30;
-  for (size_t i = 0; i < a.size(); ++i)
-    worst = std::max(worst, double(std::fabs(a[i] - b[i]))),
-    scale = std::max(scale, double(std::fabs(a[i])));
-  return worst / scale;
-}
-
 // The bar: after one step the parameters within 1e-5 relative of one process; after
 // 300 steps the held-out EV within 0.002 and L0 within 1%. Rank 0 alone writes the log.
 TEST(Dist, DataParallelTrainingEqualsOneProcess) {
@@ -113,7 +106,7 @@ TEST(Dist, DataParallelTrainingEqualsOneProcess) {
     SafetensorsFile a(one + "/sae/sae_weights.safetensors"),
         b(two + "/sae/sae_weights.safetensors");
     for (const char* name : {"W_enc", "W_dec", "b_enc", "b_dec"}) {
-      const double e = relative_error(a.read_f32(name), b.read_f32(name));
+      const double e = sae::test::max_relative_error(a.read_f32(name), b.read_f32(name));
       if (steps == 1)
         EXPECT_LE(e, 1e-5) << name;
       else

@@ -238,6 +238,19 @@ TEST(Release, TinyReleaseBesideABusyProcessKeepsItsPace) {
   std::printf("beside a busy process: 1 thread %.2f s, default threads %.2f s\n", one, all);
 }
 
+// A resumed release ends as an uninterrupted one: every SAE trained on all its tokens, fitted
+// and in place.
+void expect_whole_release(const std::string& out) {
+  const auto release = read_json_file(out + "/release.json");
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      SCOPED_TRACE(variant + "/" + hook);
+      EXPECT_EQ(release["results"][variant][hook]["training_tokens"], 19968);
+      EXPECT_GT(release["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
+      EXPECT_TRUE(fs::exists(out + "/" + variant + "/" + hook + "/sae_weights.safetensors"));
+    }
+}
+
 TEST(Release, StopsAndResumes) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "release";
@@ -257,13 +270,7 @@ TEST(Release, StopsAndResumes) {
   r = test::run_cli(release_args(corpus, out) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
-  const auto release = read_json_file(out + "/release.json");
-  for (const std::string variant : {"standard", "snap"})
-    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
-      EXPECT_EQ(release["results"][variant][hook]["training_tokens"], 19968);
-      EXPECT_GT(release["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
-      EXPECT_TRUE(fs::exists(out + "/" + variant + "/" + hook + "/sae_weights.safetensors"));
-    }
+  expect_whole_release(out);
 }
 
 // Module parallel (docs/distributed.md): under mpirun each rank forwards its share of the
@@ -334,12 +341,7 @@ TEST(Release, ModuleParallelStopsAndResumes) {
   r = test::run_shell(two + release_args(corpus, out) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
-  const auto release = read_json_file(out + "/release.json");
-  for (const std::string variant : {"standard", "snap"})
-    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
-      EXPECT_EQ(release["results"][variant][hook]["training_tokens"], 19968);
-      EXPECT_GT(release["results"][variant][hook]["explained_variance"].get<double>(), 0.3);
-    }
+  expect_whole_release(out);
 }
 
 // A release trained from an activation cache (no model): the hook, layers, windows and corpus

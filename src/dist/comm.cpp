@@ -41,7 +41,6 @@ class SingleProcess final : public Comm {
     std::copy(send.begin(), send.begin() + send_counts[0], recv.begin());
   }
   void broadcast(std::span<uint8_t>, int) override {}
-  using Comm::broadcast;
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };

@@ -37,11 +37,6 @@ class Comm {
   virtual void alltoall(std::span<const float> send, std::span<const int> send_counts,
                         std::span<float> recv, std::span<const int> recv_counts) = 0;
   virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
-  // Root's value on every rank (a decision that must not differ by a rounding).
-  double broadcast(double v, int root) {
-    broadcast(std::span<uint8_t>(reinterpret_cast<uint8_t*>(&v), sizeof v), root);
-    return v;
-  }
   virtual void barrier() = 0;
   // Ends every rank of the job now with this exit code (a failed rank must not leave the
   // others waiting in a collective).

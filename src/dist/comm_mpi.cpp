@@ -95,7 +95,6 @@ class MpiComm final : public Comm {
   void broadcast(std::span<uint8_t> bytes, int root) override {
     check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
   }
-  using Comm::broadcast;
   void barrier() override {
     check(MPI_Barrier(MPI_COMM_WORLD), "barrier");
   }

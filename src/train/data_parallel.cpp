@@ -17,6 +17,42 @@ namespace {
 // are never exceeded.
 constexpr size_t kRoundFloats = size_t(8) << 20;
 
+using RowsByOwner = std::vector<std::vector<int32_t>>;
+
+// The round of rows starting at each owner's `first`-th: counts[r] = floats of owner r's rows in
+// it (at most round_rows rows of per_row floats). Returns the round's rows over all owners.
+size_t round_counts(const RowsByOwner& rows, size_t first, size_t round_rows, size_t per_row,
+                    std::vector<int>& counts) {
+  size_t total = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const size_t k = rows[r].size() > first ? std::min(round_rows, rows[r].size() - first) : 0;
+    counts[r] = int(k * per_row), total += k;
+  }
+  return total;
+}
+
+// Rows rows[first, first + k) of the [*, d] matrices `mats`, side by side per row, to `buf`
+// (pack) or back from it (unpack).
+void pack_rows(const std::vector<int32_t>& rows, size_t first, size_t k,
+               const std::vector<float*>& mats, size_t d, float* buf) {
+  const size_t per_row = mats.size() * d;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
+  for (size_t q = 0; q < k; ++q)
+    for (size_t m = 0; m < mats.size(); ++m)
+      std::memcpy(buf + q * per_row + m * d, mats[m] + size_t(rows[first + q]) * d,
+                  d * sizeof(float));
+}
+
+void unpack_rows(const std::vector<int32_t>& rows, size_t first, size_t k,
+                 const std::vector<float*>& mats, size_t d, const float* buf) {
+  const size_t per_row = mats.size() * d;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
+  for (size_t q = 0; q < k; ++q)
+    for (size_t m = 0; m < mats.size(); ++m)
+      std::memcpy(mats[m] + size_t(rows[first + q]) * d, buf + q * per_row + m * d,
+                  d * sizeof(float));
+}
+
 }  // namespace
 
 void reduce_over_ranks(dist::Comm& comm, StepResult& res, Grads& g) {
@@ -64,42 +100,34 @@ std::vector<std::vector<int32_t>> ShardedUpdate::by_owner(const std::vector<int3
   return out;
 }
 
-void ShardedUpdate::allgather_rows(const std::vector<std::vector<int32_t>>& rows,
-                                   const std::vector<float*>& mats) {
-  const size_t n = size_t(comm_.size()), d = size_t(d_in_), per_row = mats.size() * d;
-  const size_t round_rows = std::max<size_t>(1, kRoundFloats / per_row);
+std::vector<std::vector<int32_t>> ShardedUpdate::all_rows_by_owner() const {
+  RowsByOwner all(size_t(comm_.size()));
+  for (int r = 0; r < comm_.size(); ++r)
+    for (int64_t j = block_begin(r); j < block_begin(r + 1); ++j)
+      all[size_t(r)].push_back(int32_t(j));
+  return all;
+}
+
+void ShardedUpdate::allgather_rows(const RowsByOwner& rows, const std::vector<float*>& mats) {
+  const size_t n = size_t(comm_.size()), me = size_t(comm_.rank()), d = size_t(d_in_);
+  const size_t per_row = mats.size() * d, round_rows = std::max<size_t>(1, kRoundFloats / per_row);
   std::vector<int> counts(n);
   for (size_t first = 0;; first += round_rows) {
-    size_t total = 0;
-    for (size_t r = 0; r < n; ++r) {
-      const size_t k = rows[r].size() > first ? std::min(round_rows, rows[r].size() - first) : 0;
-      counts[r] = int(k * per_row), total += k;
-    }
+    const size_t total = round_counts(rows, first, round_rows, per_row, counts);
     if (total == 0) break;
     buf_.resize(total * per_row);
     // Segments in rank order; this rank fills its own, the collective fills the others.
     size_t at = 0;
     for (size_t r = 0; r < n; ++r) {
-      const size_t k = size_t(counts[r]) / per_row;
-      if (int(r) == comm_.rank())
-        for (size_t q = 0; q < k; ++q)
-          for (size_t m = 0; m < mats.size(); ++m)
-            std::memcpy(&buf_[(at + q) * per_row + m * d], mats[m] + size_t(rows[r][first + q]) * d,
-                        d * sizeof(float));
-      at += k;
+      if (r == me) pack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, &buf_[at]);
+      at += size_t(counts[r]);
     }
     comm_.allgather(std::span<float>(buf_.data(), total * per_row), counts);
-    last_sent_ += int64_t(counts[size_t(comm_.rank())]) * int64_t(n - 1);  // to every other rank
+    last_sent_ += int64_t(counts[me]) * int64_t(n - 1);  // to every other rank
     at = 0;
     for (size_t r = 0; r < n; ++r) {
-      const size_t k = size_t(counts[r]) / per_row;
-      if (int(r) != comm_.rank())
-#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
-        for (size_t q = 0; q < k; ++q)
-          for (size_t m = 0; m < mats.size(); ++m)
-            std::memcpy(mats[m] + size_t(rows[r][first + q]) * d, &buf_[(at + q) * per_row + m * d],
-                        d * sizeof(float));
-      at += k;
+      if (r != me) unpack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, &buf_[at]);
+      at += size_t(counts[r]);
     }
   }
 }
@@ -111,38 +139,23 @@ double ShardedUpdate::step(TrainingSae& sae, Optimizer& opt, Grads& g, double lr
   double t0 = now_seconds();
 
   // 1. Each touched gradient row (dW_encT and dW_dec side by side) summed at its owner.
-  const auto touched = by_owner(g.touched);
+  const RowsByOwner touched = by_owner(g.touched);
+  const std::vector<float*> grads = {g.W_encT.data(), g.W_dec.data()};
   std::vector<int> counts(n);
   std::vector<float> mine;
   for (size_t first = 0;; first += round_rows) {
-    size_t total = 0;
-    for (size_t r = 0; r < n; ++r) {
-      const size_t k =
-          touched[r].size() > first ? std::min(round_rows, touched[r].size() - first) : 0;
-      counts[r] = int(k * per_row), total += k;
-    }
+    const size_t total = round_counts(touched, first, round_rows, per_row, counts);
     if (total == 0) break;
     buf_.resize(total * per_row);
     size_t at = 0;
     for (size_t r = 0; r < n; ++r) {
-      const size_t k = size_t(counts[r]) / per_row;
-#pragma omp parallel for schedule(static) num_threads(threads_for(double(k * per_row), 0.2))
-      for (size_t q = 0; q < k; ++q) {
-        const size_t j = size_t(touched[r][first + q]);
-        std::memcpy(&buf_[(at + q) * per_row], &g.W_encT[j * d], d * sizeof(float));
-        std::memcpy(&buf_[(at + q) * per_row + d], &g.W_dec[j * d], d * sizeof(float));
-      }
-      at += k;
+      pack_rows(touched[r], first, size_t(counts[r]) / per_row, grads, d, &buf_[at]);
+      at += size_t(counts[r]);
     }
     mine.resize(size_t(counts[me]));
     comm_.reduce_scatter_sum(std::span<const float>(buf_.data(), total * per_row), mine, counts);
     last_sent_ += int64_t(total * per_row) - counts[me];  // the other owners' rows
-    const size_t k = size_t(counts[me]) / per_row;
-    for (size_t q = 0; q < k; ++q) {
-      const size_t j = size_t(touched[me][first + q]);
-      std::memcpy(&g.W_encT[j * d], &mine[q * per_row], d * sizeof(float));
-      std::memcpy(&g.W_dec[j * d], &mine[q * per_row + d], d * sizeof(float));
-    }
+    unpack_rows(touched[me], first, size_t(counts[me]) / per_row, grads, d, mine.data());
   }
 
   // 2. The biases are small: summed on every rank.
@@ -180,29 +193,18 @@ double ShardedUpdate::step(TrainingSae& sae, Optimizer& opt, Grads& g, double lr
 
   // 5. The updated rows to every rank: the touched ones, or with momentum every row (a row
   // with no gradient still moves by its first moment).
-  if (opt.has_first_moment()) {
-    std::vector<std::vector<int32_t>> all(n);
-    for (size_t r = 0; r < n; ++r)
-      for (int64_t j = block_begin(int(r)); j < block_begin(int(r) + 1); ++j)
-        all[r].push_back(int32_t(j));
-    allgather_rows(all, {sae.W_encT.data(), sae.W_dec.data()});
-  } else {
-    allgather_rows(touched, {sae.W_encT.data(), sae.W_dec.data()});
-  }
+  allgather_rows(opt.has_first_moment() ? all_rows_by_owner() : touched,
+                 {sae.W_encT.data(), sae.W_dec.data()});
   times.allgather += now_seconds() - t0;
   return norm;
 }
 
 void ShardedUpdate::gather_moments(Optimizer& opt) {
-  std::vector<std::vector<int32_t>> all(size_t(comm_.size()));
-  for (int r = 0; r < comm_.size(); ++r)
-    for (int64_t j = block_begin(r); j < block_begin(r + 1); ++j)
-      all[size_t(r)].push_back(int32_t(j));
   std::vector<float*> mats = {opt.v_W_encT.data(), opt.v_W_dec.data()};
   if (opt.has_first_moment())
     mats.push_back(opt.m_W_encT.data()), mats.push_back(opt.m_W_dec.data());
-  const int64_t sent = last_sent_;
-  allgather_rows(all, mats);
+  const int64_t sent = last_sent_;  // (the step's figure, not the checkpoint's)
+  allgather_rows(all_rows_by_owner(), mats);
   last_sent_ = sent;
 }
 

@@ -49,8 +49,9 @@ class ShardedUpdate {
   } times;
 
  private:
-  // rows (ascending latents) split by owner.
+  // rows (ascending latents) split by owner; every latent by owner.
   std::vector<std::vector<int32_t>> by_owner(const std::vector<int32_t>& rows) const;
+  std::vector<std::vector<int32_t>> all_rows_by_owner() const;
   // Each owner's rows of the [d_sae, d_in] matrices in `mats`, from the owner to every rank.
   void allgather_rows(const std::vector<std::vector<int32_t>>& rows,
                       const std::vector<float*>& mats);
