@@ -119,14 +119,16 @@ void ShardedUpdate::allgather_rows(const RowsByOwner& rows, const std::vector<fl
     // Segments in rank order; this rank fills its own, the collective fills the others.
     size_t at = 0;
     for (size_t r = 0; r < n; ++r) {
-      if (r == me) pack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, &buf_[at]);
+      if (r == me)
+        pack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, buf_.data() + at);
       at += size_t(counts[r]);
     }
     comm_.allgather(std::span<float>(buf_.data(), total * per_row), counts);
     last_sent_ += int64_t(counts[me]) * int64_t(n - 1);  // to every other rank
     at = 0;
     for (size_t r = 0; r < n; ++r) {
-      if (r != me) unpack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, &buf_[at]);
+      if (r != me)
+        unpack_rows(rows[r], first, size_t(counts[r]) / per_row, mats, d, buf_.data() + at);
       at += size_t(counts[r]);
     }
   }
@@ -149,7 +151,7 @@ double ShardedUpdate::step(TrainingSae& sae, Optimizer& opt, Grads& g, double lr
     buf_.resize(total * per_row);
     size_t at = 0;
     for (size_t r = 0; r < n; ++r) {
-      pack_rows(touched[r], first, size_t(counts[r]) / per_row, grads, d, &buf_[at]);
+      pack_rows(touched[r], first, size_t(counts[r]) / per_row, grads, d, buf_.data() + at);
       at += size_t(counts[r]);
     }
     mine.resize(size_t(counts[me]));
