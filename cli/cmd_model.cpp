@@ -39,7 +39,8 @@ std::vector<std::vector<int32_t>> tokenize_prompts(const std::string& model_dir,
   return tok.encode_batch(texts, /*add_bos=*/true);
 }
 
-std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
+std::vector<int64_t> parse_ranges(const std::string& option, const std::string& spec, int64_t n,
+                                  const std::string& what) {
   std::set<int64_t> out;
   size_t start = 0;
   while (start <= spec.size()) {
@@ -52,15 +53,18 @@ std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
               b = dash == std::string::npos ? a : std::stoll(part.substr(dash + 1));
       for (int64_t l = a; l <= b; ++l) out.insert(l);
     } catch (const std::exception&) {
-      fail("--layers", spec, "expected a list like 0-24 or 3,5,7");
+      fail(option, spec, "expected a list like 0-24 or 3,5,7");
     }
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
   for (int64_t l : out)
-    if (l < 0 || l >= n_layers)
-      fail("--layers", spec, cat("layer ", l, " is outside 0..", n_layers - 1));
+    if (l < 0 || l >= n) fail(option, spec, cat(what, " ", l, " is outside 0..", n - 1));
   return {out.begin(), out.end()};
+}
+
+std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
+  return parse_ranges("--layers", spec, n_layers, "layer");
 }
 
 namespace {

@@ -20,5 +20,6 @@ Runner add_release(CLI::App& app);
 Runner add_release_merge(CLI::App& app);
 Runner add_cache(CLI::App& app);
 Runner add_download(CLI::App& app);
+Runner add_dashboard(CLI::App& app);
 
 }  // namespace sae::cli

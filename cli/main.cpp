@@ -41,7 +41,7 @@ void reexec_with_passive_wait(int argc, char** argv) {
 }
 
 // Commands that run long enough for their thread count to matter say how it was chosen.
-const std::set<std::string> kJobs = {"train", "demo", "release", "cache"};
+const std::set<std::string> kJobs = {"train", "demo", "release", "cache", "dashboard"};
 // The jobs that run over several ranks (the others refuse rather than run N copies).
 const std::set<std::string> kParallelJobs = {"train", "release"};
 
@@ -61,10 +61,11 @@ int run_command(int argc, char** argv) {
   app.set_version_flag("--version", SAECPP_VERSION);
 
   std::map<CLI::App*, sae::cli::Runner> runners;
-  for (auto add : {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval,
-                   sae::cli::add_convert, sae::cli::add_train, sae::cli::add_demo,
-                   sae::cli::add_activations, sae::cli::add_lm_loss, sae::cli::add_release,
-                   sae::cli::add_release_merge, sae::cli::add_cache, sae::cli::add_download}) {
+  for (auto add :
+       {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert,
+        sae::cli::add_train, sae::cli::add_demo, sae::cli::add_activations, sae::cli::add_lm_loss,
+        sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache,
+        sae::cli::add_download, sae::cli::add_dashboard}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;

@@ -17,6 +17,7 @@ packages=(
   libbenchmark-dev       # micro-benchmarks in bench/
   pybind11-dev python3-dev python3-venv  # Python module
   clang-format
+  chromium               # the dashboard pages' test (headless, from file://)
 )
 
 missing=()

@@ -48,6 +48,12 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   return text;
 }
 
+std::string Tokenizer::piece(int32_t id) const {
+  if (id < 0 || id >= vocab_size())
+    fail(path_, "piece", cat("token id ", id, " is outside the vocabulary"));
+  return impl_->sp.IdToPiece(id);
+}
+
 int32_t Tokenizer::bos_id() const {
   return impl_->sp.bos_id();
 }

@@ -23,6 +23,8 @@ class Tokenizer {
                                                  bool add_bos = true) const;
   std::string decode(std::span<const int32_t> ids) const;  // for display; skips BOS/EOS/PAD
 
+  std::string piece(int32_t id) const;  // the vocabulary entry, e.g. "▁the" or "<0x0A>"
+
   int32_t bos_id() const;
   int32_t eos_id() const;
   int32_t pad_id() const;

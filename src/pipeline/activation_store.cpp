@@ -32,13 +32,13 @@ WindowStream::WindowStream(data::Corpus& corpus, const model::Tokenizer& tok,
                            data::WindowConfig cfg)
     : corpus_(corpus), tok_(tok), packer_(cfg) {}
 
-bool WindowStream::next(std::vector<int32_t>& window) {
-  while (!packer_.pop(window)) {
+bool WindowStream::next(std::vector<int32_t>& window, std::vector<data::TokenOrigin>* origins) {
+  while (!packer_.pop(window, origins)) {
     if (!corpus_.next(doc_)) return false;
     if (doc_.tokenized)
-      packer_.add(doc_.tokens);
+      packer_.add(doc_.tokens, doc_.index);
     else
-      packer_.add(tok_.encode(doc_.text, /*add_bos=*/false));
+      packer_.add(tok_.encode(doc_.text, /*add_bos=*/false), doc_.index);
   }
   ++windows_;
   return true;

@@ -42,7 +42,8 @@ struct StoreConfig {
 class WindowStream {
  public:
   WindowStream(data::Corpus& corpus, const model::Tokenizer& tok, data::WindowConfig cfg);
-  bool next(std::vector<int32_t>& window);  // false when the corpus is exhausted
+  // The next window (false when the corpus is exhausted) and, when asked, its tokens' origins.
+  bool next(std::vector<int32_t>& window, std::vector<data::TokenOrigin>* origins = nullptr);
   int64_t windows() const { return windows_; }
 
  private:

@@ -1,0 +1,67 @@
+#include "eval/logit_effects.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "ops/gemm.h"
+
+namespace sae::eval {
+
+std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& unembed,
+                                        const std::vector<uint8_t>& skip, int64_t f0, int64_t f1,
+                                        int n_top, int hist_bins) {
+  const int64_t d = sae.cfg.d_in, vocab = unembed.rows, n = f1 - f0;
+  if (unembed.cols != d)
+    fail("logit effects", "d_in",
+         cat("the SAE reads ", d, " dimensions and the unembedding has ", unembed.cols));
+  if (int64_t(skip.size()) != vocab) fail("logit effects", "skip", "one flag per token expected");
+  // Unit decoder rows of the chunk.
+  std::vector<float> dirs(size_t(n * d));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* w = sae.W_dec.data() + (f0 + i) * d;
+    double ss = 0;
+    for (int64_t c = 0; c < d; ++c) ss += double(w[c]) * w[c];
+    const float inv = float(1 / std::max(std::sqrt(ss), 1e-8));
+    for (int64_t c = 0; c < d; ++c) dirs[size_t(i * d + c)] = w[c] * inv;
+  }
+  // [n, vocab] = dirs @ W_U^T, a block of vocabulary rows at a time (bf16 rows upcast per block).
+  std::vector<float> logits(size_t(n * vocab)), scratch;
+  constexpr int64_t kRows = 8192;
+  for (int64_t r0 = 0; r0 < vocab; r0 += kRows) {
+    const int64_t r1 = std::min(vocab, r0 + kRows);
+    const float* u = unembed.rows_f32(r0, r1, scratch);
+    ops::gemm(ops::Trans::No, ops::Trans::Yes, n, r1 - r0, d, 1.0f, dirs.data(), d, u, d, 0.0f,
+              logits.data() + r0, vocab);
+  }
+  std::vector<int32_t> kept;
+  for (int64_t v = 0; v < vocab; ++v)
+    if (!skip[size_t(v)]) kept.push_back(int32_t(v));
+  std::vector<LogitEffects> out(static_cast<size_t>(n));
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = logits.data() + i * vocab;
+    LogitEffects& e = out[size_t(i)];
+    std::vector<int32_t> ids = kept;
+    const size_t k = std::min(size_t(n_top), ids.size());
+    auto higher = [&](int32_t a, int32_t b) { return row[a] != row[b] ? row[a] > row[b] : a < b; };
+    auto lower = [&](int32_t a, int32_t b) { return row[a] != row[b] ? row[a] < row[b] : a < b; };
+    std::partial_sort(ids.begin(), ids.begin() + long(k), ids.end(), higher);
+    e.top_ids.assign(ids.begin(), ids.begin() + long(k));
+    std::partial_sort(ids.begin(), ids.begin() + long(k), ids.end(), lower);
+    e.bottom_ids.assign(ids.begin(), ids.begin() + long(k));
+    for (int32_t v : e.top_ids) e.top_values.push_back(row[v]);
+    for (int32_t v : e.bottom_ids) e.bottom_values.push_back(row[v]);
+    if (kept.empty()) continue;
+    const float lo = row[e.bottom_ids[0]], hi = row[e.top_ids[0]];
+    e.hist_lo = lo;
+    e.hist_width = std::max(hi - lo, 1e-12f) / float(hist_bins);
+    e.hist.assign(size_t(hist_bins), 0);
+    for (int32_t v : kept)
+      ++e.hist[size_t(std::clamp(int((row[v] - lo) / e.hist_width), 0, hist_bins - 1))];
+  }
+  return out;
+}
+
+}  // namespace sae::eval
