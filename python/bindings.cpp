@@ -11,6 +11,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <thread>
 
@@ -26,6 +27,7 @@
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "ops/gemm.h"
+#include "pipeline/dashboard.h"
 #include "pipeline/release.h"
 #include "pipeline/source_factory.h"
 #include "sae/device_sae.h"
@@ -108,16 +110,17 @@ py::dict metrics_dict(const Metrics& m, bool density) {
   return to_python(m.to_json(density));
 }
 
-// Runs a release on a worker thread while this (main) thread polls for Ctrl-C, which stops it
-// at the next step with everything checkpointed. Returns release.json, or None when stopped.
-py::object run_release_job(const pipeline::ReleaseOptions& o) {
+// Runs a long job on a worker thread while this (main) thread polls for Ctrl-C, which sets the
+// job's stop flag; rethrows the job's error, or KeyboardInterrupt. Returns what the job returned
+// (false: it stopped early).
+bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job) {
   std::atomic<bool> stop{false}, done{false};
   bool finished = false;
   std::exception_ptr error;
   std::thread worker([&] {
     ops::adopt_num_threads();  // OpenMP's thread count is per thread
     try {
-      finished = pipeline::run_release(o, &stop);
+      finished = job(stop);
     } catch (...) {
       error = std::current_exception();
     }
@@ -137,10 +140,22 @@ py::object run_release_job(const pipeline::ReleaseOptions& o) {
   worker.join();
   if (error) std::rethrow_exception(error);
   if (interrupted) throw std::move(*interrupted);
-  if (!finished) return py::none();
-  std::ifstream in(std::filesystem::path(o.output_dir) / "release.json");
+  return finished;
+}
+
+py::object read_json_as_python(const std::filesystem::path& path) {
+  std::ifstream in(path);
   const std::string text((std::istreambuf_iterator<char>(in)), {});
   return py::module_::import("json").attr("loads")(text);
+}
+
+// A release (stopped at the next step with everything checkpointed on Ctrl-C). Returns
+// release.json, or None when stopped.
+py::object run_release_job(const pipeline::ReleaseOptions& o) {
+  const bool finished = run_interruptible(
+      [&](const std::atomic<bool>& stop) { return pipeline::run_release(o, &stop); });
+  if (!finished) return py::none();
+  return read_json_as_python(std::filesystem::path(o.output_dir) / "release.json");
 }
 
 }  // namespace
@@ -537,6 +552,51 @@ PYBIND11_MODULE(_core, m) {
       "release folder with a model card. overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
+
+  m.def(
+      "dashboard",
+      [](const std::string& sae, const std::string& model, py::object dataset,
+         const std::string& output, int64_t tokens, std::vector<int64_t> latents,
+         std::pair<int, int> context, int64_t context_size, int64_t holdout_every,
+         bool training_split, int64_t prompts_per_forward, int top_k, bool neuronpedia,
+         const std::string& neuronpedia_set, bool bf16) -> py::object {
+        pipeline::DashboardOptions o;
+        o.sae = sae;
+        o.model = model::resolve_checkpoint(model).folder;
+        o.corpus.shards = py::isinstance<py::str>(dataset)
+                              ? std::vector<std::string>{dataset.cast<std::string>()}
+                              : dataset.cast<std::vector<std::string>>();
+        o.corpus.holdout_every = holdout_every;
+        o.output_dir = output;
+        o.tokens = tokens;
+        o.latents = std::move(latents);
+        o.context_before = context.first;
+        o.context_after = context.second;
+        o.windows.context_size = context_size;
+        o.training_split = training_split;
+        o.prompts_per_forward = prompts_per_forward;
+        o.stats.top_k = top_k;
+        o.neuronpedia = neuronpedia;
+        o.neuronpedia_set = neuronpedia_set;
+        o.keep_bf16 = bf16;
+        run_interruptible([&](const std::atomic<bool>& stop) {
+          pipeline::run_dashboard(o, &stop);
+          return true;
+        });
+        return read_json_as_python(std::filesystem::path(output) / "dashboard.json");
+      },
+      py::arg("sae"), py::arg("model"), py::arg("dataset"), py::arg("output"),
+      py::arg("tokens") = int64_t(1) << 20, py::arg("latents") = std::vector<int64_t>{},
+      py::arg("context") = std::pair<int, int>{24, 8}, py::arg("context_size") = 128,
+      py::arg("holdout_every") = 100, py::arg("training_split") = false,
+      py::arg("prompts_per_forward") = 8, py::arg("top_k") = 20, py::arg("neuronpedia") = false,
+      py::arg("neuronpedia_set") = "", py::arg("bf16") = false,
+      "The `sae dashboard` job (docs/dashboards.md): one pass of held-out text through Gemma-2 "
+      "and the SAE (a folder or 'release:sae_id'; its cfg.json hook_name names the layer), "
+      "writing an offline folder of feature dashboards (index.html, latent.html?f=N) and, with "
+      "neuronpedia=True, SAEDashboard's Neuronpedia batch files. latents: pages for these "
+      "(default all). Returns dashboard.json (settings and timings) as a dict. Ctrl-C stops it "
+      "without writing the folder and raises KeyboardInterrupt.");
 
   m.def(
       "release_from_cache",

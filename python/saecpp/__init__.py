@@ -24,11 +24,11 @@ if _chose:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cuda_available,
-                              download, evaluate, presets, release, release_from_cache,
-                              set_threads, threads, train)
+                              dashboard, download, evaluate, presets, release,
+                              release_from_cache, set_threads, threads, train)
 finally:
     if _chose:
         del _os.environ["OMP_WAIT_POLICY"]
 
-__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cuda_available", "download", "evaluate",
+__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cuda_available", "dashboard", "download", "evaluate",
            "presets", "release", "release_from_cache", "set_threads", "threads", "train"]

@@ -100,6 +100,24 @@ def release(
     log_every: int = 100,
 ) -> Optional[dict[str, Any]]: ...
 
+def dashboard(
+    sae: str,
+    model: str,
+    dataset: Union[str, list[str]],
+    output: str,
+    tokens: int = 1048576,
+    latents: list[int] = [],
+    context: tuple[int, int] = (24, 8),
+    context_size: int = 128,
+    holdout_every: int = 100,
+    training_split: bool = False,
+    prompts_per_forward: int = 8,
+    top_k: int = 20,
+    neuronpedia: bool = False,
+    neuronpedia_set: str = "",
+    bf16: bool = False,
+) -> dict[str, Any]: ...
+
 def release_from_cache(
     cache: str,
     output: str,

@@ -131,3 +131,27 @@ def test_release_from_cache_loads_in_saelens(tmp_path):
         assert res["training_tokens"] == 2048
     with pytest.raises(saecpp.SaeError, match="cache.json"):
         saecpp.release_from_cache(str(tmp_path / "nothing"), str(tmp_path / "bad"))
+
+
+def test_dashboard_of_a_release_sae(tmp_path):
+    """saecpp.dashboard on an SAE of a release: the folder, its timings and the Neuronpedia batch
+    agree with the SAE loaded back (width, hook, latents asked for)."""
+    corpus = write_corpus(tmp_path)
+    run(corpus, tmp_path / "release", variants=["standard"])
+    out = tmp_path / "dash"
+    info = saecpp.dashboard(str(tmp_path / "release") + ":standard/blocks.2.hook_resid_post", MODEL,
+                            corpus, str(out), tokens=1000, latents=[0, 5, 63], context=(4, 2),
+                            context_size=16, holdout_every=10, neuronpedia=True)
+    assert info["meta"]["d_sae"] == 64 and info["meta"]["latents"] == 3
+    assert info["meta"]["hook"] == "blocks.2.hook_resid_post"
+    assert info["meta"]["levels"] == [16, 64]
+    assert info["meta"]["tokens"] >= 1000 and info["seconds"] > 0
+    assert (out / "index.html").exists() and (out / "latent.html").exists()
+    batch = json.loads((out / "neuronpedia" / "batch-0.json").read_text())
+    assert [f["feature_index"] for f in batch["features"]] == [0, 5, 63]
+    for f in batch["features"]:
+        for a in f["activations"]:
+            assert len(a["tokens"]) == len(a["values"]) <= 4 + 1 + 2
+    with pytest.raises(saecpp.SaeError, match="exists already"):
+        saecpp.dashboard(str(tmp_path / "release") + ":standard/blocks.2.hook_resid_post", MODEL,
+                         corpus, str(out))
