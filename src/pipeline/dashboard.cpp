@@ -228,6 +228,15 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
 
   fs::remove_all(partial);
   fs::create_directories(partial / "data");
+  // A run that fails or is stopped leaves nothing behind (the logs included).
+  struct RemoveUnlessDone {
+    fs::path path;
+    bool done = false;
+    ~RemoveUnlessDone() {
+      std::error_code ec;
+      if (!done) fs::remove_all(path, ec);
+    }
+  } cleanup{partial};
   eval::LatentStatsConfig sc = opt.stats;
   sc.d_sae = sae.cfg.d_sae;
   eval::LatentStats stats(sc);
@@ -370,8 +379,27 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   };
 
   json index_rows = json::array();
-  std::map<int64_t, json> latent_files;  // file number -> {latent: data}
-  std::vector<json> np_features;
+  // Written block by block (the JSON of all 32768 latents would not fit in memory at once).
+  std::vector<json> np_features;  // the Neuronpedia batch being filled
+  int64_t np_batches = 0;
+  const std::string np_set = opt.neuronpedia_set.empty()
+                                 ? fs::path(loaded.folder).filename().string()
+                                 : opt.neuronpedia_set;
+  if (opt.neuronpedia) fs::create_directories(partial / "neuronpedia");
+  auto flush_neuronpedia = [&](bool last) {
+    while (np_features.size() >= size_t(kLatentsPerFile) || (last && !np_features.empty())) {
+      const size_t n = std::min(np_features.size(), size_t(kLatentsPerFile));
+      json batch = {{"model_id", sae.cfg.metadata_string("model_name")},
+                    {"layer", layer},
+                    {"sae_set", np_set},
+                    {"features", json::array()}};
+      for (size_t i = 0; i < n; ++i) batch["features"].push_back(std::move(np_features[i]));
+      np_features.erase(np_features.begin(), np_features.begin() + long(n));
+      write_file_atomic(
+          (partial / "neuronpedia" / ("batch-" + std::to_string(np_batches++) + ".json")).string(),
+          batch.dump());
+    }
+  };
   std::vector<uint8_t> skip = vocab.control;
   for (size_t c0 = 0; c0 < selected.size();) {
     // The selected latents of one latents-NNN.js file.
@@ -390,7 +418,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     std::vector<float> near_cos(near.size());
     if (k_near > 0) ops::topk_rows(cos.data(), hi - lo, D, k_near, near.data(), near_cos.data());
 
-    json& file_data = latent_files[file];
+    json file_data = json::object();
     for (size_t c = c0; c < c1; ++c) {
       const int32_t f = int32_t(selected[c]);
       const eval::LatentSummary& s = summaries[size_t(f)];
@@ -512,15 +540,15 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                                {"activations", acts}});
       }
     }
-    c0 = c1;
-  }
-
-  // Data files, pages, settings.
-  for (auto& [file, data] : latent_files) {
     char name[64];
     std::snprintf(name, sizeof name, "latents-%03lld.js", (long long)file);
-    write_js(partial / "data" / name, "latents", file, data);
+    write_js(partial / "data" / name, "latents", file, file_data);
+    flush_neuronpedia(false);
+    c0 = c1;
   }
+  flush_neuronpedia(true);
+
+  // Index, vocabulary, pages, settings.
   const int64_t n_index = (int64_t(index_rows.size()) + kIndexPerFile - 1) / kIndexPerFile;
   for (int64_t i = 0; i < n_index; ++i) {
     json rows = json::array();
@@ -555,25 +583,9 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
         text);
   }
   if (opt.neuronpedia) {
-    fs::create_directories(partial / "neuronpedia");
-    const std::string set = opt.neuronpedia_set.empty()
-                                ? fs::path(loaded.folder).filename().string()
-                                : opt.neuronpedia_set;
-    for (size_t b = 0; b * kLatentsPerFile < np_features.size(); ++b) {
-      json batch = {{"model_id", sae.cfg.metadata_string("model_name")},
-                    {"layer", layer},
-                    {"sae_set", set},
-                    {"features", json::array()}};
-      for (size_t i = b * kLatentsPerFile;
-           i < std::min(np_features.size(), (b + 1) * kLatentsPerFile); ++i)
-        batch["features"].push_back(std::move(np_features[i]));
-      write_file_atomic(
-          (partial / "neuronpedia" / ("batch-" + std::to_string(b) + ".json")).string(),
-          batch.dump());
-    }
     write_file_atomic((partial / "neuronpedia" / "run_settings.json").string(),
                       json{{"sae_path", loaded.folder},
-                           {"sae_set", set},
+                           {"sae_set", np_set},
                            {"model_id", sae.cfg.metadata_string("model_name")},
                            {"hook_point", hook},
                            {"layer", layer},
@@ -603,6 +615,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                         .dump(2));
   fs::remove_all(partial / ".work");
   fs::rename(partial, out);
+  cleanup.done = true;
   std::fprintf(stderr,
                "dashboard: %lld latents from %lld tokens in %.1f s (model %.1f s, encode %.1f s, "
                "statistics %.1f s, pages %.1f s): %s/index.html\n",
