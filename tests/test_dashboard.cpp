@@ -12,6 +12,7 @@
 #include <regex>
 
 #include "eval/latent_stats.h"
+#include "eval/logit_effects.h"
 #include "io/json_file.h"
 #include "model/activations.h"
 #include "model/gemma2.h"
@@ -414,6 +415,73 @@ TEST(Dashboard, PagesRenderInHeadlessChromiumWithoutConsoleErrors) {
   EXPECT_NE(index.dom.find("41 of 41 latents"), std::string::npos);
   EXPECT_NE(index.dom.find("latent.html?f=40"), std::string::npos);
   EXPECT_EQ(index.console, "");
+}
+
+}  // namespace
+}  // namespace sae
+
+namespace sae {
+namespace {
+
+// Logit effects against a plain computation: unit decoder rows times every unembedding row in
+// double, fully sorted (ties to the lower token id), control tokens left out.
+TEST(LogitEffects, EqualAFullSortOfTheUnitDecoderTimesTheUnembedding) {
+  const int64_t d = 24, D = 9, V = 700;
+  SaeConfig c;
+  c.architecture = Architecture::Standard;
+  c.d_in = d;
+  c.d_sae = D;
+  c.json = nlohmann::ordered_json::object();
+  Sae s(c);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> g(0, 1);
+  for (auto& w : s.W_dec) w = g(rng) * 3;
+  model::Weight u;
+  u.rows = V;
+  u.cols = d;
+  for (int64_t i = 0; i < V * d; ++i) u.f32.push_back(std::round(g(rng) * 4) / 4);  // ties
+  std::vector<uint8_t> skip(size_t(V), 0);
+  for (int64_t v = 0; v < V; v += 50) skip[size_t(v)] = 1;
+  const auto got = eval::logit_effects(s, u, skip, 2, 8, 10, 20);
+  ASSERT_EQ(got.size(), 6u);
+  for (int64_t f = 2; f < 8; ++f) {
+    double norm = 0;
+    for (int64_t k = 0; k < d; ++k)
+      norm += double(s.W_dec[size_t(f * d + k)]) * s.W_dec[size_t(f * d + k)];
+    std::vector<std::pair<double, int32_t>> all;
+    for (int64_t v = 0; v < V; ++v) {
+      if (skip[size_t(v)]) continue;
+      double x = 0;
+      for (int64_t k = 0; k < d; ++k)
+        x += double(s.W_dec[size_t(f * d + k)]) * u.f32[size_t(v * d + k)];
+      all.push_back({x / std::sqrt(norm), int32_t(v)});
+    }
+    const auto& e = got[size_t(f - 2)];
+    auto desc = all, asc = all;
+    std::stable_sort(desc.begin(), desc.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    std::stable_sort(asc.begin(), asc.end(), [](auto& a, auto& b) { return a.first < b.first; });
+    ASSERT_EQ(e.top_ids.size(), 10u);
+    for (size_t i = 0; i < 10; ++i) {
+      EXPECT_NEAR(e.top_values[i], desc[i].first, 1e-4) << f << " top " << i;
+      EXPECT_NEAR(e.bottom_values[i], asc[i].first, 1e-4) << f << " bottom " << i;
+      // The same token unless f32 rounding reorders values equal in exact arithmetic.
+      auto isolated = [](const auto& v, size_t i) {
+        return std::abs(v[i].first - v[i + 1].first) > 1e-4 &&
+               (i == 0 || std::abs(v[i].first - v[i - 1].first) > 1e-4);
+      };
+      if (isolated(desc, i)) {
+        EXPECT_EQ(e.top_ids[i], desc[i].second) << f << " top " << i;
+      }
+      if (isolated(asc, i)) {
+        EXPECT_EQ(e.bottom_ids[i], asc[i].second) << f << " bottom " << i;
+      }
+    }
+    int64_t total = 0;
+    for (int64_t h : e.hist) total += h;
+    EXPECT_EQ(total, int64_t(all.size()));
+    EXPECT_NEAR(e.hist_lo, asc[0].first, 1e-4);
+    EXPECT_NEAR(e.hist_lo + e.hist_width * 20, desc[0].first, 1e-4);
+  }
 }
 
 }  // namespace

@@ -43,23 +43,37 @@ std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& une
   for (int64_t i = 0; i < n; ++i) {
     const float* row = logits.data() + i * vocab;
     LogitEffects& e = out[size_t(i)];
-    std::vector<int32_t> ids = kept;
-    const size_t k = std::min(size_t(n_top), ids.size());
-    auto higher = [&](int32_t a, int32_t b) { return row[a] != row[b] ? row[a] > row[b] : a < b; };
-    auto lower = [&](int32_t a, int32_t b) { return row[a] != row[b] ? row[a] < row[b] : a < b; };
-    std::partial_sort(ids.begin(), ids.begin() + long(k), ids.end(), higher);
-    e.top_ids.assign(ids.begin(), ids.begin() + long(k));
-    std::partial_sort(ids.begin(), ids.begin() + long(k), ids.end(), lower);
-    e.bottom_ids.assign(ids.begin(), ids.begin() + long(k));
+    // One pass keeping the k highest and k lowest (sorted; on equal values the lower id first).
+    const size_t k = std::min(size_t(n_top), kept.size());
+    std::vector<std::pair<float, int32_t>> hi, lo;  // hi descending, lo ascending
+    for (int32_t v : kept) {
+      const float x = row[v];
+      if (hi.size() < k || x > hi.back().first) {
+        auto at = std::upper_bound(
+            hi.begin(), hi.end(), x,
+            [](float a, const std::pair<float, int32_t>& b) { return a > b.first; });
+        hi.insert(at, {x, v});
+        if (hi.size() > k) hi.pop_back();
+      }
+      if (lo.size() < k || x < lo.back().first) {
+        auto at = std::upper_bound(
+            lo.begin(), lo.end(), x,
+            [](float a, const std::pair<float, int32_t>& b) { return a < b.first; });
+        lo.insert(at, {x, v});
+        if (lo.size() > k) lo.pop_back();
+      }
+    }
+    for (const auto& [x, v] : hi) e.top_ids.push_back(v);
+    for (const auto& [x, v] : lo) e.bottom_ids.push_back(v);
     for (int32_t v : e.top_ids) e.top_values.push_back(row[v]);
     for (int32_t v : e.bottom_ids) e.bottom_values.push_back(row[v]);
     if (kept.empty()) continue;
-    const float lo = row[e.bottom_ids[0]], hi = row[e.top_ids[0]];
-    e.hist_lo = lo;
-    e.hist_width = std::max(hi - lo, 1e-12f) / float(hist_bins);
+    const float min = lo[0].first, max = hi[0].first;
+    e.hist_lo = min;
+    e.hist_width = std::max(max - min, 1e-12f) / float(hist_bins);
     e.hist.assign(size_t(hist_bins), 0);
     for (int32_t v : kept)
-      ++e.hist[size_t(std::clamp(int((row[v] - lo) / e.hist_width), 0, hist_bins - 1))];
+      ++e.hist[size_t(std::clamp(int((row[v] - min) / e.hist_width), 0, hist_bins - 1))];
   }
   return out;
 }
