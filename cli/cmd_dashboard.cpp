@@ -16,7 +16,7 @@ Runner add_dashboard(CLI::App& app) {
       "dashboard", "Feature dashboards (offline HTML, Neuronpedia files) for an SAE's latents");
   struct Opts {
     pipeline::DashboardOptions d;
-    std::string tokens = "1M", latents, context = "24,8";
+    std::string tokens = "1M", latents, context = "24,8", stop_after;
     int64_t holdout_every = 100;
     bool truncate = false;
   };
@@ -52,6 +52,14 @@ Runner add_dashboard(CLI::App& app) {
   cmd->add_option("--neuronpedia-set", o->d.neuronpedia_set,
                   "sae_set of the Neuronpedia batches (default: the SAE folder's name)");
   cmd->add_flag("--bf16", o->d.keep_bf16, "Keep the model weights in bf16");
+  cmd->add_flag("--resume", o->d.resume,
+                "Continue an interrupted dashboard (its checkpoint in <output>.partial)");
+  cmd->add_option("--checkpoint-every", o->d.checkpoint_seconds,
+                  "Seconds between checkpoints of the pass (default 600; also on Ctrl-C)");
+  auto* stop_after =
+      cmd->add_option("--stop-after-tokens", o->stop_after,
+                      "Checkpoint and exit 0 after this many tokens (then --resume)");
+  (void)stop_after;
   return [=] {
     pipeline::DashboardOptions d = o->d;
     d.model = model::resolve_checkpoint(d.model).folder;
@@ -73,8 +81,11 @@ Runner add_dashboard(CLI::App& app) {
       // Checked against the SAE's width once it is loaded; here only the syntax.
       d.latents = parse_ranges("--latents", o->latents, int64_t(1) << 40, "latent");
     }
+    if (!o->stop_after.empty())
+      d.stop_after_tokens = parse_count("--stop-after-tokens", o->stop_after);
     const std::atomic<bool>& stop = stop_on_signals();
     const pipeline::DashboardResult r = pipeline::run_dashboard(d, &stop);
+    if (!r.finished) return stop ? 130 : 0;  // 130: interrupted by a signal, checkpointed
     std::printf("dashboard: %lld latents, %lld tokens, %.1f s: %s/index.html\n",
                 (long long)r.latents_written, (long long)r.tokens, r.seconds, d.output_dir.c_str());
     return 0;

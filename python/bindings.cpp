@@ -559,7 +559,8 @@ PYBIND11_MODULE(_core, m) {
          const std::string& output, int64_t tokens, std::vector<int64_t> latents,
          std::pair<int, int> context, int64_t context_size, int64_t holdout_every,
          bool training_split, int64_t prompts_per_forward, int top_k, bool neuronpedia,
-         const std::string& neuronpedia_set, bool bf16) -> py::object {
+         const std::string& neuronpedia_set, bool bf16, bool resume,
+         int64_t stop_after_tokens) -> py::object {
         pipeline::DashboardOptions o;
         o.sae = sae;
         o.model = model::resolve_checkpoint(model).folder;
@@ -579,10 +580,12 @@ PYBIND11_MODULE(_core, m) {
         o.neuronpedia = neuronpedia;
         o.neuronpedia_set = neuronpedia_set;
         o.keep_bf16 = bf16;
-        run_interruptible([&](const std::atomic<bool>& stop) {
-          pipeline::run_dashboard(o, &stop);
-          return true;
+        o.resume = resume;
+        o.stop_after_tokens = stop_after_tokens;
+        const bool finished = run_interruptible([&](const std::atomic<bool>& stop) {
+          return pipeline::run_dashboard(o, &stop).finished;
         });
+        if (!finished) return py::none();
         return read_json_as_python(std::filesystem::path(output) / "dashboard.json");
       },
       py::arg("sae"), py::arg("model"), py::arg("dataset"), py::arg("output"),
@@ -590,13 +593,16 @@ PYBIND11_MODULE(_core, m) {
       py::arg("context") = std::pair<int, int>{24, 8}, py::arg("context_size") = 128,
       py::arg("holdout_every") = 100, py::arg("training_split") = false,
       py::arg("prompts_per_forward") = 8, py::arg("top_k") = 20, py::arg("neuronpedia") = false,
-      py::arg("neuronpedia_set") = "", py::arg("bf16") = false,
+      py::arg("neuronpedia_set") = "", py::arg("bf16") = false, py::arg("resume") = false,
+      py::arg("stop_after_tokens") = 0,
       "The `sae dashboard` job (docs/dashboards.md): one pass of held-out text through Gemma-2 "
       "and the SAE (a folder or 'release:sae_id'; its cfg.json hook_name names the layer), "
       "writing an offline folder of feature dashboards (index.html, latent.html?f=N) and, with "
       "neuronpedia=True, SAEDashboard's Neuronpedia batch files. latents: pages for these "
-      "(default all). Returns dashboard.json (settings and timings) as a dict. Ctrl-C stops it "
-      "without writing the folder and raises KeyboardInterrupt.");
+      "(default all). Returns dashboard.json (settings and timings) as a dict, or None when "
+      "stopped "
+      "at stop_after_tokens (continue with resume=True). Ctrl-C checkpoints the pass and raises "
+      "KeyboardInterrupt.");
 
   m.def(
       "release_from_cache",

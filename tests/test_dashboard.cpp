@@ -336,6 +336,35 @@ TEST(Dashboard, TopExamplesEqualADenseComputationAndFilesAreComplete) {
   EXPECT_TRUE(read_json_file(out + "/neuronpedia/run_settings.json").contains("n_prompts_total"));
 }
 
+// Stopped part-way (checkpoint, exit 0), then --resume: the folder equals one made in one go.
+TEST(Dashboard, StopsAndResumesToTheSameFolder) {
+  test::TempDir dir;
+  const std::string sae_dir = write_tiny_sae(dir), corpus = write_corpus(dir);
+  const std::string args = " --neuronpedia --latents 0-47";
+  auto r = test::run_cli(dashboard_args(sae_dir, corpus, dir / "whole") + args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string part = dir / "part";
+  r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --stop-after-tokens 500");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rerun with --resume"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(part));
+  EXPECT_TRUE(fs::exists(part + ".partial/.work/state.json"));
+  // Without --resume the interrupted run is not overwritten.
+  r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("pass --resume"), std::string::npos) << r.output;
+  // Windows cut another way make another run.
+  r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume --truncate");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("concat"), std::string::npos) << r.output;
+  r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming after"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(part + ".partial"));
+  for (const char* f : {"data/latents-000.js", "data/index-000.js", "neuronpedia/batch-0.json"})
+    EXPECT_EQ(test::read_bytes(part + "/" + f), test::read_bytes(dir / "whole" + "/" + f)) << f;
+}
+
 TEST(Dashboard, BadInputsFailCleanly) {
   test::TempDir dir;
   const std::string sae_dir = write_tiny_sae(dir), corpus = write_corpus(dir);

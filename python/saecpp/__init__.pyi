@@ -116,7 +116,9 @@ def dashboard(
     neuronpedia: bool = False,
     neuronpedia_set: str = "",
     bf16: bool = False,
-) -> dict[str, Any]: ...
+    resume: bool = False,
+    stop_after_tokens: int = 0,
+) -> Optional[dict[str, Any]]: ...
 
 def release_from_cache(
     cache: str,

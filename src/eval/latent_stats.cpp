@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/error.h"
+#include "io/safetensors.h"
+#include "nlohmann/json.hpp"
 
 namespace sae::eval {
 
@@ -263,6 +266,107 @@ LatentSummary LatentStats::summary(int64_t f) const {
     return x.count != y.count ? x.count > y.count : x.latent < y.latent;
   });
   return s;
+}
+
+namespace {
+
+nlohmann::json config_json(const LatentStatsConfig& c) {
+  return {{"d_sae", c.d_sae},
+          {"top_k", c.top_k},
+          {"interval_bins", c.interval_bins},
+          {"interval_samples", c.interval_samples},
+          {"quantile_groups", c.quantile_groups},
+          {"quantile_samples", c.quantile_samples},
+          {"hist_bins", c.hist_bins},
+          {"cofire_slots", c.cofire_slots},
+          {"seed", c.seed}};
+}
+
+// Copies tensor `name` of `f` into v, which must have its size already; dtype checked.
+template <class T>
+void read_into(const SafetensorsFile& f, const std::string& name, DType dtype, std::vector<T>& v) {
+  const TensorInfo& t = f.info(name);
+  if (t.dtype != dtype || t.numel() != int64_t(v.size()))
+    fail(f.path(), name, cat("expected ", v.size(), " values of ", dtype_name(dtype)));
+  std::memcpy(v.data(), f.bytes(t).data(), v.size() * sizeof(T));
+}
+
+}  // namespace
+
+void LatentStats::save(const std::string& path) const {
+  const int64_t n_heap = int64_t(heap_.size()), n_int = int64_t(interval_.size()),
+                n_q = int64_t(quantile_.size()), n_co = int64_t(cofire_.size());
+  std::vector<int64_t> heap_tok, int_tok, q_tok, co_count, co_error;
+  std::vector<float> heap_val, int_val, q_val;
+  std::vector<int32_t> co_lat;
+  for (const Slot& x : heap_) heap_tok.push_back(x.token), heap_val.push_back(x.value);
+  for (const Slot& x : interval_) int_tok.push_back(x.token), int_val.push_back(x.value);
+  for (const Slot& x : quantile_) q_tok.push_back(x.token), q_val.push_back(x.value);
+  for (const Partner& p : cofire_)
+    co_lat.push_back(p.latent), co_count.push_back(p.count), co_error.push_back(p.error);
+  const std::vector<int64_t> tokens = {tokens_};
+  const int64_t d = cfg_.d_sae;
+  write_safetensors(path,
+                    {tensor_view("tokens", std::span<const int64_t>(tokens), {1}),
+                     tensor_view("fires", std::span<const int64_t>(fires_), {d}),
+                     tensor_view("sum1", std::span<const double>(sum1_), {d}),
+                     tensor_view("sum2", std::span<const double>(sum2_), {d}),
+                     tensor_view("sum3", std::span<const double>(sum3_), {d}),
+                     tensor_view("sum4", std::span<const double>(sum4_), {d}),
+                     tensor_view("max", std::span<const float>(max_), {d}),
+                     tensor_view("top_edge", std::span<const float>(top_edge_), {d}),
+                     tensor_view("hist", std::span<const int64_t>(hist_), {int64_t(hist_.size())}),
+                     tensor_view("heap_token", std::span<const int64_t>(heap_tok), {n_heap}),
+                     tensor_view("heap_value", std::span<const float>(heap_val), {n_heap}),
+                     tensor_view("heap_size", std::span<const int32_t>(heap_size_), {d}),
+                     tensor_view("interval_token", std::span<const int64_t>(int_tok), {n_int}),
+                     tensor_view("interval_value", std::span<const float>(int_val), {n_int}),
+                     tensor_view("interval_seen", std::span<const int64_t>(interval_seen_),
+                                 {int64_t(interval_seen_.size())}),
+                     tensor_view("quantile_token", std::span<const int64_t>(q_tok), {n_q}),
+                     tensor_view("quantile_value", std::span<const float>(q_val), {n_q}),
+                     tensor_view("cofire_latent", std::span<const int32_t>(co_lat), {n_co}),
+                     tensor_view("cofire_count", std::span<const int64_t>(co_count), {n_co}),
+                     tensor_view("cofire_error", std::span<const int64_t>(co_error), {n_co}),
+                     tensor_view("cofire_used", std::span<const int32_t>(cofire_used_), {d})},
+                    {{"latent_stats_config", config_json(cfg_).dump()}});
+}
+
+void LatentStats::load(const std::string& path) {
+  const SafetensorsFile f(path);
+  const auto meta = f.metadata().find("latent_stats_config");
+  if (meta == f.metadata().end() || nlohmann::json::parse(meta->second) != config_json(cfg_))
+    fail(path, "latent_stats_config", "holds statistics of another configuration");
+  std::vector<int64_t> tokens(1), heap_tok(heap_.size()), int_tok(interval_.size()),
+      q_tok(quantile_.size()), co_count(cofire_.size()), co_error(cofire_.size());
+  std::vector<float> heap_val(heap_.size()), int_val(interval_.size()), q_val(quantile_.size());
+  std::vector<int32_t> co_lat(cofire_.size());
+  read_into(f, "tokens", DType::I64, tokens);
+  read_into(f, "fires", DType::I64, fires_);
+  read_into(f, "sum1", DType::F64, sum1_);
+  read_into(f, "sum2", DType::F64, sum2_);
+  read_into(f, "sum3", DType::F64, sum3_);
+  read_into(f, "sum4", DType::F64, sum4_);
+  read_into(f, "max", DType::F32, max_);
+  read_into(f, "top_edge", DType::F32, top_edge_);
+  read_into(f, "hist", DType::I64, hist_);
+  read_into(f, "heap_token", DType::I64, heap_tok);
+  read_into(f, "heap_value", DType::F32, heap_val);
+  read_into(f, "heap_size", DType::I32, heap_size_);
+  read_into(f, "interval_token", DType::I64, int_tok);
+  read_into(f, "interval_value", DType::F32, int_val);
+  read_into(f, "interval_seen", DType::I64, interval_seen_);
+  read_into(f, "quantile_token", DType::I64, q_tok);
+  read_into(f, "quantile_value", DType::F32, q_val);
+  read_into(f, "cofire_latent", DType::I32, co_lat);
+  read_into(f, "cofire_count", DType::I64, co_count);
+  read_into(f, "cofire_error", DType::I64, co_error);
+  read_into(f, "cofire_used", DType::I32, cofire_used_);
+  tokens_ = tokens[0];
+  for (size_t i = 0; i < heap_.size(); ++i) heap_[i] = {heap_tok[i], heap_val[i]};
+  for (size_t i = 0; i < interval_.size(); ++i) interval_[i] = {int_tok[i], int_val[i]};
+  for (size_t i = 0; i < quantile_.size(); ++i) quantile_[i] = {q_tok[i], q_val[i]};
+  for (size_t i = 0; i < cofire_.size(); ++i) cofire_[i] = {co_lat[i], co_count[i], co_error[i]};
 }
 
 }  // namespace sae::eval

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "sae/sparse_codes.h"
@@ -81,6 +82,11 @@ class LatentStats {
   int64_t fires(int64_t f) const { return fires_[size_t(f)]; }
   LatentSummary summary(int64_t f) const;
   const LatentStatsConfig& config() const { return cfg_; }
+
+  // The whole state as a safetensors file (atomic), and back: a resumed pass continues exactly
+  // as if never stopped. load() checks the file holds statistics of this configuration.
+  void save(const std::string& path) const;
+  void load(const std::string& path);
 
  private:
   struct Slot {

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "eval/logit_effects.h"
 #include "io/atomic_file.h"
+#include "io/json_file.h"
 #include "io/mapped_file.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
@@ -39,15 +40,31 @@ constexpr int kCorrelated = 10;           // most correlated latents shown
 // position, and its codes (CSR); read back memory-mapped for the examples' contexts.
 class TokenLog {
  public:
-  explicit TokenLog(const fs::path& dir) : dir_(dir) {
+  // A new log, or (tokens > 0) the one in `dir` cut back to its first `tokens` tokens and
+  // `nnz` codes, as a checkpoint recorded them, and continued.
+  TokenLog(const fs::path& dir, int64_t tokens, int64_t nnz) : dir_(dir), nnz_(nnz) {
     fs::create_directories(dir);
-    for (const char* name : {"ids", "doc", "pos", "offsets", "latents", "values"}) {
-      FILE* f = std::fopen((dir / name).c_str(), "wb");
-      if (!f) fail((dir / name).string(), "", "cannot create the dashboard's token log");
+    const std::pair<const char*, int64_t> files[] = {
+        {"ids", tokens * 4},           {"doc", tokens * 8},  {"pos", tokens * 4},
+        {"offsets", (tokens + 1) * 8}, {"latents", nnz * 4}, {"values", nnz * 4}};
+    for (const auto& [name, bytes] : files) {
+      const fs::path path = dir / name;
+      if (tokens > 0) {
+        if (!fs::exists(path) || int64_t(fs::file_size(path)) < bytes)
+          fail(path.string(), "", "the token log is shorter than its checkpoint says");
+        fs::resize_file(path, uint64_t(bytes));
+      }
+      FILE* f = std::fopen(path.c_str(), tokens > 0 ? "ab" : "wb");
+      if (!f) fail(path.string(), "", "cannot open the dashboard's token log");
       files_.emplace_back(f);
     }
     const int64_t zero = 0;
-    put(3, &zero, sizeof zero);
+    if (tokens == 0) put(3, &zero, sizeof zero);
+  }
+  int64_t nnz() const { return nnz_; }
+  void flush() {
+    for (auto& f : files_)
+      if (std::fflush(f.get()) != 0) fail(dir_.string(), "", "writing the token log failed");
   }
   ~TokenLog() { close(); }
 
@@ -226,9 +243,42 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   data::Corpus corpus(opt.corpus, opt.training_split ? data::Split::Train : data::Split::Heldout);
   WindowStream windows(corpus, tok, wc);
 
-  fs::remove_all(partial);
+  // What a resumed run must share with the interrupted one.
+  const json identity = {{"sae", fs::absolute(loaded.folder).lexically_normal().string()},
+                         {"model", fs::absolute(opt.model).lexically_normal().string()},
+                         {"corpus", opt.corpus.to_json()},
+                         {"training_split", opt.training_split},
+                         {"context_size", cs},
+                         {"concat", wc.concat},
+                         {"prompts_per_forward", opt.prompts_per_forward}};
+  const fs::path work = partial / ".work", state_path = work / "state.json";
+  eval::LatentStatsConfig sc = opt.stats;
+  sc.d_sae = sae.cfg.d_sae;
+  eval::LatentStats stats(sc);
+  int64_t logged = 0, windows_done = 0, log_nnz = 0;
+  if (fs::exists(partial) && !opt.resume)
+    fail(partial.string(), "",
+         "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
+  if (opt.resume && fs::exists(state_path)) {
+    const json state = read_json_file(state_path.string());
+    for (const auto& [k, v] : identity.items())
+      if (state.at("identity").value(k, json()) != v)
+        fail(state_path.string(), k, "differs from this run's options; refusing to resume");
+    stats.load((work / state.at("stats").get<std::string>()).string());
+    logged = state.at("logged").get<int64_t>();
+    log_nnz = state.at("nnz").get<int64_t>();
+    windows_done = state.at("windows").get<int64_t>();
+    std::vector<int32_t> skip;
+    for (int64_t i = 0; i < windows_done; ++i)  // tokenised again, not run: the same windows
+      if (!windows.next(skip)) fail(state_path.string(), "windows", "the corpus is shorter now");
+    std::fprintf(stderr, "dashboard: resuming after %lld tokens (%lld windows)\n",
+                 (long long)stats.tokens(), (long long)windows_done);
+  } else {
+    fs::remove_all(partial);
+  }
   fs::create_directories(partial / "data");
-  // A run that fails or is stopped leaves nothing behind (the logs included).
+  // A run that fails before its first checkpoint leaves nothing behind; after one, the folder
+  // stays for --resume.
   struct RemoveUnlessDone {
     fs::path path;
     bool done = false;
@@ -236,30 +286,57 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
       std::error_code ec;
       if (!done) fs::remove_all(path, ec);
     }
-  } cleanup{partial};
-  eval::LatentStatsConfig sc = opt.stats;
-  sc.d_sae = sae.cfg.d_sae;
-  eval::LatentStats stats(sc);
-  auto log = std::make_unique<TokenLog>(partial / ".work");
+  } cleanup{partial, logged > 0};
+  auto log = std::make_unique<TokenLog>(work, logged, log_nnz);
+  // Checkpoint: logs flushed, statistics saved under a new name, then state.json (the commit
+  // point) names it; the previous statistics file goes last.
+  std::string stats_file;
+  if (fs::exists(state_path)) stats_file = read_json_file(state_path.string()).at("stats");
+  auto checkpoint = [&] {
+    log->flush();
+    const std::string name = "stats-" + std::to_string(windows_done) + ".safetensors";
+    stats.save((work / name).string());
+    write_file_atomic(state_path.string(), json{{"identity", identity},
+                                                {"stats", name},
+                                                {"logged", logged},
+                                                {"nnz", log->nnz()},
+                                                {"windows", windows_done}}
+                                               .dump(2));
+    if (!stats_file.empty() && stats_file != name) fs::remove(work / stats_file);
+    stats_file = name;
+    cleanup.done = true;
+  };
   std::fprintf(stderr,
                "dashboard: %s (%s, %lld latents) on %lld %s tokens, windows of %lld, %zu pages\n",
                loaded.folder.c_str(), hook.c_str(), (long long)sae.cfg.d_sae, (long long)opt.tokens,
                opt.training_split ? "training-split" : "held-out", (long long)cs, selected.size());
 
   // The pass: forward, encode the non-special tokens, update the statistics, log.
-  int64_t logged = 0;
-  double last_print = now_seconds();
+  double last_print = now_seconds(), last_checkpoint = now_seconds();
+  const int64_t tokens_at_start = stats.tokens();
   std::vector<int32_t> w;
   std::vector<data::TokenOrigin> wo;
   const int64_t d = sae.cfg.d_in;
   while (stats.tokens() < opt.tokens) {
-    if (stop && stop->load())
-      fail("dashboard", "interrupted", "stopped by a signal; nothing written");
+    const bool stop_here = (stop && stop->load()) ||
+                           (opt.stop_after_tokens > 0 && stats.tokens() >= opt.stop_after_tokens);
+    if (stop_here || now_seconds() - last_checkpoint > opt.checkpoint_seconds) {
+      checkpoint();
+      last_checkpoint = now_seconds();
+      if (stop_here) {
+        std::fprintf(stderr, "dashboard: stopped after %lld tokens; rerun with --resume\n",
+                     (long long)stats.tokens());
+        res.tokens = stats.tokens();
+        res.seconds = now_seconds() - t_start;
+        return res;
+      }
+    }
     model::TokenBatch batch;
     std::vector<data::TokenOrigin> origins;
     for (int64_t p = 0; p < opt.prompts_per_forward && windows.next(w, &wo); ++p) {
       batch.add(w);
       origins.insert(origins.end(), wo.begin(), wo.end());
+      ++windows_done;
     }
     if (batch.n_prompts() == 0) {
       std::fprintf(stderr, "dashboard: the corpus ran out after %lld tokens\n",
@@ -300,7 +377,8 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     res.model_seconds += t1 - t0, res.encode_seconds += t2 - t1, res.stats_seconds += t3 - t2;
     if (t3 - last_print > 5 || stats.tokens() >= opt.tokens) {
       last_print = t3;
-      const double el = t3 - t_start, rate = double(stats.tokens()) / std::max(el, 1e-9);
+      const double el = t3 - t_start,
+                   rate = double(stats.tokens() - tokens_at_start) / std::max(el, 1e-9);
       std::fprintf(stderr,
                    "dashboard: %lld/%lld tokens  %.0f tok/s  ETA %.0f s  (model %.0f%%, encode "
                    "%.0f%%, statistics %.0f%%)\n",
@@ -616,6 +694,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   fs::remove_all(partial / ".work");
   fs::rename(partial, out);
   cleanup.done = true;
+  res.finished = true;
   std::fprintf(stderr,
                "dashboard: %lld latents from %lld tokens in %.1f s (model %.1f s, encode %.1f s, "
                "statistics %.1f s, pages %.1f s): %s/index.html\n",

@@ -37,16 +37,22 @@ struct DashboardOptions {
   int64_t prompts_per_forward = 8;
   bool keep_bf16 = false;
   bool neuronpedia = false;
-  std::string neuronpedia_set;    // sae_set of the batch files (default: the SAE's folder name)
-  eval::LatentStatsConfig stats;  // d_sae is taken from the SAE
+  std::string neuronpedia_set;      // sae_set of the batch files (default: the SAE's folder name)
+  eval::LatentStatsConfig stats;    // d_sae is taken from the SAE
+  bool resume = false;              // continue the interrupted run in <output_dir>.partial
+  double checkpoint_seconds = 600;  // between checkpoints of the pass (and at a stop)
+  int64_t stop_after_tokens = 0;    // > 0: checkpoint and return once this many are done
 };
 
 struct DashboardResult {
+  bool finished = false;  // false: stopped (signal or stop_after_tokens); resume to finish
   int64_t tokens = 0, latents_written = 0;
   double seconds = 0, model_seconds = 0, encode_seconds = 0, stats_seconds = 0, write_seconds = 0;
 };
 
-// Runs the pass and writes the folder. Returns the counts and timings.
+// Runs the pass and writes the folder. The pass checkpoints into <output_dir>.partial every
+// checkpoint_seconds and when stopped; `resume` continues it exactly. Returns the counts and
+// timings.
 DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<bool>* stop = nullptr);
 
 // The display text of a SentencePiece piece: "▁" as a space, byte pieces <0xNN> as their
