@@ -312,7 +312,8 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                opt.training_split ? "training-split" : "held-out", (long long)cs, selected.size());
 
   // The pass: forward, encode the non-special tokens, update the statistics, log.
-  double last_print = now_seconds(), last_checkpoint = now_seconds();
+  const double t_pass = now_seconds();
+  double last_print = t_pass, last_checkpoint = t_pass;
   const int64_t tokens_at_start = stats.tokens();
   std::vector<int32_t> w;
   std::vector<data::TokenOrigin> wo;
@@ -377,7 +378,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     res.model_seconds += t1 - t0, res.encode_seconds += t2 - t1, res.stats_seconds += t3 - t2;
     if (t3 - last_print > 5 || stats.tokens() >= opt.tokens) {
       last_print = t3;
-      const double el = t3 - t_start,
+      const double el = t3 - t_pass,
                    rate = double(stats.tokens() - tokens_at_start) / std::max(el, 1e-9);
       std::fprintf(stderr,
                    "dashboard: %lld/%lld tokens  %.0f tok/s  ETA %.0f s  (model %.0f%%, encode "
@@ -623,6 +624,12 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     write_js(partial / "data" / name, "latents", file, file_data);
     flush_neuronpedia(false);
     c0 = c1;
+    if (now_seconds() - last_print > 5 || c0 == selected.size()) {
+      last_print = now_seconds();
+      const double el = last_print - t_write, rate = double(c0) / std::max(el, 1e-9);
+      std::fprintf(stderr, "dashboard: pages %zu/%zu latents  %.0f latents/s  ETA %.0f s\n", c0,
+                   selected.size(), rate, double(selected.size() - c0) / std::max(rate, 1e-9));
+    }
   }
   flush_neuronpedia(true);
 
