@@ -209,6 +209,9 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   const fs::path out = opt.output_dir, partial = out.string() + ".partial";
   if (fs::exists(out))
     fail(out.string(), "output", "exists already: choose another folder or remove it");
+  if (fs::exists(partial) && !opt.resume)  // before anything slow is loaded
+    fail(partial.string(), "",
+         "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
   if (opt.tokens <= 0) fail("dashboard", "tokens", "must be positive");
   if (opt.context_before < 0 || opt.context_after < 0)
     fail("dashboard", "context", "token counts before and after must be >= 0");
@@ -256,9 +259,6 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   sc.d_sae = sae.cfg.d_sae;
   eval::LatentStats stats(sc);
   int64_t logged = 0, windows_done = 0, log_nnz = 0;
-  if (fs::exists(partial) && !opt.resume)
-    fail(partial.string(), "",
-         "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
   if (opt.resume && fs::exists(state_path)) {
     const json state = read_json_file(state_path.string());
     for (const auto& [k, v] : identity.items())
