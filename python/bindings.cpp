@@ -143,6 +143,12 @@ bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job)
   return finished;
 }
 
+// A corpus given as one path or glob, or a list of them.
+std::vector<std::string> corpus_shards(const py::object& dataset) {
+  return py::isinstance<py::str>(dataset) ? std::vector<std::string>{dataset.cast<std::string>()}
+                                          : dataset.cast<std::vector<std::string>>();
+}
+
 py::object read_json_as_python(const std::filesystem::path& path) {
   std::ifstream in(path);
   const std::string text((std::istreambuf_iterator<char>(in)), {});
@@ -515,9 +521,7 @@ PYBIND11_MODULE(_core, m) {
          int64_t log_every) -> py::object {
         pipeline::ReleaseOptions o;
         o.model = model;
-        o.corpus.shards = py::isinstance<py::str>(dataset)
-                              ? std::vector<std::string>{dataset.cast<std::string>()}
-                              : dataset.cast<std::vector<std::string>>();
+        o.corpus.shards = corpus_shards(dataset);
         o.corpus.holdout_every = holdout_every;
         o.layers = std::move(layers);
         o.output_dir = output;
@@ -564,9 +568,7 @@ PYBIND11_MODULE(_core, m) {
         pipeline::DashboardOptions o;
         o.sae = sae;
         o.model = model::resolve_checkpoint(model).folder;
-        o.corpus.shards = py::isinstance<py::str>(dataset)
-                              ? std::vector<std::string>{dataset.cast<std::string>()}
-                              : dataset.cast<std::vector<std::string>>();
+        o.corpus.shards = corpus_shards(dataset);
         o.corpus.holdout_every = holdout_every;
         o.output_dir = output;
         o.tokens = tokens;
