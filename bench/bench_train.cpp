@@ -85,16 +85,18 @@ int main(int argc, char** argv) {
   const train::BatchShard shard{&comm, batch};
   const float* rows = x.data() + shard.begin(batch) * d_in;
   const int64_t n_rows = shard.end(batch) - shard.begin(batch);
+  double grad_sq = 0;  // the step's fused gradient norm (one process), as the trainer uses it
   auto step = [&] {
     train::StepResult r = train::forward_backward(sae, rows, n_rows, dead, g, ws, shard);
     sae.update_threshold(r.min_selected, r.n_active > 0);
+    grad_sq = r.grad_squared_norm;
   };
   train::ShardedUpdate sharded(comm, d_sae, d_in);
   auto update = [&] {
     if (comm.size() > 1)
       sharded.step(sae, opt, g, 1e-4);
     else
-      opt.step(sae, g, 1e-4);
+      opt.apply(sae, g, 1e-4, std::sqrt(grad_sq));
   };
   // Warm-up step (allocations, page faults), then timed steps.
   g.clear();
@@ -141,20 +143,21 @@ int main(int argc, char** argv) {
   std::printf("%-28s %10.1f   (%.0f tokens/s, encoder GEMM at %.1f GFLOP/s)\n", "total",
               per_step * 1e3, double(batch) / per_step, gemm_gflops);
   // Adam's memory traffic (fp32): a touched row reads p, g, v (and m) and writes p, v (and m);
-  // an untouched one updates v (and p, m with momentum); the clip's norm reads every touched g.
+  // an untouched one updates v (and p, m with momentum); the clip's norm is taken in the
+  // backward (one process) or with the reduce-scatter (ranks): no reads of its own here.
   // Data parallel: this rank's own rows only.
   const double rows_all = double(d_sae) / double(comm.size());
   const double touched = std::min(double(g.touched.size()) / double(comm.size()), rows_all);
   const bool momentum = cfg.adam.beta1 != 0.0;
   const double row_bytes = double(d_in) * 4.0 * 2.0;  // both matrices
-  const double norm_reads = comm.size() > 1 ? 0.0 : touched;  // (ranks: timed with the exchange)
-  const double adam_bytes = row_bytes * (touched * (momentum ? 7.0 : 5.0) + norm_reads +
+  const double adam_bytes = row_bytes * (touched * (momentum ? 7.0 : 5.0) +
                                          (rows_all - touched) * (momentum ? 6.0 : 2.0));
   const double adam_s = (comm.size() > 1 ? sharded.times.adam : t_opt) / n;
-  std::printf("share of this machine's peak: encoder GEMM %.0f%% of sgemm; Adam + clip %.1f GB/s "
-              "= %.0f%% of copy (%.0f MB moved per step)\n",
-              peak.gemm_share(gemm_gflops), adam_bytes / adam_s * 1e-9,
-              peak.copy_share(adam_bytes / adam_s * 1e-9), adam_bytes * 1e-6);
+  std::printf(
+      "share of this machine's peak: encoder GEMM %.0f%% of sgemm; Adam + clip %.1f GB/s "
+      "= %.0f%% of copy (%.0f MB moved per step)\n",
+      peak.gemm_share(gemm_gflops), adam_bytes / adam_s * 1e-9,
+      peak.copy_share(adam_bytes / adam_s * 1e-9), adam_bytes * 1e-6);
   if (comm.size() > 1)
     std::printf(
         "sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/clock.h"
+#include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 
 namespace sae::bench {
@@ -78,8 +79,9 @@ inline MachinePeak measure_peak() {
 inline void print_header(int argc, char** argv) {
   std::printf("command:");
   for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
-  std::printf("\nmachine: %s, %d threads (OpenMP/BLAS)\ncpu flags: %s\n", cpu_model().c_str(),
-              ops::num_threads(), cpu_flags().c_str());
+  std::printf("\nmachine: %s, %d threads (OpenMP/BLAS)\ncpu flags: %s\ncpu kernels: %s\n",
+              cpu_model().c_str(), ops::num_threads(), cpu_flags().c_str(),
+              ops::cpu_kernels_summary().c_str());
 }
 
 // Measures and prints the machine's peaks (CPU benchmarks, after print_header).

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/threads.h"
 #include "dist/comm.h"
+#include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 
 namespace {
@@ -58,7 +59,11 @@ int run_command(int argc, char** argv) {
   app.add_option("--threads", threads,
                  "Threads for BLAS and OpenMP (default: OMP_NUM_THREADS, else the CPUs this "
                  "process may use: affinity mask, cgroup quota, MPI ranks on the node)");
-  app.set_version_flag("--version", SAECPP_VERSION);
+  // The version, with what this build and this CPU chose (figures depend on both).
+  app.set_version_flag("--version", [] {
+    return sae::cat("sae.cpp " SAECPP_VERSION "\ncpu kernels: ", sae::ops::cpu_kernels_summary(),
+                    "\ncuda: ", SAECPP_HAS_CUDA ? "compiled in" : "not built");
+  });
 
   std::map<CLI::App*, sae::cli::Runner> runners;
   for (auto add :
@@ -109,6 +114,7 @@ int main(int argc, char** argv) {
   const int dist_rc = sae::dist::run_or_abort(
       [&] {
         sae::dist::init(&argc, &argv);
+        sae::ops::cpu_kernels();  // a bad SAECPP_CPU is refused here, before any work
         return 0;
       },
       "sae");

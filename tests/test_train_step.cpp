@@ -210,6 +210,22 @@ TEST_P(StepCase, LossMatchesDenseReference) {
   }
 }
 
+// The clip's norm, taken row by row as the backward (and AuxK) finished each gradient row, is
+// the norm of the gradient as written.
+TEST_P(StepCase, FusedGradientNormIsTheNormOfTheGradient) {
+  Fixture f(GetParam());
+  Grads g;
+  g.resize(f.sae.spec.d_in, f.sae.spec.d_sae);
+  StepWorkspace ws;
+  for (int round = 0; round < 2; ++round) {  // the second reuses the workspace and g
+    g.clear();
+    const StepResult r = forward_backward(f.sae, f.x.data(), f.B, f.dead, g, ws);
+    const double want = g.squared_norm();
+    EXPECT_GT(want, 0.0);
+    EXPECT_NEAR(r.grad_squared_norm, want, 1e-6 * want) << "round " << round;
+  }
+}
+
 TEST_P(StepCase, GradientsMatchFiniteDifferences) {
   Fixture f(GetParam());
   const TrainSpec& sp = f.sae.spec;

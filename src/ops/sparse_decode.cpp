@@ -4,12 +4,14 @@
 #include <vector>
 
 #include "core/threads.h"
+#include "ops/cpu_kernels.h"
 
 namespace sae::ops {
 
 void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indices,
                    const float* values, const float* w, int64_t d, const float* bias, float* out) {
   const double entries = double(offsets[n_tokens] - offsets[0]);
+  const CpuKernels& k = cpu_kernels();
 #pragma omp parallel for schedule(static) \
     num_threads(threads_for((entries + double(n_tokens)) * double(d), 0.25))
   for (int64_t t = 0; t < n_tokens; ++t) {
@@ -18,12 +20,8 @@ void sparse_decode(int64_t n_tokens, const int64_t* offsets, const int32_t* indi
       std::memcpy(o, bias, size_t(d) * sizeof(float));
     else
       std::memset(o, 0, size_t(d) * sizeof(float));
-    for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e) {
-      const float v = values[e];
-      const float* row = w + int64_t(indices[e]) * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) o[j] += v * row[j];
-    }
+    for (int64_t e = offsets[t]; e < offsets[t + 1]; ++e)
+      k.axpy(values[e], w + int64_t(indices[e]) * d, o, d);
   }
 }
 

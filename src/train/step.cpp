@@ -6,10 +6,12 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <utility>
 
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
 #include "train/data_parallel.h"
@@ -63,26 +65,11 @@ double Grads::squared_norm() const {
 
 namespace {
 
-// One latent's share of the backward pass: d(loss)/d(pre) = dot(W_dec[j], vec), and
-// dW_dec[j] += coef * vec, where vec is a per-token gradient vector in the workspace.
-struct Entry {
-  int32_t token;
-  int32_t latent;
-  int32_t slot;  // which of the token's vectors
-  float coef;    // the value the latent decoded with
-  float dpre;
-};
-
-inline double dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+// This thread's share [begin, end) of d columns in a parallel region, in whole 64-byte lines.
+std::pair<int64_t, int64_t> columns_of_thread(int64_t d) {
+  const int64_t p = omp_get_thread_num(), n = omp_get_num_threads();
+  const auto edge = [&](int64_t q) { return q == n ? d : d * q / n / 16 * 16; };
+  return {edge(p), edge(p + 1)};
 }
 
 }  // namespace
@@ -95,6 +82,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // Every mean is over the whole batch (B_all rows), of which this rank holds B.
   const int64_t B_all = shard.split() ? shard.global_batch : B;
   const bool rescale = sp.rescale_acts_by_decoder_norm;
+  const ops::CpuKernels& k = ops::cpu_kernels();
   StepResult res;
   res.level_loss.assign(size_t(L), 0.0);
   res.fired.assign(size_t(D), 0);
@@ -182,11 +170,12 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       for (int64_t i = 0; i < L; ++i) {
         for (; e < end && act.cols[size_t(e)] < sp.widths[size_t(i)]; ++e) {
           const int32_t j = act.cols[size_t(e)];
-          axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)], r.data(),
-               d);
+          k.axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)],
+                 r.data(), d);
         }
         float* gi = vec(t, i);
         double ss = 0;
+#pragma omp simd reduction(+ : ss)
         for (int64_t c = 0; c < d; ++c) {
           const float err = xt[c] - r[size_t(c)];
           gi[c] = err;
@@ -207,11 +196,12 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
         }
         my_sum[i] += R;
         if (i == L - 1) outer_sq[size_t(omp_get_thread_num())] += ss;
+#pragma omp simd
         for (int64_t c = 0; c < d; ++c) gi[c] = float(coef * gi[c]);
       }
       // Without detaching, latent j (first in level l) is in levels l..L-1: G_l = sum g_i.
       if (!sp.detach_levels)
-        for (int64_t i = L - 2; i >= 0; --i) axpy(1.0f, vec(t, i + 1), vec(t, i), d);
+        for (int64_t i = L - 2; i >= 0; --i) k.axpy(1.0f, vec(t, i + 1), vec(t, i), d);
     }
   }
   for (int th = 0; th < n_threads; ++th) {
@@ -226,56 +216,66 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   t1 = now_seconds();
   ws.times.levels += t1 - t0;
 
-  // ---- backward of the active latents: entries in token order (CSR) ----
-  std::vector<Entry> entries(size_t(res.n_active));
-  const int team_entries = threads_for(double(res.n_active) * double(d), 0.3);
-#pragma omp parallel for schedule(static) num_threads(team_entries)
+  // ---- backward of the active latents, latent-major: each touched latent's W_dec row is read
+  // once for all its entries, and its two gradient rows are finished by one thread while they
+  // are in cache (their squared norm is taken there: the clip needs no pass of its own) ----
+  const int64_t n_act = res.n_active;
+  std::vector<int32_t> token_of(static_cast<size_t>(n_act));  // of each CSR entry
   for (int64_t t = 0; t < B; ++t)
-    for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
-      const int32_t j = act.cols[size_t(e)];
-      const float u = decode_value(act.values[size_t(e)], j);
-      const float dpre =
-          float(dot(&sae.W_dec[size_t(j) * size_t(d)], vec(t, level_of[size_t(j)]), d));
-      entries[size_t(e)] = {int32_t(t), j, level_of[size_t(j)], u, dpre};
-    }
-  // d(loss)/d(sae_in), per token, from the active latents (AuxK adds its part below).
-  std::vector<float> dsae_in(sp.apply_b_dec_to_input ? size_t(B * d) : 0, 0.0f);
-  if (sp.apply_b_dec_to_input) {
-#pragma omp parallel for schedule(static) num_threads(team_entries)
-    for (int64_t t = 0; t < B; ++t)
-      for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e)
-        axpy(entries[size_t(e)].dpre, &sae.W_encT[size_t(entries[size_t(e)].latent) * size_t(d)],
-             dsae_in.data() + t * d, d);
-  }
-  // Grouped by latent so that each row of dW_dec / dW_encT has one writer.
+    std::fill(token_of.begin() + act.offsets[size_t(t)],
+              token_of.begin() + act.offsets[size_t(t + 1)], int32_t(t));
+  // The entries grouped by latent (a counting sort; tokens ascending within a latent).
   std::vector<int64_t> start(size_t(D + 1), 0);
-  for (const Entry& en : entries) start[size_t(en.latent + 1)]++;
+  for (int32_t j : act.cols) start[size_t(j + 1)]++;
   for (int64_t j = 0; j < D; ++j) start[size_t(j + 1)] += start[size_t(j)];
-  std::vector<int32_t> by_latent(entries.size());
+  std::vector<int64_t> by_latent(static_cast<size_t>(n_act));
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (size_t e = 0; e < entries.size(); ++e)
-      by_latent[size_t(fill[size_t(entries[e].latent)]++)] = int32_t(e);
+    for (int64_t e = 0; e < n_act; ++e) by_latent[size_t(fill[size_t(act.cols[size_t(e)])]++)] = e;
   }
   auto touch = [&](int32_t j) {
     if (!g.row_touched[size_t(j)]) g.row_touched[size_t(j)] = 1, g.touched.push_back(j);
   };
   for (int64_t j = 0; j < D; ++j)
     if (start[size_t(j + 1)] > start[size_t(j)]) touch(int32_t(j));
+  ws.row_sq.assign(size_t(D), 0.0);
+  std::vector<float> dpre(static_cast<size_t>(n_act));  // d(loss)/d(pre) of each CSR entry
 #pragma omp parallel for schedule(dynamic, 16) \
-    num_threads(threads_for(double(res.n_active) * 2.0 * double(d), 0.3))
+    num_threads(threads_for(double(n_act) * 3.0 * double(d), 0.3))
   for (size_t q = 0; q < g.touched.size(); ++q) {
     const int32_t j = g.touched[q];
+    const float* w_dec = &sae.W_dec[size_t(j) * size_t(d)];
     float* gw_dec = &g.W_dec[size_t(j) * size_t(d)];
     float* gw_enc = &g.W_encT[size_t(j) * size_t(d)];
     double gb = 0;
     for (int64_t s2 = start[size_t(j)]; s2 < start[size_t(j + 1)]; ++s2) {
-      const Entry& en = entries[size_t(by_latent[size_t(s2)])];
-      axpy(en.coef, vec(en.token, en.slot), gw_dec, d);
-      axpy(en.dpre, ws.sae_in.data() + int64_t(en.token) * d, gw_enc, d);
-      gb += en.dpre;
+      const int64_t e = by_latent[size_t(s2)];
+      const int64_t t = token_of[size_t(e)];
+      // d pre = <W_dec[j], G_level(t)>; dW_dec[j] += u G_level(t); dW_enc[j] += dpre sae_in[t]
+      const float dp = k.dot_axpy(w_dec, vec(t, level_of[size_t(j)]),
+                                  decode_value(act.values[size_t(e)], j), gw_dec, d);
+      k.axpy(dp, ws.sae_in.data() + t * d, gw_enc, d);
+      dpre[size_t(e)] = dp;
+      gb += dp;
     }
     g.b_enc[size_t(j)] += float(gb);
+    ws.row_sq[size_t(j)] = k.sum_squares(gw_dec, d) + k.sum_squares(gw_enc, d);
+  }
+  // d(loss)/d(sae_in) = sum over entries of dpre W_enc[:, j]: latent-major too, each thread on
+  // its own columns of every token, so that each W_encT row is read once (AuxK adds its part).
+  std::vector<float> dsae_in(sp.apply_b_dec_to_input ? size_t(B * d) : 0, 0.0f);
+  if (sp.apply_b_dec_to_input) {
+#pragma omp parallel num_threads(threads_for(double(n_act) * double(d), 0.3))
+    {
+      const auto [c0, c1] = columns_of_thread(d);
+      for (const int32_t j : g.touched) {
+        const float* w_enc = &sae.W_encT[size_t(j) * size_t(d)] + c0;
+        for (int64_t s2 = start[size_t(j)]; s2 < start[size_t(j + 1)]; ++s2) {
+          const int64_t e = by_latent[size_t(s2)];
+          k.axpy(dpre[size_t(e)], w_enc, dsae_in.data() + token_of[size_t(e)] * d + c0, c1 - c0);
+        }
+      }
+    }
   }
   t0 = now_seconds();
   ws.times.backward += t0 - t1;
@@ -355,8 +355,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     num_threads(threads_for(double(n_g) * double(2 * d + B), 0.5))
     for (int64_t q = 0; q < n_g; ++q) {
       const size_t j = size_t(grp[size_t(q)]);
-      axpy(1.0f, &gwd[size_t(q * d)], &g.W_dec[j * size_t(d)], d);
-      axpy(1.0f, &gwe[size_t(q * d)], &g.W_encT[j * size_t(d)], d);
+      k.axpy(1.0f, &gwd[size_t(q * d)], &g.W_dec[j * size_t(d)], d);
+      k.axpy(1.0f, &gwe[size_t(q * d)], &g.W_encT[j * size_t(d)], d);
+      ws.row_sq[j] =
+          k.sum_squares(&g.W_dec[j * size_t(d)], d) + k.sum_squares(&g.W_encT[j * size_t(d)], d);
       double gb = 0;
       for (int64_t t = 0; t < B; ++t) gb += dpre[size_t(t * n_g + q)];
       g.b_enc[j] += float(gb);
@@ -368,17 +370,35 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
 
   // b_dec: every level's reconstruction includes it (G_0 sums the level gradients), and the
   // encoder input subtracts it.
+  // Threads own columns; each column sums over the tokens in order, in double.
   std::vector<double> gbd(static_cast<size_t>(d), 0.0);
-  for (int64_t t = 0; t < B; ++t) {
-    const float* g0 = vec(t, 0);
-    const float* ds = sp.apply_b_dec_to_input ? dsae_in.data() + t * d : nullptr;
-    for (int64_t c = 0; c < d; ++c) gbd[size_t(c)] += double(g0[c]) - (ds ? double(ds[c]) : 0.0);
+#pragma omp parallel num_threads(threads_for(double(B) * double(d), 0.5))
+  {
+    const auto [c0, c1] = columns_of_thread(d);
+    double* acc = gbd.data();
+    for (int64_t t = 0; t < B; ++t) {
+      const float* g0 = vec(t, 0);
+      if (sp.apply_b_dec_to_input) {
+        const float* ds = dsae_in.data() + t * d;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]) - double(ds[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]);
+      }
+    }
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
+  // The gradient's squared norm for the clip, from the rows' norms taken as they were finished.
+  res.grad_squared_norm = 0;
+  for (const int32_t j : g.touched) res.grad_squared_norm += ws.row_sq[size_t(j)];
+  for (const float v : g.b_enc) res.grad_squared_norm += double(v) * v;
+  for (const float v : g.b_dec) res.grad_squared_norm += double(v) * v;
   ws.times.backward += now_seconds() - t1;
   if (shard.split()) {
     t1 = now_seconds();
     reduce_over_ranks(*shard.comm, res, g);
+    res.grad_squared_norm = -1;  // the sum's norm is taken after the reduction (ShardedUpdate)
     ws.times.exchange += now_seconds() - t1;
   }
   return res;

@@ -32,6 +32,9 @@ struct StepResult {
   int64_t n_dead = 0;              // latents in the dead mask
   double min_selected = 0;         // smallest selected value (drives the threshold update)
   std::vector<uint8_t> fired;      // [d_sae]: selected at least once in this batch
+  // ||g||^2 of the gradient written into g (what the clip needs), taken while the backward
+  // wrote each row; -1 under data parallel, where the rows are summed over ranks afterwards.
+  double grad_squared_norm = -1;
 };
 
 // Where a step's time went (seconds, accumulated across steps; reset by the caller).
@@ -43,6 +46,7 @@ struct StepTimes {
 // Scratch reused across steps (sized on first use).
 struct StepWorkspace {
   std::vector<float> sae_in, hidden_pre, vecs;
+  std::vector<double> row_sq;  // [d_sae]: ||dW_dec[j]||^2 + ||dW_enc[j]||^2 of touched rows
   ops::RowSparse active;
   StepTimes times;
 };

@@ -484,7 +484,8 @@ void Trainer::train_step(float* x) {
     for (size_t j = 0; j < dead_.size(); ++j)
       steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
     for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;  // this rank's rows
-    grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr) : opt_.step(sae_, grads_, lr);
+    grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr)
+                        : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
   window_steps_++;
   window_tokens_ += B;
