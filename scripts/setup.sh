@@ -11,6 +11,7 @@ packages=(
   libcli11-dev           # the `sae` command line
   libsentencepiece-dev   # Gemma tokenizer
   libzstd-dev            # .jsonl.zst corpora
+  libsleef-dev           # vector tanh/exp for the CPU kernels (Gemma-2 GeGLU, soft-caps)
   libopenmpi-dev openmpi-bin  # jobs over several ranks (mpirun, srun): dist/
   libcurl4-openssl-dev libssl-dev  # Hugging Face Hub downloads (HTTP, checksums)
   libgtest-dev libgmock-dev  # tests

@@ -146,5 +146,43 @@ TEST(CpuKernels, DotAxpyAndSumSquaresEqualReferencesInEverySet) {
     }
 }
 
+// Gemma-2's elementwise passes against double-precision formulas: the vector tanh and exp are
+// SLEEF's 1-ulp functions, so a few float ulps of the result (plus the input's rounding).
+TEST(CpuKernels, GeluSoftCapAndExpSumEqualDoubleFormulasInEverySet) {
+  for (const CpuKernels* k : runnable_cpu_kernels())
+    for (int64_t n : kLengths) {
+      const std::string what = name_of(*k, n);
+      auto gate = test::random_vector(size_t(n), 10, 3.0f);
+      const auto up = test::random_vector(size_t(n), 11), gate0 = gate;
+      k->gelu_tanh_mul(gate.data(), up.data(), n);
+      std::vector<float> want(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        const double x = gate0[size_t(i)];
+        want[size_t(i)] =
+            float(0.5 * x * (1.0 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) *
+                  up[size_t(i)]);
+      }
+      test::expect_close(gate, want, 1e-6, what + " gelu_tanh_mul");
+
+      auto logits = test::random_vector(size_t(n), 12, 40.0f);  // past the cap's knee
+      const auto logits0 = logits;
+      k->soft_cap(logits.data(), n, 30.0f);
+      for (int64_t i = 0; i < n; ++i)
+        want[size_t(i)] = float(std::tanh(double(logits0[size_t(i)]) / 30.0) * 30.0);
+      test::expect_close(logits, want, 1e-6, what + " soft_cap");
+
+      auto scores = test::random_vector(size_t(n), 13, 5.0f);
+      const auto scores0 = scores;
+      const float sum = k->exp_sum(scores.data(), n, 2.5f);
+      double want_sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        want[size_t(i)] = float(std::exp(double(scores0[size_t(i)]) - 2.5));
+        want_sum += want[size_t(i)];
+      }
+      test::expect_close(scores, want, 1e-6, what + " exp_sum values");
+      EXPECT_NEAR(sum, want_sum, 1e-5 * want_sum + 1e-30) << what;
+    }
+}
+
 }  // namespace
 }  // namespace sae::ops

@@ -13,7 +13,7 @@
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "ops/attention.h"
-#include "ops/gelu.h"
+#include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
@@ -224,6 +224,7 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
   std::vector<float> h(size_t(T * H)), x(size_t(T * H)), q(size_t(T * nq)), k(size_t(T * nkv)),
       v(size_t(T * nkv)), att(size_t(T * nq)), gate(size_t(T * I)), up(size_t(T * I));
   std::vector<float> scratch;  // bf16 weights upcast here, one matrix at a time
+  const ops::CpuKernels& kernels = ops::cpu_kernels();
   const float scale = float(std::sqrt(double(H)));  // the embedding normaliser, in f32
   for (int64_t t = 0; t < T; ++t) {
     const int32_t id = batch.ids[size_t(t)];
@@ -261,9 +262,9 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     ops::rms_norm_gemma(h.data(), L.pre_ff_norm.data(), x.data(), T, H, eps);
     linear(x.data(), L.gate_proj, gate.data(), T, scratch);
     linear(x.data(), L.up_proj, up.data(), T, scratch);
-#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * I), 10.0))
-    for (int64_t i = 0; i < T * I; ++i)
-      gate[size_t(i)] = ops::gelu_tanh(gate[size_t(i)]) * up[size_t(i)];
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * I), 1.0))
+    for (int64_t t = 0; t < T; ++t)
+      kernels.gelu_tanh_mul(gate.data() + t * I, up.data() + t * I, I);
     linear(gate.data(), L.down_proj, x.data(), T, scratch);
     ops::rms_norm_gemma(x.data(), L.post_ff_norm.data(), x.data(), T, H, eps);
     if (hook) hook(HookPoint::MlpOut, l, x.data(), T);
@@ -286,9 +287,8 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     }
     if (c.final_logit_softcap) {
       const float cap = float(*c.final_logit_softcap);
-#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * V), 10.0))
-      for (int64_t i = 0; i < T * V; ++i)
-        (*logits)[size_t(i)] = std::tanh((*logits)[size_t(i)] / cap) * cap;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(T * V), 1.0))
+      for (int64_t t = 0; t < T; ++t) kernels.soft_cap(logits->data() + t * V, V, cap);
     }
   }
 }

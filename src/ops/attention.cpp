@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/threads.h"
+#include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 
 namespace sae::ops {
@@ -30,6 +31,7 @@ void attention_causal(const float* q, const float* k, const float* v, float* out
     work_ns += double(std::min(T, i0 + block) - i0) *
                double(std::min(T, i0 + block) - first_key(i0, s.window)) *
                (2.0 * double(hd) * 0.03 + 15.0);
+  const CpuKernels& kernels = cpu_kernels();
 #pragma omp parallel num_threads(threads_for(double(H) * work_ns, 1.0))
   {
     std::vector<float> p(static_cast<size_t>(std::min(block, T) * T));
@@ -45,14 +47,11 @@ void attention_causal(const float* q, const float* k, const float* v, float* out
         const int64_t i = i0 + r;
         float* row = p.data() + r * n;
         const int64_t lo = first_key(i, s.window) - j0, hi = i - j0;  // visible: [lo, hi]
+        if (s.softcap > 0) kernels.soft_cap(row + lo, hi - lo + 1, s.softcap);
         float mx = -INFINITY;
-        for (int64_t j = lo; j <= hi; ++j) {
-          if (s.softcap > 0) row[j] = std::tanh(row[j] / s.softcap) * s.softcap;
-          mx = std::max(mx, row[j]);
-        }
-        float sum = 0.0f;
-        for (int64_t j = lo; j <= hi; ++j) sum += (row[j] = std::exp(row[j] - mx));
-        const float inv = 1.0f / sum;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j]);
+        const float inv = 1.0f / kernels.exp_sum(row + lo, hi - lo + 1, mx);
         for (int64_t j = 0; j < lo; ++j) row[j] = 0.0f;
         for (int64_t j = lo; j <= hi; ++j) row[j] *= inv;
         for (int64_t j = hi + 1; j < n; ++j) row[j] = 0.0f;

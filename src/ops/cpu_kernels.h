@@ -41,6 +41,13 @@ struct CpuKernels {
   // y += a x and returns dot(w, x): one pass over x for the sparse backward.
   float (*dot_axpy)(const float* w, const float* x, float a, float* y, int64_t n);
   double (*sum_squares)(const float* x, int64_t n);
+
+  // Gemma-2's elementwise passes, with a vector tanh / exp (SLEEF) where the set has one:
+  // gate = gelu_tanh(gate) * up (GeGLU); x = tanh(x / cap) * cap (logit soft-cap);
+  // x = exp(x - shift), returning the sum (softmax).
+  void (*gelu_tanh_mul)(float* gate, const float* up, int64_t n);
+  void (*soft_cap)(float* x, int64_t n, float cap);
+  float (*exp_sum)(float* x, int64_t n, float shift);
 };
 
 // The set this process uses: the best one the CPU runs, or SAECPP_CPU's choice.
