@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU device check, in two halves (docs/gpu.md):
 #   bash scripts/gpu_check.sh build   here, on the CPU machine: builds sae, test_cuda and
-#       bench_train_cuda for sm_90 with a portable host arch (x86-64-v3, not native) into
+#       bench_train_cuda for sm_90 with the portable host build (x86-64-v3, not native) into
 #       build/gpu and bundles them with the shared libraries the GPU machine lacks (OpenBLAS,
-#       sentencepiece, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
+#       sentencepiece, SLEEF, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
 #   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests (SAE and Gemma-2),
 #       the Gemma-2 forward against transformers, the training-step benchmark in fp32/tf32/bf16
 #       (and with dead latents), SAELens's step on the same GPU, and 2000 steps of the
@@ -16,9 +16,9 @@ mode=${1:-}
 if [[ $mode == build ]]; then
   # No Hub client and no MPI: the device machine has no network and one GPU, and their
   # libraries (libcurl, OpenSSL, Open MPI) would push the bundle past carry's 64 MiB.
-  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAECPP_NATIVE=OFF \
-    -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DCMAKE_CUDA_ARCHITECTURES=90 -DSAECPP_CUDA=ON \
-    -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF
+  # The default host flags are portable (x86-64-v3 + AVX-512 kernels picked at run time).
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DSAECPP_CUDA=ON -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF
   cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
     bench_encode_cuda bench_gemma_cuda
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
