@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -82,6 +83,11 @@ inline void print_header(int argc, char** argv) {
   std::printf("\nmachine: %s, %d threads (OpenMP/BLAS)\ncpu flags: %s\ncpu kernels: %s\n",
               cpu_model().c_str(), ops::num_threads(), cpu_flags().c_str(),
               ops::cpu_kernels_summary().c_str());
+  // Start-up settings the sae CLI gives itself (cli/main.cpp); a benchmark has what it was given.
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  std::printf("environment: OMP_WAIT_POLICY=%s GLIBC_TUNABLES=%s\n", wait ? wait : "(unset)",
+              tunables ? tunables : "(unset)");
 }
 
 // Measures and prints the machine's peaks (CPU benchmarks, after print_header).

@@ -8,14 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-$(nproc)}
+# What the sae CLI sets for itself at start (cli/main.cpp): huge pages for large buffers.
+tunables=glibc.malloc.hugetlb=1
 model=${2:-/tmp/gemma-2-2b-random}
 shape=(--prompts 2 --seq 256)
 .venv/bin/python bench/make_random_gemma.py --out "$model"
 for last in 12 -1; do
   echo "== sae.cpp f32"
-  OMP_NUM_THREADS=$threads build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
+  OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
   echo "== sae.cpp bf16 weights"
-  OMP_NUM_THREADS=$threads build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last --bf16 "${shape[@]}"
+  OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last --bf16 "${shape[@]}"
   echo "== transformers (same machine)"
   .venv/bin/python bench/transformers_gemma.py --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
 done

@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-$(nproc)}
+# What the sae CLI sets for itself at start (cli/main.cpp): huge pages for large buffers.
+tunables=glibc.malloc.hugetlb=1
 echo "== sae.cpp"
-OMP_NUM_THREADS=$threads build/release/bench/bench_train --threads "$threads"
+OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_train --threads "$threads"
 echo "== sae.cpp, 2048 dead latents (AuxK active)"
-OMP_NUM_THREADS=$threads build/release/bench/bench_train --threads "$threads" --dead 2048 --steps 2
+OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_train --threads "$threads" --dead 2048 --steps 2
 echo "== SAELens (same machine)"
 .venv/bin/python bench/saelens_train.py --threads "$threads"

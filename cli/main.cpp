@@ -17,15 +17,21 @@
 
 namespace {
 
-// libgomp reads its wait policy once, when it is loaded (before main). Its default spins for
-// milliseconds at every barrier and between parallel regions, which takes the core from a
-// sibling thread or from another process (docs/threads.md); sae.cpp sizes its regions so that
-// a sleeping wait costs nothing measurable and asks for it. The policy can only be given to a
-// fresh image, so the process re-executes itself once with it set. A user's own
-// OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone.
+// Two settings the runtime reads only when the process image starts, given by re-executing
+// once with them in the environment:
+//  - libgomp's wait policy. Its default spins for milliseconds at every barrier and between
+//    parallel regions, which takes the core from a sibling thread or from another process
+//    (docs/threads.md); sae.cpp sizes its regions so that a sleeping wait costs nothing
+//    measurable and asks for it (OMP_WAIT_POLICY=PASSIVE). A user's own OMP_WAIT_POLICY or
+//    GOMP_SPINCOUNT is left alone.
+//  - glibc's malloc advises transparent huge pages for large buffers (glibc.malloc.hugetlb=1;
+//    Debian's kernels give them only on request): the training step's gathers of random 9 KB
+//    rows miss the TLB far less (docs/benchmarks.md). A user's own GLIBC_TUNABLES is left alone.
 // Commands that compute nothing (info, download, --help, --version) skip the second start-up.
-void reexec_with_passive_wait(int argc, char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+void reexec_with_runtime_settings(int argc, char** argv) {
+  const bool set_wait = !std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT");
+  const bool set_tunables = !std::getenv("GLIBC_TUNABLES");
+  if (!set_wait && !set_tunables) return;
   const char* command = nullptr;
   for (int i = 1; i < argc && !command; ++i) {
     const std::string a = argv[i];
@@ -36,9 +42,10 @@ void reexec_with_passive_wait(int argc, char** argv) {
       command = argv[i];
   }
   if (!command || std::string(command) == "info" || std::string(command) == "download") return;
-  ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  if (set_wait) ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  if (set_tunables) ::setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", 1);
   ::execv("/proc/self/exe", argv);
-  // No /proc (or exec refused): run on with the default policy.
+  // No /proc (or exec refused): run on with the defaults.
 }
 
 // Commands that run long enough for their thread count to matter say how it was chosen.
@@ -109,7 +116,7 @@ int run_command(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  reexec_with_passive_wait(argc, argv);
+  reexec_with_runtime_settings(argc, argv);
   // Launched by mpirun or srun as one of several ranks: MPI (or, without it, a clear refusal).
   const int dist_rc = sae::dist::run_or_abort(
       [&] {
