@@ -158,6 +158,24 @@ int main(int argc, char** argv) {
       "= %.0f%% of copy (%.0f MB moved per step)\n",
       peak.gemm_share(gemm_gflops), adam_bytes / adam_s * 1e-9,
       peak.copy_share(adam_bytes / adam_s * 1e-9), adam_bytes * 1e-6);
+  // The sparse phases' bytes, counted by rows (fp32, d_in floats each), not measured traffic:
+  // levels read one W_dec row per active entry and write each token's L level vectors; the
+  // backward reads, per entry, one level vector and one sae_in row, and per touched latent its
+  // W_dec row, both gradient rows (read + write) and its W_encT row (b_dec's input path).
+  const double entries = double(ws.active.offsets.back());
+  const double vec_rows = double(n_rows) * double(cfg.spec.n_levels());
+  const double row_size = double(d_in) * 4.0;
+  const double levels_bytes = row_size * (entries + vec_rows);
+  const double backward_bytes =
+      row_size *
+      (entries * 2.0 + double(g.touched.size()) * (cfg.spec.apply_b_dec_to_input ? 6.0 : 5.0));
+  std::printf(
+      "sparse phases by row count: levels %.0f MB at %.1f GB/s, backward %.0f MB at %.1f GB/s "
+      "(%.0f%% and %.0f%% of copy)\n",
+      levels_bytes * 1e-6, levels_bytes / (t.levels / n) * 1e-9, backward_bytes * 1e-6,
+      backward_bytes / (t.backward / n) * 1e-9,
+      peak.copy_share(levels_bytes / (t.levels / n) * 1e-9),
+      peak.copy_share(backward_bytes / (t.backward / n) * 1e-9));
   if (comm.size() > 1)
     std::printf(
         "sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "

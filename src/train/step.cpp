@@ -239,7 +239,6 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   for (int64_t j = 0; j < D; ++j)
     if (start[size_t(j + 1)] > start[size_t(j)]) touch(int32_t(j));
   ws.row_sq.assign(size_t(D), 0.0);
-  std::vector<float> dpre(static_cast<size_t>(n_act));  // d(loss)/d(pre) of each CSR entry
 #pragma omp parallel for schedule(dynamic, 16) \
     num_threads(threads_for(double(n_act) * 3.0 * double(d), 0.3))
   for (size_t q = 0; q < g.touched.size(); ++q) {
@@ -255,27 +254,10 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       const float dp = k.dot_axpy(w_dec, vec(t, level_of[size_t(j)]),
                                   decode_value(act.values[size_t(e)], j), gw_dec, d);
       k.axpy(dp, ws.sae_in.data() + t * d, gw_enc, d);
-      dpre[size_t(e)] = dp;
       gb += dp;
     }
     g.b_enc[size_t(j)] += float(gb);
     ws.row_sq[size_t(j)] = k.sum_squares(gw_dec, d) + k.sum_squares(gw_enc, d);
-  }
-  // d(loss)/d(sae_in) = sum over entries of dpre W_enc[:, j]: latent-major too, each thread on
-  // its own columns of every token, so that each W_encT row is read once (AuxK adds its part).
-  std::vector<float> dsae_in(sp.apply_b_dec_to_input ? size_t(B * d) : 0, 0.0f);
-  if (sp.apply_b_dec_to_input) {
-#pragma omp parallel num_threads(threads_for(double(n_act) * double(d), 0.3))
-    {
-      const auto [c0, c1] = columns_of_thread(d);
-      for (const int32_t j : g.touched) {
-        const float* w_enc = &sae.W_encT[size_t(j) * size_t(d)] + c0;
-        for (int64_t s2 = start[size_t(j)]; s2 < start[size_t(j + 1)]; ++s2) {
-          const int64_t e = by_latent[size_t(s2)];
-          k.axpy(dpre[size_t(e)], w_enc, dsae_in.data() + token_of[size_t(e)] * d + c0, c1 - c0);
-        }
-      }
-    }
   }
   t0 = now_seconds();
   ws.times.backward += t0 - t1;
@@ -291,15 +273,12 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     const int64_t k_aux = std::min(k_aux_max, n_g);
     const double scale = std::min(double(n_g) / double(k_aux_max), 1.0);
     const double w = sp.aux_coefficient * scale / double(B_all);
-    // Gathered rows of the group's latents.
-    std::vector<float> wd(size_t(n_g * d)), we(size_t(n_g * d));
-#pragma omp parallel for schedule(static) num_threads(threads_for(double(n_g) * double(d), 0.2))
-    for (int64_t q = 0; q < n_g; ++q) {
+    // Gathered decoder rows of the group's latents.
+    std::vector<float> wd(size_t(n_g * d));
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(n_g) * double(d), 0.1))
+    for (int64_t q = 0; q < n_g; ++q)
       std::memcpy(&wd[size_t(q * d)], &sae.W_dec[size_t(grp[size_t(q)]) * size_t(d)],
                   size_t(d) * 4);
-      std::memcpy(&we[size_t(q * d)], &sae.W_encT[size_t(grp[size_t(q)]) * size_t(d)],
-                  size_t(d) * 4);
-    }
     // acts [B, n_g]: the selected dead latents' decode values, 0 elsewhere; sel marks them.
     std::vector<float> acts(size_t(B * n_g), 0.0f);
     std::vector<uint8_t> sel(size_t(B * n_g), 0);
@@ -347,9 +326,6 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
               gwd.data(), d);
     ops::gemm(ops::Trans::Yes, ops::Trans::No, n_g, d, B, 1.0f, dpre.data(), n_g, ws.sae_in.data(),
               d, 0.0f, gwe.data(), d);
-    if (sp.apply_b_dec_to_input)
-      ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, dpre.data(), n_g, we.data(), d,
-                1.0f, dsae_in.data(), d);
     for (int64_t q = 0; q < n_g; ++q) touch(grp[size_t(q)]);
 #pragma omp parallel for schedule(static) \
     num_threads(threads_for(double(n_g) * double(2 * d + B), 0.5))
@@ -369,24 +345,28 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   ws.times.aux += t1 - t0;
 
   // b_dec: every level's reconstruction includes it (G_0 sums the level gradients), and the
-  // encoder input subtracts it.
-  // Threads own columns; each column sums over the tokens in order, in double.
+  // encoder input subtracts it: through sae_in = x - b_dec its gradient is minus the sum over
+  // tokens of d(loss)/d(sae_in) = -sum_j dL/db_enc[j] W_enc[:, j] (pre = sae_in W_enc + b_enc),
+  // one pass over the touched rows of W_encT; no per-token d(sae_in) is ever formed.
+  // Threads own columns; sums in double, tokens and rows in order.
   std::vector<double> gbd(static_cast<size_t>(d), 0.0);
-#pragma omp parallel num_threads(threads_for(double(B) * double(d), 0.5))
+#pragma omp parallel num_threads( \
+    threads_for((double(B) + double(g.touched.size())) * double(d), 0.5))
   {
     const auto [c0, c1] = columns_of_thread(d);
     double* acc = gbd.data();
     for (int64_t t = 0; t < B; ++t) {
       const float* g0 = vec(t, 0);
-      if (sp.apply_b_dec_to_input) {
-        const float* ds = dsae_in.data() + t * d;
 #pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]) - double(ds[c]);
-      } else {
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]);
-      }
+      for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]);
     }
+    if (sp.apply_b_dec_to_input)
+      for (const int32_t j : g.touched) {
+        const double gb = g.b_enc[size_t(j)];
+        const float* w_enc = &sae.W_encT[size_t(j) * size_t(d)];
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) acc[c] -= gb * double(w_enc[c]);
+      }
   }
   for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
   // The gradient's squared norm for the clip, from the rows' norms taken as they were finished.
