@@ -9,8 +9,10 @@ ranks=${1:-$(nproc)}
 shift || true
 # As root (CI, containers) Open MPI needs to be told; harmless otherwise.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# What the sae CLI sets for itself at start (cli/main.cpp): huge pages for large buffers.
+export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 echo "== 1 process x $ranks threads"
 OMP_NUM_THREADS=$ranks build/release/bench/bench_train --threads "$ranks" "$@"
 echo "== $ranks ranks x 1 thread, data parallel"
-mpirun -np "$ranks" --oversubscribe -x OMP_NUM_THREADS=1 \
+mpirun -np "$ranks" --oversubscribe -x OMP_NUM_THREADS=1 -x GLIBC_TUNABLES \
   build/release/bench/bench_train --threads 1 "$@"
