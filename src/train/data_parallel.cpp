@@ -7,6 +7,7 @@
 
 #include "core/clock.h"
 #include "core/threads.h"
+#include "ops/cpu_kernels.h"
 
 namespace sae::train {
 
@@ -173,12 +174,14 @@ double ShardedUpdate::step(TrainingSae& sae, Optimizer& opt, Grads& g, double lr
   // 3. The global norm: each owner's rows, summed over the ranks, plus the biases.
   double rows_sq = 0;
   const auto& own = touched[me];
+  const ops::CpuKernels& k = ops::cpu_kernels();
 #pragma omp parallel for schedule(static) reduction(+ : rows_sq) \
-    num_threads(threads_for(double(own.size() * per_row), 0.5))
-  for (size_t q = 0; q < own.size(); ++q)
-    for (size_t c = 0, j = size_t(own[q]); c < d; ++c)
-      rows_sq += double(g.W_encT[j * d + c]) * g.W_encT[j * d + c] +
-                 double(g.W_dec[j * d + c]) * g.W_dec[j * d + c];
+    num_threads(threads_for(double(own.size() * per_row), 0.1))
+  for (size_t q = 0; q < own.size(); ++q) {
+    const size_t j = size_t(own[q]);
+    rows_sq +=
+        k.sum_squares(&g.W_encT[j * d], int64_t(d)) + k.sum_squares(&g.W_dec[j * d], int64_t(d));
+  }
   std::vector<double> sq = {rows_sq};
   comm_.allreduce_sum(sq);
   for (float v : g.b_enc) sq[0] += double(v) * v;
