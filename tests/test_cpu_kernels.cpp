@@ -70,7 +70,7 @@ TEST(CpuKernels, AffineSelectEqualsReferenceInEverySet) {
     }
 }
 
-TEST(CpuKernels, AffineSelectKeepsOnlyPositiveFiniteEntriesAtTheBound) {
+TEST(CpuKernels, AffineSelectKeepsPositiveEntriesAtOrAboveTheBound) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
   std::vector<float> x = {0.0f, -0.0f, 1e-45f, -1e-45f, nan, inf, -inf, 0.5f, 0.5f, 0.49999997f};
   x.resize(40, -1.0f);  // past one vector so the vector path sees every special value
