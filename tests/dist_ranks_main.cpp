@@ -143,6 +143,130 @@ void check_data_parallel_step(sae::dist::Comm& w) {
   }
 }
 
+// BatchTopK of a matrix split by columns across the ranks (latent parallel) equals the
+// single-process selection, with many ties at the cut that interleave across ranks in flat order.
+void check_global_batch_topk_columns(sae::dist::Comm& w) {
+  const int64_t rows = 24, all_cols = 61, budget = 2 * rows;  // uneven column blocks
+  std::mt19937 rng(4321);
+  std::normal_distribution<float> normal;
+  std::vector<float> whole(size_t(rows * all_cols)), bias(static_cast<size_t>(all_cols));
+  for (float& v : whole) v = std::round(normal(rng) * 2.0f) / 2.0f;
+  for (float& v : bias) v = std::round(normal(rng)) / 4.0f;
+  sae::ops::RowSparse want, got;
+  std::vector<float> copy = whole;
+  sae::ops::batch_topk(copy.data(), rows, all_cols, budget, want, bias.data());
+  const int64_t c0 = all_cols * w.rank() / w.size(), c1 = all_cols * (w.rank() + 1) / w.size();
+  std::vector<float> mine(size_t(rows * (c1 - c0)));
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy(whole.begin() + r * all_cols + c0, whole.begin() + r * all_cols + c1,
+              mine.begin() + r * (c1 - c0));
+  sae::train::global_batch_topk_columns(w, mine.data(), rows, c1 - c0, c0, all_cols, budget, got,
+                                        bias.data() + c0);
+  int64_t ties_at_cut = 0;
+  const float cut = *std::min_element(want.values.begin(), want.values.end());
+  for (int64_t i = 0; i < rows * all_cols; ++i) ties_at_cut += whole[size_t(i)] + bias[size_t(i % all_cols)] == cut;
+  SAE_CHECK(ties_at_cut > 1, "the test needs ties at the cut");
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<std::pair<int32_t, float>> a, b;
+    for (int64_t e = want.offsets[size_t(r)]; e < want.offsets[size_t(r + 1)]; ++e)
+      if (want.cols[size_t(e)] >= c0 && want.cols[size_t(e)] < c1)
+        a.emplace_back(want.cols[size_t(e)] - int32_t(c0), want.values[size_t(e)]);
+    for (int64_t e = got.offsets[size_t(r)]; e < got.offsets[size_t(r + 1)]; ++e)
+      b.emplace_back(got.cols[size_t(e)], got.values[size_t(e)]);
+    SAE_CHECK(a == b, "columns split: row ", r, " selects other entries than one process");
+  }
+}
+
+// One latent-parallel step (each rank: its block of latents, the whole batch) equals the
+// single-process step: losses, counts, the smallest selected value, each rank's fired flags,
+// touched rows and gradient rows, b_dec's gradient, the gradient norm, and the parameters after
+// Adam. The same two specs as the data-parallel check, with d_sae not divisible by the ranks
+// and Matryoshka bands that straddle the blocks.
+void check_latent_parallel_step(sae::dist::Comm& w) {
+  using namespace sae::train;
+  for (int variant = 0; variant < 2; ++variant) {
+    TrainSpec sp;
+    sp.d_in = 16, sp.d_sae = 67, sp.k = 3;
+    sp.widths = {8, 30, 67};
+    if (variant == 0) {
+      sp.level_loss.assign(3, LevelLoss::Mse);
+      sp.level_weight = {1, 1, 1};
+      sp.rescale_acts_by_decoder_norm = true;
+    } else {
+      sp.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
+      sp.level_weight = {0.5, 1, 2};
+      sp.detach_levels = true;
+      sp.per_level_aux = true;
+    }
+    TrainingSae sae(sp);
+    sae.init(7, 0.1);
+    const int64_t B = 29, d = sp.d_in, D = sp.d_sae;
+    std::mt19937 rng(98);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(size_t(B * d));
+    for (float& v : x) v = normal(rng);
+    std::vector<uint8_t> dead(static_cast<size_t>(D));
+    for (auto& v : dead) v = uint8_t(rng() % 3 == 0);
+
+    const LatentShard ls{&w, D};
+    const int64_t j0 = ls.begin(), n = ls.count();
+    TrainingSae part = sae.latents(j0, j0 + n);
+    TrainingSae fresh(part.spec);  // init_rows gives the same rows as the whole SAE's init
+    fresh.init_rows(7, 0.1, j0);
+    SAE_CHECK(fresh.W_dec == part.W_dec && fresh.W_encT == part.W_encT, "init_rows at ", j0);
+
+    Grads g_one, g_lp;
+    g_one.resize(d, D), g_lp.resize(d, n);
+    StepWorkspace ws_one, ws_lp;
+    const StepResult one = forward_backward(sae, x.data(), B, dead, g_one, ws_one);
+    const std::vector<uint8_t> my_dead(dead.begin() + j0, dead.begin() + j0 + n);
+    const StepResult lp = forward_backward(part, x.data(), B, my_dead, g_lp, ws_lp, {}, ls);
+    auto close = [](double a, double b) {
+      return std::fabs(a - b) <= 1e-5 * std::max(1.0, std::fabs(a));
+    };
+    SAE_CHECK(close(one.loss, lp.loss), "variant ", variant, ": loss ", one.loss, " vs ", lp.loss);
+    SAE_CHECK(one.aux_loss > 0 && close(one.aux_loss, lp.aux_loss), "variant ", variant,
+              ": aux loss ", one.aux_loss, " vs ", lp.aux_loss);
+    SAE_CHECK(close(one.outer_sq_error, lp.outer_sq_error), "variant ", variant, ": sq error");
+    for (size_t i = 0; i < one.level_loss.size(); ++i)
+      SAE_CHECK(close(one.level_loss[i], lp.level_loss[i]), "variant ", variant, ": level ", i);
+    SAE_CHECK(one.n_active == lp.n_active, "variant ", variant, ": n_active");
+    SAE_CHECK(one.min_selected == lp.min_selected, "variant ", variant, ": min selected");
+    SAE_CHECK(one.n_dead == lp.n_dead, "variant ", variant, ": dead count");
+    SAE_CHECK(std::equal(lp.fired.begin(), lp.fired.end(), one.fired.begin() + j0), "variant ",
+              variant, ": fired flags");
+    SAE_CHECK(close(one.grad_squared_norm, lp.grad_squared_norm), "variant ", variant,
+              ": gradient norm ", one.grad_squared_norm, " vs ", lp.grad_squared_norm);
+    std::vector<int32_t> want_touched, got_touched = g_lp.touched;
+    for (int32_t j : g_one.touched)
+      if (j >= j0 && j < j0 + n) want_touched.push_back(j - int32_t(j0));
+    std::sort(want_touched.begin(), want_touched.end());
+    std::sort(got_touched.begin(), got_touched.end());
+    SAE_CHECK(want_touched == got_touched, "variant ", variant, ": touched rows");
+    const std::vector<float> want_rows(g_one.W_dec.begin() + j0 * d,
+                                       g_one.W_dec.begin() + (j0 + n) * d);
+    SAE_CHECK(sae::test::max_relative_error(want_rows, g_lp.W_dec) <= 1e-5, "variant ", variant,
+              ": dW_dec rows");
+    SAE_CHECK(sae::test::max_relative_error(g_one.b_dec, g_lp.b_dec) <= 1e-5, "variant ", variant,
+              ": b_dec gradient");
+
+    AdamConfig adam;
+    adam.beta1 = variant == 0 ? 0.9 : 0.0;
+    TrainingSae sae_one = sae;
+    Optimizer opt_one(sae_one, adam), opt_lp(part, adam);
+    opt_one.step(sae_one, g_one, 1e-2);
+    opt_lp.apply(part, g_lp, 1e-2, std::sqrt(lp.grad_squared_norm));
+    const TrainingSae want = sae_one.latents(j0, j0 + n);
+    for (auto [name, a, b] : {std::tuple{"W_encT", &want.W_encT, &part.W_encT},
+                              std::tuple{"W_dec", &want.W_dec, &part.W_dec},
+                              std::tuple{"b_enc", &want.b_enc, &part.b_enc},
+                              std::tuple{"b_dec", &want.b_dec, &part.b_dec}}) {
+      const double e = sae::test::max_relative_error(*a, *b);
+      SAE_CHECK(e <= 1e-5, "variant ", variant, ": latent parallel ", name, " after the update off by ", e);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   int fail_rank = -1;
   for (int i = 1; i + 1 < argc; ++i)
@@ -182,6 +306,8 @@ int main(int argc, char** argv) {
         SAE_CHECK(bytes[0] == n - 1 && bytes[1] == n, "broadcast from the last rank");
         check_global_batch_topk(w);
         check_data_parallel_step(w);
+        check_global_batch_topk_columns(w);
+        check_latent_parallel_step(w);
         w.barrier();
         std::printf("rank %d of %d ok (%s)\n", r, n, w.transport().c_str());
         return 0;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <utility>
 
@@ -76,8 +77,11 @@ std::pair<int64_t, int64_t> columns_of_thread(int64_t d) {
 
 StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
                             const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws,
-                            const BatchShard& shard) {
+                            const BatchShard& shard, const LatentShard& latents) {
   const TrainSpec& sp = sae.spec;
+  const bool lp = latents.split();  // latent parallel: D is this rank's latents
+  if (lp && shard.split()) fail("a step cannot split both the batch and the latents over ranks");
+  const int64_t lat0 = latents.begin();  // the whole SAE's number of this rank's latent 0
   const int64_t d = sp.d_in, D = sp.d_sae, L = sp.n_levels();
   // Every mean is over the whole batch (B_all rows), of which this rank holds B.
   const int64_t B_all = shard.split() ? shard.global_batch : B;
@@ -114,7 +118,11 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   const int64_t budget = int64_t(sp.k * double(B_all));
   // hidden_pre itself is read again only by AuxK (dead latents), so it is written back only then.
   const bool aux_active = !dead.empty() && sp.aux_coefficient != 0.0;
-  if (shard.split())
+  if (lp)
+    global_batch_topk_columns(*latents.comm, ws.hidden_pre.data(), B, D, lat0, latents.width,
+                              budget, ws.active, sae.b_enc.data(), rescale ? norms.data() : nullptr,
+                              aux_active);
+  else if (shard.split())
     global_batch_topk(*shard.comm, ws.hidden_pre.data(), B, D, budget, ws.active, sae.b_enc.data(),
                       rescale ? norms.data() : nullptr, aux_active);
   else
@@ -131,7 +139,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // The Matryoshka level each latent first appears in.
   std::vector<int32_t> level_of(static_cast<size_t>(D));
   for (int64_t j = 0, lvl = 0; j < D; ++j) {
-    while (j >= sp.widths[size_t(lvl)]) ++lvl;
+    while (lat0 + j >= sp.widths[size_t(lvl)]) ++lvl;
     level_of[size_t(j)] = int32_t(lvl);
   }
 
@@ -145,14 +153,29 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
             res.n_dead++;
   }
   const int64_t n_aux = int64_t(aux_groups.size());
-  // Per token vectors: L level gradients, then one residual/gradient per aux group.
-  const int64_t n_vec = L + n_aux;
-  ws.vecs.resize(size_t(B * n_vec * d));
-  auto vec = [&](int64_t t, int64_t slot) { return ws.vecs.data() + (t * n_vec + slot) * d; };
+  // Per token vectors: L level gradients; one residual/gradient per aux group.
+  ws.vecs.resize(size_t(B * L * d));
+  ws.aux_vecs.resize(size_t(B * n_aux * d));
+  auto vec = [&](int64_t t, int64_t i) { return ws.vecs.data() + (t * L + i) * d; };
+  auto aux_vec = [&](int64_t t, int64_t a) { return ws.aux_vecs.data() + (t * n_aux + a) * d; };
   // The level whose residual an aux group fits: its own level, or the outer one.
   auto aux_level = [&](int64_t gi) { return sp.per_level_aux ? gi : L - 1; };
 
   // ---- levels: one sweep over each token's index-sorted active list ----
+  if (lp) {
+    // Latent parallel: first each level's band [w_{i-1}, w_i) of this rank's latents per token,
+    // summed over the ranks; then the sweep adds whole bands instead of latents.
+    std::fill(ws.vecs.begin(), ws.vecs.end(), 0.0f);
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_for((double(res.n_active) + double(B * L)) * double(d), 0.3))
+    for (int64_t t = 0; t < B; ++t)
+      for (int64_t e = act.offsets[size_t(t)]; e < act.offsets[size_t(t + 1)]; ++e) {
+        const int32_t j = act.cols[size_t(e)];
+        k.axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)],
+               vec(t, level_of[size_t(j)]), d);
+      }
+    latents.comm->allreduce_sum(std::span<float>(ws.vecs));
+  }
   const int n_threads = omp_get_max_threads();
   std::vector<double> level_sum(size_t(n_threads * L), 0.0), outer_sq(size_t(n_threads), 0.0);
   // Per token: the active latents' axpys, then L passes over d for the level gradients.
@@ -168,7 +191,8 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       int64_t e = act.offsets[size_t(t)];
       const int64_t end = act.offsets[size_t(t + 1)];
       for (int64_t i = 0; i < L; ++i) {
-        for (; e < end && act.cols[size_t(e)] < sp.widths[size_t(i)]; ++e) {
+        if (lp) k.axpy(1.0f, vec(t, i), r.data(), d);  // level i's band, all ranks' latents
+        for (; !lp && e < end && act.cols[size_t(e)] < sp.widths[size_t(i)]; ++e) {
           const int32_t j = act.cols[size_t(e)];
           k.axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)],
                  r.data(), d);
@@ -182,7 +206,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
           ss += double(err) * err;
         }
         for (int64_t a = 0; a < n_aux; ++a)
-          if (aux_level(a) == i) std::copy(gi, gi + d, vec(t, L + a));  // detached residual
+          if (aux_level(a) == i) std::copy(gi, gi + d, aux_vec(t, a));  // detached residual
         // d R / d r for R = ||e||^2 (mse) or ||e||^p (l2), times c_i / B.
         double R, coef;
         const double w = sp.level_weight[size_t(i)] / double(B_all);
@@ -266,12 +290,17 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // Per token, the top k_aux dead latents by hidden_pre (no ReLU) reconstruct the detached
   // residual without b_dec; loss aux_coefficient * min(n_dead / (d_in / 2), 1) * mean ||.||^2.
   const int64_t k_aux_max = d / 2;
+  // Each group's size over the whole SAE (latent parallel: summed over the ranks).
+  std::vector<double> group_size(static_cast<size_t>(n_aux));
+  for (int64_t a = 0; a < n_aux; ++a) group_size[size_t(a)] = double(aux_groups[size_t(a)].size());
+  if (lp && n_aux > 0) latents.comm->allreduce_sum(std::span<double>(group_size));
   for (int64_t a = 0; a < n_aux; ++a) {
     const auto& grp = aux_groups[size_t(a)];
-    const int64_t n_g = int64_t(grp.size());
-    if (n_g == 0) continue;
-    const int64_t k_aux = std::min(k_aux_max, n_g);
-    const double scale = std::min(double(n_g) / double(k_aux_max), 1.0);
+    const int64_t n_g = int64_t(grp.size());  // this rank's (latent parallel) dead latents
+    const int64_t n_all = int64_t(group_size[size_t(a)]);
+    if (n_all == 0) continue;
+    const int64_t k_aux = std::min(k_aux_max, n_all);
+    const double scale = std::min(double(n_all) / double(k_aux_max), 1.0);
     const double w = sp.aux_coefficient * scale / double(B_all);
     // Gathered decoder rows of the group's latents.
     std::vector<float> wd(size_t(n_g * d));
@@ -282,32 +311,77 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     // acts [B, n_g]: the selected dead latents' decode values, 0 elsewhere; sel marks them.
     std::vector<float> acts(size_t(B * n_g), 0.0f);
     std::vector<uint8_t> sel(size_t(B * n_g), 0);
+    // Latent parallel: each rank's k_aux largest per token (padded with -inf) go to every rank,
+    // which finds the token's cut among them; ties at the cut go to lower ranks' latents (lower
+    // latent numbers), as the one-process stable top-k does.
+    const int64_t k_loc = std::min(k_aux, n_g);
+    std::vector<float> cand(lp ? size_t(B * k_aux * latents.comm->size()) : 0,
+                            -std::numeric_limits<float>::infinity());
+    float* my_cand = lp ? cand.data() + B * k_aux * latents.comm->rank() : nullptr;
 #pragma omp parallel num_threads(threads_for(double(B) * double(n_g), 2.0))
     {
-      std::vector<float> vals(static_cast<size_t>(n_g)), top_v(static_cast<size_t>(k_aux));
-      std::vector<int32_t> top_i(static_cast<size_t>(k_aux));
+      std::vector<float> vals(static_cast<size_t>(n_g)), top_v(static_cast<size_t>(k_loc));
+      std::vector<int32_t> top_i(static_cast<size_t>(k_loc));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < B; ++t) {
+        if (k_loc == 0) continue;
         const float* hp = ws.hidden_pre.data() + t * D;
         for (int64_t q = 0; q < n_g; ++q) vals[size_t(q)] = hp[grp[size_t(q)]];
-        ops::topk_rows(vals.data(), 1, n_g, k_aux, top_i.data(), top_v.data());
-        for (int64_t q = 0; q < k_aux; ++q) {
+        ops::topk_rows(vals.data(), 1, n_g, k_loc, top_i.data(), top_v.data());
+        if (lp) {
+          std::copy(top_v.begin(), top_v.end(), my_cand + t * k_aux);
+          continue;
+        }
+        for (int64_t q = 0; q < k_loc; ++q) {
           const int32_t c = top_i[size_t(q)];
           acts[size_t(t * n_g + c)] = decode_value(top_v[size_t(q)], grp[size_t(c)]);
           sel[size_t(t * n_g + c)] = 1;
         }
       }
     }
+    if (lp) {
+      const int n_ranks = latents.comm->size(), me = latents.comm->rank();
+      std::vector<int> counts(size_t(n_ranks), int(B * k_aux));
+      latents.comm->allgather(std::span<float>(cand), counts);
+#pragma omp parallel num_threads(threads_for(double(B) * double(n_g + k_aux * n_ranks), 2.0))
+      {
+        std::vector<float> all(size_t(k_aux * n_ranks)), sorted(all.size());
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < B; ++t) {
+          for (int q = 0; q < n_ranks; ++q)
+            std::copy_n(cand.data() + (int64_t(q) * B + t) * k_aux, k_aux,
+                        all.data() + q * k_aux);
+          std::copy(all.begin(), all.end(), sorted.begin());
+          std::nth_element(sorted.begin(), sorted.begin() + (k_aux - 1), sorted.end(),
+                           std::greater<float>());
+          const float cut = sorted[size_t(k_aux - 1)];
+          int64_t room = k_aux;  // ties at the cut this rank may still take
+          for (int q = 0; q < n_ranks * k_aux; ++q) room -= all[size_t(q)] > cut;
+          for (int q = 0; q < me * k_aux; ++q) room -= all[size_t(q)] == cut;
+          const float* hp = ws.hidden_pre.data() + t * D;
+          for (int64_t q = 0; q < n_g; ++q) {
+            const float v = hp[grp[size_t(q)]];
+            if (v > cut || (v == cut && room-- > 0)) {
+              acts[size_t(t * n_g + q)] = decode_value(v, grp[size_t(q)]);
+              sel[size_t(t * n_g + q)] = 1;
+            }
+          }
+        }
+      }
+    }
     // recon = acts @ wd; h = 2 w (recon - residual) overwrites the residual slot.
-    std::vector<float> recon(size_t(B * d));
-    ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, acts.data(), n_g, wd.data(), d, 0.0f,
-              recon.data(), d);
+    // (Latent parallel: each rank's latents' part, summed over the ranks.)
+    std::vector<float> recon(size_t(B * d), 0.0f);
+    if (n_g > 0)
+      ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, acts.data(), n_g, wd.data(), d,
+                0.0f, recon.data(), d);
+    if (lp) latents.comm->allreduce_sum(std::span<float>(recon));
     std::vector<float> h(size_t(B * d));
     double loss_sum = 0;
 #pragma omp parallel for schedule(static) reduction(+ : loss_sum) \
     num_threads(threads_for(double(B) * double(d), 1.0))
     for (int64_t t = 0; t < B; ++t) {
-      const float* resid = vec(t, L + a);
+      const float* resid = aux_vec(t, a);
       for (int64_t c = 0; c < d; ++c) {
         const float diff = recon[size_t(t * d + c)] - resid[c];
         loss_sum += double(diff) * diff;
@@ -315,6 +389,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
       }
     }
     res.aux_loss += sp.aux_coefficient * scale * loss_sum / double(B_all);
+    if (n_g == 0) continue;  // latent parallel: none of this group's dead latents are here
     // dpre = (h @ wd^T) on the selected entries; then the parameter gradients.
     std::vector<float> dpre(size_t(B * n_g));
     ops::gemm(ops::Trans::No, ops::Trans::Yes, B, n_g, d, 1.0f, h.data(), d, wd.data(), d, 0.0f,
@@ -348,14 +423,16 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   // encoder input subtracts it: through sae_in = x - b_dec its gradient is minus the sum over
   // tokens of d(loss)/d(sae_in) = -sum_j dL/db_enc[j] W_enc[:, j] (pre = sae_in W_enc + b_enc),
   // one pass over the touched rows of W_encT; no per-token d(sae_in) is ever formed.
-  // Threads own columns; sums in double, tokens and rows in order.
+  // Threads own columns; sums in double, tokens and rows in order. Latent parallel: every rank
+  // holds every G_0 (rank 0 adds them) and its own latents' rows; summed over the ranks below.
   std::vector<double> gbd(static_cast<size_t>(d), 0.0);
+  const bool add_g0 = !lp || latents.comm->rank() == 0;
 #pragma omp parallel num_threads( \
     threads_for((double(B) + double(g.touched.size())) * double(d), 0.5))
   {
     const auto [c0, c1] = columns_of_thread(d);
     double* acc = gbd.data();
-    for (int64_t t = 0; t < B; ++t) {
+    for (int64_t t = 0; add_g0 && t < B; ++t) {
       const float* g0 = vec(t, 0);
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) acc[c] += double(g0[c]);
@@ -368,11 +445,24 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
         for (int64_t c = c0; c < c1; ++c) acc[c] -= gb * double(w_enc[c]);
       }
   }
-  for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
   // The gradient's squared norm for the clip, from the rows' norms taken as they were finished.
   res.grad_squared_norm = 0;
   for (const int32_t j : g.touched) res.grad_squared_norm += ws.row_sq[size_t(j)];
   for (const float v : g.b_enc) res.grad_squared_norm += double(v) * v;
+  if (lp) {
+    // One sum for b_dec's gradient, the rows' norm and the counts; the smallest selected value
+    // by a max of negations (a rank with none selected offers -inf).
+    gbd.insert(gbd.end(), {res.grad_squared_norm, double(res.n_active), double(res.n_dead)});
+    latents.comm->allreduce_sum(std::span<double>(gbd));
+    res.grad_squared_norm = gbd[size_t(d)];
+    res.n_dead = int64_t(gbd[size_t(d + 2)]);
+    std::vector<double> neg_min = {res.n_active > 0 ? -res.min_selected
+                                                    : -std::numeric_limits<double>::infinity()};
+    latents.comm->allreduce_max(neg_min);
+    res.n_active = int64_t(gbd[size_t(d + 1)]);
+    res.min_selected = res.n_active > 0 ? -neg_min[0] : 0.0;
+  }
+  for (int64_t c = 0; c < d; ++c) g.b_dec[size_t(c)] = float(gbd[size_t(c)]);
   for (const float v : g.b_dec) res.grad_squared_norm += double(v) * v;
   ws.times.backward += now_seconds() - t1;
   if (shard.split()) {

@@ -45,7 +45,9 @@ struct StepTimes {
 
 // Scratch reused across steps (sized on first use).
 struct StepWorkspace {
-  std::vector<float> sae_in, hidden_pre, vecs;
+  std::vector<float> sae_in, hidden_pre;
+  std::vector<float> vecs;      // [B, levels, d_in]: each level's gradient per token
+  std::vector<float> aux_vecs;  // [B, aux groups, d_in]: the residual each AuxK group fits
   std::vector<double> row_sq;  // [d_sae]: ||dW_dec[j]||^2 + ||dW_enc[j]||^2 of touched rows
   ops::RowSparse active;
   StepTimes times;
@@ -63,12 +65,29 @@ struct BatchShard {
   int64_t end(int64_t B) const { return split() ? B * (comm->rank() + 1) / comm->size() : B; }
 };
 
+// Latent parallel (docs/distributed.md): this rank holds latents [begin, begin + d_sae) of an
+// SAE of `width` latents — a TrainingSae whose spec.d_sae is its count while spec.widths stay
+// the whole SAE's — and every rank steps on the whole batch. The selection (one cut for the
+// whole [B, width] matrix), the levels' reconstructions, AuxK's per-token choice and
+// reconstruction, and b_dec's gradient are made global through `comm`; each rank's gradient
+// rows are complete for its own latents, so each updates its rows with no further exchange.
+struct LatentShard {
+  dist::Comm* comm = nullptr;
+  int64_t width = 0;  // latents of the whole SAE
+  bool split() const { return comm && comm->size() > 1; }
+  // The latents rank r holds: [first(r), first(r + 1)), contiguous blocks in rank order.
+  int64_t first(int r) const { return split() ? width * r / comm->size() : 0; }
+  int64_t begin() const { return split() ? first(comm->rank()) : 0; }
+  int64_t count() const { return split() ? first(comm->rank() + 1) - begin() : width; }
+};
+
 // x: [B, d_in] inputs as the SAE sees them (already scaled): the whole batch, or this rank's
-// rows of `shard`. dead: [d_sae] mask (empty = none). Writes gradients of the total loss into g
-// (after g.clear()).
+// rows of `shard`. dead: [d_sae] mask (empty = none; latent parallel: this rank's latents).
+// Writes gradients of the total loss into g (after g.clear()). Under latent parallel `fired`
+// and the gradients are this rank's latents'; every other number is the whole SAE's.
 StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t batch,
                             const std::vector<uint8_t>& dead, Grads& g, StepWorkspace& ws,
-                            const BatchShard& shard = {});
+                            const BatchShard& shard = {}, const LatentShard& latents = {});
 
 // Only the loss, in double precision with dense arithmetic and a full sort for the selection:
 // the reference the sparse step is tested against and the finite-difference oracle. What the

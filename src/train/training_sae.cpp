@@ -1,5 +1,6 @@
 #include "train/training_sae.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -37,8 +38,13 @@ TrainingSae::TrainingSae(TrainSpec s) : spec(std::move(s)) {
 }
 
 void TrainingSae::init(uint64_t seed, double decoder_init_norm) {
+  init_rows(seed, decoder_init_norm, 0);
+}
+
+void TrainingSae::init_rows(uint64_t seed, double decoder_init_norm, int64_t first_row) {
   const int64_t d = spec.d_in, D = spec.d_sae;
   Rng rng(seed);
+  rng.engine().discard(uint64_t(first_row * d));  // one draw per element of the rows before
   // torch.nn.init.kaiming_uniform_ defaults: gain sqrt(2), fan_in = d_in.
   const double bound = std::sqrt(2.0) * std::sqrt(3.0 / double(d));
   for (auto& w : W_dec) w = float(rng.uniform(-bound, bound));
@@ -101,6 +107,28 @@ Sae TrainingSae::to_inference(double s, bool fold_decoder_norms,
   }
   for (int64_t c = 0; c < d; ++c) out.b_dec[size_t(c)] = float(double(b_dec[size_t(c)]) / s);
   return out;
+}
+
+TrainingSae TrainingSae::latents(int64_t begin, int64_t end) const {
+  TrainSpec s = spec;
+  s.d_sae = end - begin;
+  TrainingSae part(s);
+  const size_t d = size_t(spec.d_in);
+  std::copy(W_encT.begin() + ptrdiff_t(size_t(begin) * d), W_encT.begin() + ptrdiff_t(size_t(end) * d),
+            part.W_encT.begin());
+  std::copy(W_dec.begin() + ptrdiff_t(size_t(begin) * d), W_dec.begin() + ptrdiff_t(size_t(end) * d),
+            part.W_dec.begin());
+  std::copy(b_enc.begin() + begin, b_enc.begin() + end, part.b_enc.begin());
+  part.b_dec = b_dec;
+  part.threshold = threshold;
+  return part;
+}
+
+void TrainingSae::set_latents(int64_t begin, const TrainingSae& part) {
+  const size_t d = size_t(spec.d_in);
+  std::copy(part.W_encT.begin(), part.W_encT.end(), W_encT.begin() + ptrdiff_t(size_t(begin) * d));
+  std::copy(part.W_dec.begin(), part.W_dec.end(), W_dec.begin() + ptrdiff_t(size_t(begin) * d));
+  std::copy(part.b_enc.begin(), part.b_enc.end(), b_enc.begin() + begin);
 }
 
 }  // namespace sae::train

@@ -47,6 +47,17 @@ class TrainingSae {
   // (skipped when <= 0); W_enc = W_dec^T; biases zero. Deterministic in `seed`.
   void init(uint64_t seed, double decoder_init_norm);
 
+  // SAELens initialisation of rows [first_row, first_row + d_sae) of a larger SAE with the same
+  // seed (latent parallel: each rank initialises only its latents, the same numbers as the
+  // whole SAE's init would give them).
+  void init_rows(uint64_t seed, double decoder_init_norm, int64_t first_row);
+
+  // Latent parallel: the latents [begin, end) of this SAE as a TrainingSae of their own
+  // (spec.d_sae = end - begin; spec.widths stay the whole SAE's), and back: the rows of
+  // W_encT/W_dec/b_enc at `begin` replaced by `part`'s.
+  TrainingSae latents(int64_t begin, int64_t end) const;
+  void set_latents(int64_t begin, const TrainingSae& part);
+
   std::vector<float> decoder_norms() const;  // ||W_dec[j]||
 
   // SAELens's BatchTopK threshold rule: theta <- (1 - lr) theta + lr * (smallest value kept
