@@ -29,6 +29,7 @@ Runner add_train(CLI::App& app) {
     std::vector<std::string> sets;
     std::string device, precision, parallel = "data";
     bool resume = false, print = false;
+    int64_t stop_at_step = -1;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--config", o->config, "Training config (JSON)");
@@ -43,10 +44,13 @@ Runner add_train(CLI::App& app) {
   cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
       ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
+  cmd->add_option("--stop-at-step", o->stop_at_step,
+                  "Checkpoint and exit 0 at this step (continue later with --resume)");
   cmd->add_option("--parallel", o->parallel,
-                  "Under mpirun/srun: data (each rank steps on its rows of every batch; "
-                  "docs/distributed.md)")
-      ->check(CLI::IsMember({"data"}));
+                  "Under mpirun/srun: data (each rank steps on its rows of every batch) or "
+                  "latents (each rank holds a block of the latents, for SAEs too wide for one "
+                  "rank); docs/distributed.md")
+      ->check(CLI::IsMember({"data", "latents"}));
   cmd->add_flag("--print-config", o->print, "Print the resolved config and exit");
   return [=] {
     if (o->preset.empty() && o->config.empty() && o->sets.empty()) {
@@ -78,8 +82,11 @@ Runner add_train(CLI::App& app) {
     auto source = pipeline::make_source(cfg.data, where);
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    train::Trainer trainer(cfg, *source, "train", &dist::world());
-    return trainer.run(o->resume, -1, &g_stop) ? 0 : 130;
+    train::Trainer trainer(
+        cfg, *source, "train", &dist::world(),
+        o->parallel == "latents" ? train::Parallel::Latents : train::Parallel::Data);
+    if (trainer.run(o->resume, o->stop_at_step, &g_stop)) return 0;
+    return g_stop ? 130 : 0;  // a signal, or --stop-at-step
   };
 }
 

@@ -164,7 +164,8 @@ void check_global_batch_topk_columns(sae::dist::Comm& w) {
                                         bias.data() + c0);
   int64_t ties_at_cut = 0;
   const float cut = *std::min_element(want.values.begin(), want.values.end());
-  for (int64_t i = 0; i < rows * all_cols; ++i) ties_at_cut += whole[size_t(i)] + bias[size_t(i % all_cols)] == cut;
+  for (int64_t i = 0; i < rows * all_cols; ++i)
+    ties_at_cut += whole[size_t(i)] + bias[size_t(i % all_cols)] == cut;
   SAE_CHECK(ties_at_cut > 1, "the test needs ties at the cut");
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<std::pair<int32_t, float>> a, b;
@@ -262,7 +263,8 @@ void check_latent_parallel_step(sae::dist::Comm& w) {
                               std::tuple{"b_enc", &want.b_enc, &part.b_enc},
                               std::tuple{"b_dec", &want.b_dec, &part.b_dec}}) {
       const double e = sae::test::max_relative_error(*a, *b);
-      SAE_CHECK(e <= 1e-5, "variant ", variant, ": latent parallel ", name, " after the update off by ", e);
+      SAE_CHECK(e <= 1e-5, "variant ", variant, ": latent parallel ", name,
+                " after the update off by ", e);
     }
   }
 }

@@ -175,6 +175,79 @@ TEST(Dist, AKilledRankEndsTrainingAndResumeFinishesIt) {
         << f;
 }
 
+// Latent parallel (--parallel latents), 2 and 3 ranks (3 does not divide the 128 latents):
+// the same bar as data parallel against one process; the log written once.
+TEST(Dist, LatentParallelTrainingEqualsOneProcess) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  for (int64_t steps : {1, 300}) {
+    const std::string one = dir / ("one" + std::to_string(steps));
+    const auto r1 = test::run_shell("env OMP_NUM_THREADS=1 timeout 300 " + std::string(SAECPP_CLI) +
+                                    train_args(one, steps));
+    ASSERT_EQ(r1.exit_code, 0) << r1.output;
+    const auto ea = read_json_file(one + "/eval.json");
+    SafetensorsFile a(one + "/sae/sae_weights.safetensors");
+    for (int ranks : {2, 3}) {
+      const std::string lp = dir / ("lp" + std::to_string(ranks) + "_" + std::to_string(steps));
+      const auto r = test::run_shell("timeout 300 " + mpirun(ranks) + SAECPP_CLI +
+                                     train_args(lp, steps) + " --parallel latents");
+      ASSERT_EQ(r.exit_code, 0) << r.output;
+      EXPECT_NE(r.output.find("latent parallel over " + std::to_string(ranks) + " ranks"),
+                std::string::npos)
+          << r.output;
+      SafetensorsFile b(lp + "/sae/sae_weights.safetensors");
+      for (const char* name : {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}) {
+        const double e = sae::test::max_relative_error(a.read_f32(name), b.read_f32(name));
+        EXPECT_LE(e, steps == 1 ? 1e-5 : 1e-3) << name << " at " << ranks << " ranks";
+      }
+      const auto eb = read_json_file(lp + "/eval.json");
+      EXPECT_NEAR(eb["explained_variance"].get<double>(), ea["explained_variance"].get<double>(),
+                  0.002);
+      EXPECT_NEAR(eb["l0"].get<double>(), ea["l0"].get<double>(), 0.01 * ea["l0"].get<double>());
+      EXPECT_EQ(eb["dead_latents"], ea["dead_latents"]);
+      std::ifstream log(lp + "/log.jsonl");
+      int lines = 0;
+      for (std::string l; std::getline(log, l);) ++lines;
+      EXPECT_EQ(lines, steps == 1 ? 2 : 7) << "progress and eval records";
+      EXPECT_EQ(test::read_bytes(lp + "/sae/cfg.json"), test::read_bytes(one + "/sae/cfg.json"));
+    }
+  }
+}
+
+// A latent-parallel checkpoint is the whole SAE's: a run stopped under 2 ranks resumes under 3
+// (another split of the latents) and as one process, and ends where one process ends.
+TEST(Dist, LatentParallelCheckpointResumesOnAnyNumberOfRanks) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  const auto straight = test::run_shell("env OMP_NUM_THREADS=1 timeout 300 " +
+                                        std::string(SAECPP_CLI) + train_args(dir / "one", 300));
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  SafetensorsFile want(dir / "one/sae/sae_weights.safetensors");
+  const auto ea = read_json_file(dir / "one/eval.json");
+  for (int resume_ranks : {3, 1}) {
+    const std::string run = dir / ("run" + std::to_string(resume_ranks));
+    const auto first =
+        test::run_shell("timeout 300 " + mpirun(2) + SAECPP_CLI + train_args(run, 300) +
+                        " --parallel latents --stop-at-step 150");
+    ASSERT_EQ(first.exit_code, 0) << first.output;
+    ASSERT_FALSE(std::filesystem::exists(run + "/sae")) << "stopped before the end";
+    const std::string launch = resume_ranks == 1 ? "env OMP_NUM_THREADS=1 " : mpirun(resume_ranks);
+    const auto rest =
+        test::run_shell("timeout 300 " + launch + SAECPP_CLI + train_args(run, 300) +
+                        (resume_ranks > 1 ? " --parallel latents" : "") + " --resume");
+    ASSERT_EQ(rest.exit_code, 0) << rest.output;
+    EXPECT_NE(rest.output.find("resuming from step 150"), std::string::npos) << rest.output;
+    SafetensorsFile got(run + "/sae/sae_weights.safetensors");
+    for (const char* name : {"W_enc", "W_dec", "b_enc", "b_dec"})
+      EXPECT_LE(sae::test::max_relative_error(want.read_f32(name), got.read_f32(name)), 1e-3)
+          << name << ", resumed on " << resume_ranks;
+    const auto eb = read_json_file(run + "/eval.json");
+    EXPECT_NEAR(eb["explained_variance"].get<double>(), ea["explained_variance"].get<double>(),
+                0.002);
+    EXPECT_NEAR(eb["l0"].get<double>(), ea["l0"].get<double>(), 0.01 * ea["l0"].get<double>());
+  }
+}
+
 TEST(Dist, CliRefusesParallelJobsItCannotRunYet) {
   REQUIRE_MPI();
   test::TempDir dir;

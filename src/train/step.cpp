@@ -349,8 +349,7 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < B; ++t) {
           for (int q = 0; q < n_ranks; ++q)
-            std::copy_n(cand.data() + (int64_t(q) * B + t) * k_aux, k_aux,
-                        all.data() + q * k_aux);
+            std::copy_n(cand.data() + (int64_t(q) * B + t) * k_aux, k_aux, all.data() + q * k_aux);
           std::copy(all.begin(), all.end(), sorted.begin());
           std::nth_element(sorted.begin(), sorted.begin() + (k_aux - 1), sorted.end(),
                            std::greater<float>());

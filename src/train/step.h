@@ -48,7 +48,7 @@ struct StepWorkspace {
   std::vector<float> sae_in, hidden_pre;
   std::vector<float> vecs;      // [B, levels, d_in]: each level's gradient per token
   std::vector<float> aux_vecs;  // [B, aux groups, d_in]: the residual each AuxK group fits
-  std::vector<double> row_sq;  // [d_sae]: ||dW_dec[j]||^2 + ||dW_enc[j]||^2 of touched rows
+  std::vector<double> row_sq;   // [d_sae]: ||dW_dec[j]||^2 + ||dW_enc[j]||^2 of touched rows
   ops::RowSparse active;
   StepTimes times;
 };

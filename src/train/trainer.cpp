@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <tuple>
 
 #include "core/clock.h"
@@ -99,16 +100,19 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
 }
 
 Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label,
-                 dist::Comm* comm)
+                 dist::Comm* comm, Parallel parallel)
     : cfg_(std::move(cfg)),
       source_(source),
       label_(std::move(label)),
-      shard_{comm, cfg_.batch_size},
+      comm_(comm),
+      shard_{parallel == Parallel::Data ? comm : nullptr, cfg_.batch_size},
+      latents_{parallel == Parallel::Latents ? comm : nullptr, 0},
       sae_([&] {
         // Before anything is allocated or written: a GPU run needs a GPU.
-        if (shard_.split() && cfg_.device == "cuda")
+        const char* mode = parallel == Parallel::Data ? "data" : "latent";
+        if (many_ranks() && cfg_.device == "cuda")
           fail("training.device", "cuda",
-               cat("data-parallel training over ", comm->size(),
+               cat(mode, "-parallel training over ", comm->size(),
                    " ranks runs on the CPU for now (the GPU exchange through NCCL is not built "
                    "yet): launch one process, or set training.device = cpu"));
         if (shard_.split() && cfg_.batch_size < comm->size())
@@ -118,19 +122,25 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
         TrainSpec s = cfg_.spec;
         s.d_in = source.d_in();
         s.validate("train config");
+        cfg_.spec = s;
+        latents_.width = s.d_sae;
+        if (latents_.split() && s.d_sae < comm->size())
+          fail("sae.d_sae", cat(s.d_sae),
+               cat("fewer latents than the ", comm->size(), " ranks to split them over"));
+        s.d_sae = latents_.count();  // latent parallel: this rank's block
         return TrainingSae(s);
       }()),
       opt_(sae_, cfg_.adam) {
-  cfg_.spec = sae_.spec;
   if (cfg_.device != "cuda") grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);  // GPU: on the device
   steps_since_fired_.assign(size_t(sae_.spec.d_sae), 0);
   window_counts_.assign(size_t(sae_.spec.d_sae), 0);
   if (shard_.split())
     update_ = std::make_unique<ShardedUpdate>(*comm, sae_.spec.d_sae, sae_.spec.d_in);
   print_progress = lead();
-  n_heldout_ = lead() ? source_.heldout_size(cfg_.eval_tokens) : 0;  // rank 0 evaluates
-  heldout_.resize(size_t(n_heldout_ * sae_.spec.d_in));
-  source_.heldout(n_heldout_, heldout_.data());
+  n_heldout_ = source_.heldout_size(cfg_.eval_tokens);  // rank 0 evaluates
+  const int64_t n_read = lead() ? n_heldout_ : 0;
+  heldout_.resize(size_t(n_read * sae_.spec.d_in));
+  source_.heldout(n_read, heldout_.data());
 }
 
 void Trainer::prepare_normalisation() {
@@ -160,6 +170,46 @@ void Trainer::prepare_normalisation() {
       sae_.b_dec[size_t(c)] = float(mean[size_t(c)] / double(nb * B) * input_scale_);
 }
 
+std::vector<float> Trainer::gather_latent_rows(const std::vector<float>& mine,
+                                               int64_t row_len) const {
+  const int n = comm_->size();
+  std::vector<int> counts(static_cast<size_t>(n));
+  for (int q = 0; q < n; ++q)
+    counts[size_t(q)] = int((latents_.first(q + 1) - latents_.first(q)) * row_len);
+  std::vector<float> all(size_t(latents_.width * row_len));
+  std::copy(mine.begin(), mine.end(), all.begin() + latents_.begin() * row_len);
+  comm_->allgather(std::span<float>(all), counts);
+  return all;
+}
+
+std::vector<int64_t> Trainer::gather_latent_values(const std::vector<int64_t>& mine) const {
+  // Blocks padded to the largest; doubles hold the counts exactly (below 2^53).
+  const int n = comm_->size();
+  const int64_t most = (latents_.width + n - 1) / n;
+  std::vector<double> padded(size_t(most), 0.0), all(size_t(most * n));
+  std::copy(mine.begin(), mine.end(), padded.begin());
+  comm_->allgather(padded, all);
+  std::vector<int64_t> out;
+  out.reserve(size_t(latents_.width));
+  for (int q = 0; q < n; ++q)
+    for (int64_t i = 0; i < latents_.first(q + 1) - latents_.first(q); ++i)
+      out.push_back(int64_t(all[size_t(q * most + i)]));
+  return out;
+}
+
+TrainingSae Trainer::whole_sae() const {
+  if (!latents_.split()) return sae_;
+  TrainSpec s = sae_.spec;
+  s.d_sae = latents_.width;
+  TrainingSae whole(s);
+  whole.W_encT = gather_latent_rows(sae_.W_encT, s.d_in);
+  whole.W_dec = gather_latent_rows(sae_.W_dec, s.d_in);
+  whole.b_enc = gather_latent_rows(sae_.b_enc, 1);
+  whole.b_dec = sae_.b_dec;
+  whole.threshold = sae_.threshold;
+  return whole;
+}
+
 Sae Trainer::inference_sae() const {
   auto meta = cfg_.metadata;
   meta["sae_lens_training_version"] = nullptr;
@@ -170,6 +220,8 @@ Sae Trainer::inference_sae() const {
   meta["training_architecture_details"]["k"] = sae_.spec.k;
   meta["training_architecture_details"]["matryoshka_widths"] = sae_.spec.widths;
   meta["training_tokens"] = step_ * cfg_.batch_size;
+  if (latents_.split())
+    return whole_sae().to_inference(input_scale_, cfg_.fold_decoder_norms, meta);
   return sae_.to_inference(input_scale_, cfg_.fold_decoder_norms, meta);
 }
 
@@ -183,6 +235,7 @@ std::vector<float> Trainer::log_sparsity() const {
 }
 
 std::vector<int64_t> Trainer::window_counts_all() const {
+  if (latents_.split()) return gather_latent_values(window_counts_);
   if (!shard_.split()) return window_counts_;
   std::vector<double> sum(window_counts_.begin(), window_counts_.end());  // exact below 2^53
   shard_.comm->allreduce_sum(sum);
@@ -190,7 +243,7 @@ std::vector<int64_t> Trainer::window_counts_all() const {
 }
 
 void Trainer::check_ranks_agree(const char* when) const {
-  if (!shard_.split()) return;
+  if (!many_ranks()) return;
   // FNV-1a over the parameters' bits and the threshold's.
   uint64_t h = 1469598103934665603ull;
   auto add = [&](const void* p, size_t bytes) {
@@ -202,19 +255,20 @@ void Trainer::check_ranks_agree(const char* when) const {
     }
     for (size_t i = bytes / 8 * 8; i < bytes; ++i) h = (h ^ b[i]) * 1099511628211ull;
   };
+  // Latent parallel: only what every rank holds (b_dec, the threshold) is the same.
   for (const auto* v : {&sae_.W_encT, &sae_.W_dec, &sae_.b_enc, &sae_.b_dec})
-    add(v->data(), v->size() * sizeof(float));
+    if (!latents_.split() || v == &sae_.b_dec) add(v->data(), v->size() * sizeof(float));
   add(&sae_.threshold, sizeof sae_.threshold);
-  dist::Comm& comm = *shard_.comm;
+  dist::Comm& comm = *comm_;
   const std::vector<double> mine = {double(h >> 32), double(h & 0xffffffffu), double(step_)};
   std::vector<double> all(mine.size() * size_t(comm.size()));
   comm.allgather(mine, all);
   const size_t n = mine.size();
   for (int q = 1; q < comm.size(); ++q)
     if (!std::equal(all.begin(), all.begin() + ptrdiff_t(n), all.begin() + ptrdiff_t(q * n)))
-      fail(cat("data parallel: rank ", q, " holds other parameters than rank 0 at step ",
-               int64_t(all[size_t(q) * n + 2]), " (", when,
-               "); the ranks must run the same build with the same config and data"));
+      fail(cat(latents_.split() ? "latent" : "data", " parallel: rank ", q,
+               " holds other parameters than rank 0 at step ", int64_t(all[size_t(q) * n + 2]),
+               " (", when, "); the ranks must run the same build with the same config and data"));
 }
 
 void Trainer::append_log(const json& record) {
@@ -237,7 +291,10 @@ void Trainer::pull(bool all) {
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
   if (!final) pull(false);  // finish() has pulled the whole state already
-  EvalResult r = evaluate(inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_);
+  if (!lead() && !latents_.split()) return;
+  const Sae inference = inference_sae();  // latent parallel: gathered on every rank
+  if (!lead()) return;
+  EvalResult r = evaluate(inference, sae_.spec.widths, heldout_.data(), n_heldout_);
   json rec = {{"eval", json::parse(r.to_json().dump())},
               {"step", step_},
               {"tokens", step_ * cfg_.batch_size}};
@@ -262,6 +319,11 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
   if (!dev_) {
     dead = 0;
     for (int64_t s : steps_since_fired_) dead += s > cfg_.dead_feature_window;
+    if (latents_.split()) {  // each rank counted its own latents
+      std::vector<double> all = {double(dead)};
+      comm_->allreduce_sum(all);
+      dead = int64_t(all[0]);
+    }
   }
   const double ev = batch_variance_ > 0 ? 1.0 - r.outer_sq_error / batch_variance_ : 0.0;
   last_l0_ = double(r.n_active) / double(cfg_.batch_size);
@@ -302,38 +364,62 @@ void Trainer::save_checkpoint() {
   if (update_) update_->gather_moments(opt_);  // each rank's moments are current in its block
   const std::vector<int64_t> window_counts = window_counts_all();
   check_ranks_agree("checkpoint");
-  if (!lead()) return;  // every rank holds the same state: rank 0 writes it
+  // Latent parallel: the checkpoint is the whole SAE's, as one process writes it (so a resume
+  // may use another number of ranks); each per-latent array is gathered to every rank.
+  std::optional<TrainingSae> whole;
+  std::optional<Optimizer> opt_whole;
+  std::vector<int64_t> steps_since_fired;
+  if (latents_.split()) {
+    whole.emplace(whole_sae());
+    opt_whole.emplace(*whole, opt_.cfg);
+    opt_whole->t = opt_.t;
+    const int64_t d_in = sae_.spec.d_in;
+    using Moment = std::vector<float> Optimizer::*;
+    for (auto [m, len] : {std::pair<Moment, int64_t>{&Optimizer::v_W_encT, d_in},
+                          {&Optimizer::v_W_dec, d_in},
+                          {&Optimizer::v_b_enc, 1},
+                          {&Optimizer::m_W_encT, d_in},
+                          {&Optimizer::m_W_dec, d_in},
+                          {&Optimizer::m_b_enc, 1}})
+      if (!((*opt_whole).*m).empty()) (*opt_whole).*m = gather_latent_rows(opt_.*m, len);
+    opt_whole->v_b_dec = opt_.v_b_dec;
+    opt_whole->m_b_dec = opt_.m_b_dec;
+    steps_since_fired = gather_latent_values(steps_since_fired_);
+  }
+  if (!lead()) return;  // rank 0 writes the state
+  const TrainingSae& sae = whole ? *whole : sae_;
+  const Optimizer& opt = opt_whole ? *opt_whole : opt_;
+  if (!whole) steps_since_fired = steps_since_fired_;
   const fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
   const fs::path tmp = fs::path(cfg_.output_dir) / "checkpoint.tmp";
   const fs::path old = fs::path(cfg_.output_dir) / "checkpoint.old";
   std::error_code ec;
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
-  const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
-  std::vector<double> thr = {sae_.threshold};
+  const int64_t d = sae.spec.d_in, D = sae.spec.d_sae;
+  std::vector<double> thr = {sae.threshold};
   auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
   std::vector<TensorToWrite> tensors = {
-      tensor_view("W_encT", f(sae_.W_encT), {D, d}),
-      tensor_view("W_dec", f(sae_.W_dec), {D, d}),
-      tensor_view("b_enc", f(sae_.b_enc), {D}),
-      tensor_view("b_dec", f(sae_.b_dec), {d}),
-      tensor_view("v_W_encT", f(opt_.v_W_encT), {D, d}),
-      tensor_view("v_W_dec", f(opt_.v_W_dec), {D, d}),
-      tensor_view("v_b_enc", f(opt_.v_b_enc), {D}),
-      tensor_view("v_b_dec", f(opt_.v_b_dec), {d}),
+      tensor_view("W_encT", f(sae.W_encT), {D, d}),
+      tensor_view("W_dec", f(sae.W_dec), {D, d}),
+      tensor_view("b_enc", f(sae.b_enc), {D}),
+      tensor_view("b_dec", f(sae.b_dec), {d}),
+      tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
+      tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
+      tensor_view("v_b_enc", f(opt.v_b_enc), {D}),
+      tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
       tensor_view("threshold", std::span<const double>(thr), {1}),
-      tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired_), {D}),
+      tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired), {D}),
       tensor_view("window_counts", std::span<const int64_t>(window_counts), {D})};
-  if (opt_.has_first_moment())
-    for (auto [name, m, shape] :
-         {std::tuple{"m_W_encT", &opt_.m_W_encT, std::vector<int64_t>{D, d}},
-          std::tuple{"m_W_dec", &opt_.m_W_dec, std::vector<int64_t>{D, d}},
-          std::tuple{"m_b_enc", &opt_.m_b_enc, std::vector<int64_t>{D}},
-          std::tuple{"m_b_dec", &opt_.m_b_dec, std::vector<int64_t>{d}}})
+  if (opt.has_first_moment())
+    for (auto [name, m, shape] : {std::tuple{"m_W_encT", &opt.m_W_encT, std::vector<int64_t>{D, d}},
+                                  std::tuple{"m_W_dec", &opt.m_W_dec, std::vector<int64_t>{D, d}},
+                                  std::tuple{"m_b_enc", &opt.m_b_enc, std::vector<int64_t>{D}},
+                                  std::tuple{"m_b_dec", &opt.m_b_dec, std::vector<int64_t>{d}}})
       tensors.push_back(tensor_view(name, f(*m), shape));
   write_safetensors((tmp / "state.safetensors").string(), tensors);
   json state = {{"version", kCheckpointVersion},     {"step", step_},
-                {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt_.t},
+                {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt.t},
                 {"input_scale", input_scale_},       {"window_steps", window_steps_},
                 {"window_tokens", window_tokens_},   {"data_next_batch", step_},
                 {"config", cfg_.to_json()}};
@@ -364,32 +450,45 @@ bool Trainer::load_checkpoint() {
   if (saved["optimizer"]["adam_beta1"] != now["optimizer"]["adam_beta1"])  // m is not kept at 0
     fail(where, "config.optimizer.adam_beta1",
          "differs from this run's config; refusing to resume");
-  const int64_t d = sae_.spec.d_in, D = sae_.spec.d_sae;
+  // The whole SAE's state; latent parallel keeps this rank's block of each per-latent array.
+  const int64_t d = sae_.spec.d_in, D = latents_.split() ? latents_.width : sae_.spec.d_sae;
+  const int64_t j0 = latents_.begin(), j1 = j0 + sae_.spec.d_sae;
+  auto rows = [&](std::vector<float> v, int64_t len) {
+    if (!latents_.split()) return v;
+    return std::vector<float>(v.begin() + j0 * len, v.begin() + j1 * len);
+  };
   SafetensorsFile st((dir / "state.safetensors").string());
-  sae_.W_encT = st.read_f32("W_encT", {D, d});
-  sae_.W_dec = st.read_f32("W_dec", {D, d});
-  sae_.b_enc = st.read_f32("b_enc", {D});
+  sae_.W_encT = rows(st.read_f32("W_encT", {D, d}), d);
+  sae_.W_dec = rows(st.read_f32("W_dec", {D, d}), d);
+  sae_.b_enc = rows(st.read_f32("b_enc", {D}), 1);
   sae_.b_dec = st.read_f32("b_dec", {d});
-  opt_.v_W_encT = st.read_f32("v_W_encT", {D, d});
-  opt_.v_W_dec = st.read_f32("v_W_dec", {D, d});
-  opt_.v_b_enc = st.read_f32("v_b_enc", {D});
+  opt_.v_W_encT = rows(st.read_f32("v_W_encT", {D, d}), d);
+  opt_.v_W_dec = rows(st.read_f32("v_W_dec", {D, d}), d);
+  opt_.v_b_enc = rows(st.read_f32("v_b_enc", {D}), 1);
   opt_.v_b_dec = st.read_f32("v_b_dec", {d});
   if (opt_.has_first_moment()) {
-    opt_.m_W_encT = st.read_f32("m_W_encT", {D, d});
-    opt_.m_W_dec = st.read_f32("m_W_dec", {D, d});
-    opt_.m_b_enc = st.read_f32("m_b_enc", {D});
+    opt_.m_W_encT = rows(st.read_f32("m_W_encT", {D, d}), d);
+    opt_.m_W_dec = rows(st.read_f32("m_W_dec", {D, d}), d);
+    opt_.m_b_enc = rows(st.read_f32("m_b_enc", {D}), 1);
     opt_.m_b_dec = st.read_f32("m_b_dec", {d});
   }
   sae_.threshold = st.read_scalar_f64("threshold");
   steps_since_fired_ = st.read_i64("steps_since_fired");
   window_counts_ = st.read_i64("window_counts");
+  if (int64_t(steps_since_fired_.size()) != D || int64_t(window_counts_.size()) != D)
+    fail(where, "steps_since_fired", cat("does not hold ", D, " latents"));
+  if (latents_.split()) {
+    steps_since_fired_ =
+        std::vector<int64_t>(steps_since_fired_.begin() + j0, steps_since_fired_.begin() + j1);
+    window_counts_ = std::vector<int64_t>(window_counts_.begin() + j0, window_counts_.begin() + j1);
+  }
   step_ = state["step"].get<int64_t>();
   opt_.t = state["optimizer_updates"].get<int64_t>();
   input_scale_ = state["input_scale"].get<double>();
   window_steps_ = state["window_steps"].get<int64_t>();
   window_tokens_ = state["window_tokens"].get<int64_t>();
   // Data parallel: the checkpoint holds the sum over the ranks; rank 0 carries it on.
-  if (!lead()) std::fill(window_counts_.begin(), window_counts_.end(), 0);
+  if (shard_.split() && !lead()) std::fill(window_counts_.begin(), window_counts_.end(), 0);
   return true;
 }
 
@@ -397,12 +496,12 @@ bool Trainer::begin(bool resume) {
   if (cfg_.threads > 0) ops::set_num_threads(cfg_.threads);
   fs::create_directories(cfg_.output_dir);
   const bool resumed = resume && load_checkpoint();
-  if (shard_.split()) {
+  if (many_ranks()) {
     // Every rank must resume from the same step (one folder that all of them see).
     std::vector<double> mine = {double(resumed), double(step_)};
-    std::vector<double> all(2 * size_t(shard_.comm->size()));
-    shard_.comm->allgather(mine, all);
-    for (int q = 1; q < shard_.comm->size(); ++q)
+    std::vector<double> all(2 * size_t(comm_->size()));
+    comm_->allgather(mine, all);
+    for (int q = 1; q < comm_->size(); ++q)
       if (all[size_t(2 * q)] != all[0] || all[size_t(2 * q + 1)] != all[1])
         fail(
             (fs::path(cfg_.output_dir) / "checkpoint").string(), "step",
@@ -413,7 +512,7 @@ bool Trainer::begin(bool resume) {
                 ": the output folder must be one that every rank sees (a shared filesystem)"));
   }
   if (!resumed) {
-    sae_.init(cfg_.seed, cfg_.decoder_init_norm);
+    sae_.init_rows(cfg_.seed, cfg_.decoder_init_norm, latents_.begin());
     prepare_normalisation();
     if (lead()) {
       write_file_atomic((fs::path(cfg_.output_dir) / "config.json").string(),
@@ -443,6 +542,14 @@ bool Trainer::begin(bool resume) {
                  label_.c_str(), shard_.comm->size(), shard_.comm->transport().c_str(),
                  (long long)(cfg_.batch_size / shard_.comm->size()),
                  (long long)((cfg_.batch_size + shard_.comm->size() - 1) / shard_.comm->size()));
+  if (lead() && latents_.split())
+    std::fprintf(stderr,
+                 "[%s] latent parallel over %d ranks (%s): each holds %lld-%lld of the %lld "
+                 "latents and steps on every row; rank 0 writes\n",
+                 label_.c_str(), comm_->size(), comm_->transport().c_str(),
+                 (long long)(latents_.width / comm_->size()),
+                 (long long)((latents_.width + comm_->size() - 1) / comm_->size()),
+                 (long long)latents_.width);
   run_start_ = interval_start_ = now_seconds();
   run_start_step_ = step_;
   interval_steps_ = 0;
@@ -475,15 +582,20 @@ void Trainer::train_step(float* x) {
       dead_[j] = steps_since_fired_[j] > cfg_.dead_feature_window;
       any_dead |= dead_[j] != 0;
     }
+    if (latents_.split()) {  // AuxK runs on every rank or on none (it has collectives)
+      std::vector<double> any = {double(any_dead)};
+      comm_->allreduce_max(any);
+      any_dead = any[0] != 0.0;
+    }
     if (new_window) std::fill(window_counts_.begin(), window_counts_.end(), 0);
     grads_.clear();
     const int64_t first = shard_.begin(B), rows = shard_.end(B) - first;
     r = forward_backward(sae_, x + first * d, rows, any_dead ? dead_ : std::vector<uint8_t>{},
-                         grads_, ws_, shard_);
+                         grads_, ws_, shard_, latents_);
     sae_.update_threshold(r.min_selected, r.n_active > 0);
     for (size_t j = 0; j < dead_.size(); ++j)
       steps_since_fired_[j] = r.fired[j] ? 0 : steps_since_fired_[j] + 1;
-    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;  // this rank's rows
+    for (int32_t j : ws_.active.cols) window_counts_[size_t(j)]++;  // this rank's rows/latents
     grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr)
                         : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
@@ -516,10 +628,14 @@ void Trainer::finish() {
   pull(true);
   eval_and_log(true);
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
-  const std::vector<float> sparsity = log_sparsity();  // collective under data parallel
+  const std::vector<float> sparsity = log_sparsity();  // collective with several ranks
+  if (lead() || latents_.split()) {
+    const Sae inference = inference_sae();  // latent parallel: a collective
+    if (lead())
+      save_to_disk(inference, out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
+                   sparsity);
+  }
   if (lead()) {
-    save_to_disk(inference_sae(), out.string(),
-                 cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32, sparsity);
     write_file_atomic((fs::path(cfg_.output_dir) / "eval.json").string(),
                       final_eval_.to_json().dump(2) + "\n");
   }
@@ -537,9 +653,9 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
   while (step_ < cfg_.total_steps()) {
     bool stop_now = (stop_at_step >= 0 && step_ >= stop_at_step) || (stop && stop->load()) ||
                     (should_stop && should_stop());
-    if (shard_.split()) {  // a signal reaches one rank: every rank stops at the same step
+    if (many_ranks()) {  // a signal reaches one rank: every rank stops at the same step
       std::vector<double> any = {double(stop_now)};
-      shard_.comm->allreduce_max(any);
+      comm_->allreduce_max(any);
       stop_now = any[0] != 0.0;
     }
     if (stop_now) {

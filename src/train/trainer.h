@@ -29,15 +29,22 @@ struct EvalResult {
 // Evaluates an inference SAE on held-out tokens x [n, d_in] (raw activations).
 EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n);
 
+// How a Trainer with several ranks splits the work (docs/distributed.md).
+enum class Parallel {
+  Data,     // each rank steps on its rows of every batch; every rank holds the whole SAE
+  Latents,  // each rank holds a block of latents (and their optimizer state) for every row
+};
+
 class Trainer {
  public:
   // `label` prefixes the progress line (e.g. the variant name). With `comm` of several ranks
-  // the training is data parallel: every rank runs the same loop on the same global batches,
-  // steps on its block of rows (BatchShard) and applies the same update; rank 0 alone writes
-  // the output folder and prints. The folder must be one every rank sees (resume reads it on
-  // every rank).
+  // every rank runs the same loop on the same global batches; data parallel: each steps on its
+  // block of rows (BatchShard) and applies the same update; latent parallel: each holds and
+  // updates its block of latents (LatentShard), and the whole SAE is gathered for evaluation,
+  // checkpoints and the final save. Rank 0 alone writes the output folder and prints. The folder
+  // must be one every rank sees (resume reads it on every rank).
   Trainer(TrainConfig cfg, data::ActivationSource& source, std::string label = "train",
-          dist::Comm* comm = nullptr);
+          dist::Comm* comm = nullptr, Parallel parallel = Parallel::Data);
 
   // Trains until total_steps, resuming from <output_dir>/checkpoint when `resume` and one
   // exists. If stop_at_step >= 0, checkpoints and returns false when that step is reached (a
@@ -72,10 +79,11 @@ class Trainer {
   double input_scale() const { return input_scale_; }
   int64_t step() const { return step_; }
   const EvalResult& final_eval() const { return final_eval_; }
-  Sae inference_sae() const;                // the SAE as it would be saved now
+  // The SAE as it would be saved now (latent parallel: gathered, a collective).
+  Sae inference_sae() const;
   std::vector<float> log_sparsity() const;  // log10 firing frequency over the current window
-  // Data parallel: whether this rank writes the output folder and prints (rank 0).
-  bool lead() const { return !shard_.split() || shard_.comm->rank() == 0; }
+  // With several ranks: whether this rank writes the output folder and prints (rank 0).
+  bool lead() const { return !many_ranks() || comm_->rank() == 0; }
 
  private:
   void prepare_normalisation();
@@ -86,8 +94,15 @@ class Trainer {
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
   void pull(bool all);
   void append_log(const nlohmann::json& record);
-  // Data parallel: each latent's firings in the window, summed over the ranks (collective).
+  bool many_ranks() const { return comm_ && comm_->size() > 1; }
+  // Each latent's firings in the window: data parallel, summed over the ranks; latent
+  // parallel, every rank's block gathered (collectives).
   std::vector<int64_t> window_counts_all() const;
+  // Latent parallel: every rank's block of a per-latent array (rows of row_len values), in
+  // latent order, on every rank (a collective).
+  std::vector<float> gather_latent_rows(const std::vector<float>& mine, int64_t row_len) const;
+  std::vector<int64_t> gather_latent_values(const std::vector<int64_t>& mine) const;
+  TrainingSae whole_sae() const;  // sae_, or under latent parallel every block gathered
   // Data parallel: every rank must hold the same parameters; a difference is an error that
   // names the rank (collective; a hash of the parameters through one allgather).
   void check_ranks_agree(const char* when) const;
@@ -95,8 +110,10 @@ class Trainer {
   TrainConfig cfg_;
   data::ActivationSource& source_;
   std::string label_;
-  BatchShard shard_;
-  TrainingSae sae_;
+  dist::Comm* comm_ = nullptr;
+  BatchShard shard_;     // data parallel
+  LatentShard latents_;  // latent parallel
+  TrainingSae sae_;      // latent parallel: this rank's latents (spec.widths the whole SAE's)
   std::unique_ptr<ShardedUpdate> update_;  // data parallel only
   Optimizer opt_;
   Grads grads_;
@@ -110,8 +127,8 @@ class Trainer {
   std::vector<int64_t> window_counts_;  // firings per latent in the current sampling window
                                         // (data parallel: of this rank's rows)
   int64_t window_steps_ = 0, window_tokens_ = 0;
-  std::vector<float> heldout_;
-  int64_t n_heldout_ = 0;
+  std::vector<float> heldout_;  // rank 0's
+  int64_t n_heldout_ = 0;       // tokens rank 0 evaluates on (known to every rank)
   EvalResult final_eval_;
   // progress timing
   double interval_start_ = 0, run_start_ = 0;

@@ -114,10 +114,10 @@ TrainingSae TrainingSae::latents(int64_t begin, int64_t end) const {
   s.d_sae = end - begin;
   TrainingSae part(s);
   const size_t d = size_t(spec.d_in);
-  std::copy(W_encT.begin() + ptrdiff_t(size_t(begin) * d), W_encT.begin() + ptrdiff_t(size_t(end) * d),
-            part.W_encT.begin());
-  std::copy(W_dec.begin() + ptrdiff_t(size_t(begin) * d), W_dec.begin() + ptrdiff_t(size_t(end) * d),
-            part.W_dec.begin());
+  std::copy(W_encT.begin() + ptrdiff_t(size_t(begin) * d),
+            W_encT.begin() + ptrdiff_t(size_t(end) * d), part.W_encT.begin());
+  std::copy(W_dec.begin() + ptrdiff_t(size_t(begin) * d),
+            W_dec.begin() + ptrdiff_t(size_t(end) * d), part.W_dec.begin());
   std::copy(b_enc.begin() + begin, b_enc.begin() + end, part.b_enc.begin());
   part.b_dec = b_dec;
   part.threshold = threshold;
