@@ -1,9 +1,11 @@
 // Training-step speed at the release's shape: d_in 2304, d_sae 32768, k 40, Matryoshka widths
 // 128..32768, batch 4096 — the sparse step plus Adam, with the time split by phase and the
 // encoder GEMM's share. Under mpirun, data parallel: each rank steps on its rows of the batch
-// and the gradients of the touched rows are all-reduced (bench/data_parallel.sh compares).
+// and the gradients of the touched rows are all-reduced; with --parallel latents each rank
+// holds a block of the latents for every row (bench/data_parallel.sh compares).
 //   build/release/bench/bench_train [--d-in 2304] [--d-sae 32768] [--batch 4096] [--steps 3]
 //                                   [--dead 0] [--preset gemma-2-2b-matryoshka-standard]
+//                                   [--parallel data|latents]
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -24,7 +26,7 @@ int main(int argc, char** argv) {
   const bool lead = comm.rank() == 0;
   if (!lead) std::freopen("/dev/null", "w", stdout);  // rank 0 reports
   int64_t d_in = 2304, d_sae = 32768, batch = 4096, steps = 3, n_dead = 0;
-  std::string preset_name = "gemma-2-2b-matryoshka-standard";
+  std::string preset_name = "gemma-2-2b-matryoshka-standard", parallel = "data";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i], v = argv[i + 1];
     if (a == "--d-in")
@@ -39,6 +41,8 @@ int main(int argc, char** argv) {
       n_dead = std::stoll(v);
     else if (a == "--preset")
       preset_name = v;
+    else if (a == "--parallel" && (v == "data" || v == "latents"))
+      parallel = v;
     else if (a == "--threads")
       ops::set_num_threads(std::stoi(v));
     else {
@@ -48,7 +52,8 @@ int main(int argc, char** argv) {
   }
   bench::print_header(argc, argv);
   const bench::MachinePeak peak = bench::print_peak();
-  std::printf("ranks: %d (%s)\n", comm.size(), comm.transport().c_str());
+  std::printf("ranks: %d (%s)%s\n", comm.size(), comm.transport().c_str(),
+              comm.size() == 1 ? "" : parallel == "latents" ? ", latent parallel" : ", data parallel");
   nlohmann::json j = train::preset(preset_name);
   j["sae"]["d_sae"] = d_sae;
   if (d_sae != 32768)
@@ -66,11 +71,15 @@ int main(int argc, char** argv) {
       preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, widths.c_str(),
       (long long)batch, (long long)n_dead, (long long)steps);
 
-  train::TrainingSae sae(cfg.spec);
-  sae.init(0, 0.1);
+  // Latent parallel: this rank's block of latents (all of them in one process).
+  const train::LatentShard latents{parallel == "latents" ? &comm : nullptr, d_sae};
+  train::TrainSpec local = cfg.spec;
+  local.d_sae = latents.count();
+  train::TrainingSae sae(local);
+  sae.init_rows(0, 0.1, latents.begin());
   train::Optimizer opt(sae, cfg.adam);
   train::Grads g;
-  g.resize(d_in, d_sae);
+  g.resize(d_in, local.d_sae);
   train::StepWorkspace ws;
   std::vector<float> x(size_t(batch * d_in));
   Rng rng(1);
@@ -79,21 +88,24 @@ int main(int argc, char** argv) {
   if (n_dead > 0) {
     dead.assign(size_t(d_sae), 0);
     for (int64_t q = 0; q < n_dead; ++q) dead[size_t(q * (d_sae / n_dead))] = 1;
+    dead = std::vector<uint8_t>(dead.begin() + latents.begin(),
+                                dead.begin() + latents.begin() + latents.count());
   }
 
   // Data parallel: this rank's rows of the batch (all of them in one process).
-  const train::BatchShard shard{&comm, batch};
+  const train::BatchShard shard{parallel == "data" ? &comm : nullptr, batch};
   const float* rows = x.data() + shard.begin(batch) * d_in;
   const int64_t n_rows = shard.end(batch) - shard.begin(batch);
   double grad_sq = 0;  // the step's fused gradient norm (one process), as the trainer uses it
   auto step = [&] {
-    train::StepResult r = train::forward_backward(sae, rows, n_rows, dead, g, ws, shard);
+    train::StepResult r =
+        train::forward_backward(sae, rows, n_rows, dead, g, ws, shard, latents);
     sae.update_threshold(r.min_selected, r.n_active > 0);
     grad_sq = r.grad_squared_norm;
   };
   train::ShardedUpdate sharded(comm, d_sae, d_in);
   auto update = [&] {
-    if (comm.size() > 1)
+    if (shard.split())
       sharded.step(sae, opt, g, 1e-4);
     else
       opt.apply(sae, g, 1e-4, std::sqrt(grad_sq));
@@ -130,8 +142,9 @@ int main(int argc, char** argv) {
   row("levels (sparse decode+loss)", t.levels);
   row("AuxK", t.aux);
   row("sparse backward", t.backward);
-  if (comm.size() > 1) row("losses, masks (all-reduce)", t.exchange);
-  if (comm.size() > 1) {
+  if (shard.split()) row("losses, masks (all-reduce)", t.exchange);
+  if (latents.split()) row("  of which exchange", t.exchange);  // inside the rows above
+  if (shard.split()) {
     row("reduce-scatter grads + norm", sharded.times.reduce_scatter);
     row("Adam (own rows)", sharded.times.adam);
     row("all-gather updated rows", sharded.times.allgather);
@@ -147,12 +160,13 @@ int main(int argc, char** argv) {
   // backward (one process) or with the reduce-scatter (ranks): no reads of its own here.
   // Data parallel: this rank's own rows only.
   const double rows_all = double(d_sae) / double(comm.size());
-  const double touched = std::min(double(g.touched.size()) / double(comm.size()), rows_all);
+  const double touched = std::min(
+      double(g.touched.size()) / double(latents.split() ? 1 : comm.size()), rows_all);
   const bool momentum = cfg.adam.beta1 != 0.0;
   const double row_bytes = double(d_in) * 4.0 * 2.0;  // both matrices
   const double adam_bytes = row_bytes * (touched * (momentum ? 7.0 : 5.0) +
                                          (rows_all - touched) * (momentum ? 6.0 : 2.0));
-  const double adam_s = (comm.size() > 1 ? sharded.times.adam : t_opt) / n;
+  const double adam_s = (shard.split() ? sharded.times.adam : t_opt) / n;
   std::printf(
       "share of this machine's peak: encoder GEMM %.0f%% of sgemm; Adam + clip %.1f GB/s "
       "= %.0f%% of copy (%.0f MB moved per step)\n",
@@ -176,7 +190,18 @@ int main(int argc, char** argv) {
       backward_bytes / (t.backward / n) * 1e-9,
       peak.copy_share(levels_bytes / (t.levels / n) * 1e-9),
       peak.copy_share(backward_bytes / (t.backward / n) * 1e-9));
-  if (comm.size() > 1)
+  if (latents.split()) {
+    // Buffers each rank puts into a collective per step (wire bytes depend on MPI's algorithm).
+    const double k_aux = n_dead > 0 ? double(std::min(d_in / 2, n_dead)) : 0.0;
+    std::printf(
+        "into collectives per step by this rank: %.1f MB candidates (all-gather), %.1f MB "
+        "level band sums (all-reduce), %.1f MB AuxK (all-gather + all-reduce), %.3f MB sums\n",
+        cfg.spec.k * double(batch) * 8e-6,
+        double(batch) * double(cfg.spec.n_levels()) * double(d_in) * 4e-6,
+        n_dead > 0 ? double(batch) * (k_aux + double(d_in)) * 4e-6 : 0.0,
+        double(d_in + 3) * 8e-6);
+  }
+  if (shard.split())
     std::printf(
         "sent per step by this rank: %.1f MB (reduce-scatter of gradient rows, "
         "all-gather of updated rows, biases) for %.1f MB of touched gradients (%zu rows "

@@ -174,7 +174,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
         k.axpy(decode_value(act.values[size_t(e)], j), &sae.W_dec[size_t(j) * size_t(d)],
                vec(t, level_of[size_t(j)]), d);
       }
+    const double tx = now_seconds();
     latents.comm->allreduce_sum(std::span<float>(ws.vecs));
+    ws.times.exchange += now_seconds() - tx;
   }
   const int n_threads = omp_get_max_threads();
   std::vector<double> level_sum(size_t(n_threads * L), 0.0), outer_sq(size_t(n_threads), 0.0);
@@ -342,7 +344,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     if (lp) {
       const int n_ranks = latents.comm->size(), me = latents.comm->rank();
       std::vector<int> counts(size_t(n_ranks), int(B * k_aux));
+      const double tx = now_seconds();
       latents.comm->allgather(std::span<float>(cand), counts);
+      ws.times.exchange += now_seconds() - tx;
 #pragma omp parallel num_threads(threads_for(double(B) * double(n_g + k_aux * n_ranks), 2.0))
       {
         std::vector<float> all(size_t(k_aux * n_ranks)), sorted(all.size());
@@ -374,7 +378,11 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     if (n_g > 0)
       ops::gemm(ops::Trans::No, ops::Trans::No, B, d, n_g, 1.0f, acts.data(), n_g, wd.data(), d,
                 0.0f, recon.data(), d);
-    if (lp) latents.comm->allreduce_sum(std::span<float>(recon));
+    if (lp) {
+      const double tx = now_seconds();
+      latents.comm->allreduce_sum(std::span<float>(recon));
+      ws.times.exchange += now_seconds() - tx;
+    }
     std::vector<float> h(size_t(B * d));
     double loss_sum = 0;
 #pragma omp parallel for schedule(static) reduction(+ : loss_sum) \
@@ -452,7 +460,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
     // One sum for b_dec's gradient, the rows' norm and the counts; the smallest selected value
     // by a max of negations (a rank with none selected offers -inf).
     gbd.insert(gbd.end(), {res.grad_squared_norm, double(res.n_active), double(res.n_dead)});
+    const double tx = now_seconds();
     latents.comm->allreduce_sum(std::span<double>(gbd));
+    ws.times.exchange += now_seconds() - tx;
     res.grad_squared_norm = gbd[size_t(d)];
     res.n_dead = int64_t(gbd[size_t(d + 2)]);
     std::vector<double> neg_min = {res.n_active > 0 ? -res.min_selected

@@ -40,7 +40,9 @@ struct StepResult {
 // Where a step's time went (seconds, accumulated across steps; reset by the caller).
 struct StepTimes {
   double encoder_gemm = 0, select = 0, levels = 0, aux = 0, backward = 0;
-  double exchange = 0;  // data parallel: the reduction over ranks after the backward
+  // Data parallel: the reduction over ranks after the backward. Latent parallel: the band
+  // sums, AuxK's exchanges and the final sums (already inside levels, aux and backward).
+  double exchange = 0;
 };
 
 // Scratch reused across steps (sized on first use).
