@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <tuple>
@@ -306,6 +307,18 @@ int main(int argc, char** argv) {
         std::vector<uint8_t> bytes = {uint8_t(r), uint8_t(r + 1)};
         w.broadcast(bytes, n - 1);
         SAE_CHECK(bytes[0] == n - 1 && bytes[1] == n, "broadcast from the last rank");
+        // Split into even and odd ranks: each group's collectives stay inside it.
+        {
+          const std::unique_ptr<sae::dist::Comm> sub = w.split(r % 2);
+          int members = 0;
+          double rank_sum = 0;
+          for (int q = r % 2; q < n; q += 2) ++members, rank_sum += q;
+          SAE_CHECK(sub->size() == members && sub->rank() == r / 2, "split: rank ", sub->rank(),
+                    " of ", sub->size());
+          std::vector<double> v = {double(r)};
+          sub->allreduce_sum(v);
+          SAE_CHECK(v[0] == rank_sum, "split: sum ", v[0], " over ranks of parity ", r % 2);
+        }
         check_global_batch_topk(w);
         check_data_parallel_step(w);
         check_global_batch_topk_columns(w);

@@ -42,6 +42,7 @@ class SingleProcess final : public Comm {
   }
   void broadcast(std::span<uint8_t>, int) override {}
   void barrier() override {}
+  std::unique_ptr<Comm> split(int) override { return std::make_unique<SingleProcess>(); }
   [[noreturn]] void abort(int code) override { std::exit(code); }
 };
 

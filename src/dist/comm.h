@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -38,6 +39,9 @@ class Comm {
                         std::span<float> recv, std::span<const int> recv_counts) = 0;
   virtual void broadcast(std::span<uint8_t> bytes, int root) = 0;
   virtual void barrier() = 0;
+  // The ranks that give the same color, as a communicator of their own (ranks in this one's
+  // order); a collective over this communicator.
+  virtual std::unique_ptr<Comm> split(int color) = 0;
   // Ends every rank of the job now with this exit code (a failed rank must not leave the
   // others waiting in a collective).
   [[noreturn]] virtual void abort(int code) = 0;

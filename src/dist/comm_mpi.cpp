@@ -24,15 +24,22 @@ void check(int rc, const char* what) {
 
 class MpiComm final : public Comm {
  public:
-  MpiComm() {
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
-    MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  explicit MpiComm(MPI_Comm comm = MPI_COMM_WORLD) : comm_(comm) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
     char version[MPI_MAX_LIBRARY_VERSION_STRING];
     int len = 0;
     MPI_Get_library_version(version, &len);
     std::string v(version, size_t(len));
     transport_ = "MPI (" + v.substr(0, v.find_first_of(",\n")) + ")";
   }
+  ~MpiComm() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (comm_ != MPI_COMM_WORLD && !finalized) MPI_Comm_free(&comm_);
+  }
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string transport() const override { return transport_; }
@@ -44,7 +51,7 @@ class MpiComm final : public Comm {
     SAE_CHECK(all.size() == mine.size() * size_t(size_), "allgather: ", all.size(),
               " != ", mine.size(), " x ", size_);
     check(MPI_Allgather(mine.data(), int(mine.size()), MPI_DOUBLE, all.data(), int(mine.size()),
-                        MPI_DOUBLE, MPI_COMM_WORLD),
+                        MPI_DOUBLE, comm_),
           "allgather");
   }
   // Pairwise exchange: in round k this rank sends rank (r + k)'s segment to it and adds what
@@ -64,7 +71,7 @@ class MpiComm final : public Comm {
     for (int k = 1; k < size_; ++k) {
       const int to = (rank_ + k) % size_, from = (rank_ - k + size_) % size_;
       check(MPI_Sendrecv(all.data() + at[size_t(to)], counts[size_t(to)], MPI_FLOAT, to, 7,
-                         incoming_.data(), int(n_mine), MPI_FLOAT, from, 7, MPI_COMM_WORLD,
+                         incoming_.data(), int(n_mine), MPI_FLOAT, from, 7, comm_,
                          MPI_STATUS_IGNORE),
             "sendrecv");
       float* out = mine.data();
@@ -78,7 +85,7 @@ class MpiComm final : public Comm {
     std::vector<int> displs(counts.size(), 0);
     for (size_t r = 1; r < counts.size(); ++r) displs[r] = displs[r - 1] + counts[r - 1];
     check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all.data(), counts.data(),
-                         displs.data(), MPI_FLOAT, MPI_COMM_WORLD),
+                         displs.data(), MPI_FLOAT, comm_),
           "allgatherv");
   }
   void alltoall(std::span<const float> send, std::span<const int> send_counts,
@@ -89,17 +96,25 @@ class MpiComm final : public Comm {
     for (size_t r = 1; r < size_t(size_); ++r)
       sd[r] = sd[r - 1] + send_counts[r - 1], rd[r] = rd[r - 1] + recv_counts[r - 1];
     check(MPI_Alltoallv(send.data(), send_counts.data(), sd.data(), MPI_FLOAT, recv.data(),
-                        recv_counts.data(), rd.data(), MPI_FLOAT, MPI_COMM_WORLD),
+                        recv_counts.data(), rd.data(), MPI_FLOAT, comm_),
           "alltoallv");
   }
   void broadcast(std::span<uint8_t> bytes, int root) override {
-    check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, MPI_COMM_WORLD), "broadcast");
+    check(MPI_Bcast(bytes.data(), int(bytes.size()), MPI_BYTE, root, comm_), "broadcast");
   }
   void barrier() override {
-    check(MPI_Barrier(MPI_COMM_WORLD), "barrier");
+    check(MPI_Barrier(comm_), "barrier");
+  }
+  std::unique_ptr<Comm> split(int color) override {
+    MPI_Comm sub = MPI_COMM_NULL;
+    check(MPI_Comm_split(comm_, color, rank_, &sub), "comm_split");
+    MPI_Comm_set_errhandler(sub, MPI_ERRORS_RETURN);
+    auto out = std::make_unique<MpiComm>(sub);
+    out->transport_ = transport_;
+    return out;
   }
   [[noreturn]] void abort(int code) override {
-    MPI_Abort(MPI_COMM_WORLD, code);
+    MPI_Abort(MPI_COMM_WORLD, code);  // the whole job, whichever group this rank is in
     std::_Exit(code);  // MPI_Abort does not return; if it did, still end this rank
   }
 
@@ -110,10 +125,11 @@ class MpiComm final : public Comm {
     constexpr size_t kPiece = size_t(1) << 30;
     for (size_t at = 0; at < v.size(); at += kPiece)
       check(MPI_Allreduce(MPI_IN_PLACE, v.data() + at, int(std::min(kPiece, v.size() - at)), type,
-                          op, MPI_COMM_WORLD),
+                          op, comm_),
             "allreduce");
   }
 
+  MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
   std::string transport_;
   std::vector<float> incoming_;  // reduce_scatter_sum's receive buffer
