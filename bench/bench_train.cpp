@@ -53,7 +53,9 @@ int main(int argc, char** argv) {
   bench::print_header(argc, argv);
   const bench::MachinePeak peak = bench::print_peak();
   std::printf("ranks: %d (%s)%s\n", comm.size(), comm.transport().c_str(),
-              comm.size() == 1 ? "" : parallel == "latents" ? ", latent parallel" : ", data parallel");
+              comm.size() == 1        ? ""
+              : parallel == "latents" ? ", latent parallel"
+                                      : ", data parallel");
   nlohmann::json j = train::preset(preset_name);
   j["sae"]["d_sae"] = d_sae;
   if (d_sae != 32768)
@@ -98,8 +100,7 @@ int main(int argc, char** argv) {
   const int64_t n_rows = shard.end(batch) - shard.begin(batch);
   double grad_sq = 0;  // the step's fused gradient norm (one process), as the trainer uses it
   auto step = [&] {
-    train::StepResult r =
-        train::forward_backward(sae, rows, n_rows, dead, g, ws, shard, latents);
+    train::StepResult r = train::forward_backward(sae, rows, n_rows, dead, g, ws, shard, latents);
     sae.update_threshold(r.min_selected, r.n_active > 0);
     grad_sq = r.grad_squared_norm;
   };
@@ -160,8 +161,8 @@ int main(int argc, char** argv) {
   // backward (one process) or with the reduce-scatter (ranks): no reads of its own here.
   // Data parallel: this rank's own rows only.
   const double rows_all = double(d_sae) / double(comm.size());
-  const double touched = std::min(
-      double(g.touched.size()) / double(latents.split() ? 1 : comm.size()), rows_all);
+  const double touched =
+      std::min(double(g.touched.size()) / double(latents.split() ? 1 : comm.size()), rows_all);
   const bool momentum = cfg.adam.beta1 != 0.0;
   const double row_bytes = double(d_in) * 4.0 * 2.0;  // both matrices
   const double adam_bytes = row_bytes * (touched * (momentum ? 7.0 : 5.0) +
@@ -198,8 +199,7 @@ int main(int argc, char** argv) {
         "level band sums (all-reduce), %.1f MB AuxK (all-gather + all-reduce), %.3f MB sums\n",
         cfg.spec.k * double(batch) * 8e-6,
         double(batch) * double(cfg.spec.n_levels()) * double(d_in) * 4e-6,
-        n_dead > 0 ? double(batch) * (k_aux + double(d_in)) * 4e-6 : 0.0,
-        double(d_in + 3) * 8e-6);
+        n_dead > 0 ? double(batch) * (k_aux + double(d_in)) * 4e-6 : 0.0, double(d_in + 3) * 8e-6);
   }
   if (shard.split())
     std::printf(

@@ -128,11 +128,13 @@ Runner add_release(CLI::App& app) {
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");
-  auto parallel = std::make_shared<std::string>("modules");
-  cmd->add_option("--parallel", *parallel,
-                  "Under mpirun/srun: modules (each rank forwards its share of the corpus and "
-                  "trains its share of the SAEs on every rank's activations; docs/distributed.md)")
-      ->check(CLI::IsMember({"modules"}));
+  cmd->add_option("--parallel", o->r.parallel,
+                  "Under mpirun/srun: modules (default: each rank forwards its share of the "
+                  "corpus and trains its share of the SAEs on every rank's activations; with "
+                  "fewer SAEs than ranks each SAE gets a group of ranks, data parallel inside "
+                  "it) or data (every SAE data parallel over all the ranks); "
+                  "docs/distributed.md")
+      ->check(CLI::IsMember({"modules", "data"}));
   return [=] {
     pipeline::ReleaseOptions r = o->r;
     if (!r.from_cache.empty()) {

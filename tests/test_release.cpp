@@ -11,6 +11,7 @@
 #include <fstream>
 #include <regex>
 #include <set>
+#include <tuple>
 
 #include "eval/metrics.h"
 #include "io/json_file.h"
@@ -317,6 +318,62 @@ TEST(Release, ModuleParallelAgreesWithOneProcess) {
 
 // Under mpirun a release stops and resumes as in one process (one state per rank), and
 // refuses to resume with another number of ranks.
+// Fewer SAEs than ranks (1 layer x 2 variants): under 3 ranks each SAE gets its own group
+// ({0}, {1, 2}), data parallel inside it, so that no rank only forwards (stopped at step 120
+// and resumed); `--parallel data` puts both SAEs on both ranks of 2. Every SAE is reported once
+// and agrees with one process.
+TEST(Release, DataParallelGroupsWhenFewerSaesThanRanks) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir);
+  auto one_layer = [&](const std::string& out) {
+    std::string a = release_args(corpus, out);
+    a.replace(a.find("--layers 0,2"), 12, "--layers 0");
+    return a;
+  };
+  auto one = test::run_cli(one_layer(dir / "one"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  const auto base = read_json_file(dir / "one/release.json");
+  for (const auto& [n, extra, says] :
+       {std::tuple{3, std::string(), std::string("data parallel with ranks 1-2")},
+        std::tuple{2, std::string(" --parallel data"),
+                   std::string("data parallel with ranks 0-1")}}) {
+    SCOPED_TRACE(n);
+    const std::string out = dir / ("ranks" + std::to_string(n));
+    if (n == 3) {  // stopped and resumed: the groups checkpoint and continue together
+      const auto stopped = test::run_shell("timeout 300 " + test::mpirun(n) + SAECPP_CLI + " " +
+                                           one_layer(out) + extra + " --stop-at-step 120");
+      ASSERT_EQ(stopped.exit_code, 0) << stopped.output;
+      ASSERT_FALSE(std::filesystem::exists(out + "/release.json"));
+    }
+    const auto r = test::run_shell("timeout 300 " + test::mpirun(n) + SAECPP_CLI + " " +
+                                   one_layer(out) + extra + (n == 3 ? " --resume" : ""));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find(says), std::string::npos) << r.output;
+    if (n == 3) {
+      EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+    }
+    EXPECT_EQ(r.output.find("forward only"), std::string::npos) << r.output;
+    const auto release = read_json_file(out + "/release.json");
+    EXPECT_EQ(release["ranks"], n);
+    EXPECT_EQ(card_rows(test::read_bytes(out + "/README.md")).size(), 2u);
+    for (const std::string variant : {"standard", "snap"}) {
+      SCOPED_TRACE(variant);
+      const std::string hook = "blocks.0.hook_resid_post";
+      const auto& res = release["results"][variant][hook];
+      const auto& want = base["results"][variant][hook];
+      EXPECT_EQ(res["training_tokens"], want["training_tokens"]);
+      EXPECT_NEAR(res["explained_variance"].get<double>(), want["explained_variance"].get<double>(),
+                  0.02);
+      EXPECT_NEAR(res["l0"].get<double>(), want["l0"].get<double>(),
+                  0.1 * want["l0"].get<double>());
+      EXPECT_TRUE(res.contains("ce_loss_score"));
+      const LoadedSae l = load_from_disk(resolve_pretrained(out, variant + "/" + hook));
+      EXPECT_EQ(l.sae.cfg.d_sae, 64);
+    }
+  }
+}
+
 TEST(Release, ModuleParallelStopsAndResumes) {
   REQUIRE_MPI();
   test::TempDir dir;

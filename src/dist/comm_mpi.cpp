@@ -70,10 +70,10 @@ class MpiComm final : public Comm {
     incoming_.resize(n_mine);
     for (int k = 1; k < size_; ++k) {
       const int to = (rank_ + k) % size_, from = (rank_ - k + size_) % size_;
-      check(MPI_Sendrecv(all.data() + at[size_t(to)], counts[size_t(to)], MPI_FLOAT, to, 7,
-                         incoming_.data(), int(n_mine), MPI_FLOAT, from, 7, comm_,
-                         MPI_STATUS_IGNORE),
-            "sendrecv");
+      check(
+          MPI_Sendrecv(all.data() + at[size_t(to)], counts[size_t(to)], MPI_FLOAT, to, 7,
+                       incoming_.data(), int(n_mine), MPI_FLOAT, from, 7, comm_, MPI_STATUS_IGNORE),
+          "sendrecv");
       float* out = mine.data();
       const float* in = incoming_.data();
 #pragma omp parallel for simd schedule(static) num_threads(threads_for(double(n_mine), 0.2))
@@ -115,7 +115,7 @@ class MpiComm final : public Comm {
   }
   [[noreturn]] void abort(int code) override {
     MPI_Abort(MPI_COMM_WORLD, code);  // the whole job, whichever group this rank is in
-    std::_Exit(code);  // MPI_Abort does not return; if it did, still end this rank
+    std::_Exit(code);                 // MPI_Abort does not return; if it did, still end this rank
   }
 
  private:

@@ -173,6 +173,26 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const PublishedNames& name
 // Module parallel: which rank trains each SAE. Largest first, each to the least loaded rank
 // (ties to the lower rank): balanced by cost when the SAEs differ in width, and the same
 // answer on every rank.
+std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks);
+
+// The ranks [first, last) that train each SAE: one owner each (module parallel); with fewer
+// SAEs than ranks, SAE i's own contiguous group of about N/n ranks (data parallel inside it, so
+// that no rank only forwards); with parallel = "data", every rank for every SAE.
+std::vector<std::pair<int, int>> assign_rank_groups(const std::vector<Job>& jobs, int64_t d,
+                                                    int n_ranks, const std::string& parallel) {
+  const int n = int(jobs.size());
+  std::vector<std::pair<int, int>> groups(jobs.size());
+  if (parallel == "data") {
+    for (auto& g : groups) g = {0, n_ranks};
+  } else if (n < n_ranks) {
+    for (int i = 0; i < n; ++i) groups[size_t(i)] = {n_ranks * i / n, n_ranks * (i + 1) / n};
+  } else {
+    const std::vector<int> owner = assign_owners(jobs, d, n_ranks);
+    for (size_t i = 0; i < jobs.size(); ++i) groups[i] = {owner[i], owner[i] + 1};
+  }
+  return groups;
+}
+
 std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks) {
   std::vector<size_t> order(jobs.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -308,11 +328,30 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
   std::vector<Job> jobs = make_jobs(opt, names, layers, point, work);
-  const std::vector<int> owner = assign_owners(jobs, mcfg.hidden_size, n_ranks);
-  auto mine = [&](size_t i) { return owner[i] == rank; };
+  if (opt.parallel != "modules" && opt.parallel != "data")
+    fail("release", "parallel", cat("must be modules or data, got '", opt.parallel, "'"));
+  const std::vector<std::pair<int, int>> group =
+      assign_rank_groups(jobs, mcfg.hidden_size, n_ranks, opt.parallel);
+  auto mine = [&](size_t i) { return group[i].first <= rank && rank < group[i].second; };
   // [rank][slot]: whether the rank trains an SAE of layers[slot] (it then needs its batches).
   std::vector<std::vector<uint8_t>> wants(size_t(n_ranks), std::vector<uint8_t>(layers.size(), 0));
-  for (size_t i = 0; i < jobs.size(); ++i) wants[size_t(owner[i])][size_t(jobs[i].layer_slot)] = 1;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    for (int q = group[i].first; q < group[i].second; ++q)
+      wants[size_t(q)][size_t(jobs[i].layer_slot)] = 1;
+  // The communicator each of this rank's SAEs is trained over (data parallel inside a group):
+  // the whole job, one group's ranks (each rank is in one group when the groups are disjoint),
+  // or none (one rank per SAE).
+  std::unique_ptr<dist::Comm> my_group;
+  dist::Comm* sae_comm = nullptr;
+  if (opt.parallel == "data" && n_ranks > 1) {
+    sae_comm = &comm;
+  } else if (int64_t(jobs.size()) < n_ranks) {
+    int color = 0;
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (mine(i)) color = int(i);
+    my_group = comm.split(color);
+    sae_comm = my_group.get();
+  }
   StoreConfig store = opt.store;
   const int64_t global_batch = jobs.front().cfg.batch_size;
   BatchExchange exchange(comm, global_batch, mcfg.hidden_size, wants);
@@ -341,8 +380,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     // What each rank trains, and its memory: said by every rank, in rank order.
     std::string mine_list;
     for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i))
+      if (mine(i)) {
         mine_list += (mine_list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
+        if (group[i].second - group[i].first > 1)
+          mine_list +=
+              cat(" (data parallel with ranks ", group[i].first, "-", group[i].second - 1, ")");
+      }
     const auto lines = dist::allgather_strings(
         comm,
         cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list, "; memory: model ",
@@ -351,8 +394,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (lead) {
       std::fprintf(
           stderr,
-          "release: module parallel over %d ranks (%s): each %s (%lld-%lld rows of "
+          "release: %s over %d ranks (%s): each %s (%lld-%lld rows of "
           "every batch) and trains its SAEs on all ranks' rows\n",
+          opt.parallel == "data" ? "data parallel (every SAE on every rank)"
+          : int64_t(jobs.size()) < n_ranks
+              ? "module parallel, data parallel inside each SAE's group"
+              : "module parallel",
           n_ranks, comm.transport().c_str(),
           from_cache ? "reads every N-th shard of the cache" : "forwards its share of the corpus",
           (long long)(global_batch / n_ranks), (long long)((global_batch + n_ranks - 1) / n_ranks));
@@ -509,7 +556,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (!mine(i)) continue;
     Job& j = jobs[i];
     j.trainer = std::make_unique<train::Trainer>(j.cfg, *sources[size_t(j.layer_slot)],
-                                                 j.variant + " " + j.hook);
+                                                 j.variant + " " + j.hook, sae_comm);
     j.trainer->print_progress = false;
     j.trainer->auto_checkpoint = false;
     j.trainer->begin(opt.resume);
@@ -584,9 +631,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       const double el = now_seconds() - t_start;
       const double fwd = acts.forward_seconds() - fwd_start;
       const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
-      std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over every rank's SAEs
+      std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over the SAEs (once each)
       for (const Job& j : jobs)
-        if (j.trainer) sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev();
+        if (j.trainer && j.trainer->lead())
+          sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev();
       comm.allreduce_sum(sums);
       const double l0 = sums[0], ev = sums[1];
       if (lead)
@@ -612,6 +660,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   for (Job& j : jobs) {
     if (!j.trainer) continue;  // another rank's
     j.trainer->finish();
+    if (!j.trainer->lead()) continue;  // data parallel: its group's first rank reports it
     const train::EvalResult& r = j.trainer->final_eval();
     j.result = {{"layer", j.layer},
                 {"sae_id", j.variant + "/" + j.hook},

@@ -41,6 +41,10 @@ struct ReleaseOptions {
   // the held-out rows are its last shards (never trained on); no CE-loss score (no model).
   // Module parallel: each rank reads every N-th shard.
   std::string from_cache;
+  // Launched as several ranks: "modules" (each SAE trained by one rank, or, with fewer SAEs than
+  // ranks, by its own group of ranks in data parallel) or "data" (every SAE data parallel over
+  // all the ranks). docs/distributed.md.
+  std::string parallel = "modules";
 };
 
 // Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every
