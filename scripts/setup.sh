@@ -12,6 +12,7 @@ packages=(
   libsentencepiece-dev   # Gemma tokenizer
   libzstd-dev            # .jsonl.zst corpora
   libsleef-dev           # vector tanh/exp for the CPU kernels (Gemma-2 GeGLU, soft-caps)
+  libdnnl-dev            # oneDNN: bf16 GEMMs where the CPU has bf16 dot products (ops/gemm_bf16.h)
   libopenmpi-dev openmpi-bin  # jobs over several ranks (mpirun, srun): dist/
   libcurl4-openssl-dev libssl-dev  # Hugging Face Hub downloads (HTTP, checksums)
   libgtest-dev libgmock-dev  # tests

@@ -1,8 +1,14 @@
 // Every kernel in ops/ against its plain reference.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdio>
+#include <tuple>
+
 #include "ops/attention.h"
+#include "core/dtype.h"
 #include "ops/gemm.h"
+#include "ops/gemm_bf16.h"
 #include "ops/select.h"
 #include "ops/sparse_decode.h"
 #include "test_util.h"
@@ -24,6 +30,31 @@ TEST(Gemm, MatchesReferenceAllTransposes) {
       // f32 accumulation over k terms: error ~ k * eps * |terms|.
       test::expect_close(c0, c1, 1e-5, "gemm");
     }
+}
+
+// bf16 weights and bf16-rounded inputs, f32 sums: whichever path this build and CPU take
+// (oneDNN's bf16 brgemm or sgemm on upcast weights), against the double reference; shapes
+// odd and large enough for oneDNN's blocked kernels, output rows strided (the logits' slices).
+TEST(GemmBf16, MatchesReferenceOnEveryShape) {
+  std::printf("bf16 GEMM path: %s\n", bf16_gemm_path().c_str());
+  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 65},
+                         {64, 256, 256}, {130, 200, 2304}}) {
+    SCOPED_TRACE(testing::Message() << m << "x" << n << "x" << k);
+    const int64_t ldy = n + 5;
+    auto x = test::random_vector(size_t(m * k), 11);
+    auto wf = test::random_vector(size_t(n * k), 12);
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(wf[i]);
+    std::vector<float> y(size_t(m * ldy), -7.0f), want(size_t(m * ldy), -7.0f), scratch;
+    gemm_bf16_weights(m, n, k, x.data(), w.data(), y.data(), ldy, scratch);
+    gemm_bf16_weights_reference(m, n, k, x.data(), w.data(), want.data(), ldy);
+    test::expect_close(y, want, 1e-5 * std::sqrt(double(k)), "gemm_bf16");
+    for (int64_t i = 0; i < m; ++i)  // the padding between rows is not written
+      for (int64_t j = n; j < ldy; ++j) ASSERT_EQ(y[size_t(i * ldy + j)], -7.0f);
+    // Twice (the cached primitive), and the inputs really are rounded: a non-bf16 x differs.
+    gemm_bf16_weights(m, n, k, x.data(), w.data(), y.data(), ldy, scratch);
+    test::expect_close(y, want, 1e-5 * std::sqrt(double(k)), "gemm_bf16 again");
+  }
 }
 
 TEST(TopK, MatchesFullSortIncludingTies) {
