@@ -1,6 +1,7 @@
 // Gemma-2 forward throughput: to a layer (what SAE training needs) or to the logits, on random
 // token ids, with the peak resident memory of the process.
-//   build/release/bench/bench_gemma --model DIR --last-layer 12 [--bf16] [--threads 2]
+//   build/release/bench/bench_gemma --model DIR --last-layer 12 [--bf16 [--bf16-matmul]]
+//                                   [--threads 2]
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
@@ -9,6 +10,7 @@
 
 #include "bench_util.h"
 #include "model/gemma2.h"
+#include "ops/gemm_bf16.h"
 
 using namespace sae;
 
@@ -17,13 +19,14 @@ int main(int argc, char** argv) {
   std::string folder;
   int64_t prompts = 2, seq = 256, last_layer = -1;
   int threads = 0;
-  bool bf16 = false;
+  bool bf16 = false, bf16_matmul = false;
   app.add_option("--model", folder, "Gemma-2 checkpoint folder")->required();
   app.add_option("--prompts", prompts, "Prompts per batch");
   app.add_option("--seq", seq, "Tokens per prompt");
   app.add_option("--last-layer", last_layer, "Stop after this layer (-1: all, with logits)");
   app.add_option("--threads", threads, "Threads (0: library default)");
   app.add_flag("--bf16", bf16, "Keep the weights in bf16");
+  app.add_flag("--bf16-matmul", bf16_matmul, "With --bf16: multiply in bf16 (ops/gemm_bf16.h)");
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) ops::set_num_threads(threads);
   bench::print_header(argc, argv);
@@ -34,7 +37,10 @@ int main(int argc, char** argv) {
   const bool to_end = last_layer < 0 || last_layer == cfg.num_layers - 1;
   if (to_end) last_layer = cfg.num_layers - 1;
   model::Gemma2 m =
-      model::Gemma2::load(folder, {.last_layer = last_layer, .keep_bf16 = bf16, .verbose = false});
+      model::Gemma2::load(folder, {.last_layer = last_layer,
+                                   .keep_bf16 = bf16,
+                                   .bf16_matmul = bf16_matmul,
+                                   .verbose = false});
   const double load_s = now_seconds() - t0;
 
   std::mt19937 rng(0);
@@ -58,8 +64,9 @@ int main(int argc, char** argv) {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   const std::string what = to_end ? "logits" : "layer " + std::to_string(last_layer);
-  std::printf("sae.cpp, weights %s (%.2f GiB)\n", bf16 ? "bf16 kept" : "f32",
-              double(m.weight_bytes()) / double(1 << 30));
+  std::printf("sae.cpp, weights %s (%.2f GiB)%s\n", bf16 ? "bf16 kept" : "f32",
+              double(m.weight_bytes()) / double(1 << 30),
+              bf16_matmul ? (", bf16 matmuls: " + ops::bf16_gemm_path()).c_str() : "");
   std::printf("forward to %s: %lld x %lld tokens in %.2f s = %.1f tokens/s; load %.1f s; peak "
               "RSS %.2f GiB\n",
               what.c_str(), (long long)prompts, (long long)seq, s, double(prompts * seq) / s,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Side by side in one run: the Gemma-2 forward of sae.cpp (f32 and bf16-kept weights) and of
-# transformers, on the same CPU and thread count, to layer 12 and to the logits, at the real
+# Side by side in one run: the Gemma-2 forward of sae.cpp (f32, bf16-kept weights, and bf16
+# weights with bf16 matmuls) and of transformers (f32 and bf16), on the same CPU and thread count, to layer 12 and to the logits, at the real
 # Gemma-2-2b shapes with random weights (made once by bench/make_random_gemma.py, 5 GiB).
 # Runs one process at a time so each peak-RSS figure is its own. Needs the release build and
 # .venv (scripts/make_goldens.sh makes it).
@@ -18,6 +18,10 @@ for last in 12 -1; do
   OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
   echo "== sae.cpp bf16 weights"
   OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last --bf16 "${shape[@]}"
+  echo "== sae.cpp bf16 weights, bf16 matmuls"
+  OMP_NUM_THREADS=$threads GLIBC_TUNABLES=$tunables build/release/bench/bench_gemma --model "$model" --threads "$threads" --last-layer $last --bf16 --bf16-matmul "${shape[@]}"
   echo "== transformers (same machine)"
   .venv/bin/python bench/transformers_gemma.py --model "$model" --threads "$threads" --last-layer $last "${shape[@]}"
+  echo "== transformers in bf16 (same machine)"
+  .venv/bin/python bench/transformers_gemma.py --model "$model" --threads "$threads" --last-layer $last --bf16 "${shape[@]}"
 done

@@ -15,6 +15,7 @@
 #include "ops/attention.h"
 #include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
+#include "ops/gemm_bf16.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
 
@@ -100,6 +101,9 @@ int64_t Gemma2::weight_bytes() const {
 Gemma2 Gemma2::load(const std::string& folder, const Gemma2Options& opt) {
   Gemma2 m;
   m.cfg = read_gemma2_config(folder);
+  if (opt.bf16_matmul && !opt.keep_bf16)
+    fail(folder, "bf16_matmul", "needs the weights kept in bf16 (keep_bf16; --bf16)");
+  m.bf16_matmul = opt.bf16_matmul;
   const Gemma2Config& c = m.cfg;
   const int64_t last = opt.last_layer < 0 ? c.num_layers - 1 : opt.last_layer;
   if (last >= c.num_layers)
@@ -109,11 +113,12 @@ Gemma2 Gemma2::load(const std::string& folder, const Gemma2Options& opt) {
   if (opt.verbose)
     std::fprintf(stderr,
                  "gemma2: %lld layers (loading 0..%lld), hidden %lld, vocab %lld; weights need "
-                 "%.2f GiB as %s\n",
+                 "%.2f GiB as %s%s\n",
                  (long long)c.num_layers, (long long)last, (long long)c.hidden_size,
                  (long long)c.vocab_size,
                  double(gemma2_weight_bytes(c, last, opt.keep_bf16)) / double(1 << 30),
-                 opt.keep_bf16 ? "bf16" : "f32");
+                 opt.keep_bf16 ? "bf16" : "f32",
+                 opt.bf16_matmul ? cat(", bf16 matmuls: ", ops::bf16_gemm_path()).c_str() : "");
   Checkpoint ck(folder);
   const int64_t H = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
   const int64_t I = c.intermediate_size;
@@ -151,10 +156,14 @@ Gemma2 Gemma2::load(const std::string& folder, const Gemma2Options& opt) {
 }
 
 namespace {
-// y [T, w.rows] = x [T, w.cols] @ W^T, W as stored by HF.
-void linear(const float* x, const Weight& w, float* y, int64_t T, std::vector<float>& scratch) {
-  ops::gemm(ops::Trans::No, ops::Trans::Yes, T, w.rows, w.cols, 1.0f, x, w.cols,
-            w.f32_data(scratch), w.cols, 0.0f, y, w.rows);
+// y [T, w.rows] = x [T, w.cols] @ W^T, W as stored by HF: in f32, or with bf16 products.
+void linear(const float* x, const Weight& w, float* y, int64_t T, std::vector<float>& scratch,
+            bool bf16_matmul) {
+  if (bf16_matmul)
+    ops::gemm_bf16_weights(T, w.rows, w.cols, x, w.bf16.data(), y, w.rows, scratch);
+  else
+    ops::gemm(ops::Trans::No, ops::Trans::Yes, T, w.rows, w.cols, 1.0f, x, w.cols,
+              w.f32_data(scratch), w.cols, 0.0f, y, w.rows);
 }
 }  // namespace
 
@@ -237,9 +246,9 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     if (hook) hook(HookPoint::ResidPre, l, h.data(), T);
     // Attention block: h += post_attn_norm(attn(input_norm(h))).
     ops::rms_norm_gemma(h.data(), L.input_norm.data(), x.data(), T, H, eps);
-    linear(x.data(), L.q_proj, q.data(), T, scratch);
-    linear(x.data(), L.k_proj, k.data(), T, scratch);
-    linear(x.data(), L.v_proj, v.data(), T, scratch);
+    linear(x.data(), L.q_proj, q.data(), T, scratch, bf16_matmul);
+    linear(x.data(), L.k_proj, k.data(), T, scratch, bf16_matmul);
+    linear(x.data(), L.v_proj, v.data(), T, scratch, bf16_matmul);
     ops::rope_half(q.data(), pos.data(), T, c.num_heads, c.head_dim, c.rope_theta);
     ops::rope_half(k.data(), pos.data(), T, c.num_kv_heads, c.head_dim, c.rope_theta);
     for (int64_t s = 0; s < batch.n_prompts(); ++s) {
@@ -254,18 +263,18 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
       ops::attention_causal(q.data() + a * nq, k.data() + a * nkv, v.data() + a * nkv,
                             att.data() + a * nq, shape);
     }
-    linear(att.data(), L.o_proj, x.data(), T, scratch);
+    linear(att.data(), L.o_proj, x.data(), T, scratch, bf16_matmul);
     ops::rms_norm_gemma(x.data(), L.post_attn_norm.data(), x.data(), T, H, eps);
     if (hook) hook(HookPoint::AttnOut, l, x.data(), T);
     for (int64_t i = 0; i < T * H; ++i) h[size_t(i)] += x[size_t(i)];
     // MLP block: h += post_ff_norm(down(gelu(gate(x)) * up(x))), x = pre_ff_norm(h).
     ops::rms_norm_gemma(h.data(), L.pre_ff_norm.data(), x.data(), T, H, eps);
-    linear(x.data(), L.gate_proj, gate.data(), T, scratch);
-    linear(x.data(), L.up_proj, up.data(), T, scratch);
+    linear(x.data(), L.gate_proj, gate.data(), T, scratch, bf16_matmul);
+    linear(x.data(), L.up_proj, up.data(), T, scratch, bf16_matmul);
 #pragma omp parallel for schedule(static) num_threads(threads_for(double(T * I), 1.0))
     for (int64_t t = 0; t < T; ++t)
       kernels.gelu_tanh_mul(gate.data() + t * I, up.data() + t * I, I);
-    linear(gate.data(), L.down_proj, x.data(), T, scratch);
+    linear(gate.data(), L.down_proj, x.data(), T, scratch, bf16_matmul);
     ops::rms_norm_gemma(x.data(), L.post_ff_norm.data(), x.data(), T, H, eps);
     if (hook) hook(HookPoint::MlpOut, l, x.data(), T);
     for (int64_t i = 0; i < T * H; ++i) h[size_t(i)] += x[size_t(i)];
@@ -282,8 +291,12 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
     const int64_t slice = 16384;
     for (int64_t r0 = 0; r0 < V; r0 += slice) {
       const int64_t r1 = std::min(V, r0 + slice);
-      ops::gemm(ops::Trans::No, ops::Trans::Yes, T, r1 - r0, H, 1.0f, x.data(), H,
-                embed.rows_f32(r0, r1, scratch), H, 0.0f, logits->data() + r0, V);
+      if (bf16_matmul)
+        ops::gemm_bf16_weights(T, r1 - r0, H, x.data(), embed.bf16.data() + r0 * H,
+                               logits->data() + r0, V, scratch);
+      else
+        ops::gemm(ops::Trans::No, ops::Trans::Yes, T, r1 - r0, H, 1.0f, x.data(), H,
+                  embed.rows_f32(r0, r1, scratch), H, 0.0f, logits->data() + r0, V);
     }
     if (c.final_logit_softcap) {
       const float cap = float(*c.final_logit_softcap);
