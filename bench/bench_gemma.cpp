@@ -36,11 +36,9 @@ int main(int argc, char** argv) {
   const model::Gemma2Config cfg = model::read_gemma2_config(folder);
   const bool to_end = last_layer < 0 || last_layer == cfg.num_layers - 1;
   if (to_end) last_layer = cfg.num_layers - 1;
-  model::Gemma2 m =
-      model::Gemma2::load(folder, {.last_layer = last_layer,
-                                   .keep_bf16 = bf16,
-                                   .bf16_matmul = bf16_matmul,
-                                   .verbose = false});
+  model::Gemma2 m = model::Gemma2::load(
+      folder,
+      {.last_layer = last_layer, .keep_bf16 = bf16, .bf16_matmul = bf16_matmul, .verbose = false});
   const double load_s = now_seconds() - t0;
 
   std::mt19937 rng(0);
@@ -67,21 +65,23 @@ int main(int argc, char** argv) {
   std::printf("sae.cpp, weights %s (%.2f GiB)%s\n", bf16 ? "bf16 kept" : "f32",
               double(m.weight_bytes()) / double(1 << 30),
               bf16_matmul ? (", bf16 matmuls: " + ops::bf16_gemm_path()).c_str() : "");
-  std::printf("forward to %s: %lld x %lld tokens in %.2f s = %.1f tokens/s; load %.1f s; peak "
-              "RSS %.2f GiB\n",
-              what.c_str(), (long long)prompts, (long long)seq, s, double(prompts * seq) / s,
-              load_s, double(ru.ru_maxrss) / double(1 << 20));
+  std::printf(
+      "forward to %s: %lld x %lld tokens in %.2f s = %.1f tokens/s; load %.1f s; peak "
+      "RSS %.2f GiB\n",
+      what.c_str(), (long long)prompts, (long long)seq, s, double(prompts * seq) / s, load_s,
+      double(ru.ru_maxrss) / double(1 << 20));
   // The weight GEMMs' FLOPs per token (attention's QK and AV products not counted).
-  const double qkv = double(cfg.hidden_size) * double(cfg.head_dim) *
-                     double(cfg.num_heads + 2 * cfg.num_kv_heads);
+  const double qkv =
+      double(cfg.hidden_size) * double(cfg.head_dim) * double(cfg.num_heads + 2 * cfg.num_kv_heads);
   const double per_layer = qkv + double(cfg.num_heads * cfg.head_dim) * cfg.hidden_size +
                            3.0 * double(cfg.hidden_size) * double(cfg.intermediate_size);
   const double flop_per_token =
       2.0 * (per_layer * double(last_layer + 1) +
              (to_end ? double(cfg.vocab_size) * double(cfg.hidden_size) : 0.0));
   const double gflops = flop_per_token * double(prompts * seq) / s * 1e-9;
-  std::printf("weight GEMMs at %.1f GFLOP/s = %.0f%% of this machine's sgemm peak (attention "
-              "products not counted)\n",
-              gflops, peak.gemm_share(gflops));
+  std::printf(
+      "weight GEMMs at %.1f GFLOP/s = %.0f%% of this machine's sgemm peak (attention "
+      "products not counted)\n",
+      gflops, peak.gemm_share(gflops));
   return 0;
 }

@@ -39,6 +39,10 @@ Runner add_cache(CLI::App& app) {
   cmd->add_option("--prompts-per-forward", o->c.prompts_per_forward,
                   "Context windows per model forward");
   cmd->add_flag("--bf16", o->c.keep_bf16, "Keep the model weights in bf16");
+  cmd->add_flag(
+      "--bf16-matmul", o->c.bf16_matmul,
+      "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
+      "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
   cmd->add_flag("--resume", o->c.resume, "Continue an interrupted cache in the same folder");
   cmd->add_option("--stop-after-shards", o->c.stop_after_shards,
                   "Exit 0 after this many shards (continue later with --resume)");

@@ -52,6 +52,10 @@ Runner add_dashboard(CLI::App& app) {
   cmd->add_option("--neuronpedia-set", o->d.neuronpedia_set,
                   "sae_set of the Neuronpedia batches (default: the SAE folder's name)");
   cmd->add_flag("--bf16", o->d.keep_bf16, "Keep the model weights in bf16");
+  cmd->add_flag(
+      "--bf16-matmul", o->d.bf16_matmul,
+      "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
+      "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
   cmd->add_flag("--resume", o->d.resume,
                 "Continue an interrupted dashboard (its checkpoint in <output>.partial)");
   cmd->add_option("--checkpoint-every", o->d.checkpoint_seconds,

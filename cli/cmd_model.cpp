@@ -84,7 +84,7 @@ Runner add_activations(CLI::App& app) {
   struct Opts {
     std::string model, file, layers = "0", hook = "resid_post", out;
     std::vector<std::string> texts;
-    bool bf16 = false;
+    bool bf16 = false, bf16_matmul = false;
     std::string device = "cpu", precision = "bf16";
   };
   auto o = std::make_shared<Opts>();
@@ -98,6 +98,10 @@ Runner add_activations(CLI::App& app) {
   cmd->add_option("--hook", o->hook, "resid_post, resid_pre, attn_out or mlp_out");
   cmd->add_option("-o,--output", o->out, "Output .safetensors")->required();
   cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
+  cmd->add_flag(
+      "--bf16-matmul", o->bf16_matmul,
+      "On the CPU, weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, "
+      "f32 sums, as transformers in bf16)");
   add_device_options(cmd, o->device, o->precision);
   return [=] {
     const model::HookPoint point = model::parse_hook_kind(o->hook);
@@ -109,8 +113,9 @@ Runner add_activations(CLI::App& app) {
     if (cuda) require_device(Device::Cuda);  // before loading anything
     // The GPU in bf16 reads bf16 weights: the host copy need not be upcast first.
     model::Gemma2 m = model::Gemma2::load(
-        model_dir,
-        {.last_layer = layers.back(), .keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
+        model_dir, {.last_layer = layers.back(),
+                    .keep_bf16 = o->bf16 || o->bf16_matmul || (cuda && o->precision == "bf16"),
+                    .bf16_matmul = o->bf16_matmul && !cuda});
     auto prompts = tokenize_prompts(model_dir, texts);
     const int64_t H = m.cfg.hidden_size;
     std::vector<std::vector<float>> acts;
@@ -148,7 +153,7 @@ Runner add_lm_loss(CLI::App& app) {
   struct Opts {
     std::string model, file;
     std::vector<std::string> texts;
-    bool bf16 = false;
+    bool bf16 = false, bf16_matmul = false;
     std::string device = "cpu", precision = "bf16";
   };
   auto o = std::make_shared<Opts>();
@@ -156,14 +161,19 @@ Runner add_lm_loss(CLI::App& app) {
   cmd->add_option("--text", o->texts, "A prompt (repeatable)");
   cmd->add_option("--file", o->file, "Prompts, one per line");
   cmd->add_flag("--bf16", o->bf16, "Keep the weights in bf16 (half the memory; computes in f32)");
+  cmd->add_flag(
+      "--bf16-matmul", o->bf16_matmul,
+      "On the CPU, weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, "
+      "f32 sums, as transformers in bf16)");
   add_device_options(cmd, o->device, o->precision);
   return [=] {
     auto texts = read_prompts(o->texts, o->file);
     const bool cuda = parse_device(o->device, "--device") == Device::Cuda;
     if (cuda) require_device(Device::Cuda);  // before loading anything
     const std::string model_dir = model::resolve_checkpoint(o->model).folder;
-    model::Gemma2 m =
-        model::Gemma2::load(model_dir, {.keep_bf16 = o->bf16 || (cuda && o->precision == "bf16")});
+    model::Gemma2 m = model::Gemma2::load(
+        model_dir, {.keep_bf16 = o->bf16 || o->bf16_matmul || (cuda && o->precision == "bf16"),
+                    .bf16_matmul = o->bf16_matmul && !cuda});
     int64_t n = 0;
     double ce = 0;
     if (cuda) {

@@ -125,6 +125,10 @@ Runner add_release(CLI::App& app) {
                   "The corpus as cfg.json metadata.dataset_path and the model card name it, e.g. "
                   "monology/pile-uncopyrighted (default: the shards' file names)");
   cmd->add_flag("--bf16", o->r.keep_bf16, "Keep the model weights in bf16");
+  cmd->add_flag(
+      "--bf16-matmul", o->r.bf16_matmul,
+      "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
+      "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");

@@ -518,7 +518,7 @@ PYBIND11_MODULE(_core, m) {
          int64_t n_batches_in_buffer, int64_t holdout_every, int64_t heldout_tokens,
          int64_t ce_windows, const std::string& hook, const std::string& model_name,
          const std::string& dataset_name, bool bf16, bool resume, int64_t stop_at_step,
-         int64_t log_every) -> py::object {
+         int64_t log_every, bool bf16_matmul) -> py::object {
         pipeline::ReleaseOptions o;
         o.model = model;
         o.corpus.shards = corpus_shards(dataset);
@@ -537,6 +537,7 @@ PYBIND11_MODULE(_core, m) {
         o.model_name = model_name;
         o.dataset_name = dataset_name;
         o.keep_bf16 = bf16;
+        o.bf16_matmul = bf16_matmul;
         o.resume = resume;
         o.stop_at_step = stop_at_step;
         o.log_every_steps = log_every;
@@ -549,7 +550,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("holdout_every") = 100, py::arg("heldout_tokens") = 16384, py::arg("ce_windows") = 8,
       py::arg("hook") = "resid_post", py::arg("model_name") = "", py::arg("dataset_name") = "",
       py::arg("bf16") = false, py::arg("resume") = false, py::arg("stop_at_step") = 0,
-      py::arg("log_every") = 100,
+      py::arg("log_every") = 100, py::arg("bf16_matmul") = false,
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
       "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
       "on held-out tokens, written as a SAELens "
@@ -645,20 +646,23 @@ PYBIND11_MODULE(_core, m) {
       m, "Gemma2",
       "A Gemma-2 checkpoint (a folder in HF format, or a Hugging Face repo id such as "
       "'google/gemma-2-2b', downloaded into the HF cache on a miss) and its tokenizer.")
-      .def(py::init([](const std::string& spec, bool bf16) {
+      .def(py::init([](const std::string& spec, bool bf16, bool bf16_matmul) {
              auto g = std::make_shared<PyGemma2>();
              std::string folder;
              {
                py::gil_scoped_release nogil;
                folder = model::resolve_checkpoint(spec).folder;
-               g->m = model::Gemma2::load(folder, {.keep_bf16 = bf16});
+               g->m = model::Gemma2::load(
+                   folder, {.keep_bf16 = bf16 || bf16_matmul, .bf16_matmul = bf16_matmul});
              }
              g->tok = std::make_unique<model::Tokenizer>(
                  (std::filesystem::path(folder) / "tokenizer.model").string());
              return g;
            }),
-           py::arg("model"), py::arg("bf16") = false,
-           "bf16=True keeps the weight matrices in bf16 (half the memory; computes in f32).")
+           py::arg("model"), py::arg("bf16") = false, py::arg("bf16_matmul") = false,
+           "bf16=True keeps the weight matrices in bf16 (half the memory; computes in f32); "
+           "bf16_matmul=True also multiplies in bf16 (bf16 GEMM operands, f32 sums, as "
+           "transformers in bf16).")
       .def("tokenize", &PyGemma2::tokenize, py::arg("texts"), "Token ids, BOS first.")
       .def(
           "activations",

@@ -36,9 +36,9 @@ class Gemma2Golden : public ::testing::TestWithParam<Case> {};
 
 TEST_P(Gemma2Golden, HiddenStatesAndLogitsMatchTransformers) {
   const Case cs = GetParam();
-  Gemma2 m = Gemma2::load(
-      test::golden("gemma2/" + cs.name + "/model"),
-      {.keep_bf16 = cs.bf16_matmul, .bf16_matmul = cs.bf16_matmul, .verbose = false});
+  Gemma2 m =
+      Gemma2::load(test::golden("gemma2/" + cs.name + "/model"),
+                   {.keep_bf16 = cs.bf16_matmul, .bf16_matmul = cs.bf16_matmul, .verbose = false});
   SafetensorsFile g(test::golden("gemma2/" + cs.name + "/goldens.safetensors"));
   auto prompts = read_json_file(test::golden("gemma2/" + cs.name + "/prompts.json"))["prompts"];
   const int64_t L = m.cfg.num_layers, H = m.cfg.hidden_size;

@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <tuple>
 
-#include "ops/attention.h"
 #include "core/dtype.h"
+#include "ops/attention.h"
 #include "ops/gemm.h"
 #include "ops/gemm_bf16.h"
 #include "ops/select.h"
@@ -37,8 +37,10 @@ TEST(Gemm, MatchesReferenceAllTransposes) {
 // odd and large enough for oneDNN's blocked kernels, output rows strided (the logits' slices).
 TEST(GemmBf16, MatchesReferenceOnEveryShape) {
   std::printf("bf16 GEMM path: %s\n", bf16_gemm_path().c_str());
-  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 65},
-                         {64, 256, 256}, {130, 200, 2304}}) {
+  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
+                         {7, 33, 65},
+                         {64, 256, 256},
+                         {130, 200, 2304}}) {
     SCOPED_TRACE(testing::Message() << m << "x" << n << "x" << k);
     const int64_t ldy = n + 5;
     auto x = test::random_vector(size_t(m * k), 11);

@@ -66,7 +66,7 @@ struct Gemma2Options {
   // weight GEMM, products summed in f32, as transformers' bf16 linear layers (ops/gemm_bf16.h;
   // about twice the f32 rate where the CPU has bf16 dot products).
   bool bf16_matmul = false;
-  bool verbose = true;      // print the memory plan before allocating
+  bool verbose = true;  // print the memory plan before allocating
 };
 
 class Gemma2 {

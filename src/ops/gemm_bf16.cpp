@@ -82,8 +82,8 @@ std::string bf16_gemm_path() {
 #endif
 }
 
-void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,
-                       float* y, int64_t ldy, std::vector<float>& scratch) {
+void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w, float* y,
+                       int64_t ldy, std::vector<float>& scratch) {
   if (m == 0 || n == 0) return;
 #ifdef SAECPP_HAS_DNNL
   OneDnn& d = onednn();
@@ -111,8 +111,8 @@ void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const ui
   gemm(Trans::No, Trans::Yes, m, n, k, 1.0f, x_rounded.data(), k, scratch.data(), k, 0.0f, y, ldy);
 }
 
-void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x,
-                                 const uint16_t* w, float* y, int64_t ldy) {
+void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,
+                                 float* y, int64_t ldy) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double s = 0;

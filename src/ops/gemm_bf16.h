@@ -13,12 +13,12 @@ namespace sae::ops {
 
 // x [m, k] f32 (rounded to bf16 here), w [n, k] bf16 (row-major, as stored by Hugging Face),
 // y [m, n] f32 with row stride ldy. scratch: the fallback's upcast weights (resized on use).
-void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,
-                       float* y, int64_t ldy, std::vector<float>& scratch);
+void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w, float* y,
+                       int64_t ldy, std::vector<float>& scratch);
 
 // The same in double: the reference the fast paths are tested against.
-void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x,
-                                 const uint16_t* w, float* y, int64_t ldy);
+void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,
+                                 float* y, int64_t ldy);
 
 // Which path gemm_bf16_weights takes on this CPU, e.g. "oneDNN brg:avx512_core_bf16" or
 // "sgemm on upcast weights (...)". Decided once, at first use.

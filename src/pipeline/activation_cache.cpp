@@ -32,14 +32,16 @@ std::string shard_name(int64_t i) {
 
 // The fields a resumed cache must share with the one on disk.
 json identity(const CacheOptions& o) {
-  return {{"model", o.model_dir},
-          {"hook", o.hook},
-          {"layers", o.layers},
-          {"context_size", o.windows.context_size},
-          {"concat", o.windows.concat},
-          {"dtype", o.dtype},
-          {"shard_tokens", o.shard_tokens},
-          {"corpus", o.corpus.to_json()}};
+  json j = {{"model", o.model_dir},
+            {"hook", o.hook},
+            {"layers", o.layers},
+            {"context_size", o.windows.context_size},
+            {"concat", o.windows.concat},
+            {"dtype", o.dtype},
+            {"shard_tokens", o.shard_tokens},
+            {"corpus", o.corpus.to_json()}};
+  if (o.bf16_matmul) j["bf16_matmul"] = true;  // other activations than the f32 forward's
+  return j;
 }
 
 }  // namespace
@@ -95,8 +97,11 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
              space.available >> 20, " MiB free"));
 
   fs::create_directories(out);
-  const model::Gemma2 m = model::Gemma2::load(
-      opt.model_dir, {.last_layer = layers.back(), .keep_bf16 = opt.keep_bf16, .verbose = false});
+  const model::Gemma2 m =
+      model::Gemma2::load(opt.model_dir, {.last_layer = layers.back(),
+                                          .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
+                                          .bf16_matmul = opt.bf16_matmul,
+                                          .verbose = false});
   const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
   data::WindowConfig wc = opt.windows;

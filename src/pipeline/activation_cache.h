@@ -36,6 +36,7 @@ struct CacheOptions {
   std::string model_name, model_id;  // recorded for what is trained from the cache
   std::string dtype = "f32";         // activations stored as f32 or bf16
   bool keep_bf16 = false;            // model weights kept in bf16
+  bool bf16_matmul = false;          // ... and multiplied in bf16 (model::Gemma2Options)
   bool resume = false;
   int64_t stop_after_shards = 0;  // > 0: return after writing this many shard sets (slices)
 };

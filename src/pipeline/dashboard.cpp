@@ -223,8 +223,11 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     fail(loaded.folder + "/cfg.json", "metadata.hook_name",
          "missing: the dashboard runs the model to the SAE's hook");
   const auto [point, layer] = model::parse_hook_name(hook);
-  const model::Gemma2 m = model::Gemma2::load(
-      opt.model, {.last_layer = layer, .keep_bf16 = opt.keep_bf16, .verbose = false});
+  const model::Gemma2 m =
+      model::Gemma2::load(opt.model, {.last_layer = layer,
+                                      .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
+                                      .bf16_matmul = opt.bf16_matmul,
+                                      .verbose = false});
   if (m.cfg.hidden_size != sae.cfg.d_in)
     fail(loaded.folder + "/cfg.json", "d_in",
          cat(sae.cfg.d_in, " does not match the model's hidden size ", m.cfg.hidden_size));

@@ -36,6 +36,7 @@ struct DashboardOptions {
   data::WindowConfig windows{.context_size = 128};
   int64_t prompts_per_forward = 8;
   bool keep_bf16 = false;
+  bool bf16_matmul = false;  // with keep_bf16: multiply in bf16 (model::Gemma2Options)
   bool neuronpedia = false;
   std::string neuronpedia_set;      // sae_set of the batch files (default: the SAE's folder name)
   eval::LatentStatsConfig stats;    // d_sae is taken from the SAE

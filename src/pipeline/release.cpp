@@ -365,7 +365,9 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // The memory plan, before anything large is allocated.
   const int64_t last_needed = opt.ce_windows > 0 ? mcfg.num_layers - 1 : layers.back();
   const double model_b =
-      from_cache ? 0.0 : double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16));
+      from_cache
+          ? 0.0
+          : double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16 || opt.bf16_matmul));
   double saes_b = 0;
   for (size_t i = 0; i < jobs.size(); ++i)
     if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
@@ -417,8 +419,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   std::optional<model::Tokenizer> tok;
   std::vector<int32_t> special;
   if (!from_cache) {
-    model = model::Gemma2::load(
-        ckpt.folder, {.last_layer = last_needed, .keep_bf16 = opt.keep_bf16, .verbose = false});
+    model = model::Gemma2::load(ckpt.folder, {.last_layer = last_needed,
+                                              .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
+                                              .bf16_matmul = opt.bf16_matmul,
+                                              .verbose = false});
     tok.emplace((fs::path(ckpt.folder) / "tokenizer.model").string());
     special = {tok->bos_id(), tok->eos_id(), tok->pad_id()};
     store.windows.bos_id = tok->bos_id();
@@ -708,20 +712,23 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
           {"preset", variant_preset(j.variant)}, {"level_losses", j.level_losses},
           {"d_sae", j.cfg.spec.d_sae},           {"k", j.cfg.spec.k},
           {"widths", j.cfg.spec.widths},         {"config", ojson::parse(j.recipe.dump())}};
-  const ojson recipe = {{"sae_cpp_version", SAECPP_VERSION},
-                        {"model_name", names.model_name},
-                        {"model", names.model_id},
-                        {"hook", opt.hook},
-                        {"dataset", names.dataset},
-                        {"corpus", names.corpus},
-                        {"context_size", store.windows.context_size},
-                        {"packed", opt.store.windows.concat},
-                        {"training_tokens", tokens},
-                        {"batch_size", global_batch},
-                        {"buffer_tokens", acts.buffer_tokens()},
-                        {"heldout_tokens", opt.heldout_tokens},
-                        {"ce_windows", opt.ce_windows},
-                        {"variants", variants}};
+  ojson recipe = {{"sae_cpp_version", SAECPP_VERSION},
+                  {"model_name", names.model_name},
+                  {"model", names.model_id},
+                  {"hook", opt.hook},
+                  {"dataset", names.dataset},
+                  {"corpus", names.corpus},
+                  {"context_size", store.windows.context_size},
+                  {"packed", opt.store.windows.concat},
+                  {"training_tokens", tokens},
+                  {"batch_size", global_batch},
+                  {"buffer_tokens", acts.buffer_tokens()},
+                  {"heldout_tokens", opt.heldout_tokens},
+                  {"ce_windows", opt.ce_windows},
+                  {"variants", variants}};
+  // The model multiplied in bf16 gives other activations: a recipe of its own (release_merge.h
+  // refuses to merge it with an f32 one). Recorded only when set, so older recipes still match.
+  if (opt.bf16_matmul) recipe["model_bf16_matmul"] = true;
   ojson release = {{"release", opt.release_name},
                    {"model", names.model_id},
                    {"hook", opt.hook},

@@ -32,6 +32,7 @@ struct ReleaseOptions {
   bool resume = false;
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
   bool keep_bf16 = false;    // model weights kept in bf16
+  bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
   // What the release publishes carries no local path (cfg.json, release.json, the model card):
   std::string model_name;    // metadata.model_name ("" = the checkpoint's name, e.g. gemma-2-2b)
