@@ -543,6 +543,10 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
   refused((dir / "a") + " " + (dir / "c"), dir / "m2", "recipe.variants.standard.k");
   EXPECT_FALSE(fs::exists(dir / "m2"));
   refused((dir / "a") + " " + (dir / "a"), dir / "m3", "layer 0 is also in");
+  // A model multiplied in bf16 gives other activations: its own recipe, not merged with f32.
+  ASSERT_EQ(group("2", "d", " --bf16-matmul").exit_code, 0);
+  EXPECT_EQ(read_json_file(dir / "d/release.json")["recipe"]["model_bf16_matmul"], true);
+  refused((dir / "a") + " " + (dir / "d"), dir / "m4", "model_bf16_matmul");
   refused((dir / "a") + " " + (dir / "b"), dir / "m", "not empty");
   refused((dir / "a") + " " + (dir / "nowhere"), dir / "m4", "nowhere/release.json");
 }
