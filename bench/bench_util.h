@@ -14,6 +14,7 @@
 #include "core/clock.h"
 #include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
+#include "ops/gemm_bf16.h"
 
 namespace sae::bench {
 
@@ -80,9 +81,11 @@ inline MachinePeak measure_peak() {
 inline void print_header(int argc, char** argv) {
   std::printf("command:");
   for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
-  std::printf("\nmachine: %s, %d threads (OpenMP/BLAS)\ncpu flags: %s\ncpu kernels: %s\n",
-              cpu_model().c_str(), ops::num_threads(), cpu_flags().c_str(),
-              ops::cpu_kernels_summary().c_str());
+  std::printf(
+      "\nmachine: %s, %d threads (OpenMP/BLAS)\ncpu flags: %s\ncpu kernels: %s\nbf16 matmuls: "
+      "%s\n",
+      cpu_model().c_str(), ops::num_threads(), cpu_flags().c_str(),
+      ops::cpu_kernels_summary().c_str(), ops::bf16_gemm_path().c_str());
   // Start-up settings the sae CLI gives itself (cli/main.cpp); a benchmark has what it was given.
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   const char* tunables = std::getenv("GLIBC_TUNABLES");

@@ -14,6 +14,7 @@
 #include "dist/comm.h"
 #include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
+#include "ops/gemm_bf16.h"
 
 namespace {
 
@@ -69,6 +70,7 @@ int run_command(int argc, char** argv) {
   // The version, with what this build and this CPU chose (figures depend on both).
   app.set_version_flag("--version", [] {
     return sae::cat("sae.cpp " SAECPP_VERSION "\ncpu kernels: ", sae::ops::cpu_kernels_summary(),
+                    "\nbf16 matmuls: ", sae::ops::bf16_gemm_path(),
                     "\ncuda: ", SAECPP_HAS_CUDA ? "compiled in" : "not built");
   });
 
