@@ -5,7 +5,7 @@
 // holds a block of the latents for every row (bench/data_parallel.sh compares).
 //   build/release/bench/bench_train [--d-in 2304] [--d-sae 32768] [--batch 4096] [--steps 3]
 //                                   [--dead 0] [--preset gemma-2-2b-matryoshka-standard]
-//                                   [--parallel data|latents]
+//                                   [--parallel data|latents] [--precision fp32|bf16]
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -26,7 +26,8 @@ int main(int argc, char** argv) {
   const bool lead = comm.rank() == 0;
   if (!lead) std::freopen("/dev/null", "w", stdout);  // rank 0 reports
   int64_t d_in = 2304, d_sae = 32768, batch = 4096, steps = 3, n_dead = 0;
-  std::string preset_name = "gemma-2-2b-matryoshka-standard", parallel = "data";
+  std::string preset_name = "gemma-2-2b-matryoshka-standard", parallel = "data",
+              precision = "fp32";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i], v = argv[i + 1];
     if (a == "--d-in")
@@ -43,6 +44,8 @@ int main(int argc, char** argv) {
       preset_name = v;
     else if (a == "--parallel" && (v == "data" || v == "latents"))
       parallel = v;
+    else if (a == "--precision" && (v == "fp32" || v == "bf16"))
+      precision = v;
     else if (a == "--threads")
       ops::set_num_threads(std::stoi(v));
     else {
@@ -69,9 +72,9 @@ int main(int argc, char** argv) {
   for (auto w : cfg.spec.widths) widths += std::to_string(w) + " ";
   std::printf(
       "config: preset %s, d_in %lld, d_sae %lld, k %.0f, widths %s, batch %lld, %lld dead "
-      "latents (AuxK), steps %lld\n",
+      "latents (AuxK), steps %lld, encoder GEMM in %s\n",
       preset_name.c_str(), (long long)d_in, (long long)d_sae, cfg.spec.k, widths.c_str(),
-      (long long)batch, (long long)n_dead, (long long)steps);
+      (long long)batch, (long long)n_dead, (long long)steps, precision.c_str());
 
   // Latent parallel: this rank's block of latents (all of them in one process).
   const train::LatentShard latents{parallel == "latents" ? &comm : nullptr, d_sae};
@@ -83,6 +86,7 @@ int main(int argc, char** argv) {
   train::Grads g;
   g.resize(d_in, local.d_sae);
   train::StepWorkspace ws;
+  ws.bf16_encoder_gemm = precision == "bf16";
   std::vector<float> x(size_t(batch * d_in));
   Rng rng(1);
   for (auto& v : x) v = float(rng.normal());

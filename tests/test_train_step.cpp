@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "ops/adam.h"
 #include "ops/batch_topk.h"
@@ -224,6 +225,42 @@ TEST_P(StepCase, FusedGradientNormIsTheNormOfTheGradient) {
     EXPECT_GT(want, 0.0);
     EXPECT_NEAR(r.grad_squared_norm, want, 1e-6 * want) << "round " << round;
   }
+}
+
+// training.precision = bf16: the encoder GEMM on bf16 operands. With W_enc and the encoder's
+// input already bf16 values (b_dec zero, x rounded) nothing is rounded, so the step equals the
+// f32 step up to the GEMM's summation order — the plumbing is checked whichever path runs
+// (ops/gemm_bf16.h is checked against its reference in test_ops).
+TEST_P(StepCase, Bf16EncoderGemmIsTheStepOnBf16Operands) {
+  Fixture f(GetParam());
+  for (auto& w : f.sae.W_encT) w = bf16_to_f32(f32_to_bf16(w));
+  for (auto& v : f.x) v = bf16_to_f32(f32_to_bf16(v));
+  std::fill(f.sae.b_dec.begin(), f.sae.b_dec.end(), 0.0f);
+  Grads g32, g16;
+  g32.resize(f.sae.spec.d_in, f.sae.spec.d_sae), g16.resize(f.sae.spec.d_in, f.sae.spec.d_sae);
+  StepWorkspace ws32, ws16;
+  ws16.bf16_encoder_gemm = true;
+  const StepResult a = forward_backward(f.sae, f.x.data(), f.B, f.dead, g32, ws32);
+  const StepResult b = forward_backward(f.sae, f.x.data(), f.B, f.dead, g16, ws16);
+  EXPECT_EQ(ws16.W_encT_bf16.size(), f.sae.W_encT.size()) << "the bf16 path ran";
+  EXPECT_NEAR(a.loss, b.loss, 1e-5 * std::abs(a.loss));
+  EXPECT_EQ(a.n_active, b.n_active);
+  test::expect_close(g16.W_dec, g32.W_dec, 1e-4, "dW_dec");
+  test::expect_close(g16.W_encT, g32.W_encT, 1e-4, "dW_enc");
+  test::expect_close(g16.b_dec, g32.b_dec, 1e-4, "db_dec");
+  // And with operands that are not bf16 values, the step sees them rounded: not the f32 step.
+  Fixture h(GetParam());
+  Grads gh;
+  gh.resize(h.sae.spec.d_in, h.sae.spec.d_sae);
+  StepWorkspace wsh;
+  wsh.bf16_encoder_gemm = true;
+  const StepResult c = forward_backward(h.sae, h.x.data(), h.B, h.dead, gh, wsh);
+  Grads gh32;
+  gh32.resize(h.sae.spec.d_in, h.sae.spec.d_sae);
+  StepWorkspace wsh32;
+  const StepResult d = forward_backward(h.sae, h.x.data(), h.B, h.dead, gh32, wsh32);
+  EXPECT_NE(c.loss, d.loss);
+  EXPECT_NEAR(c.loss, d.loss, 2e-2 * std::abs(d.loss));
 }
 
 TEST_P(StepCase, GradientsMatchFiniteDifferences) {

@@ -121,6 +121,36 @@ TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
   for (float th : l.sae.threshold) EXPECT_FLOAT_EQ(th, float(ts.threshold));
 }
 
+// training.precision = bf16 on the CPU: the encoder GEMM on bf16 operands (said at start),
+// ending near the fp32 run on the synthetic hierarchy; tf32 (a GPU format) is refused there.
+TEST(Trainer, Bf16EncoderGemmOnTheCpu) {
+  test::TempDir dir;
+  double ev[2] = {0, 0};
+  for (int bf16 = 0; bf16 < 2; ++bf16) {
+    json j = tiny_config(dir / (bf16 ? "bf16" : "fp32"));
+    j["training"]["total_tokens"] = 128 * 300;
+    j["training"]["precision"] = bf16 ? "bf16" : "fp32";
+    TrainConfig cfg = TrainConfig::from_json(j, "test");
+    data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+    Trainer t(cfg, src);
+    t.print_progress = false;
+    ASSERT_TRUE(t.run(false));
+    ev[bf16] = t.final_eval().metrics.explained_variance;
+  }
+  EXPECT_GT(ev[0], 0.5);
+  EXPECT_NEAR(ev[1], ev[0], 0.02);
+  json j = tiny_config(dir / "tf32");
+  j["training"]["precision"] = "tf32";
+  TrainConfig cfg = TrainConfig::from_json(j, "test");
+  data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+  try {
+    Trainer t(cfg, src);
+    FAIL() << "tf32 accepted on the CPU";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("training.precision"), std::string::npos) << e.what();
+  }
+}
+
 TEST(TrainConfig, StrictAndClear) {
   auto err = [](const json& j) {
     try {

@@ -47,6 +47,11 @@ struct StepTimes {
 
 // Scratch reused across steps (sized on first use).
 struct StepWorkspace {
+  // How the step runs, set by the caller: the encoder GEMM with bf16 operands and f32 sums
+  // (training.precision = bf16; ops/gemm_bf16.h) instead of f32.
+  bool bf16_encoder_gemm = false;
+  std::vector<uint16_t> W_encT_bf16;  // this step's W_encT rounded, for the bf16 GEMM
+  std::vector<float> gemm_scratch;
   std::vector<float> sae_in, hidden_pre;
   std::vector<float> vecs;      // [B, levels, d_in]: each level's gradient per token
   std::vector<float> aux_vecs;  // [B, aux groups, d_in]: the residual each AuxK group fits

@@ -37,7 +37,7 @@ struct TrainConfig {
   int64_t checkpoint_every_steps = 1000, feature_sampling_window = 2000;
   int threads = 0;
   std::string device = "cpu";      // cpu | cuda (train/device_step.h)
-  std::string precision = "fp32";  // cuda only: the encoder GEMM's operands, fp32 | tf32 | bf16
+  std::string precision = "fp32";  // the encoder GEMM's operands: fp32 | bf16 | tf32 (cuda only)
   nlohmann::json data;             // the data section, parsed by the source
   std::string output_dir = "out/train";
   bool fold_decoder_norms = true;  // unit-norm decoder rows in the saved SAE

@@ -16,6 +16,7 @@
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "ops/gemm.h"
+#include "ops/gemm_bf16.h"
 #include "ops/sparse_decode.h"
 #include "sae/save.h"
 
@@ -119,6 +120,9 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
           fail("training.batch_size", cat(cfg_.batch_size),
                cat("fewer rows than the ", comm->size(), " ranks to split them over"));
         if (cfg_.device == "cuda") require_device(Device::Cuda);
+        if (cfg_.device != "cuda" && cfg_.precision == "tf32")
+          fail("training.precision", "tf32",
+               "TF32 is a GPU format: on the CPU the encoder GEMM runs in fp32 or bf16");
         TrainSpec s = cfg_.spec;
         s.d_in = source.d_in();
         s.validate("train config");
@@ -132,6 +136,7 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
       }()),
       opt_(sae_, cfg_.adam) {
   if (cfg_.device != "cuda") grads_.resize(sae_.spec.d_in, sae_.spec.d_sae);  // GPU: on the device
+  ws_.bf16_encoder_gemm = cfg_.precision == "bf16";
   steps_since_fired_.assign(size_t(sae_.spec.d_sae), 0);
   window_counts_.assign(size_t(sae_.spec.d_sae), 0);
   if (shard_.split())
@@ -528,6 +533,9 @@ bool Trainer::begin(bool resume) {
     std::fprintf(stderr, "[%s] device: %s, encoder GEMM in %s\n", label_.c_str(),
                  cuda_device_description().c_str(), cfg_.precision.c_str());
   }
+  if (!dev_ && cfg_.precision == "bf16" && lead())
+    std::fprintf(stderr, "[%s] encoder GEMM in bf16: %s\n", label_.c_str(),
+                 ops::bf16_gemm_path().c_str());
   if (lead())
     std::fprintf(
         stderr,
