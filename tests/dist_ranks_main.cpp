@@ -55,37 +55,50 @@ void check_global_batch_topk(sae::dist::Comm& w) {
   SAE_CHECK(int64_t(t[0]) == budget, "selected ", t[0], " of a budget of ", budget);
 }
 
+// The two specs both step checks use: 0, the MSE recipe with decoder-norm rescaling and one
+// AuxK group; 1, snap-like L2 levels, detached levels and AuxK per level.
+sae::train::TrainSpec step_spec(int variant, int64_t d_sae, std::vector<int64_t> widths) {
+  using namespace sae::train;
+  TrainSpec sp;
+  sp.d_in = 16, sp.d_sae = d_sae, sp.k = 3;
+  sp.widths = std::move(widths);
+  if (variant == 0) {
+    sp.level_loss.assign(3, LevelLoss::Mse);
+    sp.level_weight = {1, 1, 1};
+    sp.rescale_acts_by_decoder_norm = true;
+  } else {
+    sp.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
+    sp.level_weight = {0.5, 1, 2};
+    sp.detach_levels = true;
+    sp.per_level_aux = true;
+  }
+  return sp;
+}
+
+// A batch [B, d] and a dead mask [D] from `seed`: the same on every rank.
+std::pair<std::vector<float>, std::vector<uint8_t>> step_inputs(int64_t B, int64_t d, int64_t D,
+                                                                uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(size_t(B * d));
+  for (float& v : x) v = normal(rng);
+  std::vector<uint8_t> dead(static_cast<size_t>(D));
+  for (auto& v : dead) v = uint8_t(rng() % 3 == 0);
+  return {x, dead};
+}
+
 // One data-parallel step (each rank: its rows of a global batch, uneven when the ranks do not
 // divide it) equals the single-process step on the whole batch: losses, the selection's count
 // and smallest value, the fired flags, the touched rows, every gradient, and the parameters
-// after the optimizer's update. Two specs: the MSE recipe with decoder-norm rescaling and one
-// AuxK group; snap-like L2 levels, detached levels and AuxK per level.
-
+// after the optimizer's update, for both specs of step_spec.
 void check_data_parallel_step(sae::dist::Comm& w) {
   using namespace sae::train;
   for (int variant = 0; variant < 2; ++variant) {
-    TrainSpec sp;
-    sp.d_in = 16, sp.d_sae = 64, sp.k = 3;
-    sp.widths = {8, 32, 64};
-    if (variant == 0) {
-      sp.level_loss.assign(3, LevelLoss::Mse);
-      sp.level_weight = {1, 1, 1};
-      sp.rescale_acts_by_decoder_norm = true;
-    } else {
-      sp.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
-      sp.level_weight = {0.5, 1, 2};
-      sp.detach_levels = true;
-      sp.per_level_aux = true;
-    }
+    const TrainSpec sp = step_spec(variant, 64, {8, 32, 64});
     TrainingSae sae(sp);
     sae.init(7, 0.1);
     const int64_t B = 7 * w.size() + 3, d = sp.d_in, D = sp.d_sae;
-    std::mt19937 rng(99);  // the same batch and dead mask on every rank
-    std::normal_distribution<float> normal;
-    std::vector<float> x(size_t(B * d));
-    for (float& v : x) v = normal(rng);
-    std::vector<uint8_t> dead(static_cast<size_t>(D));
-    for (auto& v : dead) v = uint8_t(rng() % 3 == 0);
+    const auto [x, dead] = step_inputs(B, d, D, 99);
 
     Grads g_one, g_dp;
     g_one.resize(d, D), g_dp.resize(d, D);
@@ -187,28 +200,11 @@ void check_global_batch_topk_columns(sae::dist::Comm& w) {
 void check_latent_parallel_step(sae::dist::Comm& w) {
   using namespace sae::train;
   for (int variant = 0; variant < 2; ++variant) {
-    TrainSpec sp;
-    sp.d_in = 16, sp.d_sae = 67, sp.k = 3;
-    sp.widths = {8, 30, 67};
-    if (variant == 0) {
-      sp.level_loss.assign(3, LevelLoss::Mse);
-      sp.level_weight = {1, 1, 1};
-      sp.rescale_acts_by_decoder_norm = true;
-    } else {
-      sp.level_loss = {LevelLoss::L2, LevelLoss::L2, LevelLoss::Mse};
-      sp.level_weight = {0.5, 1, 2};
-      sp.detach_levels = true;
-      sp.per_level_aux = true;
-    }
+    const TrainSpec sp = step_spec(variant, 67, {8, 30, 67});
     TrainingSae sae(sp);
     sae.init(7, 0.1);
     const int64_t B = 29, d = sp.d_in, D = sp.d_sae;
-    std::mt19937 rng(98);
-    std::normal_distribution<float> normal;
-    std::vector<float> x(size_t(B * d));
-    for (float& v : x) v = normal(rng);
-    std::vector<uint8_t> dead(static_cast<size_t>(D));
-    for (auto& v : dead) v = uint8_t(rng() % 3 == 0);
+    const auto [x, dead] = step_inputs(B, d, D, 98);
 
     const LatentShard ls{&w, D};
     const int64_t j0 = ls.begin(), n = ls.count();
