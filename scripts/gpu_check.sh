@@ -14,11 +14,12 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 
 if [[ $mode == build ]]; then
-  # No Hub client and no MPI: the device machine has no network and one GPU, and their
-  # libraries (libcurl, OpenSSL, Open MPI) would push the bundle past carry's 64 MiB.
+  # No Hub client, no MPI and no oneDNN: the device machine has no network and one GPU, and
+  # their libraries (libcurl, OpenSSL, Open MPI; oneDNN alone is 40 MB) would push the bundle
+  # past carry's 64 MiB (without oneDNN the CPU's bf16 matmuls take the sgemm fallback).
   # The default host flags are portable (x86-64-v3 + AVX-512 kernels picked at run time).
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DSAECPP_CUDA=ON -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF
+    -DSAECPP_CUDA=ON -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF -DSAECPP_DNNL=OFF
   cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
     bench_encode_cuda bench_gemma_cuda
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
