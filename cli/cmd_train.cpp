@@ -41,7 +41,9 @@ Runner add_train(CLI::App& app) {
   cmd->add_option("-o,--output", o->output, "Output folder (output.dir)");
   cmd->add_option("--device", o->device, "cpu or cuda (training.device)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
+  cmd->add_option("--precision", o->precision,
+                  "The encoder GEMM's operands: fp32, bf16 (CPU: oneDNN where the CPU has bf16 dot "
+                  "products), or on cuda tf32")
       ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_flag("--resume", o->resume, "Continue from <output>/checkpoint if present");
   cmd->add_option("--stop-at-step", o->stop_at_step,
