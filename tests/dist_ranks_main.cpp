@@ -17,6 +17,7 @@
 #include "ops/batch_topk.h"
 #include "train/data_parallel.h"
 #include "train/global_batch_topk.h"
+#include "train/latent_gather.h"
 #include "train/optimizer.h"
 #include "train/step.h"
 
@@ -314,6 +315,27 @@ int main(int argc, char** argv) {
           std::vector<double> v = {double(r)};
           sub->allreduce_sum(v);
           SAE_CHECK(v[0] == rank_sum, "split: sum ", v[0], " over ranks of parity ", r % 2);
+        }
+        // Blocks of a per-latent array (uneven: 11 latents) to rank 0, in one round and in
+        // rounds of a few rows each (what a 1M-latent SAE needs for MPI's int counts).
+        {
+          const sae::train::LatentShard shard{&w, 11};
+          const int64_t len = 3;
+          std::vector<float> mine;
+          for (int64_t j = shard.begin(); j < shard.begin() + shard.count(); ++j)
+            for (int64_t c = 0; c < len; ++c) mine.push_back(float(j * 10 + c));
+          for (int64_t max_floats : {int64_t(1) << 30, int64_t(4)}) {
+            const std::vector<float> all =
+                sae::train::gather_latent_rows(shard, mine, len, max_floats);
+            if (r != 0) {
+              SAE_CHECK(all.empty(), "gather: only rank 0 holds the whole");
+              continue;
+            }
+            SAE_CHECK(all.size() == size_t(11 * len), "gather: size ", all.size());
+            for (int64_t i = 0; i < 11 * len; ++i)
+              SAE_CHECK(all[size_t(i)] == float(i / len * 10 + i % len), "gather at ", i,
+                        " (rounds of ", max_floats, " floats)");
+          }
         }
         check_global_batch_topk(w);
         check_data_parallel_step(w);

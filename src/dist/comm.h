@@ -33,6 +33,10 @@ class Comm {
                                   std::span<const int> counts) = 0;
   // In place: each rank's segment of `all` (counts[r] floats, in rank order) to every rank.
   virtual void allgather(std::span<float> all, std::span<const int> counts) = 0;
+  // Every rank's `mine` (counts[rank] floats) into rank root's `all` (segments in rank order);
+  // `all` is not touched on the other ranks.
+  virtual void gather(std::span<const float> mine, std::span<float> all,
+                      std::span<const int> counts, int root) = 0;
   // Personalised exchange: send_counts[q] floats of `send` (segments in rank order) go to rank
   // q; recv_counts[q] floats from rank q land in `recv` (segments in rank order).
   virtual void alltoall(std::span<const float> send, std::span<const int> send_counts,

@@ -88,6 +88,16 @@ class MpiComm final : public Comm {
                          displs.data(), MPI_FLOAT, comm_),
           "allgatherv");
   }
+  void gather(std::span<const float> mine, std::span<float> all, std::span<const int> counts,
+              int root) override {
+    SAE_CHECK(counts.size() == size_t(size_) && mine.size() == size_t(counts[size_t(rank_)]),
+              "gatherv: counts");
+    std::vector<int> displs(counts.size(), 0);
+    for (size_t r = 1; r < counts.size(); ++r) displs[r] = displs[r - 1] + counts[r - 1];
+    check(MPI_Gatherv(mine.data(), int(mine.size()), MPI_FLOAT, all.data(), counts.data(),
+                      displs.data(), MPI_FLOAT, root, comm_),
+          "gatherv");
+  }
   void alltoall(std::span<const float> send, std::span<const int> send_counts,
                 std::span<float> recv, std::span<const int> recv_counts) override {
     SAE_CHECK(send_counts.size() == size_t(size_) && recv_counts.size() == size_t(size_),

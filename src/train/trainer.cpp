@@ -19,6 +19,7 @@
 #include "ops/gemm_bf16.h"
 #include "ops/sparse_decode.h"
 #include "sae/save.h"
+#include "train/latent_gather.h"
 
 namespace sae::train {
 
@@ -175,18 +176,6 @@ void Trainer::prepare_normalisation() {
       sae_.b_dec[size_t(c)] = float(mean[size_t(c)] / double(nb * B) * input_scale_);
 }
 
-std::vector<float> Trainer::gather_latent_rows(const std::vector<float>& mine,
-                                               int64_t row_len) const {
-  const int n = comm_->size();
-  std::vector<int> counts(static_cast<size_t>(n));
-  for (int q = 0; q < n; ++q)
-    counts[size_t(q)] = int((latents_.first(q + 1) - latents_.first(q)) * row_len);
-  std::vector<float> all(size_t(latents_.width * row_len));
-  std::copy(mine.begin(), mine.end(), all.begin() + latents_.begin() * row_len);
-  comm_->allgather(std::span<float>(all), counts);
-  return all;
-}
-
 std::vector<int64_t> Trainer::gather_latent_values(const std::vector<int64_t>& mine) const {
   // Blocks padded to the largest; doubles hold the counts exactly (below 2^53).
   const int n = comm_->size();
@@ -202,20 +191,37 @@ std::vector<int64_t> Trainer::gather_latent_values(const std::vector<int64_t>& m
   return out;
 }
 
-TrainingSae Trainer::whole_sae() const {
-  if (!latents_.split()) return sae_;
+std::optional<TrainingSae> Trainer::whole_sae() const {
+  std::vector<float> W_encT = gather_latent_rows(latents_, sae_.W_encT, sae_.spec.d_in);
+  std::vector<float> W_dec = gather_latent_rows(latents_, sae_.W_dec, sae_.spec.d_in);
+  std::vector<float> b_enc = gather_latent_rows(latents_, sae_.b_enc, 1);
+  if (!lead()) return std::nullopt;
   TrainSpec s = sae_.spec;
-  s.d_sae = latents_.width;
+  s.d_sae = 1;  // not allocated whole here: the gathered arrays move in
   TrainingSae whole(s);
-  whole.W_encT = gather_latent_rows(sae_.W_encT, s.d_in);
-  whole.W_dec = gather_latent_rows(sae_.W_dec, s.d_in);
-  whole.b_enc = gather_latent_rows(sae_.b_enc, 1);
+  whole.spec.d_sae = latents_.width;
+  whole.W_encT = std::move(W_encT);
+  whole.W_dec = std::move(W_dec);
+  whole.b_enc = std::move(b_enc);
   whole.b_dec = sae_.b_dec;
   whole.threshold = sae_.threshold;
   return whole;
 }
 
+std::optional<Sae> Trainer::gathered_inference_sae() const {
+  if (!latents_.split()) return inference_sae();
+  const std::optional<TrainingSae> whole = whole_sae();
+  if (!whole) return std::nullopt;
+  return inference_of(*whole);
+}
+
 Sae Trainer::inference_sae() const {
+  if (latents_.split())
+    fail("latent parallel: the whole SAE is gathered on rank 0 only (gathered_inference_sae)");
+  return inference_of(sae_);
+}
+
+Sae Trainer::inference_of(const TrainingSae& sae) const {
   auto meta = cfg_.metadata;
   meta["sae_lens_training_version"] = nullptr;
   meta["saecpp_version"] = SAECPP_VERSION;
@@ -225,9 +231,7 @@ Sae Trainer::inference_sae() const {
   meta["training_architecture_details"]["k"] = sae_.spec.k;
   meta["training_architecture_details"]["matryoshka_widths"] = sae_.spec.widths;
   meta["training_tokens"] = step_ * cfg_.batch_size;
-  if (latents_.split())
-    return whole_sae().to_inference(input_scale_, cfg_.fold_decoder_norms, meta);
-  return sae_.to_inference(input_scale_, cfg_.fold_decoder_norms, meta);
+  return sae.to_inference(input_scale_, cfg_.fold_decoder_norms, meta);
 }
 
 std::vector<float> Trainer::log_sparsity() const {
@@ -297,9 +301,9 @@ void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
   if (!final) pull(false);  // finish() has pulled the whole state already
   if (!lead() && !latents_.split()) return;
-  const Sae inference = inference_sae();  // latent parallel: gathered on every rank
+  const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
   if (!lead()) return;
-  EvalResult r = evaluate(inference, sae_.spec.widths, heldout_.data(), n_heldout_);
+  EvalResult r = evaluate(*inference, sae_.spec.widths, heldout_.data(), n_heldout_);
   json rec = {{"eval", json::parse(r.to_json().dump())},
               {"step", step_},
               {"tokens", step_ * cfg_.batch_size}};
@@ -370,14 +374,13 @@ void Trainer::save_checkpoint() {
   const std::vector<int64_t> window_counts = window_counts_all();
   check_ranks_agree("checkpoint");
   // Latent parallel: the checkpoint is the whole SAE's, as one process writes it (so a resume
-  // may use another number of ranks); each per-latent array is gathered to every rank.
+  // may use another number of ranks); each per-latent array is gathered to rank 0.
   std::optional<TrainingSae> whole;
   std::optional<Optimizer> opt_whole;
   std::vector<int64_t> steps_since_fired;
   if (latents_.split()) {
-    whole.emplace(whole_sae());
-    opt_whole.emplace(*whole, opt_.cfg);
-    opt_whole->t = opt_.t;
+    whole = whole_sae();
+    if (lead()) opt_whole.emplace(opt_);  // this block's moments, replaced by the whole's below
     const int64_t d_in = sae_.spec.d_in;
     using Moment = std::vector<float> Optimizer::*;
     for (auto [m, len] : {std::pair<Moment, int64_t>{&Optimizer::v_W_encT, d_in},
@@ -386,9 +389,10 @@ void Trainer::save_checkpoint() {
                           {&Optimizer::m_W_encT, d_in},
                           {&Optimizer::m_W_dec, d_in},
                           {&Optimizer::m_b_enc, 1}})
-      if (!((*opt_whole).*m).empty()) (*opt_whole).*m = gather_latent_rows(opt_.*m, len);
-    opt_whole->v_b_dec = opt_.v_b_dec;
-    opt_whole->m_b_dec = opt_.m_b_dec;
+      if (!(opt_.*m).empty()) {  // (no first moment on any rank when beta1 = 0)
+        std::vector<float> all = gather_latent_rows(latents_, opt_.*m, len);
+        if (lead()) (*opt_whole).*m = std::move(all);
+      }
     steps_since_fired = gather_latent_values(steps_since_fired_);
   }
   if (!lead()) return;  // rank 0 writes the state
@@ -638,9 +642,9 @@ void Trainer::finish() {
   const fs::path out = fs::path(cfg_.output_dir) / "sae";
   const std::vector<float> sparsity = log_sparsity();  // collective with several ranks
   if (lead() || latents_.split()) {
-    const Sae inference = inference_sae();  // latent parallel: a collective
+    const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
     if (lead())
-      save_to_disk(inference, out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
+      save_to_disk(*inference, out.string(), cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32,
                    sparsity);
   }
   if (lead()) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -79,8 +80,11 @@ class Trainer {
   double input_scale() const { return input_scale_; }
   int64_t step() const { return step_; }
   const EvalResult& final_eval() const { return final_eval_; }
-  // The SAE as it would be saved now (latent parallel: gathered, a collective).
+  // The SAE as it would be saved now (not under latent parallel: see gathered_inference_sae).
   Sae inference_sae() const;
+  // The same for any layout; under latent parallel a collective that gathers the blocks on
+  // rank 0, where it returns the SAE (nullopt on the other ranks).
+  std::optional<Sae> gathered_inference_sae() const;
   std::vector<float> log_sparsity() const;  // log10 firing frequency over the current window
   // With several ranks: whether this rank writes the output folder and prints (rank 0).
   bool lead() const { return !many_ranks() || comm_->rank() == 0; }
@@ -98,11 +102,11 @@ class Trainer {
   // Each latent's firings in the window: data parallel, summed over the ranks; latent
   // parallel, every rank's block gathered (collectives).
   std::vector<int64_t> window_counts_all() const;
-  // Latent parallel: every rank's block of a per-latent array (rows of row_len values), in
-  // latent order, on every rank (a collective).
-  std::vector<float> gather_latent_rows(const std::vector<float>& mine, int64_t row_len) const;
+  // Latent parallel: every rank's block of a per-latent count, in latent order, on every rank
+  // (a collective; the float arrays go to rank 0 through train::gather_latent_rows).
   std::vector<int64_t> gather_latent_values(const std::vector<int64_t>& mine) const;
-  TrainingSae whole_sae() const;  // sae_, or under latent parallel every block gathered
+  std::optional<TrainingSae> whole_sae() const;    // every block, on rank 0 (nullopt elsewhere)
+  Sae inference_of(const TrainingSae& sae) const;  // with this run's metadata and scale
   // Data parallel: every rank must hold the same parameters; a difference is an error that
   // names the rank (collective; a hash of the parameters through one allgather).
   void check_ranks_agree(const char* when) const;
