@@ -34,13 +34,15 @@ TEST(Gemm, MatchesReferenceAllTransposes) {
 
 // bf16 weights and bf16-rounded inputs, f32 sums: whichever path this build and CPU take
 // (oneDNN's bf16 brgemm or sgemm on upcast weights), against the double reference; shapes
-// odd and large enough for oneDNN's blocked kernels, output rows strided (the logits' slices).
+// odd and large enough for oneDNN's blocked kernels, output rows strided, and W larger than
+// the fallback's 64 MB upcast block (8200 x 2048: two blocks).
 TEST(GemmBf16, MatchesReferenceOnEveryShape) {
   std::printf("bf16 GEMM path: %s\n", bf16_gemm_path().c_str());
   for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
                          {7, 33, 65},
                          {64, 256, 256},
-                         {130, 200, 2304}}) {
+                         {130, 200, 2304},
+                         {3, 8200, 2048}}) {
     SCOPED_TRACE(testing::Message() << m << "x" << n << "x" << k);
     const int64_t ldy = n + 5;
     auto x = test::random_vector(size_t(m * k), 11);

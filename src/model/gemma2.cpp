@@ -286,17 +286,16 @@ void Gemma2::forward(const TokenBatch& batch, int64_t last_layer, const HookFn& 
   if (logits) {
     const int64_t V = c.vocab_size;
     logits->resize(size_t(T * V));
-    // The tied output projection in slices of the vocabulary, so a bf16 embedding is never
-    // upcast whole (256000 x 2304 would be 2.2 GiB).
+    // The tied output projection: with bf16 products in one GEMM on the bf16 embedding; else in
+    // slices of the vocabulary, so a bf16 embedding is never upcast whole (256000 x 2304 would
+    // be 2.2 GiB).
     const int64_t slice = 16384;
-    for (int64_t r0 = 0; r0 < V; r0 += slice) {
+    if (bf16_matmul)
+      ops::gemm_bf16_weights(T, V, H, x.data(), embed.bf16.data(), logits->data(), V, scratch);
+    for (int64_t r0 = 0; !bf16_matmul && r0 < V; r0 += slice) {
       const int64_t r1 = std::min(V, r0 + slice);
-      if (bf16_matmul)
-        ops::gemm_bf16_weights(T, r1 - r0, H, x.data(), embed.bf16.data() + r0 * H,
-                               logits->data() + r0, V, scratch);
-      else
-        ops::gemm(ops::Trans::No, ops::Trans::Yes, T, r1 - r0, H, 1.0f, x.data(), H,
-                  embed.rows_f32(r0, r1, scratch), H, 0.0f, logits->data() + r0, V);
+      ops::gemm(ops::Trans::No, ops::Trans::Yes, T, r1 - r0, H, 1.0f, x.data(), H,
+                embed.rows_f32(r0, r1, scratch), H, 0.0f, logits->data() + r0, V);
     }
     if (c.final_logit_softcap) {
       const float cap = float(*c.final_logit_softcap);

@@ -1,5 +1,6 @@
 #include "ops/gemm_bf16.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -14,12 +15,12 @@
 
 namespace sae::ops {
 
-namespace {
-
 void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
 #pragma omp parallel for simd schedule(static) num_threads(threads_for(double(n), 0.3))
   for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(x[i]);
 }
+
+namespace {
 
 #ifdef SAECPP_HAS_DNNL
 // One CPU engine and stream, and a matmul primitive per shape (building one costs far more
@@ -100,15 +101,22 @@ void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const ui
     return;
   }
 #endif
-  // x rounded to bf16 and back; W upcast (exact): sgemm then sums the same products.
+  // x rounded to bf16 and back; W upcast (exact) in blocks of rows of at most 64 MB (the tied
+  // embedding whole would be 2.2 GiB): sgemm then sums the same products.
   thread_local std::vector<float> x_rounded;
   x_rounded.resize(size_t(m * k));
 #pragma omp parallel for simd schedule(static) num_threads(threads_for(double(m * k), 0.3))
   for (int64_t i = 0; i < m * k; ++i) x_rounded[size_t(i)] = bf16_to_f32(f32_to_bf16(x[i]));
-  scratch.resize(size_t(n * k));
-#pragma omp parallel for simd schedule(static) num_threads(threads_for(double(n * k), 0.3))
-  for (int64_t i = 0; i < n * k; ++i) scratch[size_t(i)] = bf16_to_f32(w[i]);
-  gemm(Trans::No, Trans::Yes, m, n, k, 1.0f, x_rounded.data(), k, scratch.data(), k, 0.0f, y, ldy);
+  const int64_t block = std::max<int64_t>(1, (int64_t(1) << 24) / k);
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t rows = std::min(block, n - r0);
+    scratch.resize(size_t(rows * k));
+    const uint16_t* wr = w + r0 * k;
+#pragma omp parallel for simd schedule(static) num_threads(threads_for(double(rows * k), 0.3))
+    for (int64_t i = 0; i < rows * k; ++i) scratch[size_t(i)] = bf16_to_f32(wr[i]);
+    gemm(Trans::No, Trans::Yes, m, rows, k, 1.0f, x_rounded.data(), k, scratch.data(), k, 0.0f,
+         y + r0, ldy);
+  }
 }
 
 void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,

@@ -20,6 +20,10 @@ void gemm_bf16_weights(int64_t m, int64_t n, int64_t k, const float* x, const ui
 void gemm_bf16_weights_reference(int64_t m, int64_t n, int64_t k, const float* x, const uint16_t* w,
                                  float* y, int64_t ldy);
 
+// out[i] = x[i] rounded to bf16 (round to nearest even), in parallel: the operands of the GEMM
+// above, and a bf16 copy of f32 master weights.
+void round_to_bf16(const float* x, uint16_t* out, int64_t n);
+
 // Which path gemm_bf16_weights takes on this CPU, e.g. "oneDNN brg:avx512_core_bf16" or
 // "sgemm on upcast weights (...)". Decided once, at first use.
 std::string bf16_gemm_path();

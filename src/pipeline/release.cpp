@@ -173,7 +173,21 @@ std::vector<Job> make_jobs(const ReleaseOptions& opt, const PublishedNames& name
 // Module parallel: which rank trains each SAE. Largest first, each to the least loaded rank
 // (ties to the lower rank): balanced by cost when the SAEs differ in width, and the same
 // answer on every rank.
-std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks);
+std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks) {
+  std::vector<size_t> order(jobs.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return sae_bytes(jobs[a].cfg, d) > sae_bytes(jobs[b].cfg, d);
+  });
+  std::vector<double> load(size_t(n_ranks), 0.0);
+  std::vector<int> owner(jobs.size(), 0);
+  for (size_t i : order) {
+    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+    owner[i] = r;
+    load[size_t(r)] += sae_bytes(jobs[i].cfg, d);
+  }
+  return owner;
+}
 
 // The ranks [first, last) that train each SAE: one owner each (module parallel); with fewer
 // SAEs than ranks, SAE i's own contiguous group of about N/n ranks (data parallel inside it, so
@@ -191,22 +205,6 @@ std::vector<std::pair<int, int>> assign_rank_groups(const std::vector<Job>& jobs
     for (size_t i = 0; i < jobs.size(); ++i) groups[i] = {owner[i], owner[i] + 1};
   }
   return groups;
-}
-
-std::vector<int> assign_owners(const std::vector<Job>& jobs, int64_t d, int n_ranks) {
-  std::vector<size_t> order(jobs.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return sae_bytes(jobs[a].cfg, d) > sae_bytes(jobs[b].cfg, d);
-  });
-  std::vector<double> load(size_t(n_ranks), 0.0);
-  std::vector<int> owner(jobs.size(), 0);
-  for (size_t i : order) {
-    const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
-    owner[i] = r;
-    load[size_t(r)] += sae_bytes(jobs[i].cfg, d);
-  }
-  return owner;
 }
 
 // Module parallel's activation exchange: every rank forwards its share of the corpus and holds

@@ -10,7 +10,6 @@
 #include <utility>
 
 #include "core/clock.h"
-#include "core/dtype.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "ops/cpu_kernels.h"
@@ -105,13 +104,9 @@ StepResult forward_backward(const TrainingSae& sae, const float* x, int64_t B,
   if (ws.bf16_encoder_gemm) {
     // W_encT changed in the last update: rounded again (its time counts as the GEMM's).
     ws.W_encT_bf16.resize(sae.W_encT.size());
-    const int64_t n = int64_t(sae.W_encT.size());
-    const float* w = sae.W_encT.data();
-    uint16_t* wb = ws.W_encT_bf16.data();
-#pragma omp parallel for simd schedule(static) num_threads(threads_for(double(n), 0.3))
-    for (int64_t i = 0; i < n; ++i) wb[i] = f32_to_bf16(w[i]);
-    ops::gemm_bf16_weights(B, D, d, ws.sae_in.data(), wb, ws.hidden_pre.data(), D,
-                           ws.gemm_scratch);
+    ops::round_to_bf16(sae.W_encT.data(), ws.W_encT_bf16.data(), int64_t(sae.W_encT.size()));
+    ops::gemm_bf16_weights(B, D, d, ws.sae_in.data(), ws.W_encT_bf16.data(), ws.hidden_pre.data(),
+                           D, ws.gemm_scratch);
   } else {
     ops::gemm(ops::Trans::No, ops::Trans::Yes, B, D, d, 1.0f, ws.sae_in.data(), d,
               sae.W_encT.data(), d, 0.0f, ws.hidden_pre.data(), D);
