@@ -129,6 +129,14 @@ Runner add_release(CLI::App& app) {
       "--bf16-matmul", o->r.bf16_matmul,
       "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
       "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
+  cmd->add_option("--device", o->r.device,
+                  "cpu or cuda: the model forward, the activation store and every SAE's step on "
+                  "the GPU (one process; a memory plan is checked first)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", o->r.precision,
+                  "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
+                  "accumulate; default) or fp32. The SAEs' own: --set training.precision=...")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");

@@ -12,12 +12,16 @@
 #include "io/safetensors.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
+#include "model/tokenizer.h"
 #include "ops/attention.h"
 #include "ops/gelu.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
+#include "pipeline/activation_store.h"
+#include "sae/load.h"
 #include "sae/save.h"
 #include "test_util.h"
+#include "tiny_corpus.h"
 
 #if SAECPP_HAS_CUDA
 #include "ops/cuda/runtime.h"
@@ -364,6 +368,121 @@ TEST(CudaGemma2, CliEvalWithModelOnTheDevice) {
     EXPECT_NEAR(gpu["lm_score"][key].get<double>(), cpu["lm_score"][key].get<double>(), 1e-3)
         << key;
   EXPECT_EQ(gpu["lm_score"]["n_predictions"], cpu["lm_score"]["n_predictions"]);
+}
+
+// The activation store on the GPU (rows in device memory, shuffled there) serves the CPU
+// store's batches: the same windows, rows and permutation, through refills, from the fp32
+// forward (equal to the CPU's at 2e-5).
+TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
+  data::CorpusConfig cc;
+  cc.shards = {dir / "docs.jsonl"};
+  cc.holdout_every = 0;
+  const Gemma2 m = Gemma2::load(model, {.verbose = false});
+  DeviceGemma2 g(m, "fp32");
+  const Tokenizer tok(model + "/tokenizer.model");
+  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
+  pipeline::StoreConfig sc;
+  sc.windows.context_size = 16;
+  sc.windows.bos_id = tok.bos_id();
+  sc.windows.separator_id = tok.bos_id();
+  sc.prompts_per_forward = 3;
+  sc.n_batches_in_buffer = 4;
+  sc.batch_tokens = 20;
+  sc.seed = 5;
+  const std::vector<int64_t> layers = {0, 2};
+  const int64_t d = m.cfg.hidden_size, n = 20 * d;
+  data::Corpus c_cpu(cc, data::Split::Train), c_gpu(cc, data::Split::Train);
+  pipeline::WindowStream w_cpu(c_cpu, tok, sc.windows), w_gpu(c_gpu, tok, sc.windows);
+  pipeline::ActivationStore cpu(m, w_cpu, HookPoint::ResidPost, layers, sc, special);
+  pipeline::ActivationStore gpu(g, w_gpu, HookPoint::ResidPost, layers, sc, special);
+  EXPECT_TRUE(gpu.on_device());
+  EXPECT_GT(gpu.device_bytes(), 0);
+  std::vector<std::vector<float>> want(2, std::vector<float>(size_t(n)));
+  std::vector<const float*> view;
+  for (int b = 0; b < 30; ++b) {  // 30 batches of 20: several refills of a 192-row buffer
+    ASSERT_TRUE(cpu.next_batch({want[0].data(), want[1].data()}));
+    ASSERT_TRUE(gpu.next_batch_view(view));
+    ASSERT_EQ(view.size(), 2u);
+    for (int s = 0; s < 2; ++s)
+      test::expect_close(g.to_host(view[size_t(s)], n), want[size_t(s)], 2e-5,
+                         "batch " + std::to_string(b) + " layer " + std::to_string(layers[s]));
+  }
+  EXPECT_EQ(gpu.tokens_forwarded(), cpu.tokens_forwarded());
+}
+
+// `sae release --device cuda` (the forward, the store and the SAE steps on the GPU; fp32) on the
+// tiny model against the CPU release: the same layout, every SAE loads, held-out numbers close
+// (the two train on the same batches; the steps differ in summation order), the plan and the
+// measured peak printed; a stop and --resume on the GPU finishes.
+TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
+  const std::string args =
+      "release --model " + model + " --dataset " + (dir / "docs.jsonl") +
+      " --layers 0,2 --tokens 20000 --model-name tiny-gemma2 --context-size 16 "
+      "--prompts-per-forward 4 --n-batches-in-buffer 4 --holdout-every 10 --heldout-tokens 512 "
+      "--ce-windows 2 --log-every 50 --set sae.d_sae=64 --set sae.k=4 "
+      "--set sae.matryoshka_widths=[16,64] --set training.batch_size=64 "
+      "--set training.checkpoint_every_steps=50 --set optimizer.lr=3e-3 -o ";
+  auto run = [&](const std::string& a) {
+    const auto r = test::run_cli(a);
+    EXPECT_EQ(r.exit_code, 0) << a << "\n" << r.output;
+    return r.output;
+  };
+  run(args + (dir / "cpu"));
+  const std::string log = run(args + (dir / "gpu") + " --device cuda --precision fp32");
+  EXPECT_NE(log.find("GPU memory plan: model"), std::string::npos) << log;
+  EXPECT_NE(log.find("GPU memory: peak"), std::string::npos) << log;
+  const auto cpu = read_json_file(dir / "cpu/release.json");
+  const auto gpu = read_json_file(dir / "gpu/release.json");
+  EXPECT_EQ(gpu["device"]["forward"], "fp32");
+  EXPECT_FALSE(gpu["recipe"].contains("model_bf16_matmul"));
+  EXPECT_EQ(gpu["tokens_forwarded"], cpu["tokens_forwarded"]);
+  for (const std::string v : {"standard", "snap"})
+    for (const std::string h : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      const auto& a = gpu["results"][v][h];
+      const auto& b = cpu["results"][v][h];
+      EXPECT_NEAR(a["explained_variance"].get<double>(), b["explained_variance"].get<double>(),
+                  0.02)
+          << v << " " << h;
+      EXPECT_NEAR(a["l0"].get<double>(), b["l0"].get<double>(), 0.1 * b["l0"].get<double>());
+      EXPECT_NEAR(a["ce_loss_score"].get<double>(), b["ce_loss_score"].get<double>(), 0.05);
+      EXPECT_EQ(a["training_tokens"], b["training_tokens"]);
+      EXPECT_NO_THROW(load_from_disk(dir / ("gpu/" + v + "/" + h)));
+    }
+  // Stopped and resumed on the GPU.
+  run(args + (dir / "resumed") + " --device cuda --precision fp32 --stop-at-step 100");
+  run(args + (dir / "resumed") + " --device cuda --precision fp32 --resume");
+  const auto resumed = read_json_file(dir / "resumed/release.json");
+  EXPECT_NEAR(
+      resumed["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(),
+      gpu["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(), 0.02);
+  // bf16 forward: recorded as a bf16-matmul recipe (release-merge keeps it apart).
+  run(args + (dir / "bf16") + " --device cuda --layers 2 --variants snap");
+  EXPECT_EQ(read_json_file(dir / "bf16/release.json")["recipe"]["model_bf16_matmul"], true);
+}
+
+// A release whose SAEs do not fit the GPU stops before allocating, saying what fits.
+TEST(CudaRelease, PlanRefusesWhatDoesNotFit) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
+  const auto r = test::run_cli(
+      "release --model " + model + " --dataset " + (dir / "docs.jsonl") +
+      " --layers 0,2 --tokens 20000 --context-size 16 --device cuda --set sae.d_sae=268435456 "
+      "--set sae.k=4 --set sae.matryoshka_widths=[16,268435456] -o " +
+      (dir / "out"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("not even one layer"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("out of GPU memory"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "out/release.json"));
 }
 
 TEST(CudaGemma2, WithoutAGpuTheConstructorSaysWhy) {

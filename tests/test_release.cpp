@@ -13,16 +13,20 @@
 #include <set>
 #include <tuple>
 
+#include "core/device.h"
 #include "eval/metrics.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
+#include "pipeline/device_plan.h"
 #include "sae/load.h"
 #include "sae/pretrained.h"
 #include "test_util.h"
 #include "test_zstd.h"
+#include "tiny_corpus.h"
+#include "train/device_step.h"
 
 namespace sae::pipeline {
 namespace {
@@ -32,16 +36,7 @@ const std::string kModel = test::golden("gemma2/gqa_window/model");
 
 // 400 short documents (the tiny corpus's lines, numbered) as one .jsonl.zst shard.
 std::string write_corpus(const test::TempDir& dir) {
-  std::ifstream in(test::test_dir() / "data/tiny_corpus.txt");
-  std::vector<std::string> lines;
-  for (std::string l; std::getline(in, l);)
-    if (!l.empty()) lines.push_back(l);
-  std::string jl;
-  for (int i = 0; i < 400; ++i)
-    jl +=
-        nlohmann::json{{"text", lines[size_t(i) % lines.size()] + " " + std::to_string(i)}}.dump() +
-        "\n";
-  test::write_bytes(dir / "pile-00.jsonl.zst", test::zstd_compress(jl));
+  test::write_bytes(dir / "pile-00.jsonl.zst", test::zstd_compress(test::tiny_corpus_jsonl()));
   return dir / "pile-*.jsonl.zst";
 }
 
@@ -491,6 +486,96 @@ TEST(Release, BadInputs) {
   expect_error(
       std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
       "n_batches_in_buffer");
+  if (cuda_device_count() == 0) {  // refused before the model loads; nothing written
+    fs::remove_all(out);
+    expect_error(base + " --device cuda", "--device cuda");
+    EXPECT_FALSE(fs::exists(out));
+  }
+}
+
+// The GPU memory plan, made without a GPU: each SAE's term is DeviceTrainer's allocation (its
+// dense terms by hand at the release shape), only the planned layers' SAEs count, and the
+// largest group that fits is the longest prefix of the layers under the free memory.
+TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
+  nlohmann::json release_cfg = train::preset("gemma-2-2b-matryoshka-snap");
+  release_cfg["data"] = {{"type", "release"}};  // as sae release makes it
+  train::TrainConfig t = train::TrainConfig::from_json(release_cfg, "test");
+  const int64_t D = t.spec.d_sae, d = 2304, B = t.batch_size;
+  t.spec.d_in = d;
+  ASSERT_EQ(D, 32768);
+  ASSERT_EQ(B, 4096);
+  const int64_t L = t.spec.n_levels();
+  const bool mom = t.adam.beta1 != 0;
+  // An SAE's own state: parameters and Adam's moments; the step's scratch: the gradients, the
+  // [B, D] pre-activations and the per-token level vectors (levels + AuxK groups), all but a
+  // few per cent of it.
+  const int64_t state = D * d * 4 * (4 + (mom ? 2 : 0));
+  EXPECT_GT(train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, "fp32"), state);
+  EXPECT_LT(train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, "fp32"),
+            state + state / 50 + (int64_t(40) << 20));
+  EXPECT_EQ(train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, "bf16"),
+            train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, "fp32") + D * d * 2);
+  const int64_t groups = t.spec.aux_coefficient != 0 ? (t.spec.per_level_aux ? L : 1) : 0;
+  const int64_t dense = D * d * 4 * 2 + B * D * 4 + B * (L + groups) * d * 4;
+  const int64_t fp32 = train::DeviceTrainer::planned_scratch_bytes(t.spec, B, "fp32", 0);
+  EXPECT_GT(fp32, dense);
+  EXPECT_LT(fp32, dense + dense / 10);
+  EXPECT_EQ(train::DeviceTrainer::planned_scratch_bytes(t.spec, B, "bf16", 0), fp32 + B * d * 2);
+  EXPECT_GT(train::DeviceTrainer::planned_scratch_bytes(t.spec, B, "fp32", D / 4),
+            fp32 + B * (D / 4) * 13);  // AuxK's dense [B, dead] buffers
+  // The seed's release on one GPU: 50 such SAEs sharing one scratch.
+  std::printf("release shape: %.2f GiB state per SAE, %.2f GiB shared scratch (25%% dead)\n",
+              double(train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, t.precision)) /
+                  double(1 << 30),
+              double(train::DeviceTrainer::planned_scratch_bytes(t.spec, B, t.precision, D / 4)) /
+                  double(1 << 30));
+
+  DevicePlanShape shape;
+  shape.model = model::read_gemma2_config(kModel);
+  shape.forward_tokens = 4 * 16;
+  shape.context_size = 16;
+  shape.store_rows = 5 * shape.forward_tokens;
+  const int64_t hd = shape.model.hidden_size;
+  train::TrainConfig small = t;
+  small.spec.d_in = hd;
+  small.spec.d_sae = 64;
+  small.spec.widths = {16, 64};
+  small.spec.level_loss.resize(2), small.spec.level_weight.resize(2, 1.0);
+  small.batch_size = 64;
+  std::vector<PlannedSae> saes;
+  for (int64_t l : {0, 1, 2})
+    for (int v = 0; v < 2; ++v) saes.push_back({l, small});
+  const int64_t one_sae =
+      train::DeviceTrainer::planned_state_bytes(small.spec, small.adam, small.precision);
+  const int64_t scratch =
+      train::DeviceTrainer::planned_scratch_bytes(small.spec, 64, small.precision, 16);
+  const DeviceReleasePlan p2 = plan_device_release(shape, {0, 2}, saes);
+  EXPECT_EQ(p2.n_saes, 4);
+  EXPECT_EQ(p2.saes, 4 * one_sae + scratch);           // one scratch for all
+  EXPECT_EQ(p2.store, 3 * shape.store_rows * hd * 4);  // two layers and the spare
+  EXPECT_EQ(p2.model, model::gemma2_weight_bytes(shape.model, shape.model.num_layers - 1, true));
+  EXPECT_GT(p2.forward, model::device_forward_bytes(shape.model, 64, true, false));  // + logits
+  EXPECT_GT(p2.eval, 2 * 64 * hd * 4);
+  EXPECT_EQ(p2.total(), p2.model + p2.forward + p2.saes + p2.store + p2.eval);
+  EXPECT_NE(p2.describe().find("4 SAEs"), std::string::npos) << p2.describe();
+  // No CE score: the model only to the last layer, no logits, no evaluation SAE.
+  shape.ce_score = false;
+  const DeviceReleasePlan q = plan_device_release(shape, {0, 1}, saes);
+  EXPECT_EQ(q.model, model::gemma2_weight_bytes(shape.model, 1, true));
+  EXPECT_EQ(q.forward, model::device_forward_bytes(shape.model, 64, true, false));
+  EXPECT_EQ(q.eval, 0);
+  // From a cache: only the SAEs.
+  shape.forward = false;
+  const DeviceReleasePlan c = plan_device_release(shape, {0, 1, 2}, saes);
+  EXPECT_EQ(c.total(), 6 * one_sae + scratch);
+  shape.forward = true;
+
+  const std::vector<int64_t> all = {0, 1, 2};
+  const int64_t two = plan_device_release(shape, {0, 1}, saes).total();
+  EXPECT_EQ(layers_that_fit(shape, all, saes, two), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(layers_that_fit(shape, all, saes, two - 1), (std::vector<int64_t>{0}));
+  EXPECT_EQ(layers_that_fit(shape, all, saes, 1 << 20), std::vector<int64_t>{});
+  EXPECT_EQ(layers_that_fit(shape, all, saes, int64_t(1) << 40), all);
 }
 
 // A release run in two groups of layers and merged: one folder per variant with every layer's

@@ -49,6 +49,17 @@ std::string cuda_device_description() {
 #endif
 }
 
+CudaMemory cuda_memory() {
+  CudaMemory m;
+#if SAECPP_HAS_CUDA
+  if (cuda_device_count() > 0 && cudaMemGetInfo(&m.free, &m.total) != cudaSuccess) {
+    cudaGetLastError();
+    m = {};
+  }
+#endif
+  return m;
+}
+
 void require_device(Device d) {
   if (d == Device::Cpu) return;
   if (!cuda_compiled())

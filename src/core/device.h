@@ -17,6 +17,11 @@ bool cuda_compiled();
 int cuda_device_count();
 // One line naming the GPU, for progress headers ("NVIDIA H200 (sm_90, 139.8 GiB)").
 std::string cuda_device_description();
+// Free and total bytes of the current GPU's memory (cudaMemGetInfo; zeros without a GPU).
+struct CudaMemory {
+  size_t free = 0, total = 0;
+};
+CudaMemory cuda_memory();
 // Throws a clear error when device is Cuda and this build or machine cannot run it.
 void require_device(Device d);
 

@@ -87,6 +87,19 @@ int64_t gemma2_weight_bytes(const Gemma2Config& c, int64_t last_layer, bool bf16
   return c.vocab_size * H * (bf16 ? 2 : 4) + H * 4 + (last_layer + 1) * per_layer;
 }
 
+int64_t device_forward_bytes(const Gemma2Config& c, int64_t tokens, bool bf16, bool logits) {
+  // The buffers device_gemma2.cu's forward sizes, in its order.
+  const int64_t T = tokens, H = c.hidden_size, I = c.intermediate_size;
+  const int64_t nq = c.num_heads * c.head_dim, nkv = c.num_kv_heads * c.head_dim;
+  const int64_t op = bf16 ? 2 : 4;
+  int64_t b = T * 4 * 3;                        // ids, positions, prompt starts
+  b += T * H * 4 * 3 + T * (nq + 2 * nkv) * 4;  // residual, block output, projection; q k v
+  b += T * 2 * I * 4;                           // gate and up
+  b += T * std::max(H, I) * op + T * nq * op;   // normed input, attention output
+  if (logits) b += T * std::min<int64_t>(c.vocab_size, 32768) * 4;
+  return b + (int64_t(32) << 20);
+}
+
 int64_t Gemma2::weight_bytes() const {
   int64_t b = embed.bytes() + int64_t(final_norm.size()) * 4;
   for (const Gemma2Layer& L : layers)

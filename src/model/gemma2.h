@@ -99,5 +99,9 @@ class Gemma2 {
 
 // Bytes the weights of layers 0..last_layer (and the embedding) take, f32 or bf16.
 int64_t gemma2_weight_bytes(const Gemma2Config& c, int64_t last_layer, bool bf16);
+// Device memory DeviceGemma2::forward's activations take for a batch of `tokens` tokens (bf16
+// or fp32 operands; with logits: the vocabulary slice it projects at a time), plus its context's
+// cuBLASLt workspace: for memory plans, made without a GPU.
+int64_t device_forward_bytes(const Gemma2Config& c, int64_t tokens, bool bf16, bool logits);
 
 }  // namespace sae::model

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <random>
 #include <span>
 #include <string>
@@ -16,8 +17,10 @@
 
 #include "data/context_windows.h"
 #include "data/corpus.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
+#include "pipeline/device_rows.h"
 
 namespace sae::pipeline {
 
@@ -63,12 +66,21 @@ class ActivationStore {
   // Rows from the model's forward over the windows.
   ActivationStore(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
                   std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
+  // Rows from the model's forward on the GPU, kept in GPU memory (DeviceRows): the same
+  // windows, rows, shuffle and batches as the CPU store, served in place by next_batch_view.
+  ActivationStore(model::DeviceGemma2& m, WindowStream& windows, model::HookPoint point,
+                  std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
   // Rows from elsewhere (an activation cache): `fill` appends at most `max_fill_rows` rows of
   // each of `n_layers` layers of width d per call.
   ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers, StoreConfig cfg);
-  // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i]; false when the
-  // corpus ran out before a whole batch.
+  // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i] (host memory);
+  // false when the corpus ran out before a whole batch.
   bool next_batch(const std::vector<float*>& out);
+  // The next batch in place: rows[i] points at layer i's batch inside the store (device memory
+  // for a GPU store, complete when this returns), valid until the next call.
+  bool next_batch_view(std::vector<const float*>& rows);
+  bool on_device() const { return bool(dev_rows_); }
+  int64_t device_bytes() const { return dev_rows_ ? dev_rows_->bytes() : 0; }
 
   int64_t tokens_forwarded() const { return tokens_forwarded_; }
   double forward_seconds() const { return forward_seconds_; }
@@ -76,10 +88,15 @@ class ActivationStore {
 
  private:
   int64_t forward_once(const std::vector<float*>& dst);  // one forward: rows appended
+  int64_t forward_once_on_device(int64_t at);            // ... on the GPU, at row `at`
+  bool next_window_batch(model::TokenBatch& batch, std::vector<int32_t>& kept);
   void allocate(int64_t max_fill_rows, size_t n_layers);
-  void refill();  // fill until full (or the rows end), shuffle, mark the serving half
+  void refill();   // fill until full (or the rows end), shuffle, mark the serving half
+  bool advance();  // the next batch's rows at serve_begin_ (refilled when needed)
 
   const model::Gemma2* m_ = nullptr;
+  model::DeviceGemma2* dm_ = nullptr;
+  std::unique_ptr<DeviceRows> dev_rows_;  // the buffer on the GPU (else buf_)
   WindowStream* windows_ = nullptr;
   model::HookPoint point_ = model::HookPoint::ResidPost;
   std::vector<int64_t> layers_;
@@ -104,6 +121,10 @@ struct Heldout {
   std::vector<std::vector<int32_t>> windows;
 };
 Heldout collect_heldout(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
+                        const std::vector<int64_t>& layers, int64_t n_tokens,
+                        const std::vector<int32_t>& special);
+// The same through the GPU forward (the rows come to the host).
+Heldout collect_heldout(model::DeviceGemma2& m, WindowStream& windows, model::HookPoint point,
                         const std::vector<int64_t>& layers, int64_t n_tokens,
                         const std::vector<int32_t>& special);
 

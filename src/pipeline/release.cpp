@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/clock.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/memory.h"
 #include "dist/comm.h"
@@ -19,8 +20,10 @@
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_cache.h"
+#include "pipeline/device_plan.h"
 #include "pipeline/model_card.h"
 #include "sae/load.h"
+#include "train/device_step.h"
 #include "train/trainer.h"
 
 namespace sae::pipeline {
@@ -309,6 +312,18 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
          cat("this release was run with another number of ranks than ", n_ranks,
              ": resume it with the same mpirun -np"));
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
+  const bool cuda = parse_device(opt.device, "release") == Device::Cuda;
+  if (cuda) {
+    if (n_ranks > 1)
+      fail("release", "device",
+           cat("cuda under several ranks is not built yet (NCCL, issue 12): run one process per "
+               "GPU, each on its own group of layers (--layers), and join them with sae "
+               "release-merge"));
+    if (opt.precision != "bf16" && opt.precision != "fp32")
+      fail("release", "precision",
+           cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
+    require_device(Device::Cuda);  // before loading anything
+  }
   // The model: its checkpoint, or (from a cache) only its names and width.
   model::Checkpoint ckpt;
   model::Gemma2Config mcfg;
@@ -326,6 +341,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "release");
 
   std::vector<Job> jobs = make_jobs(opt, names, layers, point, work);
+  if (cuda)
+    for (Job& j : jobs) j.cfg.device = "cuda";
   if (opt.parallel != "modules" && opt.parallel != "data")
     fail("release", "parallel", cat("must be modules or data, got '", opt.parallel, "'"));
   const std::vector<std::pair<int, int>> group =
@@ -405,22 +422,64 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
           (long long)(global_batch / n_ranks), (long long)((global_batch + n_ranks - 1) / n_ranks));
       for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
     }
-  } else {
+  } else if (!cuda) {
     std::fprintf(stderr, "memory: model %s + SAEs %s + activation buffers %s = %s\n",
                  fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(), fmt_bytes(buffer_b).c_str(),
                  fmt_bytes(model_b + saes_b + buffer_b).c_str());
   }
   const double plan_bytes = model_b + saes_b + buffer_b;
+  // On the GPU: the device's plan, checked before anything is allocated there.
+  DeviceReleasePlan gpu_plan;
+  if (cuda) {
+    DevicePlanShape shape;
+    shape.model = mcfg;
+    shape.bf16_model = opt.precision == "bf16";
+    shape.forward = !from_cache;
+    shape.ce_score = !from_cache && opt.ce_windows > 0;
+    shape.forward_tokens = store.prompts_per_forward * store.windows.context_size;
+    shape.context_size = store.windows.context_size;
+    shape.store_rows = store.n_batches_in_buffer * shape.forward_tokens + shape.forward_tokens;
+    std::vector<PlannedSae> planned;
+    for (const Job& j : jobs) planned.push_back({j.layer, j.cfg});
+    gpu_plan = plan_device_release(shape, layers, planned);
+    const CudaMemory mem = cuda_memory();
+    std::fprintf(stderr, "GPU: %s\nGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
+                 cuda_device_description().c_str(), gpu_plan.describe().c_str(),
+                 fmt_bytes(double(mem.free)).c_str(), 100 * kPlannedDeadShare);
+    if (gpu_plan.total() > int64_t(mem.free)) {
+      const std::vector<int64_t> fit = layers_that_fit(shape, layers, planned, int64_t(mem.free));
+      std::string list;
+      for (int64_t l : fit) list += (list.empty() ? "" : ",") + std::to_string(l);
+      fail("release", "layers",
+           fit.empty() ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                             fmt_bytes(double(mem.free)),
+                             " is free: not even one layer's SAEs fit (a narrower SAE, a smaller "
+                             "training.batch_size or store buffer)")
+                       : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                             fmt_bytes(double(mem.free)),
+                             " is free; the largest group of these layers "
+                             "that fits is --layers ",
+                             list, " (",
+                             fmt_bytes(double(plan_device_release(shape, fit, planned).total())),
+                             "): run the layers in groups and join them with sae release-merge"));
+    }
+  }
 
   const double t_load = now_seconds();
-  std::optional<model::Gemma2> model;  // none when training from a cache
+  std::optional<model::Gemma2> model;         // none when training from a cache
+  std::optional<model::DeviceGemma2> dmodel;  // --device cuda: the model on the GPU only
   std::optional<model::Tokenizer> tok;
   std::vector<int32_t> special;
   if (!from_cache) {
+    const bool bf16_weights = opt.keep_bf16 || opt.bf16_matmul || (cuda && opt.precision == "bf16");
     model = model::Gemma2::load(ckpt.folder, {.last_layer = last_needed,
-                                              .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
-                                              .bf16_matmul = opt.bf16_matmul,
+                                              .keep_bf16 = bf16_weights,
+                                              .bf16_matmul = opt.bf16_matmul && !cuda,
                                               .verbose = false});
+    if (cuda) {  // uploaded, then the host copy goes
+      dmodel.emplace(*model, opt.precision);
+      model.reset();
+    }
     tok.emplace((fs::path(ckpt.folder) / "tokenizer.model").string());
     special = {tok->bos_id(), tok->eos_id(), tok->pad_id()};
     store.windows.bos_id = tok->bos_id();
@@ -459,8 +518,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   } else if (!my_layers.empty()) {  // (a rank that trains no SAE only forwards)
     data::Corpus heldout_corpus(opt.corpus, data::Split::Heldout);
     WindowStream heldout_windows(heldout_corpus, *tok, store.windows);
-    heldout =
-        collect_heldout(*model, heldout_windows, point, my_layers, opt.heldout_tokens, special);
+    heldout = dmodel ? collect_heldout(*dmodel, heldout_windows, point, my_layers,
+                                       opt.heldout_tokens, special)
+                     : collect_heldout(*model, heldout_windows, point, my_layers,
+                                       opt.heldout_tokens, special);
   }
   if (!my_layers.empty() && heldout.n == 0)
     std::fprintf(stderr, "warning: no held-out tokens (corpus.holdout_every = %lld)\n",
@@ -495,7 +556,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (n_ranks > 1) corpus->take_share(rank, n_ranks);
     corpus->seek(corpus_pos);
     windows.emplace(*corpus, *tok, store.windows);
-    acts_store.emplace(*model, *windows, point, layers, store, special);
+    if (dmodel)
+      acts_store.emplace(*dmodel, *windows, point, layers, store, special);
+    else
+      acts_store.emplace(*model, *windows, point, layers, store, special);
   }
   ActivationStore& acts = *acts_store;
   const std::string data_what =
@@ -511,8 +575,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // local: this rank's rows of each layer's batch; batch: the whole batch of the layers this
   // rank trains (one process: the same buffers).
   std::vector<float*> ptrs(layers.size());
-  std::vector<std::vector<float>> local(layers.size(),
-                                        std::vector<float>(size_t(store.batch_tokens * d)));
+  // A GPU store serves its batches in place (device_view): no host copies at all.
+  std::vector<const float*> device_view;
+  std::vector<std::vector<float>> local(
+      layers.size(), std::vector<float>(acts.on_device() ? 0 : size_t(store.batch_tokens * d)));
   std::vector<std::vector<float>> batch_all;
   if (n_ranks > 1)
     for (size_t s = 0; s < layers.size(); ++s)
@@ -521,6 +587,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = local[s].data();
   // The next global batch on every rank; false on every rank when any rank's share ran out.
   auto next_batch = [&] {
+    if (acts.on_device()) return acts.next_batch_view(device_view);  // one process
     bool ok = acts.next_batch(ptrs);
     if (n_ranks == 1) return ok;
     std::vector<double> out_of_data = {ok ? 0.0 : 1.0};
@@ -547,22 +614,31 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   if (n_norm > 0 && fresh)
     for (int64_t b = 0; b < n_norm; ++b) {
       if (!next_batch()) fail("release", "corpus", "ran out during normalisation");
-      for (size_t s = 0; s < layers.size(); ++s)
-        if (sources[s])
-          sources[s]->norm_batches.insert(sources[s]->norm_batches.end(), batch[s].begin(),
-                                          batch[s].end());
+      for (size_t s = 0; s < layers.size(); ++s) {
+        if (!sources[s]) continue;
+        auto& nb = sources[s]->norm_batches;
+        if (acts.on_device()) {
+          const std::vector<float> host = dmodel->to_host(device_view[s], global_batch * d);
+          nb.insert(nb.end(), host.begin(), host.end());
+        } else {
+          nb.insert(nb.end(), batch[s].begin(), batch[s].end());
+        }
+      }
     }
 
   int64_t step = std::numeric_limits<int64_t>::max();
+  // On the GPU the SAEs step one after another: one step scratch for all of them.
+  const auto scratch = cuda ? train::DeviceTrainer::new_scratch() : nullptr;
   for (size_t i = 0; i < jobs.size(); ++i) {
     if (!mine(i)) continue;
     Job& j = jobs[i];
     j.trainer = std::make_unique<train::Trainer>(j.cfg, *sources[size_t(j.layer_slot)],
                                                  j.variant + " " + j.hook, sae_comm);
+    j.trainer->device_scratch = scratch;
     j.trainer->print_progress = false;
     j.trainer->auto_checkpoint = false;
     j.trainer->begin(opt.resume);
-    j.x.resize(size_t(global_batch * d));
+    if (!acts.on_device()) j.x.resize(size_t(global_batch * d));
     step = std::min(step, j.trainer->step());
   }
   if (step == std::numeric_limits<int64_t>::max()) step = state_step;  // a rank with no SAE
@@ -594,6 +670,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (j.trainer) j.trainer->save_checkpoint();
     write_state();
   };
+  // The GPU memory in use (the whole device, CUDA contexts included), sampled after each step.
+  auto gpu_in_use = [] {
+    const CudaMemory m = cuda_memory();
+    return int64_t(m.total - m.free);
+  };
+  int64_t gpu_peak = cuda ? gpu_in_use() : 0;
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
   const double t_start = now_seconds(), t_train = t_start;
   const int64_t step_start = step;
@@ -623,12 +705,17 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (!j.trainer || j.trainer->step() > step)
         continue;  // another rank's, or ahead after a
                    // kill mid-checkpoint
+      if (acts.on_device()) {
+        j.trainer->train_step_on_device(device_view[size_t(j.layer_slot)]);
+        continue;
+      }
       std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
                 j.x.begin());
       j.trainer->train_step(j.x.data());
     }
     sae_seconds += now_seconds() - t0;
     ++step;
+    if (cuda) gpu_peak = std::max(gpu_peak, gpu_in_use());
     if (step % opt.log_every_steps == 0 || step == total_steps) {
       const double el = now_seconds() - t_start;
       const double fwd = acts.forward_seconds() - fwd_start;
@@ -677,7 +764,14 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                 {"training_tokens", j.trainer->step() * j.cfg.batch_size}};
     if (!ce_windows.empty()) {
       const Sae s = j.trainer->inference_sae();
-      const LmScore sc = lm_score(*model, s, point, j.layer, ce_windows);
+      LmScore sc;
+      if (dmodel) {
+        DeviceSae ds(s, "fp32");
+        sc = lm_score(*dmodel, ds, point, j.layer, ce_windows);
+        gpu_peak = std::max(gpu_peak, gpu_in_use());
+      } else {
+        sc = lm_score(*model, s, point, j.layer, ce_windows);
+      }
       j.result["ce_loss_score"] = sc.ce_loss_score;
       j.result["lm_score"] = ojson::parse(sc.to_json().dump());
     }
@@ -726,7 +820,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                   {"variants", variants}};
   // The model multiplied in bf16 gives other activations: a recipe of its own (release_merge.h
   // refuses to merge it with an f32 one). Recorded only when set, so older recipes still match.
-  if (opt.bf16_matmul) recipe["model_bf16_matmul"] = true;
+  // A GPU forward in bf16 multiplies in bf16 too.
+  if (opt.bf16_matmul || (dmodel && opt.precision == "bf16")) recipe["model_bf16_matmul"] = true;
   ojson release = {{"release", opt.release_name},
                    {"model", names.model_id},
                    {"hook", opt.hook},
@@ -739,6 +834,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                    {"recipe", recipe},
                    {"results", summary}};
   if (n_ranks > 1) release["ranks"] = n_ranks;
+  if (cuda) release["device"] = {{"gpu", cuda_device_description()}, {"forward", opt.precision}};
   if (from_cache)  // where the activations came from, and which of them were held out
     release["from_cache"] = {{"shards", cache->shards},
                              {"shard_tokens", cache->shard_tokens},
@@ -760,6 +856,11 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
         fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
         acts.forward_seconds(), sae_seconds, t_end - t_final);
+  if (cuda && lead)
+    std::fprintf(stderr,
+                 "release: GPU memory: peak %s in use on the device (CUDA contexts included) "
+                 "against the plan's %s\n",
+                 fmt_bytes(double(gpu_peak)).c_str(), fmt_bytes(double(gpu_plan.total())).c_str());
   return true;
 }
 

@@ -31,6 +31,11 @@ struct ReleaseOptions {
   int64_t log_every_steps = 100;       // the shared progress line
   bool resume = false;
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
+  // "cuda": the model forward, the activation store and every SAE's step on the GPU (one
+  // process); `precision` is then the forward's (bf16: bf16 weights and GEMM operands, fp32
+  // accumulate; fp32). The SAEs' own precision is training.precision, as on the CPU.
+  std::string device = "cpu";
+  std::string precision = "bf16";
   bool keep_bf16 = false;    // model weights kept in bf16
   bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";

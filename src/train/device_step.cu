@@ -552,24 +552,15 @@ __global__ void k_report(const double* losses, int L, const double* aux, int n_a
 
 // ---------------------------------------------------------------------------------------------
 
-struct DeviceTrainer::Impl {
-  TrainSpec sp;
-  AdamConfig adam;
-  int64_t B, d, D, L, budget, n_groups, n_vec;
-  cuda::Precision prec;
-  cuda::Context ctx;
-  Levels ls{};
-
-  // parameters and optimizer state
-  DeviceBuffer<float> W_encT, W_dec, b_enc, b_dec, v_W_encT, v_W_dec, v_b_enc, v_b_dec;
-  DeviceBuffer<float> m_W_encT, m_W_dec, m_b_enc, m_b_dec;
-  DeviceBuffer<uint16_t> W_encT_bf16, sae_in_bf16;
-  DeviceBuffer<double> theta;
-  DeviceBuffer<int64_t> since, counts;
+// Everything that does not outlive a step: gradients, the batch, pre-activations, selection,
+// level and AuxK buffers. Every buffer only grows (DeviceBuffer::resize), so trainers of
+// different shapes that step one after another (each step ends synchronized) can share one.
+struct DeviceStepScratch {
   // gradients
   DeviceBuffer<float> gW_encT, gW_dec, gb_enc, gb_dec;
   DeviceBuffer<double> norm_sq, norm_part, bdec_acc;
   // step scratch
+  DeviceBuffer<uint16_t> sae_in_bf16;
   DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, wenc_db;
   DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss;
   cuda::DeviceRowSparse active;
@@ -586,8 +577,57 @@ struct DeviceTrainer::Impl {
   DeviceBuffer<float> hp_g, top_v, aux_acts, wd, recon, h, aux_dpre, gwd, gwe, gb_aux;
   DeviceBuffer<unsigned long long> dead_after;
   DeviceBuffer<Report> report;
+};
+
+std::shared_ptr<DeviceStepScratch> DeviceTrainer::new_scratch() {
+  return std::make_shared<DeviceStepScratch>();
+}
+
+struct DeviceTrainer::Impl {
+  TrainSpec sp;
+  AdamConfig adam;
+  int64_t B, d, D, L, budget, n_groups, n_vec;
+  cuda::Precision prec;
+  cuda::Context ctx;
+  Levels ls{};
+
+  // parameters and optimizer state
+  DeviceBuffer<float> W_encT, W_dec, b_enc, b_dec, v_W_encT, v_W_dec, v_b_enc, v_b_dec;
+  DeviceBuffer<float> m_W_encT, m_W_dec, m_b_enc, m_b_dec;
+  DeviceBuffer<uint16_t> W_encT_bf16;
+  DeviceBuffer<double> theta;
+  DeviceBuffer<int64_t> since, counts;
+  // The step's scratch (this trainer's own, or shared), under the names the kernels use.
+  std::shared_ptr<DeviceStepScratch> scratch;
+  DeviceBuffer<float>&gW_encT = scratch->gW_encT, &gW_dec = scratch->gW_dec,
+  &gb_enc = scratch->gb_enc, &gb_dec = scratch->gb_dec;
+  DeviceBuffer<double>&norm_sq = scratch->norm_sq, &norm_part = scratch->norm_part,
+  &bdec_acc = scratch->bdec_acc;
+  DeviceBuffer<uint16_t>& sae_in_bf16 = scratch->sae_in_bf16;
+  DeviceBuffer<float>&x = scratch->x, &sae_in = scratch->sae_in, &hidden_pre = scratch->hidden_pre,
+  &norms2 = scratch->norms2, &vecs = scratch->vecs, &wenc_db = scratch->wenc_db;
+  DeviceBuffer<double>&R_tok = scratch->R_tok, &ss_outer = scratch->ss_outer,
+  &losses = scratch->losses, &aux_loss = scratch->aux_loss;
+  cuda::DeviceRowSparse& active = scratch->active;
+  cuda::BatchTopkScratch& topk_ws = scratch->topk_ws;
+  DeviceBuffer<float>& min_selected = scratch->min_selected;
+  DeviceBuffer<int32_t>&token = scratch->token, &keys = scratch->keys, &ids = scratch->ids,
+  &keys_sorted = scratch->keys_sorted, &ids_sorted = scratch->ids_sorted;
+  DeviceBuffer<float>&dpre = scratch->dpre, &u = scratch->u;
+  DeviceBuffer<int64_t>& start = scratch->start;
+  DeviceBuffer<uint8_t>& cub_temp = scratch->cub_temp;
+  DeviceBuffer<uint8_t>&dead = scratch->dead, &aux_sel = scratch->aux_sel;
+  DeviceBuffer<int32_t>&dead_list = scratch->dead_list, &aux_pos = scratch->aux_pos,
+  &top_i = scratch->top_i;
+  DeviceBuffer<int>&dead_counts = scratch->dead_counts, &n_dead_dev = scratch->n_dead_dev;
+  DeviceBuffer<float>&hp_g = scratch->hp_g, &top_v = scratch->top_v, &aux_acts = scratch->aux_acts,
+  &wd = scratch->wd, &recon = scratch->recon, &h = scratch->h, &aux_dpre = scratch->aux_dpre,
+  &gwd = scratch->gwd, &gwe = scratch->gwe, &gb_aux = scratch->gb_aux;
+  DeviceBuffer<unsigned long long>& dead_after = scratch->dead_after;
+  DeviceBuffer<Report>& report = scratch->report;
   // host side
   float* pinned_x = nullptr;
+  const float* device_x = nullptr;  // set_device_batch(): the next step's batch, else pinned_x
   Report* pinned_report = nullptr;
   int* pinned_counts = nullptr;
   cudaEvent_t counts_ready = nullptr;
@@ -595,7 +635,8 @@ struct DeviceTrainer::Impl {
   cudaEvent_t ev[9] = {};
   DeviceStepTimes times;
 
-  Impl(const TrainSpec& s, const AdamConfig& a, int64_t batch, const std::string& precision)
+  Impl(const TrainSpec& s, const AdamConfig& a, int64_t batch, const std::string& precision,
+       std::shared_ptr<DeviceStepScratch> shared)
       : sp(s),
         adam(a),
         B(batch),
@@ -605,7 +646,8 @@ struct DeviceTrainer::Impl {
         budget(int64_t(s.k * double(batch))),
         n_groups(s.aux_coefficient != 0.0 ? (s.per_level_aux ? s.n_levels() : 1) : 0),
         n_vec(L + n_groups),
-        prec(cuda::parse_precision(precision, "training")) {
+        prec(cuda::parse_precision(precision, "training")),
+        scratch(shared ? std::move(shared) : DeviceTrainer::new_scratch()) {
     SAE_CHECK(L <= kMaxLevels, "at most ", kMaxLevels, " Matryoshka levels on the GPU");
     SAE_CHECK(D < (int64_t(1) << 30) && B * D < (int64_t(1) << 62), "shape too large");
     ls.n = int(L);
@@ -934,9 +976,10 @@ struct DeviceTrainer::Impl {
 };
 
 DeviceTrainer::DeviceTrainer(const TrainSpec& spec, const AdamConfig& adam, int64_t batch,
-                             const std::string& precision) {
+                             const std::string& precision,
+                             std::shared_ptr<DeviceStepScratch> shared_scratch) {
   require_device(Device::Cuda);
-  impl_ = std::make_unique<Impl>(spec, adam, batch, precision);
+  impl_ = std::make_unique<Impl>(spec, adam, batch, precision, std::move(shared_scratch));
 }
 DeviceTrainer::~DeviceTrainer() = default;
 
@@ -1018,13 +1061,29 @@ float* DeviceTrainer::host_batch() {
   return impl_->pinned_x;
 }
 
+void DeviceTrainer::set_device_batch(const float* device_x) {
+  impl_->device_x = device_x;
+}
+
+void DeviceTrainer::batch_to_host() {
+  Impl& m = *impl_;
+  SAE_CUDA(cudaMemcpyAsync(m.pinned_x, m.x.data(), size_t(m.B * m.d) * 4, cudaMemcpyDeviceToHost,
+                           m.s()));
+  m.ctx.sync();
+}
+
 DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, int64_t adam_step,
                                                int64_t dead_window, bool new_window) {
   Impl& m = *impl_;
   const cudaStream_t s = m.s();
   m.mark(0);
-  SAE_CUDA(
-      cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
+  if (m.device_x)  // a batch already on the device (the release's activation store)
+    SAE_CUDA(cudaMemcpyAsync(m.x.data(), m.device_x, size_t(m.B * m.d) * 4,
+                             cudaMemcpyDeviceToDevice, s));
+  else
+    SAE_CUDA(
+        cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));
+  m.device_x = nullptr;
   m.prepare_dead(true, dead_window);
   if (input_scale != 1.0) {
     k_scale<<<blocks_for(m.B * m.d), kThreads, 0, s>>>(m.x.data(), m.B * m.d, float(input_scale));

@@ -21,12 +21,20 @@ struct DeviceStepTimes {
   int64_t steps = 0;
 };
 
+// A step's scratch on the device (gradients, the batch, pre-activations, selection, level and
+// AuxK buffers: nothing that outlives a step). Trainers that step one after another — a
+// release's SAEs on one GPU — can share one, so that it is held once instead of once per SAE.
+struct DeviceStepScratch;
+
 class DeviceTrainer {
  public:
   // precision: "fp32", "tf32" or "bf16" (the encoder GEMM's operands; every other sum, the
-  // master weights and the optimizer state stay fp32).
+  // master weights and the optimizer state stay fp32). shared_scratch: null for its own.
   DeviceTrainer(const TrainSpec& spec, const AdamConfig& adam, int64_t batch,
-                const std::string& precision);
+                const std::string& precision,
+                std::shared_ptr<DeviceStepScratch> shared_scratch = nullptr);
+  // A scratch for trainers to share (on a GPU build; its buffers are allocated by the trainers).
+  static std::shared_ptr<DeviceStepScratch> new_scratch();
   ~DeviceTrainer();
   DeviceTrainer(const DeviceTrainer&) = delete;
   DeviceTrainer& operator=(const DeviceTrainer&) = delete;
@@ -41,6 +49,11 @@ class DeviceTrainer {
 
   // Page-locked [batch, d_in] buffer for the source to fill before step().
   float* host_batch();
+  // Or a batch already in device memory ([batch, d_in], this GPU, complete: its producer's
+  // stream synchronized): the next step() copies it from there instead of host_batch().
+  void set_device_batch(const float* device_x);
+  // The last step's batch as the SAE saw it (scaled), into host_batch() (for the progress line).
+  void batch_to_host();
 
   struct StepScalars {
     StepResult result;  // fired is left empty: the counters live on the device
@@ -65,6 +78,15 @@ class DeviceTrainer {
   void reset_times();
   // Device memory in use on this GPU (total - free: this process, its CUDA context, others).
   size_t device_bytes() const;
+
+  // What a DeviceTrainer of this shape allocates on the device, for memory plans made before
+  // anything is allocated (computable without a GPU): its own state (parameters, optimizer
+  // moments, counters, its stream's cuBLAS workspace) and its step scratch, with AuxK's
+  // buffers sized for `max_dead` dead latents. Trainers sharing a scratch hold the largest one.
+  static int64_t planned_state_bytes(const TrainSpec& spec, const AdamConfig& adam,
+                                     const std::string& precision);
+  static int64_t planned_scratch_bytes(const TrainSpec& spec, int64_t batch,
+                                       const std::string& precision, int64_t max_dead);
 
  private:
   struct Impl;

@@ -7,8 +7,14 @@ namespace sae::train {
 
 struct DeviceTrainer::Impl {};
 
-DeviceTrainer::DeviceTrainer(const TrainSpec&, const AdamConfig&, int64_t, const std::string&) {
+struct DeviceStepScratch {};
+
+DeviceTrainer::DeviceTrainer(const TrainSpec&, const AdamConfig&, int64_t, const std::string&,
+                             std::shared_ptr<DeviceStepScratch>) {
   require_device(Device::Cuda);  // throws: not built with CUDA
+}
+std::shared_ptr<DeviceStepScratch> DeviceTrainer::new_scratch() {
+  return std::make_shared<DeviceStepScratch>();
 }
 DeviceTrainer::~DeviceTrainer() = default;
 void DeviceTrainer::upload(const TrainingSae&, const Optimizer&, const std::vector<int64_t>&,
@@ -18,6 +24,8 @@ void DeviceTrainer::download(TrainingSae&, Optimizer*, std::vector<int64_t>*,
 float* DeviceTrainer::host_batch() {
   return nullptr;
 }
+void DeviceTrainer::set_device_batch(const float*) {}
+void DeviceTrainer::batch_to_host() {}
 DeviceTrainer::StepScalars DeviceTrainer::step(double, double, int64_t, int64_t, bool) {
   return {};
 }

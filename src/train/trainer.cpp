@@ -532,7 +532,8 @@ bool Trainer::begin(bool resume) {
   }
   check_ranks_agree(resumed ? "after resuming" : "after initialisation");
   if (cfg_.device == "cuda") {
-    dev_ = std::make_unique<DeviceTrainer>(sae_.spec, cfg_.adam, cfg_.batch_size, cfg_.precision);
+    dev_ = std::make_unique<DeviceTrainer>(sae_.spec, cfg_.adam, cfg_.batch_size, cfg_.precision,
+                                           device_scratch);
     dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
     std::fprintf(stderr, "[%s] device: %s, encoder GEMM in %s\n", label_.c_str(),
                  cuda_device_description().c_str(), cfg_.precision.c_str());
@@ -568,6 +569,13 @@ bool Trainer::begin(bool resume) {
   return resumed;
 }
 
+void Trainer::train_step_on_device(const float* device_x) {
+  if (!dev_)
+    fail("training.device", cfg_.device, "a batch in GPU memory needs training.device = cuda");
+  dev_->set_device_batch(device_x);
+  train_step(nullptr);
+}
+
 void Trainer::train_step(float* x) {
   const int64_t d = sae_.spec.d_in, B = cfg_.batch_size, total = cfg_.total_steps();
   const double lr = cfg_.lr.at(step_, total);
@@ -578,7 +586,7 @@ void Trainer::train_step(float* x) {
   if (dev_) {
     // Scaling, the dead mask, the counters and the threshold all happen on the device.
     float* staged = dev_->host_batch();
-    if (x != staged) std::copy(x, x + B * d, staged);
+    if (x && x != staged) std::copy(x, x + B * d, staged);
     const auto out = dev_->step(input_scale_, lr, opt_.t + 1, cfg_.dead_feature_window, new_window);
     ++opt_.t;
     r = out.result;
@@ -617,8 +625,15 @@ void Trainer::train_step(float* x) {
   ++interval_steps_;
   if (step_ % cfg_.log_every_steps == 0 || step_ == total) {
     // Batch variance for the progress line's explained variance (of the scaled batch; the
-    // device path leaves x unscaled on the host).
-    const double s2 = dev_ ? input_scale_ * input_scale_ : 1.0;
+    // device path leaves x unscaled on the host, and a batch that was on the device only is
+    // brought here, as the SAE saw it, scaled).
+    bool x_scaled = !dev_;
+    if (!x) {
+      dev_->batch_to_host();
+      x = dev_->host_batch();
+      x_scaled = true;
+    }
+    const double s2 = x_scaled ? 1.0 : input_scale_ * input_scale_;
     std::vector<double> mean(size_t(d), 0.0);
     for (int64_t t = 0; t < B; ++t)
       for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(B);

@@ -62,9 +62,15 @@ class Trainer {
   // SAE to <output_dir>/sae, eval.json, a last checkpoint.
   bool begin(bool resume);
   void train_step(float* x);
+  // The same on a raw batch already in GPU memory (training.device = cuda; complete, its
+  // producer's stream synchronized; read, not changed): no copy through the host.
+  void train_step_on_device(const float* device_x);
   void finish();
   void save_checkpoint();
   bool auto_checkpoint = true;
+  // training.device = cuda: a step scratch shared with other trainers that step one after
+  // another (set before begin(); null: its own).
+  std::shared_ptr<DeviceStepScratch> device_scratch;
   bool print_progress =
       true;  // progress and eval lines on stderr (the JSONL log is always written)
   double last_l0() const { return last_l0_; }  // from the last logged step

@@ -1,0 +1,74 @@
+#include "pipeline/device_plan.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "core/error.h"
+#include "model/gemma2.h"
+#include "train/device_step.h"
+
+namespace sae::pipeline {
+
+namespace {
+
+std::string gib(int64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f GiB", double(bytes) / double(1 << 30));
+  return b;
+}
+
+}  // namespace
+
+std::string DeviceReleasePlan::describe() const {
+  return cat("model ", gib(model), " + forward ", gib(forward), " + ", n_saes, " SAEs ", gib(saes),
+             " + activation store ", gib(store), " + evaluation ", gib(eval), " = ", gib(total()));
+}
+
+DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
+                                      const std::vector<int64_t>& layers,
+                                      const std::vector<PlannedSae>& saes) {
+  DeviceReleasePlan p;
+  const model::Gemma2Config& c = shape.model;
+  const int64_t d = c.hidden_size;
+  if (shape.forward && !layers.empty()) {
+    const int64_t last = shape.ce_score ? c.num_layers - 1 : layers.back();
+    p.model = model::gemma2_weight_bytes(c, last, shape.bf16_model);
+    p.forward = model::device_forward_bytes(c, shape.forward_tokens, shape.bf16_model, false);
+    if (shape.ce_score)  // one held-out window at a time, through the logits
+      p.forward += shape.context_size * std::min<int64_t>(c.vocab_size, 32768) * 4;
+    // the layers' buffers and one spare for the out-of-place shuffle
+    p.store = int64_t(layers.size() + 1) * shape.store_rows * d * 4;
+  }
+  // Each SAE's own state; one step scratch shared by all (the largest).
+  int64_t widest = 0, scratch = 0;
+  for (const PlannedSae& s : saes) {
+    if (std::find(layers.begin(), layers.end(), s.layer) == layers.end()) continue;
+    const train::TrainConfig& t = s.cfg;
+    const auto max_dead = int64_t(double(t.spec.d_sae) * kPlannedDeadShare);
+    p.saes += train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, t.precision);
+    scratch = std::max(scratch, train::DeviceTrainer::planned_scratch_bytes(t.spec, t.batch_size,
+                                                                            t.precision, max_dead));
+    widest = std::max(widest, t.spec.d_sae);
+    ++p.n_saes;
+  }
+  p.saes += scratch;
+  // The CE-loss score's DeviceSae (one at a time): weights and a [chunk, d_sae] pre-activation
+  // of at most 1 GiB (device_sae.h).
+  if (shape.ce_score && shape.forward && widest > 0)
+    p.eval = 2 * widest * d * 4 + widest * 4 + d * 4 + (int64_t(1) << 30);
+  return p;
+}
+
+std::vector<int64_t> layers_that_fit(const DevicePlanShape& shape,
+                                     const std::vector<int64_t>& layers,
+                                     const std::vector<PlannedSae>& saes, int64_t free_bytes) {
+  std::vector<int64_t> best;
+  for (size_t n = 1; n <= layers.size(); ++n) {
+    const std::vector<int64_t> group(layers.begin(), layers.begin() + int64_t(n));
+    if (plan_device_release(shape, group, saes).total() > free_bytes) break;
+    best = group;
+  }
+  return best;
+}
+
+}  // namespace sae::pipeline

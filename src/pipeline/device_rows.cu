@@ -1,0 +1,80 @@
+#include <utility>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "ops/cuda/gather_rows.h"
+#include "ops/cuda/runtime.h"
+#include "pipeline/device_rows.h"
+
+namespace sae::pipeline {
+
+struct DeviceRows::Impl {
+  int64_t rows = 0, d = 0;
+  cudaStream_t s = nullptr;
+  std::vector<cuda::DeviceBuffer<float>> buf;
+  cuda::DeviceBuffer<float> spare;  // the target of a gather, then swapped with the layer's
+  cuda::DeviceBuffer<int32_t> kept, perm;
+  int64_t n_kept = 0;
+};
+
+DeviceRows::DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream) {
+  require_device(Device::Cuda);
+  impl_ = std::make_unique<Impl>();
+  Impl& m = *impl_;
+  m.rows = rows, m.d = d, m.s = static_cast<cudaStream_t>(stream);
+  SAE_CHECK(rows < (int64_t(1) << 31), "activation store rows must fit int32");
+  for (size_t i = 0; i < n_layers; ++i)
+    m.buf.emplace_back(size_t(rows * d), "activation store buffer (one layer)");
+  m.spare.resize(size_t(rows * d), "activation store buffer (spare layer)");
+}
+
+DeviceRows::~DeviceRows() {
+  if (impl_) cudaStreamSynchronize(impl_->s);
+}
+
+float* DeviceRows::row(size_t layer, int64_t r) {
+  return impl_->buf[layer].data() + r * impl_->d;
+}
+
+void DeviceRows::set_kept(const std::vector<int32_t>& kept) {
+  Impl& m = *impl_;
+  m.n_kept = int64_t(kept.size());
+  if (!kept.empty()) cuda::upload(m.kept, std::span<const int32_t>(kept), m.s, "kept positions");
+}
+
+void DeviceRows::append_kept(size_t layer, int64_t at, const float* device_act) {
+  Impl& m = *impl_;
+  SAE_CHECK(at + m.n_kept <= m.rows, "activation store overflow");
+  cuda::gather_rows(m.s, device_act, m.kept.data(), 0, m.n_kept, m.d, row(layer, at));
+}
+
+void DeviceRows::permute(const std::vector<int64_t>& perm) {
+  Impl& m = *impl_;
+  if (perm.empty()) return;
+  const std::vector<int32_t> p32(perm.begin(), perm.end());
+  cuda::upload(m.perm, std::span<const int32_t>(p32), m.s, "store permutation");
+  for (auto& b : m.buf) {
+    cuda::gather_rows(m.s, b.data(), m.perm.data(), 0, int64_t(p32.size()), m.d, m.spare.data());
+    std::swap(b, m.spare);  // stream-ordered: the next gather reads the new contents
+  }
+}
+
+void DeviceRows::move_front(int64_t from, int64_t n) {
+  Impl& m = *impl_;
+  if (n <= 0 || from == 0) return;
+  for (auto& b : m.buf) {
+    cuda::gather_rows(m.s, b.data(), nullptr, from, n, m.d, m.spare.data());
+    std::swap(b, m.spare);
+  }
+}
+
+void DeviceRows::sync() const {
+  SAE_CUDA(cudaStreamSynchronize(impl_->s));
+}
+
+int64_t DeviceRows::bytes() const {
+  const Impl& m = *impl_;
+  return int64_t(m.buf.size() + 1) * m.rows * m.d * 4;
+}
+
+}  // namespace sae::pipeline

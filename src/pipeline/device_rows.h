@@ -1,0 +1,40 @@
+// The activation store's rows in GPU memory (activation_store.h, when its model is a
+// DeviceGemma2): one [rows, d] buffer per layer, filled by the forward's hooks, shuffled and
+// compacted in place, and served as device pointers, so a release's SAE batches never leave the
+// device. Every operation is queued on the forward's stream; sync() waits for them. In a build
+// without CUDA the constructor throws a clear error.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace sae::pipeline {
+
+class DeviceRows {
+ public:
+  DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream);
+  ~DeviceRows();
+  DeviceRows(const DeviceRows&) = delete;
+  DeviceRows& operator=(const DeviceRows&) = delete;
+
+  // Row r of layer i (a device address).
+  float* row(size_t layer, int64_t r);
+  // The positions of the next forward's tokens that reach the SAEs (indices into its
+  // [tokens, d] activations), then each hook's kept rows appended at row `at` of `layer`.
+  void set_kept(const std::vector<int32_t>& kept);
+  void append_kept(size_t layer, int64_t at, const float* device_act);
+  // Rows [0, perm.size()) of every layer become rows perm[0], perm[1], ... (one permutation).
+  void permute(const std::vector<int64_t>& perm);
+  // Rows [from, from + n) of every layer move to [0, n).
+  void move_front(int64_t from, int64_t n);
+  void sync() const;
+  // Device memory held (the buffers and one spare layer for the out-of-place moves).
+  int64_t bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sae::pipeline
