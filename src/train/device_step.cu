@@ -599,30 +599,53 @@ struct DeviceTrainer::Impl {
   DeviceBuffer<int64_t> since, counts;
   // The step's scratch (this trainer's own, or shared), under the names the kernels use.
   std::shared_ptr<DeviceStepScratch> scratch;
-  DeviceBuffer<float>&gW_encT = scratch->gW_encT, &gW_dec = scratch->gW_dec,
-  &gb_enc = scratch->gb_enc, &gb_dec = scratch->gb_dec;
-  DeviceBuffer<double>&norm_sq = scratch->norm_sq, &norm_part = scratch->norm_part,
-  &bdec_acc = scratch->bdec_acc;
+  DeviceBuffer<float>& gW_encT = scratch->gW_encT;
+  DeviceBuffer<float>& gW_dec = scratch->gW_dec;
+  DeviceBuffer<float>& gb_enc = scratch->gb_enc;
+  DeviceBuffer<float>& gb_dec = scratch->gb_dec;
+  DeviceBuffer<double>& norm_sq = scratch->norm_sq;
+  DeviceBuffer<double>& norm_part = scratch->norm_part;
+  DeviceBuffer<double>& bdec_acc = scratch->bdec_acc;
   DeviceBuffer<uint16_t>& sae_in_bf16 = scratch->sae_in_bf16;
-  DeviceBuffer<float>&x = scratch->x, &sae_in = scratch->sae_in, &hidden_pre = scratch->hidden_pre,
-  &norms2 = scratch->norms2, &vecs = scratch->vecs, &wenc_db = scratch->wenc_db;
-  DeviceBuffer<double>&R_tok = scratch->R_tok, &ss_outer = scratch->ss_outer,
-  &losses = scratch->losses, &aux_loss = scratch->aux_loss;
+  DeviceBuffer<float>& x = scratch->x;
+  DeviceBuffer<float>& sae_in = scratch->sae_in;
+  DeviceBuffer<float>& hidden_pre = scratch->hidden_pre;
+  DeviceBuffer<float>& norms2 = scratch->norms2;
+  DeviceBuffer<float>& vecs = scratch->vecs;
+  DeviceBuffer<float>& wenc_db = scratch->wenc_db;
+  DeviceBuffer<double>& R_tok = scratch->R_tok;
+  DeviceBuffer<double>& ss_outer = scratch->ss_outer;
+  DeviceBuffer<double>& losses = scratch->losses;
+  DeviceBuffer<double>& aux_loss = scratch->aux_loss;
   cuda::DeviceRowSparse& active = scratch->active;
   cuda::BatchTopkScratch& topk_ws = scratch->topk_ws;
   DeviceBuffer<float>& min_selected = scratch->min_selected;
-  DeviceBuffer<int32_t>&token = scratch->token, &keys = scratch->keys, &ids = scratch->ids,
-  &keys_sorted = scratch->keys_sorted, &ids_sorted = scratch->ids_sorted;
-  DeviceBuffer<float>&dpre = scratch->dpre, &u = scratch->u;
+  DeviceBuffer<int32_t>& token = scratch->token;
+  DeviceBuffer<int32_t>& keys = scratch->keys;
+  DeviceBuffer<int32_t>& ids = scratch->ids;
+  DeviceBuffer<int32_t>& keys_sorted = scratch->keys_sorted;
+  DeviceBuffer<int32_t>& ids_sorted = scratch->ids_sorted;
+  DeviceBuffer<float>& dpre = scratch->dpre;
+  DeviceBuffer<float>& u = scratch->u;
   DeviceBuffer<int64_t>& start = scratch->start;
   DeviceBuffer<uint8_t>& cub_temp = scratch->cub_temp;
-  DeviceBuffer<uint8_t>&dead = scratch->dead, &aux_sel = scratch->aux_sel;
-  DeviceBuffer<int32_t>&dead_list = scratch->dead_list, &aux_pos = scratch->aux_pos,
-  &top_i = scratch->top_i;
-  DeviceBuffer<int>&dead_counts = scratch->dead_counts, &n_dead_dev = scratch->n_dead_dev;
-  DeviceBuffer<float>&hp_g = scratch->hp_g, &top_v = scratch->top_v, &aux_acts = scratch->aux_acts,
-  &wd = scratch->wd, &recon = scratch->recon, &h = scratch->h, &aux_dpre = scratch->aux_dpre,
-  &gwd = scratch->gwd, &gwe = scratch->gwe, &gb_aux = scratch->gb_aux;
+  DeviceBuffer<uint8_t>& dead = scratch->dead;
+  DeviceBuffer<uint8_t>& aux_sel = scratch->aux_sel;
+  DeviceBuffer<int32_t>& dead_list = scratch->dead_list;
+  DeviceBuffer<int32_t>& aux_pos = scratch->aux_pos;
+  DeviceBuffer<int32_t>& top_i = scratch->top_i;
+  DeviceBuffer<int>& dead_counts = scratch->dead_counts;
+  DeviceBuffer<int>& n_dead_dev = scratch->n_dead_dev;
+  DeviceBuffer<float>& hp_g = scratch->hp_g;
+  DeviceBuffer<float>& top_v = scratch->top_v;
+  DeviceBuffer<float>& aux_acts = scratch->aux_acts;
+  DeviceBuffer<float>& wd = scratch->wd;
+  DeviceBuffer<float>& recon = scratch->recon;
+  DeviceBuffer<float>& h = scratch->h;
+  DeviceBuffer<float>& aux_dpre = scratch->aux_dpre;
+  DeviceBuffer<float>& gwd = scratch->gwd;
+  DeviceBuffer<float>& gwe = scratch->gwe;
+  DeviceBuffer<float>& gb_aux = scratch->gb_aux;
   DeviceBuffer<unsigned long long>& dead_after = scratch->dead_after;
   DeviceBuffer<Report>& report = scratch->report;
   // host side
