@@ -21,13 +21,14 @@ GEMMA_2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, n
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu", help="where to draw the weights (cuda: faster)")
     a = p.parse_args()
     out = pathlib.Path(a.out)
     if (out / "model.safetensors.index.json").exists():
         print(f"{out}: already there")
         return
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    with torch.device(a.device):
         model = Gemma2ForCausalLM(Gemma2Config(**GEMMA_2_2B, dtype=torch.bfloat16)).to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="2GB")
     print(f"{out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, bf16")

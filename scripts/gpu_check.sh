@@ -7,8 +7,9 @@
 #   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests (SAE and Gemma-2),
 #       the Gemma-2 forward against transformers, the training-step benchmark in fp32/tf32/bf16
 #       (and with dead latents), SAELens's step on the same GPU, and 2000 steps of the
-#       hierarchy job on the GPU against the CPU. Logs and results.md go to
-#       $OUT (or out/gpu_check). Meant to finish in under 8 minutes.
+#       hierarchy job on the GPU against the CPU, then `sae release --device cuda` at the real
+#       shapes with 2, 10 and 50 SAEs (bench/release_cuda.sh; GPU_CHECK_RELEASE=0 skips it).
+#       Logs and results.md go to $OUT (or out/gpu_check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -135,6 +136,14 @@ for dev in cpu cuda; do
   echo "hierarchy-snap 2000 steps on $dev: exit $? $(python3 -c "import json;e=json.load(open('/tmp/hier_$dev/eval.json'));print('EV %.4f L0 %.2f' % (e['explained_variance'], e['l0']))" 2>&1)" | tee -a "$results"
   tail -3 "$out/hierarchy_$dev.log"
 done
+if [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
+  echo "== sae release --device cuda at the real shapes: 2, 10 and 50 SAEs (bench/release_cuda.sh)"
+  {
+    echo '```'
+    timeout 420 bash bench/release_cuda.sh "$bin/sae" 40
+    echo '```'
+  } 2>&1 | tee "$out/release_cuda.log" | tee -a "$results"
+fi
 set -e
 echo
 cat "$results"

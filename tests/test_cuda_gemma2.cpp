@@ -468,6 +468,33 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
   EXPECT_EQ(read_json_file(dir / "bf16/release.json")["recipe"]["model_bf16_matmul"], true);
 }
 
+// `sae cache --device cuda` writes the CPU forward's shards (fp32), and records a bf16 forward
+// as other activations (a bf16-matmul cache).
+TEST(CudaRelease, CacheOnTheDeviceWritesTheCpuShards) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  const std::string model = test::golden("gemma2/gqa_window/model");
+  test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
+  const std::string args = "cache --model " + model + " --dataset " + (dir / "docs.jsonl") +
+                           " --layers 0,2 --shard-tokens 1024 --context-size 16 "
+                           "--prompts-per-forward 4 --holdout-every 0 --tokens 2048 -o ";
+  const std::string cpu = dir / "cpu", gpu = dir / "gpu", bf16 = dir / "bf16";
+  for (const auto& [out, extra] :
+       {std::pair{cpu, ""}, std::pair{gpu, " --device cuda --precision fp32"},
+        std::pair{bf16, " --device cuda"}}) {
+    const auto r = test::run_cli(args + out + extra);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+  for (const char* hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"})
+    for (const char* shard : {"shard-00000.safetensors", "shard-00001.safetensors"}) {
+      SafetensorsFile a(gpu + "/" + hook + "/" + shard), b(cpu + "/" + hook + "/" + shard);
+      test::expect_close(a.read_f32("activations"), b.read_f32("activations"), 2e-5, hook);
+      EXPECT_EQ(a.read_i64("tokens"), b.read_i64("tokens"));
+    }
+  EXPECT_FALSE(read_json_file(gpu + "/cache.json").contains("bf16_matmul"));
+  EXPECT_EQ(read_json_file(bf16 + "/cache.json")["bf16_matmul"], true);
+}
+
 // A release whose SAEs do not fit the GPU stops before allocating, saying what fits.
 TEST(CudaRelease, PlanRefusesWhatDoesNotFit) {
   REQUIRE_GPU();

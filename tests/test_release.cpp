@@ -709,6 +709,12 @@ TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("MiB free"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir / "huge"));
+  if (cuda_device_count() == 0) {  // the GPU forward where there is none: refused up front
+    r = test::run_cli(args + (dir / "gpu") + " --tokens 1024 --device cuda");
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.output.find("--device cuda"), std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(dir / "gpu"));
+  }
 }
 
 }  // namespace

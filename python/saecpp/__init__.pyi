@@ -99,6 +99,8 @@ def release(
     stop_at_step: int = 0,
     log_every: int = 100,
     bf16_matmul: bool = False,
+    device: str = "cpu",
+    precision: str = "bf16",
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(

@@ -4,13 +4,16 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 
 #include "core/clock.h"
+#include "core/device.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
@@ -40,7 +43,8 @@ json identity(const CacheOptions& o) {
             {"dtype", o.dtype},
             {"shard_tokens", o.shard_tokens},
             {"corpus", o.corpus.to_json()}};
-  if (o.bf16_matmul) j["bf16_matmul"] = true;  // other activations than the f32 forward's
+  // Other activations than the f32 forward's: bf16 matmuls, on the CPU or the GPU.
+  if (o.bf16_matmul || (o.device == "cuda" && o.precision == "bf16")) j["bf16_matmul"] = true;
   return j;
 }
 
@@ -61,6 +65,10 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
   if (!opt.resume && fs::exists(manifest_path))
     fail(out.string(), "cache.json",
          "holds a cache already: pass --resume to continue it, or choose another folder");
+  const bool cuda = parse_device(opt.device, "cache") == Device::Cuda;
+  if (cuda && opt.precision != "bf16" && opt.precision != "fp32")
+    fail("cache", "precision", cat("must be bf16 or fp32, got '", opt.precision, "'"));
+  if (cuda) require_device(Device::Cuda);  // before anything is written or loaded
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "cache");
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
@@ -97,11 +105,19 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
              space.available >> 20, " MiB free"));
 
   fs::create_directories(out);
-  const model::Gemma2 m =
-      model::Gemma2::load(opt.model_dir, {.last_layer = layers.back(),
-                                          .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
-                                          .bf16_matmul = opt.bf16_matmul,
-                                          .verbose = false});
+  std::optional<model::Gemma2> m = model::Gemma2::load(
+      opt.model_dir,
+      {.last_layer = layers.back(),
+       .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul || (cuda && opt.precision == "bf16"),
+       .bf16_matmul = opt.bf16_matmul && !cuda,
+       .verbose = false});
+  std::optional<model::DeviceGemma2> dm;  // --device cuda: uploaded, the host copy dropped
+  if (cuda) {
+    dm.emplace(*m, opt.precision);
+    m.reset();
+    std::fprintf(stderr, "cache: the forward on %s in %s\n", cuda_device_description().c_str(),
+                 opt.precision.c_str());
+  }
   const model::Tokenizer tok((fs::path(opt.model_dir) / "tokenizer.model").string());
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
   data::WindowConfig wc = opt.windows;
@@ -148,13 +164,22 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
       break;
     }
     const std::vector<uint8_t> keep = non_special(batch.ids, special);
-    m.forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-      auto it = std::find(layers.begin(), layers.end(), l);
-      if (p != point || it == layers.end()) return;
-      auto& dst = pending[size_t(it - layers.begin())];
+    auto append_kept = [&](int64_t l, const float* a, int64_t n) {
+      auto& dst = pending[size_t(std::find(layers.begin(), layers.end(), l) - layers.begin())];
       for (int64_t t = 0; t < n; ++t)
         if (keep[size_t(t)]) dst.insert(dst.end(), a + t * d, a + (t + 1) * d);
-    });
+    };
+    auto wanted = [&](model::HookPoint p, int64_t l) {
+      return p == point && std::find(layers.begin(), layers.end(), l) != layers.end();
+    };
+    if (dm)
+      dm->forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+        if (wanted(p, l)) append_kept(l, dm->to_host(a, n * d).data(), n);
+      });
+    else
+      m->forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+        if (wanted(p, l)) append_kept(l, a, n);
+      });
     for (size_t t = 0; t < keep.size(); ++t)
       if (keep[t]) pending_ids.push_back(batch.ids[t]);
 

@@ -37,6 +37,8 @@ struct CacheOptions {
   std::string dtype = "f32";         // activations stored as f32 or bf16
   bool keep_bf16 = false;            // model weights kept in bf16
   bool bf16_matmul = false;          // ... and multiplied in bf16 (model::Gemma2Options)
+  std::string device = "cpu";        // "cuda": the forward on the GPU (rows come to the host)
+  std::string precision = "bf16";    // the GPU forward's: bf16 or fp32
   bool resume = false;
   int64_t stop_after_shards = 0;  // > 0: return after writing this many shard sets (slices)
 };

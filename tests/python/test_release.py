@@ -76,6 +76,23 @@ def test_release_stops_and_resumes(tmp_path):
         assert summary["results"][variant][hook]["training_tokens"] == 19968
 
 
+def test_release_on_the_gpu_or_a_clear_error(tmp_path):
+    """device='cuda': the whole release on the GPU where this build and machine have one (the
+    same SAEs as on the CPU, within training noise); else a clear error and no release."""
+    corpus, out = write_corpus(tmp_path), tmp_path / "gpu"
+    try:
+        summary = run(corpus, out, device="cuda", precision="fp32")
+    except saecpp.SaeError as e:
+        assert "--device cuda" in str(e)
+        assert not (out / "release.json").exists()
+        return
+    assert summary["device"]["forward"] == "fp32"
+    for sae_id in IDS:
+        variant, hook = sae_id.split("/")
+        assert 0.3 < summary["results"][variant][hook]["explained_variance"] <= 1.0
+        SAE.load_from_disk(str(out / sae_id))
+
+
 def write_cache(folder: pathlib.Path, layers=(3,), d=16, shards=6, shard_tokens=512) -> str:
     """An activation cache in `sae cache`'s layout, written by hand: sparse combinations of a
     random dictionary, so that an SAE has something to find."""

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `sae release --device cuda` throughput at the real shapes (issue 11, item 6), for the device
+# check: a Gemma-2-2b-shaped checkpoint with random bf16 weights (bench/make_random_gemma.py),
+# the forward in bf16, SAEs at the release's shape (width 32768, k 40, Matryoshka levels,
+# batch 4096, context 1024) with the encoder GEMM in bf16, for 2, 10 and 50 SAEs (1, 5 and 25
+# layers x the two variants). Each run is stopped (SIGKILL) once it has logged `steps` steps:
+# the benchmark writes no SAE, checkpoint or evaluation (50 SAEs' checkpoints would not fit the
+# disk). Prints each run's plan, tokens/s and split, the measured GPU memory, and the projected
+# wall time of the seed's release (750M tokens, 25 layers x 2 variants) from the 50-SAE rate.
+#   bash bench/release_cuda.sh SAE_BINARY [steps] [model dir]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+sae=${1:?usage: bash bench/release_cuda.sh SAE_BINARY [steps] [model dir]}
+steps=${2:-40}
+model=${3:-/tmp/gemma-2-2b-random}
+work=${TMPDIR:-/tmp}/saecpp-release-cuda
+[[ -f $model/config.json ]] || python3 bench/make_random_gemma.py --out "$model" --device cuda
+[[ -f $model/tokenizer.model ]] || cp tests/data/tiny_spm.model "$model/tokenizer.model"
+mkdir -p "$work"
+# Numbered lines of the tiny text: enough tokens for the buffer and `steps` batches.
+python3 - "$work/corpus.jsonl" <<'PY'
+import json, sys
+lines = [l for l in open("tests/data/tiny_corpus.txt").read().splitlines() if l]
+with open(sys.argv[1], "w") as f:
+    for i in range(150000):
+        f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
+PY
+echo "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
+declare -A rate
+for layers in 12 8-12 0-24; do
+  out=$work/out && rm -rf "$out"
+  log=$work/release_$layers.log
+  cmd=("$sae" release --device cuda --model "$model" --dataset "$work/corpus.jsonl"
+       --layers "$layers" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
+       --n-batches-in-buffer 4 --heldout-tokens 1024 --ce-windows 0 --log-every 10
+       --set training.precision=bf16 --set training.checkpoint_every_steps=0)
+  echo "command: ${cmd[*]}"
+  "${cmd[@]}" >"$log" 2>&1 &
+  pid=$!
+  t0=$(date +%s)
+  while kill -0 "$pid" 2>/dev/null; do
+    grep -q "step $steps/" "$log" && break
+    (($(date +%s) - t0 > 400)) && { echo "timed out"; break; }
+    sleep 1
+  done
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used at the end: /'
+  kill -9 "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  grep -E "^(GPU|release: [0-9]+ SAEs|release: step|error)" "$log" | sed -n '1,4p;$p'
+  last=$(grep -E "^release: step" "$log" | tail -1)
+  rate[$layers]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
+  echo
+done
+r50=${rate[0-24]:-0}
+echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?}, 50 SAEs $r50"
+if ((r50 > 0)); then
+  python3 -c "r=$r50; print(f'projected seed release (750M tokens, 50 SAEs in one run): {750e6 / r / 3600:.1f} h at {r} tokens/s (target: 12 h, 17 400 tokens/s)')"
+fi
