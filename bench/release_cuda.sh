@@ -18,13 +18,7 @@ work=${TMPDIR:-/tmp}/saecpp-release-cuda
 [[ -f $model/tokenizer.model ]] || cp tests/data/tiny_spm.model "$model/tokenizer.model"
 mkdir -p "$work"
 # Numbered lines of the tiny text: enough tokens for the buffer and `steps` batches.
-python3 - "$work/corpus.jsonl" <<'PY'
-import json, sys
-lines = [l for l in open("tests/data/tiny_corpus.txt").read().splitlines() if l]
-with open(sys.argv[1], "w") as f:
-    for i in range(150000):
-        f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
-PY
+python3 bench/make_tiny_corpus.py 150000 "$work/corpus.jsonl"
 echo "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 declare -A rate
 for layers in 12 8-12 0-24; do

@@ -15,13 +15,7 @@ work=${TMPDIR:-/tmp}/saecpp-release-bench
 [[ -f $model/tokenizer.model ]] || cp tests/data/tiny_spm.model "$model/tokenizer.model"
 rm -rf "$work" && mkdir -p "$work"
 # A corpus of the tiny text, numbered lines, enough for the run and its held-out windows.
-python3 - "$work/corpus.jsonl" <<'PY'
-import json, sys
-lines = [l for l in open("tests/data/tiny_corpus.txt").read().splitlines() if l]
-with open(sys.argv[1], "w") as f:
-    for i in range(20000):
-        f.write(json.dumps({"text": f"{lines[i % len(lines)]} {i}"}) + "\n")
-PY
+python3 bench/make_tiny_corpus.py 20000 "$work/corpus.jsonl"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads"
 cmd=(build/release/sae --threads "$threads" release --model "$model" --dataset "$work/corpus.jsonl"
      --layers 0-3 --variants standard --tokens $((steps * 4096)) -o "$work/out"

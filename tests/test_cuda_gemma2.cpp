@@ -385,13 +385,7 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   DeviceGemma2 g(m, "fp32");
   const Tokenizer tok(model + "/tokenizer.model");
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
-  pipeline::StoreConfig sc;
-  sc.windows.context_size = 16;
-  sc.windows.bos_id = tok.bos_id();
-  sc.windows.separator_id = tok.bos_id();
-  sc.prompts_per_forward = 3;
-  sc.n_batches_in_buffer = 4;
-  sc.batch_tokens = 20;
+  pipeline::StoreConfig sc = test::tiny_store_config(tok);
   sc.seed = 5;
   const std::vector<int64_t> layers = {0, 2};
   const int64_t d = m.cfg.hidden_size, n = 20 * d;

@@ -55,13 +55,7 @@ TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
   const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
   const model::Tokenizer tok(kModel + "/tokenizer.model");
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
-  StoreConfig sc;
-  sc.windows.context_size = 16;
-  sc.windows.bos_id = tok.bos_id();
-  sc.windows.separator_id = tok.bos_id();
-  sc.prompts_per_forward = 3;
-  sc.n_batches_in_buffer = 4;
-  sc.batch_tokens = 20;
+  StoreConfig sc = test::tiny_store_config(tok);
   const std::vector<int64_t> layers = {0, 2};
   const int64_t d = m.cfg.hidden_size, n_batches = 12;
 
@@ -366,6 +360,16 @@ TEST(Release, DataParallelGroupsWhenFewerSaesThanRanks) {
       const LoadedSae l = load_from_disk(resolve_pretrained(out, variant + "/" + hook));
       EXPECT_EQ(l.sae.cfg.d_sae, 64);
     }
+  }
+  // On GPUs the SAE steps' own exchange (data parallel) needs NCCL: refused, naming why, before
+  // anything is loaded (a GPU or not).
+  for (const std::string extra : {" --parallel data", ""}) {
+    const std::string out = dir / "gpu";
+    const auto r = test::run_shell("timeout 120 " + test::mpirun(3) + SAECPP_CLI + " " +
+                                   one_layer(out) + extra + " --device cuda");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.output.find("module parallel only"), std::string::npos) << r.output;
+    EXPECT_FALSE(std::filesystem::exists(out + "/.work"));
   }
 }
 

@@ -60,6 +60,22 @@ CudaMemory cuda_memory() {
   return m;
 }
 
+int use_cuda_device(int index) {
+#if SAECPP_HAS_CUDA
+  const int n = cuda_device_count();
+  if (n == 0) return 0;
+  const int dev = index % n;
+  if (cudaSetDevice(dev) != cudaSuccess) {
+    cudaGetLastError();
+    fail(cat("cudaSetDevice(", dev, ") failed"));
+  }
+  return dev;
+#else
+  (void)index;
+  return 0;
+#endif
+}
+
 void require_device(Device d) {
   if (d == Device::Cpu) return;
   if (!cuda_compiled())

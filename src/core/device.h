@@ -22,6 +22,9 @@ struct CudaMemory {
   size_t free = 0, total = 0;
 };
 CudaMemory cuda_memory();
+// Makes GPU `index % count` this process's device (before any CUDA work: one GPU per rank of a
+// node). Returns the device chosen (0 without a GPU).
+int use_cuda_device(int index);
 // Throws a clear error when device is Cuda and this build or machine cannot run it.
 void require_device(Device d);
 

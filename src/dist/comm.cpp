@@ -1,5 +1,7 @@
 #include "dist/comm.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -72,6 +74,15 @@ std::vector<std::string> allgather_strings(Comm& comm, const std::string& mine) 
     all[size_t(r)] = std::move(bytes);
   }
   return all;
+}
+
+int local_rank(Comm& comm) {
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  const std::vector<std::string> hosts = allgather_strings(comm, host);
+  int local = 0;
+  for (int r = 0; r < comm.rank(); ++r) local += hosts[size_t(r)] == hosts[size_t(comm.rank())];
+  return local;
 }
 
 std::optional<Launch> launch_from_environment() {

@@ -54,6 +54,10 @@ class Comm {
 // Every rank's string, in rank order (small metadata: sizes through allgather, then bytes).
 std::vector<std::string> allgather_strings(Comm& comm, const std::string& mine);
 
+// This rank's index among the ranks on its machine (same host name; in rank order): which of
+// the machine's GPUs it takes. A collective.
+int local_rank(Comm& comm);
+
 // What the environment says of the launch: rank and size when an MPI launcher (Open MPI, MPICH,
 // Slurm's srun) started this process as one of several, else nullopt.
 struct Launch {

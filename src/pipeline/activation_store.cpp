@@ -191,12 +191,14 @@ bool ActivationStore::advance() {
 }
 
 bool ActivationStore::next_batch(const std::vector<float*>& out) {
-  if (dev_rows_)
-    fail("activation store", "device", "a GPU store serves its batches with next_batch_view");
-  if (out.size() != buf_.size()) fail("activation store", "out", "one pointer per layer");
+  const size_t n_layers = dev_rows_ ? layers_.size() : buf_.size();
+  if (out.size() != n_layers) fail("activation store", "out", "one pointer per layer");
   if (!advance()) return false;
-  for (size_t i = 0; i < buf_.size(); ++i)
-    std::memcpy(out[i], buf_[i].data() + serve_begin_ * d_, size_t(cfg_.batch_tokens * d_) * 4);
+  for (size_t i = 0; i < n_layers; ++i)
+    if (dev_rows_)  // a GPU store's batch through the host (module parallel's exchange)
+      dev_rows_->to_host(i, serve_begin_, cfg_.batch_tokens, out[i]);
+    else
+      std::memcpy(out[i], buf_[i].data() + serve_begin_ * d_, size_t(cfg_.batch_tokens * d_) * 4);
   serve_begin_ += cfg_.batch_tokens;
   return true;
 }

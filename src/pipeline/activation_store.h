@@ -73,8 +73,8 @@ class ActivationStore {
   // Rows from elsewhere (an activation cache): `fill` appends at most `max_fill_rows` rows of
   // each of `n_layers` layers of width d per call.
   ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers, StoreConfig cfg);
-  // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i] (host memory);
-  // false when the corpus ran out before a whole batch.
+  // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i] (host memory; a
+  // GPU store copies it there); false when the corpus ran out before a whole batch.
   bool next_batch(const std::vector<float*>& out);
   // The next batch in place: rows[i] points at layer i's batch inside the store (device memory
   // for a GPU store, complete when this returns), valid until the next call.

@@ -68,6 +68,13 @@ void DeviceRows::move_front(int64_t from, int64_t n) {
   }
 }
 
+void DeviceRows::to_host(size_t layer, int64_t first, int64_t n, float* host) {
+  Impl& m = *impl_;
+  SAE_CUDA(
+      cudaMemcpyAsync(host, row(layer, first), size_t(n * m.d) * 4, cudaMemcpyDeviceToHost, m.s));
+  sync();
+}
+
 void DeviceRows::sync() const {
   SAE_CUDA(cudaStreamSynchronize(impl_->s));
 }

@@ -28,6 +28,8 @@ class DeviceRows {
   void permute(const std::vector<int64_t>& perm);
   // Rows [from, from + n) of every layer move to [0, n).
   void move_front(int64_t from, int64_t n);
+  // Rows [first, first + n) of `layer` into host memory (synchronous).
+  void to_host(size_t layer, int64_t first, int64_t n, float* host);
   void sync() const;
   // Device memory held (the buffers and one spare layer for the out-of-place moves).
   int64_t bytes() const;

@@ -314,15 +314,9 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const bool cuda = parse_device(opt.device, "release") == Device::Cuda;
   if (cuda) {
-    if (n_ranks > 1)
-      fail("release", "device",
-           cat("cuda under several ranks is not built yet (NCCL, issue 12): run one process per "
-               "GPU, each on its own group of layers (--layers), and join them with sae "
-               "release-merge"));
     if (opt.precision != "bf16" && opt.precision != "fp32")
       fail("release", "precision",
            cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
-    require_device(Device::Cuda);  // before loading anything
   }
   // The model: its checkpoint, or (from a cache) only its names and width.
   model::Checkpoint ckpt;
@@ -356,6 +350,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // The communicator each of this rank's SAEs is trained over (data parallel inside a group):
   // the whole job, one group's ranks (each rank is in one group when the groups are disjoint),
   // or none (one rank per SAE).
+  // Several ranks on GPUs: module parallel only (each SAE on one rank's GPU; the activations
+  // cross through host memory over MPI). The SAE step's own exchange on the device (data
+  // parallel) needs NCCL, not built.
+  if (cuda && n_ranks > 1 && (opt.parallel == "data" || int64_t(jobs.size()) < n_ranks))
+    fail("release", "device",
+         cat("cuda under ", n_ranks,
+             " ranks runs module parallel only (at least as many SAEs as "
+             "ranks, --parallel modules): data-parallel SAE steps on GPUs need NCCL, not built "
+             "yet (issue 12); ",
+             jobs.size(), " SAEs here"));
+  if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
+  int gpu_index = 0;
+  if (cuda && n_ranks > 1) gpu_index = use_cuda_device(dist::local_rank(comm));
   std::unique_ptr<dist::Comm> my_group;
   dist::Comm* sae_comm = nullptr;
   if (opt.parallel == "data" && n_ranks > 1) {
@@ -439,13 +446,16 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     shape.forward_tokens = store.prompts_per_forward * store.windows.context_size;
     shape.context_size = store.windows.context_size;
     shape.store_rows = store.n_batches_in_buffer * shape.forward_tokens + shape.forward_tokens;
-    std::vector<PlannedSae> planned;
-    for (const Job& j : jobs) planned.push_back({j.layer, j.cfg});
+    std::vector<PlannedSae> planned;  // this rank's SAEs
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (mine(i)) planned.push_back({jobs[i].layer, jobs[i].cfg});
     gpu_plan = plan_device_release(shape, layers, planned);
     const CudaMemory mem = cuda_memory();
-    std::fprintf(stderr, "GPU: %s\nGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
-                 cuda_device_description().c_str(), gpu_plan.describe().c_str(),
-                 fmt_bytes(double(mem.free)).c_str(), 100 * kPlannedDeadShare);
+    const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
+    std::fprintf(
+        stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
+        who.c_str(), gpu_index, cuda_device_description().c_str(), who.c_str(),
+        gpu_plan.describe().c_str(), fmt_bytes(double(mem.free)).c_str(), 100 * kPlannedDeadShare);
     if (gpu_plan.total() > int64_t(mem.free)) {
       const std::vector<int64_t> fit = layers_that_fit(shape, layers, planned, int64_t(mem.free));
       std::string list;
@@ -575,10 +585,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // local: this rank's rows of each layer's batch; batch: the whole batch of the layers this
   // rank trains (one process: the same buffers).
   std::vector<float*> ptrs(layers.size());
-  // A GPU store serves its batches in place (device_view): no host copies at all.
+  // One process with a GPU store: batches served in place (device_view), no host copies at
+  // all. Several ranks: the rows cross through host memory (the exchange is MPI's).
+  const bool in_place = acts.on_device() && n_ranks == 1;
   std::vector<const float*> device_view;
   std::vector<std::vector<float>> local(
-      layers.size(), std::vector<float>(acts.on_device() ? 0 : size_t(store.batch_tokens * d)));
+      layers.size(), std::vector<float>(in_place ? 0 : size_t(store.batch_tokens * d)));
   std::vector<std::vector<float>> batch_all;
   if (n_ranks > 1)
     for (size_t s = 0; s < layers.size(); ++s)
@@ -587,7 +599,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = local[s].data();
   // The next global batch on every rank; false on every rank when any rank's share ran out.
   auto next_batch = [&] {
-    if (acts.on_device()) return acts.next_batch_view(device_view);  // one process
+    if (in_place) return acts.next_batch_view(device_view);
     bool ok = acts.next_batch(ptrs);
     if (n_ranks == 1) return ok;
     std::vector<double> out_of_data = {ok ? 0.0 : 1.0};
@@ -617,7 +629,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       for (size_t s = 0; s < layers.size(); ++s) {
         if (!sources[s]) continue;
         auto& nb = sources[s]->norm_batches;
-        if (acts.on_device()) {
+        if (in_place) {
           const std::vector<float> host = dmodel->to_host(device_view[s], global_batch * d);
           nb.insert(nb.end(), host.begin(), host.end());
         } else {
@@ -638,7 +650,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     j.trainer->print_progress = false;
     j.trainer->auto_checkpoint = false;
     j.trainer->begin(opt.resume);
-    if (!acts.on_device()) j.x.resize(size_t(global_batch * d));
+    if (!in_place) j.x.resize(size_t(global_batch * d));
     step = std::min(step, j.trainer->step());
   }
   if (step == std::numeric_limits<int64_t>::max()) step = state_step;  // a rank with no SAE
@@ -705,7 +717,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (!j.trainer || j.trainer->step() > step)
         continue;  // another rank's, or ahead after a
                    // kill mid-checkpoint
-      if (acts.on_device()) {
+      if (in_place) {
         j.trainer->train_step_on_device(device_view[size_t(j.layer_slot)]);
         continue;
       }
@@ -856,11 +868,17 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
         fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
         acts.forward_seconds(), sae_seconds, t_end - t_final);
-  if (cuda && lead)
-    std::fprintf(stderr,
-                 "release: GPU memory: peak %s in use on the device (CUDA contexts included) "
-                 "against the plan's %s\n",
-                 fmt_bytes(double(gpu_peak)).c_str(), fmt_bytes(double(gpu_plan.total())).c_str());
+  if (cuda) {
+    const std::string line =
+        cat("GPU memory: peak ", fmt_bytes(double(gpu_peak)),
+            " in use on the device (CUDA contexts included) against the plan's ",
+            fmt_bytes(double(gpu_plan.total())));
+    const auto lines = dist::allgather_strings(comm, line);  // every rank's GPU, in rank order
+    if (lead)
+      for (size_t r = 0; r < lines.size(); ++r)
+        std::fprintf(stderr, "release: %s%s\n", n_ranks > 1 ? cat("rank ", r, ": ").c_str() : "",
+                     lines[r].c_str());
+  }
   return true;
 }
 
