@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <memory>
@@ -13,6 +14,7 @@
 #include "core/error.h"
 #include "core/memory.h"
 #include "dist/comm.h"
+#include "dist/nccl.h"
 #include "eval/lm_score.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -212,50 +214,78 @@ std::vector<std::pair<int, int>> assign_rank_groups(const std::vector<Job>& jobs
 
 // Module parallel's activation exchange: every rank forwards its share of the corpus and holds
 // rows [B*r/N, B*(r+1)/N) of each layer's global batch; each layer's rows go to the ranks that
-// own an SAE of that layer (one MPI_Alltoallv), which assemble the global batch in rank order.
+// own an SAE of that layer, which assemble the global batch in rank order. One plan (moves()),
+// two transports: host memory through one MPI_Alltoallv, or GPU to GPU through NCCL.
 class BatchExchange {
  public:
   BatchExchange(dist::Comm& comm, int64_t batch, int64_t d, std::vector<std::vector<uint8_t>> wants)
       : comm_(comm), B_(batch), d_(d), wants_(std::move(wants)) {}
   int64_t rows_of(int r) const { return B_ * (r + 1) / comm_.size() - B_ * r / comm_.size(); }
+  int64_t first_row(int r) const { return B_ * r / comm_.size(); }
 
-  // local[s]: this rank's rows of slot s; global[s]: the whole batch, filled for the slots
-  // this rank wants.
+  // This rank's part of the exchange, in the order both transports use: for each peer q (in
+  // rank order), the slots q wants (this rank's rows go there), and the slots this rank wants
+  // (q's rows land at q's rows of the global batch).
+  struct Moves {
+    std::vector<std::pair<int, size_t>> sends, recvs;  // (peer, slot)
+  };
+  Moves moves() const {
+    Moves m;
+    const int me = comm_.rank();
+    for (int q = 0; q < comm_.size(); ++q)
+      for (size_t s = 0; s < wants_[0].size(); ++s) {
+        if (wants_[size_t(q)][s]) m.sends.emplace_back(q, s);
+        if (wants_[size_t(me)][s]) m.recvs.emplace_back(q, s);
+      }
+    return m;
+  }
+
+  // Host memory. local[s]: this rank's rows of slot s; global[s]: the whole batch, filled for
+  // the slots this rank wants.
   void exchange(const std::vector<std::vector<float>>& local,
                 std::vector<std::vector<float>>& global) {
     const int n = comm_.size(), me = comm_.rank();
-    const size_t slots = local.size();
-    std::vector<int> send_counts(size_t(n), 0), recv_counts(size_t(n), 0);
+    const Moves m = moves();
+    std::vector<int64_t> send_floats(size_t(n), 0), recv_floats(size_t(n), 0);
     send_.clear();
-    for (int q = 0; q < n; ++q) {
-      int64_t floats = 0;
-      for (size_t s = 0; s < slots; ++s)
-        if (wants_[size_t(q)][s]) {
-          send_.insert(send_.end(), local[s].begin(), local[s].end());
-          floats += rows_of(me) * d_;
-        }
-      int64_t from_q = 0;
-      for (size_t s = 0; s < slots; ++s)
-        if (wants_[size_t(me)][s]) from_q += rows_of(q) * d_;
-      SAE_CHECK(floats < (int64_t(1) << 31) && from_q < (int64_t(1) << 31),
-                "module parallel: one exchange of more than 2^31 floats");
-      send_counts[size_t(q)] = int(floats), recv_counts[size_t(q)] = int(from_q);
+    for (const auto& [q, s] : m.sends) {
+      send_.insert(send_.end(), local[s].begin(), local[s].end());
+      send_floats[size_t(q)] += rows_of(me) * d_;
     }
+    for (const auto& [q, s] : m.recvs) recv_floats[size_t(q)] += rows_of(q) * d_;
+    std::vector<int> send_counts(static_cast<size_t>(n), 0), recv_counts(static_cast<size_t>(n), 0);
     int64_t total = 0;
-    for (int c : recv_counts) total += c;
+    for (int q = 0; q < n; ++q) {
+      SAE_CHECK(send_floats[size_t(q)] < (int64_t(1) << 31) &&
+                    recv_floats[size_t(q)] < (int64_t(1) << 31),
+                "module parallel: one exchange of more than 2^31 floats");
+      send_counts[size_t(q)] = int(send_floats[size_t(q)]);
+      recv_counts[size_t(q)] = int(recv_floats[size_t(q)]);
+      total += recv_floats[size_t(q)];
+    }
     recv_.resize(size_t(total));
     comm_.alltoall(send_, send_counts, recv_, recv_counts);
     // recv: [source rank][wanted slot][its rows, d] -> global[slot]: [rank-ordered rows, d].
     size_t at = 0;
-    for (int q = 0; q < n; ++q) {
-      const size_t first_row = size_t(B_ * q / n), rows = size_t(rows_of(q));
-      for (size_t s = 0; s < slots; ++s)
-        if (wants_[size_t(me)][s]) {
-          std::copy_n(recv_.data() + at, rows * size_t(d_),
-                      global[s].data() + first_row * size_t(d_));
-          at += rows * size_t(d_);
-        }
+    for (const auto& [q, s] : m.recvs) {
+      const size_t rows = size_t(rows_of(q));
+      std::copy_n(recv_.data() + at, rows * size_t(d_),
+                  global[s].data() + size_t(first_row(q) * d_));
+      at += rows * size_t(d_);
     }
+  }
+
+  // GPU to GPU: local[s] and global[s] in device memory (global only for the wanted slots).
+  void exchange(dist::NcclComm& nccl, const std::vector<const float*>& local,
+                const std::vector<float*>& global, void* stream) {
+    const int me = comm_.rank();
+    const Moves m = moves();
+    std::vector<dist::DeviceSend> sends;
+    std::vector<dist::DeviceRecv> recvs;
+    for (const auto& [q, s] : m.sends) sends.push_back({q, local[s], rows_of(me) * d_});
+    for (const auto& [q, s] : m.recvs)
+      recvs.push_back({q, global[s] + first_row(q) * d_, rows_of(q) * d_});
+    nccl.exchange(sends, recvs, stream);
   }
 
  private:
@@ -362,7 +392,16 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
              jobs.size(), " SAEs here"));
   if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
   int gpu_index = 0;
-  if (cuda && n_ranks > 1) gpu_index = use_cuda_device(dist::local_rank(comm));
+  bool gpu_exchange = false;  // NCCL between the ranks' GPUs (else through host memory)
+  if (cuda && n_ranks > 1) {
+    const int local = dist::local_rank(comm);
+    gpu_index = use_cuda_device(local);
+    // NCCL needs a GPU of its own for every rank; SAECPP_NCCL=0 keeps the host path.
+    std::vector<double> shares = {local >= cuda_device_count() ? 1.0 : 0.0};
+    comm.allreduce_max(shares);
+    const char* env = std::getenv("SAECPP_NCCL");
+    gpu_exchange = dist::nccl_compiled() && shares[0] == 0.0 && !(env && std::string(env) == "0");
+  }
   std::unique_ptr<dist::Comm> my_group;
   dist::Comm* sae_comm = nullptr;
   if (opt.parallel == "data" && n_ranks > 1) {
@@ -450,6 +489,11 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     for (size_t i = 0; i < jobs.size(); ++i)
       if (mine(i)) planned.push_back({jobs[i].layer, jobs[i].cfg});
     gpu_plan = plan_device_release(shape, layers, planned);
+    if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
+      gpu_plan.store += global_batch * d * 4;  // DeviceRows' spare
+      for (size_t s = 0; s < layers.size(); ++s)
+        gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
+    }
     const CudaMemory mem = cuda_memory();
     const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
     std::fprintf(
@@ -585,27 +629,51 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // local: this rank's rows of each layer's batch; batch: the whole batch of the layers this
   // rank trains (one process: the same buffers).
   std::vector<float*> ptrs(layers.size());
-  // One process with a GPU store: batches served in place (device_view), no host copies at
-  // all. Several ranks: the rows cross through host memory (the exchange is MPI's).
-  const bool in_place = acts.on_device() && n_ranks == 1;
-  std::vector<const float*> device_view;
+  // A GPU store in one process, or several GPUs with NCCL: batches stay in device memory
+  // (device_view: this rank's rows; train_view: the global batch each SAE reads). Otherwise the
+  // rows cross through host memory (one process on the CPU; MPI's exchange).
+  const bool in_place = acts.on_device() && (n_ranks == 1 || gpu_exchange);
+  std::vector<const float*> device_view, train_view;
+  std::optional<dist::NcclComm> nccl;
+  std::optional<DeviceRows> global_rows;  // NCCL: the global batches of this rank's layers
+  std::vector<float*> global_dev(layers.size(), nullptr);
+  if (gpu_exchange) {
+    nccl.emplace(comm);
+    size_t n_mine = 0;
+    for (size_t s = 0; s < layers.size(); ++s) n_mine += my_slot[s] >= 0;
+    global_rows.emplace(std::max<size_t>(n_mine, 1), global_batch, d, dmodel->stream());
+    for (size_t s = 0, i = 0; s < layers.size(); ++s)
+      if (my_slot[s] >= 0) global_dev[s] = global_rows->row(i++, 0);
+  }
+  if (lead && cuda && n_ranks > 1)
+    std::fprintf(stderr, "release: activations between the GPUs: %s\n",
+                 gpu_exchange ? nccl->describe().c_str()
+                              : "through host memory over MPI (no NCCL in this build, a GPU "
+                                "shared by ranks, or SAECPP_NCCL=0)");
   std::vector<std::vector<float>> local(
       layers.size(), std::vector<float>(in_place ? 0 : size_t(store.batch_tokens * d)));
   std::vector<std::vector<float>> batch_all;
-  if (n_ranks > 1)
+  if (n_ranks > 1 && !in_place)
     for (size_t s = 0; s < layers.size(); ++s)
       batch_all.emplace_back(my_slot[s] >= 0 ? size_t(global_batch * d) : 0);
   std::vector<std::vector<float>>& batch = n_ranks > 1 ? batch_all : local;
   for (size_t s = 0; s < layers.size(); ++s) ptrs[s] = local[s].data();
   // The next global batch on every rank; false on every rank when any rank's share ran out.
   auto next_batch = [&] {
-    if (in_place) return acts.next_batch_view(device_view);
-    bool ok = acts.next_batch(ptrs);
-    if (n_ranks == 1) return ok;
+    const bool ok = in_place ? acts.next_batch_view(device_view) : acts.next_batch(ptrs);
+    if (n_ranks == 1) {
+      train_view = device_view;
+      return ok;
+    }
     std::vector<double> out_of_data = {ok ? 0.0 : 1.0};
     comm.allreduce_max(out_of_data);
     if (out_of_data[0] != 0.0) return false;
-    exchange.exchange(local, batch_all);
+    if (in_place) {
+      exchange.exchange(*nccl, device_view, global_dev, dmodel->stream());
+      train_view.assign(global_dev.begin(), global_dev.end());
+    } else {
+      exchange.exchange(local, batch_all);
+    }
     return true;
   };
 
@@ -630,7 +698,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         if (!sources[s]) continue;
         auto& nb = sources[s]->norm_batches;
         if (in_place) {
-          const std::vector<float> host = dmodel->to_host(device_view[s], global_batch * d);
+          const std::vector<float> host = dmodel->to_host(train_view[s], global_batch * d);
           nb.insert(nb.end(), host.begin(), host.end());
         } else {
           nb.insert(nb.end(), batch[s].begin(), batch[s].end());
@@ -718,7 +786,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         continue;  // another rank's, or ahead after a
                    // kill mid-checkpoint
       if (in_place) {
-        j.trainer->train_step_on_device(device_view[size_t(j.layer_slot)]);
+        j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
         continue;
       }
       std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
