@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/threads.h"
 #include "dist/comm.h"
+#include "dist/nccl.h"
 #include "ops/cpu_kernels.h"
 #include "ops/gemm.h"
 #include "ops/gemm_bf16.h"
@@ -71,7 +72,8 @@ int run_command(int argc, char** argv) {
   app.set_version_flag("--version", [] {
     return sae::cat("sae.cpp " SAECPP_VERSION "\ncpu kernels: ", sae::ops::cpu_kernels_summary(),
                     "\nbf16 matmuls: ", sae::ops::bf16_gemm_path(),
-                    "\ncuda: ", SAECPP_HAS_CUDA ? "compiled in" : "not built");
+                    "\ncuda: ", SAECPP_HAS_CUDA ? "compiled in" : "not built",
+                    "\nnccl: ", sae::dist::nccl_compiled() ? "compiled in" : "not built");
   });
 
   std::map<CLI::App*, sae::cli::Runner> runners;
