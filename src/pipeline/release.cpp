@@ -380,15 +380,13 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // The communicator each of this rank's SAEs is trained over (data parallel inside a group):
   // the whole job, one group's ranks (each rank is in one group when the groups are disjoint),
   // or none (one rank per SAE).
-  // Several ranks on GPUs: module parallel only (each SAE on one rank's GPU; the activations
-  // cross through host memory over MPI). The SAE step's own exchange on the device (data
-  // parallel) needs NCCL, not built.
+  // Several ranks on GPUs: module parallel only (each SAE on one rank's GPU). Data-parallel SAE
+  // steps would need the step's own exchange on the device, not built.
   if (cuda && n_ranks > 1 && (opt.parallel == "data" || int64_t(jobs.size()) < n_ranks))
     fail("release", "device",
          cat("cuda under ", n_ranks,
-             " ranks runs module parallel only (at least as many SAEs as "
-             "ranks, --parallel modules): data-parallel SAE steps on GPUs need NCCL, not built "
-             "yet (issue 12); ",
+             " ranks runs module parallel only (at least as many SAEs as ranks, --parallel "
+             "modules): data-parallel SAE steps on GPUs are not built yet (issue 12); ",
              jobs.size(), " SAEs here"));
   if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
   int gpu_index = 0;
@@ -400,7 +398,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     std::vector<double> shares = {local >= cuda_device_count() ? 1.0 : 0.0};
     comm.allreduce_max(shares);
     const char* env = std::getenv("SAECPP_NCCL");
-    gpu_exchange = dist::nccl_compiled() && shares[0] == 0.0 && !(env && std::string(env) == "0");
+    gpu_exchange = dist::nccl_compiled() && !from_cache && shares[0] == 0.0 &&
+                   !(env && std::string(env) == "0");
   }
   std::unique_ptr<dist::Comm> my_group;
   dist::Comm* sae_comm = nullptr;
@@ -646,10 +645,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (my_slot[s] >= 0) global_dev[s] = global_rows->row(i++, 0);
   }
   if (lead && cuda && n_ranks > 1)
-    std::fprintf(stderr, "release: activations between the GPUs: %s\n",
-                 gpu_exchange ? nccl->describe().c_str()
-                              : "through host memory over MPI (no NCCL in this build, a GPU "
-                                "shared by ranks, or SAECPP_NCCL=0)");
+    std::fprintf(
+        stderr, "release: activations between the GPUs: %s\n",
+        gpu_exchange
+            ? nccl->describe().c_str()
+            : "through host memory over MPI (rows from a cache, no NCCL in this build, a GPU "
+              "shared by ranks, or SAECPP_NCCL=0)");
   std::vector<std::vector<float>> local(
       layers.size(), std::vector<float>(in_place ? 0 : size_t(store.batch_tokens * d)));
   std::vector<std::vector<float>> batch_all;
