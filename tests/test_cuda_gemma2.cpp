@@ -417,13 +417,16 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
   test::TempDir dir;
   const std::string model = test::golden("gemma2/gqa_window/model");
   test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
-  const std::string args =
-      "release --model " + model + " --dataset " + (dir / "docs.jsonl") +
-      " --layers 0,2 --tokens 20000 --model-name tiny-gemma2 --context-size 16 "
-      "--prompts-per-forward 4 --n-batches-in-buffer 4 --holdout-every 10 --heldout-tokens 512 "
-      "--ce-windows 2 --log-every 50 --set sae.d_sae=64 --set sae.k=4 "
-      "--set sae.matryoshka_widths=[16,64] --set training.batch_size=64 "
-      "--set training.checkpoint_every_steps=50 --set optimizer.lr=3e-3 -o ";
+  auto release = [&](const std::string& layers, const std::string& variants) {
+    return "release --model " + model + " --dataset " + (dir / "docs.jsonl") + " --layers " +
+           layers + " --variants " + variants +
+           " --tokens 20000 --model-name tiny-gemma2 --context-size 16 "
+           "--prompts-per-forward 4 --n-batches-in-buffer 4 --holdout-every 10 "
+           "--heldout-tokens 512 --ce-windows 2 --log-every 50 --set sae.d_sae=64 --set sae.k=4 "
+           "--set sae.matryoshka_widths=[16,64] --set training.batch_size=64 "
+           "--set training.checkpoint_every_steps=50 --set optimizer.lr=3e-3 -o ";
+  };
+  const std::string args = release("0,2", "standard,snap");
   auto run = [&](const std::string& a) {
     const auto r = test::run_cli(a);
     EXPECT_EQ(r.exit_code, 0) << a << "\n" << r.output;
@@ -458,7 +461,7 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
       resumed["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(),
       gpu["results"]["snap"]["blocks.2.hook_resid_post"]["explained_variance"].get<double>(), 0.02);
   // bf16 forward: recorded as a bf16-matmul recipe (release-merge keeps it apart).
-  run(args + (dir / "bf16") + " --device cuda --layers 2 --variants snap");
+  run(release("2", "snap") + (dir / "bf16") + " --device cuda");
   EXPECT_EQ(read_json_file(dir / "bf16/release.json")["recipe"]["model_bf16_matmul"], true);
 }
 
