@@ -449,10 +449,11 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
               cat(" (data parallel with ranks ", group[i].first, "-", group[i].second - 1, ")");
       }
     const auto lines = dist::allgather_strings(
-        comm,
-        cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list, "; memory: model ",
-            fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b), " + activation buffers ",
-            fmt_bytes(buffer_b), " = ", fmt_bytes(model_b + saes_b + buffer_b)));
+        comm, cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list,
+                  cuda ? std::string("; on its GPU (its memory plan below)")
+                       : cat("; memory: model ", fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b),
+                             " + activation buffers ", fmt_bytes(buffer_b), " = ",
+                             fmt_bytes(model_b + saes_b + buffer_b))));
     if (lead) {
       std::fprintf(
           stderr,
