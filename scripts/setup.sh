@@ -13,6 +13,7 @@ packages=(
   libzstd-dev            # .jsonl.zst corpora
   libsleef-dev           # vector tanh/exp for the CPU kernels (Gemma-2 GeGLU, soft-caps)
   libdnnl-dev            # oneDNN: bf16 GEMMs where the CPU has bf16 dot products (ops/gemm_bf16.h)
+  ocl-icd-opencl-dev     # ... whose CMake config asks for OpenCL (only recommended by Debian)
   libopenmpi-dev openmpi-bin  # jobs over several ranks (mpirun, srun): dist/
   libcurl4-openssl-dev libssl-dev  # Hugging Face Hub downloads (HTTP, checksums)
   libgtest-dev libgmock-dev  # tests
