@@ -3,7 +3,8 @@
 # check: a Gemma-2-2b-shaped checkpoint with random bf16 weights (bench/make_random_gemma.py),
 # the forward in bf16, SAEs at the release's shape (width 32768, k 40, Matryoshka levels,
 # batch 4096, context 1024) with the encoder GEMM in bf16, for 2, 10 and 50 SAEs (1, 5 and 25
-# layers x the two variants). Each run is stopped (SIGKILL) once it has logged `steps` steps:
+# layers x the two variants), and 10 SAEs again with --no-overlap (the forwards between the SAE
+# steps instead of beside them: what the overlap gains). Each run is stopped (SIGKILL) once it has logged `steps` steps:
 # the benchmark writes no SAE, checkpoint or evaluation (50 SAEs' checkpoints would not fit the
 # disk). Prints each run's plan, tokens/s and split, the measured GPU memory, and the projected
 # wall time of the seed's release (750M tokens, 25 layers x 2 variants) from the 50-SAE rate.
@@ -21,11 +22,14 @@ mkdir -p "$work"
 python3 bench/make_tiny_corpus.py 150000 "$work/corpus.jsonl"
 echo "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 declare -A rate
-for layers in 12 8-12 0-24; do
+for run in 12 8-12 8-12:--no-overlap 0-24; do
+  layers=${run%%:*}
+  extra=()
+  [[ $run == *:* ]] && extra=("${run#*:}")
   out=$work/out && rm -rf "$out"
-  log=$work/release_$layers.log
+  log=$work/release_${run//:/}.log
   cmd=("$sae" release --device cuda --model "$model" --dataset "$work/corpus.jsonl"
-       --layers "$layers" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
+       --layers "$layers" "${extra[@]}" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
        --n-batches-in-buffer 4 --heldout-tokens 1024 --ce-windows 0 --log-every 10
        --set training.precision=bf16 --set training.checkpoint_every_steps=0)
   echo "command: ${cmd[*]}"
@@ -42,11 +46,11 @@ for layers in 12 8-12 0-24; do
   wait "$pid" 2>/dev/null
   grep -E "^(GPU|release: [0-9]+ SAEs|release: step|error)" "$log" | sed -n '1,4p;$p'
   last=$(grep -E "^release: step" "$log" | tail -1)
-  rate[$layers]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
+  rate[$run]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
   echo
 done
 r50=${rate[0-24]:-0}
-echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?}, 50 SAEs $r50"
+echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?} (${rate[8-12:--no-overlap]:-?} without the overlap), 50 SAEs $r50"
 if ((r50 > 0)); then
   python3 -c "r=$r50; print(f'projected seed release (750M tokens, 50 SAEs in one run): {750e6 / r / 3600:.1f} h at {r} tokens/s (target: 12 h, 17 400 tokens/s)')"
 fi

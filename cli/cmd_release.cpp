@@ -137,6 +137,9 @@ Runner add_release(CLI::App& app) {
                   "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
                   "accumulate; default) or fp32. The SAEs' own: --set training.precision=...")
       ->check(CLI::IsMember({"bf16", "fp32"}));
+  cmd->add_flag("!--no-overlap", o->r.overlap_forward,
+                "On cuda, run the model's forwards between the SAE steps instead of beside them "
+                "on their own thread (the same batches; for measuring the overlap)");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");

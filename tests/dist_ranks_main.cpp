@@ -230,7 +230,10 @@ void check_latent_parallel_step(sae::dist::Comm& w) {
     for (size_t i = 0; i < one.level_loss.size(); ++i)
       SAE_CHECK(close(one.level_loss[i], lp.level_loss[i]), "variant ", variant, ": level ", i);
     SAE_CHECK(one.n_active == lp.n_active, "variant ", variant, ": n_active");
-    SAE_CHECK(one.min_selected == lp.min_selected, "variant ", variant, ": min selected");
+    // A rank's encoder GEMM covers only its block's columns; BLAS may sum the tail columns of a
+    // narrow block in another order (seen with OpenBLAS 0.3.21 at 3 ranks: a last-bit change).
+    SAE_CHECK(close(one.min_selected, lp.min_selected), "variant ", variant, ": min selected ",
+              one.min_selected, " vs ", lp.min_selected);
     SAE_CHECK(one.n_dead == lp.n_dead, "variant ", variant, ": dead count");
     SAE_CHECK(std::equal(lp.fired.begin(), lp.fired.end(), one.fired.begin() + j0), "variant ",
               variant, ": fired flags");

@@ -372,7 +372,8 @@ TEST(CudaGemma2, CliEvalWithModelOnTheDevice) {
 
 // The activation store on the GPU (rows in device memory, shuffled there) serves the CPU
 // store's batches: the same windows, rows and permutation, through refills, from the fp32
-// forward (equal to the CPU's at 2e-5).
+// forward (equal to the CPU's at 2e-5); so does a GPU store that fills ahead (its forwards on
+// the store's thread, on the GPU made current there, while the batches are read).
 TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   REQUIRE_GPU();
   test::TempDir dir;
@@ -389,29 +390,47 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   sc.seed = 5;
   const std::vector<int64_t> layers = {0, 2};
   const int64_t d = m.cfg.hidden_size, n = 20 * d;
-  data::Corpus c_cpu(cc, data::Split::Train), c_gpu(cc, data::Split::Train);
-  pipeline::WindowStream w_cpu(c_cpu, tok, sc.windows), w_gpu(c_gpu, tok, sc.windows);
+  data::Corpus c_cpu(cc, data::Split::Train), c_gpu(cc, data::Split::Train),
+      c_ahead(cc, data::Split::Train);
+  pipeline::WindowStream w_cpu(c_cpu, tok, sc.windows), w_gpu(c_gpu, tok, sc.windows),
+      w_ahead(c_ahead, tok, sc.windows);
   pipeline::ActivationStore cpu(m, w_cpu, HookPoint::ResidPost, layers, sc, special);
   pipeline::ActivationStore gpu(g, w_gpu, HookPoint::ResidPost, layers, sc, special);
+  // A second model: the thread's forwards must not share buffers with the other store's.
+  DeviceGemma2 g_ahead(m, "fp32");
+  pipeline::ActivationStore ahead(g_ahead, w_ahead, HookPoint::ResidPost, layers, sc, special);
+  ahead.fill_ahead();
   EXPECT_TRUE(gpu.on_device());
   EXPECT_GT(gpu.device_bytes(), 0);
   std::vector<std::vector<float>> want(2, std::vector<float>(size_t(n)));
-  std::vector<const float*> view;
+  std::vector<const float*> view, view_ahead;
   for (int b = 0; b < 30; ++b) {  // 30 batches of 20: several refills of a 192-row buffer
     ASSERT_TRUE(cpu.next_batch({want[0].data(), want[1].data()}));
     ASSERT_TRUE(gpu.next_batch_view(view));
+    ASSERT_TRUE(ahead.next_batch_view(view_ahead));
     ASSERT_EQ(view.size(), 2u);
-    for (int s = 0; s < 2; ++s)
-      test::expect_close(g.to_host(view[size_t(s)], n), want[size_t(s)], 2e-5,
-                         "batch " + std::to_string(b) + " layer " + std::to_string(layers[s]));
+    ASSERT_EQ(view_ahead.size(), 2u);
+    for (int s = 0; s < 2; ++s) {
+      const std::string what = "batch " + std::to_string(b) + " layer " + std::to_string(layers[s]);
+      test::expect_close(g.to_host(view[size_t(s)], n), want[size_t(s)], 2e-5, what);
+      // Read while the thread may be forwarding the next fill into other rows.
+      std::vector<float> got(static_cast<size_t>(n));
+#if SAECPP_HAS_CUDA
+      SAE_CUDA(
+          cudaMemcpy(got.data(), view_ahead[size_t(s)], size_t(n) * 4, cudaMemcpyDeviceToHost));
+#endif
+      test::expect_close(got, want[size_t(s)], 2e-5, what + " (filled ahead)");
+    }
   }
   EXPECT_EQ(gpu.tokens_forwarded(), cpu.tokens_forwarded());
+  EXPECT_GE(ahead.tokens_forwarded(), cpu.tokens_forwarded());  // it reads ahead
 }
 
 // `sae release --device cuda` (the forward, the store and the SAE steps on the GPU; fp32) on the
 // tiny model against the CPU release: the same layout, every SAE loads, held-out numbers close
 // (the two train on the same batches; the steps differ in summation order), the plan and the
-// measured peak printed; a stop and --resume on the GPU finishes.
+// measured peak printed; the forward overlapped with the steps or not gives the same SAEs; a
+// stop and --resume on the GPU finishes.
 TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
   REQUIRE_GPU();
   test::TempDir dir;
@@ -452,6 +471,18 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
       EXPECT_NEAR(a["ce_loss_score"].get<double>(), b["ce_loss_score"].get<double>(), 0.05);
       EXPECT_EQ(a["training_tokens"], b["training_tokens"]);
       EXPECT_NO_THROW(load_from_disk(dir / ("gpu/" + v + "/" + h)));
+    }
+  // The forward beside the SAE steps (the default) or between them: the same batches, so the
+  // same SAEs bit for bit (the steps are deterministic on one GPU).
+  EXPECT_NE(log.find("beside the SAE steps"), std::string::npos) << log;
+  const std::string in_turn =
+      run(args + (dir / "in_turn") + " --device cuda --precision fp32 --no-overlap");
+  EXPECT_EQ(in_turn.find("beside the SAE steps"), std::string::npos) << in_turn;
+  for (const std::string v : {"standard", "snap"})
+    for (const std::string h : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      const std::string f = "/" + v + "/" + h + "/sae_weights.safetensors";
+      EXPECT_TRUE(test::read_bytes(dir / ("in_turn" + f)) == test::read_bytes(dir / ("gpu" + f)))
+          << v << " " << h << ": --no-overlap trained other weights";
     }
   // Stopped and resumed on the GPU.
   run(args + (dir / "resumed") + " --device cuda --precision fp32 --stop-at-step 100");

@@ -9,11 +9,15 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <numeric>
+#include <random>
 #include <regex>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "core/device.h"
+#include "core/error.h"
 #include "eval/metrics.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -100,6 +104,180 @@ TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
   EXPECT_GT(max_row, n_batches * 20);
   EXPECT_EQ(serve(7), served);  // deterministic for a seed
   EXPECT_NE(serve(8), served);  // and the seed matters
+}
+
+// A stream of rows for the store's RowFill: row k of layer l is (k + l/2, -k) (d = 2); fills
+// can be slowed down (every third) to make the consumer wait; `fail_after` rows: an Error.
+struct CountingRows {
+  int64_t next = 0, end = 0, fail_after = -1, calls = 0;
+  bool slow = false;
+  int64_t read(const std::vector<float*>& dst, int64_t max_rows) {
+    if (slow && ++calls % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    if (fail_after >= 0 && next >= fail_after) fail("counting rows", "row", "no more by design");
+    const int64_t n = std::min(max_rows, end - next);
+    for (int64_t r = 0; r < n; ++r, ++next)
+      for (size_t l = 0; l < dst.size(); ++l)
+        dst[l][2 * r] = float(next) + 0.5f * float(l), dst[l][2 * r + 1] = -float(next);
+    return n;
+  }
+};
+
+// The store's algorithm on a plain buffer (fill to capacity in chunks of max_fill, shuffle,
+// serve the front, keep half at the front, refill): every batch of layer 0, flattened.
+std::vector<std::vector<float>> plain_buffer_batches(CountingRows src, const StoreConfig& sc,
+                                                     int64_t max_fill) {
+  const int64_t capacity =
+      sc.n_batches_in_buffer * sc.prompts_per_forward * sc.windows.context_size;
+  std::vector<float> buf(size_t((capacity + max_fill) * 2)), other(buf.size());
+  std::mt19937_64 rng(sc.seed);
+  int64_t rows = 0;
+  bool exhausted = false;
+  std::vector<std::vector<float>> batches;
+  while (true) {
+    while (rows < capacity && !exhausted) {
+      const int64_t added = src.read({buf.data() + rows * 2, other.data() + rows * 2}, max_fill);
+      exhausted = added == 0;
+      rows += added;
+    }
+    std::vector<int64_t> perm(static_cast<size_t>(rows));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<float> shuffled(size_t(rows * 2));
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy_n(buf.begin() + perm[size_t(r)] * 2, 2, shuffled.begin() + r * 2);
+    std::copy(shuffled.begin(), shuffled.end(), buf.begin());
+    const int64_t keep = exhausted ? 0 : capacity / 2;
+    const int64_t n_batches = std::max<int64_t>(0, (rows - keep) / sc.batch_tokens);
+    if (n_batches == 0) return batches;
+    for (int64_t b = 0; b < n_batches; ++b)
+      batches.emplace_back(buf.begin() + b * sc.batch_tokens * 2,
+                           buf.begin() + (b + 1) * sc.batch_tokens * 2);
+    const int64_t served = n_batches * sc.batch_tokens;
+    std::copy(buf.begin() + served * 2, buf.begin() + rows * 2, buf.begin());
+    rows -= served;
+  }
+}
+
+// The ring buffer (fills written after the kept rows, wrapping into the served ones) serves
+// exactly the plain buffer's batches, filled between the batches or ahead on the store's
+// thread (from the start or switched on midway, with slow fills and a slow consumer), through
+// every refill to the end of the rows.
+TEST(ActivationStore, TheRingServesThePlainBuffersBatchesFilledAheadOrNot) {
+  StoreConfig sc;
+  sc.windows.context_size = 16;
+  sc.prompts_per_forward = 3;
+  sc.n_batches_in_buffer = 4;  // capacity 192 rows
+  sc.batch_tokens = 20;
+  sc.seed = 11;
+  const int64_t max_fill = 37;  // not a divisor of anything: fills straddle the ring's end
+  CountingRows src{.end = 1500};
+  const auto want = plain_buffer_batches(src, sc, max_fill);
+  ASSERT_GT(want.size(), 60u);
+  for (int mode = 0; mode < 4; ++mode) {  // between, ahead, ahead from batch 5, ahead + views
+    SCOPED_TRACE("mode " + std::to_string(mode));
+    CountingRows rows = src;
+    rows.slow = mode > 0;
+    ActivationStore store(
+        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, max_fill, 2,
+        2, sc);
+    if (mode == 1 || mode == 3) store.fill_ahead();
+    std::vector<float> b0(size_t(sc.batch_tokens * 2)), b1(b0.size());
+    std::vector<const float*> view;
+    size_t n = 0;
+    for (;; ++n) {
+      if (mode == 2 && n == 5) store.fill_ahead();
+      if (mode > 0 && n % 4 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      if (mode == 3) {
+        if (!store.next_batch_view(view)) break;
+        std::copy_n(view[0], b0.size(), b0.begin());
+        std::copy_n(view[1], b1.size(), b1.begin());
+      } else if (!store.next_batch({b0.data(), b1.data()})) {
+        break;
+      }
+      ASSERT_LT(n, want.size());
+      ASSERT_EQ(b0, want[n]) << "batch " << n;
+      for (size_t i = 0; i < b1.size(); i += 2) ASSERT_EQ(b1[i], b0[i] + 0.5f) << "layers aligned";
+    }
+    EXPECT_EQ(n, want.size());
+    if (mode == 0) EXPECT_EQ(store.wait_seconds(), 0.0);
+  }
+}
+
+// Filling ahead, the fill's error reaches the batch call (no hang, no crash); stop_filling
+// ends the thread whatever it waits for, and the store then refuses to refill; a store dropped
+// while its thread waits for served rows returns.
+TEST(ActivationStore, FillAheadReportsErrorsAndStops) {
+  StoreConfig sc;
+  sc.windows.context_size = 16;
+  sc.prompts_per_forward = 3;
+  sc.n_batches_in_buffer = 4;
+  sc.batch_tokens = 20;
+  std::vector<float> b0(40), b1(40);
+  {
+    CountingRows rows{.end = 100000, .fail_after = 300};
+    ActivationStore store(
+        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
+    store.fill_ahead();
+    try {
+      for (int b = 0; b < 100; ++b) store.next_batch({b0.data(), b1.data()});
+      ADD_FAILURE() << "the fill's error never came";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("no more by design"), std::string::npos) << e.what();
+    }
+  }
+  {
+    CountingRows rows{.end = 100000};
+    ActivationStore store(
+        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
+    store.fill_ahead();
+    ASSERT_TRUE(store.next_batch({b0.data(), b1.data()}));
+    store.stop_filling();
+    try {
+      for (int b = 0; b < 100; ++b) store.next_batch({b0.data(), b1.data()});
+      ADD_FAILURE() << "a stopped store refilled";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("stopped"), std::string::npos) << e.what();
+    }
+  }
+  {
+    CountingRows rows{.end = 100000};
+    ActivationStore store(
+        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
+    store.fill_ahead();
+    ASSERT_TRUE(store.next_batch({b0.data(), b1.data()}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the thread waits for rows
+    const auto hold = store.hold_source();  // the source is free while the thread waits
+  }
+}
+
+// From the model: a store that fills ahead (the forwards on its thread) serves the batches of
+// one that fills between them.
+TEST(ActivationStore, FillAheadServesTheSameBatchesFromTheModel) {
+  test::TempDir dir;
+  data::CorpusConfig cc;
+  cc.shards = {write_corpus(dir)};
+  cc.holdout_every = 0;
+  const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
+  const model::Tokenizer tok(kModel + "/tokenizer.model");
+  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
+  StoreConfig sc = test::tiny_store_config(tok);
+  sc.seed = 3;
+  const std::vector<int64_t> layers = {0, 2};
+  const int64_t d = m.cfg.hidden_size;
+  data::Corpus c_plain(cc, data::Split::Train), c_ahead(cc, data::Split::Train);
+  WindowStream w_plain(c_plain, tok, sc.windows), w_ahead(c_ahead, tok, sc.windows);
+  ActivationStore plain(m, w_plain, model::HookPoint::ResidPost, layers, sc, special);
+  ActivationStore ahead(m, w_ahead, model::HookPoint::ResidPost, layers, sc, special);
+  ahead.fill_ahead();
+  std::vector<std::vector<float>> want(2, std::vector<float>(size_t(20 * d))), got = want;
+  for (int b = 0; b < 30; ++b) {  // several refills of the 192-row buffer
+    ASSERT_TRUE(plain.next_batch({want[0].data(), want[1].data()}));
+    ASSERT_TRUE(ahead.next_batch({got[0].data(), got[1].data()}));
+    for (int s = 0; s < 2; ++s)
+      test::expect_close(got[size_t(s)], want[size_t(s)], 1e-6,
+                         "batch " + std::to_string(b) + " layer " + std::to_string(layers[s]));
+  }
+  EXPECT_GE(ahead.tokens_forwarded(), plain.tokens_forwarded());  // it reads ahead
 }
 
 // The release CLI's arguments for the tiny model: layers 0 and 2, 20k tokens per SAE.

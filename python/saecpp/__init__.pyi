@@ -101,6 +101,7 @@ def release(
     bf16_matmul: bool = False,
     device: str = "cpu",
     precision: str = "bf16",
+    overlap: bool = True,
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(

@@ -60,6 +60,19 @@ CudaMemory cuda_memory() {
   return m;
 }
 
+int current_cuda_device() {
+#if SAECPP_HAS_CUDA
+  int dev = 0;
+  if (cuda_device_count() == 0 || cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return dev;
+#else
+  return 0;
+#endif
+}
+
 int use_cuda_device(int index) {
 #if SAECPP_HAS_CUDA
   const int n = cuda_device_count();

@@ -25,6 +25,9 @@ CudaMemory cuda_memory();
 // Makes GPU `index % count` this process's device (before any CUDA work: one GPU per rank of a
 // node). Returns the device chosen (0 without a GPU).
 int use_cuda_device(int index);
+// The calling thread's current GPU (CUDA keeps one per host thread; 0 without a GPU): a thread
+// that works for a job passes it to use_cuda_device.
+int current_cuda_device();
 // Throws a clear error when device is Cuda and this build or machine cannot run it.
 void require_device(Device d);
 

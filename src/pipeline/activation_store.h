@@ -5,14 +5,24 @@
 // (one permutation shared by the layers, so row i of every layer is the same token), the
 // front half is served as batches and the back half kept to mix with the next fill.
 // Special tokens (BOS, EOS, PAD) never reach the SAEs.
+//
+// The buffer is a ring of capacity + one forward's rows: a fill writes its rows after the kept
+// ones and wraps into the rows already served, so the next fill can run while the current
+// batches are served (fill ahead: on a thread of the store, for a GPU release where the
+// forward then overlaps the SAE steps) without more memory and with the same batches.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "data/context_windows.h"
@@ -57,9 +67,9 @@ class WindowStream {
   int64_t windows_ = 0;
 };
 
-// Where the store's rows come from: each call appends up to `max_rows` rows of every layer at
-// dst[i] ([rows, d] each) and returns how many (0: no more).
-using RowFill = std::function<int64_t(const std::vector<float*>& dst)>;
+// Where the store's rows come from: a stream of rows; each call appends up to `max_rows` rows of
+// every layer at dst[i] ([rows, d] each) and returns how many (0: no more).
+using RowFill = std::function<int64_t(const std::vector<float*>& dst, int64_t max_rows)>;
 
 class ActivationStore {
  public:
@@ -70,9 +80,25 @@ class ActivationStore {
   // windows, rows, shuffle and batches as the CPU store, served in place by next_batch_view.
   ActivationStore(model::DeviceGemma2& m, WindowStream& windows, model::HookPoint point,
                   std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
-  // Rows from elsewhere (an activation cache): `fill` appends at most `max_fill_rows` rows of
-  // each of `n_layers` layers of width d per call.
+  // Rows from elsewhere (an activation cache): `fill` is asked for at most `max_fill_rows` rows
+  // of each of `n_layers` layers of width d per call.
   ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers, StoreConfig cfg);
+  ~ActivationStore();
+  ActivationStore(const ActivationStore&) = delete;
+  ActivationStore& operator=(const ActivationStore&) = delete;
+
+  // From now on each fill runs on a thread of the store while the batches of the previous one are
+  // served (the batches are the same). A GPU store's forwards then overlap the SAE steps. The
+  // caller must not use the store's model, window stream or source meanwhile, except its
+  // position under hold_source().
+  void fill_ahead();
+  // Ends the filling thread (after its current forward) so that the model is the caller's again;
+  // the store serves no more batches.
+  void stop_filling();
+  // While the lock is held the store reads nothing from its windows or its fill (a corpus or
+  // cache position read for a checkpoint is then stable). Rows read ahead are past it.
+  std::unique_lock<std::mutex> hold_source() { return std::unique_lock<std::mutex>(source_mu_); }
+
   // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i] (host memory; a
   // GPU store copies it there); false when the corpus ran out before a whole batch.
   bool next_batch(const std::vector<float*>& out);
@@ -83,15 +109,28 @@ class ActivationStore {
   int64_t device_bytes() const { return dev_rows_ ? dev_rows_->bytes() : 0; }
 
   int64_t tokens_forwarded() const { return tokens_forwarded_; }
+  // Seconds spent in the model's forwards (on the filling thread when filling ahead), and
+  // seconds the batch calls waited for a fill.
   double forward_seconds() const { return forward_seconds_; }
+  double wait_seconds() const { return wait_seconds_; }
   int64_t buffer_tokens() const { return capacity_; }
 
  private:
-  int64_t forward_once(const std::vector<float*>& dst);  // one forward: rows appended
-  int64_t forward_once_on_device(int64_t at);            // ... on the GPU, at row `at`
-  bool next_window_batch(model::TokenBatch& batch, std::vector<int32_t>& kept);
+  struct Stopped {};  // thrown on the filling thread when stop_filling() interrupts a fill
+  enum class Round { Pending, Filling, Done };  // the next fill: not started, on the thread, done
+
   void allocate(int64_t max_fill_rows, size_t n_layers);
-  void refill();   // fill until full (or the rows end), shuffle, mark the serving half
+  // Where the fill's row i goes: after the kept rows, wrapping into the served ones.
+  int64_t slot(int64_t i) const { return (rows_ + i) % total_; }
+  bool next_window_batch(model::TokenBatch& batch, std::vector<int32_t>& kept);
+  void wait_for_slots(int64_t n);  // until the next n rows of the fill have served slots
+  int64_t fill_chunk();            // one forward (or fill_ call): its rows added (0: the end)
+  void fill_round();               // fill until the buffer is full (or the rows end)
+  void shuffle_round();   // the kept and new rows, shuffled, at the front; the serving range
+  void release_served();  // rows before serve_begin_ are no longer read
+  void begin_round();     // the next fill, handed to the thread when filling ahead
+  void finish_round();    // that fill done (here, or waited for)
+  void filler_main();
   bool advance();  // the next batch's rows at serve_begin_ (refilled when needed)
 
   const model::Gemma2* m_ = nullptr;
@@ -103,14 +142,29 @@ class ActivationStore {
   StoreConfig cfg_;
   std::vector<int32_t> special_;
   RowFill fill_;
-  int64_t d_ = 0, capacity_ = 0;
-  std::vector<std::vector<float>> buf_;  // per layer, [rows, d]
-  int64_t rows_ = 0;                     // filled rows
+  int64_t d_ = 0, capacity_ = 0, max_fill_ = 0;
+  int64_t total_ = 0;                    // rows per layer: capacity_ + max_fill_
+  std::vector<std::vector<float>> buf_;  // per layer, [total_, d]
+  int64_t rows_ = 0;                     // shuffled rows at the front: served, then kept
   int64_t serve_begin_ = 0, serve_end_ = 0;
+  int64_t n_new_ = 0;  // rows of the fill in progress, at slot(0), slot(1), ...
   bool exhausted_ = false;
   std::mt19937_64 rng_;
-  int64_t tokens_forwarded_ = 0;
-  double forward_seconds_ = 0;
+  std::atomic<int64_t> tokens_forwarded_ = 0;
+  std::atomic<double> forward_seconds_ = 0;
+  double wait_seconds_ = 0;
+
+  // Filling ahead. mu_ guards consumed_, round_ and fill_error_; the fill's own fields (n_new_,
+  // exhausted_) pass between the threads with round_.
+  std::mutex mu_, source_mu_;
+  std::condition_variable cv_;
+  int64_t consumed_ = 0;  // rows [0, consumed_) are served and free for the fill
+  Round round_ = Round::Pending;
+  bool ahead_ = false;
+  std::atomic<bool> stopping_ = false;
+  std::exception_ptr fill_error_;
+  int cuda_device_ = 0;  // the GPU of a device store, made current on the thread
+  std::thread filler_;
 };
 
 // Activations of held-out windows for every layer: up to `n_tokens` non-special rows per layer

@@ -42,29 +42,22 @@ void DeviceRows::set_kept(const std::vector<int32_t>& kept) {
   if (!kept.empty()) cuda::upload(m.kept, std::span<const int32_t>(kept), m.s, "kept positions");
 }
 
-void DeviceRows::append_kept(size_t layer, int64_t at, const float* device_act) {
+void DeviceRows::append_kept(size_t layer, int64_t at, const float* device_act, int64_t first,
+                             int64_t n) {
   Impl& m = *impl_;
-  SAE_CHECK(at + m.n_kept <= m.rows, "activation store overflow");
-  cuda::gather_rows(m.s, device_act, m.kept.data(), 0, m.n_kept, m.d, row(layer, at));
+  SAE_CHECK(first >= 0 && first + n <= m.n_kept, "kept rows out of range");
+  SAE_CHECK(at >= 0 && at + n <= m.rows, "activation store overflow");
+  if (n > 0) cuda::gather_rows(m.s, device_act, m.kept.data() + first, 0, n, m.d, row(layer, at));
 }
 
-void DeviceRows::permute(const std::vector<int64_t>& perm) {
+void DeviceRows::permute(const std::vector<int64_t>& src) {
   Impl& m = *impl_;
-  if (perm.empty()) return;
-  const std::vector<int32_t> p32(perm.begin(), perm.end());
+  if (src.empty()) return;
+  const std::vector<int32_t> p32(src.begin(), src.end());
   cuda::upload(m.perm, std::span<const int32_t>(p32), m.s, "store permutation");
   for (auto& b : m.buf) {
     cuda::gather_rows(m.s, b.data(), m.perm.data(), 0, int64_t(p32.size()), m.d, m.spare.data());
     std::swap(b, m.spare);  // stream-ordered: the next gather reads the new contents
-  }
-}
-
-void DeviceRows::move_front(int64_t from, int64_t n) {
-  Impl& m = *impl_;
-  if (n <= 0 || from == 0) return;
-  for (auto& b : m.buf) {
-    cuda::gather_rows(m.s, b.data(), nullptr, from, n, m.d, m.spare.data());
-    std::swap(b, m.spare);
   }
 }
 

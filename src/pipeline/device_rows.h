@@ -21,13 +21,13 @@ class DeviceRows {
   // Row r of layer i (a device address).
   float* row(size_t layer, int64_t r);
   // The positions of the next forward's tokens that reach the SAEs (indices into its
-  // [tokens, d] activations), then each hook's kept rows appended at row `at` of `layer`.
+  // [tokens, d] activations), then each hook's kept rows first..first+n-1 written to rows
+  // at..at+n-1 of `layer`.
   void set_kept(const std::vector<int32_t>& kept);
-  void append_kept(size_t layer, int64_t at, const float* device_act);
-  // Rows [0, perm.size()) of every layer become rows perm[0], perm[1], ... (one permutation).
-  void permute(const std::vector<int64_t>& perm);
-  // Rows [from, from + n) of every layer move to [0, n).
-  void move_front(int64_t from, int64_t n);
+  void append_kept(size_t layer, int64_t at, const float* device_act, int64_t first, int64_t n);
+  // Rows [0, src.size()) of every layer become rows src[0], src[1], ... (one gather, the same
+  // for every layer: the store's shuffle and compaction at once).
+  void permute(const std::vector<int64_t>& src);
   // Rows [first, first + n) of `layer` into host memory (synchronous).
   void to_host(size_t layer, int64_t first, int64_t n, float* host);
   void sync() const;

@@ -14,9 +14,8 @@ float* DeviceRows::row(size_t, int64_t) {
   return nullptr;
 }
 void DeviceRows::set_kept(const std::vector<int32_t>&) {}
-void DeviceRows::append_kept(size_t, int64_t, const float*) {}
+void DeviceRows::append_kept(size_t, int64_t, const float*, int64_t, int64_t) {}
 void DeviceRows::permute(const std::vector<int64_t>&) {}
-void DeviceRows::move_front(int64_t, int64_t) {}
 void DeviceRows::to_host(size_t, int64_t, int64_t, float*) {}
 void DeviceRows::sync() const {}
 int64_t DeviceRows::bytes() const {

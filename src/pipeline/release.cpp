@@ -44,6 +44,18 @@ namespace {
 
 constexpr int kStateVersion = 1;
 
+// `part` as a whole percentage of `whole` ("42%"), and seconds with one decimal, for progress.
+std::string pct(double part, double whole) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.0f%%", 100 * part / std::max(whole, 1e-9));
+  return b;
+}
+std::string one_decimal(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f", x);
+  return b;
+}
+
 // What one layer's SAEs read through the Trainer's source interface: the held-out rows and,
 // before training, the normalisation batches taken from the stream.
 class LayerSource final : public data::ActivationSource {
@@ -603,8 +615,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (i >= corpus_pos) shards.push_back(i);
     cache_rows.emplace(*cache, layers, shards);
     acts_store.emplace(
-        [&](const std::vector<float*>& dst) { return cache_rows->read(dst, fill_rows); }, fill_rows,
-        d, layers.size(), store);
+        [&](const std::vector<float*>& dst, int64_t n) { return cache_rows->read(dst, n); },
+        fill_rows, d, layers.size(), store);
   } else {
     corpus.emplace(opt.corpus, data::Split::Train);
     if (n_ranks > 1) corpus->take_share(rank, n_ranks);
@@ -740,6 +752,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                  from_cache ? "cache shard" : "corpus document", (long long)corpus_pos);
 
   auto write_state = [&] {
+    const auto source = acts.hold_source();  // its position, not moved by a fill ahead meanwhile
     json st = {{"version", kStateVersion}, {"step", step}};
     if (from_cache)
       st["cache_next_shard"] = cache_rows->next_shard();
@@ -761,7 +774,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
   const double t_start = now_seconds(), t_train = t_start;
   const int64_t step_start = step;
-  double sae_seconds = 0, fwd_start = acts.forward_seconds();
+  double sae_seconds = 0, fwd_start = acts.forward_seconds(), wait_start = acts.wait_seconds();
+  // On one GPU the forwards of the next fill run beside the SAE steps (the store's thread).
+  const bool overlap = cuda && n_ranks == 1 && opt.overlap_forward;
+  if (overlap) {
+    acts.fill_ahead();
+    std::fprintf(stderr,
+                 "release: the model's forwards run on their own thread beside the SAE steps "
+                 "(--no-overlap: between them)\n");
+  }
   while (step < total_steps) {
     bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
     if (n_ranks > 1) {  // a signal to one rank stops every rank at the same step
@@ -801,6 +822,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (step % opt.log_every_steps == 0 || step == total_steps) {
       const double el = now_seconds() - t_start;
       const double fwd = acts.forward_seconds() - fwd_start;
+      const double waited = acts.wait_seconds() - wait_start;
       const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
       std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over the SAEs (once each)
       for (const Job& j : jobs)
@@ -808,21 +830,26 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
           sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev();
       comm.allreduce_sum(sums);
       const double l0 = sums[0], ev = sums[1];
+      // With the overlap, the forward's share is of its own thread's time; the SAEs waited
+      // for it only `waited` of that (the rest ran under the steps).
+      const std::string split =
+          overlap ? cat("forward ", pct(fwd, el), " beside the SAE steps, ", pct(sae_seconds, el),
+                        " SAE steps, ", pct(waited, el), " waiting for the forward")
+                  : cat("forward ", pct(fwd, el), ", SAEs ", pct(sae_seconds, el));
       if (lead)
-        std::fprintf(
-            stderr,
-            "release: step %lld/%lld  tok %lld  %.0f tok/s  (forward %.0f%%, SAEs %.0f%%)  "
-            "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
-            (long long)step, (long long)total_steps, (long long)(step * global_batch), rate,
-            100 * fwd / std::max(el, 1e-9), 100 * sae_seconds / std::max(el, 1e-9),
-            l0 / double(jobs.size()), ev / double(jobs.size()),
-            fmt_bytes(double(resident_bytes())).c_str(),
-            double(total_steps - step) * global_batch / std::max(rate, 1e-9));
+        std::fprintf(stderr,
+                     "release: step %lld/%lld  tok %lld  %.0f tok/s  (%s)  "
+                     "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
+                     (long long)step, (long long)total_steps, (long long)(step * global_batch),
+                     rate, split.c_str(), l0 / double(jobs.size()), ev / double(jobs.size()),
+                     fmt_bytes(double(resident_bytes())).c_str(),
+                     double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
     if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
   }
 
-  // Final evaluation, the CE-loss score, then the release folder.
+  // Final evaluation, the CE-loss score, then the release folder; the model is ours again.
+  acts.stop_filling();
   const double t_final = now_seconds();
   std::vector<std::vector<int32_t>> ce_windows(
       heldout.windows.begin(),
@@ -934,10 +961,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
         "%s against the plan's %s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
-        "(model forward %.1f s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
+        "(model forward %.1f s%s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
         fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
-        acts.forward_seconds(), sae_seconds, t_end - t_final);
+        acts.forward_seconds(),
+        overlap
+            ? cat(" beside the steps, which waited ", one_decimal(acts.wait_seconds()), " s for it")
+                  .c_str()
+            : "",
+        sae_seconds, t_end - t_final);
   if (cuda) {
     const std::string line =
         cat("GPU memory: peak ", fmt_bytes(double(gpu_peak)),

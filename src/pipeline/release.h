@@ -36,6 +36,9 @@ struct ReleaseOptions {
   // accumulate; fp32). The SAEs' own precision is training.precision, as on the CPU.
   std::string device = "cpu";
   std::string precision = "bf16";
+  // On cuda (one process): the next fill's forwards run on a thread of the activation store
+  // while the SAEs step on the current batches (the same batches either way); false: between.
+  bool overlap_forward = true;
   bool keep_bf16 = false;    // model weights kept in bf16
   bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
