@@ -568,13 +568,14 @@ TEST_P(CudaStep, ReducedPrecisionStaysWithinDerivedTolerance) {
 
 // The trainer on the GPU: a run stopped between checkpoints and resumed in a fresh Trainer ends
 // bit-identical to a straight run (every reduction on the device sums in a fixed order), in fp32
-// and bf16, with AuxK active; and it learns what the CPU run learns.
+// and bf16, with AuxK active, also when the host drops its copy of the state between
+// checkpoints; and it learns what the CPU run learns.
 TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
   REQUIRE_GPU();
   test::TempDir dir;
   using nlohmann::json;
   auto run = [&](const std::string& out, const std::string& device, const std::string& precision,
-                 int64_t stop_at) {
+                 int64_t stop_at, bool keep_host_state = true) {
     json j = train::preset("hierarchy-snap");
     j["sae"]["d_sae"] = 48;
     j["sae"]["matryoshka_widths"] = {8, 24, 48};
@@ -594,11 +595,15 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
     train::TrainConfig cfg = train::TrainConfig::from_json(j, "test");
     data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
     train::Trainer t(cfg, src, "test");
+    t.keep_host_state = keep_host_state;
     if (!t.run(false, stop_at)) {
+      if (!keep_host_state) EXPECT_THROW(t.inference_sae(), Error);  // on the GPU only
       train::Trainer t2(cfg, src, "test");
+      t2.keep_host_state = keep_host_state;
       EXPECT_TRUE(t2.run(true));
       return t2.final_eval().metrics.explained_variance;
     }
+    EXPECT_NO_THROW(t.inference_sae());  // finish() pulled it
     return t.final_eval().metrics.explained_variance;
   };
   for (const char* prec : {"fp32", "bf16"}) {
@@ -606,10 +611,14 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
     const double ev_a = run(dir / ("straight_" + p), "cuda", p, -1);
     const double ev_b = run(dir / ("killed_" + p), "cuda", p, 123);
     EXPECT_NEAR(ev_a, ev_b, 1e-9) << p;  // the host's evaluation sums over OpenMP threads
+    // No host copy between checkpoints (a release's trainers): pulled again each time.
+    const double ev_c = run(dir / ("dropped_" + p), "cuda", p, 123, false);
+    EXPECT_NEAR(ev_a, ev_c, 1e-9) << p;
     for (const char* f : {"sae/sae_weights.safetensors", "sae/sparsity.safetensors"})
-      EXPECT_EQ(test::read_bytes(dir / ("straight_" + p + "/" + f)),
-                test::read_bytes(dir / ("killed_" + p + "/" + f)))
-          << p << " " << f;
+      for (const char* other : {"killed_", "dropped_"})
+        EXPECT_EQ(test::read_bytes(dir / ("straight_" + p + "/" + f)),
+                  test::read_bytes(dir / (other + p + "/" + f)))
+            << p << " " << other << f;
     const double ev_cpu = run(dir / ("cpu_" + p), "cpu", "fp32", -1);
     EXPECT_NEAR(ev_a, ev_cpu, 0.01) << p << ": GPU EV " << ev_a << ", CPU EV " << ev_cpu;
   }

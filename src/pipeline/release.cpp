@@ -731,6 +731,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     j.trainer->device_scratch = scratch;
     j.trainer->print_progress = false;
     j.trainer->auto_checkpoint = false;
+    j.trainer->keep_host_state = false;  // on a GPU: no host copy of 50 SAEs between checkpoints
     j.trainer->begin(opt.resume);
     if (!in_place) j.x.resize(size_t(global_batch * d));
     step = std::min(step, j.trainer->step());
@@ -959,12 +960,14 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     std::fprintf(
         stderr,
         "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
-        "%s against the plan's %s\n"
+        "%s%s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
         "(model forward %.1f s%s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
-        fmt_bytes(plan_bytes).c_str(), t_heldout - t_load, t_train - t_heldout, t_final - t_train,
-        acts.forward_seconds(),
+        // On a GPU the plan is the device's (below); the host holds the model until it is
+        // uploaded, then one SAE's state at a time while it is evaluated or checkpointed.
+        cuda ? " on the host" : cat(" against the plan's ", fmt_bytes(plan_bytes)).c_str(),
+        t_heldout - t_load, t_train - t_heldout, t_final - t_train, acts.forward_seconds(),
         overlap
             ? cat(" beside the steps, which waited ", one_decimal(acts.wait_seconds()), " s for it")
                   .c_str()

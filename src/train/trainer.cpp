@@ -218,6 +218,8 @@ std::optional<Sae> Trainer::gathered_inference_sae() const {
 Sae Trainer::inference_sae() const {
   if (latents_.split())
     fail("latent parallel: the whole SAE is gathered on rank 0 only (gathered_inference_sae)");
+  if (sae_.W_encT.empty())
+    fail("the SAE's weights are on the GPU only (keep_host_state = false): after finish()");
   return inference_of(sae_);
 }
 
@@ -297,11 +299,19 @@ void Trainer::pull(bool all) {
     dev_->download(sae_, nullptr, nullptr, nullptr);
 }
 
+void Trainer::drop_host_state() {
+  if (!dev_ || keep_host_state) return;
+  for (std::vector<float>* v :
+       {&sae_.W_encT, &sae_.W_dec, &opt_.v_W_encT, &opt_.v_W_dec, &opt_.m_W_encT, &opt_.m_W_dec})
+    std::vector<float>().swap(*v);
+}
+
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
   if (!final) pull(false);  // finish() has pulled the whole state already
   if (!lead() && !latents_.split()) return;
   const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
+  if (!final) drop_host_state();                                  // the copy above is enough
   if (!lead()) return;
   EvalResult r = evaluate(*inference, sae_.spec.widths, heldout_.data(), n_heldout_);
   json rec = {{"eval", json::parse(r.to_json().dump())},
@@ -370,6 +380,10 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
 
 void Trainer::save_checkpoint() {
   pull(true);
+  struct Drop {  // whichever way this returns, the host copy goes again
+    Trainer& t;
+    ~Drop() { t.drop_host_state(); }
+  } drop{*this};
   if (update_) update_->gather_moments(opt_);  // each rank's moments are current in its block
   const std::vector<int64_t> window_counts = window_counts_all();
   check_ranks_agree("checkpoint");
@@ -535,6 +549,7 @@ bool Trainer::begin(bool resume) {
     dev_ = std::make_unique<DeviceTrainer>(sae_.spec, cfg_.adam, cfg_.batch_size, cfg_.precision,
                                            device_scratch);
     dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
+    drop_host_state();
     std::fprintf(stderr, "[%s] device: %s, encoder GEMM in %s\n", label_.c_str(),
                  cuda_device_description().c_str(), cfg_.precision.c_str());
   }

@@ -71,6 +71,10 @@ class Trainer {
   // training.device = cuda: a step scratch shared with other trainers that step one after
   // another (set before begin(); null: its own).
   std::shared_ptr<DeviceStepScratch> device_scratch;
+  // training.device = cuda: false drops the host copy of the weights and Adam's moments
+  // whenever an evaluation or a checkpoint is done with it (pulled again from the GPU for the
+  // next one, and by finish()); a release of 50 SAEs would otherwise hold ~1.2 GB each.
+  bool keep_host_state = true;
   bool print_progress =
       true;  // progress and eval lines on stderr (the JSONL log is always written)
   double last_l0() const { return last_l0_; }  // from the last logged step
@@ -103,6 +107,7 @@ class Trainer {
   // With training.device = cuda the state lives on the GPU: pull copies it to the host
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
   void pull(bool all);
+  void drop_host_state();  // !keep_host_state: the big host arrays freed (device state is whole)
   void append_log(const nlohmann::json& record);
   bool many_ranks() const { return comm_ && comm_->size() > 1; }
   // Each latent's firings in the window: data parallel, summed over the ranks; latent

@@ -78,10 +78,11 @@ def test_release_stops_and_resumes(tmp_path):
 
 def test_release_on_the_gpu_or_a_clear_error(tmp_path):
     """device='cuda': the whole release on the GPU where this build and machine have one (the
-    same SAEs as on the CPU, within training noise); else a clear error and no release."""
+    same SAEs as on the CPU, within training noise; here with the forwards between the SAE
+    steps, overlap=False); else a clear error and no release."""
     corpus, out = write_corpus(tmp_path), tmp_path / "gpu"
     try:
-        summary = run(corpus, out, device="cuda", precision="fp32")
+        summary = run(corpus, out, device="cuda", precision="fp32", overlap=False)
     except saecpp.SaeError as e:
         assert "--device cuda" in str(e)
         assert not (out / "release.json").exists()
