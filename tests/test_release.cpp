@@ -266,15 +266,20 @@ TEST(ActivationStore, FillAheadServesTheSameBatchesFromTheModel) {
   const int64_t d = m.cfg.hidden_size;
   data::Corpus c_plain(cc, data::Split::Train), c_ahead(cc, data::Split::Train);
   WindowStream w_plain(c_plain, tok, sc.windows), w_ahead(c_ahead, tok, sc.windows);
+  // The plain store's batches first: two CPU forwards at once would share OpenBLAS, which is
+  // not safe to call from two threads (a GPU release's thread runs cuBLAS instead).
   ActivationStore plain(m, w_plain, model::HookPoint::ResidPost, layers, sc, special);
+  const int n_batches = 30;  // several refills of the 192-row buffer
+  std::vector<std::vector<float>> want(2 * n_batches, std::vector<float>(size_t(20 * d)));
+  for (int b = 0; b < n_batches; ++b)
+    ASSERT_TRUE(plain.next_batch({want[size_t(2 * b)].data(), want[size_t(2 * b + 1)].data()}));
   ActivationStore ahead(m, w_ahead, model::HookPoint::ResidPost, layers, sc, special);
   ahead.fill_ahead();
-  std::vector<std::vector<float>> want(2, std::vector<float>(size_t(20 * d))), got = want;
-  for (int b = 0; b < 30; ++b) {  // several refills of the 192-row buffer
-    ASSERT_TRUE(plain.next_batch({want[0].data(), want[1].data()}));
+  std::vector<std::vector<float>> got(2, std::vector<float>(size_t(20 * d)));
+  for (int b = 0; b < n_batches; ++b) {
     ASSERT_TRUE(ahead.next_batch({got[0].data(), got[1].data()}));
     for (int s = 0; s < 2; ++s)
-      test::expect_close(got[size_t(s)], want[size_t(s)], 1e-6,
+      test::expect_close(got[size_t(s)], want[size_t(2 * b + s)], 1e-6,
                          "batch " + std::to_string(b) + " layer " + std::to_string(layers[s]));
   }
   EXPECT_GE(ahead.tokens_forwarded(), plain.tokens_forwarded());  // it reads ahead

@@ -90,7 +90,9 @@ class ActivationStore {
   // From now on each fill runs on a thread of the store while the batches of the previous one are
   // served (the batches are the same). A GPU store's forwards then overlap the SAE steps. The
   // caller must not use the store's model, window stream or source meanwhile, except its
-  // position under hold_source().
+  // position under hold_source(). A CPU model's forward must not run beside other CPU GEMMs:
+  // OpenBLAS built for OpenMP keeps its buffers per OpenMP thread number, which two host
+  // threads share (seen as wrong rows in a test), so the release fills ahead on the GPU only.
   void fill_ahead();
   // Ends the filling thread (after its current forward) so that the model is the caller's again;
   // the store serves no more batches.
