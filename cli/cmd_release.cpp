@@ -137,6 +137,11 @@ Runner add_release(CLI::App& app) {
                   "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
                   "accumulate; default) or fp32. The SAEs' own: --set training.precision=...")
       ->check(CLI::IsMember({"bf16", "fp32"}));
+  cmd->add_option("--activation-store", o->r.activation_store,
+                  "On cuda, where the activation store's rows live: device, host (pinned host "
+                  "memory read across the bus: slower, leaves the GPU to the SAEs) or auto "
+                  "(default: the device when the memory plan fits, else the host)")
+      ->check(CLI::IsMember({"auto", "device", "host"}));
   cmd->add_flag("!--no-overlap", o->r.overlap_forward,
                 "On cuda, run the model's forwards between the SAE steps instead of beside them "
                 "on their own thread (the same batches; for measuring the overlap)");

@@ -519,12 +519,14 @@ PYBIND11_MODULE(_core, m) {
          int64_t ce_windows, const std::string& hook, const std::string& model_name,
          const std::string& dataset_name, bool bf16, bool resume, int64_t stop_at_step,
          int64_t log_every, bool bf16_matmul, const std::string& device,
-         const std::string& precision, bool overlap) -> py::object {
+         const std::string& precision, bool overlap,
+         const std::string& activation_store) -> py::object {
         pipeline::ReleaseOptions o;
         o.model = model;
         o.device = device;
         o.precision = precision;
         o.overlap_forward = overlap;
+        o.activation_store = activation_store;
         o.corpus.shards = corpus_shards(dataset);
         o.corpus.holdout_every = holdout_every;
         o.layers = std::move(layers);
@@ -556,12 +558,14 @@ PYBIND11_MODULE(_core, m) {
       py::arg("bf16") = false, py::arg("resume") = false, py::arg("stop_at_step") = 0,
       py::arg("log_every") = 100, py::arg("bf16_matmul") = false, py::arg("device") = "cpu",
       py::arg("precision") = "bf16", py::arg("overlap") = true,
+      py::arg("activation_store") = "auto",
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
       "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
       "on held-out tokens, written as a SAELens "
       "release folder with a model card. device='cuda': the forward, the activations and every "
       "SAE on the GPU (a build with CUDA; precision: the forward's, 'bf16' or 'fp32'; "
-      "overlap=False runs the forwards between the SAE steps instead of beside them). "
+      "overlap=False runs the forwards between the SAE steps instead of beside them; "
+      "activation_store: 'auto', 'device' or 'host', where the store's rows live). "
       "overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");

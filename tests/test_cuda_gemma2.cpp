@@ -372,8 +372,9 @@ TEST(CudaGemma2, CliEvalWithModelOnTheDevice) {
 
 // The activation store on the GPU (rows in device memory, shuffled there) serves the CPU
 // store's batches: the same windows, rows and permutation, through refills, from the fp32
-// forward (equal to the CPU's at 2e-5); so does a GPU store that fills ahead (its forwards on
-// the store's thread, on the GPU made current there, while the batches are read).
+// forward (equal to the CPU's at 2e-5); so do a GPU store that fills ahead (its forwards on
+// the store's thread, on the GPU made current there, while the batches are read) and one whose
+// rows are in pinned host memory.
 TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   REQUIRE_GPU();
   test::TempDir dir;
@@ -391,11 +392,15 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   const std::vector<int64_t> layers = {0, 2};
   const int64_t d = m.cfg.hidden_size, n = 20 * d;
   data::Corpus c_cpu(cc, data::Split::Train), c_gpu(cc, data::Split::Train),
-      c_ahead(cc, data::Split::Train);
+      c_ahead(cc, data::Split::Train), c_host(cc, data::Split::Train);
   pipeline::WindowStream w_cpu(c_cpu, tok, sc.windows), w_gpu(c_gpu, tok, sc.windows),
-      w_ahead(c_ahead, tok, sc.windows);
+      w_ahead(c_ahead, tok, sc.windows), w_host(c_host, tok, sc.windows);
   pipeline::ActivationStore cpu(m, w_cpu, HookPoint::ResidPost, layers, sc, special);
   pipeline::ActivationStore gpu(g, w_gpu, HookPoint::ResidPost, layers, sc, special);
+  // The rows in pinned host memory that the GPU's kernels read and write across the bus.
+  pipeline::ActivationStore host(g, w_host, HookPoint::ResidPost, layers, sc, special, true);
+  EXPECT_EQ(host.device_bytes(), 0);
+  EXPECT_EQ(host.pinned_host_bytes(), gpu.device_bytes());
   // A second model: the thread's forwards must not share buffers with the other store's.
   DeviceGemma2 g_ahead(m, "fp32");
   pipeline::ActivationStore ahead(g_ahead, w_ahead, HookPoint::ResidPost, layers, sc, special);
@@ -403,11 +408,12 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
   EXPECT_TRUE(gpu.on_device());
   EXPECT_GT(gpu.device_bytes(), 0);
   std::vector<std::vector<float>> want(2, std::vector<float>(size_t(n)));
-  std::vector<const float*> view, view_ahead;
+  std::vector<const float*> view, view_ahead, view_host;
   for (int b = 0; b < 30; ++b) {  // 30 batches of 20: several refills of a 192-row buffer
     ASSERT_TRUE(cpu.next_batch({want[0].data(), want[1].data()}));
     ASSERT_TRUE(gpu.next_batch_view(view));
     ASSERT_TRUE(ahead.next_batch_view(view_ahead));
+    ASSERT_TRUE(host.next_batch_view(view_host));
     ASSERT_EQ(view.size(), 2u);
     ASSERT_EQ(view_ahead.size(), 2u);
     for (int s = 0; s < 2; ++s) {
@@ -420,6 +426,8 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
           cudaMemcpy(got.data(), view_ahead[size_t(s)], size_t(n) * 4, cudaMemcpyDeviceToHost));
 #endif
       test::expect_close(got, want[size_t(s)], 2e-5, what + " (filled ahead)");
+      test::expect_close(g.to_host(view_host[size_t(s)], n), want[size_t(s)], 2e-5,
+                         what + " (rows on the host)");
     }
   }
   EXPECT_EQ(gpu.tokens_forwarded(), cpu.tokens_forwarded());
@@ -429,8 +437,8 @@ TEST(CudaRelease, DeviceStoreServesTheCpuStoresBatches) {
 // `sae release --device cuda` (the forward, the store and the SAE steps on the GPU; fp32) on the
 // tiny model against the CPU release: the same layout, every SAE loads, held-out numbers close
 // (the two train on the same batches; the steps differ in summation order), the plan and the
-// measured peak printed; the forward overlapped with the steps or not gives the same SAEs; a
-// stop and --resume on the GPU finishes.
+// measured peak printed; the forward overlapped with the steps or not, and the store's rows on
+// the device or pinned on the host, give the same SAEs; a stop and --resume on the GPU finishes.
 TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
   REQUIRE_GPU();
   test::TempDir dir;
@@ -484,6 +492,15 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
       EXPECT_TRUE(test::read_bytes(dir / ("in_turn" + f)) == test::read_bytes(dir / ("gpu" + f)))
           << v << " " << h << ": --no-overlap trained other weights";
     }
+  // The store's rows in pinned host memory: the same batches, so the same SAEs.
+  const std::string on_host =
+      run(args + (dir / "on_host") + " --device cuda --precision fp32 --activation-store host");
+  EXPECT_NE(on_host.find("in pinned host memory"), std::string::npos) << on_host;
+  for (const std::string v : {"standard", "snap"}) {
+    const std::string f = "/" + v + "/blocks.2.hook_resid_post/sae_weights.safetensors";
+    EXPECT_TRUE(test::read_bytes(dir / ("on_host" + f)) == test::read_bytes(dir / ("gpu" + f)))
+        << v << ": the host store trained other weights";
+  }
   // Stopped and resumed on the GPU.
   run(args + (dir / "resumed") + " --device cuda --precision fp32 --stop-at-step 100");
   run(args + (dir / "resumed") + " --device cuda --precision fp32 --resume");

@@ -673,6 +673,8 @@ TEST(Release, BadInputs) {
   expect_error(
       std::regex_replace(base, std::regex("--n-batches-in-buffer 4"), "--n-batches-in-buffer 1"),
       "n_batches_in_buffer");
+  // The rows' place is a GPU release's choice.
+  expect_error(base + " --activation-store host", "activation_store");
   if (cuda_device_count() == 0) {  // refused before the model loads; nothing written
     fs::remove_all(out);
     expect_error(base + " --device cuda", "--device cuda");
@@ -745,6 +747,26 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   EXPECT_GT(p2.eval, 2 * 64 * hd * 4);
   EXPECT_EQ(p2.total(), p2.model + p2.forward + p2.saes + p2.store + p2.eval);
   EXPECT_NE(p2.describe().find("4 SAEs"), std::string::npos) << p2.describe();
+  EXPECT_EQ(p2.host_store, 0);
+  // The store in pinned host memory: the same bytes there, none on the device.
+  shape.store_on_host = true;
+  const DeviceReleasePlan h = plan_device_release(shape, {0, 2}, saes);
+  EXPECT_EQ(h.store, 0);
+  EXPECT_EQ(h.host_store, p2.store);
+  EXPECT_EQ(h.total(), p2.total() - p2.store);
+  EXPECT_NE(h.describe().find("pinned host memory"), std::string::npos) << h.describe();
+  shape.store_on_host = false;
+  // Where "auto" puts the store: the device while the whole plan fits, then the host while that
+  // fits, else the device (refused by the caller); "device" and "host" as asked.
+  auto placed_on_host = [&](const std::string& mode, int64_t free) {
+    return place_store(shape, mode, {0, 2}, saes, free).store_on_host;
+  };
+  EXPECT_FALSE(placed_on_host("auto", p2.total()));
+  EXPECT_TRUE(placed_on_host("auto", p2.total() - 1));
+  EXPECT_TRUE(placed_on_host("auto", h.total()));
+  EXPECT_FALSE(placed_on_host("auto", h.total() - 1));
+  EXPECT_FALSE(placed_on_host("device", 0));
+  EXPECT_TRUE(placed_on_host("host", int64_t(1) << 50));
   // No CE score: the model only to the last layer, no logits, no evaluation SAE.
   shape.ce_score = false;
   const DeviceReleasePlan q = plan_device_release(shape, {0, 1}, saes);

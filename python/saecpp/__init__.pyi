@@ -102,6 +102,7 @@ def release(
     device: str = "cpu",
     precision: str = "bf16",
     overlap: bool = True,
+    activation_store: str = "auto",
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(

@@ -62,7 +62,7 @@ ActivationStore::ActivationStore(const model::Gemma2& m, WindowStream& windows,
 
 ActivationStore::ActivationStore(model::DeviceGemma2& m, WindowStream& windows,
                                  model::HookPoint point, std::vector<int64_t> layers,
-                                 StoreConfig cfg, std::vector<int32_t> special)
+                                 StoreConfig cfg, std::vector<int32_t> special, bool rows_on_host)
     : dm_(&m),
       windows_(&windows),
       point_(point),
@@ -73,7 +73,7 @@ ActivationStore::ActivationStore(model::DeviceGemma2& m, WindowStream& windows,
       rng_(cfg.seed),
       cuda_device_(current_cuda_device()) {
   if (layers_.empty()) fail("activation store", "layers", "none asked for");
-  allocate(cfg_.prompts_per_forward * cfg_.windows.context_size, layers_.size());
+  allocate(cfg_.prompts_per_forward * cfg_.windows.context_size, layers_.size(), rows_on_host);
 }
 
 ActivationStore::ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers,
@@ -87,7 +87,7 @@ ActivationStore::~ActivationStore() {
   stop_filling();
 }
 
-void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers) {
+void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers, bool rows_on_host) {
   capacity_ = cfg_.n_batches_in_buffer * cfg_.prompts_per_forward * cfg_.windows.context_size;
   if (capacity_ < 2 * cfg_.batch_tokens)
     fail("activation store", "n_batches_in_buffer",
@@ -98,7 +98,7 @@ void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers) {
   max_fill_ = max_fill_rows;
   total_ = capacity_ + max_fill_;
   if (dm_)
-    dev_rows_ = std::make_unique<DeviceRows>(n_layers, total_, d_, dm_->stream());
+    dev_rows_ = std::make_unique<DeviceRows>(n_layers, total_, d_, dm_->stream(), rows_on_host);
   else
     buf_.assign(n_layers, std::vector<float>(size_t(total_ * d_)));
 }

@@ -77,9 +77,12 @@ class ActivationStore {
   ActivationStore(const model::Gemma2& m, WindowStream& windows, model::HookPoint point,
                   std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
   // Rows from the model's forward on the GPU, kept in GPU memory (DeviceRows): the same
-  // windows, rows, shuffle and batches as the CPU store, served in place by next_batch_view.
+  // windows, rows, shuffle and batches as the CPU store, served in place by next_batch_view
+  // (device addresses). rows_on_host: the rows in pinned host memory mapped for the GPU (when
+  // they do not fit on it; slower, the same batches).
   ActivationStore(model::DeviceGemma2& m, WindowStream& windows, model::HookPoint point,
-                  std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special);
+                  std::vector<int64_t> layers, StoreConfig cfg, std::vector<int32_t> special,
+                  bool rows_on_host = false);
   // Rows from elsewhere (an activation cache): `fill` is asked for at most `max_fill_rows` rows
   // of each of `n_layers` layers of width d per call.
   ActivationStore(RowFill fill, int64_t max_fill_rows, int64_t d, size_t n_layers, StoreConfig cfg);
@@ -108,7 +111,13 @@ class ActivationStore {
   // for a GPU store, complete when this returns), valid until the next call.
   bool next_batch_view(std::vector<const float*>& rows);
   bool on_device() const { return bool(dev_rows_); }
-  int64_t device_bytes() const { return dev_rows_ ? dev_rows_->bytes() : 0; }
+  // The rows' memory on the GPU, or pinned on the host for it.
+  int64_t device_bytes() const {
+    return dev_rows_ && !dev_rows_->on_host() ? dev_rows_->bytes() : 0;
+  }
+  int64_t pinned_host_bytes() const {
+    return dev_rows_ && dev_rows_->on_host() ? dev_rows_->bytes() : 0;
+  }
 
   int64_t tokens_forwarded() const { return tokens_forwarded_; }
   // Seconds spent in the model's forwards (on the filling thread when filling ahead), and
@@ -121,7 +130,7 @@ class ActivationStore {
   struct Stopped {};  // thrown on the filling thread when stop_filling() interrupts a fill
   enum class Round { Pending, Filling, Done };  // the next fill: not started, on the thread, done
 
-  void allocate(int64_t max_fill_rows, size_t n_layers);
+  void allocate(int64_t max_fill_rows, size_t n_layers, bool rows_on_host = false);
   // Where the fill's row i goes: after the kept rows, wrapping into the served ones.
   int64_t slot(int64_t i) const { return (rows_ + i) % total_; }
   bool next_window_batch(model::TokenBatch& batch, std::vector<int32_t>& kept);

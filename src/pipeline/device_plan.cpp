@@ -21,7 +21,10 @@ std::string gib(int64_t bytes) {
 
 std::string DeviceReleasePlan::describe() const {
   return cat("model ", gib(model), " + forward ", gib(forward), " + ", n_saes, " SAEs ", gib(saes),
-             " + activation store ", gib(store), " + evaluation ", gib(eval), " = ", gib(total()));
+             " + activation store ", host_store > 0 ? "0 (in pinned host memory)" : gib(store),
+             " + evaluation ", gib(eval), " = ", gib(total()),
+             host_store > 0 ? cat("; activation store ", gib(host_store), " of pinned host memory")
+                            : std::string());
 }
 
 DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
@@ -37,7 +40,8 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
     if (shape.ce_score)  // one held-out window at a time, through the logits
       p.forward += shape.context_size * std::min<int64_t>(c.vocab_size, 32768) * 4;
     // the layers' buffers and one spare for the out-of-place shuffle
-    p.store = int64_t(layers.size() + 1) * shape.store_rows * d * 4;
+    (shape.store_on_host ? p.host_store : p.store) =
+        int64_t(layers.size() + 1) * shape.store_rows * d * 4;
   }
   // Each SAE's own state; one step scratch shared by all (the largest).
   int64_t widest = 0, scratch = 0;
@@ -57,6 +61,18 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
   if (shape.ce_score && shape.forward && widest > 0)
     p.eval = 2 * widest * d * 4 + widest * 4 + d * 4 + (int64_t(1) << 30);
   return p;
+}
+
+DevicePlanShape place_store(DevicePlanShape shape, const std::string& mode,
+                            const std::vector<int64_t>& layers, const std::vector<PlannedSae>& saes,
+                            int64_t free_bytes) {
+  shape.store_on_host = mode == "host";
+  if (mode != "auto" || plan_device_release(shape, layers, saes).total() <= free_bytes)
+    return shape;
+  shape.store_on_host = true;
+  if (plan_device_release(shape, layers, saes).total() <= free_bytes) return shape;
+  shape.store_on_host = false;
+  return shape;
 }
 
 std::vector<int64_t> layers_that_fit(const DevicePlanShape& shape,

@@ -22,7 +22,8 @@ struct DevicePlanShape {
   bool ce_score = true;        // the CE-loss score: the whole model and the logits
   int64_t forward_tokens = 0;  // prompts_per_forward x context_size
   int64_t context_size = 0;
-  int64_t store_rows = 0;  // the store's rows per layer (buffer plus one fill)
+  int64_t store_rows = 0;      // the store's rows per layer (buffer plus one fill)
+  bool store_on_host = false;  // the store's rows in pinned host memory mapped for the GPU
 };
 
 struct PlannedSae {
@@ -37,6 +38,7 @@ inline constexpr double kPlannedDeadShare = 0.25;
 
 struct DeviceReleasePlan {
   int64_t model = 0, forward = 0, saes = 0, store = 0, eval = 0;
+  int64_t host_store = 0;  // the store's pinned host memory instead (not in total())
   int64_t n_saes = 0;
   int64_t total() const { return model + forward + saes + store + eval; }
   std::string describe() const;  // one line, term by term
@@ -47,6 +49,13 @@ struct DeviceReleasePlan {
 DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
                                       const std::vector<int64_t>& layers,
                                       const std::vector<PlannedSae>& saes);
+
+// Where the activation store's rows go for `mode`: "device", "host" (pinned host memory), or
+// "auto": the device when the whole plan fits in `free_bytes`, else the host when that plan
+// fits, else the device (and the caller refuses). Returns `shape` with store_on_host set.
+DevicePlanShape place_store(DevicePlanShape shape, const std::string& mode,
+                            const std::vector<int64_t>& layers, const std::vector<PlannedSae>& saes,
+                            int64_t free_bytes);
 
 // The longest prefix of `layers` (ascending) whose SAEs fit in `free_bytes` (empty: not even
 // one layer's).

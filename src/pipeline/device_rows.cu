@@ -1,3 +1,4 @@
+#include <optional>
 #include <utility>
 
 #include "core/device.h"
@@ -8,24 +9,64 @@
 
 namespace sae::pipeline {
 
+namespace {
+
+// One layer's rows: device memory, or pinned host memory mapped into the device's address
+// space, which the same kernels read and write across the bus (data() is the device address).
+class LayerRows {
+ public:
+  LayerRows(size_t n, bool on_host, const char* what) : on_host_(on_host) {
+    if (!on_host_) {
+      p_ = static_cast<float*>(cuda::device_alloc(n * 4, what));
+      return;
+    }
+    if (cudaHostAlloc(&host_, n * 4, cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess) {
+      cudaGetLastError();
+      fail(cat(what, ": could not pin ", double(n * 4) / double(1 << 30),
+               " GiB of host memory for the activation store (cudaHostAlloc)"));
+    }
+    SAE_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p_), host_, 0));
+  }
+  LayerRows(LayerRows&& o) noexcept { *this = std::move(o); }
+  LayerRows& operator=(LayerRows&& o) noexcept {
+    std::swap(p_, o.p_), std::swap(host_, o.host_), std::swap(on_host_, o.on_host_);
+    return *this;
+  }
+  ~LayerRows() {
+    if (host_)
+      cudaFreeHost(host_);
+    else if (p_)
+      cudaFree(p_);
+  }
+  float* data() const { return p_; }
+
+ private:
+  float* p_ = nullptr;    // the device address
+  void* host_ = nullptr;  // the pinned allocation (host rows only)
+  bool on_host_ = false;
+};
+
+}  // namespace
+
 struct DeviceRows::Impl {
   int64_t rows = 0, d = 0;
+  bool on_host = false;
   cudaStream_t s = nullptr;
-  std::vector<cuda::DeviceBuffer<float>> buf;
-  cuda::DeviceBuffer<float> spare;  // the target of a gather, then swapped with the layer's
+  std::vector<LayerRows> buf;
+  std::optional<LayerRows> spare;  // the target of a gather, then swapped with the layer's
   cuda::DeviceBuffer<int32_t> kept, perm;
   int64_t n_kept = 0;
 };
 
-DeviceRows::DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream) {
+DeviceRows::DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream, bool on_host) {
   require_device(Device::Cuda);
   impl_ = std::make_unique<Impl>();
   Impl& m = *impl_;
-  m.rows = rows, m.d = d, m.s = static_cast<cudaStream_t>(stream);
+  m.rows = rows, m.d = d, m.s = static_cast<cudaStream_t>(stream), m.on_host = on_host;
   SAE_CHECK(rows < (int64_t(1) << 31), "activation store rows must fit int32");
   for (size_t i = 0; i < n_layers; ++i)
-    m.buf.emplace_back(size_t(rows * d), "activation store buffer (one layer)");
-  m.spare.resize(size_t(rows * d), "activation store buffer (spare layer)");
+    m.buf.emplace_back(size_t(rows * d), on_host, "activation store buffer (one layer)");
+  m.spare.emplace(size_t(rows * d), on_host, "activation store buffer (spare layer)");
 }
 
 DeviceRows::~DeviceRows() {
@@ -56,15 +97,14 @@ void DeviceRows::permute(const std::vector<int64_t>& src) {
   const std::vector<int32_t> p32(src.begin(), src.end());
   cuda::upload(m.perm, std::span<const int32_t>(p32), m.s, "store permutation");
   for (auto& b : m.buf) {
-    cuda::gather_rows(m.s, b.data(), m.perm.data(), 0, int64_t(p32.size()), m.d, m.spare.data());
-    std::swap(b, m.spare);  // stream-ordered: the next gather reads the new contents
+    cuda::gather_rows(m.s, b.data(), m.perm.data(), 0, int64_t(p32.size()), m.d, m.spare->data());
+    std::swap(b, *m.spare);  // stream-ordered: the next gather reads the new contents
   }
 }
 
 void DeviceRows::to_host(size_t layer, int64_t first, int64_t n, float* host) {
   Impl& m = *impl_;
-  SAE_CUDA(
-      cudaMemcpyAsync(host, row(layer, first), size_t(n * m.d) * 4, cudaMemcpyDeviceToHost, m.s));
+  SAE_CUDA(cudaMemcpyAsync(host, row(layer, first), size_t(n * m.d) * 4, cudaMemcpyDefault, m.s));
   sync();
 }
 
@@ -75,6 +115,10 @@ void DeviceRows::sync() const {
 int64_t DeviceRows::bytes() const {
   const Impl& m = *impl_;
   return int64_t(m.buf.size() + 1) * m.rows * m.d * 4;
+}
+
+bool DeviceRows::on_host() const {
+  return impl_->on_host;
 }
 
 }  // namespace sae::pipeline

@@ -13,7 +13,9 @@ namespace sae::pipeline {
 
 class DeviceRows {
  public:
-  DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream);
+  // on_host: the buffers in pinned host memory mapped for the device (when they do not fit on
+  // it): the same operations and addresses for kernels, across the bus.
+  DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream, bool on_host = false);
   ~DeviceRows();
   DeviceRows(const DeviceRows&) = delete;
   DeviceRows& operator=(const DeviceRows&) = delete;
@@ -31,8 +33,10 @@ class DeviceRows {
   // Rows [first, first + n) of `layer` into host memory (synchronous).
   void to_host(size_t layer, int64_t first, int64_t n, float* host);
   void sync() const;
-  // Device memory held (the buffers and one spare layer for the out-of-place moves).
+  // Memory held (the buffers and one spare layer for the out-of-place moves), on the device or
+  // pinned on the host.
   int64_t bytes() const;
+  bool on_host() const;
 
  private:
   struct Impl;

@@ -6,7 +6,7 @@ namespace sae::pipeline {
 
 struct DeviceRows::Impl {};
 
-DeviceRows::DeviceRows(size_t, int64_t, int64_t, void*) {
+DeviceRows::DeviceRows(size_t, int64_t, int64_t, void*, bool) {
   require_device(Device::Cuda);  // throws: not built with CUDA
 }
 DeviceRows::~DeviceRows() = default;
@@ -20,6 +20,9 @@ void DeviceRows::to_host(size_t, int64_t, int64_t, float*) {}
 void DeviceRows::sync() const {}
 int64_t DeviceRows::bytes() const {
   return 0;
+}
+bool DeviceRows::on_host() const {
+  return false;
 }
 
 }  // namespace sae::pipeline

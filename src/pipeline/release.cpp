@@ -360,6 +360,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       fail("release", "precision",
            cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
   }
+  if (opt.activation_store != "auto" && opt.activation_store != "device" &&
+      opt.activation_store != "host")
+    fail("release", "activation_store",
+         cat("must be auto, device or host, got '", opt.activation_store, "'"));
+  if (opt.activation_store != "auto" && (!cuda || from_cache))
+    fail("release", "activation_store",
+         cat("'", opt.activation_store, "' places the rows of the model's forward on the GPU (",
+             !cuda ? "--device cuda" : "not with --from-cache, whose rows are read on the host",
+             ")"));
   // The model: its checkpoint, or (from a cache) only its names and width.
   model::Checkpoint ckpt;
   model::Gemma2Config mcfg;
@@ -411,7 +420,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     comm.allreduce_max(shares);
     const char* env = std::getenv("SAECPP_NCCL");
     gpu_exchange = dist::nccl_compiled() && !from_cache && shares[0] == 0.0 &&
-                   !(env && std::string(env) == "0");
+                   opt.activation_store != "host" && !(env && std::string(env) == "0");
   }
   std::unique_ptr<dist::Comm> my_group;
   dist::Comm* sae_comm = nullptr;
@@ -488,6 +497,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const double plan_bytes = model_b + saes_b + buffer_b;
   // On the GPU: the device's plan, checked before anything is allocated there.
   DeviceReleasePlan gpu_plan;
+  bool store_on_host = false;  // the activation store's rows pinned on the host for the GPU
   if (cuda) {
     DevicePlanShape shape;
     shape.model = mcfg;
@@ -500,34 +510,51 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     std::vector<PlannedSae> planned;  // this rank's SAEs
     for (size_t i = 0; i < jobs.size(); ++i)
       if (mine(i)) planned.push_back({jobs[i].layer, jobs[i].cfg});
+    const CudaMemory mem = cuda_memory();
+    // "auto" moves a store that does not fit beside the SAEs to pinned host memory (one process
+    // from the model: the ranks of an NCCL exchange must agree on where their rows are).
+    const bool may_move = opt.activation_store == "auto" && n_ranks == 1 && !from_cache;
+    const std::string mode =
+        may_move || opt.activation_store != "auto" ? opt.activation_store : "device";
+    shape = place_store(shape, mode, layers, planned, int64_t(mem.free));
     gpu_plan = plan_device_release(shape, layers, planned);
+    if (shape.store_on_host && mode == "auto")
+      std::fprintf(stderr,
+                   "release: the activation store (%s) does not fit on the GPU beside the SAEs: "
+                   "it goes to pinned host memory, which the GPU reads across the bus (slower; "
+                   "--activation-store device to refuse instead)\n",
+                   fmt_bytes(double(gpu_plan.host_store)).c_str());
+    store_on_host = shape.store_on_host;
+    DevicePlanShape fit_shape = shape;  // what "the largest group that fits" is planned with
+    fit_shape.store_on_host = shape.store_on_host || may_move;
     if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
       gpu_plan.store += global_batch * d * 4;  // DeviceRows' spare
       for (size_t s = 0; s < layers.size(); ++s)
         gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
     }
-    const CudaMemory mem = cuda_memory();
     const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
     std::fprintf(
         stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
         who.c_str(), gpu_index, cuda_device_description().c_str(), who.c_str(),
         gpu_plan.describe().c_str(), fmt_bytes(double(mem.free)).c_str(), 100 * kPlannedDeadShare);
     if (gpu_plan.total() > int64_t(mem.free)) {
-      const std::vector<int64_t> fit = layers_that_fit(shape, layers, planned, int64_t(mem.free));
+      const std::vector<int64_t> fit =
+          layers_that_fit(fit_shape, layers, planned, int64_t(mem.free));
       std::string list;
       for (int64_t l : fit) list += (list.empty() ? "" : ",") + std::to_string(l);
       fail("release", "layers",
-           fit.empty() ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                             fmt_bytes(double(mem.free)),
-                             " is free: not even one layer's SAEs fit (a narrower SAE, a smaller "
-                             "training.batch_size or store buffer)")
-                       : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                             fmt_bytes(double(mem.free)),
-                             " is free; the largest group of these layers "
-                             "that fits is --layers ",
-                             list, " (",
-                             fmt_bytes(double(plan_device_release(shape, fit, planned).total())),
-                             "): run the layers in groups and join them with sae release-merge"));
+           fit.empty()
+               ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                     fmt_bytes(double(mem.free)),
+                     " is free: not even one layer's SAEs fit (a narrower SAE, a smaller "
+                     "training.batch_size or store buffer)")
+               : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                     fmt_bytes(double(mem.free)),
+                     " is free; the largest group of these layers "
+                     "that fits is --layers ",
+                     list, " (",
+                     fmt_bytes(double(plan_device_release(fit_shape, fit, planned).total())),
+                     "): run the layers in groups and join them with sae release-merge"));
     }
   }
 
@@ -623,7 +650,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     corpus->seek(corpus_pos);
     windows.emplace(*corpus, *tok, store.windows);
     if (dmodel)
-      acts_store.emplace(*dmodel, *windows, point, layers, store, special);
+      acts_store.emplace(*dmodel, *windows, point, layers, store, special, store_on_host);
     else
       acts_store.emplace(*model, *windows, point, layers, store, special);
   }

@@ -39,6 +39,10 @@ struct ReleaseOptions {
   // On cuda (one process): the next fill's forwards run on a thread of the activation store
   // while the SAEs step on the current batches (the same batches either way); false: between.
   bool overlap_forward = true;
+  // On cuda, where the activation store's rows live: "device", "host" (pinned host memory the
+  // GPU reads across the bus: slower, leaves the GPU to the SAEs), or "auto" (the device when
+  // the plan fits, else the host when that fits; one process).
+  std::string activation_store = "auto";
   bool keep_bf16 = false;    // model weights kept in bf16
   bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";

@@ -1100,9 +1100,8 @@ DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, in
   Impl& m = *impl_;
   const cudaStream_t s = m.s();
   m.mark(0);
-  if (m.device_x)  // a batch already on the device (the release's activation store)
-    SAE_CUDA(cudaMemcpyAsync(m.x.data(), m.device_x, size_t(m.B * m.d) * 4,
-                             cudaMemcpyDeviceToDevice, s));
+  if (m.device_x)  // a batch at a device address (the release's store; mapped host rows too)
+    SAE_CUDA(cudaMemcpyAsync(m.x.data(), m.device_x, size_t(m.B * m.d) * 4, cudaMemcpyDefault, s));
   else
     SAE_CUDA(
         cudaMemcpyAsync(m.x.data(), m.pinned_x, size_t(m.B * m.d) * 4, cudaMemcpyHostToDevice, s));

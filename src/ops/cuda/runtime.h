@@ -77,10 +77,11 @@ void upload(DeviceBuffer<T>& dst, std::span<const T> src, cudaStream_t s, const 
   SAE_CUDA(cudaMemcpyAsync(dst.data(), src.data(), src.size_bytes(), cudaMemcpyHostToDevice, s));
   SAE_CUDA(cudaStreamSynchronize(s));
 }
+// (src: any device address, mapped pinned host memory included: the kind is inferred.)
 template <class T>
 std::vector<T> download(const T* src, size_t n, cudaStream_t s) {
   std::vector<T> out(n);
-  SAE_CUDA(cudaMemcpyAsync(out.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
+  SAE_CUDA(cudaMemcpyAsync(out.data(), src, n * sizeof(T), cudaMemcpyDefault, s));
   SAE_CUDA(cudaStreamSynchronize(s));
   return out;
 }
