@@ -597,7 +597,9 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
     train::Trainer t(cfg, src, "test");
     t.keep_host_state = keep_host_state;
     if (!t.run(false, stop_at)) {
-      if (!keep_host_state) EXPECT_THROW(t.inference_sae(), Error);  // on the GPU only
+      if (!keep_host_state) {
+        EXPECT_THROW(t.inference_sae(), Error);  // on the GPU only
+      }
       train::Trainer t2(cfg, src, "test");
       t2.keep_host_state = keep_host_state;
       EXPECT_TRUE(t2.run(true));

@@ -466,6 +466,7 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
   const auto cpu = read_json_file(dir / "cpu/release.json");
   const auto gpu = read_json_file(dir / "gpu/release.json");
   EXPECT_EQ(gpu["device"]["forward"], "fp32");
+  EXPECT_NE(test::read_bytes(dir / "gpu/README.md").find("trained on "), std::string::npos);
   EXPECT_FALSE(gpu["recipe"].contains("model_bf16_matmul"));
   EXPECT_EQ(gpu["tokens_forwarded"], cpu["tokens_forwarded"]);
   for (const std::string v : {"standard", "snap"})

@@ -199,7 +199,9 @@ TEST(ActivationStore, TheRingServesThePlainBuffersBatchesFilledAheadOrNot) {
       for (size_t i = 0; i < b1.size(); i += 2) ASSERT_EQ(b1[i], b0[i] + 0.5f) << "layers aligned";
     }
     EXPECT_EQ(n, want.size());
-    if (mode == 0) EXPECT_EQ(store.wait_seconds(), 0.0);
+    if (mode == 0) {
+      EXPECT_EQ(store.wait_seconds(), 0.0);  // filled in turn: nothing to wait for
+    }
   }
 }
 
@@ -840,6 +842,9 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
   // A model multiplied in bf16 gives other activations: its own recipe, not merged with f32.
   ASSERT_EQ(group("2", "d", " --bf16-matmul").exit_code, 0);
   EXPECT_EQ(read_json_file(dir / "d/release.json")["recipe"]["model_bf16_matmul"], true);
+  EXPECT_NE(test::read_bytes(dir / "d/README.md").find("the model run in bf16"),
+            std::string::npos);  // the card says so too
+  EXPECT_EQ(test::read_bytes(dir / "a/README.md").find("run in bf16"), std::string::npos);
   refused((dir / "a") + " " + (dir / "d"), dir / "m4", "model_bf16_matmul");
   refused((dir / "a") + " " + (dir / "b"), dir / "m", "not empty");
   refused((dir / "a") + " " + (dir / "nowhere"), dir / "m4", "nowhere/release.json");

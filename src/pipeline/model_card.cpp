@@ -17,7 +17,13 @@ std::string model_card(const nlohmann::ordered_json& release) {
      << r.at("sae_cpp_version").get<std::string>() << " and saved in SAELens format.\n\n";
   md << "## How they were trained\n\n";
   md << "- Model: `" << model_name << "` (" << r.at("model").get<std::string>()
-     << "), hook `blocks.L.hook_" << hook << "`\n";
+     << "), hook `blocks.L.hook_" << hook << "`";
+  if (r.value("model_bf16_matmul", false))  // other activations than an f32 forward's
+    md << "; the model run in bf16 (bf16 weights and GEMM operands, f32 sums and residual "
+          "stream)";
+  if (release.contains("device"))
+    md << "; trained on " << release.at("device").value("gpu", std::string("a GPU"));
+  md << "\n";
   const std::string dataset = r.at("dataset");
   md << "- Data: " << (dataset.empty() ? std::string("see the shards below") : dataset)
      << "; context windows of " << r.at("context_size").get<int64_t>() << " tokens, BOS first, "

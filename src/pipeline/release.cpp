@@ -808,8 +808,9 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   if (overlap) {
     acts.fill_ahead();
     std::fprintf(stderr,
-                 "release: the model's forwards run on their own thread beside the SAE steps "
-                 "(--no-overlap: between them)\n");
+                 "release: %s on their own thread beside the SAE steps (--no-overlap: "
+                 "between them)\n",
+                 from_cache ? "the cache's shards are read" : "the model's forwards run");
   }
   while (step < total_steps) {
     bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
