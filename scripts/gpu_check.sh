@@ -9,7 +9,9 @@
 #       (and with dead latents), SAELens's step on the same GPU, and 2000 steps of the
 #       hierarchy job on the GPU against the CPU, then `sae release --device cuda` at the real
 #       shapes with 2, 10 and 50 SAEs (bench/release_cuda.sh; GPU_CHECK_RELEASE=0 skips it).
-#       Logs and results.md go to $OUT (or out/gpu_check).
+#       Logs and results.md go to $OUT (or out/gpu_check). GPU_CHECK_PARTS picks sections
+#       (default all: tests,gemma,train,encode,saelens,hierarchy,release), e.g.
+#       GPU_CHECK_PARTS=tests,release to fit what is owed into one call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -55,21 +57,26 @@ for b in sae test_cuda test_cuda_gemma2 bench_train_cuda bench_encode_cuda bench
 done
 bin=/tmp
 results=$out/results.md
+parts=,${GPU_CHECK_PARTS:-tests,gemma,train,encode,saelens,hierarchy,release},
+want() { [[ $parts == *,$1,* ]]; }
 {
   echo "# sae.cpp GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   echo
 } >"$results"
 
-echo "== CUDA tests"
 set +e
+if want tests; then
+echo "== CUDA tests"
 SAECPP_CLI=$bin/sae timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 tests_rc=${PIPESTATUS[0]}
 echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
 SAECPP_TEST_DIR=$PWD/tests SAECPP_CLI=$bin/sae timeout 120 "$bin/test_cuda_gemma2" 2>&1 | tee "$out/test_cuda_gemma2.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 gemma_rc=${PIPESTATUS[0]}
 echo "CUDA Gemma-2 tests: exit $gemma_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda_gemma2.log") passed)" | tee -a "$results"
+fi
 
+if want gemma; then
 echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
 {
   echo '```'
@@ -77,7 +84,9 @@ echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
   timeout 150 python3 bench/transformers_gemma_cuda.py --prompts 4 --seq 1024 --last-layers 12,24
   echo '```'
 } 2>&1 | tee "$out/bench_gemma.log" | tee -a "$results"
+fi
 
+if want train; then
 echo "== training step benchmark"
 {
   echo '```'
@@ -86,6 +95,7 @@ echo "== training step benchmark"
   timeout 60 "$bin/bench_train_cuda" --steps 10 --dead 4096 --precision bf16,fp32
   echo '```'
 } 2>&1 | tee "$out/bench_train_cuda.log" | tee -a "$results"
+fi
 
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
   echo "== per-kernel GPU time (ncu, bf16 step)"
@@ -110,13 +120,16 @@ print("```")
 PY
 fi
 
+if want encode; then
 echo "== encode benchmark"
 {
   echo '```'
   timeout 120 "$bin/bench_encode_cuda"
   echo '```'
 } 2>&1 | tee "$out/bench_encode_cuda.log" | tee -a "$results"
+fi
 
+if want saelens; then
 echo "== SAELens on the same GPU"
 site=/tmp/saelens_site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl
@@ -126,7 +139,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gp
   PYTHONPATH=$site timeout 120 python3 bench/saelens_train.py --device cuda --steps 10 --autocast
   echo '```'
 } 2>&1 | tee "$out/saelens.log" | tee -a "$results"
+fi
 
+if want hierarchy; then
 echo "== 2000 hierarchy steps: GPU against CPU"
 for dev in cpu cuda; do
   rm -rf "/tmp/hier_$dev"
@@ -136,7 +151,8 @@ for dev in cpu cuda; do
   echo "hierarchy-snap 2000 steps on $dev: exit $? $(python3 -c "import json;e=json.load(open('/tmp/hier_$dev/eval.json'));print('EV %.4f L0 %.2f' % (e['explained_variance'], e['l0']))" 2>&1)" | tee -a "$results"
   tail -3 "$out/hierarchy_$dev.log"
 done
-if [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
+fi
+if want release && [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
   echo "== sae release --device cuda at the real shapes: 2, 10 and 50 SAEs (bench/release_cuda.sh)"
   {
     echo '```'
