@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <regex>
@@ -215,41 +216,33 @@ TEST(ActivationStore, FillAheadReportsErrorsAndStops) {
   sc.n_batches_in_buffer = 4;
   sc.batch_tokens = 20;
   std::vector<float> b0(40), b1(40);
-  {
-    CountingRows rows{.end = 100000, .fail_after = 300};
-    ActivationStore store(
-        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
-    store.fill_ahead();
+  auto filling_ahead = [&](CountingRows& rows) {
+    auto store = std::make_unique<ActivationStore>(
+        [&rows](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2,
+        sc);
+    store->fill_ahead();
+    return store;
+  };
+  auto expect_error_naming = [&](ActivationStore& store, const std::string& what) {
     try {
       for (int b = 0; b < 100; ++b) store.next_batch({b0.data(), b1.data()});
-      ADD_FAILURE() << "the fill's error never came";
+      ADD_FAILURE() << "no error naming '" << what << "'";
     } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("no more by design"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
-  }
-  {
-    CountingRows rows{.end = 100000};
-    ActivationStore store(
-        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
-    store.fill_ahead();
-    ASSERT_TRUE(store.next_batch({b0.data(), b1.data()}));
-    store.stop_filling();
-    try {
-      for (int b = 0; b < 100; ++b) store.next_batch({b0.data(), b1.data()});
-      ADD_FAILURE() << "a stopped store refilled";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("stopped"), std::string::npos) << e.what();
-    }
-  }
-  {
-    CountingRows rows{.end = 100000};
-    ActivationStore store(
-        [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, 37, 2, 2, sc);
-    store.fill_ahead();
-    ASSERT_TRUE(store.next_batch({b0.data(), b1.data()}));
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the thread waits for rows
-    const auto hold = store.hold_source();  // the source is free while the thread waits
-  }
+  };
+  CountingRows failing{.end = 100000, .fail_after = 300}, endless{.end = 100000};
+  expect_error_naming(*filling_ahead(failing), "no more by design");
+  auto stopped = filling_ahead(endless);
+  ASSERT_TRUE(stopped->next_batch({b0.data(), b1.data()}));
+  stopped->stop_filling();
+  expect_error_naming(*stopped, "stopped");  // once the shuffled batches are served
+  endless.next = 0;
+  auto dropped = filling_ahead(endless);
+  ASSERT_TRUE(dropped->next_batch({b0.data(), b1.data()}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the thread waits for rows
+  { const auto hold = dropped->hold_source(); }  // the source is free while the thread waits
+  dropped.reset();                               // returns: the waiting thread is told to stop
 }
 
 // From the model: a store that fills ahead (the forwards on its thread) serves the batches of

@@ -140,6 +140,23 @@ TEST(CliBadInput, DInMismatch) {
   EXPECT_FALSE(fs::exists(dir / "out.safetensors"));
 }
 
+// --precision tf32|bf16 is the GPU encoder's: on the CPU it is refused, not silently fp32.
+TEST(CliBadInput, GpuPrecisionOnTheCpuIsRefused) {
+  test::TempDir dir;
+  write_acts_npy(dir / "acts.npy", test::random_vector(4 * 16, 3), 4, 16);
+  for (std::string cmd : {"encode", "eval"}) {
+    std::string args = cmd + " " + test::golden("topk/sae") + " " + (dir / "acts.npy");
+    if (cmd == "encode") args += " -o " + (dir / "out.safetensors");
+    auto r = test::run_cli(args + " --precision bf16");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find("precision"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("--device cuda"), std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(dir / "out.safetensors"));
+    EXPECT_EQ(test::run_cli(args + " --precision fp32").exit_code, 0) << cmd;
+    fs::remove(dir / "out.safetensors");
+  }
+}
+
 TEST(CliBadInput, NanAndInfActivationsAreRejected) {
   test::TempDir dir;
   for (float bad :

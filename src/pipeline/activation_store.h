@@ -98,7 +98,7 @@ class ActivationStore {
   // threads share (seen as wrong rows in a test), so the release fills ahead on the GPU only.
   void fill_ahead();
   // Ends the filling thread (after its current forward) so that the model is the caller's again;
-  // the store serves no more batches.
+  // the store serves only the batches it has already shuffled, then refuses to refill.
   void stop_filling();
   // While the lock is held the store reads nothing from its windows or its fill (a corpus or
   // cache position read for a checkpoint is then stable). Rows read ahead are past it.

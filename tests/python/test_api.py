@@ -37,6 +37,14 @@ def test_encode_decode_match_saelens_goldens(case):
     assert sae.encode(x.reshape(4, -1, x.shape[1])).shape == (4, x.shape[0] // 4, sae.cfg["d_sae"])
 
 
+def test_gpu_precision_on_the_cpu_is_refused():
+    sae = saecpp.SAE.load_from_disk(str(GOLDENS / "topk" / "sae"))
+    x = load_npy("topk", "x")
+    with pytest.raises(saecpp.SaeError, match="precision"):
+        sae.encode(x, precision="bf16")
+    assert sae.encode(x, precision="fp32").shape == (x.shape[0], sae.cfg["d_sae"])
+
+
 def test_metrics_match_saelens_goldens():
     sae = saecpp.SAE.load_from_disk(str(GOLDENS / "jumprelu" / "sae"))
     m = saecpp.evaluate(sae, load_npy("jumprelu", "x"))
