@@ -52,29 +52,37 @@ float row_distance(const std::vector<float>& rows, int64_t d, int64_t r, const f
   return dist;
 }
 
-TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
+// The stores' tests' inputs: the tiny corpus (no held-out split), the tiny Gemma-2, its
+// special tokens and the small store config.
+struct TinyStoreInputs {
   test::TempDir dir;
   data::CorpusConfig cc;
-  cc.shards = {write_corpus(dir)};
-  cc.holdout_every = 0;
   const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
-  const model::Tokenizer tok(kModel + "/tokenizer.model");
+  const model::Tokenizer tok{kModel + "/tokenizer.model"};
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
   StoreConfig sc = test::tiny_store_config(tok);
+  TinyStoreInputs() {
+    cc.shards = {write_corpus(dir)};
+    cc.holdout_every = 0;
+  }
+};
+
+TEST(ActivationStore, ServesEachNonSpecialTokenOnceWithLayersAligned) {
+  TinyStoreInputs in;
   const std::vector<int64_t> layers = {0, 2};
-  const int64_t d = m.cfg.hidden_size, n_batches = 12;
+  const int64_t d = in.m.cfg.hidden_size, n_batches = 12;
 
   // Every non-special token's activations, one window at a time, in corpus order.
-  data::Corpus all_corpus(cc, data::Split::Train);
-  WindowStream all_windows(all_corpus, tok, sc.windows);
+  data::Corpus all_corpus(in.cc, data::Split::Train);
+  WindowStream all_windows(all_corpus, in.tok, in.sc.windows);
   const Heldout all =
-      collect_heldout(m, all_windows, model::HookPoint::ResidPost, layers, 1000, special);
+      collect_heldout(in.m, all_windows, model::HookPoint::ResidPost, layers, 1000, in.special);
 
   auto serve = [&](uint64_t seed) {
-    sc.seed = seed;
-    data::Corpus corpus(cc, data::Split::Train);
-    WindowStream windows(corpus, tok, sc.windows);
-    ActivationStore store(m, windows, model::HookPoint::ResidPost, layers, sc, special);
+    in.sc.seed = seed;
+    data::Corpus corpus(in.cc, data::Split::Train);
+    WindowStream windows(corpus, in.tok, in.sc.windows);
+    ActivationStore store(in.m, windows, model::HookPoint::ResidPost, layers, in.sc, in.special);
     std::vector<std::vector<float>> out(2), batch(2, std::vector<float>(size_t(20 * d)));
     for (int64_t b = 0; b < n_batches; ++b) {
       EXPECT_TRUE(store.next_batch({batch[0].data(), batch[1].data()}));
@@ -248,27 +256,20 @@ TEST(ActivationStore, FillAheadReportsErrorsAndStops) {
 // From the model: a store that fills ahead (the forwards on its thread) serves the batches of
 // one that fills between them.
 TEST(ActivationStore, FillAheadServesTheSameBatchesFromTheModel) {
-  test::TempDir dir;
-  data::CorpusConfig cc;
-  cc.shards = {write_corpus(dir)};
-  cc.holdout_every = 0;
-  const model::Gemma2 m = model::Gemma2::load(kModel, {.verbose = false});
-  const model::Tokenizer tok(kModel + "/tokenizer.model");
-  const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
-  StoreConfig sc = test::tiny_store_config(tok);
-  sc.seed = 3;
+  TinyStoreInputs in;
+  in.sc.seed = 3;
   const std::vector<int64_t> layers = {0, 2};
-  const int64_t d = m.cfg.hidden_size;
-  data::Corpus c_plain(cc, data::Split::Train), c_ahead(cc, data::Split::Train);
-  WindowStream w_plain(c_plain, tok, sc.windows), w_ahead(c_ahead, tok, sc.windows);
+  const int64_t d = in.m.cfg.hidden_size;
+  data::Corpus c_plain(in.cc, data::Split::Train), c_ahead(in.cc, data::Split::Train);
+  WindowStream w_plain(c_plain, in.tok, in.sc.windows), w_ahead(c_ahead, in.tok, in.sc.windows);
   // The plain store's batches first: two CPU forwards at once would share OpenBLAS, which is
   // not safe to call from two threads (a GPU release's thread runs cuBLAS instead).
-  ActivationStore plain(m, w_plain, model::HookPoint::ResidPost, layers, sc, special);
+  ActivationStore plain(in.m, w_plain, model::HookPoint::ResidPost, layers, in.sc, in.special);
   const int n_batches = 30;  // several refills of the 192-row buffer
   std::vector<std::vector<float>> want(2 * n_batches, std::vector<float>(size_t(20 * d)));
   for (int b = 0; b < n_batches; ++b)
     ASSERT_TRUE(plain.next_batch({want[size_t(2 * b)].data(), want[size_t(2 * b + 1)].data()}));
-  ActivationStore ahead(m, w_ahead, model::HookPoint::ResidPost, layers, sc, special);
+  ActivationStore ahead(in.m, w_ahead, model::HookPoint::ResidPost, layers, in.sc, in.special);
   ahead.fill_ahead();
   std::vector<std::vector<float>> got(2, std::vector<float>(size_t(20 * d)));
   for (int b = 0; b < n_batches; ++b) {
