@@ -3,6 +3,9 @@
 // Compare with bench/transformers_gemma_cuda.py on the same GPU and shape.
 //   build/release/bench/bench_gemma_cuda [--prompts 4] [--seq 1024] [--last-layers 12,24]
 //                                        [--precision bf16] [--reps 3]
+//                                        [--attention two-pass,one-pass]
+// --attention: the bf16 tensor-core attention kernels to time, each over the same forward
+// (ops/cuda/transformer.h, TensorCoreAttention); fp32 has one attention kernel.
 #include <omp.h>
 
 #include <chrono>
@@ -76,7 +79,7 @@ Gemma2 random_model(int64_t last_layer) {
 
 int main(int argc, char** argv) {
   int64_t prompts = 4, seq = 1024, reps = 3;
-  std::string layers = "12,24", precisions = "bf16";
+  std::string layers = "12,24", precisions = "bf16", attentions = "two-pass,one-pass";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--prompts")
@@ -89,6 +92,8 @@ int main(int argc, char** argv) {
       precisions = v;
     else if (a == "--reps")
       reps = std::stoll(v);
+    else if (a == "--attention")
+      attentions = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -118,20 +123,30 @@ int main(int argc, char** argv) {
   std::stringstream ps(precisions);
   for (std::string prec; std::getline(ps, prec, ',');) {
     DeviceGemma2 g(host, prec);
-    for (int64_t last : last_layers) {
-      g.forward(batch, last, nullptr);  // warm-up (allocations, cuBLAS heuristics)
-      double best = 1e30;
-      for (int64_t r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        g.forward(batch, last, nullptr);  // synchronises at the end
-        best = std::min(
-            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    std::stringstream as(prec == "bf16" ? attentions : std::string("simt"));
+    for (std::string att; std::getline(as, att, ',');) {
+      if (att != "two-pass" && att != "one-pass" && att != "simt") {
+        std::fprintf(stderr, "unknown --attention %s (two-pass or one-pass)\n", att.c_str());
+        return 2;
       }
-      std::printf(
-          "sae.cpp %s forward to layer %lld: %lld x %lld tokens in %.1f ms = %.0f tokens/s "
-          "(best of %lld); weights %.2f GiB on the device\n",
-          prec.c_str(), (long long)last, (long long)prompts, (long long)seq, best * 1e3,
-          double(prompts * seq) / best, (long long)reps, double(g.weight_bytes()) / (1 << 30));
+      g.use_one_pass_attention(att == "one-pass");
+      for (int64_t last : last_layers) {
+        g.forward(batch, last, nullptr);  // warm-up (allocations, cuBLAS heuristics)
+        double best = 1e30;
+        for (int64_t r = 0; r < reps; ++r) {
+          const auto t0 = std::chrono::steady_clock::now();
+          g.forward(batch, last, nullptr);  // synchronises at the end
+          best = std::min(
+              best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::printf(
+            "sae.cpp %s forward (%s attention) to layer %lld: %lld x %lld tokens in %.1f ms = "
+            "%.0f tokens/s (best of %lld); weights %.2f GiB on the device\n",
+            prec.c_str(), att.c_str(), (long long)last, (long long)prompts, (long long)seq,
+            best * 1e3, double(prompts * seq) / best, (long long)reps,
+            double(g.weight_bytes()) / (1 << 30));
+        std::fflush(stdout);
+      }
     }
   }
   return 0;

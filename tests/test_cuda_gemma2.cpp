@@ -105,7 +105,7 @@ TEST(CudaKernels, NormRopeGeluMatchTheirCpuReferences) {
 
 // Packed prompts of different lengths, GQA, soft-capping, a sliding window shorter than the
 // prompts, head dims that are and are not multiples of the warp: against attention_causal run
-// on each prompt alone.
+// on each prompt alone. Both tensor-core kernels too (bf16), and against each other.
 TEST(CudaKernels, PackedAttentionMatchesCpuPerPrompt) {
   REQUIRE_GPU();
 #if SAECPP_HAS_CUDA
@@ -117,11 +117,13 @@ TEST(CudaKernels, PackedAttentionMatchesCpuPerPrompt) {
   };
   for (const Case c :
        {Case{4, 2, 12, 50.0f, 0}, Case{4, 2, 12, 50.0f, 5}, Case{8, 4, 256, 50.0f, 0},
-        Case{3, 1, 40, 0.0f, 6}, Case{4, 2, 16, 50.0f, 5}, Case{2, 2, 128, 0.0f, 70}}) {
+        Case{8, 4, 256, 50.0f, 100}, Case{3, 1, 40, 0.0f, 6}, Case{4, 2, 16, 50.0f, 5},
+        Case{2, 2, 128, 0.0f, 70}, Case{4, 1, 64, 50.0f, 0}, Case{2, 1, 32, 0.0f, 0}}) {
     SCOPED_TRACE(testing::Message() << "heads " << c.heads << " kv " << c.kv << " hd " << c.hd
                                     << " window " << c.window);
-    // Prompts shorter and longer than a 64-query tile, so that tiles straddle prompts.
-    const std::vector<int64_t> lengths = {7, 1, 13, 30, 150, 64, 90};
+    // Prompts shorter and longer than a 64-query tile, so that tiles straddle prompts, and one
+    // of 5 key tiles (the one-pass kernel's running max changes from tile to tile).
+    const std::vector<int64_t> lengths = {7, 1, 13, 30, 150, 64, 90, 300};
     int64_t T = 0;
     std::vector<int32_t> start;
     for (int64_t n : lengths) {
@@ -148,15 +150,27 @@ TEST(CudaKernels, PackedAttentionMatchesCpuPerPrompt) {
                            {dout.data(), nullptr});
     test::expect_close(cuda::download(dout.data(), ref.size(), ctx.stream()), ref, 1e-5,
                        "attention");
-    if (cuda::tensor_core_attention(c.hd)) {  // bf16 operands on tensor cores
+    if (!cuda::tensor_core_attention(c.hd)) continue;
+    // bf16 operands on tensor cores, each kernel against the CPU and the two against each other
+    // (the same roundings of q, k, v; P rounded after (two-pass) or before (one-pass) the
+    // division by the row's sum).
+    std::vector<float> by_kind[2];
+    for (const auto kind :
+         {cuda::TensorCoreAttention::TwoPass, cuda::TensorCoreAttention::OnePass}) {
+      const std::string what =
+          std::string(kind == cuda::TensorCoreAttention::OnePass ? "one-pass" : "two-pass") +
+          " tensor-core attention hd " + std::to_string(c.hd);
       cuda::DeviceBuffer<uint16_t> dob(ref.size());
+      SAE_CUDA(cudaMemsetAsync(dout.data(), 0xFF, dout.bytes(), ctx.stream()));  // NaN: unwritten
       cuda::attention_packed(ctx, dq.data(), dk.data(), dv.data(), dstart.data(), dims,
-                             {dout.data(), dob.data()}, true);
+                             {dout.data(), dob.data()}, true, kind);
       const auto tc = cuda::download(dout.data(), ref.size(), ctx.stream());
-      expect_close_in_norm(tc, ref, 2e-2, "tensor-core attention hd " + std::to_string(c.hd));
+      expect_close_in_norm(tc, ref, 2e-2, what);
       const auto tcb = cuda::download(dob.data(), ref.size(), ctx.stream());
-      for (size_t i = 0; i < tc.size(); i += 61) EXPECT_EQ(tcb[i], f32_to_bf16(tc[i])) << i;
+      for (size_t i = 0; i < tc.size(); i += 61) EXPECT_EQ(tcb[i], f32_to_bf16(tc[i])) << what << i;
+      by_kind[kind == cuda::TensorCoreAttention::OnePass] = tc;
     }
+    expect_close_in_norm(by_kind[1], by_kind[0], 1e-2, "one-pass against two-pass");
   }
 #endif
 }
@@ -233,7 +247,10 @@ TEST(CudaGemma2, ForwardMatchesCpuAtEveryHookAndInTheLogits) {
                                      {.keep_bf16 = true, .verbose = false});
     DeviceGemma2 bf16(kept, "bf16");
     EXPECT_LT(bf16.weight_bytes(), f32.weight_bytes() * 6 / 10);
-    expect_same_run(device_run(bf16, b), cpu_run(kept, b), 0, name + " bf16");
+    const Captured want_bf16 = cpu_run(kept, b);
+    expect_same_run(device_run(bf16, b), want_bf16, 0, name + " bf16");
+    bf16.use_one_pass_attention(true);
+    expect_same_run(device_run(bf16, b), want_bf16, 0, name + " bf16, one-pass attention");
   }
 }
 

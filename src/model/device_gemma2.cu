@@ -74,6 +74,7 @@ struct DeviceGemma2::Impl {
   Gemma2Config cfg;
   bool bf16 = true;
   cuda::Precision prec = cuda::Precision::Bf16;
+  cuda::TensorCoreAttention attention = cuda::TensorCoreAttention::TwoPass;
   cuda::Context ctx;
   DeviceWeight embed;
   DeviceBuffer<float> final_norm;
@@ -143,6 +144,10 @@ int64_t DeviceGemma2::n_layers_loaded() const {
 }
 void* DeviceGemma2::stream() const {
   return impl_->ctx.stream();
+}
+
+void DeviceGemma2::use_one_pass_attention(bool on) {
+  impl_->attention = on ? cuda::TensorCoreAttention::OnePass : cuda::TensorCoreAttention::TwoPass;
 }
 
 int64_t DeviceGemma2::weight_bytes() const {
@@ -220,7 +225,7 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
                                    c.attn_logit_softcap ? float(*c.attn_logit_softcap) : 0.0f,
                                    c.sliding[size_t(l)] ? c.sliding_window : 0};
     cuda::attention_packed(ctx, m.q.data(), m.k.data(), m.v.data(), m.start.data(), dims, att,
-                           m.bf16);
+                           m.bf16, m.attention);
     m.linear(m.operand(att, nq), L.o, m.proj.data(), T);
     cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_attn_norm.data(), T, H, eps, {x, nullptr});
     if (hook) hook(HookPoint::AttnOut, l, x, T);

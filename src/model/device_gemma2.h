@@ -47,6 +47,10 @@ class DeviceGemma2 {
   // The stream the forward runs on (a cudaStream_t).
   void* stream() const;
 
+  // bf16 attention with the one-pass kernel (ops/cuda/transformer.h: TensorCoreAttention) instead
+  // of the two-pass one, for the tests and the benchmark until a device check has passed it.
+  void use_one_pass_attention(bool on);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

@@ -29,5 +29,6 @@ void DeviceGemma2::to_device(const std::vector<float>&, float*) const {}
 void* DeviceGemma2::stream() const {
   return nullptr;
 }
+void DeviceGemma2::use_one_pass_attention(bool) {}
 
 }  // namespace sae::model

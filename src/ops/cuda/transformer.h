@@ -38,15 +38,19 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
 // h / (heads / kv_heads)); out [tokens, heads, hd]. head_dim <= 256.
 // bf16_math: on tensor cores (sm_80 and later, head_dim a power of two from 16 to 256), q, k, v and
 // the softmax weights rounded to bf16, fp32 accumulate; else fp32 throughout (the CPU's
-// arithmetic).
+// arithmetic). `kind` picks the tensor-core kernel: TwoPass (WMMA; the rows' max and sum, then
+// P V: measured on an H200) or OnePass (FlashAttention-2's online softmax on mma.sync, S and P in
+// registers: not yet run on a GPU, so not the default until the device check passes it).
 struct AttentionDims {
   int64_t tokens, heads, kv_heads, head_dim;
   float scale, softcap;
   int64_t window;
 };
+enum class TensorCoreAttention { TwoPass, OnePass };
 void attention_packed(const Context& ctx, const float* q, const float* k, const float* v,
                       const int32_t* prompt_start, const AttentionDims& dims, ActOut out,
-                      bool bf16_math = false);
+                      bool bf16_math = false,
+                      TensorCoreAttention kind = TensorCoreAttention::TwoPass);
 // Whether attention_packed(..., bf16_math = true) runs on tensor cores for this head_dim here.
 bool tensor_core_attention(int64_t head_dim);
 
