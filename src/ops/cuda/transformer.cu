@@ -66,13 +66,14 @@ __device__ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
+// Blocks along a row's columns (x) and along the rows (y), so that no thread divides by `inter`
+// (a 64-bit division per element cost as much as the memory traffic).
 __global__ void k_gelu_mul(const float* gu, int64_t tokens, int64_t inter, ActOut out) {
-  const int64_t n = tokens * inter;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = e / inter, i = e % inter;
+  for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
     const float* row = gu + t * 2 * inter;
-    put(out, e, gelu_tanh(row[i]) * row[inter + i]);
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < inter;
+         i += int64_t(gridDim.x) * blockDim.x)
+      put(out, t * inter + i, gelu_tanh(row[i]) * row[inter + i]);
   }
 }
 
@@ -114,7 +115,9 @@ void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t t
 
 void gelu_mul(const Context& ctx, const float* gu, int64_t tokens, int64_t inter, ActOut out) {
   if (tokens * inter == 0) return;
-  k_gelu_mul<<<blocks_for(tokens * inter), kThreads, 0, ctx.stream()>>>(gu, tokens, inter, out);
+  const dim3 grid(unsigned(std::min<int64_t>((inter + kThreads - 1) / kThreads, 1024)),
+                  unsigned(std::min<int64_t>(tokens, 65535)));
+  k_gelu_mul<<<grid, kThreads, 0, ctx.stream()>>>(gu, tokens, inter, out);
   SAE_CUDA_LAUNCHED();
 }
 
