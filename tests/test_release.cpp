@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -248,9 +250,21 @@ TEST(ActivationStore, FillAheadReportsErrorsAndStops) {
   endless.next = 0;
   auto dropped = filling_ahead(endless);
   ASSERT_TRUE(dropped->next_batch({b0.data(), b1.data()}));
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the thread waits for rows
-  { const auto hold = dropped->hold_source(); }  // the source is free while the thread waits
-  dropped.reset();                               // returns: the waiting thread is told to stop
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the thread waits for slots
+  // While it waits, the source is free and dropping the store returns (the thread is told to
+  // stop). Each on a thread of its own, bounded: a regression fails here, not at ctest's timeout
+  // (the store is then leaked, so that nothing joins the stuck thread).
+  auto returns_in_time = [](std::function<void()> f) {
+    auto done = std::make_shared<std::promise<void>>();
+    std::future<void> finished = done->get_future();
+    std::thread([f = std::move(f), done] { f(), done->set_value(); }).detach();
+    return finished.wait_for(std::chrono::seconds(30)) == std::future_status::ready;
+  };
+  ActivationStore* raw = dropped.release();
+  ASSERT_TRUE(returns_in_time([raw] { const auto hold = raw->hold_source(); }))
+      << "hold_source() blocked while the fill thread waits";
+  ASSERT_TRUE(returns_in_time([raw] { delete raw; }))
+      << "dropping a store whose fill thread waits did not return";
 }
 
 // From the model: a store that fills ahead (the forwards on its thread) serves the batches of
