@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -16,8 +17,11 @@
 #include "bench_util.h"
 #include "core/device.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
+#include "ops/cuda/runtime.h"
+#include "ops/cuda/transformer.h"
 
 using namespace sae;
 using namespace sae::model;
@@ -75,6 +79,80 @@ Gemma2 random_model(int64_t last_layer) {
   return m;
 }
 
+// One layer's attention alone at the benchmark's shape, each bf16 kernel timed with CUDA events
+// (best of reps), and the one-pass output against the two-pass one.
+void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, int64_t reps,
+                          const std::string& kinds) {
+  const int64_t T = prompts * seq, nq = c.num_heads * c.head_dim, nkv = c.num_kv_heads * c.head_dim;
+  std::vector<float> q(size_t(T * nq)), k(size_t(T * nkv)), v(size_t(T * nkv));
+  uint64_t z = 12345;
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) {  // uniform in [-2, 2): scores of std ~1.3 after the 1/16 scale
+      z = z * 6364136223846793005ull + 1442695040888963407ull;
+      e = 4.0f * float(z >> 40) / float(1ull << 24) - 2.0f;
+    }
+  std::vector<int32_t> start(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) start[size_t(t)] = int32_t(t / seq * seq);
+  cuda::Context ctx;
+  cuda::DeviceBuffer<float> dq, dk, dv, dout(size_t(T * nq));
+  cuda::DeviceBuffer<int32_t> dstart;
+  cuda::upload(dq, std::span<const float>(q), ctx.stream(), "q");
+  cuda::upload(dk, std::span<const float>(k), ctx.stream(), "k");
+  cuda::upload(dv, std::span<const float>(v), ctx.stream(), "v");
+  cuda::upload(dstart, std::span<const int32_t>(start), ctx.stream(), "prompt starts");
+  cuda::DeviceBuffer<uint16_t> dout_b(size_t(T * nq));
+  const cuda::AttentionDims dims{T,
+                                 c.num_heads,
+                                 c.num_kv_heads,
+                                 c.head_dim,
+                                 float(1.0 / std::sqrt(c.query_pre_attn_scalar)),
+                                 float(*c.attn_logit_softcap),
+                                 c.sliding_window};
+  // Causal FLOPs of Q K^T and P V over the visible keys only.
+  const double flops = 4.0 * double(c.num_heads) * double(c.head_dim) * double(prompts) *
+                       double(seq) * double(seq + 1) / 2.0;
+  cudaEvent_t e0, e1;
+  SAE_CUDA(cudaEventCreate(&e0));
+  SAE_CUDA(cudaEventCreate(&e1));
+  // The two-pass kernel's output, the reference the one-pass kernel is compared with.
+  cuda::attention_packed(ctx, dq.data(), dk.data(), dv.data(), dstart.data(), dims,
+                         {dout.data(), nullptr}, true, cuda::TensorCoreAttention::TwoPass);
+  const std::vector<float> two_pass = cuda::download(dout.data(), size_t(T * nq), ctx.stream());
+  std::stringstream ks(kinds);
+  for (std::string kind; std::getline(ks, kind, ',');) {
+    const auto tc = kind == "one-pass" ? cuda::TensorCoreAttention::OnePass
+                                       : cuda::TensorCoreAttention::TwoPass;
+    float best = 1e30f;
+    for (int64_t r = 0; r <= reps; ++r) {  // the first is a warm-up
+      SAE_CUDA(cudaEventRecord(e0, ctx.stream()));
+      cuda::attention_packed(ctx, dq.data(), dk.data(), dv.data(), dstart.data(), dims,
+                             {dout.data(), dout_b.data()}, true, tc);
+      SAE_CUDA(cudaEventRecord(e1, ctx.stream()));
+      SAE_CUDA(cudaEventSynchronize(e1));
+      float ms = 0;
+      SAE_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      if (r > 0) best = std::min(best, ms);
+    }
+    const std::vector<float> got = cuda::download(dout.data(), size_t(T * nq), ctx.stream());
+    std::string check;
+    if (tc == cuda::TensorCoreAttention::OnePass) {
+      double err = 0, ref = 0;
+      for (size_t i = 0; i < got.size(); ++i)
+        err += (double(got[i]) - two_pass[i]) * (double(got[i]) - two_pass[i]),
+            ref += double(two_pass[i]) * two_pass[i];
+      check = cat("; against two-pass: relative error norm ", std::sqrt(err / ref));
+    }
+    std::printf(
+        "attention alone (%s, bf16): %lld x %lld tokens, one layer in %.3f ms = %.1f "
+        "TFLOP/s%s\n",
+        kind.c_str(), (long long)prompts, (long long)seq, best, flops / (best * 1e-3) / 1e12,
+        check.c_str());
+    std::fflush(stdout);
+  }
+  SAE_CUDA(cudaEventDestroy(e0));
+  SAE_CUDA(cudaEventDestroy(e1));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -120,6 +198,7 @@ int main(int argc, char** argv) {
       ids[size_t(t)] = int32_t(3 + (p * 7919 + t * 104729) % 255990);
     batch.add(ids);
   }
+  time_attention_alone(host.cfg, prompts, seq, reps, attentions);
   std::stringstream ps(precisions);
   for (std::string prec; std::getline(ps, prec, ',');) {
     DeviceGemma2 g(host, prec);
