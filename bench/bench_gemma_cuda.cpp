@@ -3,9 +3,11 @@
 // Compare with bench/transformers_gemma_cuda.py on the same GPU and shape.
 //   build/release/bench/bench_gemma_cuda [--prompts 4] [--seq 1024] [--last-layers 12,24]
 //                                        [--precision bf16] [--reps 3]
-//                                        [--attention two-pass,one-pass]
-// --attention: the bf16 tensor-core attention kernels to time, each over the same forward
-// (ops/cuda/transformer.h, TensorCoreAttention); fp32 has one attention kernel.
+//                                        [--kernels baseline,one-pass,fused,new]
+// --kernels: the forward's kernel sets to time, each over the same forward (DeviceGemma2::Kernels):
+// baseline (two-pass attention, separate norms and adds), one-pass (the one-pass attention),
+// fused (the post-norm, add and next norm in one kernel), new (both). The bf16 attention alone is
+// timed first: two-pass, and one-pass when a set uses it. fp32 runs its one attention kernel.
 #include <omp.h>
 
 #include <chrono>
@@ -82,7 +84,7 @@ Gemma2 random_model(int64_t last_layer) {
 // One layer's attention alone at the benchmark's shape, each bf16 kernel timed with CUDA events
 // (best of reps), and the one-pass output against the two-pass one.
 void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, int64_t reps,
-                          const std::string& kinds) {
+                          bool one_pass) {
   const int64_t T = prompts * seq, nq = c.num_heads * c.head_dim, nkv = c.num_kv_heads * c.head_dim;
   std::vector<float> q(size_t(T * nq)), k(size_t(T * nkv)), v(size_t(T * nkv));
   uint64_t z = 12345;
@@ -118,10 +120,9 @@ void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, i
   cuda::attention_packed(ctx, dq.data(), dk.data(), dv.data(), dstart.data(), dims,
                          {dout.data(), nullptr}, true, cuda::TensorCoreAttention::TwoPass);
   const std::vector<float> two_pass = cuda::download(dout.data(), size_t(T * nq), ctx.stream());
-  std::stringstream ks(kinds);
-  for (std::string kind; std::getline(ks, kind, ',');) {
-    const auto tc = kind == "one-pass" ? cuda::TensorCoreAttention::OnePass
-                                       : cuda::TensorCoreAttention::TwoPass;
+  for (const auto tc : {cuda::TensorCoreAttention::TwoPass, cuda::TensorCoreAttention::OnePass}) {
+    if (tc == cuda::TensorCoreAttention::OnePass && !one_pass) break;
+    const char* kind = tc == cuda::TensorCoreAttention::OnePass ? "one-pass" : "two-pass";
     float best = 1e30f;
     for (int64_t r = 0; r <= reps; ++r) {  // the first is a warm-up
       SAE_CUDA(cudaEventRecord(e0, ctx.stream()));
@@ -145,7 +146,7 @@ void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, i
     std::printf(
         "attention alone (%s, bf16): %lld x %lld tokens, one layer in %.3f ms = %.1f "
         "TFLOP/s%s\n",
-        kind.c_str(), (long long)prompts, (long long)seq, best, flops / (best * 1e-3) / 1e12,
+        kind, (long long)prompts, (long long)seq, best, flops / (best * 1e-3) / 1e12,
         check.c_str());
     std::fflush(stdout);
   }
@@ -157,7 +158,7 @@ void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, i
 
 int main(int argc, char** argv) {
   int64_t prompts = 4, seq = 1024, reps = 3;
-  std::string layers = "12,24", precisions = "bf16", attentions = "two-pass,one-pass";
+  std::string layers = "12,24", precisions = "bf16", kernel_sets = "baseline,one-pass,fused,new";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--prompts")
@@ -170,8 +171,8 @@ int main(int argc, char** argv) {
       precisions = v;
     else if (a == "--reps")
       reps = std::stoll(v);
-    else if (a == "--attention")
-      attentions = v;
+    else if (a == "--kernels")
+      kernel_sets = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -198,17 +199,25 @@ int main(int argc, char** argv) {
       ids[size_t(t)] = int32_t(3 + (p * 7919 + t * 104729) % 255990);
     batch.add(ids);
   }
-  time_attention_alone(host.cfg, prompts, seq, reps, attentions);
+  std::vector<std::pair<std::string, DeviceGemma2::Kernels>> sets;
+  std::stringstream ks(kernel_sets);
+  for (std::string k; std::getline(ks, k, ',');) {
+    if (k != "baseline" && k != "one-pass" && k != "fused" && k != "new") {
+      std::fprintf(stderr, "unknown --kernels %s (baseline, one-pass, fused or new)\n", k.c_str());
+      return 2;
+    }
+    sets.push_back({k,
+                    {.one_pass_attention = k == "one-pass" || k == "new",
+                     .fused_add_norm = k == "fused" || k == "new"}});
+  }
+  bool any_one_pass = false;
+  for (const auto& s : sets) any_one_pass = any_one_pass || s.second.one_pass_attention;
+  time_attention_alone(host.cfg, prompts, seq, reps, any_one_pass);
   std::stringstream ps(precisions);
   for (std::string prec; std::getline(ps, prec, ',');) {
     DeviceGemma2 g(host, prec);
-    std::stringstream as(prec == "bf16" ? attentions : std::string("simt"));
-    for (std::string att; std::getline(as, att, ',');) {
-      if (att != "two-pass" && att != "one-pass" && att != "simt") {
-        std::fprintf(stderr, "unknown --attention %s (two-pass or one-pass)\n", att.c_str());
-        return 2;
-      }
-      g.use_one_pass_attention(att == "one-pass");
+    for (const auto& [set_name, kernels] : sets) {
+      g.set_kernels(kernels);
       for (int64_t last : last_layers) {
         g.forward(batch, last, nullptr);  // warm-up (allocations, cuBLAS heuristics)
         double best = 1e30;
@@ -219,9 +228,9 @@ int main(int argc, char** argv) {
               best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
         std::printf(
-            "sae.cpp %s forward (%s attention) to layer %lld: %lld x %lld tokens in %.1f ms = "
+            "sae.cpp %s forward (%s kernels) to layer %lld: %lld x %lld tokens in %.1f ms = "
             "%.0f tokens/s (best of %lld); weights %.2f GiB on the device\n",
-            prec.c_str(), att.c_str(), (long long)last, (long long)prompts, (long long)seq,
+            prec.c_str(), set_name.c_str(), (long long)last, (long long)prompts, (long long)seq,
             best * 1e3, double(prompts * seq) / best, (long long)reps,
             double(g.weight_bytes()) / (1 << 30));
         std::fflush(stdout);

@@ -80,10 +80,11 @@ if want gemma; then
 echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
 {
   echo '```'
-  # One kernel per run: the one-pass attention has not run on a GPU before, and a fault there
-  # must not take the two-pass figures with it.
-  timeout 100 "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 12,24 --attention two-pass
-  timeout 100 "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 12,24 --attention one-pass
+  # The kernels not yet run on a GPU in a process of their own: a fault there must not take the
+  # baseline's figures with it.
+  timeout 100 "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 12,24 --kernels baseline
+  timeout 150 "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 12,24 \
+    --kernels one-pass,fused,new
   timeout 150 python3 bench/transformers_gemma_cuda.py --prompts 4 --seq 1024 --last-layers 12,24
   echo '```'
 } 2>&1 | tee "$out/bench_gemma.log" | tee -a "$results"

@@ -4,7 +4,9 @@
 // Where no GPU is visible (or the build has no CUDA) every test skips with one line saying so.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include "core/error.h"
@@ -50,6 +52,14 @@ void expect_close_in_norm(const std::vector<float>& got, const std::vector<float
   EXPECT_LE(worst, 0.25 * scale) << what;
 }
 
+// Bit for bit: the index of the first element that differs, -1 when none does.
+int64_t first_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) return int64_t(i);
+  return -1;
+}
+
 #if SAECPP_HAS_CUDA
 template <class T>
 cuda::DeviceBuffer<T> on_device(const std::vector<T>& host, const cuda::Context& ctx) {
@@ -77,6 +87,56 @@ TEST(CudaKernels, NormRopeGeluMatchTheirCpuReferences) {
   const auto yb = cuda::download(dyb.data(), x.size(), ctx.stream());
   for (size_t i = 0; i < ref.size(); i += 97)
     EXPECT_EQ(yb[i], f32_to_bf16(cuda::download(dy.data(), x.size(), ctx.stream())[i])) << i;
+
+  // The post-norm, residual add and next norm in one kernel: the bits of the three kernels it
+  // replaces (and the CPU's formulas), with and without the next norm, at a width of more
+  // than one value per thread and at Gemma-2-2b's.
+  for (const int64_t width : {d, int64_t(2304)}) {
+    SCOPED_TRACE(testing::Message() << "width " << width);
+    const size_t n = size_t(rows * width);
+    const auto y = test::random_vector(n, 11, 3.0f), h0 = test::random_vector(n, 12, 2.0f);
+    const auto w_post = test::random_vector(size_t(width), 13, 0.5f);
+    const auto w_next = test::random_vector(size_t(width), 14, 0.5f);
+    std::vector<float> x_ref(n), h_ref(h0), xn_ref(n);
+    ops::rms_norm_gemma(y.data(), w_post.data(), x_ref.data(), rows, width, 1e-6f);
+    for (size_t i = 0; i < n; ++i) h_ref[i] += x_ref[i];
+    ops::rms_norm_gemma(h_ref.data(), w_next.data(), xn_ref.data(), rows, width, 1e-6f);
+    auto dy2 = on_device(y, ctx);
+    auto dwp = on_device(w_post, ctx);
+    auto dwn = on_device(w_next, ctx);
+    auto dh3 = on_device(h0, ctx);  // the three kernels
+    cuda::DeviceBuffer<float> dx3(n), dxn3(n);
+    cuda::rms_norm_gemma(ctx, dy2.data(), dwp.data(), rows, width, 1e-6f, {dx3.data(), nullptr});
+    cuda::add_into(ctx, dh3.data(), dx3.data(), int64_t(n));
+    cuda::rms_norm_gemma(ctx, dh3.data(), dwn.data(), rows, width, 1e-6f, {dxn3.data(), nullptr});
+    auto dh1 = on_device(h0, ctx);  // the fused one
+    cuda::DeviceBuffer<float> dx1(n), dxn1(n);
+    cuda::DeviceBuffer<uint16_t> dxnb1(n);
+    cuda::post_norm_add_norm(ctx, dy2.data(), dwp.data(), dh1.data(), dwn.data(), rows, width,
+                             1e-6f, dx1.data(), {dxn1.data(), dxnb1.data()});
+    const auto down = [&](const cuda::DeviceBuffer<float>& b) {
+      return cuda::download(b.data(), n, ctx.stream());
+    };
+    EXPECT_EQ(first_difference(down(dx1), down(dx3)), -1) << "x";
+    EXPECT_EQ(first_difference(down(dh1), down(dh3)), -1) << "h";
+    EXPECT_EQ(first_difference(down(dxn1), down(dxn3)), -1) << "next norm";
+    test::expect_close(down(dh1), h_ref, 1e-5, "h against the CPU");
+    test::expect_close(down(dxn1), xn_ref, 1e-5, "next norm against the CPU");
+    const auto xnb = cuda::download(dxnb1.data(), n, ctx.stream());
+    const auto xn1 = down(dxn1);
+    for (size_t i = 0; i < n; i += 97) EXPECT_EQ(xnb[i], f32_to_bf16(xn1[i])) << i;
+    // No next norm and no x: h alone, xn untouched.
+    auto dh0 = on_device(h0, ctx);
+    SAE_CUDA(cudaMemsetAsync(dxn1.data(), 0xFF, dxn1.bytes(), ctx.stream()));
+    cuda::post_norm_add_norm(ctx, dy2.data(), dwp.data(), dh0.data(), nullptr, rows, width, 1e-6f,
+                             nullptr, {dxn1.data(), nullptr});
+    EXPECT_EQ(first_difference(down(dh0), down(dh3)), -1) << "h without the next norm";
+    const auto untouched = cuda::download(
+        reinterpret_cast<const uint32_t*>(static_cast<const float*>(dxn1.data())), n, ctx.stream());
+    EXPECT_EQ(std::count(untouched.begin(), untouched.end(), 0xFFFFFFFFu), int64_t(n));
+  }
+  EXPECT_TRUE(cuda::fused_norm_fits(4096));
+  EXPECT_FALSE(cuda::fused_norm_fits(4097));
 
   // RoPE at positions far into a long context (angles of thousands of radians).
   const int64_t tokens = 9, heads = 3, hd = 256;
@@ -204,6 +264,7 @@ Captured cpu_run(const Gemma2& m, const TokenBatch& b) {
   return c;
 }
 
+// The hook only reads (hook_writes = false): the fused kernels may run.
 Captured device_run(DeviceGemma2& g, const TokenBatch& b) {
   Captured c;
   const int64_t H = g.cfg().hidden_size;
@@ -212,8 +273,16 @@ Captured device_run(DeviceGemma2& g, const TokenBatch& b) {
       [&](HookPoint p, int64_t l, float* a, int64_t n) {
         c.acts[{int(p), l}] = g.to_host(a, n * H);
       },
-      &c.logits);
+      &c.logits, false);
   return c;
+}
+
+void expect_identical_runs(const Captured& got, const Captured& want, const std::string& what) {
+  ASSERT_EQ(got.acts.size(), want.acts.size()) << what;
+  for (const auto& [key, acts] : want.acts)
+    EXPECT_EQ(first_difference(got.acts.at(key), acts), -1)
+        << what << " " << hook_name(HookPoint(key.first), key.second);
+  EXPECT_EQ(first_difference(got.logits, want.logits), -1) << what << " logits";
 }
 
 // fp32: element by element within `rel`; bf16 (rel = 0): in norm, as expect_close_in_norm.
@@ -239,7 +308,11 @@ TEST(CudaGemma2, ForwardMatchesCpuAtEveryHookAndInTheLogits) {
     const TokenBatch b = golden_batch(name, m.cfg);
     const Captured want = cpu_run(m, b);
     DeviceGemma2 f32(m, "fp32");
-    expect_same_run(device_run(f32, b), want, 2e-5, name + " fp32");
+    const Captured f32_run = device_run(f32, b);
+    expect_same_run(f32_run, want, 2e-5, name + " fp32");
+    // The post-norm, residual add and next norm in one kernel: the same bits.
+    f32.set_kernels({.fused_add_norm = true});
+    expect_identical_runs(device_run(f32, b), f32_run, name + " fp32, fused add and norm");
     // bf16: the CPU with the same bf16 weights is the reference; what remains is the rounding
     // of the activations that feed each GEMM and attention (8 significant bits) through a few
     // layers, compared in norm.
@@ -247,15 +320,18 @@ TEST(CudaGemma2, ForwardMatchesCpuAtEveryHookAndInTheLogits) {
                                      {.keep_bf16 = true, .verbose = false});
     DeviceGemma2 bf16(kept, "bf16");
     EXPECT_LT(bf16.weight_bytes(), f32.weight_bytes() * 6 / 10);
-    const Captured want_bf16 = cpu_run(kept, b);
-    expect_same_run(device_run(bf16, b), want_bf16, 0, name + " bf16");
-    bf16.use_one_pass_attention(true);
-    expect_same_run(device_run(bf16, b), want_bf16, 0, name + " bf16, one-pass attention");
+    const Captured want_bf16 = cpu_run(kept, b), bf16_run = device_run(bf16, b);
+    expect_same_run(bf16_run, want_bf16, 0, name + " bf16");
+    bf16.set_kernels({.fused_add_norm = true});
+    expect_identical_runs(device_run(bf16, b), bf16_run, name + " bf16, fused add and norm");
+    bf16.set_kernels({.one_pass_attention = true, .fused_add_norm = true});
+    expect_same_run(device_run(bf16, b), want_bf16, 0, name + " bf16, one-pass attention, fused");
   }
 }
 
 // A hook that overwrites the activation (splicing an SAE in) changes what follows on the GPU
-// exactly as on the CPU.
+// exactly as on the CPU, with the fused kernels asked for too (a hook that may write turns
+// them off).
 TEST(CudaGemma2, HooksThatOverwriteSpliceAsOnTheCpu) {
   REQUIRE_GPU();
   const Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), {.verbose = false});
@@ -270,6 +346,7 @@ TEST(CudaGemma2, HooksThatOverwriteSpliceAsOnTheCpu) {
       },
       nullptr, &cpu_logits);
   DeviceGemma2 g(m, "fp32");
+  g.set_kernels({.fused_add_norm = true});
   g.forward(
       b, L - 1,
       [&](HookPoint p, int64_t l, float* a, int64_t n) {

@@ -74,7 +74,7 @@ struct DeviceGemma2::Impl {
   Gemma2Config cfg;
   bool bf16 = true;
   cuda::Precision prec = cuda::Precision::Bf16;
-  cuda::TensorCoreAttention attention = cuda::TensorCoreAttention::TwoPass;
+  Kernels kernels;
   cuda::Context ctx;
   DeviceWeight embed;
   DeviceBuffer<float> final_norm;
@@ -146,8 +146,8 @@ void* DeviceGemma2::stream() const {
   return impl_->ctx.stream();
 }
 
-void DeviceGemma2::use_one_pass_attention(bool on) {
-  impl_->attention = on ? cuda::TensorCoreAttention::OnePass : cuda::TensorCoreAttention::TwoPass;
+void DeviceGemma2::set_kernels(Kernels k) {
+  impl_->kernels = k;
 }
 
 int64_t DeviceGemma2::weight_bytes() const {
@@ -170,7 +170,7 @@ void DeviceGemma2::to_device(const std::vector<float>& host, float* device_act) 
 }
 
 void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
-                           std::vector<float>* logits) {
+                           std::vector<float>* logits, bool hook_writes) {
   Impl& m = *impl_;
   const Gemma2Config& c = m.cfg;
   const int64_t T = batch.n_tokens(), H = c.hidden_size, I = c.intermediate_size;
@@ -207,11 +207,16 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
 
   cuda::embed_rows(ctx, m.ids.data(), T, m.embed.operand().data, m.bf16, H,
                    float(std::sqrt(double(H))), h);
+  const bool fuse = m.kernels.fused_add_norm && !(hook && hook_writes) && cuda::fused_norm_fits(H);
+  const auto attention = m.kernels.one_pass_attention ? cuda::TensorCoreAttention::OnePass
+                                                      : cuda::TensorCoreAttention::TwoPass;
+  float* x_for_hook = hook ? x : nullptr;  // the fused kernel writes x only for a hook
+  bool xn_ready = false;  // xn already holds this layer's input norm (the last fused kernel)
   for (int64_t l = 0; l <= last_layer; ++l) {
     const DeviceLayer& L = m.layers[size_t(l)];
     if (hook) hook(HookPoint::ResidPre, l, h, T);
     // Attention block: h += post_attn_norm(o_proj(attn(rope(q), rope(k), v))).
-    cuda::rms_norm_gemma(ctx, h, L.input_norm.data(), T, H, eps, xn);
+    if (!xn_ready) cuda::rms_norm_gemma(ctx, h, L.input_norm.data(), T, H, eps, xn);
     m.linear(m.operand(xn, H), L.q, m.q.data(), T);
     m.linear(m.operand(xn, H), L.k, m.k.data(), T);
     m.linear(m.operand(xn, H), L.v, m.v.data(), T);
@@ -225,19 +230,33 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
                                    c.attn_logit_softcap ? float(*c.attn_logit_softcap) : 0.0f,
                                    c.sliding[size_t(l)] ? c.sliding_window : 0};
     cuda::attention_packed(ctx, m.q.data(), m.k.data(), m.v.data(), m.start.data(), dims, att,
-                           m.bf16, m.attention);
+                           m.bf16, attention);
     m.linear(m.operand(att, nq), L.o, m.proj.data(), T);
-    cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_attn_norm.data(), T, H, eps, {x, nullptr});
-    if (hook) hook(HookPoint::AttnOut, l, x, T);
-    cuda::add_into(ctx, h, x, T * H);
+    if (fuse) {  // the hook only reads: it sees x after h has taken it in
+      cuda::post_norm_add_norm(ctx, m.proj.data(), L.post_attn_norm.data(), h, L.pre_ff_norm.data(),
+                               T, H, eps, x_for_hook, xn);
+      if (hook) hook(HookPoint::AttnOut, l, x, T);
+    } else {
+      cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_attn_norm.data(), T, H, eps, {x, nullptr});
+      if (hook) hook(HookPoint::AttnOut, l, x, T);
+      cuda::add_into(ctx, h, x, T * H);
+      cuda::rms_norm_gemma(ctx, h, L.pre_ff_norm.data(), T, H, eps, xn);
+    }
     // MLP block: h += post_ff_norm(down(gelu(gate(x)) * up(x))), x = pre_ff_norm(h).
-    cuda::rms_norm_gemma(ctx, h, L.pre_ff_norm.data(), T, H, eps, xn);
     m.linear(m.operand(xn, H), L.gate_up, m.gu.data(), T);
     cuda::gelu_mul(ctx, m.gu.data(), T, I, xn);
     m.linear(m.operand(xn, I), L.down, m.proj.data(), T);
-    cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_ff_norm.data(), T, H, eps, {x, nullptr});
-    if (hook) hook(HookPoint::MlpOut, l, x, T);
-    cuda::add_into(ctx, h, x, T * H);
+    if (fuse) {  // and the next layer's input norm, when there is one
+      const float* next_norm = l < last_layer ? m.layers[size_t(l + 1)].input_norm.data() : nullptr;
+      cuda::post_norm_add_norm(ctx, m.proj.data(), L.post_ff_norm.data(), h, next_norm, T, H, eps,
+                               x_for_hook, xn);
+      xn_ready = next_norm != nullptr;
+      if (hook) hook(HookPoint::MlpOut, l, x, T);
+    } else {
+      cuda::rms_norm_gemma(ctx, m.proj.data(), L.post_ff_norm.data(), T, H, eps, {x, nullptr});
+      if (hook) hook(HookPoint::MlpOut, l, x, T);
+      cuda::add_into(ctx, h, x, T * H);
+    }
     if (hook) hook(HookPoint::ResidPost, l, h, T);
   }
   if (!logits) {

@@ -37,8 +37,11 @@ class DeviceGemma2 {
   int64_t weight_bytes() const;  // device memory the weights take
 
   // As Gemma2::forward; `logits` (host, [tokens, vocab], soft-capped) needs the last layer.
+  // hook_writes = false promises that the hook only reads what it is given: the forward may
+  // then run a residual add and the next norm in one kernel (Kernels::fused_add_norm), the
+  // hook seeing the same values, called after both.
   void forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
-               std::vector<float>* logits = nullptr);
+               std::vector<float>* logits = nullptr, bool hook_writes = true);
 
   // A device activation copied to the host (after the work queued before it), and host rows
   // copied back over it (ordered on the forward's stream).
@@ -47,9 +50,15 @@ class DeviceGemma2 {
   // The stream the forward runs on (a cudaStream_t).
   void* stream() const;
 
-  // bf16 attention with the one-pass kernel (ops/cuda/transformer.h: TensorCoreAttention) instead
-  // of the two-pass one, for the tests and the benchmark until a device check has passed it.
-  void use_one_pass_attention(bool on);
+  // Kernels written without a GPU at hand, off until a device check has passed them and
+  // measured them faster (docs/gpu.md): the one-pass bf16 attention (ops/cuda/transformer.h,
+  // TensorCoreAttention) and the post-norm, residual add and next norm in one kernel
+  // (post_norm_add_norm; with hooks that only read).
+  struct Kernels {
+    bool one_pass_attention = false;
+    bool fused_add_norm = false;
+  };
+  void set_kernels(Kernels k);
 
  private:
   struct Impl;

@@ -21,7 +21,8 @@ int64_t DeviceGemma2::n_layers_loaded() const {
 int64_t DeviceGemma2::weight_bytes() const {
   return 0;
 }
-void DeviceGemma2::forward(const TokenBatch&, int64_t, const DeviceHookFn&, std::vector<float>*) {}
+void DeviceGemma2::forward(const TokenBatch&, int64_t, const DeviceHookFn&, std::vector<float>*,
+                           bool) {}
 std::vector<float> DeviceGemma2::to_host(const float*, int64_t) const {
   return {};
 }
@@ -29,6 +30,6 @@ void DeviceGemma2::to_device(const std::vector<float>&, float*) const {}
 void* DeviceGemma2::stream() const {
   return nullptr;
 }
-void DeviceGemma2::use_one_pass_attention(bool) {}
+void DeviceGemma2::set_kernels(Kernels) {}
 
 }  // namespace sae::model

@@ -173,9 +173,12 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
       return p == point && std::find(layers.begin(), layers.end(), l) != layers.end();
     };
     if (dm)
-      dm->forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-        if (wanted(p, l)) append_kept(l, dm->to_host(a, n * d).data(), n);
-      });
+      dm->forward(
+          batch, layers.back(),
+          [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+            if (wanted(p, l)) append_kept(l, dm->to_host(a, n * d).data(), n);
+          },
+          nullptr, /*hook_writes=*/false);
     else
       m->forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
         if (wanted(p, l)) append_kept(l, a, n);

@@ -160,12 +160,15 @@ int64_t ActivationStore::fill_chunk() {
     dev_rows_->set_kept(kept);
     // The kept rows are gathered on the forward's stream before it moves on (forward() ends
     // with that stream synchronized).
-    dm_->forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t) {
-      const int64_t i = layer_of(p, l);
-      if (i < 0) return;
-      dev_rows_->append_kept(size_t(i), at, a, 0, first_run);
-      if (n > first_run) dev_rows_->append_kept(size_t(i), 0, a, first_run, n - first_run);
-    });
+    dm_->forward(
+        batch, layers_.back(),
+        [&](model::HookPoint p, int64_t l, float* a, int64_t) {
+          const int64_t i = layer_of(p, l);
+          if (i < 0) return;
+          dev_rows_->append_kept(size_t(i), at, a, 0, first_run);
+          if (n > first_run) dev_rows_->append_kept(size_t(i), 0, a, first_run, n - first_run);
+        },
+        nullptr, /*hook_writes=*/false);
   } else {
     m_->forward(batch, layers_.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t) {
       const int64_t i = layer_of(p, l);
@@ -375,16 +378,19 @@ Heldout collect_heldout(model::DeviceGemma2& m, WindowStream& windows, model::Ho
     model::TokenBatch batch;
     batch.add(w);
     int64_t added = 0;
-    m.forward(batch, layers.back(), [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-      auto it = std::find(layers.begin(), layers.end(), l);
-      if (p != point || it == layers.end()) return;
-      const std::vector<float> host = m.to_host(a, n * d);
-      auto& dst = h.acts[size_t(it - layers.begin())];
-      added = 0;
-      for (int64_t t = 0; t < n && h.n + added < n_tokens; ++t)
-        if (keep[size_t(t)])
-          dst.insert(dst.end(), host.begin() + t * d, host.begin() + (t + 1) * d), ++added;
-    });
+    m.forward(
+        batch, layers.back(),
+        [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+          auto it = std::find(layers.begin(), layers.end(), l);
+          if (p != point || it == layers.end()) return;
+          const std::vector<float> host = m.to_host(a, n * d);
+          auto& dst = h.acts[size_t(it - layers.begin())];
+          added = 0;
+          for (int64_t t = 0; t < n && h.n + added < n_tokens; ++t)
+            if (keep[size_t(t)])
+              dst.insert(dst.end(), host.begin() + t * d, host.begin() + (t + 1) * d), ++added;
+        },
+        nullptr, /*hook_writes=*/false);
     h.n += added;
   }
   return h;

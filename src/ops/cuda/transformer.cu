@@ -46,6 +46,49 @@ __global__ void k_rms_norm(const float* x, const float* w, int64_t d, float eps,
     put(y, int64_t(blockIdx.x) * d + i, (xr[i] * inv) * (1.0f + w[i]));
 }
 
+// Up to 16 values of a row per thread: the fused kernel keeps its row in registers.
+constexpr int kFusedPerThread = 16;
+
+// x = rms_norm(y) (1 + w_post); h += x; xn = rms_norm(h) (1 + w_next): one block per row, the
+// row in registers, each step the arithmetic of k_rms_norm and k_add in their order (the same
+// bits: __fmul_rn keeps the compiler from fusing the product into h's add).
+__global__ void k_post_norm_add_norm(const float* y, const float* w_post, float* h,
+                                     const float* w_next, int64_t d, float eps, float* x_out,
+                                     ActOut xn) {
+  __shared__ float sh[32];
+  const int64_t base = int64_t(blockIdx.x) * d;
+  float v[kFusedPerThread];
+  float ss = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kFusedPerThread; ++u) {
+    const int64_t i = threadIdx.x + int64_t(u) * blockDim.x;
+    v[u] = i < d ? y[base + i] : 0.0f;
+    ss += v[u] * v[u];
+  }
+  ss = block_sum(ss, sh);
+  const float inv = 1.0f / sqrtf(ss / float(d) + eps);
+  float ss_h = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kFusedPerThread; ++u) {
+    const int64_t i = threadIdx.x + int64_t(u) * blockDim.x;
+    if (i < d) {
+      const float x = __fmul_rn(v[u] * inv, 1.0f + w_post[i]);
+      if (x_out) x_out[base + i] = x;
+      v[u] = h[base + i] + x;
+      h[base + i] = v[u];
+    }
+    ss_h += v[u] * v[u];
+  }
+  if (!w_next) return;
+  ss_h = block_sum(ss_h, sh);
+  const float inv_h = 1.0f / sqrtf(ss_h / float(d) + eps);
+#pragma unroll
+  for (int u = 0; u < kFusedPerThread; ++u) {
+    const int64_t i = threadIdx.x + int64_t(u) * blockDim.x;
+    if (i < d) put(xn, base + i, (v[u] * inv_h) * (1.0f + w_next[i]));
+  }
+}
+
 __global__ void k_rope(float* x, const int32_t* pos, int64_t heads, int64_t hd, double theta) {
   const int64_t t = blockIdx.x, half = hd / 2;
   for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
@@ -102,6 +145,20 @@ void rms_norm_gemma(const Context& ctx, const float* x, const float* w, int64_t 
                     float eps, ActOut y) {
   if (rows == 0) return;
   k_rms_norm<<<unsigned(rows), kThreads, 0, ctx.stream()>>>(x, w, d, eps, y);
+  SAE_CUDA_LAUNCHED();
+}
+
+bool fused_norm_fits(int64_t d) {
+  return d <= int64_t(kFusedPerThread) * kThreads;
+}
+
+void post_norm_add_norm(const Context& ctx, const float* y, const float* w_post, float* h,
+                        const float* w_next, int64_t rows, int64_t d, float eps, float* x_out,
+                        ActOut xn) {
+  SAE_CHECK(fused_norm_fits(d), "post_norm_add_norm: rows wider than 4096");
+  if (rows == 0) return;
+  k_post_norm_add_norm<<<unsigned(rows), kThreads, 0, ctx.stream()>>>(y, w_post, h, w_next, d, eps,
+                                                                      x_out, xn);
   SAE_CUDA_LAUNCHED();
 }
 

@@ -26,6 +26,15 @@ void embed_rows(const Context& ctx, const int32_t* ids, int64_t tokens, const vo
 void rms_norm_gemma(const Context& ctx, const float* x, const float* w, int64_t rows, int64_t d,
                     float eps, ActOut y);
 
+// Gemma-2's post-norm, residual add and the next block's pre-norm in one pass over each row:
+// x = rms_norm_gemma(y, w_post); h += x; xn = rms_norm_gemma(h, w_next), the same bits as those
+// three kernels. x_out: written when not null; w_next null: no next norm (xn untouched).
+// d <= 4096 (fused_norm_fits).
+bool fused_norm_fits(int64_t d);
+void post_norm_add_norm(const Context& ctx, const float* y, const float* w_post, float* h,
+                        const float* w_next, int64_t rows, int64_t d, float eps, float* x_out,
+                        ActOut xn);
+
 // Rotary embedding, rotate-half convention, in place on x [tokens, heads, head_dim] with
 // positions [tokens] (inv_freq and the angle in fp32, as transformers).
 void rope_half(const Context& ctx, float* x, const int32_t* positions, int64_t tokens,
