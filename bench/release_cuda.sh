@@ -8,6 +8,9 @@
 # the benchmark writes no SAE, checkpoint or evaluation (50 SAEs' checkpoints would not fit the
 # disk). Prints each run's plan, tokens/s and split, the measured GPU memory, and the projected
 # wall time of the seed's release (750M tokens, 25 layers x 2 variants) from the 50-SAE rate.
+# The last run is the 50 SAEs again with the forward's new kernels (SAECPP_FORWARD_KERNELS=new:
+# the one-pass attention and the fused norms, not yet the default; docs/gpu.md).
+# RELEASE_CUDA_RUNS picks runs: LAYERS[:EXTRA_ARG][@KERNELS].
 #   bash bench/release_cuda.sh SAE_BINARY [steps] [model dir]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,18 +25,21 @@ mkdir -p "$work"
 python3 bench/make_tiny_corpus.py 150000 "$work/corpus.jsonl"
 echo "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 declare -A rate
-for run in 12 8-12 8-12:--no-overlap 0-24; do
-  layers=${run%%:*}
+for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
+  kernels=baseline
+  [[ $run == *@* ]] && kernels=${run#*@}
+  spec=${run%@*}
+  layers=${spec%%:*}
   extra=()
-  [[ $run == *:* ]] && extra=("${run#*:}")
+  [[ $spec == *:* ]] && extra=("${spec#*:}")
   out=$work/out && rm -rf "$out"
-  log=$work/release_${run//:/}.log
+  log=$work/release_${run//[:@]/}.log
   cmd=("$sae" release --device cuda --model "$model" --dataset "$work/corpus.jsonl"
        --layers "$layers" "${extra[@]}" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
        --n-batches-in-buffer 4 --heldout-tokens 1024 --ce-windows 0 --log-every 10
        --set training.precision=bf16 --set training.checkpoint_every_steps=0)
-  echo "command: ${cmd[*]}"
-  "${cmd[@]}" >"$log" 2>&1 &
+  echo "command: SAECPP_FORWARD_KERNELS=$kernels ${cmd[*]}"
+  SAECPP_FORWARD_KERNELS=$kernels "${cmd[@]}" >"$log" 2>&1 &
   pid=$!
   t0=$(date +%s)
   while kill -0 "$pid" 2>/dev/null; do
@@ -44,13 +50,16 @@ for run in 12 8-12 8-12:--no-overlap 0-24; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used at the end: /'
   kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
-  grep -E "^(GPU|release: [0-9]+ SAEs|release: step|error)" "$log" | sed -n '1,4p;$p'
+  grep -E "^(GPU|gemma2: forward kernels|release: [0-9]+ SAEs|release: step|error)" "$log" | sed -n '1,5p;$p'
   last=$(grep -E "^release: step" "$log" | tail -1)
   rate[$run]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
   echo
 done
 r50=${rate[0-24]:-0}
-echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?} (${rate[8-12:--no-overlap]:-?} without the overlap), 50 SAEs $r50"
-if ((r50 > 0)); then
-  python3 -c "r=$r50; print(f'projected seed release (750M tokens, 50 SAEs in one run): {750e6 / r / 3600:.1f} h at {r} tokens/s (target: 12 h, 17 400 tokens/s)')"
-fi
+r50new=${rate[0-24@new]:-0}
+echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?} (${rate[8-12:--no-overlap]:-?} without the overlap), 50 SAEs $r50 (${rate[0-24@new]:-?} with the new forward kernels)"
+for r in $r50 $r50new; do
+  if ((r > 0)); then
+    python3 -c "r=$r; print(f'projected seed release (750M tokens, 50 SAEs in one run): {750e6 / r / 3600:.1f} h at {r} tokens/s (target: 12 h, 17 400 tokens/s)')"
+  fi
+done

@@ -166,7 +166,7 @@ if want release && [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
   echo "== sae release --device cuda at the real shapes: 2, 10 and 50 SAEs (bench/release_cuda.sh)"
   {
     echo '```'
-    timeout 420 bash bench/release_cuda.sh "$bin/sae" 40
+    timeout 560 bash bench/release_cuda.sh "$bin/sae" 40
     echo '```'
   } 2>&1 | tee "$out/release_cuda.log" | tee -a "$results"
 fi

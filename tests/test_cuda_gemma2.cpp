@@ -666,5 +666,33 @@ TEST(CudaGemma2, WithoutAGpuTheConstructorSaysWhy) {
   }
 }
 
+// The kernel sets by name (SAECPP_FORWARD_KERNELS), checked in every build; on a GPU the
+// constructor takes the variable and refuses a bad name.
+TEST(CudaGemma2, KernelSetsByName) {
+  using K = DeviceGemma2::Kernels;
+  auto same = [](K a, K b) {
+    return a.one_pass_attention == b.one_pass_attention && a.fused_add_norm == b.fused_add_norm;
+  };
+  EXPECT_TRUE(same(DeviceGemma2::kernels_named("baseline"), K{}));
+  EXPECT_TRUE(same(DeviceGemma2::kernels_named("one-pass"), K{.one_pass_attention = true}));
+  EXPECT_TRUE(same(DeviceGemma2::kernels_named("fused"), K{.fused_add_norm = true}));
+  EXPECT_TRUE(same(DeviceGemma2::kernels_named("new"), K{true, true}));
+  try {
+    DeviceGemma2::kernels_named("fast");
+    ADD_FAILURE() << "a bad name was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("SAECPP_FORWARD_KERNELS"), std::string::npos) << e.what();
+  }
+  if (!cuda_compiled() || cuda_device_count() == 0) return;
+  const Gemma2 m =
+      Gemma2::load(test::golden("gemma2/gqa_window/model"), {.last_layer = 0, .verbose = false});
+  setenv("SAECPP_FORWARD_KERNELS", "new", 1);
+  EXPECT_TRUE(same(DeviceGemma2(m, "bf16").kernels(), K{true, true}));
+  setenv("SAECPP_FORWARD_KERNELS", "fast", 1);
+  EXPECT_THROW(DeviceGemma2(m, "bf16"), Error);
+  unsetenv("SAECPP_FORWARD_KERNELS");
+  EXPECT_TRUE(same(DeviceGemma2(m, "bf16").kernels(), K{}));
+}
+
 }  // namespace
 }  // namespace sae::model

@@ -2,6 +2,8 @@
 // cuBLAS (ops/cuda/gemm.h), the rest through ops/cuda/transformer.h.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/device.h"
 #include "core/dtype.h"
@@ -116,6 +118,10 @@ DeviceGemma2::DeviceGemma2(const Gemma2& host, const std::string& precision) {
   } else {
     fail("gemma2", "precision", cat("unknown precision '", precision, "' (expected bf16 or fp32)"));
   }
+  if (const char* env = std::getenv("SAECPP_FORWARD_KERNELS"); env && *env) {
+    m.kernels = kernels_named(env);
+    std::fprintf(stderr, "gemma2: forward kernels '%s' (SAECPP_FORWARD_KERNELS)\n", env);
+  }
   const cudaStream_t s = m.ctx.stream();
   m.embed = upload_weight({&host.embed}, m.bf16, s, "embedding");
   cuda::upload(m.final_norm, std::span<const float>(host.final_norm), s, "final norm");
@@ -148,6 +154,10 @@ void* DeviceGemma2::stream() const {
 
 void DeviceGemma2::set_kernels(Kernels k) {
   impl_->kernels = k;
+}
+
+DeviceGemma2::Kernels DeviceGemma2::kernels() const {
+  return impl_->kernels;
 }
 
 int64_t DeviceGemma2::weight_bytes() const {

@@ -59,6 +59,11 @@ class DeviceGemma2 {
     bool fused_add_norm = false;
   };
   void set_kernels(Kernels k);
+  Kernels kernels() const;
+  // The set a name stands for: baseline (the defaults), one-pass, fused, or new (both). The
+  // constructor takes SAECPP_FORWARD_KERNELS from the environment when it is set (the device
+  // check's release benchmark runs the new kernels that way); a bad name is an error.
+  static Kernels kernels_named(const std::string& name);
 
  private:
   struct Impl;

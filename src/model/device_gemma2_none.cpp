@@ -31,5 +31,8 @@ void* DeviceGemma2::stream() const {
   return nullptr;
 }
 void DeviceGemma2::set_kernels(Kernels) {}
+DeviceGemma2::Kernels DeviceGemma2::kernels() const {
+  return {};
+}
 
 }  // namespace sae::model
