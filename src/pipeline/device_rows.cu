@@ -15,8 +15,8 @@ namespace {
 // space, which the same kernels read and write across the bus (data() is the device address).
 class LayerRows {
  public:
-  LayerRows(size_t n, bool on_host, const char* what) : on_host_(on_host) {
-    if (!on_host_) {
+  LayerRows(size_t n, bool on_host, const char* what) {
+    if (!on_host) {
       p_ = static_cast<float*>(cuda::device_alloc(n * 4, what));
       return;
     }
@@ -29,7 +29,7 @@ class LayerRows {
   }
   LayerRows(LayerRows&& o) noexcept { *this = std::move(o); }
   LayerRows& operator=(LayerRows&& o) noexcept {
-    std::swap(p_, o.p_), std::swap(host_, o.host_), std::swap(on_host_, o.on_host_);
+    std::swap(p_, o.p_), std::swap(host_, o.host_);
     return *this;
   }
   ~LayerRows() {
@@ -43,7 +43,6 @@ class LayerRows {
  private:
   float* p_ = nullptr;    // the device address
   void* host_ = nullptr;  // the pinned allocation (host rows only)
-  bool on_host_ = false;
 };
 
 }  // namespace
