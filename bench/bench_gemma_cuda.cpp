@@ -4,10 +4,12 @@
 //   build/release/bench/bench_gemma_cuda [--prompts 4] [--seq 1024] [--last-layers 12,24]
 //                                        [--precision bf16] [--reps 3]
 //                                        [--kernels baseline,one-pass,fused,new]
+//                                        [--attention-alone 1]
 // --kernels: the forward's kernel sets to time, each over the same forward (DeviceGemma2::Kernels):
 // baseline (two-pass attention, separate norms and adds), one-pass (the one-pass attention),
 // fused (the post-norm, add and next norm in one kernel), new (both). The bf16 attention alone is
-// timed first: two-pass, and one-pass when a set uses it. fp32 runs its one attention kernel.
+// timed first (--attention-alone 0: not): two-pass, and one-pass when a set uses it. fp32 runs its
+// one attention kernel.
 #include <omp.h>
 
 #include <chrono>
@@ -157,7 +159,7 @@ void time_attention_alone(const Gemma2Config& c, int64_t prompts, int64_t seq, i
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t prompts = 4, seq = 1024, reps = 3;
+  int64_t prompts = 4, seq = 1024, reps = 3, attention_alone = 1;
   std::string layers = "12,24", precisions = "bf16", kernel_sets = "baseline,one-pass,fused,new";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
@@ -173,6 +175,8 @@ int main(int argc, char** argv) {
       reps = std::stoll(v);
     else if (a == "--kernels")
       kernel_sets = v;
+    else if (a == "--attention-alone")
+      attention_alone = std::stoll(v);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -212,7 +216,7 @@ int main(int argc, char** argv) {
   }
   bool any_one_pass = false;
   for (const auto& s : sets) any_one_pass = any_one_pass || s.second.one_pass_attention;
-  time_attention_alone(host.cfg, prompts, seq, reps, any_one_pass);
+  if (attention_alone) time_attention_alone(host.cfg, prompts, seq, reps, any_one_pass);
   std::stringstream ps(precisions);
   for (std::string prec; std::getline(ps, prec, ',');) {
     DeviceGemma2 g(host, prec);

@@ -11,7 +11,8 @@
 #       shapes with 2, 10 and 50 SAEs (bench/release_cuda.sh; GPU_CHECK_RELEASE=0 skips it).
 #       Logs and results.md go to $OUT (or out/gpu_check). GPU_CHECK_PARTS picks sections
 #       (default all: tests,gemma,train,encode,saelens,hierarchy,release), e.g.
-#       GPU_CHECK_PARTS=tests,release to fit what is owed into one call.
+#       GPU_CHECK_PARTS=tests,release to fit what is owed into one call. GPU_CHECK_PROFILE=1 adds
+#       ncu per-kernel tables (the training step; the forward per layer, baseline and new kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -107,12 +108,9 @@ echo "== training step benchmark"
 } 2>&1 | tee "$out/bench_train_cuda.log" | tee -a "$results"
 fi
 
-if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]]; then
-  echo "== per-kernel GPU time (ncu, bf16 step)"
-  ncu_bin=$(command -v ncu || find /opt /usr/local -name ncu -type f 2>/dev/null | head -1)
-  timeout 240 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv \
-    "$bin/bench_train_cuda" --steps 2 --precision bf16 >"$out/ncu.csv" 2>"$out/ncu.err"
-  python3 - "$out/ncu.csv" <<'PY' | tee -a "$results"
+# Per-kernel GPU time from an ncu CSV: ncu_table CSV DIVISOR TITLE (each kernel's total / DIVISOR).
+ncu_table() {
+  python3 - "$1" "$2" "$3" <<'PY'
 import csv, collections, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head = rows[0]; name_i = head.index("Kernel Name"); val_i = head.index("Metric Value")
@@ -122,12 +120,31 @@ for r in rows[1:]:
     v = float(r[val_i].replace(",", "")); u = r[unit_i]
     v = v / 1e3 if u in ("nsecond", "ns") else v if u in ("usecond", "us") else v * 1e3
     k = r[name_i].split("(")[0].split("<")[0][:60]; tot[k] += v; cnt[k] += 1
-steps = 5  # 3 warm-up + 2 timed
-print("```\nper-kernel GPU time per step (us), bf16, ncu gpu__time_duration (5 steps averaged)")
+div = int(sys.argv[2])
+print(f"```\n{sys.argv[3]}")
 for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
-    print(f"{v / steps:10.1f}  x{cnt[k] // steps:<3d} {k}")
+    print(f"{v / div:10.1f}  x{cnt[k] // div:<3d} {k}")
 print("```")
 PY
+}
+ncu_bin=$(command -v ncu || find /opt /usr/local -name ncu -type f 2>/dev/null | head -1)
+
+if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want train; then
+  echo "== per-kernel GPU time (ncu, bf16 step)"
+  timeout 240 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin/bench_train_cuda" --steps 2 --precision bf16 >"$out/ncu.csv" 2>"$out/ncu.err"
+  # 5 steps: 3 warm-up + 2 timed
+  ncu_table "$out/ncu.csv" 5 "per-kernel GPU time per step (us), bf16, ncu gpu__time_duration (5 steps averaged)" | tee -a "$results"
+fi
+if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want gemma; then
+  echo "== per-kernel GPU time (ncu, Gemma-2 forward, 4 x 1024 tokens, layers 0-1)"
+  for kernels in baseline new; do
+    timeout 240 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv \
+      "$bin/bench_gemma_cuda" --prompts 4 --seq 1024 --last-layers 1 --reps 1 \
+      --attention-alone 0 --kernels "$kernels" >"$out/ncu_gemma_$kernels.csv" 2>"$out/ncu_gemma_$kernels.err"
+    # 2 forwards (warm-up + 1 timed) x 2 layers; embed and the final norm are not per layer
+    ncu_table "$out/ncu_gemma_$kernels.csv" 4 "per-kernel GPU time per layer (us), bf16, $kernels kernels, ncu gpu__time_duration" | tee -a "$results"
+  done
 fi
 
 if want encode; then
