@@ -127,7 +127,8 @@ for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
 print("```")
 PY
 }
-ncu_bin=$(command -v ncu || find /opt /usr/local -name ncu -type f 2>/dev/null | head -1)
+[[ ${GPU_CHECK_PROFILE:-0} == 1 ]] &&
+  ncu_bin=$(command -v ncu || find /opt /usr/local -name ncu -type f 2>/dev/null | head -1)
 
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want train; then
   echo "== per-kernel GPU time (ncu, bf16 step)"
