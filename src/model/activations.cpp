@@ -1,6 +1,7 @@
 #include "model/activations.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "core/error.h"
 
@@ -26,7 +27,10 @@ std::vector<std::vector<float>> collect(Model& m, const std::vector<std::vector<
     batch.add(prompts[i]);
     const bool last = i + 1 == prompts.size();
     if (last || batch.n_tokens() + int64_t(prompts[i + 1].size()) > batch_tokens) {
-      m.forward(batch, layers.back(), hook);
+      if constexpr (std::is_same_v<Model, DeviceGemma2>)
+        m.forward(batch, layers.back(), hook, nullptr, /*hook_writes=*/false);
+      else
+        m.forward(batch, layers.back(), hook);
       batch = TokenBatch{};
     }
   }
