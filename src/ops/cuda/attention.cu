@@ -170,14 +170,18 @@ __global__ void __launch_bounds__(32 * kTcWarps, 2)
     my_lo = first_visible(prompt_start, q0 + r0 + lane, a.window);
   float m_run = -INFINITY, l_run = 0.0f;  // lane rr < 16: row r0 + rr
   const int64_t k_begin = first_visible(prompt_start, q0, a.window);
-
-  // Pass 1: each row's max and sum of exp over every visible key.
-  for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
+  // The K tile at k0 into KVs (once every warp is done with it), then this warp's rows of S.
+  auto scores_of_tile = [&](int64_t k0) {
     __syncthreads();
     stage_rows_bf16<HD, kTk>(k + k0 * kv_stride + kvh * HD, kv_stride, a.tokens - k0, KVs, lay.dq);
     __syncthreads();
     tile_scores<HD>(Qs, KVs, S, lay, r0);
     __syncwarp();
+  };
+
+  // Pass 1: each row's max and sum of exp over every visible key.
+  for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
+    scores_of_tile(k0);
     for (int rr = 0; rr < 16; ++rr) {
       const int64_t i = q0 + r0 + rr, lo = __shfl_sync(0xFFFFFFFFu, my_lo, rr);
       float sv[2];
@@ -201,11 +205,7 @@ __global__ void __launch_bounds__(32 * kTcWarps, 2)
 #pragma unroll
   for (int n = 0; n < HD / 16; ++n) wmma::fill_fragment(o_acc[n], 0.0f);
   for (int64_t k0 = k_begin; k0 <= q_last; k0 += kTk) {
-    __syncthreads();
-    stage_rows_bf16<HD, kTk>(k + k0 * kv_stride + kvh * HD, kv_stride, a.tokens - k0, KVs, lay.dq);
-    __syncthreads();
-    tile_scores<HD>(Qs, KVs, S, lay, r0);
-    __syncwarp();
+    scores_of_tile(k0);
     for (int rr = 0; rr < 16; ++rr) {
       const int r = r0 + rr;
       const int64_t i = q0 + r, lo = __shfl_sync(0xFFFFFFFFu, my_lo, rr);
