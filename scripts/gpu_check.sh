@@ -5,12 +5,14 @@
 #       build/gpu and bundles them with the shared libraries the GPU machine lacks (OpenBLAS,
 #       sentencepiece, SLEEF, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
 #   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests (SAE and Gemma-2),
-#       the Gemma-2 forward against transformers, the training-step benchmark in fp32/tf32/bf16
+#       the Gemma-2 forward against transformers (speed; and numerics: resid_post at the real
+#       shape against transformers fp32, bench/gemma_vs_transformers_numerics.py), the
+#       training-step benchmark in fp32/tf32/bf16
 #       (and with dead latents), SAELens's step on the same GPU, and 2000 steps of the
 #       hierarchy job on the GPU against the CPU, then `sae release --device cuda` at the real
 #       shapes with 2, 10 and 50 SAEs (bench/release_cuda.sh; GPU_CHECK_RELEASE=0 skips it).
 #       Logs and results.md go to $OUT (or out/gpu_check). GPU_CHECK_PARTS picks sections
-#       (default all: tests,gemma,train,encode,saelens,hierarchy,release), e.g.
+#       (default all: tests,gemma,numerics,train,encode,saelens,hierarchy,release), e.g.
 #       GPU_CHECK_PARTS=tests,release to fit what is owed into one call. GPU_CHECK_PROFILE=1 adds
 #       ncu per-kernel tables (the training step; the forward per layer, baseline and new kernels).
 set -euo pipefail
@@ -58,7 +60,7 @@ for b in sae test_cuda test_cuda_gemma2 bench_train_cuda bench_encode_cuda bench
 done
 bin=/tmp
 results=$out/results.md
-parts=,${GPU_CHECK_PARTS:-tests,gemma,train,encode,saelens,hierarchy,release},
+parts=,${GPU_CHECK_PARTS:-tests,gemma,numerics,train,encode,saelens,hierarchy,release},
 want() { [[ $parts == *,$1,* ]]; }
 {
   echo "# sae.cpp GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -95,6 +97,15 @@ echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
   timeout 150 python3 bench/transformers_gemma_cuda.py --prompts 4 --seq 1024 --last-layers 12,24
   echo '```'
 } 2>&1 | tee "$out/bench_gemma.log" | tee -a "$results"
+fi
+
+if want numerics; then
+echo "== Gemma-2 against transformers in numbers, at the real shape (random weights)"
+{
+  echo '```'
+  timeout 300 python3 bench/gemma_vs_transformers_numerics.py "$bin/sae" --device cuda
+  echo '```'
+} 2>&1 | tee "$out/numerics.log" | tee -a "$results"
 fi
 
 if want train; then
