@@ -53,10 +53,7 @@ Runner add_eval(CLI::App& app) {
   cmd->add_option("--precision", o->precision, "On cuda, the encoder GEMM: fp32, tf32 or bf16")
       ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   return [=] {
-    if (o->device == "cpu" && o->precision != "fp32")
-      fail("eval", "precision",
-           cat("--precision ", o->precision,
-               " is the GPU encoder's (--device cuda); on the CPU the encoder runs in fp32"));
+    if (o->device == "cpu") require_cpu_precision(o->precision, "eval", "--device cuda");
     LoadedSae l = load_sae_ref(o->ref);
     const Sae& s = l.sae;
     if (o->acts.empty() && o->model.empty())

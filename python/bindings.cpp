@@ -265,10 +265,7 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release nogil;
               codes = dev.encode(xs, n);
             } else {
-              if (precision != "fp32")
-                fail("encode", "precision",
-                     cat("'", precision,
-                         "' is the GPU encoder's (device='cuda'); on the CPU it runs in fp32"));
+              require_cpu_precision(precision, "encode", "device='cuda'");
               py::gil_scoped_release nogil;
               codes = s.encode(xs, n);
             }

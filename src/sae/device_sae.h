@@ -10,9 +10,20 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "sae/sae.h"
 
 namespace sae {
+
+// The encoder GEMM's precision is the GPU's choice: on the CPU inference runs in fp32, and any
+// other precision is a clear error (`where`: the command; `gpu_hint`: how to ask for the GPU).
+inline void require_cpu_precision(const std::string& precision, const std::string& where,
+                                  const std::string& gpu_hint) {
+  if (precision != "fp32")
+    fail(where, "precision",
+         cat(precision, " is the GPU encoder's (", gpu_hint,
+             "); on the CPU the encoder runs in fp32"));
+}
 
 class DeviceSae {
  public:

@@ -110,7 +110,7 @@ __device__ inline float gelu_tanh(float x) {
 }
 
 // Blocks along a row's columns (x) and along the rows (y), so that no thread divides by `inter`
-// (a 64-bit division per element cost as much as the memory traffic).
+// (it did a 64-bit division and a modulo per element before).
 __global__ void k_gelu_mul(const float* gu, int64_t tokens, int64_t inter, ActOut out) {
   for (int64_t t = blockIdx.y; t < tokens; t += gridDim.y) {
     const float* row = gu + t * 2 * inter;
