@@ -497,6 +497,9 @@ TEST_P(CudaStep, FullStepsMatchCpuTrainerArithmetic) {
     std::copy(x.begin(), x.end(), dev.host_batch());
     const auto out = dev.step(input_scale, 1e-3, step, window, step == 3);
     for (auto& v : x) v = float(v * input_scale);
+    // The progress line's batch variance, taken on the device from the scaled batch.
+    const double sq_dev = train::sum_sq_deviation(x.data(), f.B, f.sae.spec.d_in);
+    EXPECT_NEAR(dev.batch_sq_deviation(), sq_dev, 1e-9 * sq_dev) << "step " << step;
     std::vector<uint8_t> dead(static_cast<size_t>(D));
     bool any = false;
     for (int64_t j = 0; j < D; ++j) any |= (dead[size_t(j)] = since[size_t(j)] > window) != 0;
@@ -539,6 +542,42 @@ TEST_P(CudaStep, FullStepsMatchCpuTrainerArithmetic) {
   test::expect_close(got_opt.v_W_dec, opt.v_W_dec, 1e-3, "v_W_dec");
   EXPECT_EQ(got_since, since);
   EXPECT_EQ(got_counts, counts);
+}
+
+TEST(CudaTrainer, EvaluationOnTheDeviceMatchesTheHost) {
+  // A trainer on the GPU evaluates through DeviceSae (the levels' errors summed on the device):
+  // the same metrics and level EVs as train::evaluate's host encoder, in chunks of 128 tokens.
+  REQUIRE_GPU();
+  for (const int64_t d_in : {37, 2304}) {
+    train::TrainSpec spec = base_spec();
+    spec.d_in = d_in;
+    train::TrainingSae sae(spec);
+    Rng rng(7);
+    for (auto& w : sae.W_encT) w = float(rng.normal() * 0.3);
+    for (auto& w : sae.W_dec) w = float(rng.normal() * 0.2);
+    for (auto& w : sae.b_enc) w = float(rng.normal() * 0.1);
+    for (auto& w : sae.b_dec) w = float(rng.normal() * 0.2);
+    sae.threshold = 1.5;
+    const Sae inference = sae.to_inference(1.0, true, nlohmann::ordered_json::object());
+    const int64_t n = 300;
+    std::vector<float> x = test::random_vector(size_t(n * d_in), 9);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += float(i % size_t(d_in)) * 0.01f;  // a mean
+    const train::EvalResult host = train::evaluate(inference, spec.widths, x.data(), n);
+    DeviceSae on_device(inference, "fp32", 128);
+    const train::EvalResult got = train::evaluate(on_device, spec.widths, x.data(), n,
+                                                  train::sum_sq_deviation(x.data(), n, d_in));
+    const std::string at = "d_in " + std::to_string(d_in);
+    ASSERT_GT(host.metrics.l0, 1.0) << at;
+    EXPECT_NEAR(got.metrics.l0, host.metrics.l0, 1e-3 * host.metrics.l0) << at;
+    EXPECT_NEAR(got.metrics.mse, host.metrics.mse, 1e-4 * host.metrics.mse) << at;
+    EXPECT_NEAR(got.metrics.explained_variance, host.metrics.explained_variance, 1e-4) << at;
+    ASSERT_EQ(got.level_explained_variance.size(), spec.widths.size()) << at;
+    for (size_t i = 0; i < spec.widths.size(); ++i)
+      EXPECT_NEAR(got.level_explained_variance[i], host.level_explained_variance[i], 1e-4)
+          << at << ", level " << i;
+    // The outer level is the whole reconstruction.
+    EXPECT_NEAR(got.level_explained_variance.back(), got.metrics.explained_variance, 1e-5) << at;
+  }
 }
 
 TEST_P(CudaStep, ReducedPrecisionStaysWithinDerivedTolerance) {

@@ -148,6 +148,28 @@ __global__ void k_decode(const int64_t* offsets, const int32_t* idx, const float
   }
 }
 
+// One block per token: each Matryoshka level's squared error as train::evaluate computes it,
+// ||x - (b_dec + sum over the token's entries with index < widths[i] of value * W_dec[index])||^2
+// (the entries in their order; no normalisation, no decoder-norm scaling), for every level i.
+__global__ void k_level_errors(const float* x, const int64_t* offsets, const int32_t* idx,
+                               const float* val, const float* W_dec, const float* b_dec, int64_t d,
+                               const int64_t* widths, int n_levels, double* out) {
+  __shared__ double sh[32];
+  const int64_t t = blockIdx.x, e0 = offsets[t], e1 = offsets[t + 1];
+  for (int i = 0; i < n_levels; ++i) {
+    double ss = 0;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      float r = b_dec[c];
+      for (int64_t e = e0; e < e1; ++e)
+        if (idx[e] < widths[i]) r += val[e] * W_dec[int64_t(idx[e]) * d + c];
+      const float diff = x[t * d + c] - r;
+      ss += double(diff) * diff;
+    }
+    ss = block_sum(ss, sh);
+    if (threadIdx.x == 0) out[t * n_levels + i] = ss;
+  }
+}
+
 __global__ void k_norms(const float* W, int64_t d, float* norms) {
   __shared__ double sh[32];
   const int64_t i = blockIdx.x;
@@ -171,7 +193,8 @@ struct DeviceSae::Impl {
   cudaStream_t copy_stream = nullptr;
   cudaEvent_t copied[2] = {}, consumed[2] = {};
   DeviceBuffer<int32_t> top_i, idx;
-  DeviceBuffer<int64_t> row_n, offsets;
+  DeviceBuffer<int64_t> row_n, offsets, level_widths;
+  DeviceBuffer<double> level_errors;
   DeviceBuffer<int> non_finite;
   DeviceBuffer<uint8_t> cub_temp;
 
@@ -237,8 +260,10 @@ struct DeviceSae::Impl {
   }
 
   // Encodes the n <= chunk tokens staged in slot b (host copy xh, for error messages); appends
-  // to codes (and x_hat when asked).
-  void run(const float* xh, int b, int64_t n, SparseCodes& codes, std::vector<float>* xhat_out) {
+  // to codes (and x_hat when asked; and adds each level's squared error to level_sq_error when
+  // level_widths holds the levels).
+  void run(const float* xh, int b, int64_t n, SparseCodes& codes, std::vector<float>* xhat_out,
+           std::vector<double>* level_sq_error) {
     const cudaStream_t st = ctx.stream();
     SAE_CUDA(cudaStreamWaitEvent(st, copied[b], 0));
     const float* xd = x[b].data();
@@ -250,7 +275,8 @@ struct DeviceSae::Impl {
                                                   cfg.apply_b_dec_to_input, sae_in.data(),
                                                   scale.data(), shift.data(), non_finite.data());
     SAE_CUDA_LAUNCHED();
-    SAE_CUDA(cudaEventRecord(consumed[b], st));
+    const int n_levels = level_sq_error ? int(level_widths.size()) : 0;
+    if (n_levels == 0) SAE_CUDA(cudaEventRecord(consumed[b], st));  // else the levels read it
     if (prec == cuda::Precision::Bf16) {
       cuda::to_bf16(ctx, sae_in.data(), in_bf16.data(), n * d);
       cuda::gemm(ctx, ops::Trans::No, ops::Trans::No, n, D, d, 1.0f, {in_bf16.data(), true, d},
@@ -302,6 +328,19 @@ struct DeviceSae::Impl {
           W_dec.data(), b_dec.data(), d, scale.data(), shift.data(), renorm, x_hat.data());
       SAE_CUDA_LAUNCHED();
     }
+    std::vector<double> errors;
+    if (n_levels > 0) {
+      level_errors.resize(size_t(chunk * n_levels), "level errors");
+      k_level_errors<<<unsigned(n), kThreads, 0, st>>>(xd, offsets.data(), idx.data(), vals.data(),
+                                                       W_dec.data(), b_dec.data(), d,
+                                                       level_widths.data(), n_levels,
+                                                       level_errors.data());
+      SAE_CUDA_LAUNCHED();
+      SAE_CUDA(cudaEventRecord(consumed[b], st));
+      errors.resize(size_t(n * n_levels));
+      SAE_CUDA(cudaMemcpyAsync(errors.data(), level_errors.data(), errors.size() * 8,
+                               cudaMemcpyDeviceToHost, st));
+    }
     const size_t base = codes.indices.size();
     codes.indices.resize(base + size_t(nnz));
     codes.values.resize(base + size_t(nnz));
@@ -327,9 +366,13 @@ struct DeviceSae::Impl {
     const int64_t start = codes.offsets.back();
     for (int64_t t = 1; t <= n; ++t) codes.offsets.push_back(start + off[size_t(t)]);
     ctx.sync();
+    for (int64_t t = 0; t < n; ++t)  // token by token: the host's order
+      for (int i = 0; i < n_levels; ++i)
+        (*level_sq_error)[size_t(i)] += errors[size_t(t * n_levels + i)];
   }
 
-  SparseCodes encode(std::span<const float> xs, int64_t n, std::vector<float>* x_hat_out) {
+  SparseCodes encode(std::span<const float> xs, int64_t n, std::vector<float>* x_hat_out,
+                     std::vector<double>* level_sq_error = nullptr) {
     if (int64_t(xs.size()) != n * d)
       fail("encode", "x", cat("has ", xs.size(), " values, expected ", n, " x d_in ", d));
     SparseCodes codes;
@@ -342,7 +385,8 @@ struct DeviceSae::Impl {
     for (int64_t i = 0; i < n_chunks; ++i) {
       const int64_t t0 = i * chunk, t1 = t0 + chunk;
       if (t1 < n) stage(xs.data() + t1 * d, std::min(chunk, n - t1), int((i + 1) % 2));
-      run(xs.data() + t0 * d, int(i % 2), std::min(chunk, n - t0), codes, x_hat_out);
+      run(xs.data() + t0 * d, int(i % 2), std::min(chunk, n - t0), codes, x_hat_out,
+          level_sq_error);
     }
     return codes;
   }
@@ -362,6 +406,17 @@ SparseCodes DeviceSae::encode(std::span<const float> x, int64_t n) {
 SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n,
                                      std::vector<float>& x_hat) {
   return impl_->encode(x, n, &x_hat);
+}
+SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n,
+                                     std::vector<float>& x_hat, std::span<const int64_t> widths,
+                                     std::vector<double>& level_sq_error) {
+  Impl& m = *impl_;
+  for (int64_t w : widths)
+    if (w < 1 || w > m.D)
+      fail("encode_decode", "widths", cat("level width ", w, " outside [1, d_sae ", m.D, "]"));
+  cuda::upload(m.level_widths, widths, m.ctx.stream(), "level widths");
+  level_sq_error.assign(widths.size(), 0.0);
+  return m.encode(x, n, &x_hat, &level_sq_error);
 }
 
 }  // namespace sae

@@ -38,6 +38,12 @@ class DeviceSae {
   SparseCodes encode(std::span<const float> x, int64_t n);
   // Codes and the reconstruction [n, d_in] from one pass (for evaluation).
   SparseCodes encode_decode(std::span<const float> x, int64_t n, std::vector<float>& x_hat);
+  // The same, and the squared error of each Matryoshka level's prefix decode, summed over the
+  // tokens as train::evaluate does on the host: level_sq_error[i] = sum_t ||x_t - (b_dec + sum
+  // of value * W_dec row over the token's codes with index < widths[i])||^2 (no normalisation
+  // or decoder-norm scaling), so a trainer on the GPU evaluates without the host's encoder.
+  SparseCodes encode_decode(std::span<const float> x, int64_t n, std::vector<float>& x_hat,
+                            std::span<const int64_t> widths, std::vector<double>& level_sq_error);
 
  private:
   struct Impl;

@@ -21,5 +21,9 @@ SparseCodes DeviceSae::encode(std::span<const float>, int64_t) {
 SparseCodes DeviceSae::encode_decode(std::span<const float>, int64_t, std::vector<float>&) {
   return {};
 }
+SparseCodes DeviceSae::encode_decode(std::span<const float>, int64_t, std::vector<float>&,
+                                     std::span<const int64_t>, std::vector<double>&) {
+  return {};
+}
 
 }  // namespace sae

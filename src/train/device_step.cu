@@ -77,6 +77,36 @@ int blocks_for(int64_t n, int threads = kThreads) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
        i += int64_t(gridDim.x) * blockDim.x)
 
+// Per column of x [B, d], the sum and the sum of squares (double) over each chunk of `rows` rows:
+// part[(chunk * d + c) * 2 + {0, 1}]. Grid: (column blocks, row chunks).
+__global__ void k_col_moments(const float* x, int64_t B, int64_t d, int64_t rows, double* part) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, chunk = blockIdx.y;
+  if (c >= d) return;
+  const int64_t r1 = (chunk + 1) * rows < B ? (chunk + 1) * rows : B;
+  double s = 0, q = 0;
+  for (int64_t r = chunk * rows; r < r1; ++r) {
+    const double v = x[r * d + c];
+    s += v, q += v * v;
+  }
+  part[(chunk * d + c) * 2] = s;
+  part[(chunk * d + c) * 2 + 1] = q;
+}
+
+// One block: sum over the columns of (sum of squares - sum^2 / B), each column's chunks and the
+// columns added in a fixed order.
+__global__ void k_sq_deviation(const double* part, int64_t n_chunks, int64_t B, int64_t d,
+                               double* out) {
+  __shared__ double sh[32];
+  double acc = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < n_chunks; ++k) s += part[(k * d + c) * 2], q += part[(k * d + c) * 2 + 1];
+    acc += q - s * s / double(B);
+  }
+  acc = block_sum(acc, sh);
+  if (threadIdx.x == 0) *out = acc;
+}
+
 __global__ void k_scale(float* x, int64_t n, float s) {
   GRID_STRIDE(i, n) x[i] *= s;
 }
@@ -562,7 +592,7 @@ struct DeviceStepScratch {
   // step scratch
   DeviceBuffer<uint16_t> sae_in_bf16;
   DeviceBuffer<float> x, sae_in, hidden_pre, norms2, vecs, wenc_db;
-  DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss;
+  DeviceBuffer<double> R_tok, ss_outer, losses, aux_loss, col_moments;
   cuda::DeviceRowSparse active;
   cuda::BatchTopkScratch topk_ws;
   DeviceBuffer<float> min_selected;
@@ -1088,11 +1118,19 @@ void DeviceTrainer::set_device_batch(const float* device_x) {
   impl_->device_x = device_x;
 }
 
-void DeviceTrainer::batch_to_host() {
+double DeviceTrainer::batch_sq_deviation() {
   Impl& m = *impl_;
-  SAE_CUDA(cudaMemcpyAsync(m.pinned_x, m.x.data(), size_t(m.B * m.d) * 4, cudaMemcpyDeviceToHost,
-                           m.s()));
-  m.ctx.sync();
+  constexpr int64_t kRows = 64;
+  const int64_t n_chunks = (m.B + kRows - 1) / kRows;
+  DeviceBuffer<double>& part = m.scratch->col_moments;
+  part.resize(size_t(n_chunks * m.d * 2 + 1), "batch moments");
+  k_col_moments<<<dim3(unsigned((m.d + kThreads - 1) / kThreads), unsigned(n_chunks)), kThreads, 0,
+                  m.s()>>>(m.x.data(), m.B, m.d, kRows, part.data());
+  SAE_CUDA_LAUNCHED();
+  double* out = part.data() + n_chunks * m.d * 2;
+  k_sq_deviation<<<1, 1024, 0, m.s()>>>(part.data(), n_chunks, m.B, m.d, out);
+  SAE_CUDA_LAUNCHED();
+  return cuda::download(out, 1, m.s())[0];
 }
 
 DeviceTrainer::StepScalars DeviceTrainer::step(double input_scale, double lr, int64_t adam_step,

@@ -52,8 +52,9 @@ class DeviceTrainer {
   // Or a batch already in device memory ([batch, d_in], this GPU, complete: its producer's
   // stream synchronized): the next step() copies it from there instead of host_batch().
   void set_device_batch(const float* device_x);
-  // The last step's batch as the SAE saw it (scaled), into host_batch() (for the progress line).
-  void batch_to_host();
+  // sum_t ||x_t - mean||^2 of the last step's batch as the SAE saw it (scaled), computed on the
+  // device (the progress line's explained variance; no copy of the batch to the host).
+  double batch_sq_deviation();
 
   struct StepScalars {
     StepResult result;  // fired is left empty: the counters live on the device

@@ -18,6 +18,7 @@
 #include "ops/gemm.h"
 #include "ops/gemm_bf16.h"
 #include "ops/sparse_decode.h"
+#include "sae/device_sae.h"
 #include "sae/save.h"
 #include "train/latent_gather.h"
 
@@ -63,6 +64,17 @@ nlohmann::ordered_json EvalResult::to_json() const {
   return j;
 }
 
+double sum_sq_deviation(const float* x, int64_t n, int64_t d) {
+  std::vector<double> mean(size_t(d), 0.0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(n);
+  double total = 0;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < d; ++c)
+      total += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
+  return total;
+}
+
 EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n) {
   EvalResult r;
   const int64_t d = sae.cfg.d_in;
@@ -73,13 +85,7 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
   acc.add_batch(xs, x_hat, codes);
   r.metrics = acc.finish();
   // Per level: decode with the prefix [0, width) of each token's (index-sorted) codes.
-  std::vector<double> mean(size_t(d), 0.0);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(n);
-  double total = 0;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < d; ++c)
-      total += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
+  const double total = sum_sq_deviation(x, n, d);
   for (int64_t w : widths) {
     std::vector<int64_t> offsets(size_t(n + 1), 0);
     std::vector<int32_t> idx;
@@ -98,6 +104,23 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
       resid += double(x[i] - part[size_t(i)]) * (x[i] - part[size_t(i)]);
     r.level_explained_variance.push_back(total > 0 ? 1.0 - resid / total : 0.0);
   }
+  return r;
+}
+
+EvalResult evaluate(DeviceSae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n,
+                    double total_sq_deviation) {
+  EvalResult r;
+  const int64_t d = sae.cfg().d_in;
+  std::span<const float> xs(x, size_t(n * d));
+  std::vector<float> x_hat;
+  std::vector<double> level_sq_error;
+  const SparseCodes codes = sae.encode_decode(xs, n, x_hat, widths, level_sq_error);
+  MetricsAccumulator acc(d, sae.cfg().d_sae);
+  acc.add_batch(xs, x_hat, codes);
+  r.metrics = acc.finish();
+  for (double e : level_sq_error)
+    r.level_explained_variance.push_back(
+        total_sq_deviation > 0 ? 1.0 - e / total_sq_deviation : 0.0);
   return r;
 }
 
@@ -147,6 +170,7 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
   const int64_t n_read = lead() ? n_heldout_ : 0;
   heldout_.resize(size_t(n_read * sae_.spec.d_in));
   source_.heldout(n_read, heldout_.data());
+  heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_read, sae_.spec.d_in);
 }
 
 void Trainer::prepare_normalisation() {
@@ -313,7 +337,13 @@ void Trainer::eval_and_log(bool final) {
   const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
   if (!final) drop_host_state();                                  // the copy above is enough
   if (!lead()) return;
-  EvalResult r = evaluate(*inference, sae_.spec.widths, heldout_.data(), n_heldout_);
+  EvalResult r;
+  if (dev_) {  // on the GPU the SAE is too: its encoder GEMM there, not on the host
+    DeviceSae on_device(*inference, "fp32");
+    r = evaluate(on_device, sae_.spec.widths, heldout_.data(), n_heldout_, heldout_sq_deviation_);
+  } else {
+    r = evaluate(*inference, sae_.spec.widths, heldout_.data(), n_heldout_);
+  }
   json rec = {{"eval", json::parse(r.to_json().dump())},
               {"step", step_},
               {"tokens", step_ * cfg_.batch_size}};
@@ -639,24 +669,9 @@ void Trainer::train_step(float* x) {
   ++step_;
   ++interval_steps_;
   if (step_ % cfg_.log_every_steps == 0 || step_ == total) {
-    // Batch variance for the progress line's explained variance (of the scaled batch; the
-    // device path leaves x unscaled on the host, and a batch that was on the device only is
-    // brought here, as the SAE saw it, scaled).
-    bool x_scaled = !dev_;
-    if (!x) {
-      dev_->batch_to_host();
-      x = dev_->host_batch();
-      x_scaled = true;
-    }
-    const double s2 = x_scaled ? 1.0 : input_scale_ * input_scale_;
-    std::vector<double> mean(size_t(d), 0.0);
-    for (int64_t t = 0; t < B; ++t)
-      for (int64_t c = 0; c < d; ++c) mean[size_t(c)] += x[t * d + c] / double(B);
-    double var = 0;
-    for (int64_t t = 0; t < B; ++t)
-      for (int64_t c = 0; c < d; ++c)
-        var += (x[t * d + c] - mean[size_t(c)]) * (x[t * d + c] - mean[size_t(c)]);
-    batch_variance_ = s2 * var / double(B);
+    // Batch variance for the progress line's explained variance, of the batch as the SAE saw
+    // it (scaled): on the device when the batch is there.
+    batch_variance_ = (dev_ ? dev_->batch_sq_deviation() : sum_sq_deviation(x, B, d)) / double(B);
     log_progress(r, lr, grad_norm);
   }
   if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)

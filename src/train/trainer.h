@@ -29,6 +29,13 @@ struct EvalResult {
 
 // Evaluates an inference SAE on held-out tokens x [n, d_in] (raw activations).
 EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n);
+// The same with the encoder, the decoder and the levels' errors on the GPU (the metrics summed
+// on the host, as sae eval --device cuda does); total_sq_deviation = sum_sq_deviation(x, n, d).
+// A trainer on the GPU evaluates this way: the host's encoder GEMM would take seconds per SAE.
+EvalResult evaluate(DeviceSae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n,
+                    double total_sq_deviation);
+// sum_t ||x_t - mean||^2 over the rows of x [n, d] (n times the per-row variance).
+double sum_sq_deviation(const float* x, int64_t n, int64_t d);
 
 // How a Trainer with several ranks splits the work (docs/distributed.md).
 enum class Parallel {
@@ -144,6 +151,7 @@ class Trainer {
   int64_t window_steps_ = 0, window_tokens_ = 0;
   std::vector<float> heldout_;  // rank 0's
   int64_t n_heldout_ = 0;       // tokens rank 0 evaluates on (known to every rank)
+  double heldout_sq_deviation_ = 0;  // sum_sq_deviation of heldout_ (the levels' EV denominator)
   EvalResult final_eval_;
   // progress timing
   double interval_start_ = 0, run_start_ = 0;
