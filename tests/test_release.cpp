@@ -28,6 +28,7 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
 #include "pipeline/device_plan.h"
+#include "sae/device_sae.h"
 #include "sae/load.h"
 #include "sae/pretrained.h"
 #include "test_util.h"
@@ -754,6 +755,9 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   EXPECT_EQ(p2.store, 3 * shape.store_rows * hd * 4);  // two layers and the spare
   EXPECT_EQ(p2.model, model::gemma2_weight_bytes(shape.model, shape.model.num_layers - 1, true));
   EXPECT_GT(p2.forward, model::device_forward_bytes(shape.model, 64, true, false));  // + logits
+  // The evaluation's DeviceSae (fp32, the SAEs' levels, 4k codes per token).
+  const int64_t eval_sae = planned_device_sae_bytes(hd, 64, "fp32", 2, int64_t(4 * small.spec.k));
+  EXPECT_EQ(p2.eval, eval_sae);
   EXPECT_GT(p2.eval, 2 * 64 * hd * 4);
   EXPECT_EQ(p2.total(), p2.model + p2.forward + p2.saes + p2.store + p2.eval);
   EXPECT_NE(p2.describe().find("4 SAEs"), std::string::npos) << p2.describe();
@@ -777,16 +781,16 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   EXPECT_FALSE(placed_on_host("auto", h.total() - 1));
   EXPECT_FALSE(placed_on_host("device", 0));
   EXPECT_TRUE(placed_on_host("host", int64_t(1) << 50));
-  // No CE score: the model only to the last layer, no logits, no evaluation SAE.
+  // No CE score: the model only to the last layer, no logits; the SAEs are still evaluated.
   shape.ce_score = false;
   const DeviceReleasePlan q = plan_device_release(shape, {0, 1}, saes);
   EXPECT_EQ(q.model, model::gemma2_weight_bytes(shape.model, 1, true));
   EXPECT_EQ(q.forward, model::device_forward_bytes(shape.model, 64, true, false));
-  EXPECT_EQ(q.eval, 0);
-  // From a cache: only the SAEs.
+  EXPECT_EQ(q.eval, eval_sae);
+  // From a cache: only the SAEs and their evaluation.
   shape.forward = false;
   const DeviceReleasePlan c = plan_device_release(shape, {0, 1, 2}, saes);
-  EXPECT_EQ(c.total(), 6 * one_sae + scratch);
+  EXPECT_EQ(c.total(), 6 * one_sae + scratch + eval_sae);
   shape.forward = true;
 
   const std::vector<int64_t> all = {0, 1, 2};

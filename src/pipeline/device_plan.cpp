@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "model/gemma2.h"
+#include "sae/device_sae.h"
 #include "train/device_step.h"
 
 namespace sae::pipeline {
@@ -44,7 +45,7 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
         int64_t(layers.size() + 1) * shape.store_rows * d * 4;
   }
   // Each SAE's own state; one step scratch shared by all (the largest).
-  int64_t widest = 0, scratch = 0;
+  int64_t widest = 0, scratch = 0, levels = 0, codes = 0;
   for (const PlannedSae& s : saes) {
     if (std::find(layers.begin(), layers.end(), s.layer) == layers.end()) continue;
     const train::TrainConfig& t = s.cfg;
@@ -53,13 +54,15 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
     scratch = std::max(scratch, train::DeviceTrainer::planned_scratch_bytes(t.spec, t.batch_size,
                                                                             t.precision, max_dead));
     widest = std::max(widest, t.spec.d_sae);
+    levels = std::max(levels, int64_t(t.spec.widths.size()));
+    codes = std::max(codes, int64_t(4 * t.spec.k));
     ++p.n_saes;
   }
   p.saes += scratch;
-  // The CE-loss score's DeviceSae (one at a time): weights and a [chunk, d_sae] pre-activation
-  // of at most 1 GiB (device_sae.h).
-  if (shape.ce_score && shape.forward && widest > 0)
-    p.eval = 2 * widest * d * 4 + widest * 4 + d * 4 + (int64_t(1) << 30);
+  // One DeviceSae at a time: each SAE's evaluations during training (its inference SAE in fp32
+  // on the held-out rows), then the CE-loss score's. Codes planned at 4k per token (JumpReLU
+  // codes are not capped; more allocates more).
+  if (widest > 0) p.eval = planned_device_sae_bytes(d, widest, "fp32", levels, codes);
   return p;
 }
 

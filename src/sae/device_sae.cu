@@ -203,8 +203,7 @@ struct DeviceSae::Impl {
         prec(cuda::parse_precision(precision, "encode")),
         d(s.cfg.d_in),
         D(s.cfg.d_sae) {
-    chunk = chunk_tokens > 0 ? chunk_tokens
-                             : std::clamp<int64_t>((int64_t(1) << 30) / (4 * D), 256, 16384);
+    chunk = chunk_tokens > 0 ? chunk_tokens : default_chunk_tokens(D);
     const cudaStream_t st = ctx.stream();
     cuda::upload(W_enc, std::span<const float>(s.W_enc), st, "W_enc");
     cuda::upload(W_dec, std::span<const float>(s.W_dec), st, "W_dec");

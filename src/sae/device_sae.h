@@ -4,6 +4,7 @@
 // In a build without CUDA the constructor throws a clear error.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -23,6 +24,25 @@ inline void require_cpu_precision(const std::string& precision, const std::strin
     fail(where, "precision",
          cat(precision, " is the GPU encoder's (", gpu_hint,
              "); on the CPU the encoder runs in fp32"));
+}
+
+// Tokens per encoder GEMM when the caller does not say: as many as keep the [chunk, d_sae] fp32
+// pre-activations under 1 GiB.
+inline int64_t default_chunk_tokens(int64_t d_sae) {
+  return std::clamp<int64_t>((int64_t(1) << 30) / (4 * d_sae), 256, 16384);
+}
+
+// What a DeviceSae with the default chunk allocates for encode_decode (with n_levels levels),
+// for memory plans made before anything is allocated (computable without a GPU): weights,
+// the staged batches, sae_in, the reconstruction, the pre-activations, codes sized for
+// codes_per_token per token, the levels' errors.
+inline int64_t planned_device_sae_bytes(int64_t d_in, int64_t d_sae, const std::string& precision,
+                                        int64_t n_levels, int64_t codes_per_token) {
+  const int64_t chunk = default_chunk_tokens(d_sae);
+  const int64_t weights = (2 * d_sae * d_in + 2 * d_sae + d_in) * 4;
+  const int64_t bf16 = precision == "bf16" ? (d_sae * d_in + chunk * d_in) * 2 : 0;
+  const int64_t buffers = (4 * chunk * d_in + chunk * d_sae) * 4 + chunk * (2 * 4 + 2 * 8);
+  return weights + bf16 + buffers + chunk * codes_per_token * 8 + chunk * n_levels * 8;
 }
 
 class DeviceSae {
