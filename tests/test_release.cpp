@@ -438,8 +438,13 @@ void expect_whole_release(const std::string& out) {
 TEST(Release, StopsAndResumes) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "release";
-  auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120");
+  // On the step cadence (training.checkpoint_every_steps = 50) instead of the clock.
+  auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120 --checkpoint-minutes 0");
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* at : {"checkpoint at step 50:", "checkpoint at step 100:",
+                         "checkpoint at step 120:"})
+    EXPECT_NE(r.output.find(at), std::string::npos) << at << "\n" << r.output;
+  EXPECT_EQ(r.output.find("checkpoint at step 51:"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(out + "/release.json"));
   EXPECT_FALSE(fs::exists(out + "/standard"));
   const auto state = read_json_file(out + "/.work/state.json");
@@ -451,9 +456,20 @@ TEST(Release, StopsAndResumes) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("--resume"), std::string::npos) << r.output;
 
+  // On the clock: a tiny period checkpoints after every step (and never at the step cadence's
+  // 150 with the default of 30 minutes, below).
+  r = test::run_cli(release_args(corpus, out) + " --resume --checkpoint-minutes 1e-7 --stop-at-step 123");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* at : {"checkpoint at step 121:", "checkpoint at step 122:",
+                         "checkpoint at step 123:"})
+    EXPECT_NE(r.output.find(at), std::string::npos) << at << "\n" << r.output;
+  EXPECT_EQ(read_json_file(out + "/.work/state.json")["step"], 123);
+
   r = test::run_cli(release_args(corpus, out) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("resuming at step 123"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("checkpoint at step 150:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("evaluation"), std::string::npos) << r.output;
   expect_whole_release(out);
 }
 
@@ -686,6 +702,8 @@ TEST(Release, BadInputs) {
       "n_batches_in_buffer");
   // The rows' place is a GPU release's choice.
   expect_error(base + " --activation-store host", "activation_store");
+  expect_error(base + " --checkpoint-minutes -1", "checkpoint_minutes");
+  expect_error(base + " --checkpoint-minutes nan", "checkpoint_minutes");
   if (cuda_device_count() == 0) {  // refused before the model loads; nothing written
     fs::remove_all(out);
     expect_error(base + " --device cuda", "--device cuda");

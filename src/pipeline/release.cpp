@@ -1,6 +1,7 @@
 #include "pipeline/release.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -360,6 +361,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       fail("release", "precision",
            cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
   }
+  if (!(opt.checkpoint_minutes >= 0) || !std::isfinite(opt.checkpoint_minutes))
+    fail("release", "checkpoint_minutes",
+         cat("must be a number of minutes >= 0 (0: every training.checkpoint_every_steps "
+             "steps), got ", opt.checkpoint_minutes));
   if (opt.activation_store != "auto" && opt.activation_store != "device" &&
       opt.activation_store != "host")
     fail("release", "activation_store",
@@ -788,10 +793,41 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       st["corpus_next_document"] = corpus->next_document();
     write_file_atomic(state_path.string(), st.dump(2));
   };
+  const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
+  double ckpt_seconds = 0, last_ckpt = now_seconds();
   auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
-    for (Job& j : jobs)
-      if (j.trainer) j.trainer->save_checkpoint();
+    const double t0 = now_seconds();
+    int64_t bytes = 0;
+    for (Job& j : jobs) {
+      if (!j.trainer) continue;
+      j.trainer->save_checkpoint();
+      std::error_code ec;
+      const auto size = fs::file_size(
+          fs::path(j.cfg.output_dir) / "checkpoint" / "state.safetensors", ec);
+      if (!ec) bytes += int64_t(size);
+    }
     write_state();
+    last_ckpt = now_seconds();
+    ckpt_seconds += last_ckpt - t0;
+    if (lead)
+      std::fprintf(stderr, "release: checkpoint at step %lld: %s in %.1f s%s\n", (long long)step,
+                   fmt_bytes(double(bytes)).c_str(), last_ckpt - t0,
+                   n_ranks > 1 ? " (this rank's SAEs)" : "");
+  };
+  // A checkpoint on the release's clock (every rank agrees: rank 0's), else on the step cadence.
+  auto checkpoint_due = [&] {
+    if (opt.checkpoint_minutes <= 0) return ckpt_every > 0 && step % ckpt_every == 0;
+    std::vector<double> due = {lead && now_seconds() - last_ckpt >= 60 * opt.checkpoint_minutes
+                                   ? 1.0
+                                   : 0.0};
+    if (n_ranks > 1) comm.allreduce_max(due);
+    return due[0] != 0.0;
+  };
+  auto eval_seconds = [&] {
+    double s = 0;
+    for (const Job& j : jobs)
+      if (j.trainer) s += j.trainer->eval_seconds();
+    return s;
   };
   // The GPU memory in use (the whole device, CUDA contexts included), sampled after each step.
   auto gpu_in_use = [] {
@@ -799,10 +835,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     return int64_t(m.total - m.free);
   };
   int64_t gpu_peak = cuda ? gpu_in_use() : 0;
-  const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
   const double t_start = now_seconds(), t_train = t_start;
   const int64_t step_start = step;
   double sae_seconds = 0, fwd_start = acts.forward_seconds(), wait_start = acts.wait_seconds();
+  const double eval_start = eval_seconds();
   // On one GPU the forwards of the next fill run beside the SAE steps (the store's thread).
   const bool overlap = cuda && n_ranks == 1 && opt.overlap_forward;
   if (overlap) {
@@ -852,6 +888,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       const double el = now_seconds() - t_start;
       const double fwd = acts.forward_seconds() - fwd_start;
       const double waited = acts.wait_seconds() - wait_start;
+      const double evals = eval_seconds() - eval_start;  // within the SAEs' time
       const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
       std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over the SAEs (once each)
       for (const Job& j : jobs)
@@ -861,10 +898,13 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       const double l0 = sums[0], ev = sums[1];
       // With the overlap, the forward's share is of its own thread's time; the SAEs waited
       // for it only `waited` of that (the rest ran under the steps).
+      const std::string upkeep =
+          cat(", evaluation ", pct(evals, el), ", checkpoints ", pct(ckpt_seconds, el));
       const std::string split =
-          overlap ? cat("forward ", pct(fwd, el), " beside the SAE steps, ", pct(sae_seconds, el),
-                        " SAE steps, ", pct(waited, el), " waiting for the forward")
-                  : cat("forward ", pct(fwd, el), ", SAEs ", pct(sae_seconds, el));
+          overlap ? cat("forward ", pct(fwd, el), " beside the SAE steps, ",
+                        pct(sae_seconds - evals, el), " SAE steps, ", pct(waited, el),
+                        " waiting for the forward", upkeep)
+                  : cat("forward ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el), upkeep);
       if (lead)
         std::fprintf(stderr,
                      "release: step %lld/%lld  tok %lld  %.0f tok/s  (%s)  "
@@ -874,12 +914,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                      fmt_bytes(double(resident_bytes())).c_str(),
                      double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
-    if (ckpt_every > 0 && step % ckpt_every == 0 && step < total_steps) checkpoint();
+    if (step < total_steps && checkpoint_due()) checkpoint();
   }
 
   // Final evaluation, the CE-loss score, then the release folder; the model is ours again.
   acts.stop_filling();
-  const double t_final = now_seconds();
+  const double t_final = now_seconds(), train_evals = eval_seconds() - eval_start;
   std::vector<std::vector<int32_t>> ce_windows(
       heldout.windows.begin(),
       heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
@@ -990,7 +1030,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
         "%s%s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
-        "(model forward %.1f s%s, SAE steps %.1f s), final evaluation and saving %.1f s\n",
+        "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s), final "
+        "evaluation and saving %.1f s\n",
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
         // On a GPU the plan is the device's (below); the host holds the model until it is
         // uploaded, then one SAE's state at a time while it is evaluated or checkpointed.
@@ -1000,7 +1041,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
             ? cat(" beside the steps, which waited ", one_decimal(acts.wait_seconds()), " s for it")
                   .c_str()
             : "",
-        sae_seconds, t_end - t_final);
+        sae_seconds - train_evals, train_evals, ckpt_seconds, t_end - t_final);
   if (cuda) {
     const std::string line =
         cat("GPU memory: peak ", fmt_bytes(double(gpu_peak)),

@@ -29,6 +29,11 @@ struct ReleaseOptions {
   int64_t heldout_tokens = 16384;      // held-out tokens for L0 / EV
   int64_t ce_windows = 8;              // held-out windows for the CE-loss score (0: skip)
   int64_t log_every_steps = 100;       // the shared progress line
+  // Every SAE and the data position are checkpointed every this many minutes of wall time
+  // (0: every training.checkpoint_every_steps steps instead). A release's checkpoint is every
+  // SAE's whole state (1.2 GB each at the seed's shape: 60 GB for 50): on a GPU, 1000 steps
+  // take minutes, so a step cadence would spend much of the run writing.
+  double checkpoint_minutes = 30;
   bool resume = false;
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
   // "cuda": the model forward, the activation store and every SAE's step on the GPU (one

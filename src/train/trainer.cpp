@@ -332,6 +332,12 @@ void Trainer::drop_host_state() {
 
 void Trainer::eval_and_log(bool final) {
   if (n_heldout_ == 0) return;
+  const double t0 = now_seconds();
+  struct Clock {  // whichever way this returns
+    double& total;
+    double t0;
+    ~Clock() { total += now_seconds() - t0; }
+  } clock{eval_seconds_, t0};
   if (!final) pull(false);  // finish() has pulled the whole state already
   if (!lead() && !latents_.split()) return;
   const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective

@@ -85,6 +85,7 @@ class Trainer {
   bool print_progress =
       true;  // progress and eval lines on stderr (the JSONL log is always written)
   double last_l0() const { return last_l0_; }  // from the last logged step
+  double eval_seconds() const { return eval_seconds_; }  // wall time in held-out evaluations
   double last_ev() const { return last_ev_; }
   const TrainConfig& config() const { return cfg_; }
 
@@ -158,6 +159,7 @@ class Trainer {
   int64_t interval_steps_ = 0, run_start_step_ = 0;
   double batch_variance_ = 0;
   double last_l0_ = 0, last_ev_ = 0;
+  double eval_seconds_ = 0;
 };
 
 }  // namespace sae::train
