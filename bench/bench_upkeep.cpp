@@ -1,0 +1,133 @@
+// What a release pays per SAE besides its training steps, at the seed's shape (d_in 2304, d_sae
+// 32768, widths 128..32768, batch 4096, 16384 held-out tokens): the held-out evaluation (every
+// training.eval_every_steps), the progress line's batch variance (every log step) and the
+// checkpoint (every --checkpoint-minutes). Each on the host, as a CPU trainer does them, and,
+// where a GPU is visible, as a GPU trainer does them now (evaluation through DeviceSae with the
+// levels' errors on the device; the variance on the device). Prints the cost per SAE and per
+// round of the seed's 50 SAEs.
+//   build/release/bench/bench_upkeep [--heldout 16384] [--host-eval 1] [--dir /tmp]
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include "bench_util.h"
+#include "core/device.h"
+#include "core/rng.h"
+#include "io/safetensors.h"
+#include "sae/device_sae.h"
+#include "train/device_step.h"
+#include "train/optimizer.h"
+#include "train/train_config.h"
+#include "train/trainer.h"
+
+using namespace sae;
+
+int main(int argc, char** argv) {
+  int64_t heldout = 16384, host_eval = 1;
+  std::string dir = "/tmp";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--heldout")
+      heldout = std::stoll(v);
+    else if (a == "--host-eval")
+      host_eval = std::stoll(v);
+    else if (a == "--dir")
+      dir = v;
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  bench::print_header(argc, argv);
+  nlohmann::json j = train::preset("gemma-2-2b-matryoshka-standard");
+  j["data"] = {{"type", "synthetic"}};
+  const train::TrainConfig cfg = train::TrainConfig::from_json(j, "bench");
+  train::TrainSpec spec = cfg.spec;
+  spec.d_in = 2304;
+  const int64_t d = spec.d_in, D = spec.d_sae, B = cfg.batch_size;
+  std::printf("config: d_in %lld, d_sae %lld, %zu levels, batch %lld, %lld held-out tokens\n",
+              (long long)d, (long long)D, spec.widths.size(), (long long)B, (long long)heldout);
+  train::TrainingSae sae(spec);
+  sae.init(0, 0.1);
+  sae.threshold = 0.3;  // pre-activations of std ~0.1 (decoder rows of norm 0.1): ~3 sigma
+  const Sae inference = sae.to_inference(1.0, true, nlohmann::ordered_json::object());
+  Rng rng(3);
+  std::vector<float> x(size_t(heldout * d)), batch(size_t(B * d));
+  for (auto& v : x) v = float(rng.normal());
+  for (auto& v : batch) v = float(rng.normal());
+  const double n_saes = 50;
+  auto report = [&](const char* what, double s) {
+    std::printf("%-44s %9.3f s per SAE  %9.1f s per round of %.0f SAEs\n", what, s, s * n_saes,
+                n_saes);
+  };
+
+  // The progress line's batch variance on the host (a CPU trainer; a GPU trainer did this too,
+  // after copying the batch to the host, until it moved to the device).
+  double t0 = now_seconds();
+  const double host_var = train::sum_sq_deviation(batch.data(), B, d);
+  report("batch variance, host", now_seconds() - t0);
+
+  if (host_eval) {
+    t0 = now_seconds();
+    const train::EvalResult r = train::evaluate(inference, spec.widths, x.data(), heldout);
+    report("evaluation, host (train::evaluate)", now_seconds() - t0);
+    std::printf("  L0 %.2f, EV %.4f\n", r.metrics.l0, r.metrics.explained_variance);
+  }
+
+  // The checkpoint's tensors as save_checkpoint writes them (Adam's beta1 = 0: no first moment).
+  {
+    const train::Optimizer opt(sae, cfg.adam);
+    const std::vector<int64_t> counts(size_t(D), 0);
+    const std::vector<double> thr = {sae.threshold};
+    auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
+    const std::string path = (std::filesystem::path(dir) / "bench_upkeep.safetensors").string();
+    t0 = now_seconds();
+    write_safetensors(path, {tensor_view("W_encT", f(sae.W_encT), {D, d}),
+                             tensor_view("W_dec", f(sae.W_dec), {D, d}),
+                             tensor_view("b_enc", f(sae.b_enc), {D}),
+                             tensor_view("b_dec", f(sae.b_dec), {d}),
+                             tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
+                             tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
+                             tensor_view("v_b_enc", f(opt.v_b_enc), {D}),
+                             tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
+                             tensor_view("threshold", std::span<const double>(thr), {1}),
+                             tensor_view("steps_since_fired", std::span<const int64_t>(counts), {D}),
+                             tensor_view("window_counts", std::span<const int64_t>(counts), {D})});
+    const double s = now_seconds() - t0;
+    const double bytes = double(std::filesystem::file_size(path));
+    std::filesystem::remove(path);
+    report("checkpoint write (write_safetensors)", s);
+    std::printf("  %.2f GB per SAE at %.2f GB/s to %s\n", bytes * 1e-9, bytes * 1e-9 / s,
+                dir.c_str());
+  }
+
+  if (cuda_device_count() == 0) {
+    std::printf("no GPU visible: the device's evaluation and variance are not measured\n");
+    return 0;
+  }
+  std::printf("device: %s\n", cuda_device_description().c_str());
+  {
+    train::DeviceTrainer dev(spec, cfg.adam, B, "bf16");
+    const train::Optimizer opt(sae, cfg.adam);
+    dev.upload(sae, opt, std::vector<int64_t>(size_t(D), 0), std::vector<int64_t>(size_t(D), 0));
+    std::copy(batch.begin(), batch.end(), dev.host_batch());
+    dev.step(1.0, 0.0, 1, 1000, false);  // the batch on the device, as after a step
+    double v = dev.batch_sq_deviation();  // a warm-up
+    t0 = now_seconds();
+    for (int r = 0; r < 10; ++r) v = dev.batch_sq_deviation();
+    report("batch variance, device", (now_seconds() - t0) / 10);
+    std::printf("  relative difference to the host's: %.2e\n", std::abs(v - host_var) / host_var);
+  }
+  for (int r = 0; r < 2; ++r) {  // the first pays the CUDA context's warm-up
+    t0 = now_seconds();
+    DeviceSae on_device(inference, "fp32");
+    const train::EvalResult e = train::evaluate(on_device, spec.widths, x.data(), heldout,
+                                                train::sum_sq_deviation(x.data(), heldout, d));
+    if (r == 1) {
+      report("evaluation, device (DeviceSae, fp32)", now_seconds() - t0);
+      std::printf("  L0 %.2f, EV %.4f (the upload of the SAE's weights included)\n", e.metrics.l0,
+                  e.metrics.explained_variance);
+    }
+  }
+  return 0;
+}
