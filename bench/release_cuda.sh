@@ -10,6 +10,10 @@
 # wall time of the seed's release (750M tokens, 25 layers x 2 variants) from the 50-SAE rate.
 # The last run is the 50 SAEs again with the forward's new kernels (SAECPP_FORWARD_KERNELS=new:
 # the one-pass attention and the fused norms, not yet the default; docs/gpu.md).
+# Every run evaluates its SAEs every 20 steps (the preset: 1000) and the 2-SAE run checkpoints
+# at step 20 (the release: every 30 minutes), so that the projection counts what the seed's
+# release pays besides its steps: 183 evaluation rounds of 50 SAEs and a checkpoint of all 50
+# every 30 minutes, each from its measured time here.
 # RELEASE_CUDA_RUNS picks runs: LAYERS[:EXTRA_ARG][@KERNELS].
 #   bash bench/release_cuda.sh SAE_BINARY [steps] [model dir]
 set -uo pipefail
@@ -24,7 +28,8 @@ mkdir -p "$work"
 # Numbered lines of the tiny text: enough tokens for the buffer and `steps` batches.
 python3 bench/make_tiny_corpus.py 150000 "$work/corpus.jsonl"
 echo "GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
-declare -A rate
+declare -A rate line
+ckpt=""
 for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   kernels=baseline
   [[ $run == *@* ]] && kernels=${run#*@}
@@ -37,7 +42,12 @@ for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   cmd=("$sae" release --device cuda --model "$model" --dataset "$work/corpus.jsonl"
        --layers "$layers" "${extra[@]}" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
        --n-batches-in-buffer 4 --heldout-tokens 1024 --ce-windows 0 --log-every 10
-       --set training.precision=bf16 --set training.checkpoint_every_steps=0)
+       --set training.precision=bf16 --set training.eval_every_steps=20)
+  if [[ $layers == 12 ]]; then  # one checkpoint of 2 SAEs: the disk's speed for the projection
+    cmd+=(--checkpoint-minutes 0 --set training.checkpoint_every_steps=20)
+  else
+    cmd+=(--checkpoint-minutes 0 --set training.checkpoint_every_steps=0)
+  fi
   echo "command: SAECPP_FORWARD_KERNELS=$kernels ${cmd[*]}"
   SAECPP_FORWARD_KERNELS=$kernels "${cmd[@]}" >"$log" 2>&1 &
   pid=$!
@@ -50,16 +60,42 @@ for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used at the end: /'
   kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
-  grep -E "^(GPU|gemma2: forward kernels|release: [0-9]+ SAEs|release: step|error)" "$log" | sed -n '1,5p;$p'
+  grep -E "^(GPU|gemma2: forward kernels|release: [0-9]+ SAEs|release: step|release: checkpoint|error)" "$log" | sed -n '1,5p;$p'
   last=$(grep -E "^release: step" "$log" | tail -1)
   rate[$run]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
+  line[$run]=$last
+  [[ $layers == 12 ]] && ckpt=$(grep -E "^release: checkpoint at step" "$log" | tail -1)
   echo
 done
 r50=${rate[0-24]:-0}
 r50new=${rate[0-24@new]:-0}
 echo "tokens/s: 2 SAEs ${rate[12]:-?}, 10 SAEs ${rate[8-12]:-?} (${rate[8-12:--no-overlap]:-?} without the overlap), 50 SAEs $r50 (${rate[0-24@new]:-?} with the new forward kernels)"
-for r in $r50 $r50new; do
-  if ((r > 0)); then
-    python3 -c "r=$r; print(f'projected seed release (750M tokens, 50 SAEs in one run): {750e6 / r / 3600:.1f} h at {r} tokens/s (target: 12 h, 17 400 tokens/s)')"
-  fi
+for run in 0-24 0-24@new; do
+  [[ -n ${line[$run]:-} ]] || continue
+  LINE=${line[$run]} CKPT=$ckpt EVAL_EVERY=20 python3 - "$run" <<'PY'
+import os, re, sys
+line, ckpt = os.environ["LINE"], os.environ["CKPT"]
+step = int(re.search(r"step (\d+)/", line).group(1))
+tok = float(re.search(r"tok (\d+)", line).group(1))
+rate = float(re.search(r"(\d+) tok/s", line).group(1))
+share = lambda what: float(re.search(what + r" (\d+)%", line).group(1)) / 100
+elapsed = tok / rate
+evals = share("evaluation")
+steps_rate = tok / (elapsed * (1 - evals - share("checkpoints")))  # forward and SAE steps only
+eval_round = evals * elapsed / (step // int(os.environ["EVAL_EVERY"]))
+steps_total = 750e6 / 4096
+a = 750e6 / steps_rate + steps_total / 1000 * eval_round  # the preset evaluates every 1000 steps
+m = re.search(r"checkpoint at step \d+: ([0-9.]+) (GiB|MiB) in ([0-9.]+) s", ckpt)
+ckpt_round = 0.0
+if m:  # the 2-SAE run's checkpoint, scaled to 50 SAEs; one every 30 minutes
+  gib = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1)
+  ckpt_round = 25 * float(m.group(3))
+  print(f"checkpoint: 2 SAEs, {gib:.2f} GiB in {m.group(3)} s; 50 SAEs: {ckpt_round:.0f} s")
+total = a / (1 - ckpt_round / 1800)
+print(f"projected seed release ({sys.argv[1]}: 750M tokens, 50 SAEs in one run): {total / 3600:.1f} h "
+      f"= steps {750e6 / steps_rate / 3600:.1f} h at {steps_rate:.0f} tokens/s + evaluation "
+      f"{steps_total / 1000 * eval_round / 3600:.2f} h ({eval_round:.1f} s per round of 50 SAEs, "
+      f"every 1000 steps) + checkpoints {(total - a) / 3600:.2f} h (every 30 minutes) "
+      f"(target: 12 h, 17 400 tokens/s)")
+PY
 done

@@ -12,7 +12,7 @@
 #       hierarchy job on the GPU against the CPU, then `sae release --device cuda` at the real
 #       shapes with 2, 10 and 50 SAEs (bench/release_cuda.sh; GPU_CHECK_RELEASE=0 skips it).
 #       Logs and results.md go to $OUT (or out/gpu_check). GPU_CHECK_PARTS picks sections
-#       (default all: tests,gemma,numerics,train,encode,saelens,hierarchy,release), e.g.
+#       (default all: tests,gemma,numerics,train,encode,saelens,hierarchy,upkeep,release), e.g.
 #       GPU_CHECK_PARTS=tests,release to fit what is owed into one call. GPU_CHECK_PROFILE=1 adds
 #       ncu per-kernel tables (the training step; the forward per layer, baseline and new kernels).
 set -euo pipefail
@@ -27,11 +27,11 @@ if [[ $mode == build ]]; then
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DSAECPP_CUDA=ON -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF -DSAECPP_DNNL=OFF
   cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
-    bench_encode_cuda bench_gemma_cuda
+    bench_encode_cuda bench_gemma_cuda bench_upkeep
   rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
   for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/tests/test_cuda_gemma2 \
     build/gpu/bench/bench_train_cuda build/gpu/bench/bench_encode_cuda \
-    build/gpu/bench/bench_gemma_cuda; do
+    build/gpu/bench/bench_gemma_cuda build/gpu/bench/bench_upkeep; do
     cp "$b" .gpu/bin/ && strip .gpu/bin/"$(basename "$b")"
   done
   # Every shared library outside glibc and the CUDA toolkit (the GPU machine has those).
@@ -54,13 +54,14 @@ mkdir -p "$out"
 cuda_lib=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets /usr/lib /opt -name 'libcublasLt.so.13' 2>/dev/null | head -1)" 2>/dev/null || true)
 lib_path=$PWD/.gpu/lib:${cuda_lib:-/usr/local/cuda/lib64}:${LD_LIBRARY_PATH:-}
 echo "libraries: $lib_path"
-for b in sae test_cuda test_cuda_gemma2 bench_train_cuda bench_encode_cuda bench_gemma_cuda; do
+for b in sae test_cuda test_cuda_gemma2 bench_train_cuda bench_encode_cuda bench_gemma_cuda \
+  bench_upkeep; do
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$lib_path" "$PWD/.gpu/bin/$b" >"/tmp/$b"
   chmod +x "/tmp/$b"
 done
 bin=/tmp
 results=$out/results.md
-parts=,${GPU_CHECK_PARTS:-tests,gemma,numerics,train,encode,saelens,hierarchy,release},
+parts=,${GPU_CHECK_PARTS:-tests,gemma,numerics,train,encode,saelens,hierarchy,upkeep,release},
 want() { [[ $parts == *,$1,* ]]; }
 {
   echo "# sae.cpp GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -190,6 +191,14 @@ for dev in cpu cuda; do
   echo "hierarchy-snap 2000 steps on $dev: exit $? $(python3 -c "import json;e=json.load(open('/tmp/hier_$dev/eval.json'));print('EV %.4f L0 %.2f' % (e['explained_variance'], e['l0']))" 2>&1)" | tee -a "$results"
   tail -3 "$out/hierarchy_$dev.log"
 done
+fi
+if want upkeep; then
+echo "== what a release pays per SAE besides its steps: evaluation, batch variance, checkpoint"
+{
+  echo '```'
+  timeout 120 "$bin/bench_upkeep" --dir /tmp
+  echo '```'
+} 2>&1 | tee "$out/bench_upkeep.log" | tee -a "$results"
 fi
 if want release && [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
   echo "== sae release --device cuda at the real shapes: 2, 10 and 50 SAEs (bench/release_cuda.sh)"
