@@ -170,7 +170,6 @@ Trainer::Trainer(TrainConfig cfg, data::ActivationSource& source, std::string la
   const int64_t n_read = lead() ? n_heldout_ : 0;
   heldout_.resize(size_t(n_read * sae_.spec.d_in));
   source_.heldout(n_read, heldout_.data());
-  heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_read, sae_.spec.d_in);
 }
 
 void Trainer::prepare_normalisation() {
@@ -345,6 +344,8 @@ void Trainer::eval_and_log(bool final) {
   if (!lead()) return;
   EvalResult r;
   if (dev_) {  // on the GPU the SAE is too: its encoder GEMM there, not on the host
+    if (heldout_sq_deviation_ < 0)
+      heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_heldout_, sae_.spec.d_in);
     DeviceSae on_device(*inference, "fp32");
     r = evaluate(on_device, sae_.spec.widths, heldout_.data(), n_heldout_, heldout_sq_deviation_);
   } else {

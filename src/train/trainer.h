@@ -152,7 +152,7 @@ class Trainer {
   int64_t window_steps_ = 0, window_tokens_ = 0;
   std::vector<float> heldout_;  // rank 0's
   int64_t n_heldout_ = 0;       // tokens rank 0 evaluates on (known to every rank)
-  double heldout_sq_deviation_ = 0;  // sum_sq_deviation of heldout_ (the levels' EV denominator)
+  double heldout_sq_deviation_ = -1;  // of heldout_, once (the levels' EV denominator on a GPU)
   EvalResult final_eval_;
   // progress timing
   double interval_start_ = 0, run_start_ = 0;

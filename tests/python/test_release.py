@@ -70,7 +70,10 @@ def test_release_stops_and_resumes(tmp_path):
     assert json.loads((out / ".work" / "state.json").read_text())["step"] == 100
     with pytest.raises(saecpp.SaeError, match="--resume"):
         run(corpus, out)
-    summary = run(corpus, out, resume=True)
+    with pytest.raises(saecpp.SaeError, match="checkpoint_minutes"):
+        run(corpus, out, resume=True, checkpoint_minutes=-1.0)
+    # On the step cadence from here (training.checkpoint_every_steps = 50).
+    summary = run(corpus, out, resume=True, checkpoint_minutes=0)
     for sae_id in IDS:
         variant, hook = sae_id.split("/")
         assert summary["results"][variant][hook]["training_tokens"] == 19968
