@@ -13,6 +13,7 @@
 #include "bench_util.h"
 #include "core/device.h"
 #include "core/rng.h"
+#include "eval/metrics.h"
 #include "io/safetensors.h"
 #include "sae/device_sae.h"
 #include "train/device_step.h"
@@ -66,6 +67,28 @@ int main(int argc, char** argv) {
   double t0 = now_seconds();
   const double host_var = train::sum_sq_deviation(batch.data(), B, d);
   report("batch variance, host", now_seconds() - t0);
+
+  {  // the host's share of the device's evaluation: the metrics from the codes and x_hat
+    const SparseCodes codes = inference.encode({x.data(), size_t(std::min<int64_t>(heldout, 1024) * d)},
+                                               std::min<int64_t>(heldout, 1024));
+    SparseCodes all = codes;  // the first 1024 tokens' codes repeated: only the sums' cost matters
+    all.n_tokens = heldout;
+    all.offsets.assign(1, 0);
+    all.indices.clear(), all.values.clear();
+    for (int64_t t = 0; t < heldout; ++t) {
+      const int64_t s0 = codes.offsets[size_t(t % 1024)], s1 = codes.offsets[size_t(t % 1024 + 1)];
+      all.indices.insert(all.indices.end(), codes.indices.begin() + s0, codes.indices.begin() + s1);
+      all.values.insert(all.values.end(), codes.values.begin() + s0, codes.values.begin() + s1);
+      all.offsets.push_back(int64_t(all.indices.size()));
+    }
+    const std::vector<float> x_hat(x.size(), 0.5f);
+    t0 = now_seconds();
+    MetricsAccumulator acc(d, D);
+    acc.add_batch(x, x_hat, all);
+    const Metrics m = acc.finish();
+    report("metrics sums on the host (of the device's)", now_seconds() - t0);
+    std::printf("  (L0 %.2f)\n", m.l0);
+  }
 
   if (host_eval) {
     t0 = now_seconds();
