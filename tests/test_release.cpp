@@ -604,9 +604,13 @@ TEST(Release, ModuleParallelStopsAndResumes) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("another number of ranks"), std::string::npos) << r.output;
 
-  r = test::run_shell(two + release_args(corpus, out) + " --resume");
+  // On rank 0's clock, every step: every rank checkpoints at the same steps (no hang).
+  r = test::run_shell(two + release_args(corpus, out) + " --resume --checkpoint-minutes 1e-7");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+  for (const char* at : {"checkpoint at step 121: ", "checkpoint at step 311: "})
+    EXPECT_NE(r.output.find(std::string(at)), std::string::npos) << at << "\n" << r.output;
+  EXPECT_NE(r.output.find("(this rank's SAEs)"), std::string::npos) << r.output;
   expect_whole_release(out);
 }
 
