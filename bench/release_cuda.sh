@@ -42,7 +42,8 @@ for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   cmd=("$sae" release --device cuda --model "$model" --dataset "$work/corpus.jsonl"
        --layers "$layers" "${extra[@]}" --tokens 750M -o "$out" --context-size 1024 --prompts-per-forward 8
        --n-batches-in-buffer 4 --heldout-tokens 1024 --ce-windows 0 --log-every 10
-       --set training.precision=bf16 --set training.eval_every_steps=20)
+       --set training.precision=bf16 --set training.eval_every_steps=20
+       --ignore-disk-plan)  # killed after `steps` steps: no final write (50 SAEs: 86 GiB)
   if [[ $layers == 12 ]]; then  # one checkpoint of 2 SAEs: the disk's speed for the projection
     cmd+=(--checkpoint-minutes 0 --set training.checkpoint_every_steps=20)
   else

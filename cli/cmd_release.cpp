@@ -121,6 +121,9 @@ Runner add_release(CLI::App& app) {
   cmd->add_option("--checkpoint-minutes", o->r.checkpoint_minutes,
                   "Checkpoint every SAE and the data position every this many minutes (default "
                   "30; 0: every training.checkpoint_every_steps steps)");
+  cmd->add_flag("!--ignore-disk-plan", o->r.check_disk,
+                "Start even when the disk plan (checkpoints and SAE folders, printed first) "
+                "needs more than the output folder's disk has free");
   cmd->add_option("--release-name", o->r.release_name, "Name in the model card");
   cmd->add_option("--model-name", o->r.model_name,
                   "cfg.json metadata.model_name (default: the checkpoint's name, e.g. gemma-2-2b)");

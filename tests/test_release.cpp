@@ -28,6 +28,7 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
 #include "pipeline/device_plan.h"
+#include "pipeline/disk_plan.h"
 #include "sae/device_sae.h"
 #include "sae/load.h"
 #include "sae/pretrained.h"
@@ -35,6 +36,7 @@
 #include "test_zstd.h"
 #include "tiny_corpus.h"
 #include "train/device_step.h"
+#include "train/trainer.h"
 
 namespace sae::pipeline {
 namespace {
@@ -388,6 +390,65 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
       EXPECT_NEAR(row[2], res["ce_loss_score"].get<double>(), 5e-5);
       EXPECT_TRUE(std::isfinite(res["lm_score"]["ce_clean"].get<double>()));
     }
+  // The disk plan, printed first, against what was written: each checkpoint's and each SAE
+  // folder's tensors (their safetensors headers on top).
+  EXPECT_NE(r.output.find("disk: checkpoints "), std::string::npos) << r.output;
+  nlohmann::json c = train::preset("gemma-2-2b-matryoshka-standard");
+  for (const char* o : {"sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                        "training.batch_size=64"})
+    train::apply_override(c, o);
+  c["data"] = {{"type", "synthetic"}};
+  const train::TrainConfig cfg = train::TrainConfig::from_json(c, "test");
+  const int64_t d = model::read_gemma2_config(kModel).hidden_size;
+  const int64_t ckpt = train::Trainer::planned_checkpoint_bytes(cfg, d);
+  const int64_t sae = train::Trainer::planned_sae_bytes(cfg, d);
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      const auto written = int64_t(
+          fs::file_size(out + "/.work/" + variant + "/" + hook + "/checkpoint/state.safetensors"));
+      EXPECT_GE(written, ckpt) << variant << "/" << hook;
+      EXPECT_LE(written, ckpt + 4096) << variant << "/" << hook;
+      const std::string folder = out + "/" + variant + "/" + hook;
+      const auto tensors = int64_t(fs::file_size(folder + "/sae_weights.safetensors") +
+                                   fs::file_size(folder + "/sparsity.safetensors"));
+      EXPECT_GE(tensors, sae) << variant << "/" << hook;
+      EXPECT_LE(tensors, sae + 4096) << variant << "/" << hook;
+    }
+}
+
+// A disk too small for the plan stops the job before it trains, naming the folder and the
+// sizes; a resumed job counts the checkpoints it has written already.
+TEST(DiskPlan, RefusesWhatDoesNotFitAndCountsWhatIsThere) {
+  nlohmann::json c = train::preset("gemma-2-2b-matryoshka-snap");
+  c["data"] = {{"type", "synthetic"}};
+  const train::TrainConfig cfg = train::TrainConfig::from_json(c, "test");
+  // The seed's shape: 1.21 GB per checkpoint (Adam without momentum), 0.6 GB per SAE folder.
+  const int64_t ckpt = train::Trainer::planned_checkpoint_bytes(cfg, 2304);
+  EXPECT_EQ(ckpt, (4 * 32768 * 2304 + 2 * 32768 + 2 * 2304) * 4 + 8 + 2 * 32768 * 8);
+  EXPECT_EQ(train::Trainer::planned_sae_bytes(cfg, 2304),
+            (2 * 32768 * 2304 + 2 * 32768 + 2304) * 4 + 32768 * 4);
+  const std::vector<train::TrainConfig> fifty(50, cfg);
+  const DiskPlan fresh = plan_release_disk(fifty, 2304, 0);
+  EXPECT_EQ(fresh.checkpoints, 50 * ckpt);
+  EXPECT_EQ(fresh.replacing, ckpt);
+  EXPECT_EQ(fresh.needed(),
+            51 * ckpt + 50 * train::Trainer::planned_sae_bytes(cfg, 2304));
+  std::printf("the seed's release on disk: %s\n", fresh.describe().c_str());
+  EXPECT_NO_THROW(check_disk(fresh, fresh.needed(), "out/release"));
+  try {
+    check_disk(fresh, fresh.needed() - 1, "out/release");
+    ADD_FAILURE() << "a disk one byte short was accepted";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("out/release"), std::string::npos) << what;
+    EXPECT_NE(what.find("free"), std::string::npos) << what;
+    EXPECT_NE(what.find("--layers"), std::string::npos) << what;
+  }
+  // Resumed: the checkpoints on disk are rewritten in place (more than that is not counted).
+  const DiskPlan resumed = plan_release_disk(fifty, 2304, 50 * ckpt + 12345);
+  EXPECT_EQ(resumed.present, 50 * ckpt);
+  EXPECT_EQ(resumed.needed(), fresh.needed() - 50 * ckpt);
+  EXPECT_NE(resumed.describe().find("already written"), std::string::npos);
 }
 
 // Threads that share the machine (docs/threads.md): beside a CPU-bound process, the tiny
@@ -706,6 +767,12 @@ TEST(Release, BadInputs) {
       "n_batches_in_buffer");
   // The rows' place is a GPU release's choice.
   expect_error(base + " --activation-store host", "activation_store");
+  // SAEs whose checkpoints alone (over 1 KB per latent at d_in 64) outgrow this disk's free
+  // space: refused before the model loads or anything is allocated.
+  const int64_t wide = available_bytes(dir.path.string()) / 1000 + 64;
+  expect_error(base + " --set sae.d_sae=" + std::to_string(wide) +
+                   " --set sae.matryoshka_widths=[16," + std::to_string(wide) + "]",
+               "free space");
   expect_error(base + " --checkpoint-minutes -1", "checkpoint_minutes");
   expect_error(base + " --checkpoint-minutes nan", "checkpoint_minutes");
   if (cuda_device_count() == 0) {  // refused before the model loads; nothing written

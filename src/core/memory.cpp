@@ -30,4 +30,13 @@ int64_t peak_resident_bytes() {
   return status_kib("VmHWM:") * 1024;
 }
 
+std::string fmt_bytes(double bytes) {
+  char b[32];
+  if (bytes >= double(1 << 30))
+    std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(1 << 30));
+  else
+    std::snprintf(b, sizeof b, "%.1f MiB", bytes / double(1 << 20));
+  return b;
+}
+
 }  // namespace sae

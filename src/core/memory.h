@@ -3,10 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace sae {
 
 int64_t resident_bytes();       // VmRSS now (0 where unknown)
 int64_t peak_resident_bytes();  // VmHWM: the most so far
+
+// "1.21 GiB" from a gibibyte up, else "12.3 MiB" (plans and progress lines).
+std::string fmt_bytes(double bytes);
 
 }  // namespace sae

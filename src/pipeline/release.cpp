@@ -24,6 +24,7 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_cache.h"
 #include "pipeline/device_plan.h"
+#include "pipeline/disk_plan.h"
 #include "pipeline/model_card.h"
 #include "sae/load.h"
 #include "train/device_step.h"
@@ -95,15 +96,6 @@ struct Job {
   std::vector<float> x;  // this SAE's copy of the batch (the trainer scales it in place)
   ojson result;
 };
-
-std::string fmt_bytes(double bytes) {
-  char b[32];
-  if (bytes >= double(1 << 30))
-    std::snprintf(b, sizeof b, "%.2f GiB", bytes / double(1 << 30));
-  else
-    std::snprintf(b, sizeof b, "%.1f MiB", bytes / double(1 << 20));
-  return b;
-}
 
 // Training memory of one SAE: weights, gradients, Adam moments (no first moment when beta1 =
 // 0) and the encoder's [batch, d_sae] pre-activations.
@@ -500,6 +492,25 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                  fmt_bytes(model_b + saes_b + buffer_b).c_str());
   }
   const double plan_bytes = model_b + saes_b + buffer_b;
+  // The disk plan: what the job's folder (one every rank sees) will hold at its fullest, every
+  // rank's SAEs summed, against its free space; a resumed job's checkpoints are there already.
+  {
+    std::vector<train::TrainConfig> written;  // the SAEs this rank writes
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (mine(i) && group[i].first == rank) written.push_back(jobs[i].cfg);
+    const DiskPlan own = plan_release_disk(written, d, 0);
+    std::vector<double> v = {double(own.checkpoints), double(own.replacing), double(own.saes),
+                             lead ? double(folder_bytes(work.string())) : 0.0,
+                             lead ? double(available_bytes(out.string())) : 0.0};
+    if (n_ranks > 1) comm.allreduce_sum(v);
+    DiskPlan disk;
+    disk.checkpoints = int64_t(v[0]), disk.replacing = int64_t(v[1]), disk.saes = int64_t(v[2]);
+    disk.present = std::min(int64_t(v[3]), disk.checkpoints);
+    if (lead)
+      std::fprintf(stderr, "disk: %s; %s free in %s\n", disk.describe().c_str(),
+                   fmt_bytes(v[4]).c_str(), out.string().c_str());
+    if (opt.check_disk) check_disk(disk, int64_t(v[4]), out.string());
+  }
   // On the GPU: the device's plan, checked before anything is allocated there.
   DeviceReleasePlan gpu_plan;
   bool store_on_host = false;  // the activation store's rows pinned on the host for the GPU

@@ -34,6 +34,9 @@ struct ReleaseOptions {
   // SAE's whole state (1.2 GB each at the seed's shape: 60 GB for 50): on a GPU, 1000 steps
   // take minutes, so a step cadence would spend much of the run writing.
   double checkpoint_minutes = 30;
+  // Refuse to start when the disk plan (pipeline/disk_plan.h) needs more than the output
+  // folder's disk has free; false starts anyway (the job fails if the disk fills).
+  bool check_disk = true;
   bool resume = false;
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
   // "cuda": the model forward, the activation store and every SAE's step on the GPU (one

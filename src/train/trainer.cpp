@@ -415,6 +415,18 @@ void Trainer::log_progress(const StepResult& r, double lr, double grad_norm) {
   interval_steps_ = 0;
 }
 
+int64_t Trainer::planned_checkpoint_bytes(const TrainConfig& cfg, int64_t d_in) {
+  const int64_t d = d_in, D = cfg.spec.d_sae;
+  int64_t floats = 4 * D * d + 2 * D + 2 * d;  // W_encT, W_dec, b_enc, b_dec and their v
+  if (cfg.adam.beta1 != 0.0) floats += 2 * D * d + D + d;  // and their m
+  return floats * 4 + 8 + 2 * D * 8;  // + the threshold and the two per-latent counters
+}
+
+int64_t Trainer::planned_sae_bytes(const TrainConfig& cfg, int64_t d_in) {
+  const int64_t d = d_in, D = cfg.spec.d_sae, elem = cfg.save_dtype == "f32" ? 4 : 2;
+  return (2 * D * d + 2 * D + d) * elem + D * 4;  // W_enc, W_dec, b_enc, threshold, b_dec; sparsity
+}
+
 void Trainer::save_checkpoint() {
   pull(true);
   struct Drop {  // whichever way this returns, the host copy goes again

@@ -74,6 +74,11 @@ class Trainer {
   void train_step_on_device(const float* device_x);
   void finish();
   void save_checkpoint();
+  // What save_checkpoint and finish write for an SAE of this config on activations of width
+  // d_in, in bytes (the tensors; the JSON beside them is small), for disk plans made before
+  // training: its checkpoint (weights, Adam's moments, counters) and its SAELens folder.
+  static int64_t planned_checkpoint_bytes(const TrainConfig& cfg, int64_t d_in);
+  static int64_t planned_sae_bytes(const TrainConfig& cfg, int64_t d_in);
   bool auto_checkpoint = true;
   // training.device = cuda: a step scratch shared with other trainers that step one after
   // another (set before begin(); null: its own).
