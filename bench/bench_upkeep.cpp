@@ -69,8 +69,8 @@ int main(int argc, char** argv) {
   report("batch variance, host", now_seconds() - t0);
 
   {  // the host's share of the device's evaluation: the metrics from the codes and x_hat
-    const SparseCodes codes = inference.encode({x.data(), size_t(std::min<int64_t>(heldout, 1024) * d)},
-                                               std::min<int64_t>(heldout, 1024));
+    const SparseCodes codes = inference.encode(
+        {x.data(), size_t(std::min<int64_t>(heldout, 1024) * d)}, std::min<int64_t>(heldout, 1024));
     SparseCodes all = codes;  // the first 1024 tokens' codes repeated: only the sums' cost matters
     all.n_tokens = heldout;
     all.offsets.assign(1, 0);
@@ -105,17 +105,16 @@ int main(int argc, char** argv) {
     auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
     const std::string path = (std::filesystem::path(dir) / "bench_upkeep.safetensors").string();
     t0 = now_seconds();
-    write_safetensors(path, {tensor_view("W_encT", f(sae.W_encT), {D, d}),
-                             tensor_view("W_dec", f(sae.W_dec), {D, d}),
-                             tensor_view("b_enc", f(sae.b_enc), {D}),
-                             tensor_view("b_dec", f(sae.b_dec), {d}),
-                             tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
-                             tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
-                             tensor_view("v_b_enc", f(opt.v_b_enc), {D}),
-                             tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
-                             tensor_view("threshold", std::span<const double>(thr), {1}),
-                             tensor_view("steps_since_fired", std::span<const int64_t>(counts), {D}),
-                             tensor_view("window_counts", std::span<const int64_t>(counts), {D})});
+    write_safetensors(
+        path,
+        {tensor_view("W_encT", f(sae.W_encT), {D, d}), tensor_view("W_dec", f(sae.W_dec), {D, d}),
+         tensor_view("b_enc", f(sae.b_enc), {D}), tensor_view("b_dec", f(sae.b_dec), {d}),
+         tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
+         tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
+         tensor_view("v_b_enc", f(opt.v_b_enc), {D}), tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
+         tensor_view("threshold", std::span<const double>(thr), {1}),
+         tensor_view("steps_since_fired", std::span<const int64_t>(counts), {D}),
+         tensor_view("window_counts", std::span<const int64_t>(counts), {D})});
     const double s = now_seconds() - t0;
     const double bytes = double(std::filesystem::file_size(path));
     std::filesystem::remove(path);
@@ -134,7 +133,7 @@ int main(int argc, char** argv) {
     const train::Optimizer opt(sae, cfg.adam);
     dev.upload(sae, opt, std::vector<int64_t>(size_t(D), 0), std::vector<int64_t>(size_t(D), 0));
     std::copy(batch.begin(), batch.end(), dev.host_batch());
-    dev.step(1.0, 0.0, 1, 1000, false);  // the batch on the device, as after a step
+    dev.step(1.0, 0.0, 1, 1000, false);   // the batch on the device, as after a step
     double v = dev.batch_sq_deviation();  // a warm-up
     t0 = now_seconds();
     for (int r = 0; r < 10; ++r) v = dev.batch_sq_deviation();

@@ -658,8 +658,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("overrides") = std::vector<std::string>{}, py::arg("prompts_per_forward") = 8,
       py::arg("n_batches_in_buffer") = 4, py::arg("heldout_tokens") = 16384,
       py::arg("model_name") = "", py::arg("dataset_name") = "", py::arg("resume") = false,
-      py::arg("stop_at_step") = 0, py::arg("log_every") = 100,
-      py::arg("checkpoint_minutes") = 30.0, py::arg("check_disk") = true,
+      py::arg("stop_at_step") = 0, py::arg("log_every") = 100, py::arg("checkpoint_minutes") = 30.0,
+      py::arg("check_disk") = true,
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
       "its last shards are the held-out set; no CE-loss score). Returns release.json as a "

@@ -394,8 +394,8 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
   // folder's tensors (their safetensors headers on top).
   EXPECT_NE(r.output.find("disk: checkpoints "), std::string::npos) << r.output;
   nlohmann::json c = train::preset("gemma-2-2b-matryoshka-standard");
-  for (const char* o : {"sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
-                        "training.batch_size=64"})
+  for (const char* o :
+       {"sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]", "training.batch_size=64"})
     train::apply_override(c, o);
   c["data"] = {{"type", "synthetic"}};
   const train::TrainConfig cfg = train::TrainConfig::from_json(c, "test");
@@ -431,8 +431,7 @@ TEST(DiskPlan, RefusesWhatDoesNotFitAndCountsWhatIsThere) {
   const DiskPlan fresh = plan_release_disk(fifty, 2304, 0);
   EXPECT_EQ(fresh.checkpoints, 50 * ckpt);
   EXPECT_EQ(fresh.replacing, ckpt);
-  EXPECT_EQ(fresh.needed(),
-            51 * ckpt + 50 * train::Trainer::planned_sae_bytes(cfg, 2304));
+  EXPECT_EQ(fresh.needed(), 51 * ckpt + 50 * train::Trainer::planned_sae_bytes(cfg, 2304));
   std::printf("the seed's release on disk: %s\n", fresh.describe().c_str());
   EXPECT_NO_THROW(check_disk(fresh, fresh.needed(), "out/release"));
   try {
@@ -502,8 +501,8 @@ TEST(Release, StopsAndResumes) {
   // On the step cadence (training.checkpoint_every_steps = 50) instead of the clock.
   auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120 --checkpoint-minutes 0");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  for (const char* at : {"checkpoint at step 50:", "checkpoint at step 100:",
-                         "checkpoint at step 120:"})
+  for (const char* at :
+       {"checkpoint at step 50:", "checkpoint at step 100:", "checkpoint at step 120:"})
     EXPECT_NE(r.output.find(at), std::string::npos) << at << "\n" << r.output;
   EXPECT_EQ(r.output.find("checkpoint at step 51:"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(out + "/release.json"));
@@ -519,10 +518,11 @@ TEST(Release, StopsAndResumes) {
 
   // On the clock: a tiny period checkpoints after every step (and never at the step cadence's
   // 150 with the default of 30 minutes, below).
-  r = test::run_cli(release_args(corpus, out) + " --resume --checkpoint-minutes 1e-7 --stop-at-step 123");
+  r = test::run_cli(release_args(corpus, out) +
+                    " --resume --checkpoint-minutes 1e-7 --stop-at-step 123");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  for (const char* at : {"checkpoint at step 121:", "checkpoint at step 122:",
-                         "checkpoint at step 123:"})
+  for (const char* at :
+       {"checkpoint at step 121:", "checkpoint at step 122:", "checkpoint at step 123:"})
     EXPECT_NE(r.output.find(at), std::string::npos) << at << "\n" << r.output;
   EXPECT_EQ(read_json_file(out + "/.work/state.json")["step"], 123);
 

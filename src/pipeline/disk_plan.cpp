@@ -14,10 +14,10 @@ namespace sae::pipeline {
 namespace fs = std::filesystem;
 
 std::string DiskPlan::describe() const {
-  return cat("checkpoints ", fmt_bytes(double(checkpoints)), " + one being replaced ", fmt_bytes(double(replacing)),
-             " + SAE folders ", fmt_bytes(double(saes)),
-             present > 0 ? cat(" - already written ", fmt_bytes(double(present))) : std::string(), " = ",
-             fmt_bytes(double(needed())));
+  return cat("checkpoints ", fmt_bytes(double(checkpoints)), " + one being replaced ",
+             fmt_bytes(double(replacing)), " + SAE folders ", fmt_bytes(double(saes)),
+             present > 0 ? cat(" - already written ", fmt_bytes(double(present))) : std::string(),
+             " = ", fmt_bytes(double(needed())));
 }
 
 DiskPlan plan_release_disk(const std::vector<train::TrainConfig>& saes, int64_t d_in,
@@ -36,8 +36,8 @@ DiskPlan plan_release_disk(const std::vector<train::TrainConfig>& saes, int64_t 
 void check_disk(const DiskPlan& plan, int64_t available, const std::string& folder) {
   if (plan.needed() <= available) return;
   fail(folder, "free space",
-       cat("the release needs ", fmt_bytes(double(plan.needed())), " on this disk (", plan.describe(),
-           ") and ", fmt_bytes(double(available)),
+       cat("the release needs ", fmt_bytes(double(plan.needed())), " on this disk (",
+           plan.describe(), ") and ", fmt_bytes(double(available)),
            " is free: free some space, write the release elsewhere (-o), or train fewer layers at "
            "a time (--layers, then sae release-merge)"));
 }

@@ -356,7 +356,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   if (!(opt.checkpoint_minutes >= 0) || !std::isfinite(opt.checkpoint_minutes))
     fail("release", "checkpoint_minutes",
          cat("must be a number of minutes >= 0 (0: every training.checkpoint_every_steps "
-             "steps), got ", opt.checkpoint_minutes));
+             "steps), got ",
+             opt.checkpoint_minutes));
   if (opt.activation_store != "auto" && opt.activation_store != "device" &&
       opt.activation_store != "host")
     fail("release", "activation_store",
@@ -813,8 +814,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (!j.trainer) continue;
       j.trainer->save_checkpoint();
       std::error_code ec;
-      const auto size = fs::file_size(
-          fs::path(j.cfg.output_dir) / "checkpoint" / "state.safetensors", ec);
+      const auto size =
+          fs::file_size(fs::path(j.cfg.output_dir) / "checkpoint" / "state.safetensors", ec);
       if (!ec) bytes += int64_t(size);
     }
     write_state();
@@ -828,9 +829,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // A checkpoint on the release's clock (every rank agrees: rank 0's), else on the step cadence.
   auto checkpoint_due = [&] {
     if (opt.checkpoint_minutes <= 0) return ckpt_every > 0 && step % ckpt_every == 0;
-    std::vector<double> due = {lead && now_seconds() - last_ckpt >= 60 * opt.checkpoint_minutes
-                                   ? 1.0
-                                   : 0.0};
+    std::vector<double> due = {
+        lead && now_seconds() - last_ckpt >= 60 * opt.checkpoint_minutes ? 1.0 : 0.0};
     if (n_ranks > 1) comm.allreduce_max(due);
     return due[0] != 0.0;
   };

@@ -330,10 +330,9 @@ struct DeviceSae::Impl {
     std::vector<double> errors;
     if (n_levels > 0) {
       level_errors.resize(size_t(chunk * n_levels), "level errors");
-      k_level_errors<<<unsigned(n), kThreads, 0, st>>>(xd, offsets.data(), idx.data(), vals.data(),
-                                                       W_dec.data(), b_dec.data(), d,
-                                                       level_widths.data(), n_levels,
-                                                       level_errors.data());
+      k_level_errors<<<unsigned(n), kThreads, 0, st>>>(
+          xd, offsets.data(), idx.data(), vals.data(), W_dec.data(), b_dec.data(), d,
+          level_widths.data(), n_levels, level_errors.data());
       SAE_CUDA_LAUNCHED();
       SAE_CUDA(cudaEventRecord(consumed[b], st));
       errors.resize(size_t(n * n_levels));
@@ -406,8 +405,8 @@ SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n,
                                      std::vector<float>& x_hat) {
   return impl_->encode(x, n, &x_hat);
 }
-SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n,
-                                     std::vector<float>& x_hat, std::span<const int64_t> widths,
+SparseCodes DeviceSae::encode_decode(std::span<const float> x, int64_t n, std::vector<float>& x_hat,
+                                     std::span<const int64_t> widths,
                                      std::vector<double>& level_sq_error) {
   Impl& m = *impl_;
   for (int64_t w : widths)

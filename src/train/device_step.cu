@@ -100,7 +100,8 @@ __global__ void k_sq_deviation(const double* part, int64_t n_chunks, int64_t B, 
   double acc = 0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     double s = 0, q = 0;
-    for (int64_t k = 0; k < n_chunks; ++k) s += part[(k * d + c) * 2], q += part[(k * d + c) * 2 + 1];
+    for (int64_t k = 0; k < n_chunks; ++k)
+      s += part[(k * d + c) * 2], q += part[(k * d + c) * 2 + 1];
     acc += q - s * s / double(B);
   }
   acc = block_sum(acc, sh);

@@ -119,8 +119,8 @@ EvalResult evaluate(DeviceSae& sae, const std::vector<int64_t>& widths, const fl
   acc.add_batch(xs, x_hat, codes);
   r.metrics = acc.finish();
   for (double e : level_sq_error)
-    r.level_explained_variance.push_back(
-        total_sq_deviation > 0 ? 1.0 - e / total_sq_deviation : 0.0);
+    r.level_explained_variance.push_back(total_sq_deviation > 0 ? 1.0 - e / total_sq_deviation
+                                                                : 0.0);
   return r;
 }
 

@@ -89,7 +89,7 @@ class Trainer {
   bool keep_host_state = true;
   bool print_progress =
       true;  // progress and eval lines on stderr (the JSONL log is always written)
-  double last_l0() const { return last_l0_; }  // from the last logged step
+  double last_l0() const { return last_l0_; }            // from the last logged step
   double eval_seconds() const { return eval_seconds_; }  // wall time in held-out evaluations
   double last_ev() const { return last_ev_; }
   const TrainConfig& config() const { return cfg_; }
@@ -155,8 +155,8 @@ class Trainer {
   std::vector<int64_t> window_counts_;  // firings per latent in the current sampling window
                                         // (data parallel: of this rank's rows)
   int64_t window_steps_ = 0, window_tokens_ = 0;
-  std::vector<float> heldout_;  // rank 0's
-  int64_t n_heldout_ = 0;       // tokens rank 0 evaluates on (known to every rank)
+  std::vector<float> heldout_;        // rank 0's
+  int64_t n_heldout_ = 0;             // tokens rank 0 evaluates on (known to every rank)
   double heldout_sq_deviation_ = -1;  // of heldout_, once (the levels' EV denominator on a GPU)
   EvalResult final_eval_;
   // progress timing
