@@ -2,9 +2,9 @@
 // 32768, widths 128..32768, batch 4096, 16384 held-out tokens): the held-out evaluation (every
 // training.eval_every_steps), the progress line's batch variance (every log step) and the
 // checkpoint (every --checkpoint-minutes). Each on the host, as a CPU trainer does them, and,
-// where a GPU is visible, as a GPU trainer does them now (evaluation through DeviceSae with the
-// levels' errors on the device; the variance on the device). Prints the cost per SAE and per
-// round of the seed's 50 SAEs.
+// where a GPU is visible, as a GPU trainer does them now (the inference SAE made on the device
+// and evaluated there through DeviceSae, the levels' errors included; the variance on the
+// device). Prints the cost per SAE and per round of the seed's 50 SAEs.
 //   build/release/bench/bench_upkeep [--heldout 16384] [--host-eval 1] [--dir /tmp]
 #include <cstdio>
 #include <filesystem>
@@ -51,7 +51,9 @@ int main(int argc, char** argv) {
   train::TrainingSae sae(spec);
   sae.init(0, 0.1);
   sae.threshold = 0.3;  // pre-activations of std ~0.1 (decoder rows of norm 0.1): ~3 sigma
+  double t0 = now_seconds();
   const Sae inference = sae.to_inference(1.0, true, nlohmann::ordered_json::object());
+  const double to_inference_s = now_seconds() - t0;
   Rng rng(3);
   std::vector<float> x(size_t(heldout * d)), batch(size_t(B * d));
   for (auto& v : x) v = float(rng.normal());
@@ -62,9 +64,12 @@ int main(int argc, char** argv) {
                 n_saes);
   };
 
+  // The inference SAE from the training state (transposed, norms folded): every evaluation does
+  // this on the host, a GPU trainer's after pulling the weights from the device.
+  report("inference SAE from the training state", to_inference_s);
   // The progress line's batch variance on the host (a CPU trainer; a GPU trainer did this too,
   // after copying the batch to the host, until it moved to the device).
-  double t0 = now_seconds();
+  t0 = now_seconds();
   const double host_var = train::sum_sq_deviation(batch.data(), B, d);
   report("batch variance, host", now_seconds() - t0);
 
@@ -140,16 +145,29 @@ int main(int argc, char** argv) {
     report("batch variance, device", (now_seconds() - t0) / 10);
     std::printf("  relative difference to the host's: %.2e\n", std::abs(v - host_var) / host_var);
   }
-  for (int r = 0; r < 2; ++r) {  // the first pays the CUDA context's warm-up
-    t0 = now_seconds();
-    DeviceSae on_device(inference, "fp32");
-    const train::EvalResult e = train::evaluate(on_device, spec.widths, x.data(), heldout,
-                                                train::sum_sq_deviation(x.data(), heldout, d));
-    if (r == 1) {
-      report("evaluation, device (DeviceSae, fp32)", now_seconds() - t0);
-      std::printf("  L0 %.2f, EV %.4f (the upload of the SAE's weights included)\n", e.metrics.l0,
-                  e.metrics.explained_variance);
+  // A GPU trainer's evaluation: the inference SAE made on the device from the training state
+  // (DeviceTrainer::inference_sae), then encoded, decoded and scored there. Beside it, the
+  // host's inference SAE uploaded (what the trainer would do after pulling its weights).
+  const double sq_dev = train::sum_sq_deviation(x.data(), heldout, d);
+  {
+    train::DeviceTrainer dev(spec, cfg.adam, B, "bf16");
+    const train::Optimizer opt(sae, cfg.adam);
+    dev.upload(sae, opt, {}, {});
+    for (int r = 0; r < 2; ++r) {  // the first pays the warm-ups
+      t0 = now_seconds();
+      const auto made = dev.inference_sae(1.0, true, sae.inference_config({}));
+      const train::EvalResult e = train::evaluate(*made, spec.widths, x.data(), heldout, sq_dev);
+      if (r == 1) {
+        report("evaluation, device (inference SAE made there)", now_seconds() - t0);
+        std::printf("  L0 %.2f, EV %.4f\n", e.metrics.l0, e.metrics.explained_variance);
+      }
     }
   }
+  t0 = now_seconds();
+  DeviceSae uploaded(inference, "fp32");
+  const train::EvalResult e = train::evaluate(uploaded, spec.widths, x.data(), heldout, sq_dev);
+  report("evaluation, device (host's SAE uploaded)", now_seconds() - t0);
+  std::printf("  L0 %.2f, EV %.4f (plus the weights' download and to_inference above)\n",
+              e.metrics.l0, e.metrics.explained_variance);
   return 0;
 }

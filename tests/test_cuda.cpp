@@ -545,38 +545,63 @@ TEST_P(CudaStep, FullStepsMatchCpuTrainerArithmetic) {
 }
 
 TEST(CudaTrainer, EvaluationOnTheDeviceMatchesTheHost) {
-  // A trainer on the GPU evaluates through DeviceSae (the levels' errors summed on the device):
-  // the same metrics and level EVs as train::evaluate's host encoder, in chunks of 128 tokens.
+  // A trainer on the GPU makes its inference SAE there (DeviceTrainer::inference_sae: the
+  // input scale and decoder norms folded in as TrainingSae::to_inference does) and evaluates it
+  // through DeviceSae (the levels' errors summed on the device): the same metrics and level EVs
+  // as train::evaluate of the host's to_inference, in chunks of 128 tokens.
   REQUIRE_GPU();
-  for (const int64_t d_in : {37, 2304}) {
+  struct Case {
+    int64_t d_in;
+    double input_scale;
+    bool fold, rescale;
+  };
+  for (const Case c : {Case{37, 1.0, true, false}, Case{37, 1.7, false, false},
+                       Case{2304, 0.6, true, false}, Case{37, 1.3, true, true}}) {
     train::TrainSpec spec = base_spec();
-    spec.d_in = d_in;
+    spec.d_in = c.d_in;
+    spec.rescale_acts_by_decoder_norm = c.rescale;
     train::TrainingSae sae(spec);
     Rng rng(7);
     for (auto& w : sae.W_encT) w = float(rng.normal() * 0.3);
     for (auto& w : sae.W_dec) w = float(rng.normal() * 0.2);
     for (auto& w : sae.b_enc) w = float(rng.normal() * 0.1);
     for (auto& w : sae.b_dec) w = float(rng.normal() * 0.2);
-    sae.threshold = 1.5;
-    const Sae inference = sae.to_inference(1.0, true, nlohmann::ordered_json::object());
+    sae.threshold = c.rescale ? 3.0 : 1.5;
+    const Sae inference = sae.to_inference(c.input_scale, c.fold, nlohmann::ordered_json());
     const int64_t n = 300;
-    std::vector<float> x = test::random_vector(size_t(n * d_in), 9);
-    for (size_t i = 0; i < x.size(); ++i) x[i] += float(i % size_t(d_in)) * 0.01f;  // a mean
+    std::vector<float> x = test::random_vector(size_t(n * c.d_in), 9);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += float(i % size_t(c.d_in)) * 0.01f;  // a mean
+    const std::string at = "d_in " + std::to_string(c.d_in) + ", scale " +
+                           std::to_string(c.input_scale) + (c.fold ? ", folded" : "") +
+                           (c.rescale ? ", rescaled" : "");
     const train::EvalResult host = train::evaluate(inference, spec.widths, x.data(), n);
-    DeviceSae on_device(inference, "fp32", 128);
-    const train::EvalResult got = train::evaluate(on_device, spec.widths, x.data(), n,
-                                                  train::sum_sq_deviation(x.data(), n, d_in));
-    const std::string at = "d_in " + std::to_string(d_in);
     ASSERT_GT(host.metrics.l0, 1.0) << at;
-    EXPECT_NEAR(got.metrics.l0, host.metrics.l0, 1e-3 * host.metrics.l0) << at;
-    EXPECT_NEAR(got.metrics.mse, host.metrics.mse, 1e-4 * host.metrics.mse) << at;
-    EXPECT_NEAR(got.metrics.explained_variance, host.metrics.explained_variance, 1e-4) << at;
-    ASSERT_EQ(got.level_explained_variance.size(), spec.widths.size()) << at;
-    for (size_t i = 0; i < spec.widths.size(); ++i)
-      EXPECT_NEAR(got.level_explained_variance[i], host.level_explained_variance[i], 1e-4)
-          << at << ", level " << i;
-    // The outer level is the whole reconstruction.
-    EXPECT_NEAR(got.level_explained_variance.back(), got.metrics.explained_variance, 1e-5) << at;
+    const double sq_dev = train::sum_sq_deviation(x.data(), n, c.d_in);
+    auto expect_same = [&](const train::EvalResult& got, const std::string& how) {
+      EXPECT_NEAR(got.metrics.l0, host.metrics.l0, 1e-3 * host.metrics.l0) << at << how;
+      EXPECT_NEAR(got.metrics.l1, host.metrics.l1, 1e-3 * host.metrics.l1) << at << how;
+      EXPECT_NEAR(got.metrics.mse, host.metrics.mse, 1e-4 * host.metrics.mse) << at << how;
+      EXPECT_NEAR(got.metrics.explained_variance, host.metrics.explained_variance, 1e-4)
+          << at << how;
+      ASSERT_EQ(got.level_explained_variance.size(), spec.widths.size()) << at << how;
+      for (size_t i = 0; i < spec.widths.size(); ++i)
+        EXPECT_NEAR(got.level_explained_variance[i], host.level_explained_variance[i], 1e-4)
+            << at << how << ", level " << i;
+      // The outer level is the whole reconstruction.
+      EXPECT_NEAR(got.level_explained_variance.back(), got.metrics.explained_variance, 1e-5)
+          << at << how;
+    };
+    // The host's inference SAE uploaded.
+    DeviceSae uploaded(inference, "fp32", 128);
+    expect_same(train::evaluate(uploaded, spec.widths, x.data(), n, sq_dev), ": uploaded");
+    // Made on the device from the training state.
+    train::AdamConfig adam;
+    train::Optimizer opt(sae, adam);
+    train::DeviceTrainer dev(spec, adam, 64, "fp32");
+    dev.upload(sae, opt, {}, {});
+    const auto made = dev.inference_sae(c.input_scale, c.fold, sae.inference_config({}));
+    ASSERT_TRUE(made);
+    expect_same(train::evaluate(*made, spec.widths, x.data(), n, sq_dev), ": made there");
   }
 }
 

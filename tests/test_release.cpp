@@ -844,8 +844,10 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   EXPECT_EQ(p2.store, 3 * shape.store_rows * hd * 4);  // two layers and the spare
   EXPECT_EQ(p2.model, model::gemma2_weight_bytes(shape.model, shape.model.num_layers - 1, true));
   EXPECT_GT(p2.forward, model::device_forward_bytes(shape.model, 64, true, false));  // + logits
-  // The evaluation's DeviceSae (fp32, the SAEs' levels, 4k codes per token).
-  const int64_t eval_sae = planned_device_sae_bytes(hd, 64, "fp32", 2, int64_t(4 * small.spec.k));
+  // The evaluation's DeviceSae (fp32, the SAEs' levels, 4k codes per token) and the folded
+  // weights it is made from.
+  const int64_t eval_sae = planned_device_sae_bytes(hd, 64, "fp32", 2, int64_t(4 * small.spec.k)) +
+                           (2 * 64 * hd + 5 * 64 + hd) * 4;
   EXPECT_EQ(p2.eval, eval_sae);
   EXPECT_GT(p2.eval, 2 * 64 * hd * 4);
   EXPECT_EQ(p2.total(), p2.model + p2.forward + p2.saes + p2.store + p2.eval);

@@ -59,10 +59,13 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
     ++p.n_saes;
   }
   p.saes += scratch;
-  // One DeviceSae at a time: each SAE's evaluations during training (its inference SAE in fp32
-  // on the held-out rows), then the CE-loss score's. Codes planned at 4k per token (JumpReLU
-  // codes are not capped; more allocates more).
-  if (widest > 0) p.eval = planned_device_sae_bytes(d, widest, "fp32", levels, codes);
+  // One DeviceSae at a time: each SAE's evaluations during training (its inference SAE in fp32,
+  // made on the device from weights folded there first: DeviceTrainer::inference_sae), then
+  // the CE-loss score's. Codes planned at 4k per token (JumpReLU codes are not capped; more
+  // allocates more).
+  if (widest > 0)
+    p.eval = planned_device_sae_bytes(d, widest, "fp32", levels, codes) +
+             (2 * widest * d + 5 * widest + d) * 4;  // folded weights, threshold, norms
   return p;
 }
 

@@ -198,19 +198,21 @@ struct DeviceSae::Impl {
   DeviceBuffer<int> non_finite;
   DeviceBuffer<uint8_t> cub_temp;
 
-  Impl(const Sae& s, const std::string& precision, int64_t chunk_tokens)
-      : cfg(s.cfg),
-        prec(cuda::parse_precision(precision, "encode")),
-        d(s.cfg.d_in),
-        D(s.cfg.d_sae) {
+  // Weights from host or device addresses (w: Sae's layouts; the copies infer their kind).
+  Impl(const SaeConfig& c, const DeviceSaeWeights& w, const std::string& precision,
+       int64_t chunk_tokens)
+      : cfg(c), prec(cuda::parse_precision(precision, "encode")), d(c.d_in), D(c.d_sae) {
     chunk = chunk_tokens > 0 ? chunk_tokens : default_chunk_tokens(D);
     const cudaStream_t st = ctx.stream();
-    cuda::upload(W_enc, std::span<const float>(s.W_enc), st, "W_enc");
-    cuda::upload(W_dec, std::span<const float>(s.W_dec), st, "W_dec");
-    cuda::upload(b_enc, std::span<const float>(s.b_enc), st, "b_enc");
-    cuda::upload(b_dec, std::span<const float>(s.b_dec), st, "b_dec");
-    if (cfg.architecture == Architecture::JumpReLU)
-      cuda::upload(thr, std::span<const float>(s.threshold), st, "threshold");
+    auto copy_in = [&](DeviceBuffer<float>& dst, const float* src, int64_t n, const char* what) {
+      dst.resize(size_t(n), what);
+      SAE_CUDA(cudaMemcpyAsync(dst.data(), src, size_t(n) * 4, cudaMemcpyDefault, st));
+    };
+    copy_in(W_enc, w.W_enc, d * D, "W_enc");
+    copy_in(W_dec, w.W_dec, D * d, "W_dec");
+    copy_in(b_enc, w.b_enc, D, "b_enc");
+    copy_in(b_dec, w.b_dec, d, "b_dec");
+    if (cfg.architecture == Architecture::JumpReLU) copy_in(thr, w.threshold, D, "threshold");
     if (cfg.architecture == Architecture::TopK && cfg.rescale_acts_by_decoder_norm) {
       norms.resize(size_t(D), "decoder norms");
       k_norms<<<unsigned(D), kThreads, 0, st>>>(W_dec.data(), d, norms.data());
@@ -392,7 +394,17 @@ struct DeviceSae::Impl {
 
 DeviceSae::DeviceSae(const Sae& sae, const std::string& precision, int64_t chunk_tokens) {
   require_device(Device::Cuda);
-  impl_ = std::make_unique<Impl>(sae, precision, chunk_tokens);
+  const bool jump = sae.cfg.architecture == Architecture::JumpReLU;
+  impl_ = std::make_unique<Impl>(sae.cfg,
+                                 DeviceSaeWeights{sae.W_enc.data(), sae.W_dec.data(),
+                                                  sae.b_enc.data(), sae.b_dec.data(),
+                                                  jump ? sae.threshold.data() : nullptr},
+                                 precision, chunk_tokens);
+}
+DeviceSae::DeviceSae(const SaeConfig& cfg, const DeviceSaeWeights& weights,
+                     const std::string& precision, int64_t chunk_tokens) {
+  require_device(Device::Cuda);
+  impl_ = std::make_unique<Impl>(cfg, weights, precision, chunk_tokens);
 }
 DeviceSae::~DeviceSae() = default;
 const SaeConfig& DeviceSae::cfg() const {

@@ -45,10 +45,21 @@ inline int64_t planned_device_sae_bytes(int64_t d_in, int64_t d_sae, const std::
   return weights + bf16 + buffers + chunk * codes_per_token * 8 + chunk * n_levels * 8;
 }
 
+// An SAE's weights already in this GPU's memory, in Sae's layouts: W_enc [d_in, d_sae], W_dec
+// [d_sae, d_in], b_enc [d_sae], b_dec [d_in], threshold [d_sae] (null without one).
+struct DeviceSaeWeights {
+  const float *W_enc = nullptr, *W_dec = nullptr, *b_enc = nullptr, *b_dec = nullptr;
+  const float* threshold = nullptr;
+};
+
 class DeviceSae {
  public:
   // chunk_tokens: tokens per encoder GEMM (0: as many as keep [chunk, d_sae] under 1 GiB).
   DeviceSae(const Sae& sae, const std::string& precision = "fp32", int64_t chunk_tokens = 0);
+  // The same from weights on the device, copied there (a trainer on the GPU evaluates its SAE
+  // without bringing it to the host).
+  DeviceSae(const SaeConfig& cfg, const DeviceSaeWeights& weights,
+            const std::string& precision = "fp32", int64_t chunk_tokens = 0);
   ~DeviceSae();
   DeviceSae(const DeviceSae&) = delete;
   DeviceSae& operator=(const DeviceSae&) = delete;

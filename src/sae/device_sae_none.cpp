@@ -11,6 +11,9 @@ struct DeviceSae::Impl {
 DeviceSae::DeviceSae(const Sae&, const std::string&, int64_t) {
   require_device(Device::Cuda);
 }
+DeviceSae::DeviceSae(const SaeConfig&, const DeviceSaeWeights&, const std::string&, int64_t) {
+  require_device(Device::Cuda);
+}
 DeviceSae::~DeviceSae() = default;
 const SaeConfig& DeviceSae::cfg() const {
   return impl_->cfg;

@@ -108,6 +108,44 @@ __global__ void k_sq_deviation(const double* part, int64_t n_chunks, int64_t B, 
   if (threadIdx.x == 0) *out = acc;
 }
 
+// TrainingSae::to_inference on the device, with n_j the decoder norms (null: 1). The encoder:
+// W_enc[c, j] = W_encT[j, c] * s * n_j, transposed through 32 x 32 tiles (block 32 x 8; grid
+// over latents x columns) so that reads and writes both run along rows.
+__global__ void k_inference_encoder(const float* W_encT, int64_t D, int64_t d, double s,
+                                    const float* norms, float* W_enc) {
+  __shared__ float tile[32][33];
+  const int64_t j0 = int64_t(blockIdx.x) * 32, c0 = int64_t(blockIdx.y) * 32;
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+    const int64_t j = j0 + r, c = c0 + threadIdx.x;
+    if (j < D && c < d)
+      tile[r][threadIdx.x] =
+          float(double(W_encT[j * d + c]) * s * (norms ? double(norms[j]) : 1.0));
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+    const int64_t c = c0 + r, j = j0 + threadIdx.x;
+    if (j < D && c < d) W_enc[c * D + j] = tile[threadIdx.x][r];
+  }
+}
+
+// The rest: W_dec / (n_j s), b_enc n_j, the threshold (theta in rescaled units, else theta n_j),
+// b_dec / s.
+__global__ void k_inference_rest(const float* W_dec, const float* b_enc, const float* b_dec,
+                                 const double* theta, int64_t D, int64_t d, double s,
+                                 const float* norms, int threshold_folded, float* W_dec_out,
+                                 float* b_enc_out, float* b_dec_out, float* thr_out) {
+  GRID_STRIDE(i, D * d) {
+    const double nj = norms ? double(norms[i / d]) : 1.0;
+    W_dec_out[i] = float(double(W_dec[i]) / (nj * s));
+  }
+  GRID_STRIDE(j, D) {
+    const double nj = norms ? double(norms[j]) : 1.0;
+    b_enc_out[j] = float(double(b_enc[j]) * nj);
+    thr_out[j] = float(threshold_folded ? *theta : *theta * nj);
+  }
+  GRID_STRIDE(c, d) b_dec_out[c] = float(double(b_dec[c]) / s);
+}
+
 __global__ void k_scale(float* x, int64_t n, float s) {
   GRID_STRIDE(i, n) x[i] *= s;
 }
@@ -1117,6 +1155,38 @@ float* DeviceTrainer::host_batch() {
 
 void DeviceTrainer::set_device_batch(const float* device_x) {
   impl_->device_x = device_x;
+}
+
+std::unique_ptr<DeviceSae> DeviceTrainer::inference_sae(double input_scale,
+                                                        bool fold_decoder_norms,
+                                                        const SaeConfig& cfg) const {
+  Impl& m = *impl_;
+  const cudaStream_t st = m.s();
+  const bool fold = m.sp.rescale_acts_by_decoder_norm || fold_decoder_norms;
+  DeviceBuffer<float> norms, W_enc, W_dec, b_enc, b_dec, thr;
+  if (fold) {  // [inverses | norms], as the step's kernel writes them
+    norms.resize(size_t(2 * m.D), "decoder norms");
+    k_row_norms<<<unsigned(m.D), kThreads, 0, st>>>(m.W_dec.data(), m.D, m.d, norms.data());
+    SAE_CUDA_LAUNCHED();
+  }
+  const float* n = fold ? norms.data() + m.D : nullptr;
+  W_enc.resize(size_t(m.d * m.D), "inference W_enc");
+  W_dec.resize(size_t(m.D * m.d), "inference W_dec");
+  b_enc.resize(size_t(m.D), "inference b_enc");
+  b_dec.resize(size_t(m.d), "inference b_dec");
+  thr.resize(size_t(m.D), "inference threshold");
+  k_inference_encoder<<<dim3(unsigned((m.D + 31) / 32), unsigned((m.d + 31) / 32)), dim3(32, 8), 0,
+                        st>>>(m.W_encT.data(), m.D, m.d, input_scale, n, W_enc.data());
+  SAE_CUDA_LAUNCHED();
+  k_inference_rest<<<blocks_for(m.D * m.d), kThreads, 0, st>>>(
+      m.W_dec.data(), m.b_enc.data(), m.b_dec.data(), m.theta.data(), m.D, m.d, input_scale, n,
+      m.sp.rescale_acts_by_decoder_norm, W_dec.data(), b_enc.data(), b_dec.data(), thr.data());
+  SAE_CUDA_LAUNCHED();
+  m.ctx.sync();
+  auto sae = std::make_unique<DeviceSae>(
+      cfg, DeviceSaeWeights{W_enc.data(), W_dec.data(), b_enc.data(), b_dec.data(), thr.data()},
+      "fp32");
+  return sae;  // (its own copies made and synchronized: these buffers go now)
 }
 
 double DeviceTrainer::batch_sq_deviation() {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "sae/device_sae.h"
 #include "train/optimizer.h"
 #include "train/step.h"
 
@@ -52,6 +53,12 @@ class DeviceTrainer {
   // Or a batch already in device memory ([batch, d_in], this GPU, complete: its producer's
   // stream synchronized): the next step() copies it from there instead of host_batch().
   void set_device_batch(const float* device_x);
+  // The inference SAE of the state on the device, made there with TrainingSae::to_inference's
+  // arithmetic (input scale and decoder norms folded in, W_enc transposed) and copied into a
+  // DeviceSae in fp32 (`cfg`: TrainingSae::inference_config): what a trainer on the GPU
+  // evaluates, with no weight through the host.
+  std::unique_ptr<DeviceSae> inference_sae(double input_scale, bool fold_decoder_norms,
+                                           const SaeConfig& cfg) const;
   // sum_t ||x_t - mean||^2 of the last step's batch as the SAE saw it (scaled), computed on the
   // device (the progress line's explained variance; no copy of the batch to the host).
   double batch_sq_deviation();

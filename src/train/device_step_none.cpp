@@ -25,6 +25,9 @@ float* DeviceTrainer::host_batch() {
   return nullptr;
 }
 void DeviceTrainer::set_device_batch(const float*) {}
+std::unique_ptr<DeviceSae> DeviceTrainer::inference_sae(double, bool, const SaeConfig&) const {
+  return nullptr;
+}
 double DeviceTrainer::batch_sq_deviation() {
   return 0;
 }

@@ -337,18 +337,21 @@ void Trainer::eval_and_log(bool final) {
     double t0;
     ~Clock() { total += now_seconds() - t0; }
   } clock{eval_seconds_, t0};
-  if (!final) pull(false);  // finish() has pulled the whole state already
-  if (!lead() && !latents_.split()) return;
-  const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
-  if (!final) drop_host_state();                                  // the copy above is enough
-  if (!lead()) return;
   EvalResult r;
-  if (dev_) {  // on the GPU the SAE is too: its encoder GEMM there, not on the host
+  if (dev_) {
+    // One process (the constructor says so): the inference SAE is made on the GPU from the state
+    // there and evaluated there. Through the host, its weights' round trip and the host's
+    // to_inference would cost about a second per SAE per evaluation (docs/gpu.md).
     if (heldout_sq_deviation_ < 0)
       heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_heldout_, sae_.spec.d_in);
-    DeviceSae on_device(*inference, "fp32");
-    r = evaluate(on_device, sae_.spec.widths, heldout_.data(), n_heldout_, heldout_sq_deviation_);
+    const std::unique_ptr<DeviceSae> on_device = dev_->inference_sae(
+        input_scale_, cfg_.fold_decoder_norms, sae_.inference_config(nlohmann::ordered_json()));
+    r = evaluate(*on_device, sae_.spec.widths, heldout_.data(), n_heldout_,
+                 heldout_sq_deviation_);
   } else {
+    if (!lead() && !latents_.split()) return;
+    const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
+    if (!lead()) return;
     r = evaluate(*inference, sae_.spec.widths, heldout_.data(), n_heldout_);
   }
   json rec = {{"eval", json::parse(r.to_json().dump())},

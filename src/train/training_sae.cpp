@@ -77,28 +77,48 @@ std::vector<float> TrainingSae::decoder_norms() const {
   return n;
 }
 
-Sae TrainingSae::to_inference(double s, bool fold_decoder_norms,
-                              const nlohmann::ordered_json& metadata) const {
-  const int64_t d = spec.d_in, D = spec.d_sae;
+SaeConfig TrainingSae::inference_config(const nlohmann::ordered_json& metadata) const {
   SaeConfig cfg;
   cfg.architecture = Architecture::JumpReLU;
-  cfg.d_in = d;
-  cfg.d_sae = D;
+  cfg.d_in = spec.d_in;
+  cfg.d_sae = spec.d_sae;
   cfg.apply_b_dec_to_input = spec.apply_b_dec_to_input;
   cfg.json = nlohmann::ordered_json::object();
   cfg.json["metadata"] = metadata;
-  Sae out(cfg);
+  return cfg;
+}
+
+Sae TrainingSae::to_inference(double s, bool fold_decoder_norms,
+                              const nlohmann::ordered_json& metadata) const {
+  const int64_t d = spec.d_in, D = spec.d_sae;
+  Sae out(inference_config(metadata));
   const bool fold = spec.rescale_acts_by_decoder_norm || fold_decoder_norms;
   std::vector<float> n = fold ? decoder_norms() : std::vector<float>(size_t(D), 1.0f);
   // hidden_pre_train(s*x) = n * ((s*x - b_dec) W_enc + b_enc) must equal pre_inf(x):
   // W_enc' = s * n * W_enc, b_enc' = n * b_enc, b_dec' = b_dec / s; decoding
   // hidden_pre / n through W_dec and undoing s: W_dec' = W_dec / (n * s).
+  // W_encT [D, d] to W_enc [d, D] in tiles of latents x columns, each written along its rows
+  // (a plain loop's writes stride D floats apart: 1.5 s for the seed's shape, and every
+  // evaluation and save makes one).
+  constexpr int64_t kTile = 64;
+#pragma omp parallel for schedule(static) num_threads(threads_for(double(D) * double(d), 1.0))
+  for (int64_t j0 = 0; j0 < D; j0 += kTile) {
+    const int64_t j1 = std::min(D, j0 + kTile);
+    for (int64_t c0 = 0; c0 < d; c0 += kTile) {
+      const int64_t c1 = std::min(d, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t j = j0; j < j1; ++j)
+          out.W_enc[size_t(c * D + j)] =
+              float(double(W_encT[size_t(j * d + c)]) * s * double(n[size_t(j)]));
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const double nj = n[size_t(j)];
+      for (int64_t c = 0; c < d; ++c)
+        out.W_dec[size_t(j * d + c)] = float(double(W_dec[size_t(j * d + c)]) / (nj * s));
+    }
+  }
   for (int64_t j = 0; j < D; ++j) {
     const double nj = n[size_t(j)];
-    for (int64_t c = 0; c < d; ++c) {
-      out.W_enc[size_t(c * D + j)] = float(double(W_encT[size_t(j * d + c)]) * s * nj);
-      out.W_dec[size_t(j * d + c)] = float(double(W_dec[size_t(j * d + c)]) / (nj * s));
-    }
     out.b_enc[size_t(j)] = float(double(b_enc[size_t(j)]) * nj);
     // Rescaled training selects on hidden_pre = pre * n, so the threshold is already in the
     // folded units; otherwise folding the norms scales each latent's threshold by its norm.

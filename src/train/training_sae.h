@@ -75,6 +75,8 @@ class TrainingSae {
   // thresholds threshold * ||W_dec[j]|| so that the codes are unchanged up to that scale.
   Sae to_inference(double input_scale, bool fold_decoder_norms,
                    const nlohmann::ordered_json& metadata) const;
+  // The config of that inference SAE (what to_inference gives it, weights aside).
+  SaeConfig inference_config(const nlohmann::ordered_json& metadata) const;
 };
 
 }  // namespace sae::train
