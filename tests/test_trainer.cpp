@@ -121,6 +121,40 @@ TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
   for (float th : l.sae.threshold) EXPECT_FLOAT_EQ(th, float(ts.threshold));
 }
 
+// to_inference at shapes that leave partial tiles (its transpose runs in 64 x 64 tiles over
+// threads): every weight as the element-by-element formula gives it, bit for bit.
+TEST(Trainer, InferenceSaeFoldsTheScaleAndNormsAtOddShapes) {
+  TrainSpec spec;
+  spec.d_in = 130, spec.d_sae = 301, spec.k = 6, spec.widths = {19, 301};
+  spec.level_loss = {LevelLoss::Mse, LevelLoss::Mse}, spec.level_weight = {1, 1};
+  for (const bool rescale : {false, true}) {
+    spec.rescale_acts_by_decoder_norm = rescale;
+    TrainingSae t(spec);
+    Rng rng(3);
+    for (auto* v : {&t.W_encT, &t.W_dec, &t.b_enc, &t.b_dec})
+      for (auto& w : *v) w = float(rng.normal());
+    t.threshold = 0.7;
+    const double s = 1.7;
+    const Sae got = t.to_inference(s, true, nlohmann::ordered_json::object());
+    const std::vector<float> n = t.decoder_norms();
+    const int64_t d = spec.d_in, D = spec.d_sae;
+    for (int64_t j = 0; j < D; ++j) {
+      const double nj = n[size_t(j)];
+      for (int64_t c = 0; c < d; ++c) {
+        ASSERT_EQ(got.W_enc[size_t(c * D + j)], float(double(t.W_encT[size_t(j * d + c)]) * s * nj))
+            << j << "," << c;
+        ASSERT_EQ(got.W_dec[size_t(j * d + c)],
+                  float(double(t.W_dec[size_t(j * d + c)]) / (nj * s)))
+            << j << "," << c;
+      }
+      EXPECT_EQ(got.b_enc[size_t(j)], float(double(t.b_enc[size_t(j)]) * nj));
+      EXPECT_EQ(got.threshold[size_t(j)], float(rescale ? t.threshold : t.threshold * nj));
+    }
+    for (int64_t c = 0; c < d; ++c)
+      EXPECT_EQ(got.b_dec[size_t(c)], float(double(t.b_dec[size_t(c)]) / s));
+  }
+}
+
 // training.precision = bf16 on the CPU: the encoder GEMM on bf16 operands (said at start),
 // ending near the fp32 run on the synthetic hierarchy; tf32 (a GPU format) is refused there.
 TEST(Trainer, Bf16EncoderGemmOnTheCpu) {
