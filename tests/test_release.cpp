@@ -16,6 +16,7 @@
 #include <random>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -532,6 +533,27 @@ TEST(Release, StopsAndResumes) {
   EXPECT_EQ(r.output.find("checkpoint at step 150:"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("evaluation"), std::string::npos) << r.output;
   expect_whole_release(out);
+
+  // The three runs' progress lines and checkpoints, appended to .work/progress.jsonl.
+  std::vector<int64_t> checkpoints, steps;
+  std::istringstream lines(test::read_bytes(out + "/.work/progress.jsonl"));
+  for (std::string line; std::getline(lines, line);) {
+    const auto rec = nlohmann::json::parse(line);
+    if (rec.contains("checkpoint")) {
+      checkpoints.push_back(rec["checkpoint"].get<int64_t>());
+      EXPECT_GT(rec["bytes"].get<int64_t>(), 4 * 64 * 64 * 4) << line;  // 4 SAEs' weights at least
+      continue;
+    }
+    steps.push_back(rec["step"].get<int64_t>());
+    EXPECT_EQ(rec["tokens"].get<int64_t>(), rec["step"].get<int64_t>() * 64) << line;
+    EXPECT_GT(rec["tokens_per_s"].get<double>(), 0.0) << line;
+    const double parts = rec["forward_s"].get<double>() + rec["sae_steps_s"].get<double>() +
+                         rec["evaluation_s"].get<double>() + rec["checkpoints_s"].get<double>();
+    EXPECT_LE(parts, rec["seconds"].get<double>() * 1.01 + 1e-3) << line;  // shares of its time
+    EXPECT_TRUE(rec.contains("mean_l0") && rec.contains("mean_ev") && rec.contains("rss_bytes"));
+  }
+  EXPECT_EQ(checkpoints, (std::vector<int64_t>{50, 100, 120, 121, 122, 123}));
+  EXPECT_EQ(steps, (std::vector<int64_t>{50, 100, 150, 200, 250, 300, 312}));
 }
 
 // Module parallel (docs/distributed.md): under mpirun each rank forwards its share of the

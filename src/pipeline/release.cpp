@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -805,9 +806,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       st["corpus_next_document"] = corpus->next_document();
     write_file_atomic(state_path.string(), st.dump(2));
   };
+  // The progress line and each checkpoint as JSON records in .work/progress.jsonl (rank 0; a
+  // resumed job appends): a long job's throughput and where its time went, for plotting.
+  auto log_record = [&](const ojson& record) {
+    if (!lead) return;
+    std::ofstream f(work / "progress.jsonl", std::ios::app);
+    f << record.dump() << "\n";
+  };
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
   double ckpt_seconds = 0, last_ckpt = now_seconds();
-  auto checkpoint = [&] {  // every SAE first: the state never points past a saved SAE
+  int64_t last_ckpt_step = -1;
+  auto checkpoint = [&] {                // every SAE first: the state never points past a saved SAE
+    if (last_ckpt_step == step) return;  // saved at this step already (a stop after a cadence)
+    last_ckpt_step = step;
     const double t0 = now_seconds();
     int64_t bytes = 0;
     for (Job& j : jobs) {
@@ -821,6 +832,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     write_state();
     last_ckpt = now_seconds();
     ckpt_seconds += last_ckpt - t0;
+    log_record({{"checkpoint", step}, {"bytes", bytes}, {"seconds", last_ckpt - t0}});
     if (lead)
       std::fprintf(stderr, "release: checkpoint at step %lld: %s in %.1f s%s\n", (long long)step,
                    fmt_bytes(double(bytes)).c_str(), last_ckpt - t0,
@@ -916,6 +928,21 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                         pct(sae_seconds - evals, el), " SAE steps, ", pct(waited, el),
                         " waiting for the forward", upkeep)
                   : cat("forward ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el), upkeep);
+      ojson record = {{"step", step},
+                      {"tokens", step * global_batch},
+                      {"tokens_per_s", rate},
+                      {"seconds", el},
+                      {"from_step", step_start},
+                      {"forward_s", fwd},
+                      {"sae_steps_s", sae_seconds - evals},
+                      {"evaluation_s", evals},
+                      {"checkpoints_s", ckpt_seconds},
+                      {"mean_l0", l0 / double(jobs.size())},
+                      {"mean_ev", ev / double(jobs.size())},
+                      {"rss_bytes", resident_bytes()}};
+      if (overlap) record["waited_for_forward_s"] = waited;
+      if (cuda) record["gpu_peak_bytes"] = gpu_peak;
+      log_record(record);
       if (lead)
         std::fprintf(stderr,
                      "release: step %lld/%lld  tok %lld  %.0f tok/s  (%s)  "

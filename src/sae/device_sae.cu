@@ -395,11 +395,11 @@ struct DeviceSae::Impl {
 DeviceSae::DeviceSae(const Sae& sae, const std::string& precision, int64_t chunk_tokens) {
   require_device(Device::Cuda);
   const bool jump = sae.cfg.architecture == Architecture::JumpReLU;
-  impl_ = std::make_unique<Impl>(sae.cfg,
-                                 DeviceSaeWeights{sae.W_enc.data(), sae.W_dec.data(),
-                                                  sae.b_enc.data(), sae.b_dec.data(),
-                                                  jump ? sae.threshold.data() : nullptr},
-                                 precision, chunk_tokens);
+  impl_ = std::make_unique<Impl>(
+      sae.cfg,
+      DeviceSaeWeights{sae.W_enc.data(), sae.W_dec.data(), sae.b_enc.data(), sae.b_dec.data(),
+                       jump ? sae.threshold.data() : nullptr},
+      precision, chunk_tokens);
 }
 DeviceSae::DeviceSae(const SaeConfig& cfg, const DeviceSaeWeights& weights,
                      const std::string& precision, int64_t chunk_tokens) {

@@ -1157,8 +1157,7 @@ void DeviceTrainer::set_device_batch(const float* device_x) {
   impl_->device_x = device_x;
 }
 
-std::unique_ptr<DeviceSae> DeviceTrainer::inference_sae(double input_scale,
-                                                        bool fold_decoder_norms,
+std::unique_ptr<DeviceSae> DeviceTrainer::inference_sae(double input_scale, bool fold_decoder_norms,
                                                         const SaeConfig& cfg) const {
   Impl& m = *impl_;
   const cudaStream_t st = m.s();

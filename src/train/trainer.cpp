@@ -346,8 +346,7 @@ void Trainer::eval_and_log(bool final) {
       heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_heldout_, sae_.spec.d_in);
     const std::unique_ptr<DeviceSae> on_device = dev_->inference_sae(
         input_scale_, cfg_.fold_decoder_norms, sae_.inference_config(nlohmann::ordered_json()));
-    r = evaluate(*on_device, sae_.spec.widths, heldout_.data(), n_heldout_,
-                 heldout_sq_deviation_);
+    r = evaluate(*on_device, sae_.spec.widths, heldout_.data(), n_heldout_, heldout_sq_deviation_);
   } else {
     if (!lead() && !latents_.split()) return;
     const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective
@@ -431,6 +430,7 @@ int64_t Trainer::planned_sae_bytes(const TrainConfig& cfg, int64_t d_in) {
 }
 
 void Trainer::save_checkpoint() {
+  checkpoint_step_ = step_;
   pull(true);
   struct Drop {  // whichever way this returns, the host copy goes again
     Trainer& t;
@@ -738,7 +738,7 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
       stop_now = any[0] != 0.0;
     }
     if (stop_now) {
-      save_checkpoint();
+      if (checkpoint_step_ != step_) save_checkpoint();  // else saved at this step already
       if (lead())
         std::fprintf(stderr, "[%s] stopped at step %lld; checkpoint saved, resume with --resume\n",
                      label_.c_str(), (long long)step_);

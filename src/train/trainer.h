@@ -165,6 +165,7 @@ class Trainer {
   double batch_variance_ = 0;
   double last_l0_ = 0, last_ev_ = 0;
   double eval_seconds_ = 0;
+  int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
 };
 
 }  // namespace sae::train
