@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "data/synthetic.h"
+#include "io/json_file.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
 #include "sae/load.h"
@@ -119,6 +120,42 @@ TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
     }
   test::expect_close(pre, want, 1e-5, "folded pre-activations");
   for (float th : l.sae.threshold) EXPECT_FLOAT_EQ(th, float(ts.threshold));
+}
+
+// training.checkpoint_every_minutes: a checkpoint whenever that much time has passed since the
+// last (here: every step), besides or instead of the step cadence; 0 is off; bad values refused.
+TEST(Trainer, CheckpointsOnTheClock) {
+  test::TempDir dir;
+  for (const double minutes : {1e-7, 0.0}) {
+    const std::string out = dir / (minutes > 0 ? "clock" : "off");
+    json j = tiny_config(out);
+    j["training"]["checkpoint_every_steps"] = 0;
+    j["training"]["checkpoint_every_minutes"] = minutes;
+    const TrainConfig cfg = TrainConfig::from_json(j, "test");
+    EXPECT_EQ(cfg.to_json()["training"]["checkpoint_every_minutes"].get<double>(), minutes);
+    data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+    Trainer t(cfg, src, "test");
+    t.begin(false);
+    std::vector<float> x(size_t(cfg.batch_size * t.sae().spec.d_in));
+    for (int64_t step = 1; step <= 3; ++step) {
+      src.train_batch(t.step(), cfg.batch_size, x.data());
+      t.train_step(x.data());
+      const std::string state = out + "/checkpoint/state.json";
+      if (minutes > 0)
+        EXPECT_EQ(read_json_file(state)["step"], step);
+      else
+        EXPECT_FALSE(fs::exists(state)) << "step " << step;
+    }
+  }
+  json bad = tiny_config(dir / "bad");
+  bad["training"]["checkpoint_every_minutes"] = -1;
+  try {
+    (void)TrainConfig::from_json(bad, "cfg.json");
+    ADD_FAILURE() << "a negative period was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("training.checkpoint_every_minutes"), std::string::npos)
+        << e.what();
+  }
 }
 
 // to_inference at shapes that leave partial tiles (its transpose runs in 64 x 64 tiles over

@@ -77,13 +77,23 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
         fail(file, key,
              "missing (a release written before sae.cpp recorded its recipe cannot be merged)");
   }
-  // Same recipe, same variants.
+  // Same recipe, same variants: all of it but the model's path (which may differ between
+  // machines) and the bookkeeping that leaves the SAEs as they are (how often each group logged,
+  // evaluated and checkpointed, and its threads).
+  auto comparable = [](ojson recipe) {
+    recipe.erase("model");
+    if (recipe.contains("variants") && recipe["variants"].is_object())
+      for (auto& [name, v] : recipe["variants"].items())
+        if (v.contains("config") && v["config"].contains("training"))
+          for (const char* k : {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                                "checkpoint_every_minutes", "threads"})
+            v["config"]["training"].erase(k);
+    return recipe;
+  };
   const std::string first_file = (fs::path(inputs[0]) / "release.json").string();
-  ojson recipe0 = rel[0]["recipe"];
-  recipe0.erase("model");  // the checkpoint's path may differ between machines
+  const ojson recipe0 = comparable(rel[0]["recipe"]);
   for (size_t i = 1; i < rel.size(); ++i) {
-    ojson r = rel[i]["recipe"];
-    r.erase("model");
+    const ojson r = comparable(rel[i]["recipe"]);
     if (const std::string d = first_difference(recipe0, r, ""); !d.empty())
       fail((fs::path(inputs[i]) / "release.json").string(), "recipe." + d,
            cat("differs from ", first_file, " (", at_path(r, d).dump(), " against ",

@@ -174,6 +174,10 @@ TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
   c.eval_every_steps = t.integer("eval_every_steps", 1000, 0);
   c.eval_tokens = t.integer("eval_tokens", 16384, 1);
   c.checkpoint_every_steps = t.integer("checkpoint_every_steps", 1000, 0);
+  c.checkpoint_every_minutes = t.number("checkpoint_every_minutes", 0);
+  if (!(c.checkpoint_every_minutes >= 0) || !std::isfinite(c.checkpoint_every_minutes))
+    fail(where, "training.checkpoint_every_minutes",
+         cat("must be a number of minutes >= 0 (0: off), got ", c.checkpoint_every_minutes));
   c.feature_sampling_window = t.integer("feature_sampling_window", 2000, 1);
   c.n_norm_batches = t.integer("n_norm_batches", 10, 1);
   c.threads = int(t.integer("threads", 0));
@@ -238,6 +242,7 @@ json TrainConfig::to_json() const {
         {"eval_every_steps", eval_every_steps},
         {"eval_tokens", eval_tokens},
         {"checkpoint_every_steps", checkpoint_every_steps},
+        {"checkpoint_every_minutes", checkpoint_every_minutes},
         {"feature_sampling_window", feature_sampling_window},
         {"n_norm_batches", n_norm_batches},
         {"threads", threads},

@@ -429,8 +429,19 @@ int64_t Trainer::planned_sae_bytes(const TrainConfig& cfg, int64_t d_in) {
   return (2 * D * d + 2 * D + d) * elem + D * 4;  // W_enc, W_dec, b_enc, threshold, b_dec; sparsity
 }
 
+bool Trainer::checkpoint_due() const {
+  if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0) return true;
+  if (cfg_.checkpoint_every_minutes <= 0) return false;
+  // On the clock: rank 0's decides for every rank (they checkpoint together).
+  std::vector<double> due = {
+      lead() && now_seconds() - checkpoint_time_ >= 60 * cfg_.checkpoint_every_minutes ? 1.0 : 0.0};
+  if (many_ranks()) comm_->allreduce_max(due);
+  return due[0] != 0.0;
+}
+
 void Trainer::save_checkpoint() {
   checkpoint_step_ = step_;
+  checkpoint_time_ = now_seconds();
   pull(true);
   struct Drop {  // whichever way this returns, the host copy goes again
     Trainer& t;
@@ -630,7 +641,7 @@ bool Trainer::begin(bool resume) {
                  (long long)(latents_.width / comm_->size()),
                  (long long)((latents_.width + comm_->size() - 1) / comm_->size()),
                  (long long)latents_.width);
-  run_start_ = interval_start_ = now_seconds();
+  run_start_ = interval_start_ = checkpoint_time_ = now_seconds();
   run_start_step_ = step_;
   interval_steps_ = 0;
   return resumed;
@@ -698,9 +709,7 @@ void Trainer::train_step(float* x) {
   }
   if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
     eval_and_log(false);
-  if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0 &&
-      step_ < total && auto_checkpoint)
-    save_checkpoint();
+  if (auto_checkpoint && step_ < total && checkpoint_due()) save_checkpoint();
 }
 
 void Trainer::finish() {

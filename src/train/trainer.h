@@ -122,6 +122,9 @@ class Trainer {
   void pull(bool all);
   void drop_host_state();  // !keep_host_state: the big host arrays freed (device state is whole)
   void append_log(const nlohmann::json& record);
+  // training.checkpoint_every_steps or _minutes says so (a collective with several ranks when
+  // on the clock).
+  bool checkpoint_due() const;
   bool many_ranks() const { return comm_ && comm_->size() > 1; }
   // Each latent's firings in the window: data parallel, summed over the ranks; latent
   // parallel, every rank's block gathered (collectives).
@@ -166,6 +169,7 @@ class Trainer {
   double last_l0_ = 0, last_ev_ = 0;
   double eval_seconds_ = 0;
   int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
+  double checkpoint_time_ = 0;    // when it was written (or when training began)
 };
 
 }  // namespace sae::train
