@@ -979,14 +979,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                 {"heldout_tokens", r.metrics.n_tokens},
                 {"training_tokens", j.trainer->step() * j.cfg.batch_size}};
     if (!ce_windows.empty()) {
-      const Sae s = j.trainer->inference_sae();
       LmScore sc;
-      if (dmodel) {
-        DeviceSae ds(s, "fp32");
-        sc = lm_score(*dmodel, ds, point, j.layer, ce_windows);
+      if (dmodel) {  // the SAE made on the GPU: its host copy went with finish()'s checkpoint
+        sc = lm_score(*dmodel, *j.trainer->device_inference_sae(), point, j.layer, ce_windows);
         gpu_peak = std::max(gpu_peak, gpu_in_use());
       } else {
-        sc = lm_score(*model, s, point, j.layer, ce_windows);
+        sc = lm_score(*model, j.trainer->inference_sae(), point, j.layer, ce_windows);
       }
       j.result["ce_loss_score"] = sc.ce_loss_score;
       j.result["lm_score"] = ojson::parse(sc.to_json().dump());

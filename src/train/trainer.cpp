@@ -246,6 +246,12 @@ Sae Trainer::inference_sae() const {
   return inference_of(sae_);
 }
 
+std::unique_ptr<DeviceSae> Trainer::device_inference_sae() const {
+  if (!dev_) fail("training.device", cfg_.device, "the SAE is not on a GPU");
+  return dev_->inference_sae(input_scale_, cfg_.fold_decoder_norms,
+                             sae_.inference_config(nlohmann::ordered_json()));
+}
+
 Sae Trainer::inference_of(const TrainingSae& sae) const {
   auto meta = cfg_.metadata;
   meta["sae_lens_training_version"] = nullptr;
@@ -344,9 +350,8 @@ void Trainer::eval_and_log(bool final) {
     // to_inference alone takes 0.87 s per SAE at the seed's shape on 2 cores: docs/gpu.md).
     if (heldout_sq_deviation_ < 0)
       heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_heldout_, sae_.spec.d_in);
-    const std::unique_ptr<DeviceSae> on_device = dev_->inference_sae(
-        input_scale_, cfg_.fold_decoder_norms, sae_.inference_config(nlohmann::ordered_json()));
-    r = evaluate(*on_device, sae_.spec.widths, heldout_.data(), n_heldout_, heldout_sq_deviation_);
+    r = evaluate(*device_inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_,
+                 heldout_sq_deviation_);
   } else {
     if (!lead() && !latents_.split()) return;
     const std::optional<Sae> inference = gathered_inference_sae();  // latent parallel: collective

@@ -105,6 +105,10 @@ class Trainer {
   const EvalResult& final_eval() const { return final_eval_; }
   // The SAE as it would be saved now (not under latent parallel: see gathered_inference_sae).
   Sae inference_sae() const;
+  // training.device = cuda: the inference SAE made on the GPU from the state there (no host copy
+  // of the weights needed: with keep_host_state = false there is none after finish()), in fp32;
+  // what the trainer's evaluations and a release's CE-loss score run.
+  std::unique_ptr<DeviceSae> device_inference_sae() const;
   // The same for any layout; under latent parallel a collective that gathers the blocks on
   // rank 0, where it returns the SAE (nullopt on the other ranks).
   std::optional<Sae> gathered_inference_sae() const;
