@@ -61,7 +61,7 @@ for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used at the end: /'
   kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
-  grep -E "^(GPU|gemma2: forward kernels|release: [0-9]+ SAEs|release: step|release: checkpoint|error)" "$log" | sed -n '1,5p;$p'
+  grep -E "^(GPU|gemma2: forward kernels|release: [0-9]+ SAEs|release: step|release: checkpoint|sae: error|error)" "$log" | sed -n '1,5p;$p'
   last=$(grep -E "^release: step" "$log" | tail -1)
   rate[$run]=$(sed -E 's/.* ([0-9]+) tok\/s.*/\1/' <<<"$last")
   line[$run]=$last
