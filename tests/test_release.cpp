@@ -869,7 +869,7 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   // The evaluation's DeviceSae (fp32, the SAEs' levels, 4k codes per token) and the folded
   // weights it is made from.
   const int64_t eval_sae = planned_device_sae_bytes(hd, 64, "fp32", 2, int64_t(4 * small.spec.k)) +
-                           (2 * 64 * hd + 5 * 64 + hd) * 4;
+                           (2 * 64 * hd + 4 * 64 + hd) * 4;
   EXPECT_EQ(p2.eval, eval_sae);
   EXPECT_GT(p2.eval, 2 * 64 * hd * 4);
   EXPECT_EQ(p2.total(), p2.model + p2.forward + p2.saes + p2.store + p2.eval);
@@ -986,7 +986,13 @@ TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
   const std::string args = "cache --model " + kModel + " --dataset '" + corpus +
                            "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
                            "--prompts-per-forward 4 --holdout-every 0 -o ";
-  auto r = test::run_cli(args + cache + " --tokens 3072 --stop-after-shards 1");
+  // More tokens than this disk holds (2 layers x 64 floats a token): refused, nothing created.
+  const int64_t too_many = (available_bytes(dir.path.string()) / 512 / 1024 + 1) * 1024;
+  auto r = test::run_cli(args + (dir / "huge") + " --tokens " + std::to_string(too_many));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("MiB free"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "huge"));
+  r = test::run_cli(args + cache + " --tokens 3072 --stop-after-shards 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("GiB on disk"), std::string::npos) << "no size estimate printed";
   auto manifest = read_json_file(cache + "/cache.json");

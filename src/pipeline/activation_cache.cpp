@@ -17,6 +17,7 @@
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
+#include "pipeline/disk_plan.h"
 
 namespace sae::pipeline {
 
@@ -76,14 +77,11 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
 
   // Size first: refuse a cache the disk cannot hold, before creating anything.
   const int64_t bytes = cache_bytes(opt, d);
-  fs::path existing = fs::absolute(out);
-  while (!fs::exists(existing) && existing.has_parent_path() && existing != existing.parent_path())
-    existing = existing.parent_path();
-  const auto space = fs::space(existing);
+  const int64_t available = available_bytes(out.string());
   std::fprintf(stderr,
                "cache: %lld shards x %lld tokens x %zu layers = %.2f GiB on disk (%.2f GiB free)\n",
                (long long)n_shards, (long long)opt.shard_tokens, layers.size(),
-               double(bytes) / double(1 << 30), double(space.available) / double(1 << 30));
+               double(bytes) / double(1 << 30), double(available) / double(1 << 30));
 
   json manifest = identity(opt);
   manifest["layers"] = layers;
@@ -99,10 +97,10 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
     corpus_pos = old.at("corpus_next_document").get<int64_t>();
   }
   const int64_t bytes_left = bytes / n_shards * (n_shards - shards_done);
-  if (uint64_t(bytes_left) > space.available)
+  if (bytes_left > available)
     fail(out.string(), "tokens",
-         cat("the cache needs ", bytes_left >> 20, " MiB more and the disk has ",
-             space.available >> 20, " MiB free"));
+         cat("the cache needs ", bytes_left >> 20, " MiB more and the disk has ", available >> 20,
+             " MiB free"));
 
   fs::create_directories(out);
   std::optional<model::Gemma2> m = model::Gemma2::load(

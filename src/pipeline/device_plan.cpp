@@ -62,10 +62,11 @@ DeviceReleasePlan plan_device_release(const DevicePlanShape& shape,
   // One DeviceSae at a time: each SAE's evaluations during training (its inference SAE in fp32,
   // made on the device from weights folded there first: DeviceTrainer::inference_sae), then
   // the CE-loss score's. Codes planned at 4k per token (JumpReLU codes are not capped; more
-  // allocates more).
+  // allocates more). The folded weights: W_enc, W_dec, b_enc, threshold, the decoder norms and
+  // their inverses, b_dec.
   if (widest > 0)
     p.eval = planned_device_sae_bytes(d, widest, "fp32", levels, codes) +
-             (2 * widest * d + 5 * widest + d) * 4;  // folded weights, threshold, norms
+             (2 * widest * d + 4 * widest + d) * 4;
   return p;
 }
 

@@ -838,13 +838,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                    fmt_bytes(double(bytes)).c_str(), last_ckpt - t0,
                    n_ranks > 1 ? " (this rank's SAEs)" : "");
   };
-  // A checkpoint on the release's clock (every rank agrees: rank 0's), else on the step cadence.
+  // A checkpoint on the release's clock (rank 0's for every rank), else on the step cadence.
   auto checkpoint_due = [&] {
     if (opt.checkpoint_minutes <= 0) return ckpt_every > 0 && step % ckpt_every == 0;
-    std::vector<double> due = {
-        lead && now_seconds() - last_ckpt >= 60 * opt.checkpoint_minutes ? 1.0 : 0.0};
-    if (n_ranks > 1) comm.allreduce_max(due);
-    return due[0] != 0.0;
+    return train::clock_due(opt.checkpoint_minutes, last_ckpt, &comm);
   };
   auto eval_seconds = [&] {
     double s = 0;

@@ -434,14 +434,18 @@ int64_t Trainer::planned_sae_bytes(const TrainConfig& cfg, int64_t d_in) {
   return (2 * D * d + 2 * D + d) * elem + D * 4;  // W_enc, W_dec, b_enc, threshold, b_dec; sparsity
 }
 
+bool clock_due(double minutes, double since, dist::Comm* comm) {
+  if (minutes <= 0) return false;
+  const bool many = comm && comm->size() > 1;
+  std::vector<double> due = {
+      (!many || comm->rank() == 0) && now_seconds() - since >= 60 * minutes ? 1.0 : 0.0};
+  if (many) comm->allreduce_max(due);
+  return due[0] != 0.0;
+}
+
 bool Trainer::checkpoint_due() const {
   if (cfg_.checkpoint_every_steps > 0 && step_ % cfg_.checkpoint_every_steps == 0) return true;
-  if (cfg_.checkpoint_every_minutes <= 0) return false;
-  // On the clock: rank 0's decides for every rank (they checkpoint together).
-  std::vector<double> due = {
-      lead() && now_seconds() - checkpoint_time_ >= 60 * cfg_.checkpoint_every_minutes ? 1.0 : 0.0};
-  if (many_ranks()) comm_->allreduce_max(due);
-  return due[0] != 0.0;
+  return clock_due(cfg_.checkpoint_every_minutes, checkpoint_time_, comm_);
 }
 
 void Trainer::save_checkpoint() {

@@ -34,6 +34,10 @@ EvalResult evaluate(const Sae& sae, const std::vector<int64_t>& widths, const fl
 // A trainer on the GPU evaluates this way: the host's encoder GEMM would take seconds per SAE.
 EvalResult evaluate(DeviceSae& sae, const std::vector<int64_t>& widths, const float* x, int64_t n,
                     double total_sq_deviation);
+// Whether `minutes` (> 0) have passed since `since` (now_seconds()) on rank 0's clock: the same
+// answer on every rank of `comm` (a collective when it has several; null: one process). The
+// checkpoint clocks of `sae train` and of the release.
+bool clock_due(double minutes, double since, dist::Comm* comm);
 // sum_t ||x_t - mean||^2 over the rows of x [n, d] (n times the per-row variance).
 double sum_sq_deviation(const float* x, int64_t n, int64_t d);
 
