@@ -3,7 +3,9 @@
 #   bash scripts/gpu_check.sh build   here, on the CPU machine: builds sae, test_cuda and
 #       bench_train_cuda for sm_90 with the portable host build (x86-64-v3, not native) into
 #       build/gpu and bundles them with the shared libraries the GPU machine lacks (OpenBLAS,
-#       sentencepiece, SLEEF, ...) and the sae-lens wheel into .gpu/ (git-ignored, carried).
+#       sentencepiece, SLEEF, ...) and the sae-lens wheel into .gpu/bundle.tar.xz (git-ignored,
+#       carried; `run` unpacks it). Uncompressed the bundle is about 64 MB, and what travels to
+#       the device (tracked files + carried paths) may not pass 64 MiB: the build checks it.
 #   bash scripts/gpu_check.sh run     there, in the repo root: the CUDA tests (SAE and Gemma-2),
 #       the Gemma-2 forward against transformers (speed; and numerics: resid_post at the real
 #       shape against transformers fp32, bench/gemma_vs_transformers_numerics.py), the
@@ -28,18 +30,29 @@ if [[ $mode == build ]]; then
     -DSAECPP_CUDA=ON -DSAECPP_HUB=OFF -DSAECPP_MPI=OFF -DSAECPP_DNNL=OFF
   cmake --build build/gpu -j "$(nproc)" --target sae test_cuda test_cuda_gemma2 bench_train_cuda \
     bench_encode_cuda bench_gemma_cuda bench_upkeep
-  rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/whl
+  stage=build/gpu/bundle
+  rm -rf "$stage" .gpu && mkdir -p "$stage/bin" "$stage/lib" "$stage/whl" .gpu
   for b in build/gpu/sae build/gpu/tests/test_cuda build/gpu/tests/test_cuda_gemma2 \
     build/gpu/bench/bench_train_cuda build/gpu/bench/bench_encode_cuda \
     build/gpu/bench/bench_gemma_cuda build/gpu/bench/bench_upkeep; do
-    cp "$b" .gpu/bin/ && strip .gpu/bin/"$(basename "$b")"
+    cp "$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"
   done
   # Every shared library outside glibc and the CUDA toolkit (the GPU machine has those).
-  ldd .gpu/bin/* | awk '/=> \//{print $3}' | sort -u |
+  ldd "$stage"/bin/* | awk '/=> \//{print $3}' | sort -u |
     grep -vE '/(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|libcu(blas|blasLt|dart)\.so' |
-    while read -r lib; do cp -L "$lib" .gpu/lib/; done
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "sae-lens==6.54.12"
-  du -sh .gpu
+    while read -r lib; do cp -L "$lib" "$stage/lib/"; done
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$stage/whl" "sae-lens==6.54.12"
+  # xz: the bundle shrinks about 7x (OpenBLAS alone is 37 MB); `run` unpacks it with tar -J or
+  # Python's tarfile.
+  tar -C "$stage" -cf - bin lib whl | xz -9 -T0 >.gpu/bundle.tar.xz
+  tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+  bundle=$(stat -c %s .gpu/bundle.tar.xz)
+  echo "bundle: $(du -sh "$stage" | cut -f1) unpacked, $((bundle / 1048576)) MiB in .gpu/bundle.tar.xz;" \
+    "with the tracked files $(((tracked + bundle) / 1048576)) MiB travel (limit 64)"
+  if ((tracked + bundle > 64 * 1048576)); then
+    echo "gpu_check: tracked files + .gpu pass the device's 64 MiB; bundle less" >&2
+    exit 1
+  fi
   exit 0
 fi
 
@@ -50,6 +63,11 @@ fi
 
 out=${OUT:-out/gpu_check}
 mkdir -p "$out"
+if [[ ! -x .gpu/bin/sae ]]; then  # the carried bundle, unpacked once per machine
+  [[ -f .gpu/bundle.tar.xz ]] || { echo "gpu_check: no .gpu/bundle.tar.xz (run 'build' here and carry .gpu)" >&2; exit 2; }
+  tar -C .gpu -xJf .gpu/bundle.tar.xz 2>/dev/null ||
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .gpu/bundle.tar.xz .gpu
+fi
 # Our libraries for our binaries only (Python's torch keeps its own libgomp and libstdc++).
 cuda_lib=$(dirname "$(find /usr/local/cuda/lib64 /usr/local/cuda*/targets /usr/lib /opt -name 'libcublasLt.so.13' 2>/dev/null | head -1)" 2>/dev/null || true)
 lib_path=$PWD/.gpu/lib:${cuda_lib:-/usr/local/cuda/lib64}:${LD_LIBRARY_PATH:-}
