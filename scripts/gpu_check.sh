@@ -87,6 +87,13 @@ want() { [[ $parts == *,$1,* ]]; }
   echo
 } >"$results"
 
+# Each part's seconds in results.md: what the next device check can fit in one call's 600 s.
+part_t0=$SECONDS
+took() {
+  ((SECONDS - part_t0 > 0)) && echo "($1: $((SECONDS - part_t0)) s)" | tee -a "$results"
+  part_t0=$SECONDS
+}
+
 set +e
 if want tests; then
 echo "== CUDA tests"
@@ -103,6 +110,7 @@ for part in kernels:'CudaKernels.*:CudaGemma2.*' release:'CudaRelease.*'; do
   echo "CUDA Gemma-2 tests (${part#*:}): exit $gemma_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda_gemma2_${part%%:*}.log") passed)" | tee -a "$results"
 done
 fi
+took "tests"
 
 if want gemma; then
 echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
@@ -117,6 +125,7 @@ echo "== Gemma-2 forward: sae.cpp and transformers on this GPU"
   echo '```'
 } 2>&1 | tee "$out/bench_gemma.log" | tee -a "$results"
 fi
+took "gemma"
 
 if want numerics; then
 echo "== Gemma-2 against transformers in numbers, at the real shape (random weights)"
@@ -126,6 +135,7 @@ echo "== Gemma-2 against transformers in numbers, at the real shape (random weig
   echo '```'
 } 2>&1 | tee "$out/numerics.log" | tee -a "$results"
 fi
+took "numerics"
 
 if want train; then
 echo "== training step benchmark"
@@ -137,6 +147,7 @@ echo "== training step benchmark"
   echo '```'
 } 2>&1 | tee "$out/bench_train_cuda.log" | tee -a "$results"
 fi
+took "train"
 
 # Per-kernel GPU time from an ncu CSV: ncu_table CSV DIVISOR TITLE (each kernel's total / DIVISOR).
 ncu_table() {
@@ -167,6 +178,7 @@ if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want train; then
   # 5 steps: 3 warm-up + 2 timed
   ncu_table "$out/ncu.csv" 5 "per-kernel GPU time per step (us), bf16, ncu gpu__time_duration (5 steps averaged)" | tee -a "$results"
 fi
+took "profile train"
 if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want gemma; then
   echo "== per-kernel GPU time (ncu, Gemma-2 forward, 4 x 1024 tokens, layers 0-1)"
   for kernels in baseline new; do
@@ -177,6 +189,7 @@ if [[ ${GPU_CHECK_PROFILE:-0} == 1 ]] && want gemma; then
     ncu_table "$out/ncu_gemma_$kernels.csv" 4 "per-kernel GPU time per layer (us), bf16, $kernels kernels, ncu gpu__time_duration" | tee -a "$results"
   done
 fi
+took "profile gemma"
 
 if want encode; then
 echo "== encode benchmark"
@@ -186,6 +199,7 @@ echo "== encode benchmark"
   echo '```'
 } 2>&1 | tee "$out/bench_encode_cuda.log" | tee -a "$results"
 fi
+took "encode"
 
 if want saelens; then
 echo "== SAELens on the same GPU"
@@ -198,6 +212,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gp
   echo '```'
 } 2>&1 | tee "$out/saelens.log" | tee -a "$results"
 fi
+took "saelens"
 
 if want hierarchy; then
 echo "== 2000 hierarchy steps: GPU against CPU"
@@ -210,6 +225,7 @@ for dev in cpu cuda; do
   tail -3 "$out/hierarchy_$dev.log"
 done
 fi
+took "hierarchy"
 if want upkeep; then
 echo "== what a release pays per SAE besides its steps: evaluation, batch variance, checkpoint"
 {
@@ -218,6 +234,7 @@ echo "== what a release pays per SAE besides its steps: evaluation, batch varian
   echo '```'
 } 2>&1 | tee "$out/bench_upkeep.log" | tee -a "$results"
 fi
+took "upkeep"
 if want release && [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
   echo "== sae release --device cuda at the real shapes: 2, 10 and 50 SAEs (bench/release_cuda.sh)"
   {
@@ -226,6 +243,7 @@ if want release && [[ ${GPU_CHECK_RELEASE:-1} == 1 ]]; then
     echo '```'
   } 2>&1 | tee "$out/release_cuda.log" | tee -a "$results"
 fi
+took "release"
 set -e
 echo
 cat "$results"
