@@ -94,12 +94,29 @@ took() {
   part_t0=$SECONDS
 }
 
+# After a failed test binary: its first failed test (or, after a crash, the last one started)
+# again with CUDA_LAUNCH_BLOCKING=1, so that an asynchronous device fault is reported by the
+# launch that caused it (SAE_CUDA_LAUNCHED names the file and line) rather than by a later
+# call; compute-sanitizer does not run on the device machine. Appended to the test's log and
+# to results.md (files back from $OUT are limited to 8). localize LOG COMMAND...
+localize() {
+  local log=$1 t
+  shift
+  t=$(grep -m1 -E '^\[  FAILED  \] [^ ]+ \(' "$log" | awk '{print $4}')
+  [[ -z $t ]] && t=$(grep -E '^\[ RUN      \] ' "$log" | tail -1 | awk '{print $4}')
+  [[ -z $t ]] && return
+  echo "again with CUDA_LAUNCH_BLOCKING=1: $t" | tee -a "$results"
+  CUDA_LAUNCH_BLOCKING=1 timeout 120 "$@" --gtest_filter="$t" 2>&1 | tee -a "$log" |
+    grep -E "Failure|rror|FAILED|CUDA|Expected|Which is|actual" | head -20 | tee -a "$results"
+}
+
 set +e
 if want tests; then
 echo "== CUDA tests"
 SAECPP_CLI=$bin/sae timeout 180 "$bin/test_cuda" 2>&1 | tee "$out/test_cuda.log" | grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
 tests_rc=${PIPESTATUS[0]}
 echo "CUDA tests: exit $tests_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda.log") passed)" | tee -a "$results"
+((tests_rc != 0)) && localize "$out/test_cuda.log" env SAECPP_CLI="$bin/sae" "$bin/test_cuda"
 # The kernels and the forward, then the release, in separate processes: a device fault in a
 # kernel not run before (a sticky CUDA error) must not fail the release's tests with it.
 for part in kernels:'CudaKernels.*:CudaGemma2.*' release:'CudaRelease.*'; do
@@ -108,6 +125,8 @@ for part in kernels:'CudaKernels.*:CudaGemma2.*' release:'CudaRelease.*'; do
     grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" | head -40
   gemma_rc=${PIPESTATUS[0]}
   echo "CUDA Gemma-2 tests (${part#*:}): exit $gemma_rc ($(grep -cE '^\[       OK \]' "$out/test_cuda_gemma2_${part%%:*}.log") passed)" | tee -a "$results"
+  ((gemma_rc != 0)) && localize "$out/test_cuda_gemma2_${part%%:*}.log" env \
+    SAECPP_TEST_DIR="$PWD/tests" SAECPP_CLI="$bin/sae" "$bin/test_cuda_gemma2"
 done
 fi
 took "tests"
