@@ -54,7 +54,9 @@ for run in ${RELEASE_CUDA_RUNS:-12 8-12 8-12:--no-overlap 0-24 0-24@new}; do
   pid=$!
   t0=$(date +%s)
   while kill -0 "$pid" 2>/dev/null; do
-    grep -q "step $steps/" "$log" && break
+    # (the 2-SAE run also until its checkpoint, written beside the steps, is complete)
+    grep -q "step $steps/" "$log" &&
+      { [[ $layers != 12 ]] || grep -q "^release: checkpoint at step" "$log"; } && break
     (($(date +%s) - t0 > 400)) && { echo "timed out"; break; }
     sleep 1
   done
@@ -86,12 +88,19 @@ steps_rate = tok / (elapsed * (1 - evals - share("checkpoints")))  # forward and
 eval_round = evals * elapsed / (step // int(os.environ["EVAL_EVERY"]))
 steps_total = 750e6 / 4096
 a = 750e6 / steps_rate + steps_total / 1000 * eval_round  # the preset evaluates every 1000 steps
-m = re.search(r"checkpoint at step \d+: ([0-9.]+) (GiB|MiB) in ([0-9.]+) s", ckpt)
+# One process writes its checkpoints beside the steps ("written in W s beside the steps (steps
+# paused P s"): the steps pay P, taking the states; the disk must write 50 SAEs within the 30
+# minutes. Several ranks (or an older build) write them between the steps: the steps pay W.
+m = re.search(r"checkpoint at step \d+: ([0-9.]+) (GiB|MiB) (?:written )?in ([0-9.]+) s"
+              r"(?: beside the steps \(steps paused ([0-9.]+) s)?", ckpt)
 ckpt_round = 0.0
 if m:  # the 2-SAE run's checkpoint, scaled to 50 SAEs; one every 30 minutes
   gib = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1)
-  ckpt_round = 25 * float(m.group(3))
-  print(f"checkpoint: 2 SAEs, {gib:.2f} GiB in {m.group(3)} s; 50 SAEs: {ckpt_round:.0f} s")
+  write = 25 * float(m.group(3))
+  ckpt_round = 25 * float(m.group(4)) if m.group(4) else write
+  print(f"checkpoint: 2 SAEs, {gib:.2f} GiB written in {m.group(3)} s; 50 SAEs: {write:.0f} s "
+        f"of writing ({'beside the steps, which pause ' + format(ckpt_round, '.0f') + ' s' if m.group(4) else 'the steps waiting'})"
+        f"{'' if write < 1800 else ': LONGER than the 30 minutes between checkpoints'}")
 total = a / (1 - ckpt_round / 1800)
 print(f"projected seed release ({sys.argv[1]}: 750M tokens, 50 SAEs in one run): {total / 3600:.1f} h "
       f"= steps {750e6 / steps_rate / 3600:.1f} h at {steps_rate:.0f} tokens/s + evaluation "

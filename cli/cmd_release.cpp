@@ -121,6 +121,9 @@ Runner add_release(CLI::App& app) {
   cmd->add_option("--checkpoint-minutes", o->r.checkpoint_minutes,
                   "Checkpoint every SAE and the data position every this many minutes (default "
                   "30; 0: every training.checkpoint_every_steps steps)");
+  cmd->add_option("--checkpoint-snapshots", o->r.checkpoint_snapshots,
+                  "SAE states held in host memory while their checkpoints are written beside "
+                  "the steps (default 0: as many as fit in 1 GiB, at least 2)");
   cmd->add_flag("!--ignore-disk-plan", o->r.check_disk,
                 "Start even when the disk plan (checkpoints and SAE folders, printed first) "
                 "needs more than the output folder's disk has free");

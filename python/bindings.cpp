@@ -521,9 +521,10 @@ PYBIND11_MODULE(_core, m) {
          const std::string& dataset_name, bool bf16, bool resume, int64_t stop_at_step,
          int64_t log_every, bool bf16_matmul, const std::string& device,
          const std::string& precision, bool overlap, const std::string& activation_store,
-         double checkpoint_minutes, bool check_disk) -> py::object {
+         double checkpoint_minutes, bool check_disk, int64_t checkpoint_snapshots) -> py::object {
         pipeline::ReleaseOptions o;
         o.checkpoint_minutes = checkpoint_minutes;
+        o.checkpoint_snapshots = checkpoint_snapshots;
         o.check_disk = check_disk;
         o.model = model;
         o.device = device;
@@ -562,7 +563,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("log_every") = 100, py::arg("bf16_matmul") = false, py::arg("device") = "cpu",
       py::arg("precision") = "bf16", py::arg("overlap") = true,
       py::arg("activation_store") = "auto", py::arg("checkpoint_minutes") = 30.0,
-      py::arg("check_disk") = true,
+      py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
       "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
       "on held-out tokens, written as a SAELens "
@@ -571,7 +572,9 @@ PYBIND11_MODULE(_core, m) {
       "overlap=False runs the forwards between the SAE steps instead of beside them; "
       "activation_store: 'auto', 'device' or 'host', where the store's rows live). "
       "checkpoint_minutes: every SAE and the data position are checkpointed this often (0: "
-      "every training.checkpoint_every_steps steps). check_disk=False starts even when the disk "
+      "every training.checkpoint_every_steps steps); in one process they are written on a thread "
+      "beside the steps, checkpoint_snapshots SAE states held in host memory meanwhile (0: 1 "
+      "GiB's worth, at least 2). check_disk=False starts even when the disk "
       "plan (checkpoints and SAE folders) needs more than the output folder's disk has free. "
       "overrides: 'section.key=value' strings applied to every "
       "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
@@ -632,10 +635,11 @@ PYBIND11_MODULE(_core, m) {
          std::vector<std::string> variants, int64_t tokens, std::vector<std::string> overrides,
          int64_t prompts_per_forward, int64_t n_batches_in_buffer, int64_t heldout_tokens,
          const std::string& model_name, const std::string& dataset_name, bool resume,
-         int64_t stop_at_step, int64_t log_every, double checkpoint_minutes,
-         bool check_disk) -> py::object {
+         int64_t stop_at_step, int64_t log_every, double checkpoint_minutes, bool check_disk,
+         int64_t checkpoint_snapshots) -> py::object {
         pipeline::ReleaseOptions o;
         o.checkpoint_minutes = checkpoint_minutes;
+        o.checkpoint_snapshots = checkpoint_snapshots;
         o.check_disk = check_disk;
         o.from_cache = cache;
         o.layers = std::move(layers);
@@ -659,7 +663,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("n_batches_in_buffer") = 4, py::arg("heldout_tokens") = 16384,
       py::arg("model_name") = "", py::arg("dataset_name") = "", py::arg("resume") = false,
       py::arg("stop_at_step") = 0, py::arg("log_every") = 100, py::arg("checkpoint_minutes") = 30.0,
-      py::arg("check_disk") = true,
+      py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
       "its last shards are the held-out set; no CE-loss score). Returns release.json as a "

@@ -12,6 +12,7 @@
 #include "io/safetensors.h"
 #include "sae/load.h"
 #include "test_util.h"
+#include "train/checkpoint_writer.h"
 #include "train/trainer.h"
 
 namespace sae::train {
@@ -156,6 +157,80 @@ TEST(Trainer, CheckpointsOnTheClock) {
     EXPECT_NE(std::string(e.what()).find("training.checkpoint_every_minutes"), std::string::npos)
         << e.what();
   }
+}
+
+// A checkpoint taken by checkpoint_data and written on the writer's thread is the checkpoint
+// save_checkpoint writes (the same tensors, bit for bit), with and without Adam's first moment;
+// the trainer goes on from the same state either way; a write that fails is raised by the next
+// call (naming the folder) and drops what was queued; a writer dropped with work queued neither
+// hangs nor crashes.
+TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
+  test::TempDir dir;
+  for (const double beta1 : {0.0, 0.9}) {
+    SCOPED_TRACE(beta1);
+    auto trainer = [&](const std::string& out) {
+      json j = tiny_config(out);
+      j["training"]["checkpoint_every_steps"] = 0;
+      j["optimizer"]["adam_beta1"] = beta1;
+      return TrainConfig::from_json(j, "test");
+    };
+    const std::string a_dir = dir / ("sync" + std::to_string(int(beta1 * 10)));
+    const std::string b_dir = dir / ("thread" + std::to_string(int(beta1 * 10)));
+    const TrainConfig ca = trainer(a_dir), cb = trainer(b_dir);
+    data::SyntheticSource src(data::SyntheticConfig::from_json(ca.data, "test"));
+    Trainer a(ca, src, "a"), b(cb, src, "b");
+    a.begin(false), b.begin(false);
+    std::vector<float> x(size_t(ca.batch_size * a.sae().spec.d_in));
+    auto step_both = [&] {
+      src.train_batch(a.step(), ca.batch_size, x.data());
+      std::vector<float> y = x;
+      a.train_step(x.data());
+      b.train_step(y.data());
+    };
+    for (int i = 0; i < 7; ++i) step_both();
+    a.save_checkpoint();
+    {
+      CheckpointWriter writer(1);  // a budget below one state: one at a time
+      CheckpointData c = b.checkpoint_data();
+      EXPECT_EQ(c.bytes(), Trainer::planned_checkpoint_bytes(cb, a.sae().spec.d_in));
+      EXPECT_EQ(b.checkpoint_step(), 7);
+      EXPECT_TRUE(writer.has_room(c.bytes()));  // nothing held: always room for one
+      writer.submit(std::move(c));
+      for (int i = 0; i < 3; ++i) step_both();  // training goes on meanwhile
+      writer.wait();
+      EXPECT_TRUE(writer.idle());
+    }
+    EXPECT_EQ(test::read_bytes(a_dir + "/checkpoint/state.safetensors"),
+              test::read_bytes(b_dir + "/checkpoint/state.safetensors"));
+    const auto sa = read_json_file(a_dir + "/checkpoint/state.json");
+    const auto sb = read_json_file(b_dir + "/checkpoint/state.json");
+    for (const char* key : {"step", "optimizer_updates", "input_scale", "window_steps"})
+      EXPECT_EQ(sa[key], sb[key]) << key;
+    EXPECT_EQ(sb["step"], 7);
+    EXPECT_EQ(a.sae().W_dec, b.sae().W_dec);  // taking the state changed nothing
+    EXPECT_EQ(a.sae().W_encT, b.sae().W_encT);
+    EXPECT_FALSE(fs::exists(b_dir + "/checkpoint.tmp"));
+  }
+
+  // A folder that cannot be made: the error reaches the caller, and the queue behind it goes.
+  test::write_bytes(dir / "plain_file", "x");
+  CheckpointData bad;
+  bad.output_dir = dir / "plain_file/sae";
+  bad.d_in = 2, bad.d_sae = 1;
+  CheckpointWriter writer(1 << 20);
+  writer.submit(bad);
+  writer.submit(bad);
+  try {
+    writer.wait();
+    ADD_FAILURE() << "a failed write was not raised";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("plain_file"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(writer.idle());  // raised once; the second was dropped with it
+  {
+    CheckpointWriter dropped(1 << 20);
+    for (int i = 0; i < 3; ++i) dropped.submit(bad);
+  }  // joined: the write in progress fails on its thread, the rest are dropped
 }
 
 // to_inference at shapes that leave partial tiles (its transpose runs in 64 x 64 tiles over

@@ -28,6 +28,7 @@
 #include "pipeline/disk_plan.h"
 #include "pipeline/model_card.h"
 #include "sae/load.h"
+#include "train/checkpoint_writer.h"
 #include "train/device_step.h"
 #include "train/trainer.h"
 
@@ -354,6 +355,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       fail("release", "precision",
            cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
   }
+  if (opt.checkpoint_snapshots < 0)
+    fail("release", "checkpoint_snapshots",
+         cat("must be >= 0 (0: as many SAE states as fit in 1 GiB, at least 2), got ",
+             opt.checkpoint_snapshots));
   if (!(opt.checkpoint_minutes >= 0) || !std::isfinite(opt.checkpoint_minutes))
     fail("release", "checkpoint_minutes",
          cat("must be a number of minutes >= 0 (0: every training.checkpoint_every_steps "
@@ -797,15 +802,16 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                  step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
                  from_cache ? "cache shard" : "corpus document", (long long)corpus_pos);
 
-  auto write_state = [&] {
+  auto state_now = [&] {
     const auto source = acts.hold_source();  // its position, not moved by a fill ahead meanwhile
     json st = {{"version", kStateVersion}, {"step", step}};
     if (from_cache)
       st["cache_next_shard"] = cache_rows->next_shard();
     else
       st["corpus_next_document"] = corpus->next_document();
-    write_file_atomic(state_path.string(), st.dump(2));
+    return st;
   };
+  auto write_state = [&] { write_file_atomic(state_path.string(), state_now().dump(2)); };
   // The progress line and each checkpoint as JSON records in .work/progress.jsonl (rank 0; a
   // resumed job appends): a long job's throughput and where its time went, for plotting.
   auto log_record = [&](const ojson& record) {
@@ -822,7 +828,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     const double t0 = now_seconds();
     int64_t bytes = 0;
     for (Job& j : jobs) {
-      if (!j.trainer) continue;
+      if (!j.trainer || j.trainer->checkpoint_step() == j.trainer->step()) continue;
       j.trainer->save_checkpoint();
       std::error_code ec;
       const auto size =
@@ -842,6 +848,93 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   auto checkpoint_due = [&] {
     if (opt.checkpoint_minutes <= 0) return ckpt_every > 0 && step % ckpt_every == 0;
     return train::clock_due(opt.checkpoint_minutes, last_ckpt, &comm);
+  };
+  // One process: a checkpoint is a round in which each SAE's state is taken between steps (a
+  // copy, or the pull from the GPU) and written on the writer's thread while the steps go on;
+  // the release state — the data position at the round's first step — is written once every
+  // SAE of the round is. The states wait for the disk in host memory, --checkpoint-snapshots
+  // of them (default: 1 GiB's worth, at least 2 — the disk stays busy, and at the seed's shape
+  // the host holds ~2.4 GB; small SAEs are all taken at the round's first step). A kill
+  // mid-round leaves some SAEs' checkpoints ahead of the state, which the resume steps from
+  // their own step (as after a kill mid-checkpoint). Several ranks: every SAE at once between
+  // steps (checkpoint(), above).
+  int64_t snapshot_max = 0;
+  for (const Job& j : jobs)
+    if (j.trainer)
+      snapshot_max = std::max(snapshot_max, train::Trainer::planned_checkpoint_bytes(j.cfg, d));
+  std::optional<train::CheckpointWriter> writer;
+  if (n_ranks == 1)
+    writer.emplace(opt.checkpoint_snapshots > 0
+                       ? opt.checkpoint_snapshots * snapshot_max
+                       : std::max<int64_t>(2 * snapshot_max, int64_t(1) << 30));
+  struct Round {
+    int64_t step = 0, last_step = 0, bytes = 0;
+    json state;       // the release state at `step`, written when the round is
+    size_t next = 0;  // the next job to take
+    double t0 = 0, write_start = 0;
+  };
+  std::optional<Round> round;
+  // Takes the states the writer has room for; once all are written, the state (returns true).
+  auto advance_round = [&] {
+    const double t0 = now_seconds();
+    for (; round->next < jobs.size(); ++round->next) {
+      Job& j = jobs[round->next];
+      if (!j.trainer || j.trainer->checkpoint_step() == j.trainer->step()) continue;
+      if (!writer->has_room(train::Trainer::planned_checkpoint_bytes(j.cfg, d))) break;
+      train::CheckpointData c = j.trainer->checkpoint_data();
+      round->bytes += c.bytes();
+      round->last_step = std::max(round->last_step, c.step);
+      writer->submit(std::move(c));
+    }
+    ckpt_seconds += now_seconds() - t0;
+    if (round->next < jobs.size() || !writer->idle()) return false;
+    write_file_atomic(state_path.string(), round->state.dump(2));
+    const double written = now_seconds() - round->t0;
+    const double paused = ckpt_seconds - round->write_start;
+    if (round->last_step == round->step) last_ckpt_step = round->step;  // every SAE at its step
+    log_record({{"checkpoint", round->step},
+                {"bytes", round->bytes},
+                {"seconds", written},
+                {"paused_s", paused},
+                {"last_sae_step", round->last_step}});
+    std::fprintf(stderr,
+                 "release: checkpoint at step %lld: %s written in %.1f s beside the steps "
+                 "(steps paused %.1f s%s)\n",
+                 (long long)round->step, fmt_bytes(double(round->bytes)).c_str(), written, paused,
+                 round->last_step > round->step
+                     ? cat("; SAEs taken at steps ", round->step, "-", round->last_step).c_str()
+                     : "");
+    round.reset();
+    return true;
+  };
+  // The checkpoint the cadence asks for: a round (the last one finished first, waiting for the
+  // disk if it is slower than the cadence), or every SAE at once.
+  auto start_checkpoint = [&] {
+    if (!writer) return checkpoint();
+    while (round && !advance_round()) {
+      const double t0 = now_seconds();
+      writer->wait();
+      ckpt_seconds += now_seconds() - t0;
+    }
+    round.emplace();
+    round->step = round->last_step = step;
+    round->state = state_now();
+    round->t0 = last_ckpt = now_seconds();
+    round->write_start = ckpt_seconds;
+    advance_round();
+  };
+  // Before anything else writes the SAEs' folders (a stop, the final phase): the round's
+  // snapshots written and its state too (the SAEs not yet taken keep their last checkpoint).
+  auto settle_round = [&] {
+    if (!round) return;
+    const double t0 = now_seconds();
+    writer->wait();
+    ckpt_seconds += now_seconds() - t0;
+    if (round->next >= jobs.size()) {
+      advance_round();
+    } else {
+      round.reset();  // a partial round: the state stays at the last whole checkpoint
+    }
   };
   auto eval_seconds = [&] {
     double s = 0;
@@ -876,6 +969,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       stop_now = any[0] != 0.0;
     }
     if (stop_now) {
+      settle_round();
       checkpoint();
       if (lead)
         std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
@@ -949,8 +1043,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                      fmt_bytes(double(resident_bytes())).c_str(),
                      double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
-    if (step < total_steps && checkpoint_due()) checkpoint();
+    if (round) advance_round();
+    if (step < total_steps && checkpoint_due()) start_checkpoint();
   }
+  settle_round();
 
   // Final evaluation, the CE-loss score, then the release folder; the model is ours again.
   acts.stop_filling();

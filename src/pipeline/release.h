@@ -34,6 +34,10 @@ struct ReleaseOptions {
   // SAE's whole state (1.2 GB each at the seed's shape: 60 GB for 50): on a GPU, 1000 steps
   // take minutes, so a step cadence would spend much of the run writing.
   double checkpoint_minutes = 30;
+  // In one process the SAEs' checkpoints are written on a thread beside the steps: SAE states
+  // held at once while they wait for the disk (each ~1.2 GB of host memory at the seed's
+  // shape). 0: as many as fit in 1 GiB, and at least 2 (the disk then never waits for one).
+  int64_t checkpoint_snapshots = 0;
   // Refuse to start when the disk plan (pipeline/disk_plan.h) needs more than the output
   // folder's disk has free; false starts anyway (the job fails if the disk fills).
   bool check_disk = true;

@@ -448,7 +448,57 @@ bool Trainer::checkpoint_due() const {
   return clock_due(cfg_.checkpoint_every_minutes, checkpoint_time_, comm_);
 }
 
+int64_t CheckpointData::bytes() const {
+  int64_t n = 0;
+  for (const std::vector<float>* v : {&W_encT, &W_dec, &b_enc, &b_dec, &v_W_encT, &v_W_dec,
+                                      &v_b_enc, &v_b_dec, &m_W_encT, &m_W_dec, &m_b_enc, &m_b_dec})
+    n += int64_t(v->size()) * 4;
+  return n + int64_t(steps_since_fired.size() + window_counts.size()) * 8 + 8;
+}
+
+void write_checkpoint(const CheckpointData& c) {
+  const fs::path dir = fs::path(c.output_dir) / "checkpoint";
+  const fs::path tmp = fs::path(c.output_dir) / "checkpoint.tmp";
+  const fs::path old = fs::path(c.output_dir) / "checkpoint.old";
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp);
+  const int64_t d = c.d_in, D = c.d_sae;
+  const std::vector<double> thr = {c.threshold};
+  auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
+  std::vector<TensorToWrite> tensors = {
+      tensor_view("W_encT", f(c.W_encT), {D, d}),
+      tensor_view("W_dec", f(c.W_dec), {D, d}),
+      tensor_view("b_enc", f(c.b_enc), {D}),
+      tensor_view("b_dec", f(c.b_dec), {d}),
+      tensor_view("v_W_encT", f(c.v_W_encT), {D, d}),
+      tensor_view("v_W_dec", f(c.v_W_dec), {D, d}),
+      tensor_view("v_b_enc", f(c.v_b_enc), {D}),
+      tensor_view("v_b_dec", f(c.v_b_dec), {d}),
+      tensor_view("threshold", std::span<const double>(thr), {1}),
+      tensor_view("steps_since_fired", std::span<const int64_t>(c.steps_since_fired), {D}),
+      tensor_view("window_counts", std::span<const int64_t>(c.window_counts), {D})};
+  if (c.has_first_moment)
+    for (auto [name, m, shape] : {std::tuple{"m_W_encT", &c.m_W_encT, std::vector<int64_t>{D, d}},
+                                  std::tuple{"m_W_dec", &c.m_W_dec, std::vector<int64_t>{D, d}},
+                                  std::tuple{"m_b_enc", &c.m_b_enc, std::vector<int64_t>{D}},
+                                  std::tuple{"m_b_dec", &c.m_b_dec, std::vector<int64_t>{d}}})
+      tensors.push_back(tensor_view(name, f(*m), shape));
+  write_safetensors((tmp / "state.safetensors").string(), tensors);
+  write_file_atomic((tmp / "state.json").string(), c.state.dump(2));
+  // Swap in: the previous checkpoint stays until the new one is complete.
+  fs::remove_all(old, ec);
+  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::rename(tmp, dir);
+  fs::remove_all(old, ec);
+}
+
 void Trainer::save_checkpoint() {
+  const CheckpointData c = checkpoint_data();
+  if (lead()) write_checkpoint(c);  // rank 0 writes the state
+}
+
+CheckpointData Trainer::checkpoint_data() {
   checkpoint_step_ = step_;
   checkpoint_time_ = now_seconds();
   pull(true);
@@ -457,7 +507,7 @@ void Trainer::save_checkpoint() {
     ~Drop() { t.drop_host_state(); }
   } drop{*this};
   if (update_) update_->gather_moments(opt_);  // each rank's moments are current in its block
-  const std::vector<int64_t> window_counts = window_counts_all();
+  std::vector<int64_t> window_counts = window_counts_all();
   check_ranks_agree("checkpoint");
   // Latent parallel: the checkpoint is the whole SAE's, as one process writes it (so a resume
   // may use another number of ranks); each per-latent array is gathered to rank 0.
@@ -481,49 +531,38 @@ void Trainer::save_checkpoint() {
       }
     steps_since_fired = gather_latent_values(steps_since_fired_);
   }
-  if (!lead()) return;  // rank 0 writes the state
-  const TrainingSae& sae = whole ? *whole : sae_;
-  const Optimizer& opt = opt_whole ? *opt_whole : opt_;
-  if (!whole) steps_since_fired = steps_since_fired_;
-  const fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
-  const fs::path tmp = fs::path(cfg_.output_dir) / "checkpoint.tmp";
-  const fs::path old = fs::path(cfg_.output_dir) / "checkpoint.old";
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  fs::create_directories(tmp);
-  const int64_t d = sae.spec.d_in, D = sae.spec.d_sae;
-  std::vector<double> thr = {sae.threshold};
-  auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
-  std::vector<TensorToWrite> tensors = {
-      tensor_view("W_encT", f(sae.W_encT), {D, d}),
-      tensor_view("W_dec", f(sae.W_dec), {D, d}),
-      tensor_view("b_enc", f(sae.b_enc), {D}),
-      tensor_view("b_dec", f(sae.b_dec), {d}),
-      tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
-      tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
-      tensor_view("v_b_enc", f(opt.v_b_enc), {D}),
-      tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
-      tensor_view("threshold", std::span<const double>(thr), {1}),
-      tensor_view("steps_since_fired", std::span<const int64_t>(steps_since_fired), {D}),
-      tensor_view("window_counts", std::span<const int64_t>(window_counts), {D})};
-  if (opt.has_first_moment())
-    for (auto [name, m, shape] : {std::tuple{"m_W_encT", &opt.m_W_encT, std::vector<int64_t>{D, d}},
-                                  std::tuple{"m_W_dec", &opt.m_W_dec, std::vector<int64_t>{D, d}},
-                                  std::tuple{"m_b_enc", &opt.m_b_enc, std::vector<int64_t>{D}},
-                                  std::tuple{"m_b_dec", &opt.m_b_dec, std::vector<int64_t>{d}}})
-      tensors.push_back(tensor_view(name, f(*m), shape));
-  write_safetensors((tmp / "state.safetensors").string(), tensors);
-  json state = {{"version", kCheckpointVersion},     {"step", step_},
-                {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt.t},
-                {"input_scale", input_scale_},       {"window_steps", window_steps_},
-                {"window_tokens", window_tokens_},   {"data_next_batch", step_},
-                {"config", cfg_.to_json()}};
-  write_file_atomic((tmp / "state.json").string(), state.dump(2));
-  // Swap in: the previous checkpoint stays until the new one is complete.
-  fs::remove_all(old, ec);
-  if (fs::exists(dir)) fs::rename(dir, old);
-  fs::rename(tmp, dir);
-  fs::remove_all(old, ec);
+  CheckpointData c;
+  if (!lead()) return c;
+  // The big arrays are moved when their host copy goes anyway (gathered, or a GPU trainer that
+  // keeps none), else copied: the trainer goes on from them.
+  TrainingSae& sae = whole ? *whole : sae_;
+  Optimizer& opt = opt_whole ? *opt_whole : opt_;
+  const bool movable = whole.has_value() || (dev_ && !keep_host_state);
+  auto take = [&](std::vector<float>& v) {
+    if (movable) return std::vector<float>(std::move(v));
+    return v;
+  };
+  c.output_dir = cfg_.output_dir;
+  c.step = step_;
+  c.d_in = sae.spec.d_in, c.d_sae = sae.spec.d_sae;
+  c.W_encT = take(sae.W_encT), c.W_dec = take(sae.W_dec);
+  c.b_enc = sae.b_enc, c.b_dec = sae.b_dec;
+  c.v_W_encT = take(opt.v_W_encT), c.v_W_dec = take(opt.v_W_dec);
+  c.v_b_enc = opt.v_b_enc, c.v_b_dec = opt.v_b_dec;
+  c.has_first_moment = opt.has_first_moment();
+  if (c.has_first_moment) {
+    c.m_W_encT = take(opt.m_W_encT), c.m_W_dec = take(opt.m_W_dec);
+    c.m_b_enc = opt.m_b_enc, c.m_b_dec = opt.m_b_dec;
+  }
+  c.threshold = sae.threshold;
+  c.steps_since_fired = whole ? std::move(steps_since_fired) : steps_since_fired_;
+  c.window_counts = std::move(window_counts);
+  c.state = {{"version", kCheckpointVersion},     {"step", step_},
+             {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt.t},
+             {"input_scale", input_scale_},       {"window_steps", window_steps_},
+             {"window_tokens", window_tokens_},   {"data_next_batch", step_},
+             {"config", cfg_.to_json()}};
+  return c;
 }
 
 bool Trainer::load_checkpoint() {
@@ -591,6 +630,7 @@ bool Trainer::begin(bool resume) {
   if (cfg_.threads > 0) ops::set_num_threads(cfg_.threads);
   fs::create_directories(cfg_.output_dir);
   const bool resumed = resume && load_checkpoint();
+  if (resumed) checkpoint_step_ = step_;  // that checkpoint is this step's
   if (many_ranks()) {
     // Every rank must resume from the same step (one folder that all of them see).
     std::vector<double> mine = {double(resumed), double(step_)};

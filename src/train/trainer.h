@@ -47,6 +47,24 @@ enum class Parallel {
   Latents,  // each rank holds a block of latents (and their optimizer state) for every row
 };
 
+// A trainer's checkpoint, owned: the tensors of state.safetensors and state.json, taken at one
+// step by Trainer::checkpoint_data and written by write_checkpoint — which may run on another
+// thread while training goes on (the release's checkpoints, train/checkpoint_writer.h).
+struct CheckpointData {
+  std::string output_dir;
+  int64_t step = 0, d_in = 0, d_sae = 0;
+  std::vector<float> W_encT, W_dec, b_enc, b_dec, v_W_encT, v_W_dec, v_b_enc, v_b_dec;
+  bool has_first_moment = false;  // Adam's m (beta1 != 0)
+  std::vector<float> m_W_encT, m_W_dec, m_b_enc, m_b_dec;
+  double threshold = 0;
+  std::vector<int64_t> steps_since_fired, window_counts;
+  nlohmann::json state;   // state.json
+  int64_t bytes() const;  // the host memory it holds (about the size of state.safetensors)
+};
+// <output_dir>/checkpoint from `c`: written into checkpoint.tmp, then swapped in (the previous
+// checkpoint stays until the new one is complete). Touches nothing else.
+void write_checkpoint(const CheckpointData& c);
+
 class Trainer {
  public:
   // `label` prefixes the progress line (e.g. the variant name). With `comm` of several ranks
@@ -77,7 +95,13 @@ class Trainer {
   // producer's stream synchronized; read, not changed): no copy through the host.
   void train_step_on_device(const float* device_x);
   void finish();
+  // checkpoint_data(), then write_checkpoint on rank 0.
   void save_checkpoint();
+  // The checkpoint of this step, owned (a collective with several ranks: rank 0's holds the
+  // whole state, the others' are empty); it counts as this trainer's checkpoint at this step.
+  CheckpointData checkpoint_data();
+  // The step of the last checkpoint written or taken (-1: none; a resumed trainer's: its step).
+  int64_t checkpoint_step() const { return checkpoint_step_; }
   // What save_checkpoint and finish write for an SAE of this config on activations of width
   // d_in, in bytes (the tensors; the JSON beside them is small), for disk plans made before
   // training: its checkpoint (weights, Adam's moments, counters) and its SAELens folder.

@@ -72,8 +72,11 @@ def test_release_stops_and_resumes(tmp_path):
         run(corpus, out)
     with pytest.raises(saecpp.SaeError, match="checkpoint_minutes"):
         run(corpus, out, resume=True, checkpoint_minutes=-1.0)
-    # On the step cadence from here (training.checkpoint_every_steps = 50).
-    summary = run(corpus, out, resume=True, checkpoint_minutes=0)
+    with pytest.raises(saecpp.SaeError, match="checkpoint_snapshots"):
+        run(corpus, out, resume=True, checkpoint_snapshots=-1)
+    # On the step cadence from here (training.checkpoint_every_steps = 50), one SAE state held
+    # at a time while the checkpoints are written beside the steps.
+    summary = run(corpus, out, resume=True, checkpoint_minutes=0, checkpoint_snapshots=1)
     for sae_id in IDS:
         variant, hook = sae_id.split("/")
         assert summary["results"][variant][hook]["training_tokens"] == 19968
