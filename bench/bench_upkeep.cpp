@@ -4,7 +4,8 @@
 // checkpoint (every --checkpoint-minutes). Each on the host, as a CPU trainer does them, and,
 // where a GPU is visible, as a GPU trainer does them now (the inference SAE made on the device
 // and evaluated there through DeviceSae, the levels' errors included; the variance on the
-// device). Prints the cost per SAE and per round of the seed's 50 SAEs.
+// device; the checkpoint's state pulled from the device). Prints the cost per SAE and per round
+// of the seed's 50 SAEs.
 //   build/release/bench/bench_upkeep [--heldout 16384] [--host-eval 1] [--dir /tmp]
 #include <cstdio>
 #include <filesystem>
@@ -14,7 +15,6 @@
 #include "core/device.h"
 #include "core/rng.h"
 #include "eval/metrics.h"
-#include "io/safetensors.h"
 #include "sae/device_sae.h"
 #include "train/device_step.h"
 #include "train/optimizer.h"
@@ -102,28 +102,26 @@ int main(int argc, char** argv) {
     std::printf("  L0 %.2f, EV %.4f\n", r.metrics.l0, r.metrics.explained_variance);
   }
 
-  // The checkpoint's tensors as save_checkpoint writes them (Adam's beta1 = 0: no first moment).
+  // A checkpoint, as the release writes them beside the steps: the state taken (what the steps
+  // pause for: on the CPU a copy into host memory) and written (on the writer's thread).
   {
-    const train::Optimizer opt(sae, cfg.adam);
-    const std::vector<int64_t> counts(size_t(D), 0);
-    const std::vector<double> thr = {sae.threshold};
-    auto f = [](const std::vector<float>& v) { return std::span<const float>(v); };
-    const std::string path = (std::filesystem::path(dir) / "bench_upkeep.safetensors").string();
+    const train::Optimizer opt(sae, cfg.adam);  // Adam's beta1 = 0: no first moment
     t0 = now_seconds();
-    write_safetensors(
-        path,
-        {tensor_view("W_encT", f(sae.W_encT), {D, d}), tensor_view("W_dec", f(sae.W_dec), {D, d}),
-         tensor_view("b_enc", f(sae.b_enc), {D}), tensor_view("b_dec", f(sae.b_dec), {d}),
-         tensor_view("v_W_encT", f(opt.v_W_encT), {D, d}),
-         tensor_view("v_W_dec", f(opt.v_W_dec), {D, d}),
-         tensor_view("v_b_enc", f(opt.v_b_enc), {D}), tensor_view("v_b_dec", f(opt.v_b_dec), {d}),
-         tensor_view("threshold", std::span<const double>(thr), {1}),
-         tensor_view("steps_since_fired", std::span<const int64_t>(counts), {D}),
-         tensor_view("window_counts", std::span<const int64_t>(counts), {D})});
+    train::CheckpointData c;
+    c.output_dir = (std::filesystem::path(dir) / "bench_upkeep").string();
+    c.d_in = d, c.d_sae = D, c.threshold = sae.threshold, c.state = {{"step", 0}};
+    c.W_encT = sae.W_encT, c.W_dec = sae.W_dec, c.b_enc = sae.b_enc, c.b_dec = sae.b_dec;
+    c.v_W_encT = opt.v_W_encT, c.v_W_dec = opt.v_W_dec, c.v_b_enc = opt.v_b_enc;
+    c.v_b_dec = opt.v_b_dec;
+    c.steps_since_fired.assign(size_t(D), 0), c.window_counts.assign(size_t(D), 0);
+    report("checkpoint: state taken (host copy)", now_seconds() - t0);
+    t0 = now_seconds();
+    train::write_checkpoint(c);
     const double s = now_seconds() - t0;
-    const double bytes = double(std::filesystem::file_size(path));
-    std::filesystem::remove(path);
-    report("checkpoint write (write_safetensors)", s);
+    const double bytes =
+        double(std::filesystem::file_size(c.output_dir + "/checkpoint/state.safetensors"));
+    std::filesystem::remove_all(c.output_dir);
+    report("checkpoint write (write_checkpoint)", s);
     std::printf("  %.2f GB per SAE at %.2f GB/s to %s\n", bytes * 1e-9, bytes * 1e-9 / s,
                 dir.c_str());
   }
@@ -144,6 +142,20 @@ int main(int argc, char** argv) {
     for (int r = 0; r < 10; ++r) v = dev.batch_sq_deviation();
     report("batch variance, device", (now_seconds() - t0) / 10);
     std::printf("  relative difference to the host's: %.2e\n", std::abs(v - host_var) / host_var);
+  }
+  {  // a GPU trainer's pause per SAE in a checkpoint: its state pulled into host memory
+    train::DeviceTrainer dev(spec, cfg.adam, B, "bf16");
+    dev.upload(sae, train::Optimizer(sae, cfg.adam), std::vector<int64_t>(size_t(D), 0),
+               std::vector<int64_t>(size_t(D), 0));
+    for (int r = 0; r < 2; ++r) {  // the first pays the warm-ups
+      train::TrainingSae host(spec);  // fresh host arrays, as after the last one was moved out
+      train::Optimizer o(host, cfg.adam);
+      host.W_encT.clear(), host.W_dec.clear(), o.v_W_encT.clear(), o.v_W_dec.clear();
+      std::vector<int64_t> since, counts;
+      t0 = now_seconds();
+      dev.download(host, &o, &since, &counts);
+      if (r == 1) report("checkpoint: state pulled from the device", now_seconds() - t0);
+    }
   }
   // A GPU trainer's evaluation: the inference SAE made on the device from the training state
   // (DeviceTrainer::inference_sae), then encoded, decoded and scored there. Beside it, the
