@@ -187,29 +187,44 @@ TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
       a.train_step(x.data());
       b.train_step(y.data());
     };
+    auto expect_same_checkpoints = [&](int64_t step) {
+      EXPECT_EQ(test::read_bytes(a_dir + "/checkpoint/state.safetensors"),
+                test::read_bytes(b_dir + "/checkpoint/state.safetensors"));
+      const auto sa = read_json_file(a_dir + "/checkpoint/state.json");
+      const auto sb = read_json_file(b_dir + "/checkpoint/state.json");
+      for (const char* key : {"step", "optimizer_updates", "input_scale", "window_steps"})
+        EXPECT_EQ(sa[key], sb[key]) << key;
+      EXPECT_EQ(sb["step"], step);
+      EXPECT_FALSE(fs::exists(b_dir + "/checkpoint.tmp"));
+    };
     for (int i = 0; i < 7; ++i) step_both();
     a.save_checkpoint();
+    const int64_t bytes = Trainer::planned_checkpoint_bytes(cb, a.sae().spec.d_in);
     {
-      CheckpointWriter writer(1);  // a budget below one state: one at a time
+      CheckpointWriter writer(bytes);                   // room for one state, queued or spare
+      EXPECT_TRUE(writer.take_spare().W_encT.empty());  // none yet
       CheckpointData c = b.checkpoint_data();
-      EXPECT_EQ(c.bytes(), Trainer::planned_checkpoint_bytes(cb, a.sae().spec.d_in));
+      EXPECT_EQ(c.bytes(), bytes);
       EXPECT_EQ(b.checkpoint_step(), 7);
-      EXPECT_TRUE(writer.has_room(c.bytes()));  // nothing held: always room for one
+      EXPECT_TRUE(writer.has_room(c.bytes()));
       writer.submit(std::move(c));
       for (int i = 0; i < 3; ++i) step_both();  // training goes on meanwhile
       writer.wait();
       EXPECT_TRUE(writer.idle());
+      expect_same_checkpoints(7);
+      // The written state comes back as a spare: the next is taken into its arrays.
+      CheckpointData spare = writer.take_spare();
+      ASSERT_EQ(spare.bytes(), bytes);
+      const float* mapped = spare.W_encT.data();
+      a.save_checkpoint();
+      c = b.checkpoint_data(std::move(spare));
+      EXPECT_EQ(c.W_encT.data(), mapped);
+      writer.submit(std::move(c));
+      writer.wait();
+      expect_same_checkpoints(10);
     }
-    EXPECT_EQ(test::read_bytes(a_dir + "/checkpoint/state.safetensors"),
-              test::read_bytes(b_dir + "/checkpoint/state.safetensors"));
-    const auto sa = read_json_file(a_dir + "/checkpoint/state.json");
-    const auto sb = read_json_file(b_dir + "/checkpoint/state.json");
-    for (const char* key : {"step", "optimizer_updates", "input_scale", "window_steps"})
-      EXPECT_EQ(sa[key], sb[key]) << key;
-    EXPECT_EQ(sb["step"], 7);
-    EXPECT_EQ(a.sae().W_dec, b.sae().W_dec);  // taking the state changed nothing
+    EXPECT_EQ(a.sae().W_dec, b.sae().W_dec);  // taking the states changed nothing
     EXPECT_EQ(a.sae().W_encT, b.sae().W_encT);
-    EXPECT_FALSE(fs::exists(b_dir + "/checkpoint.tmp"));
   }
 
   // A folder that cannot be made: the error reaches the caller, and the queue behind it goes.

@@ -881,7 +881,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       Job& j = jobs[round->next];
       if (!j.trainer || j.trainer->checkpoint_step() == j.trainer->step()) continue;
       if (!writer->has_room(train::Trainer::planned_checkpoint_bytes(j.cfg, d))) break;
-      train::CheckpointData c = j.trainer->checkpoint_data();
+      train::CheckpointData c = j.trainer->checkpoint_data(writer->take_spare());
       round->bytes += c.bytes();
       round->last_step = std::max(round->last_step, c.step);
       writer->submit(std::move(c));
@@ -1047,6 +1047,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (step < total_steps && checkpoint_due()) start_checkpoint();
   }
   settle_round();
+  writer.reset();  // its spare states' memory too
 
   // Final evaluation, the CE-loss score, then the release folder; the model is ours again.
   acts.stop_filling();

@@ -40,6 +40,16 @@ void CheckpointWriter::submit(CheckpointData c) {
   cv_.notify_all();
 }
 
+CheckpointData CheckpointWriter::take_spare() {
+  std::lock_guard<std::mutex> lock(mu_);
+  raise_locked();
+  if (spares_.empty()) return {};
+  CheckpointData c = std::move(spares_.front());
+  spares_.pop_front();
+  spare_bytes_ -= c.bytes();
+  return c;
+}
+
 bool CheckpointWriter::idle() {
   std::lock_guard<std::mutex> lock(mu_);
   raise_locked();
@@ -75,11 +85,18 @@ void CheckpointWriter::run() {
     }
     const double seconds = now_seconds() - t0;
     const int64_t bytes = c.bytes();
-    c = CheckpointData();  // its memory goes before the next is taken
     lock.lock();
     writing_ = false;
     held_bytes_ -= bytes;
     write_seconds_ += seconds;
+    if (!err && held_bytes_ + spare_bytes_ + bytes <= max_bytes_) {
+      spare_bytes_ += bytes;
+      spares_.push_back(std::move(c));
+    } else {
+      lock.unlock();
+      c = CheckpointData();  // its memory goes (outside the lock)
+      lock.lock();
+    }
     if (err) {  // the rest would be checkpoints of a job that is about to fail
       error_ = err;
       for (const CheckpointData& q : queue_) held_bytes_ -= q.bytes();

@@ -3,8 +3,11 @@
 // each (bench_upkeep: 3.1 s each at the development machine's 0.39 GB/s, 2.6 minutes in all),
 // which its steps no longer wait for: they pay only for taking each state (a copy, or the pull
 // from the GPU). Snapshots wait in a queue of at most max_bytes (one is always accepted, so a
-// single SAE larger than the budget still goes through). An error in a write (a full disk) is
-// raised by the next call, and drops what was still queued.
+// single SAE larger than the budget still goes through). A written snapshot is kept as a spare
+// while the spares and the queue stay within max_bytes: the next state is taken into its arrays,
+// whose pages are mapped (Trainer::checkpoint_data's `reuse`; into fresh memory the copy costs
+// as much as the write on this machine). An error in a write (a full disk) is raised by the next
+// call, and drops what was still queued.
 #pragma once
 
 #include <condition_variable>
@@ -28,6 +31,8 @@ class CheckpointWriter {
   // Whether a snapshot of `bytes` fits beside those held now (queued or being written).
   bool has_room(int64_t bytes);
   void submit(CheckpointData c);
+  // A written snapshot to fill again (arrays allocated and mapped), or an empty one.
+  CheckpointData take_spare();
   // Nothing queued or being written.
   bool idle();
   void wait();             // until idle
@@ -39,9 +44,10 @@ class CheckpointWriter {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<CheckpointData> queue_;
+  std::deque<CheckpointData> queue_, spares_;
   const int64_t max_bytes_;
-  int64_t held_bytes_ = 0;  // queued and being written
+  int64_t held_bytes_ = 0;   // queued and being written
+  int64_t spare_bytes_ = 0;  // in spares_
   bool writing_ = false, stop_ = false;
   std::exception_ptr error_;
   double write_seconds_ = 0;

@@ -498,9 +498,20 @@ void Trainer::save_checkpoint() {
   if (lead()) write_checkpoint(c);  // rank 0 writes the state
 }
 
-CheckpointData Trainer::checkpoint_data() {
+CheckpointData Trainer::checkpoint_data(CheckpointData reuse) {
   checkpoint_step_ = step_;
   checkpoint_time_ = now_seconds();
+  // A GPU trainer that keeps no host copy pulls its state into the reused arrays, whose pages
+  // are mapped already, and hands them on below.
+  if (dev_ && !keep_host_state && sae_.W_encT.empty()) {
+    for (auto [mine, spare] : {std::pair{&sae_.W_encT, &reuse.W_encT},
+                               {&sae_.W_dec, &reuse.W_dec},
+                               {&opt_.v_W_encT, &reuse.v_W_encT},
+                               {&opt_.v_W_dec, &reuse.v_W_dec},
+                               {&opt_.m_W_encT, &reuse.m_W_encT},
+                               {&opt_.m_W_dec, &reuse.m_W_dec}})
+      mine->swap(*spare);
+  }
   pull(true);
   struct Drop {  // whichever way this returns, the host copy goes again
     Trainer& t;
@@ -531,31 +542,39 @@ CheckpointData Trainer::checkpoint_data() {
       }
     steps_since_fired = gather_latent_values(steps_since_fired_);
   }
-  CheckpointData c;
-  if (!lead()) return c;
-  // The big arrays are moved when their host copy goes anyway (gathered, or a GPU trainer that
-  // keeps none), else copied: the trainer goes on from them.
+  if (!lead()) return CheckpointData();
+  // Into the reused arrays (a copy: the trainer goes on from its own), or moved when the host
+  // copy goes anyway (gathered, or a GPU trainer that keeps none).
+  CheckpointData c = std::move(reuse);
   TrainingSae& sae = whole ? *whole : sae_;
   Optimizer& opt = opt_whole ? *opt_whole : opt_;
   const bool movable = whole.has_value() || (dev_ && !keep_host_state);
-  auto take = [&](std::vector<float>& v) {
-    if (movable) return std::vector<float>(std::move(v));
-    return v;
+  auto take = [&](std::vector<float>& dst, std::vector<float>& src) {
+    if (movable)
+      dst = std::move(src);
+    else
+      dst.assign(src.begin(), src.end());
   };
   c.output_dir = cfg_.output_dir;
   c.step = step_;
   c.d_in = sae.spec.d_in, c.d_sae = sae.spec.d_sae;
-  c.W_encT = take(sae.W_encT), c.W_dec = take(sae.W_dec);
-  c.b_enc = sae.b_enc, c.b_dec = sae.b_dec;
-  c.v_W_encT = take(opt.v_W_encT), c.v_W_dec = take(opt.v_W_dec);
-  c.v_b_enc = opt.v_b_enc, c.v_b_dec = opt.v_b_dec;
+  take(c.W_encT, sae.W_encT), take(c.W_dec, sae.W_dec);
+  c.b_enc.assign(sae.b_enc.begin(), sae.b_enc.end());
+  c.b_dec.assign(sae.b_dec.begin(), sae.b_dec.end());
+  take(c.v_W_encT, opt.v_W_encT), take(c.v_W_dec, opt.v_W_dec);
+  c.v_b_enc.assign(opt.v_b_enc.begin(), opt.v_b_enc.end());
+  c.v_b_dec.assign(opt.v_b_dec.begin(), opt.v_b_dec.end());
   c.has_first_moment = opt.has_first_moment();
   if (c.has_first_moment) {
-    c.m_W_encT = take(opt.m_W_encT), c.m_W_dec = take(opt.m_W_dec);
-    c.m_b_enc = opt.m_b_enc, c.m_b_dec = opt.m_b_dec;
+    take(c.m_W_encT, opt.m_W_encT), take(c.m_W_dec, opt.m_W_dec);
+    c.m_b_enc.assign(opt.m_b_enc.begin(), opt.m_b_enc.end());
+    c.m_b_dec.assign(opt.m_b_dec.begin(), opt.m_b_dec.end());
+  } else {
+    for (std::vector<float>* m : {&c.m_W_encT, &c.m_W_dec, &c.m_b_enc, &c.m_b_dec}) m->clear();
   }
   c.threshold = sae.threshold;
-  c.steps_since_fired = whole ? std::move(steps_since_fired) : steps_since_fired_;
+  const std::vector<int64_t>& since = whole ? steps_since_fired : steps_since_fired_;
+  c.steps_since_fired.assign(since.begin(), since.end());
   c.window_counts = std::move(window_counts);
   c.state = {{"version", kCheckpointVersion},     {"step", step_},
              {"tokens", step_ * cfg_.batch_size}, {"optimizer_updates", opt.t},

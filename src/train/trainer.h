@@ -99,7 +99,10 @@ class Trainer {
   void save_checkpoint();
   // The checkpoint of this step, owned (a collective with several ranks: rank 0's holds the
   // whole state, the others' are empty); it counts as this trainer's checkpoint at this step.
-  CheckpointData checkpoint_data();
+  // `reuse`: a written checkpoint whose arrays are filled again — their pages are mapped
+  // already (bench_upkeep, this machine: 1.21 GB copied into fresh memory 2.8-3.3 s, into
+  // mapped memory 0.06 s).
+  CheckpointData checkpoint_data(CheckpointData reuse = {});
   // The step of the last checkpoint written or taken (-1: none; a resumed trainer's: its step).
   int64_t checkpoint_step() const { return checkpoint_step_; }
   // What save_checkpoint and finish write for an SAE of this config on activations of width
