@@ -494,11 +494,33 @@ void write_checkpoint(const CheckpointData& c) {
 }
 
 void Trainer::save_checkpoint() {
-  const CheckpointData c = checkpoint_data();
+  // The trainer's own arrays lent to the checkpoint and given back after the write (whichever
+  // way it ends): no copy of the state.
+  CheckpointData c = gather_checkpoint({}, true);
+  struct GiveBack {
+    Trainer& t;
+    CheckpointData& c;
+    ~GiveBack() {
+      if (!t.lends_arrays()) return;
+      TrainingSae& s = t.sae_;
+      Optimizer& o = t.opt_;
+      s.W_encT = std::move(c.W_encT), s.W_dec = std::move(c.W_dec);
+      o.v_W_encT = std::move(c.v_W_encT), o.v_W_dec = std::move(c.v_W_dec);
+      if (c.has_first_moment) o.m_W_encT = std::move(c.m_W_encT), o.m_W_dec = std::move(c.m_W_dec);
+    }
+  } back{*this, c};
   if (lead()) write_checkpoint(c);  // rank 0 writes the state
 }
 
+bool Trainer::lends_arrays() const {
+  return lead() && !latents_.split() && !(dev_ && !keep_host_state);
+}
+
 CheckpointData Trainer::checkpoint_data(CheckpointData reuse) {
+  return gather_checkpoint(std::move(reuse), false);
+}
+
+CheckpointData Trainer::gather_checkpoint(CheckpointData reuse, bool lend) {
   checkpoint_step_ = step_;
   checkpoint_time_ = now_seconds();
   // A GPU trainer that keeps no host copy pulls its state into the reused arrays, whose pages
@@ -544,11 +566,11 @@ CheckpointData Trainer::checkpoint_data(CheckpointData reuse) {
   }
   if (!lead()) return CheckpointData();
   // Into the reused arrays (a copy: the trainer goes on from its own), or moved when the host
-  // copy goes anyway (gathered, or a GPU trainer that keeps none).
+  // copy goes anyway (gathered, or a GPU trainer that keeps none) or is lent (save_checkpoint).
   CheckpointData c = std::move(reuse);
   TrainingSae& sae = whole ? *whole : sae_;
   Optimizer& opt = opt_whole ? *opt_whole : opt_;
-  const bool movable = whole.has_value() || (dev_ && !keep_host_state);
+  const bool movable = whole.has_value() || (dev_ && !keep_host_state) || lend;
   auto take = [&](std::vector<float>& dst, std::vector<float>& src) {
     if (movable)
       dst = std::move(src);

@@ -155,6 +155,10 @@ class Trainer {
   // With training.device = cuda the state lives on the GPU: pull copies it to the host
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
   void pull(bool all);
+  // checkpoint_data; `lend`: the big arrays moved out of the trainer, for save_checkpoint to
+  // give back (lends_arrays) after the write.
+  CheckpointData gather_checkpoint(CheckpointData reuse, bool lend);
+  bool lends_arrays() const;
   void drop_host_state();  // !keep_host_state: the big host arrays freed (device state is whole)
   void append_log(const nlohmann::json& record);
   // training.checkpoint_every_steps or _minutes says so (a collective with several ranks when
