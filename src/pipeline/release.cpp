@@ -1047,6 +1047,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (step < total_steps && checkpoint_due()) start_checkpoint();
   }
   settle_round();
+  const double ckpt_written = writer ? writer->write_seconds() : 0.0;
   writer.reset();  // its spare states' memory too
 
   // Final evaluation, the CE-loss score, then the release folder; the model is ours again.
@@ -1160,18 +1161,22 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
         "%s%s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
-        "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s), final "
-        "evaluation and saving %.1f s\n",
+        "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s%s), "
+        "final evaluation and saving %.1f s\n",
         jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
         // On a GPU the plan is the device's (below); the host holds the model until it is
-        // uploaded, then one SAE's state at a time while it is evaluated or checkpointed.
+        // uploaded, then the checkpoint writer's SAE states (--checkpoint-snapshots, + 1).
         cuda ? " on the host" : cat(" against the plan's ", fmt_bytes(plan_bytes)).c_str(),
         t_heldout - t_load, t_train - t_heldout, t_final - t_train, acts.forward_seconds(),
         overlap
             ? cat(" beside the steps, which waited ", one_decimal(acts.wait_seconds()), " s for it")
                   .c_str()
             : "",
-        sae_seconds - train_evals, train_evals, ckpt_seconds, t_end - t_final);
+        sae_seconds - train_evals, train_evals, ckpt_seconds,
+        ckpt_written > 0
+            ? cat(" (written in ", one_decimal(ckpt_written), " s beside the steps)").c_str()
+            : "",
+        t_end - t_final);
   if (cuda) {
     const std::string line =
         cat("GPU memory: peak ", fmt_bytes(double(gpu_peak)),
