@@ -346,8 +346,9 @@ void Trainer::eval_and_log(bool final) {
   EvalResult r;
   if (dev_) {
     // One process (the constructor says so): the inference SAE is made on the GPU from the state
-    // there and evaluated there, not through the host (its weights' round trip, and the host's
-    // to_inference alone takes 0.87 s per SAE at the seed's shape on 2 cores: docs/gpu.md).
+    // there and evaluated there, not through the host (its weights' round trip, the host's
+    // to_inference and encoder GEMM: 14.4 s per SAE at the seed's shape on 2 cores,
+    // docs/benchmarks.md).
     if (heldout_sq_deviation_ < 0)
       heldout_sq_deviation_ = sum_sq_deviation(heldout_.data(), n_heldout_, sae_.spec.d_in);
     r = evaluate(*device_inference_sae(), sae_.spec.widths, heldout_.data(), n_heldout_,
