@@ -91,14 +91,15 @@ a = 750e6 / steps_rate + steps_total / 1000 * eval_round  # the preset evaluates
 # One process writes its checkpoints beside the steps ("written in W s beside the steps (steps
 # paused P s"): the steps pay P, taking the states; the disk must write 50 SAEs within the 30
 # minutes. Several ranks (or an older build) write them between the steps: the steps pay W.
-m = re.search(r"checkpoint at step \d+: ([0-9.]+) (GiB|MiB) (?:written )?in ([0-9.]+) s"
-              r"(?: beside the steps \(steps paused ([0-9.]+) s)?", ckpt)
+m = re.search(r"checkpoint at step \d+: (?:(\d+) SAEs?, )?([0-9.]+) (GiB|MiB) (?:written )?in "
+              r"([0-9.]+) s(?: beside the steps \(steps paused ([0-9.]+) s)?", ckpt)
 ckpt_round = 0.0
 if m:  # the 2-SAE run's checkpoint, scaled to 50 SAEs; one every 30 minutes
-  gib = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1)
-  write = 25 * float(m.group(3))
-  ckpt_round = 25 * float(m.group(4)) if m.group(4) else write
-  print(f"checkpoint: 2 SAEs, {gib:.2f} GiB written in {m.group(3)} s; 50 SAEs: {write:.0f} s "
+  n = int(m.group(1) or 2)
+  gib = float(m.group(2)) / (1024 if m.group(3) == "MiB" else 1)
+  write = 50 / n * float(m.group(4))
+  ckpt_round = 50 / n * float(m.group(5)) if m.group(5) else write
+  print(f"checkpoint: {n} SAEs, {gib:.2f} GiB written in {m.group(4)} s; 50 SAEs: {write:.0f} s "
         f"of writing ({'beside the steps, which pause ' + format(ckpt_round, '.0f') + ' s' if m.group(4) else 'the steps waiting'})"
         f"{'' if write < 1800 else ': LONGER than the 30 minutes between checkpoints'}")
 total = a / (1 - ckpt_round / 1800)

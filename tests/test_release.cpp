@@ -558,8 +558,10 @@ TEST(Release, StopsAndResumes) {
 
 // In one process each checkpoint is a round: the SAEs' states taken between steps, written on
 // a thread while the steps go on, the release state last. One state held at a time (SAEs taken
-// at later steps as the disk frees up) on a 25-step cadence: a round at every 25th step, and
-// the SAEs end bit for bit as a run that never checkpointed (taking a state changes nothing).
+// at later steps as the disk frees up), on a 25-step cadence and on every step (each round
+// then still being written when the next is due: it takes its last SAEs at the next round's
+// step, which does not take them again). A round at every cadence step, and the SAEs end bit
+// for bit as a run that never checkpointed (taking a state changes nothing).
 TEST(Release, CheckpointsBesideTheStepsChangeNothing) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir);
@@ -567,36 +569,54 @@ TEST(Release, CheckpointsBesideTheStepsChangeNothing) {
                          " --checkpoint-minutes 0 --set training.checkpoint_every_steps=0");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(r.output.find("release: checkpoint at"), std::string::npos) << r.output;
-  r = test::run_cli(release_args(corpus, dir / "rounds") +
-                    " --checkpoint-minutes 0 --set training.checkpoint_every_steps=25 "
-                    "--checkpoint-snapshots 1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("written in"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("beside the steps"), std::string::npos) << r.output;
-  for (const std::string variant : {"standard", "snap"})
-    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
-      const std::string sae = "/" + variant + "/" + hook + "/sae_weights.safetensors";
-      EXPECT_EQ(test::read_bytes(dir / "none" + sae), test::read_bytes(dir / "rounds" + sae))
-          << sae;
+  for (const int64_t every : {25, 1}) {
+    SCOPED_TRACE(every);
+    const std::string out = dir / ("every" + std::to_string(every));
+    r = test::run_cli(release_args(corpus, out) +
+                      " --checkpoint-minutes 0 --checkpoint-snapshots 1 "
+                      "--set training.checkpoint_every_steps=" +
+                      std::to_string(every));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("written in"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("beside the steps"), std::string::npos) << r.output;
+    for (const std::string variant : {"standard", "snap"})
+      for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+        const std::string sae = "/" + variant + "/" + hook + "/sae_weights.safetensors";
+        EXPECT_EQ(test::read_bytes(dir / "none" + sae), test::read_bytes(out + sae)) << sae;
+      }
+    std::vector<int64_t> rounds, last_sae_step;
+    int64_t rounds_after_a_late_one = 0;
+    std::istringstream lines(test::read_bytes(out + "/.work/progress.jsonl"));
+    for (std::string line; std::getline(lines, line);) {
+      const auto rec = nlohmann::json::parse(line);
+      if (!rec.contains("checkpoint")) continue;
+      rounds.push_back(rec["checkpoint"].get<int64_t>());
+      const int64_t first = rounds.back(), last = rec["last_sae_step"].get<int64_t>();
+      EXPECT_GE(last, first) << line;
+      EXPECT_LE(last, first + every) << line;  // the rest taken when the next round is due
+      EXPECT_LE(rec["paused_s"].get<double>(), rec["seconds"].get<double>() + 1e-6) << line;
+      // All 4 SAEs but those the last round took at this very step. Each SAE's state: d_in 64,
+      // d_sae 64, W_encT, W_dec, b_enc, b_dec and Adam's v; counters.
+      const int64_t taken = rec["saes"].get<int64_t>();
+      EXPECT_EQ(taken + rec["saes_already_saved"].get<int64_t>(), 4) << line;
+      if (rounds.size() < 2 || last_sae_step.back() < first) {
+        EXPECT_EQ(taken, 4) << line;
+      } else {
+        EXPECT_GE(taken, 1) << line;  // the last round took its first SAE at its own step
+        ++rounds_after_a_late_one;
+      }
+      EXPECT_EQ(rec["bytes"].get<int64_t>(), taken * ((4 * 64 * 64 + 4 * 64) * 4 + 8 + 2 * 64 * 8))
+          << line;
+      last_sae_step.push_back(last);
     }
-  std::vector<int64_t> rounds;
-  std::istringstream lines(test::read_bytes(dir / "rounds/.work/progress.jsonl"));
-  for (std::string line; std::getline(lines, line);) {
-    const auto rec = nlohmann::json::parse(line);
-    if (!rec.contains("checkpoint")) continue;
-    rounds.push_back(rec["checkpoint"].get<int64_t>());
-    const int64_t first = rounds.back(), last = rec["last_sae_step"].get<int64_t>();
-    EXPECT_GE(last, first) << line;
-    EXPECT_LE(last, first + 25) << line;  // the rest taken when the next round is due
-    EXPECT_LE(rec["paused_s"].get<double>(), rec["seconds"].get<double>() + 1e-6) << line;
-    // 4 SAEs' states: d_in 64, d_sae 64, W_encT, W_dec, b_enc, b_dec and Adam's v; counters
-    EXPECT_EQ(rec["bytes"].get<int64_t>(), 4 * ((4 * 64 * 64 + 4 * 64) * 4 + 8 + 2 * 64 * 8))
-        << line;
+    if (every == 1) {
+      EXPECT_GT(rounds_after_a_late_one, 100);  // every other round at least
+    }
+    std::vector<int64_t> due;
+    for (int64_t s = every; s < 312; s += every) due.push_back(s);
+    if (rounds.size() + 1 == due.size()) due.pop_back();  // the last cut by the end
+    EXPECT_EQ(rounds, due);
   }
-  std::vector<int64_t> every_25;
-  for (int64_t s = 25; s < 312; s += 25) every_25.push_back(s);
-  if (rounds.size() + 1 == every_25.size()) every_25.pop_back();  // the last cut by the end
-  EXPECT_EQ(rounds, every_25);
   r = test::run_cli(release_args(corpus, dir / "bad") + " --checkpoint-snapshots -1");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("checkpoint_snapshots"), std::string::npos) << r.output;

@@ -869,8 +869,9 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                        : std::max<int64_t>(2 * snapshot_max, int64_t(1) << 30));
   struct Round {
     int64_t step = 0, last_step = 0, bytes = 0;
-    json state;       // the release state at `step`, written when the round is
-    size_t next = 0;  // the next job to take
+    int64_t taken = 0, already = 0;  // SAEs taken; SAEs the last round took at this very step
+    json state;                      // the release state at `step`, written when the round is
+    size_t next = 0;                 // the next job to take
     double t0 = 0, write_start = 0;
   };
   std::optional<Round> round;
@@ -879,9 +880,14 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     const double t0 = now_seconds();
     for (; round->next < jobs.size(); ++round->next) {
       Job& j = jobs[round->next];
-      if (!j.trainer || j.trainer->checkpoint_step() == j.trainer->step()) continue;
+      if (!j.trainer) continue;
+      if (j.trainer->checkpoint_step() == j.trainer->step()) {
+        ++round->already;  // the last round, finished at this round's step, took it here
+        continue;
+      }
       if (!writer->has_room(train::Trainer::planned_checkpoint_bytes(j.cfg, d))) break;
       train::CheckpointData c = j.trainer->checkpoint_data(writer->take_spare());
+      ++round->taken;
       round->bytes += c.bytes();
       round->last_step = std::max(round->last_step, c.step);
       writer->submit(std::move(c));
@@ -893,16 +899,22 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     const double paused = ckpt_seconds - round->write_start;
     if (round->last_step == round->step) last_ckpt_step = round->step;  // every SAE at its step
     log_record({{"checkpoint", round->step},
+                {"saes", round->taken},
+                {"saes_already_saved", round->already},
                 {"bytes", round->bytes},
                 {"seconds", written},
                 {"paused_s", paused},
                 {"last_sae_step", round->last_step}});
     std::fprintf(stderr,
-                 "release: checkpoint at step %lld: %s written in %.1f s beside the steps "
-                 "(steps paused %.1f s%s)\n",
-                 (long long)round->step, fmt_bytes(double(round->bytes)).c_str(), written, paused,
+                 "release: checkpoint at step %lld: %lld SAE%s, %s written in %.1f s beside the "
+                 "steps (steps paused %.1f s%s%s)\n",
+                 (long long)round->step, (long long)round->taken, round->taken == 1 ? "" : "s",
+                 fmt_bytes(double(round->bytes)).c_str(), written, paused,
                  round->last_step > round->step
                      ? cat("; SAEs taken at steps ", round->step, "-", round->last_step).c_str()
+                     : "",
+                 round->already > 0
+                     ? cat("; ", round->already, " saved at this step by the last round").c_str()
                      : "");
     round.reset();
     return true;
