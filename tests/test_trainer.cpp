@@ -72,15 +72,19 @@ TEST(Trainer, KillAndResumeIsBitIdentical) {
   SafetensorsFile ckpt(dir / "killed0/checkpoint/state.safetensors");
   EXPECT_FALSE(ckpt.has("m_W_encT"));
   EXPECT_TRUE(ckpt.has("v_W_encT"));
-  // The log holds progress and eval records with the fields the progress line shows.
+  // The log holds progress and eval records with the fields the progress line shows, and the
+  // checkpoints on the schedule (steps 15 and 30; the final one is not on the schedule).
   std::ifstream log(dir / "straight/log.jsonl");
   std::string line;
   int evals = 0, steps = 0;
+  std::vector<int64_t> checkpoints;
   while (std::getline(log, line)) {
     json r = json::parse(line);
     if (r.contains("eval")) {
       ++evals;
       EXPECT_TRUE(r["eval"].contains("explained_variance"));
+    } else if (r.contains("checkpoint")) {
+      checkpoints.push_back(r["checkpoint"].get<int64_t>());
     } else {
       ++steps;
       EXPECT_TRUE(r.contains("tokens_per_s") && r.contains("l0") && r.contains("loss"));
@@ -88,6 +92,56 @@ TEST(Trainer, KillAndResumeIsBitIdentical) {
   }
   EXPECT_EQ(evals, 4);  // steps 10, 20, 30 and the final one
   EXPECT_EQ(steps, 4);
+  EXPECT_EQ(checkpoints, (std::vector<int64_t>{15, 30}));
+}
+
+// run() writes the checkpoints on its schedule on a thread while the steps go on; on every
+// step the writer cannot keep up and the steps wait for it. The SAE ends bit for bit as a run
+// that never checkpointed, straight or stopped (the checkpoint being written at the stop is
+// the one it resumes from) and resumed; each checkpoint has its log record.
+TEST(Trainer, RunWritesItsCheckpointsBesideTheSteps) {
+  test::TempDir dir;
+  auto make = [&](const std::string& out, int64_t every) {
+    json j = tiny_config(out);
+    j["training"]["checkpoint_every_steps"] = every;
+    return TrainConfig::from_json(j, "test");
+  };
+  auto final_weights = [&](const std::string& out) {
+    return test::read_bytes(out + "/sae/sae_weights.safetensors");
+  };
+  auto checkpoint_records = [&](const std::string& out, const TrainConfig& cfg) {
+    std::vector<int64_t> steps;
+    std::ifstream log(out + "/log.jsonl");
+    for (std::string line; std::getline(log, line);) {
+      const json r = json::parse(line);
+      if (!r.contains("checkpoint")) continue;
+      steps.push_back(r["checkpoint"].get<int64_t>());
+      EXPECT_EQ(r["bytes"].get<int64_t>(), Trainer::planned_checkpoint_bytes(cfg, 24)) << line;
+      EXPECT_LE(r["paused_s"].get<double>(), r["seconds"].get<double>() + 1e-6) << line;
+    }
+    return steps;
+  };
+  const TrainConfig none = make(dir / "none", 0);
+  data::SyntheticSource src(data::SyntheticConfig::from_json(none.data, "test"));
+  ASSERT_TRUE(Trainer(none, src, "test").run(false));
+  EXPECT_TRUE(checkpoint_records(dir / "none", none).empty());
+
+  const TrainConfig every = make(dir / "every", 1);
+  ASSERT_TRUE(Trainer(every, src, "test").run(false));
+  EXPECT_EQ(final_weights(dir / "none"), final_weights(dir / "every"));
+  std::vector<int64_t> all;
+  for (int64_t s = 1; s < 40; ++s) all.push_back(s);
+  EXPECT_EQ(checkpoint_records(dir / "every", every), all);
+  EXPECT_EQ(read_json_file(dir / "every/checkpoint/state.json")["step"], 40);  // finish()'s
+
+  const TrainConfig stopped = make(dir / "stopped", 1);
+  EXPECT_FALSE(Trainer(stopped, src, "test").run(false, 23));
+  EXPECT_EQ(read_json_file(dir / "stopped/checkpoint/state.json")["step"], 23);
+  std::vector<int64_t> to_23(all.begin(), all.begin() + 23);
+  EXPECT_EQ(checkpoint_records(dir / "stopped", stopped), to_23);
+  ASSERT_TRUE(Trainer(stopped, src, "test").run(true));
+  EXPECT_EQ(final_weights(dir / "none"), final_weights(dir / "stopped"));
+  EXPECT_EQ(checkpoint_records(dir / "stopped", stopped), all);
 }
 
 TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {

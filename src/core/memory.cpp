@@ -6,8 +6,8 @@
 namespace sae {
 
 namespace {
-int64_t status_kib(const char* key) {
-  std::FILE* f = std::fopen("/proc/self/status", "r");
+int64_t status_kib(const char* key, const char* file = "/proc/self/status") {
+  std::FILE* f = std::fopen(file, "r");
   if (!f) return 0;
   char line[256];
   int64_t kib = 0;
@@ -28,6 +28,9 @@ int64_t resident_bytes() {
 }
 int64_t peak_resident_bytes() {
   return status_kib("VmHWM:") * 1024;
+}
+int64_t available_host_bytes() {
+  return status_kib("MemAvailable:", "/proc/meminfo") * 1024;
 }
 
 std::string fmt_bytes(double bytes) {

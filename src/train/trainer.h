@@ -65,6 +65,8 @@ struct CheckpointData {
 // checkpoint stays until the new one is complete). Touches nothing else.
 void write_checkpoint(const CheckpointData& c);
 
+class CheckpointWriter;
+
 class Trainer {
  public:
   // `label` prefixes the progress line (e.g. the variant name). With `comm` of several ranks
@@ -79,7 +81,9 @@ class Trainer {
   // Trains until total_steps, resuming from <output_dir>/checkpoint when `resume` and one
   // exists. If stop_at_step >= 0, checkpoints and returns false when that step is reached (a
   // controlled interruption); `stop` (e.g. set by SIGINT) does the same. Returns true when
-  // training finished and the SAE was saved to <output_dir>/sae.
+  // training finished and the SAE was saved to <output_dir>/sae. The checkpoints on the
+  // schedule are written on a thread of rank 0 while the steps go on (the steps pay for taking
+  // the state); the stop's and the final one are written before it returns.
   bool run(bool resume, int64_t stop_at_step = -1, const std::atomic<bool>* stop = nullptr);
 
   // The pieces of run(), for a driver that feeds batches itself (many SAEs on one activation
@@ -161,6 +165,13 @@ class Trainer {
   bool lends_arrays() const;
   void drop_host_state();  // !keep_host_state: the big host arrays freed (device state is whole)
   void append_log(const nlohmann::json& record);
+  // run()'s checkpoints on the schedule: the state taken between two steps (a collective with
+  // several ranks) and handed to rank 0's writer_. The last one still being written is waited
+  // for first (a disk slower than the cadence slows the steps, never skips a checkpoint).
+  void checkpoint_beside_steps();
+  // Rank 0: once the pending checkpoint is on disk (or after waiting for it, `wait`), its log
+  // record and line; a write's error is raised here.
+  void report_written(bool wait);
   // training.checkpoint_every_steps or _minutes says so (a collective with several ranks when
   // on the clock).
   bool checkpoint_due() const;
@@ -209,6 +220,14 @@ class Trainer {
   double eval_seconds_ = 0;
   int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
   double checkpoint_time_ = 0;    // when it was written (or when training began)
+  // Within run(): checkpoints beside the steps (every rank), rank 0's writer.
+  bool beside_steps_ = false;
+  CheckpointWriter* writer_ = nullptr;
+  struct PendingCheckpoint {
+    int64_t step = 0, bytes = 0;
+    double taken_at = 0, paused = 0;  // when the state was taken; the steps' pause for it
+  };
+  std::optional<PendingCheckpoint> pending_;  // handed to writer_, not yet reported
 };
 
 }  // namespace sae::train
