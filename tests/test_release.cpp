@@ -22,6 +22,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/memory.h"
 #include "eval/metrics.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -326,6 +327,12 @@ TEST(Release, TwoLayersTwoVariantsEndToEnd) {
   auto r = test::run_cli(release_args(corpus, out));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("memory: model"), std::string::npos) << "no memory plan printed";
+  // The checkpoint writer's states: one per SAE here (4 small SAEs, within its 1 GiB budget).
+  // (Each: d_in 64, d_sae 64, W_encT, W_dec, b_enc, b_dec and Adam's v; counters.)
+  const std::string states = fmt_bytes(4.0 * ((4 * 64 * 64 + 4 * 64) * 4 + 8 + 2 * 64 * 8));
+  EXPECT_NE(r.output.find("+ checkpoint states " + states + " ="), std::string::npos)
+      << states << "\n"
+      << r.output;
   EXPECT_NE(r.output.find("tok/s"), std::string::npos);
 
   const auto release = read_json_file(out + "/release.json");

@@ -458,6 +458,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
   const double buffer_b = double(store.n_batches_in_buffer * store.prompts_per_forward *
                                  store.windows.context_size * d * 4 * int64_t(layers.size()));
+  // One process writes its checkpoints beside the steps (below): the SAEs' states wait for the
+  // disk in host memory, at most the writer's budget (--checkpoint-snapshots) and never more
+  // than one state per SAE.
+  int64_t snapshot_max = 0, snapshots_all = 0;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    if (mine(i)) {
+      const int64_t b = train::Trainer::planned_checkpoint_bytes(jobs[i].cfg, d);
+      snapshot_max = std::max(snapshot_max, b), snapshots_all += b;
+    }
+  const int64_t writer_budget = opt.checkpoint_snapshots > 0
+                                    ? opt.checkpoint_snapshots * snapshot_max
+                                    : std::max<int64_t>(2 * snapshot_max, int64_t(1) << 30);
+  const double states_b = n_ranks == 1 ? double(std::min(writer_budget, snapshots_all)) : 0.0;
   if (lead)
     std::fprintf(stderr,
                  "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n",
@@ -494,11 +507,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
     }
   } else if (!cuda) {
-    std::fprintf(stderr, "memory: model %s + SAEs %s + activation buffers %s = %s\n",
-                 fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(), fmt_bytes(buffer_b).c_str(),
-                 fmt_bytes(model_b + saes_b + buffer_b).c_str());
+    std::fprintf(
+        stderr, "memory: model %s + SAEs %s + activation buffers %s + checkpoint states %s = %s\n",
+        fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(), fmt_bytes(buffer_b).c_str(),
+        fmt_bytes(states_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b + states_b).c_str());
   }
-  const double plan_bytes = model_b + saes_b + buffer_b;
+  const double plan_bytes = model_b + saes_b + buffer_b + states_b;
   // The disk plan: what the job's folder (one every rank sees) will hold at its fullest, every
   // rank's SAEs summed, against its free space; a resumed job's checkpoints are there already.
   {
@@ -858,15 +872,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // mid-round leaves some SAEs' checkpoints ahead of the state, which the resume steps from
   // their own step (as after a kill mid-checkpoint). Several ranks: every SAE at once between
   // steps (checkpoint(), above).
-  int64_t snapshot_max = 0;
-  for (const Job& j : jobs)
-    if (j.trainer)
-      snapshot_max = std::max(snapshot_max, train::Trainer::planned_checkpoint_bytes(j.cfg, d));
   std::optional<train::CheckpointWriter> writer;
-  if (n_ranks == 1)
-    writer.emplace(opt.checkpoint_snapshots > 0
-                       ? opt.checkpoint_snapshots * snapshot_max
-                       : std::max<int64_t>(2 * snapshot_max, int64_t(1) << 30));
+  if (n_ranks == 1) writer.emplace(writer_budget);
   struct Round {
     int64_t step = 0, last_step = 0, bytes = 0;
     int64_t taken = 0, already = 0;  // SAEs taken; SAEs the last round took at this very step
