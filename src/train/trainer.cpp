@@ -802,9 +802,11 @@ void Trainer::train_step(float* x) {
   }
   if (cfg_.eval_every_steps > 0 && step_ % cfg_.eval_every_steps == 0 && step_ < total)
     eval_and_log(false);
-  if (beside_steps_ && lead()) report_written(false);
+  if (writer_) report_written(false);
+  // With several ranks the others take part through save_checkpoint: the same collectives,
+  // and they write nothing.
   if (auto_checkpoint && step_ < total && checkpoint_due()) {
-    if (beside_steps_)
+    if (writer_)
       checkpoint_beside_steps();
     else
       save_checkpoint();
@@ -813,13 +815,8 @@ void Trainer::train_step(float* x) {
 
 void Trainer::checkpoint_beside_steps() {
   const double t0 = now_seconds();
-  CheckpointData c;
-  if (lead()) {
-    report_written(true);
-    c = writer_->take_spare();  // the last one's arrays, written and mapped
-  }
-  c = checkpoint_data(std::move(c));
-  if (!lead()) return;
+  report_written(true);
+  CheckpointData c = checkpoint_data(writer_->take_spare());  // into the last one's arrays
   pending_ = PendingCheckpoint{step_, c.bytes(), t0, now_seconds() - t0};
   writer_->submit(std::move(c));
 }
@@ -886,9 +883,8 @@ bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* st
                  fmt_bytes(double(available)).c_str());
   struct Detach {  // whichever way run() ends (the writer, destroyed after, finishes its write)
     Trainer& t;
-    ~Detach() { t.beside_steps_ = false, t.writer_ = nullptr, t.pending_.reset(); }
+    ~Detach() { t.writer_ = nullptr, t.pending_.reset(); }
   } detach{*this};
-  beside_steps_ = beside;
   writer_ = writer ? &*writer : nullptr;
   auto settle = [&] {  // the checkpoint being written, on disk before anything else writes
     if (writer_) report_written(true);

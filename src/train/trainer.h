@@ -165,9 +165,10 @@ class Trainer {
   bool lends_arrays() const;
   void drop_host_state();  // !keep_host_state: the big host arrays freed (device state is whole)
   void append_log(const nlohmann::json& record);
-  // run()'s checkpoints on the schedule: the state taken between two steps (a collective with
-  // several ranks) and handed to rank 0's writer_. The last one still being written is waited
-  // for first (a disk slower than the cadence slows the steps, never skips a checkpoint).
+  // run()'s checkpoints on the schedule, on rank 0 (which holds writer_): the state taken
+  // between two steps (a collective with several ranks) and handed to writer_. The last one
+  // still being written is waited for first (a disk slower than the cadence slows the steps,
+  // never skips a checkpoint).
   void checkpoint_beside_steps();
   // Rank 0: once the pending checkpoint is on disk (or after waiting for it, `wait`), its log
   // record and line; a write's error is raised here.
@@ -220,8 +221,7 @@ class Trainer {
   double eval_seconds_ = 0;
   int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
   double checkpoint_time_ = 0;    // when it was written (or when training began)
-  // Within run(): checkpoints beside the steps (every rank), rank 0's writer.
-  bool beside_steps_ = false;
+  // Within run(), on rank 0: the writer of the checkpoints beside the steps (null: between them).
   CheckpointWriter* writer_ = nullptr;
   struct PendingCheckpoint {
     int64_t step = 0, bytes = 0;
