@@ -43,11 +43,7 @@ Runner add_cache(CLI::App& app) {
       "--bf16-matmul", o->c.bf16_matmul,
       "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
       "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
-  cmd->add_option("--device", o->c.device, "cpu or cuda (the model forward on the GPU)")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", o->c.precision,
-                  "On cuda: bf16 (bf16 weights and GEMM operands, fp32 accumulate) or fp32")
-      ->check(CLI::IsMember({"bf16", "fp32"}));
+  add_device_options(cmd, o->c.device, o->c.precision);
   cmd->add_flag("--resume", o->c.resume, "Continue an interrupted cache in the same folder");
   cmd->add_option("--stop-after-shards", o->c.stop_after_shards,
                   "Exit 0 after this many shards (continue later with --resume)");

@@ -67,8 +67,6 @@ std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
   return parse_ranges("--layers", spec, n_layers, "layer");
 }
 
-namespace {
-// --device / --precision of the commands that run the model.
 void add_device_options(CLI::App* cmd, std::string& device, std::string& precision) {
   cmd->add_option("--device", device, "cpu or cuda (the model forward on the GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -76,7 +74,6 @@ void add_device_options(CLI::App* cmd, std::string& device, std::string& precisi
                   "On cuda: bf16 (bf16 weights and GEMM operands, fp32 accumulate) or fp32")
       ->check(CLI::IsMember({"bf16", "fp32"}));
 }
-}  // namespace
 
 Runner add_activations(CLI::App& app) {
   auto* cmd =

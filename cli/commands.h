@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
 
 namespace sae::cli {
 
@@ -21,5 +22,8 @@ Runner add_release_merge(CLI::App& app);
 Runner add_cache(CLI::App& app);
 Runner add_download(CLI::App& app);
 Runner add_dashboard(CLI::App& app);
+
+// --device / --precision of the commands that run the model (cmd_model.cpp).
+void add_device_options(CLI::App* cmd, std::string& device, std::string& precision);
 
 }  // namespace sae::cli

@@ -586,8 +586,8 @@ PYBIND11_MODULE(_core, m) {
          const std::string& output, int64_t tokens, std::vector<int64_t> latents,
          std::pair<int, int> context, int64_t context_size, int64_t holdout_every,
          bool training_split, int64_t prompts_per_forward, int top_k, bool neuronpedia,
-         const std::string& neuronpedia_set, bool bf16, bool resume,
-         int64_t stop_after_tokens) -> py::object {
+         const std::string& neuronpedia_set, bool bf16, bool resume, int64_t stop_after_tokens,
+         const std::string& device, const std::string& precision) -> py::object {
         pipeline::DashboardOptions o;
         o.sae = sae;
         o.model = model::resolve_checkpoint(model).folder;
@@ -607,6 +607,8 @@ PYBIND11_MODULE(_core, m) {
         o.keep_bf16 = bf16;
         o.resume = resume;
         o.stop_after_tokens = stop_after_tokens;
+        o.device = device;
+        o.precision = precision;
         const bool finished = run_interruptible([&](const std::atomic<bool>& stop) {
           return pipeline::run_dashboard(o, &stop).finished;
         });
@@ -619,12 +621,14 @@ PYBIND11_MODULE(_core, m) {
       py::arg("holdout_every") = 100, py::arg("training_split") = false,
       py::arg("prompts_per_forward") = 8, py::arg("top_k") = 20, py::arg("neuronpedia") = false,
       py::arg("neuronpedia_set") = "", py::arg("bf16") = false, py::arg("resume") = false,
-      py::arg("stop_after_tokens") = 0,
+      py::arg("stop_after_tokens") = 0, py::arg("device") = "cpu", py::arg("precision") = "bf16",
       "The `sae dashboard` job (docs/dashboards.md): one pass of held-out text through Gemma-2 "
       "and the SAE (a folder or 'release:sae_id'; its cfg.json hook_name names the layer), "
       "writing an offline folder of feature dashboards (index.html, latent.html?f=N) and, with "
       "neuronpedia=True, SAEDashboard's Neuronpedia batch files. latents: pages for these "
-      "(default all). Returns dashboard.json (settings and timings) as a dict, or None when "
+      "(default all). device='cuda' runs the forward (in precision: bf16 or fp32), the SAE's "
+      "encoder and the logit effects on the GPU. Returns dashboard.json (settings and timings) as "
+      "a dict, or None when "
       "stopped "
       "at stop_after_tokens (continue with resume=True). Ctrl-C checkpoints the pass and raises "
       "KeyboardInterrupt.");

@@ -17,6 +17,7 @@
 #include "model/tokenizer.h"
 #include "ops/attention.h"
 #include "ops/gelu.h"
+#include "ops/gemm.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
 #include "pipeline/activation_store.h"
@@ -462,6 +463,85 @@ TEST(CudaGemma2, CliEvalWithModelOnTheDevice) {
     EXPECT_NEAR(gpu["lm_score"][key].get<double>(), cpu["lm_score"][key].get<double>(), 1e-3)
         << key;
   EXPECT_EQ(gpu["lm_score"]["n_predictions"], cpu["lm_score"]["n_predictions"]);
+}
+
+// DeviceGemma2::unembed: host rows times the tied embedding, in vocabulary slices (a vocabulary
+// of 70000 takes three), against the host's GEMM; fp32 tight, bf16 in norm.
+TEST(CudaGemma2, UnembedMatchesTheHost) {
+  REQUIRE_GPU();
+  Gemma2 m = Gemma2::load(test::golden("gemma2/gqa_window/model"), {.verbose = false});
+  const int64_t H = m.cfg.hidden_size, V = 70000, n = 5;
+  m.cfg.vocab_size = V;
+  m.embed.rows = V;
+  m.embed.f32 = test::random_vector(size_t(V * H), 31, 0.5f);
+  const std::vector<float> rows = test::random_vector(size_t(n * H), 32, 1.0f);
+  std::vector<float> want(size_t(n * V));
+  ops::gemm(ops::Trans::No, ops::Trans::Yes, n, V, H, 1.0f, rows.data(), H, m.embed.f32.data(), H,
+            0.0f, want.data(), V);
+  DeviceGemma2 f32(m, "fp32");
+  test::expect_close(f32.unembed(rows, n), want, 2e-5, "unembed fp32");
+  DeviceGemma2 bf16(m, "bf16");
+  expect_close_in_norm(bf16.unembed(rows, n), want, 1e-2, "unembed bf16");
+  EXPECT_TRUE(f32.unembed({}, 0).empty());
+}
+
+// `sae dashboard --device cuda`: the forward, the encoder and the logit effects on the GPU give
+// the CPU's dashboard (fp32): the same tokens and windows, each latent's firing count, top
+// activations and logit tables (allowing a flip where f32 sums differ in their last bits);
+// a bf16 forward runs too and says so.
+TEST(CudaGemma2, DashboardOnTheDeviceEqualsTheCpus) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  SaeConfig c;
+  c.architecture = Architecture::TopK;
+  c.d_in = 64, c.d_sae = 48, c.k = 6;
+  c.json = nlohmann::ordered_json::object();
+  c.json["metadata"] = {{"hook_name", "blocks.1.hook_resid_post"},
+                        {"model_name", "tiny-gemma2"},
+                        {"training_architecture_details", {{"matryoshka_widths", {16, 48}}}}};
+  Sae sae(c);
+  sae.W_enc = test::random_vector(sae.W_enc.size(), 41, 1.0f);
+  sae.W_dec = test::random_vector(sae.W_dec.size(), 42, 0.1f);
+  save_to_disk(sae, dir / "sae");
+  test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
+  auto run = [&](const std::string& out, const std::string& extra) {
+    const auto r = test::run_cli(
+        "dashboard " + (dir / "sae") + " --model " + test::golden("gemma2/gqa_window/model") +
+        " --dataset " + (dir / "docs.jsonl") +
+        " --tokens 1500 --context-size 16 --holdout-every 3 -o " + (dir / out) + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    const std::string js = test::read_bytes(dir / (out + "/data/latents-000.js"));
+    const std::string prefix = "saeDash.add(\"latents\", 0, ";
+    EXPECT_EQ(js.rfind(prefix, 0), 0u);
+    return std::pair{
+        read_json_file(dir / (out + "/dashboard.json")),
+        nlohmann::json::parse(js.substr(prefix.size(), js.rfind(");") - prefix.size()))};
+  };
+  const auto [cpu_run, cpu] = run("cpu", "");
+  const auto [gpu_run, gpu] = run("gpu", " --device cuda --precision fp32");
+  EXPECT_EQ(gpu_run["meta"]["device"], "cuda");
+  EXPECT_EQ(gpu_run["meta"]["tokens"], cpu_run["meta"]["tokens"]);
+  EXPECT_EQ(gpu_run["meta"]["windows"], cpu_run["meta"]["windows"]);
+  int same_fires = 0, same_logits = 0;
+  for (int f = 0; f < 48; ++f) {
+    const auto &a = gpu[std::to_string(f)], &b = cpu[std::to_string(f)];
+    const int64_t fa = a["fires"].get<int64_t>(), fb = b["fires"].get<int64_t>();
+    EXPECT_LE(std::abs(fa - fb), 2) << "latent " << f;
+    same_fires += fa == fb;
+    same_logits += a["logits_pos"] == b["logits_pos"] && a["logits_neg"] == b["logits_neg"];
+    EXPECT_NEAR(a["max"].get<double>(), b["max"].get<double>(), 1e-3 * b["max"].get<double>());
+    ASSERT_EQ(a["top"].size(), b["top"].size()) << "latent " << f;
+    for (size_t i = 0; i < a["top"].size(); ++i)
+      EXPECT_NEAR(a["top"][i]["v"].get<double>(), b["top"][i]["v"].get<double>(),
+                  1e-3 * b["top"][i]["v"].get<double>() + 1e-5)
+          << "latent " << f << " rank " << i;
+  }
+  EXPECT_GE(same_fires, 46);
+  EXPECT_GE(same_logits, 46);
+  const auto [bf16_run, bf16] = run("bf16", " --device cuda");
+  EXPECT_EQ(bf16_run["meta"]["forward_precision"], "bf16");
+  EXPECT_EQ(bf16_run["meta"]["tokens"], cpu_run["meta"]["tokens"]);
+  EXPECT_EQ(bf16.size(), 48u);
 }
 
 // The activation store on the GPU (rows in device memory, shuffled there) serves the CPU

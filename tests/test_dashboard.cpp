@@ -378,6 +378,21 @@ TEST(Dashboard, BadInputsFailCleanly) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("latent 48 is outside 0..47"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir / "a"));
+  // --device cuda where no GPU can run it: refused before anything is loaded or written (with
+  // a GPU, CudaGemma2.DashboardOnTheDeviceEqualsTheCpus runs it); an unknown device.
+  if (!cuda_compiled() || cuda_device_count() == 0) {
+    r = test::run_cli(dashboard_args(sae_dir, corpus, dir / "gpu") + " --device cuda");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_TRUE(r.output.find("no CUDA GPU") != std::string::npos ||
+                r.output.find("without CUDA") != std::string::npos)
+        << r.output;
+    EXPECT_FALSE(fs::exists(dir / "gpu"));
+    EXPECT_FALSE(fs::exists(dir / "gpu.partial"));
+  }
+  r = test::run_cli(dashboard_args(sae_dir, corpus, dir / "tpu") + " --device tpu");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--device"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "tpu.partial"));
   // An SAE without a hook name in its cfg.json.
   json cfg = read_json_file(sae_dir + "/cfg.json");
   cfg["metadata"].erase("hook_name");

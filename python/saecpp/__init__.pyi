@@ -123,6 +123,8 @@ def dashboard(
     bf16: bool = False,
     resume: bool = False,
     stop_after_tokens: int = 0,
+    device: str = "cpu",
+    precision: str = "bf16",
 ) -> Optional[dict[str, Any]]: ...
 
 def release_from_cache(

@@ -9,15 +9,8 @@
 
 namespace sae::eval {
 
-std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& unembed,
-                                        const std::vector<uint8_t>& skip, int64_t f0, int64_t f1,
-                                        int n_top, int hist_bins) {
-  const int64_t d = sae.cfg.d_in, vocab = unembed.rows, n = f1 - f0;
-  if (unembed.cols != d)
-    fail("logit effects", "d_in",
-         cat("the SAE reads ", d, " dimensions and the unembedding has ", unembed.cols));
-  if (int64_t(skip.size()) != vocab) fail("logit effects", "skip", "one flag per token expected");
-  // Unit decoder rows of the chunk.
+std::vector<float> unit_decoder_rows(const Sae& sae, int64_t f0, int64_t f1) {
+  const int64_t d = sae.cfg.d_in, n = f1 - f0;
   std::vector<float> dirs(size_t(n * d));
   for (int64_t i = 0; i < n; ++i) {
     const float* w = sae.W_dec.data() + (f0 + i) * d;
@@ -26,6 +19,18 @@ std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& une
     const float inv = float(1 / std::max(std::sqrt(ss), 1e-8));
     for (int64_t c = 0; c < d; ++c) dirs[size_t(i * d + c)] = w[c] * inv;
   }
+  return dirs;
+}
+
+std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& unembed,
+                                        const std::vector<uint8_t>& skip, int64_t f0, int64_t f1,
+                                        int n_top, int hist_bins) {
+  const int64_t d = sae.cfg.d_in, vocab = unembed.rows, n = f1 - f0;
+  if (unembed.cols != d)
+    fail("logit effects", "d_in",
+         cat("the SAE reads ", d, " dimensions and the unembedding has ", unembed.cols));
+  if (int64_t(skip.size()) != vocab) fail("logit effects", "skip", "one flag per token expected");
+  const std::vector<float> dirs = unit_decoder_rows(sae, f0, f1);
   // [n, vocab] = dirs @ W_U^T, a block of vocabulary rows at a time (bf16 rows upcast per block).
   std::vector<float> logits(size_t(n * vocab)), scratch;
   constexpr int64_t kRows = 8192;
@@ -35,6 +40,15 @@ std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& une
     ops::gemm(ops::Trans::No, ops::Trans::Yes, n, r1 - r0, d, 1.0f, dirs.data(), d, u, d, 0.0f,
               logits.data() + r0, vocab);
   }
+  return logit_effects_of(logits, n, skip, n_top, hist_bins);
+}
+
+std::vector<LogitEffects> logit_effects_of(std::span<const float> logits, int64_t n,
+                                           const std::vector<uint8_t>& skip, int n_top,
+                                           int hist_bins) {
+  const int64_t vocab = int64_t(skip.size());
+  if (int64_t(logits.size()) != n * vocab)
+    fail("logit effects", "logits", cat("expected ", n, " x ", vocab, " values"));
   std::vector<int32_t> kept;
   for (int64_t v = 0; v < vocab; ++v)
     if (!skip[size_t(v)]) kept.push_back(int32_t(v));

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "model/gemma2.h"
@@ -24,5 +25,14 @@ struct LogitEffects {
 std::vector<LogitEffects> logit_effects(const Sae& sae, const model::Weight& unembed,
                                         const std::vector<uint8_t>& skip, int64_t f0, int64_t f1,
                                         int n_top = 10, int hist_bins = 40);
+
+// The tables and histograms from the products already made: logits [n, vocab], row i the unit
+// decoder row of a latent times the unembedding (a GPU makes them: model::DeviceGemma2::unembed).
+std::vector<LogitEffects> logit_effects_of(std::span<const float> logits, int64_t n,
+                                           const std::vector<uint8_t>& skip, int n_top = 10,
+                                           int hist_bins = 40);
+
+// W_dec rows [f0, f1) scaled to unit norm ([f1 - f0, d_in]; a zero row stays zero).
+std::vector<float> unit_decoder_rows(const Sae& sae, int64_t f0, int64_t f1);
 
 }  // namespace sae::eval

@@ -99,6 +99,24 @@ struct DeviceGemma2::Impl {
     f.resize(n, what);
     return {f.data(), nullptr};
   }
+  // out (host, [T, vocab]) = a [T, hidden] @ embed^T, soft-capped at `cap` when cap > 0; in
+  // slices of the vocabulary, so that the device's [T, slice] stays small. Synchronises.
+  void project_vocab(const cuda::Operand& a, int64_t T, float cap, float* out) {
+    const int64_t V = cfg.vocab_size, H = cfg.hidden_size, slice = 32768;
+    logits.resize(size_t(T * std::min(V, slice)), "logits");
+    for (int64_t r0 = 0; r0 < V; r0 += slice) {
+      const int64_t n = std::min(V, r0 + slice) - r0;
+      cuda::Operand w = embed.operand();
+      w.data = bf16 ? static_cast<const void*>(embed.bf16.data() + r0 * H)
+                    : static_cast<const void*>(embed.f32.data() + r0 * H);
+      cuda::gemm(ctx, ops::Trans::No, ops::Trans::Yes, T, n, H, 1.0f, a, w, 0.0f, logits.data(), n,
+                 prec);
+      if (cap > 0) cuda::soft_cap(ctx, logits.data(), T * n, cap);
+      SAE_CUDA(cudaMemcpy2DAsync(out + r0, size_t(V) * 4, logits.data(), size_t(n) * 4,
+                                 size_t(n) * 4, size_t(T), cudaMemcpyDeviceToHost, ctx.stream()));
+    }
+    ctx.sync();
+  }
   // y [T, w.rows] = a [T, w.cols] @ w^T
   void linear(const cuda::Operand& a, const DeviceWeight& w, float* y, int64_t T) {
     cuda::gemm(ctx, ops::Trans::No, ops::Trans::Yes, T, w.rows, w.cols, 1.0f, a, w.operand(), 0.0f,
@@ -273,25 +291,29 @@ void DeviceGemma2::forward(const TokenBatch& batch, int64_t last_layer, const De
     ctx.sync();
     return;
   }
-  const int64_t V = c.vocab_size;
   cuda::rms_norm_gemma(ctx, h, m.final_norm.data(), T, H, eps, xn);
-  // The tied output projection in slices of the vocabulary, so [T, slice] stays small.
-  const int64_t slice = 32768;
-  m.logits.resize(size_t(T * std::min(V, slice)), "logits");
-  logits->resize(size_t(T * V));
-  for (int64_t r0 = 0; r0 < V; r0 += slice) {
-    const int64_t r1 = std::min(V, r0 + slice), n = r1 - r0;
-    cuda::Operand w = m.embed.operand();
-    w.data = m.bf16 ? static_cast<const void*>(m.embed.bf16.data() + r0 * H)
-                    : static_cast<const void*>(m.embed.f32.data() + r0 * H);
-    cuda::gemm(ctx, ops::Trans::No, ops::Trans::Yes, T, n, H, 1.0f, m.operand(xn, H), w, 0.0f,
-               m.logits.data(), n, m.prec);
-    if (c.final_logit_softcap)
-      cuda::soft_cap(ctx, m.logits.data(), T * n, float(*c.final_logit_softcap));
-    SAE_CUDA(cudaMemcpy2DAsync(logits->data() + r0, size_t(V) * 4, m.logits.data(), size_t(n) * 4,
-                               size_t(n) * 4, size_t(T), cudaMemcpyDeviceToHost, s));
+  logits->resize(size_t(T * c.vocab_size));
+  m.project_vocab(m.operand(xn, H), T, c.final_logit_softcap ? float(*c.final_logit_softcap) : 0.0f,
+                  logits->data());
+}
+
+std::vector<float> DeviceGemma2::unembed(std::span<const float> rows, int64_t n) {
+  Impl& m = *impl_;
+  const int64_t H = m.cfg.hidden_size;
+  SAE_CHECK(int64_t(rows.size()) == n * H, "unembed: rows are not [n, hidden]");
+  std::vector<float> out(size_t(n * m.cfg.vocab_size));
+  if (n == 0) return out;
+  const cudaStream_t s = m.ctx.stream();
+  const ActOut a = m.act_out(m.act_f32, m.xb, size_t(n * H), "rows to unembed");
+  if (m.bf16) {
+    std::vector<uint16_t> b(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) b[i] = f32_to_bf16(rows[i]);
+    SAE_CUDA(cudaMemcpyAsync(a.bf16, b.data(), b.size() * 2, cudaMemcpyHostToDevice, s));
+  } else {
+    SAE_CUDA(cudaMemcpyAsync(a.f32, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, s));
   }
-  ctx.sync();
+  m.project_vocab(m.operand(a, H), n, 0.0f, out.data());
+  return out;
 }
 
 }  // namespace sae::model

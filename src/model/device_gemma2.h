@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,10 @@ class DeviceGemma2 {
   // hook seeing the same values, called after both.
   void forward(const TokenBatch& batch, int64_t last_layer, const DeviceHookFn& hook,
                std::vector<float>* logits = nullptr, bool hook_writes = true);
+
+  // rows [n, hidden] (host) times the tied unembedding: [n, vocab] on the host, without the
+  // final norm and the soft-cap (the dashboard's logit effects), in the model's precision.
+  std::vector<float> unembed(std::span<const float> rows, int64_t n);
 
   // A device activation copied to the host (after the work queued before it), and host rows
   // copied back over it (ordered on the forward's stream).

@@ -23,6 +23,9 @@ int64_t DeviceGemma2::weight_bytes() const {
 }
 void DeviceGemma2::forward(const TokenBatch&, int64_t, const DeviceHookFn&, std::vector<float>*,
                            bool) {}
+std::vector<float> DeviceGemma2::unembed(std::span<const float>, int64_t) {
+  return {};
+}
 std::vector<float> DeviceGemma2::to_host(const float*, int64_t) const {
   return {};
 }

@@ -7,18 +7,22 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/clock.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "eval/logit_effects.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "io/mapped_file.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
 #include "pipeline/activation_store.h"
+#include "sae/device_sae.h"
 #include "sae/load.h"
 
 namespace sae::pipeline {
@@ -213,6 +217,10 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     fail(partial.string(), "",
          "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
   if (opt.tokens <= 0) fail("dashboard", "tokens", "must be positive");
+  const bool cuda = parse_device(opt.device, "dashboard") == Device::Cuda;
+  if (cuda && opt.precision != "bf16" && opt.precision != "fp32")
+    fail("dashboard", "precision", cat("'", opt.precision, "' (expected bf16 or fp32)"));
+  if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
   if (opt.context_before < 0 || opt.context_after < 0)
     fail("dashboard", "context", "token counts before and after must be >= 0");
 
@@ -223,11 +231,12 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     fail(loaded.folder + "/cfg.json", "metadata.hook_name",
          "missing: the dashboard runs the model to the SAE's hook");
   const auto [point, layer] = model::parse_hook_name(hook);
-  const model::Gemma2 m =
-      model::Gemma2::load(opt.model, {.last_layer = layer,
-                                      .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul,
-                                      .bf16_matmul = opt.bf16_matmul,
-                                      .verbose = false});
+  const model::Gemma2 m = model::Gemma2::load(
+      opt.model,
+      {.last_layer = layer,
+       .keep_bf16 = opt.keep_bf16 || opt.bf16_matmul || (cuda && opt.precision == "bf16"),
+       .bf16_matmul = opt.bf16_matmul && !cuda,
+       .verbose = false});
   if (m.cfg.hidden_size != sae.cfg.d_in)
     fail(loaded.folder + "/cfg.json", "d_in",
          cat(sae.cfg.d_in, " does not match the model's hidden size ", m.cfg.hidden_size));
@@ -239,6 +248,16 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     for (int64_t f = 0; f < sae.cfg.d_sae; ++f) selected.push_back(f);
   std::sort(selected.begin(), selected.end());
   selected.erase(std::unique(selected.begin(), selected.end()), selected.end());
+  // --device cuda: the forward, the SAE's encoder and the logit effects' products on the GPU;
+  // the statistics, the token log and the pages stay on the host.
+  std::optional<model::DeviceGemma2> dm;
+  std::optional<DeviceSae> dsae;
+  if (cuda) {
+    dm.emplace(m, opt.precision);
+    dsae.emplace(sae, "fp32");
+    std::fprintf(stderr, "dashboard: the forward (%s) and the SAE (fp32) on %s\n",
+                 opt.precision.c_str(), cuda_device_description().c_str());
+  }
 
   const model::Tokenizer tok((fs::path(opt.model) / "tokenizer.model").string());
   const std::vector<int32_t> special = {tok.bos_id(), tok.eos_id(), tok.pad_id()};
@@ -350,14 +369,25 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     const std::vector<uint8_t> keep = non_special(batch.ids, special);
     std::vector<float> acts;
     double t0 = now_seconds();
-    m.forward(batch, layer, [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
-      if (p != point || l != layer) return;
+    auto take_kept = [&](const float* a, int64_t n) {
       for (int64_t t = 0; t < n; ++t)
         if (keep[size_t(t)]) acts.insert(acts.end(), a + t * d, a + (t + 1) * d);
-    });
+    };
+    if (dm) {
+      dm->forward(
+          batch, layer,
+          [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+            if (p == point && l == layer) take_kept(dm->to_host(a, n * d).data(), n);
+          },
+          nullptr, /*hook_writes=*/false);
+    } else {
+      m.forward(batch, layer, [&](model::HookPoint p, int64_t l, float* a, int64_t n) {
+        if (p == point && l == layer) take_kept(a, n);
+      });
+    }
     double t1 = now_seconds();
     const int64_t n_kept = int64_t(acts.size()) / d;
-    const SparseCodes codes = sae.encode(acts, n_kept);
+    const SparseCodes codes = dsae ? dsae->encode(acts, n_kept) : sae.encode(acts, n_kept);
     double t2 = now_seconds();
     // Code row of each token of the batch (-1: special, not encoded); stats see every token so
     // that token indices stay those of the log.
@@ -408,14 +438,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   }
   const std::vector<int64_t> widths = matryoshka_widths(sae);
   const int64_t D = sae.cfg.d_sae, N = stats.tokens();
-  std::vector<float> unit_dec(sae.W_dec);
-  for (int64_t f = 0; f < D; ++f) {
-    double ss = 0;
-    for (int64_t c = 0; c < d; ++c)
-      ss += double(unit_dec[size_t(f * d + c)]) * unit_dec[size_t(f * d + c)];
-    const float inv = float(1 / std::max(std::sqrt(ss), 1e-8));
-    for (int64_t c = 0; c < d; ++c) unit_dec[size_t(f * d + c)] *= inv;
-  }
+  const std::vector<float> unit_dec = eval::unit_decoder_rows(sae, 0, D);
   // Parents (an inner-level latent that fires on at least half of f's tokens) and, inverted,
   // children, over the whole SAE. Co-firing counts are Space-Saving's lower bounds (exact for
   // partners never evicted), so no probability is overstated.
@@ -489,7 +512,12 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
     size_t c1 = c0;
     while (c1 < selected.size() && selected[c1] / kLatentsPerFile == file) ++c1;
     const int64_t lo = selected[c0], hi = selected[c1 - 1] + 1;
-    const std::vector<eval::LogitEffects> logits = eval::logit_effects(sae, m.embed, skip, lo, hi);
+    const std::vector<eval::LogitEffects> logits =
+        dm ? eval::logit_effects_of(
+                 dm->unembed(std::span(unit_dec).subspan(size_t(lo * d), size_t((hi - lo) * d)),
+                             hi - lo),
+                 hi - lo, skip)
+           : eval::logit_effects(sae, m.embed, skip, lo, hi);
     // Nearest latents: decoder cosines of the block against every latent.
     std::vector<float> cos(size_t((hi - lo) * D));
     ops::gemm(ops::Trans::No, ops::Trans::Yes, hi - lo, D, d, 1.0f, unit_dec.data() + lo * d, d,
@@ -658,6 +686,10 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                      {"windows", logged / cs},
                      {"context_size", cs},
                      {"split", opt.training_split ? "train" : "heldout"},
+                     {"device", opt.device},
+                     {"forward_precision", cuda              ? opt.precision
+                                           : opt.bf16_matmul ? "bf16_matmul"
+                                                             : "f32"},
                      {"latents", int64_t(selected.size())},
                      {"index_files", n_index},
                      {"latents_per_file", kLatentsPerFile},

@@ -37,6 +37,10 @@ struct DashboardOptions {
   int64_t prompts_per_forward = 8;
   bool keep_bf16 = false;
   bool bf16_matmul = false;  // with keep_bf16: multiply in bf16 (model::Gemma2Options)
+  // "cuda": the forward (in `precision`, bf16 or fp32), the SAE's encoder (fp32) and the logit
+  // effects' products on the GPU (model::DeviceGemma2, DeviceSae).
+  std::string device = "cpu";
+  std::string precision = "bf16";
   bool neuronpedia = false;
   std::string neuronpedia_set;      // sae_set of the batch files (default: the SAE's folder name)
   eval::LatentStatsConfig stats;    // d_sae is taken from the SAE
