@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # `sae dashboard` for all 32768 latents of a release-shaped SAE at layer 12 of a Gemma-2-2b-shaped
-# random checkpoint, on the CPU; prints where the time went (dashboard.json) and the share spent
-# outside the model forward and the SAE encode. Needs the release build and .venv.
-#   bash bench/dashboard_real_shape.sh [tokens] [model dir]
+# random checkpoint, on the CPU (or, with `--device cuda [--precision fp32]` after the first two
+# arguments, the GPU); prints where the time went (dashboard.json) and the share spent outside
+# the model forward and the SAE encode. Needs the release build and .venv.
+#   bash bench/dashboard_real_shape.sh [tokens] [model dir] [more sae dashboard options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokens=${1:-4096}
 model=${2:-/tmp/gemma-2-2b-random}
+extra=("${@:3}")
 inputs=/tmp/saecpp-dash-inputs
 out=/tmp/saecpp-dash-bench
 .venv/bin/python bench/make_random_gemma.py --out "$model"
 [[ -d $inputs/sae ]] || .venv/bin/python bench/make_dashboard_inputs.py --model "$model" --out "$inputs"
 rm -rf "$out" "$out.partial"
-echo "command: bash bench/dashboard_real_shape.sh $tokens $model"
+echo "command: bash bench/dashboard_real_shape.sh $tokens $model ${extra[*]}"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs"
 echo "cpu flags: $(grep -m1 -o -w -E 'avx2|fma|avx512f|avx512bw|avx512vl|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 build/release/sae dashboard "$inputs/sae" --model "$model" --dataset "$inputs/tokens.npy" \
-  --training-split --holdout-every 0 --tokens "$tokens" --context-size 128 -o "$out"
+  --training-split --holdout-every 0 --tokens "$tokens" --context-size 128 -o "$out" "${extra[@]}"
 .venv/bin/python - "$out/dashboard.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))

@@ -179,3 +179,9 @@ def test_dashboard_of_a_release_sae(tmp_path):
     with pytest.raises(saecpp.SaeError, match="exists already"):
         saecpp.dashboard(str(tmp_path / "release") + ":standard/blocks.2.hook_resid_post", MODEL,
                          corpus, str(out))
+    assert info["meta"]["device"] == "cpu" and info["meta"]["forward_precision"] == "f32"
+    if not saecpp.cuda_available():  # device="cuda" refused before anything is written
+        with pytest.raises(saecpp.SaeError, match="CUDA"):
+            saecpp.dashboard(str(tmp_path / "release") + ":standard/blocks.2.hook_resid_post",
+                             MODEL, corpus, str(tmp_path / "gpu"), device="cuda")
+        assert not (tmp_path / "gpu").exists() and not (tmp_path / "gpu.partial").exists()
