@@ -1,6 +1,7 @@
 #include "acts_file.h"
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
 #include "sae/sae.h"

@@ -1,9 +1,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "core/dtype.h"
+#include "core/error.h"
+#include "core/finite.h"
 
 namespace sae {
 namespace {
@@ -47,6 +51,41 @@ TEST(DType, F16KnownValuesAndRoundTrip) {
     ASSERT_EQ(f32_to_f16(f16_to_f32(uint16_t(h))), h) << std::hex << h;
   }
   EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(std::nanf("")))));
+}
+
+// The bit-pattern scan finds every NaN and infinity (quiet, signalling, negative) at any
+// place, and nothing else (the largest finite values, denormals, signed zeros).
+TEST(Finite, FirstNonFiniteFindsEveryKindAndOnlyThose) {
+  const float lim = std::numeric_limits<float>::max();
+  std::vector<float> x = {0.0f,   -0.0f,   lim,  -lim,
+                          1e-45f, -1e-45f, 3.0f, std::numeric_limits<float>::min()};
+  for (int i = 0; i < 40; ++i) x.push_back(float(i) - 20.5f);
+  EXPECT_EQ(first_non_finite(x), -1);
+  EXPECT_EQ(first_non_finite({}), -1);
+  uint32_t neg_nan_bits = 0xffc00001u;
+  float neg_nan;
+  std::memcpy(&neg_nan, &neg_nan_bits, 4);
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN(),
+                    std::numeric_limits<float>::signaling_NaN(), neg_nan})
+    for (size_t at : {size_t(0), size_t(7), x.size() - 1}) {
+      std::vector<float> y = x;
+      y[at] = bad;
+      y.push_back(bad);  // a later one is not reported first
+      EXPECT_EQ(first_non_finite(y), int64_t(at)) << bad << " at " << at;
+    }
+  // check_finite names the place: row and column, counted from first_row.
+  std::vector<float> rows(12, 1.0f);
+  rows[7] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    check_finite(rows, 3, 4, "shard.npy", 100);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("shard.npy: row 101, column 3: activation is nan"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_NO_THROW(check_finite(rows, 1, 4, "shard.npy"));  // only the first n rows are read
 }
 
 }  // namespace

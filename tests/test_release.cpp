@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -855,6 +857,28 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir / "bad"));
+  // A damaged shard (a NaN at row 10, column 5 of layer 2's fourth): refused when read, naming
+  // the shard, before an SAE trains on it.
+  fs::copy(cache, dir / "damaged", fs::copy_options::recursive);
+  {
+    const std::string shard = dir / "damaged/blocks.2.hook_resid_post/shard-00003.safetensors";
+    std::string bytes = test::read_bytes(shard);
+    uint64_t header = 0;
+    std::memcpy(&header, bytes.data(), 8);
+    const auto meta = nlohmann::json::parse(bytes.substr(8, header));
+    const size_t at =
+        8 + header + meta["activations"]["data_offsets"][0].get<size_t>() + 4 * (10 * 64 + 5);
+    const float nan = NAN;
+    std::memcpy(bytes.data() + at, &nan, 4);
+    test::write_bytes(shard, bytes);
+  }
+  r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "damaged") + (dir / "bad"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("shard-00003.safetensors: activations: row 10, column 5: activation is "
+                          "nan"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir / "bad/release.json"));
 
   if (std::string(SAECPP_MPIEXEC).empty()) return;  // the rest needs MPI
   r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));

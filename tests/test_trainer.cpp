@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/rng.h"
 #include "data/synthetic.h"
 #include "io/json_file.h"
@@ -142,6 +144,82 @@ TEST(Trainer, RunWritesItsCheckpointsBesideTheSteps) {
   ASSERT_TRUE(Trainer(stopped, src, "test").run(true));
   EXPECT_EQ(final_weights(dir / "none"), final_weights(dir / "stopped"));
   EXPECT_EQ(checkpoint_records(dir / "stopped", stopped), all);
+}
+
+// A source whose training batches from index `from` on are spoiled (the normalisation batches,
+// 0 and 1, stay clean).
+class SpoiledSource : public data::ActivationSource {
+ public:
+  SpoiledSource(data::ActivationSource& inner, int64_t from,
+                std::function<void(float*, int64_t)> spoil)
+      : inner_(inner), from_(from), spoil_(std::move(spoil)) {}
+  int64_t d_in() const override { return inner_.d_in(); }
+  void train_batch(int64_t index, int64_t batch, float* out) override {
+    inner_.train_batch(index, batch, out);
+    if (index >= from_) spoil_(out, batch * d_in());
+  }
+  int64_t heldout_size(int64_t n) const override { return inner_.heldout_size(n); }
+  void heldout(int64_t n, float* out) override { inner_.heldout(n, out); }
+  std::string describe() const override { return inner_.describe(); }
+
+ private:
+  data::ActivationSource& inner_;
+  int64_t from_;
+  std::function<void(float*, int64_t)> spoil_;
+};
+
+// A step whose loss turns NaN or infinite stops the run with an error that says why (bad data,
+// with the value's place, or divergence) before anything of it is logged or saved: the last
+// checkpoint stays as it was, and resuming from it on clean data ends at the SAE of a run that
+// never met the bad batch.
+TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
+  test::TempDir dir;
+  auto run_spoiled = [&](const std::string& out, std::function<void(float*, int64_t)> spoil) {
+    const TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+    data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
+    SpoiledSource spoiled(clean, 17, std::move(spoil));  // the 18th step's batch on
+    try {
+      Trainer(cfg, spoiled, "test").run(false);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    ADD_FAILURE() << "the run ended without an error";
+    return std::string();
+  };
+  const std::string nan = run_spoiled(dir / "nan", [](float* x, int64_t) { x[5 * 24 + 3] = NAN; });
+  EXPECT_NE(nan.find("test: step 18: the loss is nan"), std::string::npos) << nan;
+  EXPECT_NE(nan.find(") holds nan at row 5, column 3: bad activations"), std::string::npos) << nan;
+  EXPECT_NE(nan.find("the checkpoint of step 15 is intact"), std::string::npos) << nan;
+  // On disk: the checkpoint of step 15, finite, and no record past it in the log.
+  EXPECT_EQ(read_json_file(dir / "nan/checkpoint/state.json")["step"], 15);
+  SafetensorsFile ckpt(dir / "nan/checkpoint/state.safetensors");
+  for (const char* t : {"W_encT", "W_dec", "b_enc", "b_dec", "v_W_encT", "v_W_dec"}) {
+    const std::vector<float> v = ckpt.read_f32(t);
+    EXPECT_EQ(first_non_finite(v), -1) << t;
+  }
+  std::ifstream log(dir / "nan/log.jsonl");
+  for (std::string line; std::getline(log, line);) {
+    const json r = json::parse(line);
+    EXPECT_LE(r.value("step", r.value("checkpoint", int64_t(0))), 15) << line;
+  }
+  // Resumed on clean data: the SAE of a clean run, bit for bit.
+  const TrainConfig resumed = TrainConfig::from_json(tiny_config(dir / "nan"), "test");
+  data::SyntheticSource clean(data::SyntheticConfig::from_json(resumed.data, "test"));
+  ASSERT_TRUE(Trainer(resumed, clean, "test").run(true));
+  const TrainConfig straight = TrainConfig::from_json(tiny_config(dir / "clean"), "test");
+  ASSERT_TRUE(Trainer(straight, clean, "test").run(false));
+  EXPECT_EQ(test::read_bytes(dir / "nan/sae/sae_weights.safetensors"),
+            test::read_bytes(dir / "clean/sae/sae_weights.safetensors"));
+
+  // Values finite in the batch but too large for f32 arithmetic: a divergence, so said.
+  const std::string huge = run_spoiled(dir / "huge", [](float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
+  });
+  EXPECT_NE(huge.find("test: step 18: the loss is "), std::string::npos) << huge;
+  EXPECT_NE(huge.find(") is finite (largest magnitude 4.2946e+30), so the training diverged"),
+            std::string::npos)
+      << huge;
+  EXPECT_EQ(read_json_file(dir / "huge/checkpoint/state.json")["step"], 15);
 }
 
 TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
@@ -550,6 +628,18 @@ TEST(TrainCli, TrainsFromActivationFilesAndRejectsBadConfig) {
                                " --set 'data.paths=[\"nope.npy\"]' -o " + (dir / "bad"));
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.output.find("nope.npy"), std::string::npos) << missing.output;
+  // A NaN in a shard (a damaged file): refused when its row is read, naming the file, the row
+  // within it and the column, before any SAE state is written.
+  x[size_t(1500 * 24 + 7)] = NAN;
+  write_npy(dir / "c.npy", DType::F32, {1000, 24},
+            {reinterpret_cast<const uint8_t*>(x.data() + 1000 * 24), 1000 * 24 * 4});
+  auto damaged =
+      test::run_cli("train --config " + (dir / "cfg.json") + " --set 'data.paths=[\"" +
+                    (dir / "a.npy") + "\", \"" + (dir / "c.npy") + "\"]' -o " + (dir / "damaged"));
+  EXPECT_EQ(damaged.exit_code, 1);
+  EXPECT_NE(damaged.output.find("c.npy: row 500, column 7: activation is nan"), std::string::npos)
+      << damaged.output;
+  EXPECT_FALSE(fs::exists(dir / "damaged/checkpoint"));
 
   // Nothing to train from: the usage and the presets, not the first missing field.
   auto bare = test::run_cli("train -o " + (dir / "bare"));

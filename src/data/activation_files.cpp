@@ -3,6 +3,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/rng.h"
 #include "data/corpus.h"
 #include "io/npy.h"
@@ -128,6 +129,7 @@ void FileSource::read_row(int64_t row, float* out) const {
   const Shard& sh = *shards_[s];
   const int64_t r = row - shard_start_[s];
   convert_to_f32(sh.dtype, sh.data + size_t(r * d_in_) * dtype_size(sh.dtype), out, size_t(d_in_));
+  check_finite({out, size_t(d_in_)}, 1, d_in_, cfg_.paths[s], r);  // a damaged shard stops here
 }
 
 const std::vector<int64_t>& FileSource::permutation(int64_t epoch) {

@@ -10,6 +10,7 @@
 #include "core/device.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -275,6 +276,8 @@ int64_t CacheRows::read(const std::vector<float*>& dst, int64_t max_rows) {
       const uint8_t* base = open_[i]->bytes(t).data();
       const size_t width = dtype_size(t.dtype);
       convert_to_f32(t.dtype, base + size_t(row_ * d) * width, dst[i] + done * d, size_t(n * d));
+      check_finite({dst[i] + done * d, size_t(n * d)}, n, d, open_[i]->path() + ": activations",
+                   row_);
     }
     done += n, row_ += n;
     if (row_ == S) open_.clear(), row_ = 0, ++shard_pos_;

@@ -10,6 +10,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "ops/cuda/batch_topk.h"
 #include "ops/cuda/block_reduce.cuh"
 #include "ops/cuda/gemm.h"

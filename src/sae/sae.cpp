@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/threads.h"
 #include "ops/gemm.h"
 #include "ops/select.h"
@@ -35,14 +36,6 @@ Sae::Sae(SaeConfig c, bool allocate) : cfg(std::move(c)) {
 bool Sae::normalises_at_run_time() const {
   return cfg.normalize_activations == InputNorm::ConstantNormRescale ||
          cfg.normalize_activations == InputNorm::LayerNorm;
-}
-
-void check_finite(std::span<const float> x, int64_t n, int64_t d, const std::string& where) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < d; ++c)
-      if (!std::isfinite(x[size_t(r * d + c)]))
-        fail(where, cat("row ", r, ", column ", c),
-             cat("activation is ", x[size_t(r * d + c)], " (NaN/Inf inputs are rejected)"));
 }
 
 std::vector<float> Sae::decoder_norms() const {

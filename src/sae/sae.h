@@ -52,7 +52,4 @@ class Sae {
   void encode_chunk(const float* x, int64_t n, SparseCodes& out) const;
 };
 
-// Rejects NaN/Inf with an error naming `where`, the row and the column.
-void check_finite(std::span<const float> x, int64_t n, int64_t d, const std::string& where);
-
 }  // namespace sae

@@ -12,6 +12,7 @@
 #include "core/clock.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/memory.h"
 #include "io/atomic_file.h"
 #include "io/json_file.h"
@@ -790,6 +791,7 @@ void Trainer::train_step(float* x) {
     grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr)
                         : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
+  if (!std::isfinite(r.loss) || !std::isfinite(grad_norm)) fail_non_finite(r, grad_norm, x);
   window_steps_++;
   window_tokens_ += B;
   ++step_;
@@ -811,6 +813,38 @@ void Trainer::train_step(float* x) {
     else
       save_checkpoint();
   }
+}
+
+void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x) {
+  const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
+  std::string levels;
+  for (double v : r.level_loss) levels += cat(levels.empty() ? "" : ", ", v);
+  std::string what = cat("the loss is ", r.loss, " (levels [", levels, "], aux ", r.aux_loss,
+                         "), the gradient norm ", grad_norm, ": ");
+  // The batch: on the host, the first bad value's place; on the GPU, its squared deviation
+  // (NaN or infinite exactly when a value is).
+  const int64_t bad = x ? first_non_finite({x, size_t(B * d)}) : -1;
+  const std::string scaled = input_scale_ != 1.0 ? cat(" (scaled by ", input_scale_, ")") : "";
+  if (bad >= 0)
+    what += cat("the batch", scaled, " holds ", x[bad], " at row ", bad / d, ", column ", bad % d,
+                ": bad activations (a NaN or infinity in the data, or values too large for f32)");
+  else if (!x && !std::isfinite(dev_->batch_sq_deviation()))
+    what += "the batch (on the GPU) holds NaN or infinity: bad activations";
+  else if (x)
+    what += cat("the batch", scaled, " is finite (largest magnitude ",
+                std::abs(*std::max_element(
+                    x, x + B * d, [](float a, float b) { return std::abs(a) < std::abs(b); })),
+                "), so the training diverged (a lower optimizer.lr, or optimizer.grad_clip, may "
+                "hold it)");
+  else
+    what +=
+        "the batch is finite, so the training diverged (a lower optimizer.lr, or "
+        "optimizer.grad_clip, may hold it)";
+  what += checkpoint_step_ >= 0
+              ? cat(". Nothing of this step was saved: the checkpoint of step ", checkpoint_step_,
+                    " is intact, and --resume continues from it")
+              : ". Nothing of this step was saved (no checkpoint yet)";
+  fail(label_, cat("step ", step_ + 1), what);
 }
 
 void Trainer::checkpoint_beside_steps() {

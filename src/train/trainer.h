@@ -155,6 +155,11 @@ class Trainer {
   void prepare_normalisation();
   void eval_and_log(bool final);
   void log_progress(const StepResult& r, double lr, double grad_norm);
+  // A step whose loss or gradient norm is NaN or infinite has poisoned the state it updated:
+  // an error that says whether the batch held NaN/Inf (bad data; x: the host batch, null when
+  // it is on the GPU) or the training diverged, and which checkpoint is intact. Thrown before
+  // anything of this step is logged or saved.
+  [[noreturn]] void fail_non_finite(const StepResult& r, double grad_norm, const float* x);
   bool load_checkpoint();
   // With training.device = cuda the state lives on the GPU: pull copies it to the host
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
