@@ -171,6 +171,21 @@ def test_train_stops_cleanly_on_callback_error_and_resumes(tmp_path):
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 40
 
 
+def test_train_refuses_nan_activations(tmp_path):
+    """A NaN in the array handed to train: an error naming its row and column, no SAE saved."""
+    x = synthetic_activations(seed=2)
+    x[300, 5] = np.nan
+    config = {
+        "sae": {"d_sae": 64, "k": 3},
+        "training": {"total_tokens": 256 * 20, "batch_size": 256, "eval_tokens": 256},  # every row
+        "data": {"heldout_tokens": 256},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    with pytest.raises(saecpp.SaeError, match=r"row 300, column 5: activation is nan"):
+        saecpp.train(config, activations=x)
+    assert not (tmp_path / "run" / "sae").exists()
+
+
 def test_device_cuda_runs_or_says_why_not():
     sae = saecpp.SAE.load_from_disk(str(GOLDENS / "jumprelu" / "sae"))
     x = load_npy("jumprelu", "x")
