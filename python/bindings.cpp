@@ -24,6 +24,7 @@
 #include "hub/download.h"
 #include "model/activations.h"
 #include "model/checkpoint.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "ops/gemm.h"
@@ -52,7 +53,8 @@ nlohmann::json from_python(const py::handle& obj) {
 // An SAE owned by Python; numpy views of its weights keep it alive through their base.
 // A Gemma-2 checkpoint with its tokenizer.
 struct PyGemma2 {
-  model::Gemma2 m;
+  model::Gemma2 m;  // with device="cuda": its config only (the weights went to `dev`)
+  std::unique_ptr<model::DeviceGemma2> dev;
   std::unique_ptr<model::Tokenizer> tok;
   std::vector<std::vector<int32_t>> tokenize(const std::vector<std::string>& texts) const {
     return tok->encode_batch(texts, /*add_bos=*/true);
@@ -677,23 +679,39 @@ PYBIND11_MODULE(_core, m) {
       m, "Gemma2",
       "A Gemma-2 checkpoint (a folder in HF format, or a Hugging Face repo id such as "
       "'google/gemma-2-2b', downloaded into the HF cache on a miss) and its tokenizer.")
-      .def(py::init([](const std::string& spec, bool bf16, bool bf16_matmul) {
+      .def(py::init([](const std::string& spec, bool bf16, bool bf16_matmul,
+                       const std::string& device, const std::string& precision) {
              auto g = std::make_shared<PyGemma2>();
+             const bool cuda = parse_device(device, "Gemma2") == Device::Cuda;
+             if (cuda && precision != "bf16" && precision != "fp32")
+               throw Error(cat("Gemma2: precision: '", precision, "' (expected bf16 or fp32)"));
+             if (cuda) require_device(Device::Cuda);  // before anything is loaded
              std::string folder;
              {
                py::gil_scoped_release nogil;
                folder = model::resolve_checkpoint(spec).folder;
+               // The GPU in bf16 reads bf16 weights: the host copy need not be upcast first.
                g->m = model::Gemma2::load(
-                   folder, {.keep_bf16 = bf16 || bf16_matmul, .bf16_matmul = bf16_matmul});
+                   folder, {.keep_bf16 = bf16 || bf16_matmul || (cuda && precision == "bf16"),
+                            .bf16_matmul = bf16_matmul && !cuda});
+               if (cuda) {  // uploaded; the host keeps the config
+                 g->dev = std::make_unique<model::DeviceGemma2>(g->m, precision);
+                 model::Gemma2 config_only;
+                 config_only.cfg = g->m.cfg;
+                 g->m = std::move(config_only);
+               }
              }
              g->tok = std::make_unique<model::Tokenizer>(
                  (std::filesystem::path(folder) / "tokenizer.model").string());
              return g;
            }),
            py::arg("model"), py::arg("bf16") = false, py::arg("bf16_matmul") = false,
+           py::arg("device") = "cpu", py::arg("precision") = "bf16",
            "bf16=True keeps the weight matrices in bf16 (half the memory; computes in f32); "
            "bf16_matmul=True also multiplies in bf16 (bf16 GEMM operands, f32 sums, as "
-           "transformers in bf16).")
+           "transformers in bf16). device='cuda' uploads the model to the GPU, where "
+           "activations, lm_loss and lm_score (the SAE too) then run, in precision 'bf16' (bf16 "
+           "weights and GEMM operands, fp32 sums) or 'fp32'.")
       .def("tokenize", &PyGemma2::tokenize, py::arg("texts"), "Token ids, BOS first.")
       .def(
           "activations",
@@ -716,7 +734,8 @@ PYBIND11_MODULE(_core, m) {
             }
             {
               py::gil_scoped_release nogil;
-              acts = model::collect_activations(g.m, prompts, point, layers);
+              acts = g.dev ? model::collect_activations(*g.dev, prompts, point, layers)
+                           : model::collect_activations(g.m, prompts, point, layers);
             }
             py::dict out;
             const py::ssize_t N = py::ssize_t(tokens.size());
@@ -740,7 +759,7 @@ PYBIND11_MODULE(_core, m) {
           [](PyGemma2& g, const std::vector<std::string>& texts) {
             const auto prompts = g.tokenize(texts);
             py::gil_scoped_release nogil;
-            return lm_loss(g.m, prompts);
+            return g.dev ? lm_loss(*g.dev, prompts) : lm_loss(g.m, prompts);
           },
           py::arg("texts"), "Mean next-token cross-entropy (nats).")
       .def(
@@ -757,7 +776,12 @@ PYBIND11_MODULE(_core, m) {
             LmScore r;
             {
               py::gil_scoped_release nogil;
-              r = lm_score(g.m, s, point, layer, prompts);
+              if (g.dev) {  // the SAE on the GPU too (fp32), spliced in there
+                DeviceSae ds(s, "fp32");
+                r = lm_score(*g.dev, ds, point, layer, prompts);
+              } else {
+                r = lm_score(g.m, s, point, layer, prompts);
+              }
             }
             return to_python(r.to_json());
           },
