@@ -474,6 +474,7 @@ TEST(CudaGemma2, UnembedMatchesTheHost) {
   m.cfg.vocab_size = V;
   m.embed.rows = V;
   m.embed.f32 = test::random_vector(size_t(V * H), 31, 0.5f);
+  m.embed.bf16.clear();
   const std::vector<float> rows = test::random_vector(size_t(n * H), 32, 1.0f);
   std::vector<float> want(size_t(n * V));
   ops::gemm(ops::Trans::No, ops::Trans::Yes, n, V, H, 1.0f, rows.data(), H, m.embed.f32.data(), H,
