@@ -26,8 +26,10 @@
 #include "model/checkpoint.h"
 #include "model/device_gemma2.h"
 #include "model/gemma2.h"
+#include "model/gemma2_config.h"
 #include "model/tokenizer.h"
 #include "ops/gemm.h"
+#include "pipeline/activation_cache.h"
 #include "pipeline/dashboard.h"
 #include "pipeline/release.h"
 #include "pipeline/source_factory.h"
@@ -325,7 +327,9 @@ PYBIND11_MODULE(_core, m) {
             return copy_to_numpy(out, shape_with_last(x, s.cfg.d_in));
           },
           py::arg("x"), "decode(encode(x)).")
-      .def("__call__", [](py::object self, FloatArray x) { return self.attr("forward")(x); })
+      .def(
+          "__call__", [](py::object self, FloatArray x) { return self.attr("forward")(x); },
+          py::arg("x"), "sae.forward(x).")
       .def_property_readonly(
           "cfg", [](PySae& p) { return to_python(p.sae().cfg.to_json()); },
           "The config as SAELens 6 writes cfg.json (a copy).")
@@ -634,6 +638,61 @@ PYBIND11_MODULE(_core, m) {
       "stopped "
       "at stop_after_tokens (continue with resume=True). Ctrl-C checkpoints the pass and raises "
       "KeyboardInterrupt.");
+
+  m.def(
+      "cache",
+      [](const std::string& model_spec, py::object dataset, std::vector<int64_t> layers,
+         const std::string& output, int64_t tokens, const std::string& hook, int64_t shard_tokens,
+         const std::string& dtype, int64_t context_size, int64_t holdout_every,
+         int64_t prompts_per_forward, bool bf16, const std::string& device,
+         const std::string& precision, bool resume, int64_t stop_after_shards) -> py::object {
+        pipeline::CacheOptions c;
+        {
+          py::gil_scoped_release nogil;
+          const model::Checkpoint ckpt = model::resolve_checkpoint(model_spec);
+          c.model_dir = ckpt.folder;
+          c.model_name = ckpt.name;
+          c.model_id = ckpt.repo_id.empty() ? ckpt.name : ckpt.repo_id;
+        }
+        const int64_t n_layers = model::read_gemma2_config(c.model_dir).num_layers;
+        if (layers.empty()) throw Error("cache: layers: give at least one layer");
+        std::sort(layers.begin(), layers.end());
+        layers.erase(std::unique(layers.begin(), layers.end()), layers.end());
+        for (int64_t l : layers)
+          if (l < 0 || l >= n_layers)
+            throw Error(cat("cache: layers: ", l, " is outside 0..", n_layers - 1));
+        c.layers = std::move(layers);
+        c.corpus.shards = corpus_shards(dataset);
+        c.corpus.holdout_every = holdout_every;
+        c.output_dir = output;
+        c.total_tokens = tokens;
+        c.hook = hook;
+        c.shard_tokens = shard_tokens;
+        c.dtype = dtype;
+        c.windows.context_size = context_size;
+        c.prompts_per_forward = prompts_per_forward;
+        c.keep_bf16 = bf16;
+        c.device = device;
+        c.precision = precision;
+        c.resume = resume;
+        c.stop_after_shards = stop_after_shards;
+        const bool finished = run_interruptible([&](const std::atomic<bool>& stop) {
+          return pipeline::write_activation_cache(c, &stop);
+        });
+        if (!finished) return py::none();
+        return read_json_as_python(std::filesystem::path(output) / "cache.json");
+      },
+      py::arg("model"), py::arg("dataset"), py::arg("layers"), py::arg("output"), py::arg("tokens"),
+      py::arg("hook") = "resid_post", py::arg("shard_tokens") = 65536, py::arg("dtype") = "f32",
+      py::arg("context_size") = 1024, py::arg("holdout_every") = 100,
+      py::arg("prompts_per_forward") = 8, py::arg("bf16") = false, py::arg("device") = "cpu",
+      py::arg("precision") = "bf16", py::arg("resume") = false, py::arg("stop_after_shards") = 0,
+      "The `sae cache` job (docs/release.md): a corpus through Gemma-2 once, the hook activations "
+      "of `layers` written to safetensors shards per layer in `output` (tokens per layer, whole "
+      "shards of shard_tokens; dtype 'f32' or 'bf16'), to train from later "
+      "(release_from_cache, or train with data.type='files'). device='cuda' runs the forward on "
+      "the GPU (precision 'bf16' or 'fp32'). Returns cache.json as a dict, or None when stopped "
+      "(stop_after_shards, or Ctrl-C: KeyboardInterrupt; continue with resume=True).");
 
   m.def(
       "release_from_cache",

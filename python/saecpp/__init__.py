@@ -23,12 +23,12 @@ _chose = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.en
 if _chose:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
-    from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cuda_available,
-                              dashboard, download, evaluate, presets, release,
+    from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cache,
+                              cuda_available, dashboard, download, evaluate, presets, release,
                               release_from_cache, set_threads, threads, train)
 finally:
     if _chose:
         del _os.environ["OMP_WAIT_POLICY"]
 
-__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cuda_available", "dashboard", "download", "evaluate",
+__all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cache", "cuda_available", "dashboard", "download", "evaluate",
            "presets", "release", "release_from_cache", "set_threads", "threads", "train"]

@@ -103,6 +103,9 @@ def release(
     precision: str = "bf16",
     overlap: bool = True,
     activation_store: str = "auto",
+    checkpoint_minutes: float = 30.0,
+    check_disk: bool = True,
+    checkpoint_snapshots: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(
@@ -127,6 +130,25 @@ def dashboard(
     precision: str = "bf16",
 ) -> Optional[dict[str, Any]]: ...
 
+def cache(
+    model: str,
+    dataset: Union[str, list[str]],
+    layers: list[int],
+    output: str,
+    tokens: int,
+    hook: str = "resid_post",
+    shard_tokens: int = 65536,
+    dtype: str = "f32",
+    context_size: int = 1024,
+    holdout_every: int = 100,
+    prompts_per_forward: int = 8,
+    bf16: bool = False,
+    device: str = "cpu",
+    precision: str = "bf16",
+    resume: bool = False,
+    stop_after_shards: int = 0,
+) -> Optional[dict[str, Any]]: ...
+
 def release_from_cache(
     cache: str,
     output: str,
@@ -142,6 +164,9 @@ def release_from_cache(
     resume: bool = False,
     stop_at_step: int = 0,
     log_every: int = 100,
+    checkpoint_minutes: float = 30.0,
+    check_disk: bool = True,
+    checkpoint_snapshots: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:

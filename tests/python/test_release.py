@@ -157,6 +157,37 @@ def test_release_from_cache_loads_in_saelens(tmp_path):
         saecpp.release_from_cache(str(tmp_path / "nothing"), str(tmp_path / "bad"))
 
 
+def test_cache_from_python_stops_resumes_and_trains(tmp_path):
+    """saecpp.cache: the tiny model's activations of layers 0 and 2 in shards (the first shard's
+    rows are the model's for the corpus's first non-special tokens), stopped after one shard and
+    resumed, then a release trained from it; bad layers refused before anything is written."""
+    corpus, cache = write_corpus(tmp_path), tmp_path / "cache"
+    kw = dict(tokens=2048, shard_tokens=1024, context_size=16, prompts_per_forward=4, holdout_every=0)
+    assert saecpp.cache(MODEL, corpus, [2, 0], str(cache), stop_after_shards=1, **kw) is None
+    with pytest.raises(saecpp.SaeError, match="--resume"):
+        saecpp.cache(MODEL, corpus, [0, 2], str(cache), **kw)
+    manifest = saecpp.cache(MODEL, corpus, [0, 2], str(cache), resume=True, **kw)
+    assert manifest["shards"] == 2 and manifest["complete"] and manifest["layers"] == [0, 2]
+    from safetensors.numpy import load_file
+
+    shard = load_file(str(cache / "blocks.2.hook_resid_post" / "shard-00000.safetensors"))
+    assert shard["activations"].shape == (1024, 64)
+    # The first window is BOS and the first document's first 15 tokens (BOS is not cached).
+    texts = [l for l in (ROOT / "data" / "tiny_corpus.txt").read_text().splitlines() if l]
+    ids = saecpp.Gemma2(MODEL).tokenize([f"{texts[0]} 0"])[0]
+    n = min(15, len(ids) - 1)
+    assert shard["tokens"][:n].tolist() == ids[1:1 + n]
+    summary = saecpp.release_from_cache(
+        str(cache), str(tmp_path / "release"), variants=["snap"], tokens=1024, heldout_tokens=512,
+        prompts_per_forward=4, n_batches_in_buffer=8, log_every=1000,
+        overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                   "training.batch_size=64"])
+    assert summary["from_cache"]["shards"] == 2
+    with pytest.raises(saecpp.SaeError, match="layers: 7 is outside 0..2"):
+        saecpp.cache(MODEL, corpus, [7], str(tmp_path / "bad"), **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_dashboard_of_a_release_sae(tmp_path):
     """saecpp.dashboard on an SAE of a release: the folder, its timings and the Neuronpedia batch
     agree with the SAE loaded back (width, hook, latents asked for)."""
