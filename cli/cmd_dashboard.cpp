@@ -56,14 +56,10 @@ Runner add_dashboard(CLI::App& app) {
       "--bf16-matmul", o->d.bf16_matmul,
       "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
       "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
-  cmd->add_option("--device", o->d.device,
-                  "cpu or cuda (the model forward, the SAE's encoder and the logit effects on "
-                  "the GPU)")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", o->d.precision,
-                  "On cuda, the forward: bf16 (bf16 weights and GEMM operands, fp32 accumulate) "
-                  "or fp32 (default bf16; the SAE's encoder is fp32 either way)")
-      ->check(CLI::IsMember({"bf16", "fp32"}));
+  add_device_options(cmd, o->d.device, o->d.precision,
+                     "the model forward, the SAE's encoder and the logit effects on the GPU",
+                     "On cuda, the forward: bf16 (bf16 weights and GEMM operands, fp32 "
+                     "accumulate) or fp32 (default bf16; the SAE's encoder is fp32 either way)");
   cmd->add_flag("--resume", o->d.resume,
                 "Continue an interrupted dashboard (its checkpoint in <output>.partial)");
   cmd->add_option("--checkpoint-every", o->d.checkpoint_seconds,

@@ -67,12 +67,11 @@ std::vector<int64_t> parse_layers(const std::string& spec, int64_t n_layers) {
   return parse_ranges("--layers", spec, n_layers, "layer");
 }
 
-void add_device_options(CLI::App* cmd, std::string& device, std::string& precision) {
-  cmd->add_option("--device", device, "cpu or cuda (the model forward on the GPU)")
+void add_device_options(CLI::App* cmd, std::string& device, std::string& precision,
+                        const std::string& on_gpu, const std::string& precision_help) {
+  cmd->add_option("--device", device, "cpu or cuda (" + on_gpu + ")")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", precision,
-                  "On cuda: bf16 (bf16 weights and GEMM operands, fp32 accumulate) or fp32")
-      ->check(CLI::IsMember({"bf16", "fp32"}));
+  cmd->add_option("--precision", precision, precision_help)->check(CLI::IsMember({"bf16", "fp32"}));
 }
 
 Runner add_activations(CLI::App& app) {

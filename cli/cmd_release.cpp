@@ -138,14 +138,11 @@ Runner add_release(CLI::App& app) {
       "--bf16-matmul", o->r.bf16_matmul,
       "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
       "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
-  cmd->add_option("--device", o->r.device,
-                  "cpu or cuda: the model forward, the activation store and every SAE's step on "
-                  "the GPU (one process; a memory plan is checked first)")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", o->r.precision,
-                  "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
-                  "accumulate; default) or fp32. The SAEs' own: --set training.precision=...")
-      ->check(CLI::IsMember({"bf16", "fp32"}));
+  add_device_options(cmd, o->r.device, o->r.precision,
+                     "the model forward, the activation store and every SAE's step on the GPU, "
+                     "in one process, after a memory plan is checked",
+                     "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
+                     "accumulate; default) or fp32. The SAEs' own: --set training.precision=...");
   cmd->add_option("--activation-store", o->r.activation_store,
                   "On cuda, where the activation store's rows live: device, host (pinned host "
                   "memory read across the bus: slower, leaves the GPU to the SAEs) or auto "

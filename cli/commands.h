@@ -23,7 +23,12 @@ Runner add_cache(CLI::App& app);
 Runner add_download(CLI::App& app);
 Runner add_dashboard(CLI::App& app);
 
-// --device / --precision of the commands that run the model (cmd_model.cpp).
-void add_device_options(CLI::App* cmd, std::string& device, std::string& precision);
+// --device / --precision of the commands that run the model (cmd_model.cpp); the help says
+// what runs on the GPU and what the precision is of.
+void add_device_options(
+    CLI::App* cmd, std::string& device, std::string& precision,
+    const std::string& on_gpu = "the model forward on the GPU",
+    const std::string& precision_help =
+        "On cuda: bf16 (bf16 weights and GEMM operands, fp32 accumulate) or fp32");
 
 }  // namespace sae::cli
