@@ -822,16 +822,20 @@ void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float
   std::string what = cat("the loss is ", r.loss, " (levels [", levels, "], aux ", r.aux_loss,
                          "), the gradient norm ", grad_norm, ": ");
   // The batch: on the host, the first bad value's place; on the GPU, its squared deviation
-  // (NaN or infinite exactly when a value is).
+  // (NaN or infinite exactly when a value is). The CPU scales the host batch in place, the GPU
+  // its own copy.
   const int64_t bad = x ? first_non_finite({x, size_t(B * d)}) : -1;
-  const std::string scaled = input_scale_ != 1.0 ? cat(" (scaled by ", input_scale_, ")") : "";
+  const std::string scaled = cat(" (scaled by ", input_scale_, ")");
+  const std::string host_scaled = !dev_ && input_scale_ != 1.0 ? scaled : "";
   if (bad >= 0)
-    what += cat("the batch", scaled, " holds ", x[bad], " at row ", bad / d, ", column ", bad % d,
-                ": bad activations (a NaN or infinity in the data, or values too large for f32)");
-  else if (!x && !std::isfinite(dev_->batch_sq_deviation()))
-    what += "the batch (on the GPU) holds NaN or infinity: bad activations";
+    what +=
+        cat("the batch", host_scaled, " holds ", x[bad], " at row ", bad / d, ", column ", bad % d,
+            ": bad activations (a NaN or infinity in the data, or values too large for f32)");
+  else if (dev_ && !std::isfinite(dev_->batch_sq_deviation()))
+    what += cat("the batch on the GPU", input_scale_ != 1.0 ? scaled : "",
+                " holds NaN or infinity: bad activations (or values too large for f32)");
   else if (x)
-    what += cat("the batch", scaled, " is finite (largest magnitude ",
+    what += cat("the batch", host_scaled, " is finite (largest magnitude ",
                 std::abs(*std::max_element(
                     x, x + B * d, [](float a, float b) { return std::abs(a) < std::abs(b); })),
                 "), so the training diverged (a lower optimizer.lr, or optimizer.grad_clip, may "
