@@ -1177,12 +1177,13 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   if (lead)
     std::fprintf(
         stderr,
-        "release: %zu SAEs written to %s (model card README.md, release.json); peak RSS "
+        "release: %zu SAE%s written to %s (model card README.md, release.json); peak RSS "
         "%s%s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
         "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s%s), "
         "final evaluation and saving %.1f s\n",
-        jobs.size(), out.string().c_str(), fmt_bytes(double(peak_resident_bytes())).c_str(),
+        jobs.size(), jobs.size() == 1 ? "" : "s", out.string().c_str(),
+        fmt_bytes(double(peak_resident_bytes())).c_str(),
         // On a GPU the plan is the device's (below); the host holds the model until it is
         // uploaded, then the checkpoint writer's SAE states (--checkpoint-snapshots, + 1).
         cuda ? " on the host" : cat(" against the plan's ", fmt_bytes(plan_bytes)).c_str(),

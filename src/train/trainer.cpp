@@ -847,7 +847,7 @@ void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float
   what += checkpoint_step_ >= 0
               ? cat(". Nothing of this step was saved: the checkpoint of step ", checkpoint_step_,
                     " is intact, and --resume continues from it")
-              : ". Nothing of this step was saved (no checkpoint yet)";
+              : ". Nothing of this step was saved (no checkpoint yet: run it again from the start)";
   fail(label_, cat("step ", step_ + 1), what);
 }
 
