@@ -860,18 +860,8 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   // A damaged shard (a NaN at row 10, column 5 of layer 2's fourth): refused when read, naming
   // the shard, before an SAE trains on it.
   fs::copy(cache, dir / "damaged", fs::copy_options::recursive);
-  {
-    const std::string shard = dir / "damaged/blocks.2.hook_resid_post/shard-00003.safetensors";
-    std::string bytes = test::read_bytes(shard);
-    uint64_t header = 0;
-    std::memcpy(&header, bytes.data(), 8);
-    const auto meta = nlohmann::json::parse(bytes.substr(8, header));
-    const size_t at =
-        8 + header + meta["activations"]["data_offsets"][0].get<size_t>() + 4 * (10 * 64 + 5);
-    const float nan = NAN;
-    std::memcpy(bytes.data() + at, &nan, 4);
-    test::write_bytes(shard, bytes);
-  }
+  test::patch_f32(dir / "damaged/blocks.2.hook_resid_post/shard-00003.safetensors", "activations",
+                  10 * 64 + 5, NAN);
   r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "damaged") + (dir / "bad"));
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("shard-00003.safetensors: activations: row 10, column 5: activation is "

@@ -116,6 +116,19 @@ TEST(SaeBadInput, TruncatedWeights) {
   expect_load_error(s.folder, "sae_weights.safetensors", "data_offsets");
 }
 
+// A NaN or infinity in the weights (a damaged file, or an SAE saved after its training
+// diverged) is refused naming the tensor and the place, not encoded into NaN codes.
+TEST(SaeBadInput, NonFiniteWeights) {
+  SaeCopy s;
+  test::patch_f32(s.file("sae_weights.safetensors"), "W_dec", 3 * 16 + 5, NAN);
+  expect_load_error(s.folder, "sae_weights.safetensors: W_dec", "row 3, column 5 is nan");
+  SaeCopy t;
+  test::patch_f32(t.file("sae_weights.safetensors"), "threshold", 7, INFINITY);
+  expect_load_error(t.folder, "sae_weights.safetensors: threshold", "element 7 is inf");
+  auto r = test::run_cli("info " + t.folder);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+}
+
 TEST(SaeBadInput, MissingFiles) {
   SaeCopy s;
   fs::remove(s.file("cfg.json"));

@@ -222,6 +222,26 @@ TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
   EXPECT_EQ(read_json_file(dir / "huge/checkpoint/state.json")["step"], 15);
 }
 
+// A checkpoint holding NaN (written before each step was checked, or damaged) is refused on
+// resume, naming the file and the tensor, rather than trained on as NaN.
+TEST(Trainer, ResumeRefusesANonFiniteCheckpoint) {
+  test::TempDir dir;
+  const TrainConfig cfg = TrainConfig::from_json(tiny_config(dir / "run"), "test");
+  data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
+  ASSERT_FALSE(Trainer(cfg, src, "test").run(false, 20));
+  test::patch_f32(dir / "run/checkpoint/state.safetensors", "v_W_dec", 17, NAN);
+  try {
+    Trainer(cfg, src, "test").run(true);
+    ADD_FAILURE() << "resumed from a NaN state";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("state.safetensors: v_W_dec: element 17 is nan: the checkpoint holds a "
+                       "state that had diverged"),
+              std::string::npos)
+        << msg;
+  }
+}
+
 TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
   test::TempDir dir;
   json j = tiny_config(dir / "run");

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <string>
@@ -67,6 +69,19 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 inline std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Overwrites element `index` of the f32 tensor `name` in a safetensors file, in place (a file
+// damaged on disk, or saved from a state that had gone NaN).
+inline void patch_f32(const std::string& path, const std::string& name, size_t index, float value) {
+  std::string bytes = read_bytes(path);
+  uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  const auto meta = nlohmann::json::parse(bytes.substr(8, header));
+  const size_t at = 8 + header + meta.at(name).at("data_offsets")[0].get<size_t>() + 4 * index;
+  ASSERT_LE(at + 4, bytes.size()) << name << " in " << path;
+  std::memcpy(bytes.data() + at, &value, 4);
+  write_bytes(path, bytes);
 }
 
 // Element-wise |a - b| <= rel * (|b| + rms(b)): a relative bound that stays meaningful for

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "io/safetensors.h"
 #include "sae/pretrained.h"
 
@@ -18,6 +19,14 @@ void read_param(const SafetensorsFile& f, const std::string& name, std::vector<i
   if (!dtype_is_float(t.dtype))
     fail(f.path(), name, cat("dtype ", dtype_name(t.dtype), " is not a float type"));
   dst = f.read_f32(name, shape);  // throws on a shape that disagrees with cfg.json
+  // A NaN or infinity would make every code and reconstruction NaN without a word.
+  if (const int64_t i = first_non_finite(dst); i >= 0)
+    fail(f.path(), name,
+         cat(shape.size() == 2 ? cat("row ", i / shape[1], ", column ", i % shape[1])
+                               : cat("element ", i),
+             " is ", dst[size_t(i)],
+             ": the file is damaged, or the SAE was saved after its "
+             "training diverged"));
 }
 
 }  // namespace

@@ -637,21 +637,37 @@ bool Trainer::load_checkpoint() {
     return std::vector<float>(v.begin() + j0 * len, v.begin() + j1 * len);
   };
   SafetensorsFile st((dir / "state.safetensors").string());
-  sae_.W_encT = rows(st.read_f32("W_encT", {D, d}), d);
-  sae_.W_dec = rows(st.read_f32("W_dec", {D, d}), d);
-  sae_.b_enc = rows(st.read_f32("b_enc", {D}), 1);
-  sae_.b_dec = st.read_f32("b_dec", {d});
-  opt_.v_W_encT = rows(st.read_f32("v_W_encT", {D, d}), d);
-  opt_.v_W_dec = rows(st.read_f32("v_W_dec", {D, d}), d);
-  opt_.v_b_enc = rows(st.read_f32("v_b_enc", {D}), 1);
-  opt_.v_b_dec = st.read_f32("v_b_dec", {d});
+  // A state holding NaN or infinity (a run that diverged before each step was checked, or a
+  // damaged file) would train on as NaN: refused, naming the tensor.
+  auto read = [&](const char* name, std::vector<int64_t> shape) {
+    std::vector<float> v = st.read_f32(name, shape);
+    if (const int64_t i = first_non_finite(v); i >= 0)
+      fail(st.path(), name,
+           cat("element ", i, " is ", v[size_t(i)],
+               ": the checkpoint holds a state that had diverged, or is damaged; this run "
+               "cannot continue from it (start it again)"));
+    return v;
+  };
+  sae_.W_encT = rows(read("W_encT", {D, d}), d);
+  sae_.W_dec = rows(read("W_dec", {D, d}), d);
+  sae_.b_enc = rows(read("b_enc", {D}), 1);
+  sae_.b_dec = read("b_dec", {d});
+  opt_.v_W_encT = rows(read("v_W_encT", {D, d}), d);
+  opt_.v_W_dec = rows(read("v_W_dec", {D, d}), d);
+  opt_.v_b_enc = rows(read("v_b_enc", {D}), 1);
+  opt_.v_b_dec = read("v_b_dec", {d});
   if (opt_.has_first_moment()) {
-    opt_.m_W_encT = rows(st.read_f32("m_W_encT", {D, d}), d);
-    opt_.m_W_dec = rows(st.read_f32("m_W_dec", {D, d}), d);
-    opt_.m_b_enc = rows(st.read_f32("m_b_enc", {D}), 1);
-    opt_.m_b_dec = st.read_f32("m_b_dec", {d});
+    opt_.m_W_encT = rows(read("m_W_encT", {D, d}), d);
+    opt_.m_W_dec = rows(read("m_W_dec", {D, d}), d);
+    opt_.m_b_enc = rows(read("m_b_enc", {D}), 1);
+    opt_.m_b_dec = read("m_b_dec", {d});
   }
   sae_.threshold = st.read_scalar_f64("threshold");
+  if (!std::isfinite(sae_.threshold))
+    fail(st.path(), "threshold",
+         cat("is ", sae_.threshold,
+             ": the checkpoint holds a state that "
+             "had diverged; this run cannot continue from it"));
   steps_since_fired_ = st.read_i64("steps_since_fired");
   window_counts_ = st.read_i64("window_counts");
   if (int64_t(steps_since_fired_.size()) != D || int64_t(window_counts_.size()) != D)
