@@ -571,6 +571,29 @@ TEST(Release, StopsAndResumes) {
 // then still being written when the next is due: it takes its last SAEs at the next round's
 // step, which does not take them again). A round at every cadence step, and the SAEs end bit
 // for bit as a run that never checkpointed (taking a state changes nothing).
+// A step that fails (an SAE diverging at its second step) ends the release with its error, after
+// the round taken at the first step is on disk whole: every SAE's checkpoint of step 1 and the
+// release state of step 1 (the writer would have dropped what was still queued).
+TEST(Release, AFailedStepLeavesTheRoundTakenBeforeItOnDisk) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "r";
+  const auto r = test::run_cli(release_args(corpus, out) +
+                               " --checkpoint-minutes 0 --set training.checkpoint_every_steps=1 "
+                               "--set optimizer.lr=1e36");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("step 2: the loss is"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("so the training diverged"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("the checkpoint of step 1 is intact"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json_file(out + "/.work/state.json")["step"], 1);
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"})
+      EXPECT_EQ(
+          read_json_file(out + "/.work/" + variant + "/" + hook + "/checkpoint/state.json")["step"],
+          1)
+          << variant << "/" << hook;
+  EXPECT_FALSE(fs::exists(out + "/release.json"));
+}
+
 TEST(Release, CheckpointsBesideTheStepsChangeNothing) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir);

@@ -1002,17 +1002,27 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       break;
     }
     const double t0 = now_seconds();
-    for (Job& j : jobs) {
-      if (!j.trainer || j.trainer->step() > step)
-        continue;  // another rank's, or ahead after a
-                   // kill mid-checkpoint
-      if (in_place) {
-        j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
-        continue;
+    try {
+      for (Job& j : jobs) {
+        if (!j.trainer || j.trainer->step() > step)
+          continue;  // another rank's, or ahead after a kill mid-checkpoint
+        if (in_place) {
+          j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
+          continue;
+        }
+        std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
+                  j.x.begin());
+        j.trainer->train_step(j.x.data());
       }
-      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
-                j.x.begin());
-      j.trainer->train_step(j.x.data());
+    } catch (...) {
+      // A step that failed (a NaN, a diverged SAE) leaves the states already taken good: on
+      // disk before the error, with the round's release state when the round is whole (the
+      // writer would drop what is still queued). The step's own error is the one reported.
+      try {
+        settle_round();
+      } catch (...) {
+      }
+      throw;
     }
     sae_seconds += now_seconds() - t0;
     ++step;
