@@ -573,7 +573,7 @@ TEST(Release, StopsAndResumes) {
 // for bit as a run that never checkpointed (taking a state changes nothing).
 // A step that fails (an SAE diverging at its second step) ends the release with its error, after
 // the round taken at the first step is on disk whole: every SAE's checkpoint of step 1 and the
-// release state of step 1 (the writer would have dropped what was still queued).
+// release state of step 1.
 TEST(Release, AFailedStepLeavesTheRoundTakenBeforeItOnDisk) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "r";
@@ -885,13 +885,24 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   fs::copy(cache, dir / "damaged", fs::copy_options::recursive);
   test::patch_f32(dir / "damaged/blocks.2.hook_resid_post/shard-00003.safetensors", "activations",
                   10 * 64 + 5, NAN);
-  r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "damaged") + (dir / "bad"));
+  // A round every step: the read's error leaves the round taken before it whole on disk (every
+  // SAE's checkpoint and the release state at the same step).
+  r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "damaged") + (dir / "bad") +
+                    " --checkpoint-minutes 0 --set training.checkpoint_every_steps=1");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("shard-00003.safetensors: activations: row 10, column 5: activation is "
                           "nan"),
             std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(dir / "bad/release.json"));
+  const int64_t state_step = read_json_file(dir / "bad/.work/state.json")["step"].get<int64_t>();
+  EXPECT_GT(state_step, 0);
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"})
+      EXPECT_EQ(read_json_file(
+                    dir / ("bad/.work/" + variant + "/" + hook + "/checkpoint/state.json"))["step"],
+                state_step)
+          << variant << "/" << hook;
 
   if (std::string(SAECPP_MPIEXEC).empty()) return;  // the rest needs MPI
   r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));

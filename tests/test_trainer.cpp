@@ -314,8 +314,8 @@ TEST(Trainer, CheckpointsOnTheClock) {
 // A checkpoint taken by checkpoint_data and written on the writer's thread is the checkpoint
 // save_checkpoint writes (the same tensors, bit for bit), with and without Adam's first moment;
 // the trainer goes on from the same state either way; a write that fails is raised by the next
-// call (naming the folder) and drops what was queued; a writer dropped with work queued neither
-// hangs nor crashes.
+// call (naming the folder) and drops what was queued; a writer destroyed with a state queued
+// writes it first, and one whose write fails neither hangs nor crashes.
 TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
   test::TempDir dir;
   for (const double beta1 : {0.0, 0.9}) {
@@ -375,6 +375,13 @@ TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
       writer.wait();
       expect_same_checkpoints(10);
     }
+    {  // a writer destroyed with a state queued (a job ending by an error) writes it first
+      CheckpointWriter going(bytes);
+      step_both();
+      a.save_checkpoint();
+      going.submit(b.checkpoint_data());
+    }
+    expect_same_checkpoints(11);
     EXPECT_EQ(a.sae().W_dec, b.sae().W_dec);  // taking the states changed nothing
     EXPECT_EQ(a.sae().W_encT, b.sae().W_encT);
   }
@@ -397,7 +404,7 @@ TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
   {
     CheckpointWriter dropped(1 << 20);
     for (int i = 0; i < 3; ++i) dropped.submit(bad);
-  }  // joined: the write in progress fails on its thread, the rest are dropped
+  }  // joined: the first write fails on its thread, and the rest are dropped with it
 }
 
 // to_inference at shapes that leave partial tiles (its transpose runs in 64 x 64 tiles over

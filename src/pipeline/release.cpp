@@ -4,8 +4,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -980,6 +982,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                  "between them)\n",
                  from_cache ? "the cache's shards are read" : "the model's forwards run");
   }
+  // Whatever ends the steps by an error (a NaN, a diverged SAE, a damaged cache shard), the round
+  // taken before it stays good: the writer writes the states it holds as it goes, and here the
+  // round's release state is written when the round is whole. The error is the one reported.
+  struct SettleOnError {
+    std::function<void()> settle;
+    int uncaught = std::uncaught_exceptions();
+    ~SettleOnError() {
+      if (std::uncaught_exceptions() > uncaught) try {
+          settle();
+        } catch (...) {
+        }
+    }
+  } settle_on_error{settle_round};
   while (step < total_steps) {
     bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
     if (n_ranks > 1) {  // a signal to one rank stops every rank at the same step
@@ -1002,27 +1017,16 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       break;
     }
     const double t0 = now_seconds();
-    try {
-      for (Job& j : jobs) {
-        if (!j.trainer || j.trainer->step() > step)
-          continue;  // another rank's, or ahead after a kill mid-checkpoint
-        if (in_place) {
-          j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
-          continue;
-        }
-        std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
-                  j.x.begin());
-        j.trainer->train_step(j.x.data());
+    for (Job& j : jobs) {
+      if (!j.trainer || j.trainer->step() > step)
+        continue;  // another rank's, or ahead after a kill mid-checkpoint
+      if (in_place) {
+        j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
+        continue;
       }
-    } catch (...) {
-      // A step that failed (a NaN, a diverged SAE) leaves the states already taken good: on
-      // disk before the error, with the round's release state when the round is whole (the
-      // writer would drop what is still queued). The step's own error is the one reported.
-      try {
-        settle_round();
-      } catch (...) {
-      }
-      throw;
+      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
+                j.x.begin());
+      j.trainer->train_step(j.x.data());
     }
     sae_seconds += now_seconds() - t0;
     ++step;

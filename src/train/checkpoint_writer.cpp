@@ -13,11 +13,9 @@ CheckpointWriter::~CheckpointWriter() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
-    for (const CheckpointData& c : queue_) held_bytes_ -= c.bytes();
-    queue_.clear();
   }
   cv_.notify_all();
-  thread_.join();
+  thread_.join();  // after the queue (a failed write has cleared it)
 }
 
 void CheckpointWriter::raise_locked() {
@@ -71,7 +69,7 @@ void CheckpointWriter::run() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-    if (stop_) return;
+    if (queue_.empty()) return;  // stopped, and nothing left to write
     CheckpointData c = std::move(queue_.front());
     queue_.pop_front();
     writing_ = true;

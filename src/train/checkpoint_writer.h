@@ -7,7 +7,8 @@
 // while the spares and the queue stay within max_bytes: the next state is taken into its arrays,
 // whose pages are mapped (Trainer::checkpoint_data's `reuse`; into fresh memory the copy costs
 // as much as the write on this machine). An error in a write (a full disk) is raised by the next
-// call, and drops what was still queued.
+// call, and drops what was still queued. Destroyed, the writer first writes what it holds: the
+// states taken before whatever ended the job (a stop, a NaN, a diverged SAE) are good ones.
 #pragma once
 
 #include <condition_variable>
@@ -24,7 +25,7 @@ namespace sae::train {
 class CheckpointWriter {
  public:
   explicit CheckpointWriter(int64_t max_bytes);
-  ~CheckpointWriter();  // the write in progress finishes; what is still queued is dropped
+  ~CheckpointWriter();  // what is queued is written first (unless a write has failed)
   CheckpointWriter(const CheckpointWriter&) = delete;
   CheckpointWriter& operator=(const CheckpointWriter&) = delete;
 

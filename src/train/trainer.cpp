@@ -832,9 +832,6 @@ void Trainer::train_step(float* x) {
 }
 
 void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x) {
-  // The checkpoints taken before this step hold good states: on disk before the error (the
-  // writer would drop what is still queued).
-  if (writer_) report_written(true);
   const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
   std::string levels;
   for (double v : r.level_loss) levels += cat(levels.empty() ? "" : ", ", v);
