@@ -742,8 +742,7 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& device, const std::string& precision) {
              auto g = std::make_shared<PyGemma2>();
              const bool cuda = parse_device(device, "Gemma2") == Device::Cuda;
-             if (cuda && precision != "bf16" && precision != "fp32")
-               throw Error(cat("Gemma2: precision: '", precision, "' (expected bf16 or fp32)"));
+             if (cuda) model::DeviceGemma2::check_precision("Gemma2", precision);
              if (cuda) require_device(Device::Cuda);  // before anything is loaded
              std::string folder;
              {

@@ -129,13 +129,9 @@ DeviceGemma2::DeviceGemma2(const Gemma2& host, const std::string& precision) {
   impl_ = std::make_unique<Impl>();
   Impl& m = *impl_;
   m.cfg = host.cfg;
-  if (precision == "bf16") {
-    m.bf16 = true, m.prec = cuda::Precision::Bf16;
-  } else if (precision == "fp32") {
-    m.bf16 = false, m.prec = cuda::Precision::Fp32;
-  } else {
-    fail("gemma2", "precision", cat("unknown precision '", precision, "' (expected bf16 or fp32)"));
-  }
+  check_precision("gemma2", precision);
+  m.bf16 = precision == "bf16";
+  m.prec = m.bf16 ? cuda::Precision::Bf16 : cuda::Precision::Fp32;
   if (const char* env = std::getenv("SAECPP_FORWARD_KERNELS"); env && *env) {
     m.kernels = kernels_named(env);
     std::fprintf(stderr, "gemma2: forward kernels '%s' (SAECPP_FORWARD_KERNELS)\n", env);

@@ -69,6 +69,9 @@ class DeviceGemma2 {
   // constructor takes SAECPP_FORWARD_KERNELS from the environment when it is set (the device
   // check's release benchmark runs the new kernels that way); a bad name is an error.
   static Kernels kernels_named(const std::string& name);
+  // "bf16" or "fp32", else an error naming `where` (checked before anything loads, in every
+  // build).
+  static void check_precision(const std::string& where, const std::string& precision);
 
  private:
   struct Impl;

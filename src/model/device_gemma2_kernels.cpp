@@ -13,4 +13,10 @@ DeviceGemma2::Kernels DeviceGemma2::kernels_named(const std::string& name) {
   fail("SAECPP_FORWARD_KERNELS", name, "unknown kernel set (baseline, one-pass, fused or new)");
 }
 
+void DeviceGemma2::check_precision(const std::string& where, const std::string& precision) {
+  if (precision != "bf16" && precision != "fp32")
+    fail(where, "precision",
+         cat("'", precision, "' is not a precision of the GPU forward (bf16 or fp32)"));
+}
+
 }  // namespace sae::model

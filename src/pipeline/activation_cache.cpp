@@ -68,8 +68,7 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
     fail(out.string(), "cache.json",
          "holds a cache already: pass --resume to continue it, or choose another folder");
   const bool cuda = parse_device(opt.device, "cache") == Device::Cuda;
-  if (cuda && opt.precision != "bf16" && opt.precision != "fp32")
-    fail("cache", "precision", cat("must be bf16 or fp32, got '", opt.precision, "'"));
+  if (cuda) model::DeviceGemma2::check_precision("cache", opt.precision);
   if (cuda) require_device(Device::Cuda);  // before anything is written or loaded
   const model::Gemma2Config mcfg = model::read_gemma2_config(opt.model_dir);
   const std::vector<int64_t> layers = checked_layers(opt.layers, mcfg.num_layers, "cache");

@@ -218,8 +218,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
          "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
   if (opt.tokens <= 0) fail("dashboard", "tokens", "must be positive");
   const bool cuda = parse_device(opt.device, "dashboard") == Device::Cuda;
-  if (cuda && opt.precision != "bf16" && opt.precision != "fp32")
-    fail("dashboard", "precision", cat("'", opt.precision, "' (expected bf16 or fp32)"));
+  if (cuda) model::DeviceGemma2::check_precision("dashboard", opt.precision);
   if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
   if (opt.context_before < 0 || opt.context_after < 0)
     fail("dashboard", "context", "token counts before and after must be >= 0");

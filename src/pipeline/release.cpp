@@ -23,6 +23,7 @@
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "model/checkpoint.h"
+#include "model/device_gemma2.h"
 #include "model/gemma2.h"
 #include "model/tokenizer.h"
 #include "pipeline/activation_cache.h"
@@ -352,11 +353,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
              ": resume it with the same mpirun -np"));
   const model::HookPoint point = model::parse_hook_kind(opt.hook);
   const bool cuda = parse_device(opt.device, "release") == Device::Cuda;
-  if (cuda) {
-    if (opt.precision != "bf16" && opt.precision != "fp32")
-      fail("release", "precision",
-           cat("the GPU forward's precision must be bf16 or fp32, got '", opt.precision, "'"));
-  }
+  if (cuda) model::DeviceGemma2::check_precision("release", opt.precision);
   if (opt.checkpoint_snapshots < 0)
     fail("release", "checkpoint_snapshots",
          cat("must be >= 0 (0: as many SAE states as fit in 1 GiB, at least 2), got ",
