@@ -690,6 +690,62 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
   }
 }
 
+// A divergence on the device (a batch of values too large for f32 at the 18th step) rolls the
+// SAE back to its checkpoint of step 15 as on the CPU: the state read back is uploaded (the
+// poisoned one overwritten), with and without a host copy kept; the run ends near the CPU's,
+// and one stopped after the rollback and resumed ends at the same bits.
+TEST(CudaTrainer, DivergenceRollsBackOnTheDeviceAsOnTheCpu) {
+  REQUIRE_GPU();
+  test::TempDir dir;
+  using nlohmann::json;
+  auto huge = [](float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
+  };
+  auto run = [&](const std::string& out, const std::string& device, int64_t stop_at,
+                 bool keep_host_state) {
+    json j = train::preset("hierarchy-snap");
+    j["sae"]["d_sae"] = 48;
+    j["sae"]["matryoshka_widths"] = {8, 24, 48};
+    j["sae"]["normalize_activations"] = "expected_average_only_in";
+    j["data"] = {{"type", "synthetic"},
+                 {"d_in", 24},
+                 {"n_roots", 12},
+                 {"n_parents", 4},
+                 {"heldout_tokens", 512}};
+    j["training"] = {{"batch_size", 128},      {"total_tokens", 128 * 40},
+                     {"eval_every_steps", 10}, {"eval_tokens", 512},
+                     {"log_every_steps", 10},  {"checkpoint_every_steps", 15},
+                     {"n_norm_batches", 2},    {"device", device}};
+    j["loss"]["dead_feature_window"] = 5;
+    j["output"] = {{"dir", out}};
+    const train::TrainConfig cfg = train::TrainConfig::from_json(j, "test");
+    data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
+    test::SpoiledSource spoiled(clean, 17, huge, 18);
+    for (bool resume : {false, true}) {
+      train::Trainer t(cfg, spoiled, "test");
+      t.keep_host_state = keep_host_state;
+      if (!t.run(resume, resume ? -1 : stop_at)) continue;
+      EXPECT_EQ(t.rollbacks().size(), 1u) << device;
+      EXPECT_EQ(t.skipped_steps(), 3) << device;
+      return t.final_eval().metrics.explained_variance;
+    }
+    ADD_FAILURE() << "the resumed run did not finish";
+    return 0.0;
+  };
+  const double ev_gpu = run(dir / "gpu", "cuda", -1, true);
+  EXPECT_TRUE(std::isfinite(ev_gpu));
+  const double ev_dropped = run(dir / "dropped", "cuda", -1, false);
+  EXPECT_NEAR(ev_gpu, ev_dropped, 1e-9);
+  const double ev_stopped = run(dir / "stopped", "cuda", 25, false);
+  EXPECT_NEAR(ev_gpu, ev_stopped, 1e-9);
+  for (const char* other : {"dropped", "stopped"})
+    EXPECT_EQ(test::read_bytes(dir / "gpu/sae/sae_weights.safetensors"),
+              test::read_bytes(dir / (std::string(other) + "/sae/sae_weights.safetensors")))
+        << other;
+  const double ev_cpu = run(dir / "cpu", "cpu", -1, true);
+  EXPECT_NEAR(ev_gpu, ev_cpu, 0.01) << "GPU EV " << ev_gpu << ", CPU EV " << ev_cpu;
+}
+
 INSTANTIATE_TEST_SUITE_P(Specs, CudaStep, ::testing::ValuesIn(step_cases()),
                          [](const auto& info) { return info.param.name; });
 

@@ -571,15 +571,15 @@ TEST(Release, StopsAndResumes) {
 // then still being written when the next is due: it takes its last SAEs at the next round's
 // step, which does not take them again). A round at every cadence step, and the SAEs end bit
 // for bit as a run that never checkpointed (taking a state changes nothing).
-// A step that fails (an SAE diverging at its second step) ends the release with its error, after
-// the round taken at the first step is on disk whole: every SAE's checkpoint of step 1 and the
-// release state of step 1.
+// A step that fails (an SAE diverging at its second step, rollbacks off) ends the release with
+// its error, after the round taken at the first step is on disk whole: every SAE's checkpoint of
+// step 1 and the release state of step 1.
 TEST(Release, AFailedStepLeavesTheRoundTakenBeforeItOnDisk) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), out = dir / "r";
   const auto r = test::run_cli(release_args(corpus, out) +
                                " --checkpoint-minutes 0 --set training.checkpoint_every_steps=1 "
-                               "--set optimizer.lr=1e36");
+                               "--set optimizer.lr=1e36 --set training.max_rollbacks=0");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("step 2: the loss is"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("so the training diverged"), std::string::npos) << r.output;
@@ -903,6 +903,47 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
                     dir / ("bad/.work/" + variant + "/" + hook + "/checkpoint/state.json"))["step"],
                 state_step)
           << variant << "/" << hook;
+
+  // An outlier (one row of layer 2's fourth shard at 1e30, finite: it passes the read's check
+  // and overflows the SAEs' f32 arithmetic): the two SAEs of layer 2 diverge on its batch, roll
+  // back to their last checkpoint and train on; the others never notice. Said in release.json
+  // and the model card.
+  fs::copy(cache, dir / "outlier", fs::copy_options::recursive);
+  for (int64_t c = 0; c < 64; ++c)
+    test::patch_f32(dir / "outlier/blocks.2.hook_resid_post/shard-00003.safetensors", "activations",
+                    10 * 64 + c, c % 2 ? -1e30f : 1e30f);
+  r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "outlier") +
+                    (dir / "outlier_release") +
+                    " --checkpoint-minutes 0 --set training.checkpoint_every_steps=10");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("the training diverged. Rolled back to the checkpoint of step "),
+            std::string::npos)
+      << r.output;
+  const auto outlier = read_json_file(dir / "outlier_release/release.json");
+  const std::string card_out = test::read_bytes(dir / "outlier_release/README.md");
+  for (const std::string variant : {"standard", "snap"}) {
+    const auto& res2 = outlier["results"][variant]["blocks.2.hook_resid_post"];
+    ASSERT_TRUE(res2.contains("rollbacks")) << res2;
+    ASSERT_EQ(res2["rollbacks"].size(), 1u) << res2;
+    const int64_t failed = res2["rollbacks"][0]["step"], to = res2["rollbacks"][0]["to_step"];
+    EXPECT_EQ(to % 10, 0) << res2;  // a checkpoint's step
+    EXPECT_GT(failed, to) << res2;
+    EXPECT_LE(failed - to, 10) << res2;
+    EXPECT_EQ(res2["skipped_tokens"], (failed - to) * 64) << res2;
+    EXPECT_EQ(res2["training_tokens"], 12800) << res2;
+    EXPECT_GT(res2["explained_variance"].get<double>(), 0.3) << res2;
+    EXPECT_NE(card_out.find("`" + variant +
+                            "/blocks.2.hook_resid_post` diverged and was rolled "
+                            "back to its last checkpoint (step " +
+                            std::to_string(failed) + " to step " + std::to_string(to) + "): " +
+                            std::to_string((failed - to) * 64) + " training tokens skipped"),
+              std::string::npos)
+        << card_out;
+    EXPECT_FALSE(outlier["results"][variant]["blocks.0.hook_resid_post"].contains("rollbacks"));
+    // Layer 0 never met the outlier: its SAEs are the undamaged run's.
+    EXPECT_EQ(outlier["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"],
+              one["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"]);
+  }
 
   if (std::string(SAECPP_MPIEXEC).empty()) return;  // the rest needs MPI
   r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));

@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/finite.h"
@@ -146,38 +148,19 @@ TEST(Trainer, RunWritesItsCheckpointsBesideTheSteps) {
   EXPECT_EQ(checkpoint_records(dir / "stopped", stopped), all);
 }
 
-// A source whose training batches from index `from` on are spoiled (the normalisation batches,
-// 0 and 1, stay clean).
-class SpoiledSource : public data::ActivationSource {
- public:
-  SpoiledSource(data::ActivationSource& inner, int64_t from,
-                std::function<void(float*, int64_t)> spoil)
-      : inner_(inner), from_(from), spoil_(std::move(spoil)) {}
-  int64_t d_in() const override { return inner_.d_in(); }
-  void train_batch(int64_t index, int64_t batch, float* out) override {
-    inner_.train_batch(index, batch, out);
-    if (index >= from_) spoil_(out, batch * d_in());
-  }
-  int64_t heldout_size(int64_t n) const override { return inner_.heldout_size(n); }
-  void heldout(int64_t n, float* out) override { inner_.heldout(n, out); }
-  std::string describe() const override { return inner_.describe(); }
-
- private:
-  data::ActivationSource& inner_;
-  int64_t from_;
-  std::function<void(float*, int64_t)> spoil_;
-};
-
 // A step whose loss turns NaN or infinite stops the run with an error that says why (bad data,
 // with the value's place, or divergence) before anything of it is logged or saved: the last
 // checkpoint stays as it was, and resuming from it on clean data ends at the SAE of a run that
 // never met the bad batch.
 TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
   test::TempDir dir;
-  auto run_spoiled = [&](const std::string& out, std::function<void(float*, int64_t)> spoil) {
-    const TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+  auto run_spoiled = [&](const std::string& out, std::function<void(float*, int64_t)> spoil,
+                         int64_t max_rollbacks = 3) {
+    json j = tiny_config(out);
+    j["training"]["max_rollbacks"] = max_rollbacks;
+    const TrainConfig cfg = TrainConfig::from_json(j, "test");
     data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
-    SpoiledSource spoiled(clean, 17, std::move(spoil));  // the 18th step's batch on
+    test::SpoiledSource spoiled(clean, 17, std::move(spoil));  // the 18th step's batch on
     try {
       Trainer(cfg, spoiled, "test").run(false);
     } catch (const Error& e) {
@@ -211,15 +194,115 @@ TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
   EXPECT_EQ(test::read_bytes(dir / "nan/sae/sae_weights.safetensors"),
             test::read_bytes(dir / "clean/sae/sae_weights.safetensors"));
 
-  // Values finite in the batch but too large for f32 arithmetic: a divergence, so said.
-  const std::string huge = run_spoiled(dir / "huge", [](float* x, int64_t n) {
+  // Values finite in the batch but too large for f32 arithmetic: a divergence, so said (with
+  // rollbacks off: training.max_rollbacks = 0).
+  auto huge = [](float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
-  });
-  EXPECT_NE(huge.find("test: step 18: the loss is "), std::string::npos) << huge;
-  EXPECT_NE(huge.find(") is finite (largest magnitude 4.2946e+30), so the training diverged"),
+  };
+  const std::string diverged = run_spoiled(dir / "huge", huge, 0);
+  EXPECT_NE(diverged.find("test: step 18: the loss is "), std::string::npos) << diverged;
+  EXPECT_NE(diverged.find(") is finite (largest magnitude 4.2946e+30), so the training diverged "
+                          "(a lower optimizer.lr"),
             std::string::npos)
-      << huge;
+      << diverged;
   EXPECT_EQ(read_json_file(dir / "huge/checkpoint/state.json")["step"], 15);
+  // Diverging on every batch from the 18th: rolled back three times (steps 18, 19, 20, each to
+  // the checkpoint of step 15), then stopped at the fourth with that checkpoint intact.
+  const std::string again = run_spoiled(dir / "again", huge);
+  EXPECT_NE(again.find("test: step 21: the loss is "), std::string::npos) << again;
+  EXPECT_NE(again.find("so the training diverged again after 3 rollbacks "
+                       "(training.max_rollbacks = 3)"),
+            std::string::npos)
+      << again;
+  EXPECT_NE(again.find("the checkpoint of step 15 is intact"), std::string::npos) << again;
+  EXPECT_EQ(read_json_file(dir / "again/checkpoint/state.json")["step"], 15);
+  // Before the first checkpoint there is nothing to roll back to.
+  json early_cfg = tiny_config(dir / "early");
+  const TrainConfig early = TrainConfig::from_json(early_cfg, "test");
+  data::SyntheticSource src(data::SyntheticConfig::from_json(early.data, "test"));
+  test::SpoiledSource spoiled(src, 5, huge, 6);
+  try {
+    Trainer(early, spoiled, "test").run(false);
+    ADD_FAILURE() << "diverged before any checkpoint and went on";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("test: step 6: "), std::string::npos) << msg;
+    EXPECT_NE(msg.find("no checkpoint yet: run it again from the start"), std::string::npos) << msg;
+  }
+}
+
+// A step that diverges on a finite batch (here one batch of values too large for f32, as an
+// outlier in real activations can be) rolls the SAE back to its last checkpoint and skips the
+// batches since: the run ends, the skip is in the log, the checkpoints and the done line, and a
+// run stopped after the rollback resumes to the same SAE bit for bit.
+TEST(Trainer, DivergenceRollsBackToTheLastCheckpointAndSkipsOn) {
+  test::TempDir dir;
+  auto huge = [](float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
+  };
+  auto run = [&](const std::string& out, int64_t stop_at, bool resume, bool spoil) {
+    const TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+    data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
+    test::SpoiledSource spoiled(clean, 17, huge, spoil ? 18 : 17);  // the 18th step's batch
+    Trainer t(cfg, spoiled, "test");
+    const bool done = t.run(resume, stop_at);
+    return std::tuple{done, t.rollbacks().size(), t.skipped_steps(),
+                      t.final_eval().metrics.explained_variance};
+  };
+  const auto [done, rollbacks, skipped, ev] = run(dir / "rolled", -1, false, true);
+  ASSERT_TRUE(done);
+  EXPECT_EQ(rollbacks, 1u);
+  EXPECT_EQ(skipped, 3);  // batches 16, 17 and 18 (its own)
+  // The log: one rollback record, and the steps in order (none logged twice past it).
+  std::vector<json> records;
+  std::ifstream log(dir / "rolled/log.jsonl");
+  for (std::string line; std::getline(log, line);) records.push_back(json::parse(line));
+  int64_t n_rollbacks = 0, last_step = 0;
+  for (const json& r : records) {
+    if (r.contains("rollback")) {
+      ++n_rollbacks;
+      EXPECT_EQ(r["rollback"]["step"], 18);
+      EXPECT_EQ(r["rollback"]["to_step"], 15);
+      EXPECT_EQ(r["rollback"]["skipped_steps"], 3);
+      EXPECT_NE(r["rollback"]["why"].get<std::string>().find("the loss is "), std::string::npos);
+    }
+    if (r.contains("step")) {
+      EXPECT_GE(r["step"].get<int64_t>(), last_step) << r;
+      last_step = r["step"].get<int64_t>();
+    }
+  }
+  EXPECT_EQ(n_rollbacks, 1);
+  EXPECT_EQ(last_step, 40);
+  // The final state: 40 steps, 37 updates, the rollback recorded; every tensor finite.
+  const json state = read_json_file(dir / "rolled/checkpoint/state.json");
+  EXPECT_EQ(state["step"], 40);
+  EXPECT_EQ(state["optimizer_updates"], 37);
+  EXPECT_EQ(state["rollbacks"], json::parse(R"([{"step": 18, "to_step": 15}])"));
+  SafetensorsFile weights(dir / "rolled/sae/sae_weights.safetensors");
+  for (const char* t : {"W_enc", "W_dec", "b_enc", "b_dec"})
+    EXPECT_EQ(first_non_finite(weights.read_f32(t)), -1) << t;
+  // It trained on: close to a run that never met the bad batch.
+  const auto clean = run(dir / "clean", -1, false, false);
+  ASSERT_TRUE(std::get<0>(clean));
+  EXPECT_EQ(std::get<1>(clean), 0u);
+  EXPECT_GT(ev, std::get<3>(clean) - 0.05) << ev << " vs " << std::get<3>(clean);
+  // Stopped at 25 (its checkpoint holds the rollback) and resumed: the same SAE, bit for bit.
+  EXPECT_FALSE(std::get<0>(run(dir / "stopped", 25, false, true)));
+  const auto resumed = run(dir / "stopped", -1, true, true);
+  ASSERT_TRUE(std::get<0>(resumed));
+  EXPECT_EQ(std::get<1>(resumed), 1u);
+  EXPECT_EQ(std::get<2>(resumed), 3);
+  EXPECT_EQ(test::read_bytes(dir / "stopped/sae/sae_weights.safetensors"),
+            test::read_bytes(dir / "rolled/sae/sae_weights.safetensors"));
+  // training.max_rollbacks is checked.
+  json bad = tiny_config(dir / "bad");
+  bad["training"]["max_rollbacks"] = -1;
+  try {
+    TrainConfig::from_json(bad, "bad.json");
+    ADD_FAILURE() << "max_rollbacks -1 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("training.max_rollbacks"), std::string::npos) << e.what();
+  }
 }
 
 // A checkpoint holding NaN (written before each step was checked, or damaged) is refused on

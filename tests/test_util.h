@@ -10,6 +10,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
@@ -18,6 +20,7 @@
 
 #include "core/device.h"
 #include "core/dtype.h"
+#include "data/source.h"
 #include "io/npy.h"
 
 // In a CUDA test: skip, with one line saying why, where no GPU can run it.
@@ -173,5 +176,28 @@ inline std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1
   for (auto& x : v) x = dist(rng);
   return v;
 }
+
+// A source whose training batches from index `from` (to `to`, excluded) are spoiled (the
+// normalisation batches, 0 and 1, stay clean).
+class SpoiledSource : public data::ActivationSource {
+ public:
+  SpoiledSource(data::ActivationSource& inner, int64_t from,
+                std::function<void(float*, int64_t)> spoil,
+                int64_t to = std::numeric_limits<int64_t>::max())
+      : inner_(inner), from_(from), to_(to), spoil_(std::move(spoil)) {}
+  int64_t d_in() const override { return inner_.d_in(); }
+  void train_batch(int64_t index, int64_t batch, float* out) override {
+    inner_.train_batch(index, batch, out);
+    if (index >= from_ && index < to_) spoil_(out, batch * d_in());
+  }
+  int64_t heldout_size(int64_t n) const override { return inner_.heldout_size(n); }
+  void heldout(int64_t n, float* out) override { inner_.heldout(n, out); }
+  std::string describe() const override { return inner_.describe(); }
+
+ private:
+  data::ActivationSource& inner_;
+  int64_t from_, to_;
+  std::function<void(float*, int64_t)> spoil_;
+};
 
 }  // namespace sae::test

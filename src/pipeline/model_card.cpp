@@ -52,6 +52,18 @@ std::string model_card(const nlohmann::ordered_json& release) {
   for (const auto& [v, vr] : variants.items())
     md << " `" << v << "` (preset " << vr.at("preset").get<std::string>() << ", level losses "
        << vr.at("level_losses").get<std::string>() << ")";
+  // SAEs that diverged and were rolled back to a checkpoint (training.max_rollbacks) skipped
+  // the batches between: said, since they saw fewer tokens than the rest.
+  for (const auto& [v, per_hook] : release.at("results").items())
+    for (const auto& [h, res] : per_hook.items()) {
+      if (!res.contains("rollbacks")) continue;
+      md << "\n- `" << v << "/" << h << "` diverged and was rolled back to its last checkpoint";
+      for (const auto& b : res.at("rollbacks"))
+        md << " (step " << b.at("step").get<int64_t>() << " to step "
+           << b.at("to_step").get<int64_t>() << ")";
+      md << ": " << res.at("skipped_tokens").get<int64_t>()
+         << " training tokens skipped, trained on the rest";
+    }
   md << "\n\n## Evaluation (held-out tokens)\n\n";
   md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
         "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "

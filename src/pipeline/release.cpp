@@ -873,6 +873,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // steps (checkpoint(), above).
   std::optional<train::CheckpointWriter> writer;
   if (n_ranks == 1) writer.emplace(writer_budget);
+  // An SAE that diverges rolls back to its last checkpoint (train::Trainer::roll_back), which
+  // must be on disk first; the other SAEs go on.
+  for (Job& j : jobs)
+    if (j.trainer && writer)
+      j.trainer->flush_checkpoints = [&] {
+        const double t0 = now_seconds();
+        writer->wait();
+        ckpt_seconds += now_seconds() - t0;
+      };
   struct Round {
     int64_t step = 0, last_step = 0, bytes = 0;
     int64_t taken = 0, already = 0;  // SAEs taken; SAEs the last round took at this very step
@@ -1103,6 +1112,13 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                 {"level_explained_variance", r.level_explained_variance},
                 {"heldout_tokens", r.metrics.n_tokens},
                 {"training_tokens", j.trainer->step() * j.cfg.batch_size}};
+    if (!j.trainer->rollbacks().empty()) {  // divergences survived: the batches skipped
+      ojson rollbacks = ojson::array();
+      for (const auto& b : j.trainer->rollbacks())
+        rollbacks.push_back({{"step", b.step}, {"to_step", b.to_step}});
+      j.result["rollbacks"] = rollbacks;
+      j.result["skipped_tokens"] = j.trainer->skipped_steps() * j.cfg.batch_size;
+    }
     if (!ce_windows.empty()) {
       LmScore sc;
       if (dmodel) {  // the SAE made on the GPU: its host copy went with finish()'s checkpoint

@@ -178,6 +178,7 @@ TrainConfig TrainConfig::from_json(const json& root, const std::string& where) {
   if (!(c.checkpoint_every_minutes >= 0) || !std::isfinite(c.checkpoint_every_minutes))
     fail(where, "training.checkpoint_every_minutes",
          cat("must be a number of minutes >= 0 (0: off), got ", c.checkpoint_every_minutes));
+  c.max_rollbacks = t.integer("max_rollbacks", 3, 0);
   c.feature_sampling_window = t.integer("feature_sampling_window", 2000, 1);
   c.n_norm_batches = t.integer("n_norm_batches", 10, 1);
   c.threads = int(t.integer("threads", 0));
@@ -243,6 +244,7 @@ json TrainConfig::to_json() const {
         {"eval_tokens", eval_tokens},
         {"checkpoint_every_steps", checkpoint_every_steps},
         {"checkpoint_every_minutes", checkpoint_every_minutes},
+        {"max_rollbacks", max_rollbacks},
         {"feature_sampling_window", feature_sampling_window},
         {"n_norm_batches", n_norm_batches},
         {"threads", threads},

@@ -38,6 +38,10 @@ struct TrainConfig {
   // Also a checkpoint whenever this many minutes have passed since the last (0: off): at the
   // seed's shape a checkpoint is 1.21 GB, and on a GPU 1000 steps take seconds.
   double checkpoint_every_minutes = 0;
+  // A step that diverges on a finite batch (its loss or gradient norm NaN or infinite) rolls the
+  // SAE back to its last checkpoint and skips the batches since (recorded): at most this many
+  // times per run, then the run stops as at any NaN (0: stop at the first). Trainer::train_step.
+  int64_t max_rollbacks = 3;
   int threads = 0;
   std::string device = "cpu";      // cpu | cuda (train/device_step.h)
   std::string precision = "fp32";  // the encoder GEMM's operands: fp32 | bf16 | tf32 (cuda only)

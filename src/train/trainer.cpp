@@ -607,6 +607,8 @@ CheckpointData Trainer::gather_checkpoint(CheckpointData reuse, bool lend) {
              {"input_scale", input_scale_},       {"window_steps", window_steps_},
              {"window_tokens", window_tokens_},   {"data_next_batch", step_},
              {"config", cfg_.to_json()}};
+  for (const Rollback& b : rollbacks_)
+    c.state["rollbacks"].push_back({{"step", b.step}, {"to_step", b.to_step}});
   return c;
 }
 
@@ -682,6 +684,9 @@ bool Trainer::load_checkpoint() {
   input_scale_ = state["input_scale"].get<double>();
   window_steps_ = state["window_steps"].get<int64_t>();
   window_tokens_ = state["window_tokens"].get<int64_t>();
+  rollbacks_.clear();
+  for (const json& b : state.value("rollbacks", json::array()))
+    rollbacks_.push_back({b.at("step").get<int64_t>(), b.at("to_step").get<int64_t>()});
   // Data parallel: the checkpoint holds the sum over the ranks; rank 0 carries it on.
   if (shard_.split() && !lead()) std::fill(window_counts_.begin(), window_counts_.end(), 0);
   return true;
@@ -807,7 +812,11 @@ void Trainer::train_step(float* x) {
     grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr)
                         : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
-  if (!std::isfinite(r.loss) || !std::isfinite(grad_norm)) fail_non_finite(r, grad_norm, x);
+  if (!std::isfinite(r.loss) || !std::isfinite(grad_norm)) {
+    if (!can_roll_back() || !bad_batch(x).empty()) fail_non_finite(r, grad_norm, x);
+    roll_back(r, grad_norm);  // bad data is never skipped: it stops the run above
+    return;
+  }
   window_steps_++;
   window_tokens_ += B;
   ++step_;
@@ -831,40 +840,106 @@ void Trainer::train_step(float* x) {
   }
 }
 
-void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x) {
-  const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
+namespace {
+
+std::string non_finite_step(const StepResult& r, double grad_norm) {
   std::string levels;
   for (double v : r.level_loss) levels += cat(levels.empty() ? "" : ", ", v);
-  std::string what = cat("the loss is ", r.loss, " (levels [", levels, "], aux ", r.aux_loss,
-                         "), the gradient norm ", grad_norm, ": ");
-  // The batch: on the host, the first bad value's place; on the GPU, its squared deviation
-  // (NaN or infinite exactly when a value is). The CPU scales the host batch in place, the GPU
-  // its own copy.
-  const int64_t bad = x ? first_non_finite({x, size_t(B * d)}) : -1;
+  return cat("the loss is ", r.loss, " (levels [", levels, "], aux ", r.aux_loss,
+             "), the gradient norm ", grad_norm);
+}
+
+}  // namespace
+
+std::string Trainer::bad_batch(const float* x) const {
+  const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
+  // On the host, the first bad value's place; on the GPU, the batch's squared deviation (NaN or
+  // infinite exactly when a value is). The CPU scales the host batch in place, the GPU its own
+  // copy.
   const std::string scaled = cat(" (scaled by ", input_scale_, ")");
-  const std::string host_scaled = !dev_ && input_scale_ != 1.0 ? scaled : "";
+  const int64_t bad = x ? first_non_finite({x, size_t(B * d)}) : -1;
   if (bad >= 0)
-    what +=
-        cat("the batch", host_scaled, " holds ", x[bad], " at row ", bad / d, ", column ", bad % d,
-            ": bad activations (a NaN or infinity in the data, or values too large for f32)");
-  else if (dev_ && !std::isfinite(dev_->batch_sq_deviation()))
-    what += cat("the batch on the GPU", input_scale_ != 1.0 ? scaled : "",
-                " holds NaN or infinity: bad activations (or values too large for f32)");
+    return cat("the batch", !dev_ && input_scale_ != 1.0 ? scaled : "", " holds ", x[bad],
+               " at row ", bad / d, ", column ", bad % d);
+  if (dev_ && !std::isfinite(dev_->batch_sq_deviation()))
+    return cat("the batch on the GPU", input_scale_ != 1.0 ? scaled : "", " holds NaN or infinity");
+  return "";
+}
+
+void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x) {
+  const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
+  std::string what = non_finite_step(r, grad_norm) + ": ";
+  const std::string bad = bad_batch(x);
+  const std::string host_scaled =
+      !dev_ && input_scale_ != 1.0 ? cat(" (scaled by ", input_scale_, ")") : "";
+  if (!bad.empty())
+    what += bad + ": bad activations (a NaN or infinity in the data, or values too large for f32)";
   else if (x)
     what += cat("the batch", host_scaled, " is finite (largest magnitude ",
                 std::abs(*std::max_element(
                     x, x + B * d, [](float a, float b) { return std::abs(a) < std::abs(b); })),
-                "), so the training diverged (a lower optimizer.lr, or optimizer.grad_clip, may "
-                "hold it)");
+                "), so the training diverged");
   else
-    what +=
-        "the batch is finite, so the training diverged (a lower optimizer.lr, or "
-        "optimizer.grad_clip, may hold it)";
+    what += "the batch is finite, so the training diverged";
+  if (bad.empty())
+    what += rollbacks_.empty()
+                ? " (a lower optimizer.lr, or optimizer.grad_clip, may hold it)"
+                : cat(" again after ", rollbacks_.size(), " rollback",
+                      rollbacks_.size() == 1 ? "" : "s",
+                      " (training.max_rollbacks = ", cfg_.max_rollbacks,
+                      "): a lower optimizer.lr, or optimizer.grad_clip, may hold it");
   what += checkpoint_step_ >= 0
               ? cat(". Nothing of this step was saved: the checkpoint of step ", checkpoint_step_,
                     " is intact, and --resume continues from it")
               : ". Nothing of this step was saved (no checkpoint yet: run it again from the start)";
   fail(label_, cat("step ", step_ + 1), what);
+}
+
+bool Trainer::can_roll_back() const {
+  // Several ranks of one SAE would have to go back together: not built (they stop instead).
+  return int64_t(rollbacks_.size()) < cfg_.max_rollbacks && checkpoint_step_ >= 0 && !many_ranks();
+}
+
+void Trainer::roll_back(const StepResult& r, double grad_norm) {
+  const int64_t failed = step_ + 1, taken = checkpoint_step_;
+  if (flush_checkpoints) flush_checkpoints();
+  if (writer_) report_written(true);
+  std::vector<Rollback> before = rollbacks_;  // load_checkpoint sets the checkpoint's
+  if (!load_checkpoint() || step_ != taken)
+    fail(label_, cat("step ", failed),
+         cat(non_finite_step(r, grad_norm), ": the training diverged, and the checkpoint of step ",
+             taken, " it would roll back to is not on disk (",
+             (fs::path(cfg_.output_dir) / "checkpoint").string(), " holds step ", step_, ")"));
+  rollbacks_ = std::move(before);
+  rollbacks_.push_back({failed, taken});
+  step_ = failed;  // the batches taken-failed are skipped; the schedule goes on from here
+  if (dev_) {
+    dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
+    drop_host_state();
+  }
+  dead_now_ = std::count_if(steps_since_fired_.begin(), steps_since_fired_.end(),
+                            [&](int64_t s) { return s > cfg_.dead_feature_window; });
+  const std::string why = non_finite_step(r, grad_norm);
+  append_log({{"rollback",
+               {{"step", failed},
+                {"to_step", taken},
+                {"skipped_steps", failed - taken},
+                {"rollbacks", rollbacks_.size()},
+                {"why", why}}}});
+  if (lead())
+    std::fprintf(stderr,
+                 "[%s] step %lld: %s on a finite batch: the training diverged. Rolled back to the "
+                 "checkpoint of step %lld, batches %lld-%lld skipped (rollback %zu of at most "
+                 "%lld: training.max_rollbacks)\n",
+                 label_.c_str(), (long long)failed, why.c_str(), (long long)taken,
+                 (long long)taken + 1, (long long)failed, rollbacks_.size(),
+                 (long long)cfg_.max_rollbacks);
+}
+
+int64_t Trainer::skipped_steps() const {
+  int64_t n = 0;
+  for (const Rollback& b : rollbacks_) n += b.step - b.to_step;
+  return n;
 }
 
 void Trainer::checkpoint_beside_steps() {
@@ -911,8 +986,13 @@ void Trainer::finish() {
   }
   save_checkpoint();  // the final state, so a longer run can continue from it
   if (lead())
-    std::fprintf(stderr, "[%s] done: %lld steps, SAE saved to %s\n", label_.c_str(),
-                 (long long)step_, out.string().c_str());
+    std::fprintf(stderr, "[%s] done: %lld steps%s, SAE saved to %s\n", label_.c_str(),
+                 (long long)step_,
+                 rollbacks_.empty() ? ""
+                                    : cat(" (", skipped_steps(), " skipped by ", rollbacks_.size(),
+                                          " rollback", rollbacks_.size() == 1 ? "" : "s", ")")
+                                          .c_str(),
+                 out.string().c_str());
 }
 
 bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {

@@ -115,6 +115,16 @@ class Trainer {
   static int64_t planned_checkpoint_bytes(const TrainConfig& cfg, int64_t d_in);
   static int64_t planned_sae_bytes(const TrainConfig& cfg, int64_t d_in);
   bool auto_checkpoint = true;
+  // A rollback reads the last checkpoint back: a driver that writes this trainer's checkpoints
+  // on a thread of its own (the release) sets this to wait until they are on disk.
+  std::function<void()> flush_checkpoints;
+  // The divergences survived (training.max_rollbacks): each rolled the SAE back from the step
+  // that failed to its last checkpoint and skipped the batches between. Kept in the checkpoints.
+  struct Rollback {
+    int64_t step = 0, to_step = 0;  // the step that diverged (1-based); the checkpoint's
+  };
+  const std::vector<Rollback>& rollbacks() const { return rollbacks_; }
+  int64_t skipped_steps() const;  // batches skipped by the rollbacks, summed
   // training.device = cuda: a step scratch shared with other trainers that step one after
   // another (set before begin(); null: its own).
   std::shared_ptr<DeviceStepScratch> device_scratch;
@@ -160,6 +170,14 @@ class Trainer {
   // it is on the GPU) or the training diverged, and which checkpoint is intact. Thrown before
   // anything of this step is logged or saved.
   [[noreturn]] void fail_non_finite(const StepResult& r, double grad_norm, const float* x);
+  // The batch that gave a non-finite step, as the SAE saw it: "" when finite (the training
+  // diverged), else where it holds NaN/Inf (x: the host batch, null when it is on the GPU).
+  std::string bad_batch(const float* x) const;
+  // training.max_rollbacks allows one more and there is a checkpoint to go back to (one process).
+  bool can_roll_back() const;
+  // The state of the last checkpoint read back (on the GPU, uploaded) and the step counter left
+  // past the step that diverged: the batches since the checkpoint are skipped. Logged.
+  void roll_back(const StepResult& r, double grad_norm);
   bool load_checkpoint();
   // With training.device = cuda the state lives on the GPU: pull copies it to the host
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
@@ -225,7 +243,8 @@ class Trainer {
   double last_l0_ = 0, last_ev_ = 0;
   double eval_seconds_ = 0;
   int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
-  double checkpoint_time_ = 0;    // when it was written (or when training began)
+  std::vector<Rollback> rollbacks_;
+  double checkpoint_time_ = 0;  // when it was written (or when training began)
   // Within run(), on rank 0: the writer of the checkpoints beside the steps (null: between them).
   CheckpointWriter* writer_ = nullptr;
   struct PendingCheckpoint {
