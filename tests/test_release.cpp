@@ -1117,10 +1117,12 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
     return test::run_cli(args + extra);
   };
   ASSERT_EQ(group("0", "a", "").exit_code, 0);
-  // Group b logged, evaluated and checkpointed on other cadences: bookkeeping, not the recipe.
+  // Group b logged, evaluated and checkpointed on other cadences, and allowed another number of
+  // rollbacks (none happened): bookkeeping, not the recipe.
   ASSERT_EQ(group("2", "b",
                   " --set training.log_every_steps=25 --set training.eval_every_steps=70 --set "
-                  "training.checkpoint_every_steps=70 --set training.checkpoint_every_minutes=5")
+                  "training.checkpoint_every_steps=70 --set training.checkpoint_every_minutes=5 "
+                  "--set training.max_rollbacks=1")
                 .exit_code,
             0);
   auto r = test::run_cli("release-merge " + (dir / "b") + " " + (dir / "a") + " -o " + (dir / "m"));

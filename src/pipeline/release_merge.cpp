@@ -79,14 +79,15 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
   }
   // Same recipe, same variants: all of it but the model's path (which may differ between
   // machines) and the bookkeeping that leaves the SAEs as they are (how often each group logged,
-  // evaluated and checkpointed, and its threads).
+  // evaluated and checkpointed, its threads, and how many divergences it would survive: those it
+  // did are in its results).
   auto comparable = [](ojson recipe) {
     recipe.erase("model");
     if (recipe.contains("variants") && recipe["variants"].is_object())
       for (auto& [name, v] : recipe["variants"].items())
         if (v.contains("config") && v["config"].contains("training"))
           for (const char* k : {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                                "checkpoint_every_minutes", "threads"})
+                                "checkpoint_every_minutes", "threads", "max_rollbacks"})
             v["config"]["training"].erase(k);
     return recipe;
   };
