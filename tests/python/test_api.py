@@ -186,6 +186,35 @@ def test_train_refuses_nan_activations(tmp_path):
     assert not (tmp_path / "run" / "sae").exists()
 
 
+def test_train_rolls_back_a_divergence_and_trains_on(tmp_path):
+    """One row of values too large for f32 (finite: not bad data) makes one step diverge: the SAE
+    goes back to its last checkpoint, skips that batch, and the run ends with it said."""
+    x = synthetic_activations(seed=2)
+    x[300] = np.where(np.arange(x.shape[1]) % 2, -1e30, 1e30)
+    records = []
+    config = {
+        "sae": {"d_sae": 64, "k": 3},
+        "training": {"total_tokens": 256 * 15, "batch_size": 256, "eval_tokens": 256,
+                     "checkpoint_every_steps": 1, "seed": 1},
+        "data": {"heldout_tokens": 256},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    sae, final = saecpp.train(config, activations=x, progress=records.append)
+    rollbacks = [r["rollback"] for r in records if "rollback" in r]
+    assert len(rollbacks) == 1, rollbacks
+    assert rollbacks[0]["skipped_steps"] == rollbacks[0]["step"] - rollbacks[0]["to_step"] == 1
+    assert np.isfinite(sae.W_dec).all() and np.isfinite(final["explained_variance"])
+    with open(tmp_path / "run" / "checkpoint" / "state.json") as f:
+        state = json.load(f)
+    assert state["rollbacks"] == [{"step": rollbacks[0]["step"], "to_step": rollbacks[0]["to_step"]}]
+    assert state["optimizer_updates"] == 14
+    # training.max_rollbacks = 0: the divergence stops the run, naming it.
+    config["training"]["max_rollbacks"] = 0
+    config["output"]["dir"] = str(tmp_path / "stopped")
+    with pytest.raises(saecpp.SaeError, match="so the training diverged"):
+        saecpp.train(config, activations=x)
+
+
 def test_device_cuda_runs_or_says_why_not():
     sae = saecpp.SAE.load_from_disk(str(GOLDENS / "jumprelu" / "sae"))
     x = load_npy("jumprelu", "x")
