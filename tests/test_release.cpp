@@ -919,6 +919,7 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   EXPECT_NE(r.output.find("the training diverged. Rolled back to the checkpoint of step "),
             std::string::npos)
       << r.output;
+  EXPECT_NE(r.output.find("  rollbacks 2  RSS"), std::string::npos) << r.output;
   const auto outlier = read_json_file(dir / "outlier_release/release.json");
   const std::string card_out = test::read_bytes(dir / "outlier_release/README.md");
   for (const std::string variant : {"standard", "snap"}) {

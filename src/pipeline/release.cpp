@@ -1043,12 +1043,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       const double waited = acts.wait_seconds() - wait_start;
       const double evals = eval_seconds() - eval_start;  // within the SAEs' time
       const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
-      std::vector<double> sums = {0.0, 0.0};  // L0 and EV summed over the SAEs (once each)
+      // L0 and EV summed over the SAEs (once each), and the divergences rolled back.
+      std::vector<double> sums = {0.0, 0.0, 0.0};
       for (const Job& j : jobs)
         if (j.trainer && j.trainer->lead())
-          sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev();
+          sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev(),
+              sums[2] += double(j.trainer->rollbacks().size());
       comm.allreduce_sum(sums);
       const double l0 = sums[0], ev = sums[1];
+      const int64_t rollbacks = int64_t(sums[2]);
       // With the overlap, the forward's share is of its own thread's time; the SAEs waited
       // for it only `waited` of that (the rest ran under the steps).
       const std::string upkeep =
@@ -1071,14 +1074,16 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                       {"mean_ev", ev / double(jobs.size())},
                       {"rss_bytes", resident_bytes()}};
       if (overlap) record["waited_for_forward_s"] = waited;
+      if (rollbacks > 0) record["rollbacks"] = rollbacks;
       if (cuda) record["gpu_peak_bytes"] = gpu_peak;
       log_record(record);
       if (lead)
         std::fprintf(stderr,
                      "release: step %lld/%lld  tok %lld  %.0f tok/s  (%s)  "
-                     "mean L0 %.2f  mean EV %.4f  RSS %s  ETA %.0f s\n",
+                     "mean L0 %.2f  mean EV %.4f%s  RSS %s  ETA %.0f s\n",
                      (long long)step, (long long)total_steps, (long long)(step * global_batch),
                      rate, split.c_str(), l0 / double(jobs.size()), ev / double(jobs.size()),
+                     rollbacks > 0 ? cat("  rollbacks ", rollbacks).c_str() : "",
                      fmt_bytes(double(resident_bytes())).c_str(),
                      double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
