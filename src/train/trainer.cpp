@@ -902,6 +902,7 @@ bool Trainer::can_roll_back() const {
 
 void Trainer::roll_back(const StepResult& r, double grad_norm) {
   const int64_t failed = step_ + 1, taken = checkpoint_step_;
+  const double t0 = now_seconds();
   if (flush_checkpoints) flush_checkpoints();
   if (writer_) report_written(true);
   std::vector<Rollback> before = rollbacks_;  // load_checkpoint sets the checkpoint's
@@ -920,18 +921,20 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
   dead_now_ = std::count_if(steps_since_fired_.begin(), steps_since_fired_.end(),
                             [&](int64_t s) { return s > cfg_.dead_feature_window; });
   const std::string why = non_finite_step(r, grad_norm);
+  const double seconds = now_seconds() - t0;  // the wait for the writer, the read, the upload
   append_log({{"rollback",
                {{"step", failed},
                 {"to_step", taken},
                 {"skipped_steps", failed - taken},
                 {"rollbacks", rollbacks_.size()},
+                {"seconds", seconds},
                 {"why", why}}}});
   if (lead())
     std::fprintf(stderr,
                  "[%s] step %lld: %s on a finite batch: the training diverged. Rolled back to the "
-                 "checkpoint of step %lld, batches %lld-%lld skipped (rollback %zu of at most "
-                 "%lld: training.max_rollbacks)\n",
-                 label_.c_str(), (long long)failed, why.c_str(), (long long)taken,
+                 "checkpoint of step %lld in %.1f s, batches %lld-%lld skipped (rollback %zu of "
+                 "at most %lld: training.max_rollbacks)\n",
+                 label_.c_str(), (long long)failed, why.c_str(), (long long)taken, seconds,
                  (long long)taken + 1, (long long)failed, rollbacks_.size(),
                  (long long)cfg_.max_rollbacks);
 }
