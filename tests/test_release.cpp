@@ -679,7 +679,41 @@ TEST(Release, ResumesWithSomeSaesAheadOfTheState) {
   r = test::run_cli(release_args(corpus, out) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming at step 120"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("with settings other than"), std::string::npos) << r.output;
   expect_whole_release(out);
+}
+
+// A release resumed with another setting than it was started with (a lower learning rate, as
+// after a divergence): every SAE records from which step it held, in release.json and in the
+// model card, beside the recipe (the last run's). Bookkeeping (a log cadence) is not a change.
+TEST(Release, ResumedWithOtherSettingsSaysSo) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120 --checkpoint-minutes 0");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const double lr0 =
+      read_json_file(out + "/.work/snap/blocks.0.hook_resid_post/config.json")["optimizer"]["lr"]
+          .get<double>();
+  r = test::run_cli(release_args(corpus, out) +
+                    " --resume --set optimizer.lr=0.00025 --set training.log_every_steps=7");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("] resumed at step 120 with settings other than its checkpoint's: "
+                          "optimizer.lr "),
+            std::string::npos)
+      << r.output;
+  const auto rel = read_json_file(out + "/release.json");
+  const std::string card = test::read_bytes(out + "/README.md");
+  const nlohmann::json want = {
+      {{"step", 120}, {"changed", {{"optimizer.lr", {{"from", lr0}, {"to", 0.00025}}}}}}};
+  for (const std::string variant : {"standard", "snap"})
+    for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+      EXPECT_EQ(rel["results"][variant][hook]["config_changes"], want) << variant << "/" << hook;
+      EXPECT_NE(card.find("`" + variant + "/" + hook +
+                          "` was resumed with other settings: from step 120, `optimizer.lr` "),
+                std::string::npos)
+          << card;
+    }
+  EXPECT_EQ(rel["recipe"]["variants"]["snap"]["config"]["optimizer"]["lr"], 0.00025);
 }
 
 // Module parallel (docs/distributed.md): under mpirun each rank forwards its share of the

@@ -305,6 +305,53 @@ TEST(Trainer, DivergenceRollsBackToTheLastCheckpointAndSkipsOn) {
   }
 }
 
+// A run resumed with other settings than its checkpoint's records what changed and from which
+// step (the log, every later checkpoint), through a later plain resume and a rollback alike;
+// bookkeeping (the log cadence) and the output folder are not changes.
+TEST(Trainer, ResumeWithOtherSettingsIsRecorded) {
+  test::TempDir dir;
+  auto huge = [](float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
+  };
+  auto run = [&](double lr, int64_t log_every, int64_t stop_at, bool resume) {
+    json j = tiny_config(dir / "run");
+    j["optimizer"]["lr"] = lr;
+    j["training"]["log_every_steps"] = log_every;
+    const TrainConfig cfg = TrainConfig::from_json(j, "test");
+    data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
+    test::SpoiledSource spoiled(clean, 31, huge, 32);  // step 32 diverges
+    Trainer t(cfg, spoiled, "test");
+    t.run(resume, stop_at);
+    return t.config_changes();
+  };
+  EXPECT_EQ(run(3e-3, 10, 20, false), json::array());
+  const json want = {
+      {{"step", 20}, {"changed", {{"optimizer.lr", {{"from", 3e-3}, {"to", 1e-3}}}}}}};
+  EXPECT_EQ(run(1e-3, 5, 30, true), want);
+  EXPECT_EQ(run(1e-3, 5, -1, true), want);  // the same settings again: nothing new
+  const json state = read_json_file(dir / "run/checkpoint/state.json");
+  EXPECT_EQ(state["config_changes"], want);
+  EXPECT_EQ(state["rollbacks"], json::parse(R"([{"step": 32, "to_step": 30}])"));
+  int64_t records = 0;
+  std::ifstream log(dir / "run/log.jsonl");
+  for (std::string line; std::getline(log, line);)
+    if (json::parse(line).contains("resumed_with_changes")) {
+      ++records;
+      EXPECT_EQ(json::parse(line)["resumed_with_changes"], want[0]) << line;
+    }
+  EXPECT_EQ(records, 1);
+  // What counts: nested keys, keys only on one side; not output.dir or bookkeeping.
+  json a = tiny_config(dir / "a"), b = tiny_config(dir / "b");
+  b["data"]["n_roots"] = 10;
+  b["data"]["extra"] = {1, 2};
+  b["training"]["threads"] = 1;
+  b["training"]["checkpoint_every_steps"] = 3;
+  EXPECT_EQ(config_changes(a, b), nlohmann::ordered_json::parse(
+                                      R"({"data.extra": {"from": null, "to": [1, 2]},
+                    "data.n_roots": {"from": 12, "to": 10}})"));
+  EXPECT_TRUE(config_changes(a, a).empty());
+}
+
 // A checkpoint holding NaN (written before each step was checked, or damaged) is refused on
 // resume, naming the file and the tensor, rather than trained on as NaN.
 TEST(Trainer, ResumeRefusesANonFiniteCheckpoint) {

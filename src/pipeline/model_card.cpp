@@ -64,6 +64,18 @@ std::string model_card(const nlohmann::ordered_json& release) {
       md << ": " << res.at("skipped_tokens").get<int64_t>()
          << " training tokens skipped, trained on the rest";
     }
+  // A job resumed with other settings: the recipe is the last run's; what came before, said.
+  for (const auto& [v, per_hook] : release.at("results").items())
+    for (const auto& [h, res] : per_hook.items()) {
+      if (!res.contains("config_changes")) continue;
+      md << "\n- `" << v << "/" << h << "` was resumed with other settings:";
+      for (const auto& c : res.at("config_changes")) {
+        md << " from step " << c.at("step").get<int64_t>();
+        for (const auto& [key, ch] : c.at("changed").items())
+          md << ", `" << key << "` " << ch.at("from").dump() << " -> " << ch.at("to").dump();
+        md << ";";
+      }
+    }
   md << "\n\n## Evaluation (held-out tokens)\n\n";
   md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
         "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "

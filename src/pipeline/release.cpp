@@ -1124,6 +1124,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       j.result["rollbacks"] = rollbacks;
       j.result["skipped_tokens"] = j.trainer->skipped_steps() * j.cfg.batch_size;
     }
+    // Resumed with other settings: the recipe above is the last run's; from which step each
+    // change held.
+    if (!j.trainer->config_changes().empty())
+      j.result["config_changes"] = ojson::parse(j.trainer->config_changes().dump());
     if (!ce_windows.empty()) {
       LmScore sc;
       if (dmodel) {  // the SAE made on the GPU: its host copy went with finish()'s checkpoint

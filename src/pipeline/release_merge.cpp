@@ -8,6 +8,7 @@
 #include "io/atomic_file.h"
 #include "io/json_file.h"
 #include "pipeline/model_card.h"
+#include "train/train_config.h"
 
 namespace sae::pipeline {
 
@@ -86,9 +87,7 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
     if (recipe.contains("variants") && recipe["variants"].is_object())
       for (auto& [name, v] : recipe["variants"].items())
         if (v.contains("config") && v["config"].contains("training"))
-          for (const char* k : {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                                "checkpoint_every_minutes", "threads", "max_rollbacks"})
-            v["config"]["training"].erase(k);
+          for (const char* k : train::kBookkeepingKeys) v["config"]["training"].erase(k);
     return recipe;
   };
   const std::string first_file = (fs::path(inputs[0]) / "release.json").string();

@@ -1,6 +1,7 @@
 #include "train/train_config.h"
 
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include "core/error.h"
@@ -257,6 +258,31 @@ json TrainConfig::to_json() const {
         {"save_dtype", save_dtype},
         {"metadata", json::parse(metadata.dump())}}},
   };
+}
+
+nlohmann::ordered_json config_changes(const json& before, const json& after) {
+  nlohmann::ordered_json changed = nlohmann::ordered_json::object();
+  std::function<void(const std::string&, const json&, const json&)> walk =
+      [&](const std::string& at, const json& a, const json& b) {
+        if (a.is_object() && b.is_object()) {
+          std::set<std::string> keys;
+          for (const auto& [k, v] : a.items()) keys.insert(k);
+          for (const auto& [k, v] : b.items()) keys.insert(k);
+          for (const std::string& k : keys)
+            walk(at.empty() ? k : at + "." + k, a.value(k, json()), b.value(k, json()));
+        } else if (a != b) {
+          changed[at] = {{"from", nlohmann::ordered_json::parse(a.dump())},
+                         {"to", nlohmann::ordered_json::parse(b.dump())}};
+        }
+      };
+  json a = before, b = after;
+  for (json* c : {&a, &b}) {
+    if (c->contains("output") && (*c)["output"].is_object()) (*c)["output"].erase("dir");
+    if (c->contains("training") && (*c)["training"].is_object())
+      for (const char* k : kBookkeepingKeys) (*c)["training"].erase(k);
+  }
+  walk("", a, b);
+  return changed;
 }
 
 void merge_json(json& base, const json& patch) {

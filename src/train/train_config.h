@@ -61,6 +61,16 @@ struct TrainConfig {
 // "saelens", "hierarchy-batchtopk", "hierarchy-standard", "hierarchy-snap".
 nlohmann::json preset(const std::string& name);
 std::vector<std::string> preset_names();
+// training.* settings that leave the SAE as it is (how often a run logs, evaluates and
+// checkpoints, its threads, how many divergences it would survive): runs that differ only in
+// these are the same recipe (release-merge), and a resume that changes them records nothing.
+inline constexpr const char* kBookkeepingKeys[] = {
+    "log_every_steps",          "eval_every_steps", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "threads",          "max_rollbacks"};
+// What differs between two resolved configs (to_json()): {"section.key": {"from", "to"}} in key
+// order (objects compared key by key, anything else as a whole), without output.dir (where the
+// run writes) and the bookkeeping keys. A run resumed with other settings records it.
+nlohmann::ordered_json config_changes(const nlohmann::json& before, const nlohmann::json& after);
 // Deep-merges `patch` into `base` (objects merge; anything else replaces).
 void merge_json(nlohmann::json& base, const nlohmann::json& patch);
 // "section.key=value": value parsed as JSON, else taken as a string.

@@ -609,10 +609,11 @@ CheckpointData Trainer::gather_checkpoint(CheckpointData reuse, bool lend) {
              {"config", cfg_.to_json()}};
   for (const Rollback& b : rollbacks_)
     c.state["rollbacks"].push_back({{"step", b.step}, {"to_step", b.to_step}});
+  if (!config_changes_.empty()) c.state["config_changes"] = config_changes_;
   return c;
 }
 
-bool Trainer::load_checkpoint() {
+bool Trainer::load_checkpoint(json* saved_config) {
   fs::path dir = fs::path(cfg_.output_dir) / "checkpoint";
   if (!fs::exists(dir / "state.json"))
     dir = fs::path(cfg_.output_dir) / "checkpoint.old";  // killed mid-swap
@@ -684,6 +685,8 @@ bool Trainer::load_checkpoint() {
   input_scale_ = state["input_scale"].get<double>();
   window_steps_ = state["window_steps"].get<int64_t>();
   window_tokens_ = state["window_tokens"].get<int64_t>();
+  config_changes_ = state.value("config_changes", json::array());
+  if (saved_config) *saved_config = saved;
   rollbacks_.clear();
   for (const json& b : state.value("rollbacks", json::array()))
     rollbacks_.push_back({b.at("step").get<int64_t>(), b.at("to_step").get<int64_t>()});
@@ -695,8 +698,25 @@ bool Trainer::load_checkpoint() {
 bool Trainer::begin(bool resume) {
   if (cfg_.threads > 0) ops::set_num_threads(cfg_.threads);
   fs::create_directories(cfg_.output_dir);
-  const bool resumed = resume && load_checkpoint();
+  json saved_config;
+  const bool resumed = resume && load_checkpoint(&saved_config);
   if (resumed) checkpoint_step_ = step_;  // that checkpoint is this step's
+  // Resumed with other settings (a lower learning rate after a divergence, more tokens): what
+  // changed and from which step, in the log and in every later checkpoint.
+  if (const auto changed = resumed ? train::config_changes(saved_config, cfg_.to_json())
+                                   : nlohmann::ordered_json::object();
+      !changed.empty()) {
+    const json record = {{"step", step_}, {"changed", json::parse(changed.dump())}};
+    config_changes_.push_back(record);
+    append_log({{"resumed_with_changes", record}});
+    std::string what;
+    for (const auto& [key, c] : changed.items())
+      what += cat(what.empty() ? "" : ", ", key, " ", c["from"].dump(), " -> ", c["to"].dump());
+    if (lead())
+      std::fprintf(stderr,
+                   "[%s] resumed at step %lld with settings other than its checkpoint's: %s\n",
+                   label_.c_str(), (long long)step_, what.c_str());
+  }
   if (many_ranks()) {
     // Every rank must resume from the same step (one folder that all of them see).
     std::vector<double> mine = {double(resumed), double(step_)};
@@ -905,7 +925,9 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
   const double t0 = now_seconds();
   if (flush_checkpoints) flush_checkpoints();
   if (writer_) report_written(true);
-  std::vector<Rollback> before = rollbacks_;  // load_checkpoint sets the checkpoint's
+  // load_checkpoint sets the checkpoint's lists; this run's go on.
+  std::vector<Rollback> before = rollbacks_;
+  const json changes = config_changes_;
   if (!load_checkpoint() || step_ != taken)
     fail(label_, cat("step ", failed),
          cat(non_finite_step(r, grad_norm), ": the training diverged, and the checkpoint of step ",
@@ -913,6 +935,7 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
              (fs::path(cfg_.output_dir) / "checkpoint").string(), " holds step ", step_, ")"));
   rollbacks_ = std::move(before);
   rollbacks_.push_back({failed, taken});
+  config_changes_ = changes;
   step_ = failed;  // the batches taken-failed are skipped; the schedule goes on from here
   if (dev_) {
     dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);

@@ -125,6 +125,9 @@ class Trainer {
   };
   const std::vector<Rollback>& rollbacks() const { return rollbacks_; }
   int64_t skipped_steps() const;  // batches skipped by the rollbacks, summed
+  // Each resume with settings other than the checkpoint's (train::config_changes): [{"step",
+  // "changed"}], in order. Kept in the checkpoints.
+  const nlohmann::json& config_changes() const { return config_changes_; }
   // training.device = cuda: a step scratch shared with other trainers that step one after
   // another (set before begin(); null: its own).
   std::shared_ptr<DeviceStepScratch> device_scratch;
@@ -178,7 +181,8 @@ class Trainer {
   // The state of the last checkpoint read back (on the GPU, uploaded) and the step counter left
   // past the step that diverged: the batches since the checkpoint are skipped. Logged.
   void roll_back(const StepResult& r, double grad_norm);
-  bool load_checkpoint();
+  // `saved_config`: the config the checkpoint was taken under.
+  bool load_checkpoint(nlohmann::json* saved_config = nullptr);
   // With training.device = cuda the state lives on the GPU: pull copies it to the host
   // (parameters and threshold; everything when `all`) before evaluation and checkpoints.
   void pull(bool all);
@@ -244,6 +248,7 @@ class Trainer {
   double eval_seconds_ = 0;
   int64_t checkpoint_step_ = -1;  // the step of the last checkpoint this trainer wrote
   std::vector<Rollback> rollbacks_;
+  nlohmann::json config_changes_ = nlohmann::json::array();
   double checkpoint_time_ = 0;  // when it was written (or when training began)
   // Within run(), on rank 0: the writer of the checkpoints beside the steps (null: between them).
   CheckpointWriter* writer_ = nullptr;
