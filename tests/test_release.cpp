@@ -992,6 +992,18 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
                   one["results"][variant][hook]["explained_variance"].get<double>(), 0.02);
       EXPECT_TRUE(fs::exists(dir / ("two/" + variant + "/" + hook + "/sae_weights.safetensors")));
     }
+  // The outlier under mpirun: each rank's SAEs roll back on their own (one rank per SAE).
+  r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " +
+                      std::regex_replace(args, std::regex(cache), dir / "outlier") +
+                      (dir / "outlier_two") +
+                      " --checkpoint-minutes 0 --set training.checkpoint_every_steps=10");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto outlier_two = read_json_file(dir / "outlier_two/release.json");
+  for (const std::string variant : {"standard", "snap"}) {
+    EXPECT_EQ(outlier_two["results"][variant]["blocks.2.hook_resid_post"]["rollbacks"].size(), 1u)
+        << outlier_two["results"][variant];
+    EXPECT_FALSE(outlier_two["results"][variant]["blocks.0.hook_resid_post"].contains("rollbacks"));
+  }
 }
 
 TEST(Release, BadInputs) {
