@@ -640,22 +640,14 @@ TEST(CudaTrainer, KillAndResumeIsBitIdenticalAndMatchesTheCpuRun) {
   using nlohmann::json;
   auto run = [&](const std::string& out, const std::string& device, const std::string& precision,
                  int64_t stop_at, bool keep_host_state = true) {
-    json j = train::preset("hierarchy-snap");
-    j["sae"]["d_sae"] = 48;
-    j["sae"]["matryoshka_widths"] = {8, 24, 48};
-    j["sae"]["normalize_activations"] = "expected_average_only_in";
-    j["data"] = {{"type", "synthetic"},
-                 {"d_in", 24},
-                 {"n_roots", 12},
-                 {"n_parents", 4},
-                 {"heldout_tokens", 512}};
-    j["training"] = {
-        {"batch_size", 128},   {"total_tokens", 128 * 300}, {"eval_every_steps", 100},
-        {"eval_tokens", 512},  {"log_every_steps", 50},     {"checkpoint_every_steps", 40},
-        {"n_norm_batches", 2}, {"device", device},          {"precision", precision}};
-    j["loss"]["dead_feature_window"] = 5;  // AuxK runs
+    json j = test::tiny_trainer_config(out);
+    j["training"].update({{"total_tokens", 128 * 300},
+                          {"eval_every_steps", 100},
+                          {"log_every_steps", 50},
+                          {"checkpoint_every_steps", 40},
+                          {"device", device},
+                          {"precision", precision}});
     j["optimizer"]["adam_beta1"] = 0.0;
-    j["output"] = {{"dir", out}};
     train::TrainConfig cfg = train::TrainConfig::from_json(j, "test");
     data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
     train::Trainer t(cfg, src, "test");
@@ -703,21 +695,8 @@ TEST(CudaTrainer, DivergenceRollsBackOnTheDeviceAsOnTheCpu) {
   };
   auto run = [&](const std::string& out, const std::string& device, int64_t stop_at,
                  bool keep_host_state) {
-    json j = train::preset("hierarchy-snap");
-    j["sae"]["d_sae"] = 48;
-    j["sae"]["matryoshka_widths"] = {8, 24, 48};
-    j["sae"]["normalize_activations"] = "expected_average_only_in";
-    j["data"] = {{"type", "synthetic"},
-                 {"d_in", 24},
-                 {"n_roots", 12},
-                 {"n_parents", 4},
-                 {"heldout_tokens", 512}};
-    j["training"] = {{"batch_size", 128},      {"total_tokens", 128 * 40},
-                     {"eval_every_steps", 10}, {"eval_tokens", 512},
-                     {"log_every_steps", 10},  {"checkpoint_every_steps", 15},
-                     {"n_norm_batches", 2},    {"device", device}};
-    j["loss"]["dead_feature_window"] = 5;
-    j["output"] = {{"dir", out}};
+    json j = test::tiny_trainer_config(out);
+    j["training"]["device"] = device;
     const train::TrainConfig cfg = train::TrainConfig::from_json(j, "test");
     data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
     test::SpoiledSource spoiled(clean, 17, huge, 18);

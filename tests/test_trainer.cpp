@@ -25,28 +25,10 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-json tiny_config(const std::string& out) {
-  json j = preset("hierarchy-snap");
-  j["sae"]["d_sae"] = 48;
-  j["sae"]["matryoshka_widths"] = {8, 24, 48};
-  j["sae"]["normalize_activations"] = "expected_average_only_in";
-  j["data"] = {{"type", "synthetic"},
-               {"d_in", 24},
-               {"n_roots", 12},
-               {"n_parents", 4},
-               {"heldout_tokens", 512}};
-  j["training"] = {{"batch_size", 128},  {"total_tokens", 128 * 40}, {"eval_every_steps", 10},
-                   {"eval_tokens", 512}, {"log_every_steps", 10},    {"checkpoint_every_steps", 15},
-                   {"n_norm_batches", 2}};
-  j["loss"]["dead_feature_window"] = 5;  // so AuxK runs within the test
-  j["output"] = {{"dir", out}};
-  return j;
-}
-
 TEST(Trainer, KillAndResumeIsBitIdentical) {
   test::TempDir dir;
   auto run = [&](const std::string& out, int64_t stop_at, double beta1 = 0.9) {
-    json j = tiny_config(out);
+    json j = test::tiny_trainer_config(out);
     j["optimizer"]["adam_beta1"] = beta1;
     TrainConfig cfg = TrainConfig::from_json(j, "test");
     data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
@@ -106,7 +88,7 @@ TEST(Trainer, KillAndResumeIsBitIdentical) {
 TEST(Trainer, RunWritesItsCheckpointsBesideTheSteps) {
   test::TempDir dir;
   auto make = [&](const std::string& out, int64_t every) {
-    json j = tiny_config(out);
+    json j = test::tiny_trainer_config(out);
     j["training"]["checkpoint_every_steps"] = every;
     return TrainConfig::from_json(j, "test");
   };
@@ -156,7 +138,7 @@ TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
   test::TempDir dir;
   auto run_spoiled = [&](const std::string& out, std::function<void(float*, int64_t)> spoil,
                          int64_t max_rollbacks = 3) {
-    json j = tiny_config(out);
+    json j = test::tiny_trainer_config(out);
     j["training"]["max_rollbacks"] = max_rollbacks;
     const TrainConfig cfg = TrainConfig::from_json(j, "test");
     data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
@@ -186,10 +168,12 @@ TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
     EXPECT_LE(r.value("step", r.value("checkpoint", int64_t(0))), 15) << line;
   }
   // Resumed on clean data: the SAE of a clean run, bit for bit.
-  const TrainConfig resumed = TrainConfig::from_json(tiny_config(dir / "nan"), "test");
+  const TrainConfig resumed =
+      TrainConfig::from_json(test::tiny_trainer_config(dir / "nan"), "test");
   data::SyntheticSource clean(data::SyntheticConfig::from_json(resumed.data, "test"));
   ASSERT_TRUE(Trainer(resumed, clean, "test").run(true));
-  const TrainConfig straight = TrainConfig::from_json(tiny_config(dir / "clean"), "test");
+  const TrainConfig straight =
+      TrainConfig::from_json(test::tiny_trainer_config(dir / "clean"), "test");
   ASSERT_TRUE(Trainer(straight, clean, "test").run(false));
   EXPECT_EQ(test::read_bytes(dir / "nan/sae/sae_weights.safetensors"),
             test::read_bytes(dir / "clean/sae/sae_weights.safetensors"));
@@ -217,7 +201,7 @@ TEST(Trainer, NonFiniteStepStopsWithTheLastCheckpointIntact) {
   EXPECT_NE(again.find("the checkpoint of step 15 is intact"), std::string::npos) << again;
   EXPECT_EQ(read_json_file(dir / "again/checkpoint/state.json")["step"], 15);
   // Before the first checkpoint there is nothing to roll back to.
-  json early_cfg = tiny_config(dir / "early");
+  json early_cfg = test::tiny_trainer_config(dir / "early");
   const TrainConfig early = TrainConfig::from_json(early_cfg, "test");
   data::SyntheticSource src(data::SyntheticConfig::from_json(early.data, "test"));
   test::SpoiledSource spoiled(src, 5, huge, 6);
@@ -241,7 +225,7 @@ TEST(Trainer, DivergenceRollsBackToTheLastCheckpointAndSkipsOn) {
     for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
   };
   auto run = [&](const std::string& out, int64_t stop_at, bool resume, bool spoil) {
-    const TrainConfig cfg = TrainConfig::from_json(tiny_config(out), "test");
+    const TrainConfig cfg = TrainConfig::from_json(test::tiny_trainer_config(out), "test");
     data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
     test::SpoiledSource spoiled(clean, 17, huge, spoil ? 18 : 17);  // the 18th step's batch
     Trainer t(cfg, spoiled, "test");
@@ -295,7 +279,7 @@ TEST(Trainer, DivergenceRollsBackToTheLastCheckpointAndSkipsOn) {
   EXPECT_EQ(test::read_bytes(dir / "stopped/sae/sae_weights.safetensors"),
             test::read_bytes(dir / "rolled/sae/sae_weights.safetensors"));
   // training.max_rollbacks is checked.
-  json bad = tiny_config(dir / "bad");
+  json bad = test::tiny_trainer_config(dir / "bad");
   bad["training"]["max_rollbacks"] = -1;
   try {
     TrainConfig::from_json(bad, "bad.json");
@@ -314,7 +298,7 @@ TEST(Trainer, ResumeWithOtherSettingsIsRecorded) {
     for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
   };
   auto run = [&](double lr, int64_t log_every, int64_t stop_at, bool resume) {
-    json j = tiny_config(dir / "run");
+    json j = test::tiny_trainer_config(dir / "run");
     j["optimizer"]["lr"] = lr;
     j["training"]["log_every_steps"] = log_every;
     const TrainConfig cfg = TrainConfig::from_json(j, "test");
@@ -341,7 +325,7 @@ TEST(Trainer, ResumeWithOtherSettingsIsRecorded) {
     }
   EXPECT_EQ(records, 1);
   // What counts: nested keys, keys only on one side; not output.dir or bookkeeping.
-  json a = tiny_config(dir / "a"), b = tiny_config(dir / "b");
+  json a = test::tiny_trainer_config(dir / "a"), b = test::tiny_trainer_config(dir / "b");
   b["data"]["n_roots"] = 10;
   b["data"]["extra"] = {1, 2};
   b["training"]["threads"] = 1;
@@ -356,7 +340,7 @@ TEST(Trainer, ResumeWithOtherSettingsIsRecorded) {
 // resume, naming the file and the tensor, rather than trained on as NaN.
 TEST(Trainer, ResumeRefusesANonFiniteCheckpoint) {
   test::TempDir dir;
-  const TrainConfig cfg = TrainConfig::from_json(tiny_config(dir / "run"), "test");
+  const TrainConfig cfg = TrainConfig::from_json(test::tiny_trainer_config(dir / "run"), "test");
   data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
   ASSERT_FALSE(Trainer(cfg, src, "test").run(false, 20));
   test::patch_f32(dir / "run/checkpoint/state.safetensors", "v_W_dec", 17, NAN);
@@ -374,7 +358,7 @@ TEST(Trainer, ResumeRefusesANonFiniteCheckpoint) {
 
 TEST(Trainer, SavedSaeLoadsAndReproducesTrainingCodes) {
   test::TempDir dir;
-  json j = tiny_config(dir / "run");
+  json j = test::tiny_trainer_config(dir / "run");
   j["sae"]["rescale_acts_by_decoder_norm"] = true;
   TrainConfig cfg = TrainConfig::from_json(j, "test");
   data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
@@ -411,7 +395,7 @@ TEST(Trainer, CheckpointsOnTheClock) {
   test::TempDir dir;
   for (const double minutes : {1e-7, 0.0}) {
     const std::string out = dir / (minutes > 0 ? "clock" : "off");
-    json j = tiny_config(out);
+    json j = test::tiny_trainer_config(out);
     j["training"]["checkpoint_every_steps"] = 0;
     j["training"]["checkpoint_every_minutes"] = minutes;
     const TrainConfig cfg = TrainConfig::from_json(j, "test");
@@ -430,7 +414,7 @@ TEST(Trainer, CheckpointsOnTheClock) {
         EXPECT_FALSE(fs::exists(state)) << "step " << step;
     }
   }
-  json bad = tiny_config(dir / "bad");
+  json bad = test::tiny_trainer_config(dir / "bad");
   bad["training"]["checkpoint_every_minutes"] = -1;
   try {
     (void)TrainConfig::from_json(bad, "cfg.json");
@@ -451,7 +435,7 @@ TEST(Trainer, CheckpointsWrittenOnAnotherThreadAreSaveCheckpointsFiles) {
   for (const double beta1 : {0.0, 0.9}) {
     SCOPED_TRACE(beta1);
     auto trainer = [&](const std::string& out) {
-      json j = tiny_config(out);
+      json j = test::tiny_trainer_config(out);
       j["training"]["checkpoint_every_steps"] = 0;
       j["optimizer"]["adam_beta1"] = beta1;
       return TrainConfig::from_json(j, "test");
@@ -577,7 +561,7 @@ TEST(Trainer, Bf16EncoderGemmOnTheCpu) {
   test::TempDir dir;
   double ev[2] = {0, 0};
   for (int bf16 = 0; bf16 < 2; ++bf16) {
-    json j = tiny_config(dir / (bf16 ? "bf16" : "fp32"));
+    json j = test::tiny_trainer_config(dir / (bf16 ? "bf16" : "fp32"));
     j["training"]["total_tokens"] = 128 * 300;
     j["training"]["precision"] = bf16 ? "bf16" : "fp32";
     TrainConfig cfg = TrainConfig::from_json(j, "test");
@@ -589,7 +573,7 @@ TEST(Trainer, Bf16EncoderGemmOnTheCpu) {
   }
   EXPECT_GT(ev[0], 0.5);
   EXPECT_NEAR(ev[1], ev[0], 0.02);
-  json j = tiny_config(dir / "tf32");
+  json j = test::tiny_trainer_config(dir / "tf32");
   j["training"]["precision"] = "tf32";
   TrainConfig cfg = TrainConfig::from_json(j, "test");
   data::SyntheticSource src(data::SyntheticConfig::from_json(cfg.data, "test"));
@@ -610,7 +594,7 @@ TEST(TrainConfig, StrictAndClear) {
     }
     return std::string("no error");
   };
-  json good = tiny_config("/tmp/x");
+  json good = test::tiny_trainer_config("/tmp/x");
   EXPECT_EQ(err(good), "no error");
   json j = good;
   j["sae"]["d_sea"] = 3;

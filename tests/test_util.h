@@ -22,6 +22,7 @@
 #include "core/dtype.h"
 #include "data/source.h"
 #include "io/npy.h"
+#include "train/train_config.h"
 
 // In a CUDA test: skip, with one line saying why, where no GPU can run it.
 #define REQUIRE_GPU()                                                                            \
@@ -175,6 +176,26 @@ inline std::vector<float> random_vector(size_t n, uint32_t seed, float scale = 1
   std::vector<float> v(n);
   for (auto& x : v) x = dist(rng);
   return v;
+}
+
+// A small training job on the synthetic hierarchy (48 latents, 40 steps of 128 tokens, AuxK
+// running, a checkpoint every 15 steps) writing to `out`: the trainer tests' starting point.
+inline nlohmann::json tiny_trainer_config(const std::string& out) {
+  nlohmann::json j = train::preset("hierarchy-snap");
+  j["sae"]["d_sae"] = 48;
+  j["sae"]["matryoshka_widths"] = {8, 24, 48};
+  j["sae"]["normalize_activations"] = "expected_average_only_in";
+  j["data"] = {{"type", "synthetic"},
+               {"d_in", 24},
+               {"n_roots", 12},
+               {"n_parents", 4},
+               {"heldout_tokens", 512}};
+  j["training"] = {{"batch_size", 128},  {"total_tokens", 128 * 40}, {"eval_every_steps", 10},
+                   {"eval_tokens", 512}, {"log_every_steps", 10},    {"checkpoint_every_steps", 15},
+                   {"n_norm_batches", 2}};
+  j["loss"]["dead_feature_window"] = 5;  // so AuxK runs within the test
+  j["output"] = {{"dir", out}};
+  return j;
 }
 
 // A source whose training batches from index `from` (to `to`, excluded) are spoiled (the
