@@ -8,12 +8,15 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <utility>
 
 #include "core/device.h"
 #include "core/error.h"
@@ -117,7 +120,25 @@ py::dict metrics_dict(const Metrics& m, bool density) {
 // Runs a long job on a worker thread while this (main) thread polls for Ctrl-C, which sets the
 // job's stop flag; rethrows the job's error, or KeyboardInterrupt. Returns what the job returned
 // (false: it stopped early).
-bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job) {
+// Records a job's thread hands to a Python callback, which runs on the calling (main) thread as
+// the job goes: a notebook's plot updates where it can.
+struct ProgressRelay {
+  std::mutex mutex;
+  std::deque<nlohmann::ordered_json> records;
+  void push(const nlohmann::ordered_json& r) {
+    std::lock_guard<std::mutex> lock(mutex);
+    records.push_back(r);
+  }
+  std::deque<nlohmann::ordered_json> take() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return std::exchange(records, {});
+  }
+};
+
+// Runs `job` on a thread; Ctrl-C (or an exception raised by `progress`, called with each record
+// of `relay`) sets its stop flag (the job checkpoints and returns), then is raised here.
+bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job,
+                       ProgressRelay* relay = nullptr, py::object progress = py::none()) {
   std::atomic<bool> stop{false}, done{false};
   bool finished = false;
   std::exception_ptr error;
@@ -131,6 +152,18 @@ bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job)
     done = true;
   });
   std::unique_ptr<py::error_already_set> interrupted;
+  auto relay_records = [&] {
+    if (!relay || progress.is_none()) return;
+    for (const auto& r : relay->take()) {
+      if (interrupted) return;  // the job is stopping: the rest are in progress.jsonl
+      try {
+        progress(to_python(r));
+      } catch (py::error_already_set& e) {
+        interrupted = std::make_unique<py::error_already_set>(std::move(e));
+        stop = true;
+      }
+    }
+  };
   while (!done) {
     {
       py::gil_scoped_release nogil;
@@ -140,8 +173,10 @@ bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job)
       interrupted = std::make_unique<py::error_already_set>();
       stop = true;
     }
+    relay_records();
   }
   worker.join();
+  relay_records();  // the last ones, written before the job returned
   if (error) std::rethrow_exception(error);
   if (interrupted) throw std::move(*interrupted);
   return finished;
@@ -161,9 +196,12 @@ py::object read_json_as_python(const std::filesystem::path& path) {
 
 // A release (stopped at the next step with everything checkpointed on Ctrl-C). Returns
 // release.json, or None when stopped.
-py::object run_release_job(const pipeline::ReleaseOptions& o) {
+py::object run_release_job(pipeline::ReleaseOptions o, py::object progress) {
+  ProgressRelay relay;
+  if (!progress.is_none()) o.on_record = [&](const nlohmann::ordered_json& r) { relay.push(r); };
   const bool finished = run_interruptible(
-      [&](const std::atomic<bool>& stop) { return pipeline::run_release(o, &stop); });
+      [&](const std::atomic<bool>& stop) { return pipeline::run_release(o, &stop); }, &relay,
+      progress);
   if (!finished) return py::none();
   return read_json_as_python(std::filesystem::path(o.output_dir) / "release.json");
 }
@@ -527,7 +565,8 @@ PYBIND11_MODULE(_core, m) {
          const std::string& dataset_name, bool bf16, bool resume, int64_t stop_at_step,
          int64_t log_every, bool bf16_matmul, const std::string& device,
          const std::string& precision, bool overlap, const std::string& activation_store,
-         double checkpoint_minutes, bool check_disk, int64_t checkpoint_snapshots) -> py::object {
+         double checkpoint_minutes, bool check_disk, int64_t checkpoint_snapshots,
+         py::object progress) -> py::object {
         pipeline::ReleaseOptions o;
         o.checkpoint_minutes = checkpoint_minutes;
         o.checkpoint_snapshots = checkpoint_snapshots;
@@ -557,7 +596,7 @@ PYBIND11_MODULE(_core, m) {
         o.resume = resume;
         o.stop_at_step = stop_at_step;
         o.log_every_steps = log_every;
-        return run_release_job(o);
+        return run_release_job(std::move(o), progress);
       },
       py::arg("model"), py::arg("dataset"), py::arg("layers"), py::arg("output"),
       py::arg("variants") = std::vector<std::string>{"standard", "snap"}, py::arg("tokens") = 0,
@@ -570,6 +609,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("precision") = "bf16", py::arg("overlap") = true,
       py::arg("activation_store") = "auto", py::arg("checkpoint_minutes") = 30.0,
       py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
+      py::arg("progress") = py::none(),
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
       "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
       "on held-out tokens, written as a SAELens "
@@ -583,7 +623,10 @@ PYBIND11_MODULE(_core, m) {
       "GiB's worth, at least 2). check_disk=False starts even when the disk "
       "plan (checkpoints and SAE folders) needs more than the output folder's disk has free. "
       "overrides: 'section.key=value' strings applied to every "
-      "SAE's config. Returns release.json as a dict, or None when stopped at stop_at_step "
+      "SAE's config. progress(record) gets each record of .work/progress.jsonl (the progress "
+      "line's: step, tokens, tokens_per_s, mean_l0, mean_ev, ...; each checkpoint's) on this "
+      "thread as the job goes; an exception it raises stops the job like Ctrl-C. Returns "
+      "release.json as a dict, or None when stopped at stop_at_step "
       "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
 
   m.def(
@@ -701,7 +744,7 @@ PYBIND11_MODULE(_core, m) {
          int64_t prompts_per_forward, int64_t n_batches_in_buffer, int64_t heldout_tokens,
          const std::string& model_name, const std::string& dataset_name, bool resume,
          int64_t stop_at_step, int64_t log_every, double checkpoint_minutes, bool check_disk,
-         int64_t checkpoint_snapshots) -> py::object {
+         int64_t checkpoint_snapshots, py::object progress) -> py::object {
         pipeline::ReleaseOptions o;
         o.checkpoint_minutes = checkpoint_minutes;
         o.checkpoint_snapshots = checkpoint_snapshots;
@@ -720,7 +763,7 @@ PYBIND11_MODULE(_core, m) {
         o.resume = resume;
         o.stop_at_step = stop_at_step;
         o.log_every_steps = log_every;
-        return run_release_job(o);
+        return run_release_job(std::move(o), progress);
       },
       py::arg("cache"), py::arg("output"), py::arg("layers") = std::vector<int64_t>{},
       py::arg("variants") = std::vector<std::string>{"standard", "snap"}, py::arg("tokens") = 0,
@@ -729,10 +772,11 @@ PYBIND11_MODULE(_core, m) {
       py::arg("model_name") = "", py::arg("dataset_name") = "", py::arg("resume") = false,
       py::arg("stop_at_step") = 0, py::arg("log_every") = 100, py::arg("checkpoint_minutes") = 30.0,
       py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
+      py::arg("progress") = py::none(),
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
-      "its last shards are the held-out set; no CE-loss score). Returns release.json as a "
-      "dict, or None when stopped at stop_at_step.");
+      "its last shards are the held-out set; no CE-loss score). progress: as release's. Returns "
+      "release.json as a dict, or None when stopped at stop_at_step.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2",

@@ -106,6 +106,7 @@ def release(
     checkpoint_minutes: float = 30.0,
     check_disk: bool = True,
     checkpoint_snapshots: int = 0,
+    progress: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(
@@ -167,6 +168,7 @@ def release_from_cache(
     checkpoint_minutes: float = 30.0,
     check_disk: bool = True,
     checkpoint_snapshots: int = 0,
+    progress: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:

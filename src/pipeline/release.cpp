@@ -829,8 +829,11 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // resumed job appends): a long job's throughput and where its time went, for plotting.
   auto log_record = [&](const ojson& record) {
     if (!lead) return;
-    std::ofstream f(work / "progress.jsonl", std::ios::app);
-    f << record.dump() << "\n";
+    {
+      std::ofstream f(work / "progress.jsonl", std::ios::app);
+      f << record.dump() << "\n";
+    }
+    if (opt.on_record) opt.on_record(record);
   };
   const int64_t ckpt_every = jobs.front().cfg.checkpoint_every_steps;
   double ckpt_seconds = 0, last_ckpt = now_seconds();

@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -70,6 +72,9 @@ struct ReleaseOptions {
   // ranks, by its own group of ranks in data parallel) or "data" (every SAE data parallel over
   // all the ranks). docs/distributed.md.
   std::string parallel = "modules";
+  // Each record of .work/progress.jsonl (the progress line's and each checkpoint's; rank 0),
+  // also handed here as it is written (the Python module relays them to a callback).
+  std::function<void(const nlohmann::ordered_json&)> on_record;
 };
 
 // Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every

@@ -31,10 +31,10 @@ def run(corpus: str, out: pathlib.Path, **kw):
     return saecpp.release(
         MODEL, corpus, [0, 2], str(out), tokens=20000, context_size=16, prompts_per_forward=4,
         n_batches_in_buffer=4, holdout_every=10, heldout_tokens=512, ce_windows=2,
-        model_name="tiny-gemma2", log_every=1000,
+        model_name="tiny-gemma2",
         overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
                    "training.batch_size=64", "training.checkpoint_every_steps=50",
-                   "optimizer.lr=3e-3"], **kw)
+                   "optimizer.lr=3e-3"], **{"log_every": 1000, **kw})
 
 
 def test_release_loads_in_saelens(tmp_path):
@@ -62,6 +62,41 @@ def test_release_loads_in_saelens(tmp_path):
         res = summary["results"][variant][hook]
         assert 0.3 < res["explained_variance"] <= 1.0
         assert f"| {res['l0']:.2f} | {res['explained_variance']:.4f} |" in card
+
+
+def test_release_progress_reaches_a_callback_that_may_stop_it(tmp_path):
+    """progress(record) gets each progress.jsonl record on the caller's thread as the job goes;
+    an exception it raises stops the job at a checkpoint and reaches the caller, and the job
+    resumes from there."""
+    import threading
+    corpus, out = write_corpus(tmp_path), tmp_path / "release"
+    records, threads = [], set()
+
+    def progress(record):
+        records.append(record)
+        threads.add(threading.get_ident())
+        if record.get("step") == 150:
+            raise RuntimeError("enough")
+
+    with pytest.raises(RuntimeError, match="enough"):
+        run(corpus, out, log_every=50, checkpoint_minutes=0, progress=progress)
+    assert threads == {threading.get_ident()}
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps == [50, 100, 150], records
+    # A round's record comes when its states are on disk (written beside the steps): that of
+    # 50 before the round of 100 starts, that of 100 before or after step 150's record.
+    assert [r["checkpoint"] for r in records if "checkpoint" in r] in ([50], [50, 100])
+    assert all(0.0 < r["mean_ev"] <= 1.0 and r["tokens"] == r["step"] * 64
+               for r in records if "step" in r)
+    written = [json.loads(l) for l in (out / ".work" / "progress.jsonl").read_text().splitlines()]
+    assert written[:len(records)] == records  # the same records, in order
+    state = json.loads((out / ".work" / "state.json").read_text())
+    assert state["step"] >= 150  # stopped at a checkpoint after the callback's error
+    rest = []
+    summary = run(corpus, out, resume=True, log_every=50, checkpoint_minutes=0,
+                  progress=rest.append)
+    assert summary["results"]["snap"]["blocks.2.hook_resid_post"]["training_tokens"] == 20000 // 64 * 64
+    assert rest and rest[-1]["step"] == 20000 // 64
 
 
 def test_release_stops_and_resumes(tmp_path):
