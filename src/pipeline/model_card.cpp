@@ -1,7 +1,12 @@
 #include "pipeline/model_card.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <sstream>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
 
 namespace sae::pipeline {
 
@@ -64,18 +69,29 @@ std::string model_card(const nlohmann::ordered_json& release) {
       md << ": " << res.at("skipped_tokens").get<int64_t>()
          << " training tokens skipped, trained on the rest";
     }
-  // A job resumed with other settings: the recipe is the last run's; what came before, said.
-  for (const auto& [v, per_hook] : release.at("results").items())
-    for (const auto& [h, res] : per_hook.items()) {
-      if (!res.contains("config_changes")) continue;
-      md << "\n- `" << v << "/" << h << "` was resumed with other settings:";
-      for (const auto& c : res.at("config_changes")) {
-        md << " from step " << c.at("step").get<int64_t>();
-        for (const auto& [key, ch] : c.at("changed").items())
-          md << ", `" << key << "` " << ch.at("from").dump() << " -> " << ch.at("to").dump();
-        md << ";";
-      }
+  // A job resumed with other settings: the recipe is the last run's; what came before, said
+  // once when every SAE has the same history (a release resumed whole), else per SAE.
+  auto history = [](const nlohmann::ordered_json& changes) {
+    std::string s;
+    for (const auto& c : changes) {
+      s += cat(s.empty() ? "" : ";", " from step ", c.at("step").get<int64_t>());
+      for (const auto& [key, ch] : c.at("changed").items())
+        s += cat(", `", key, "` ", ch.at("from").dump(), " -> ", ch.at("to").dump());
     }
+    return s;
+  };
+  std::vector<std::pair<std::string, std::string>> histories;  // (variant/hook, history)
+  for (const auto& [v, per_hook] : release.at("results").items())
+    for (const auto& [h, res] : per_hook.items())
+      histories.push_back(
+          {v + "/" + h, history(res.value("config_changes", nlohmann::ordered_json::array()))});
+  const bool same = std::all_of(histories.begin(), histories.end(),
+                                [&](const auto& x) { return x.second == histories[0].second; });
+  if (same && !histories.empty() && !histories[0].second.empty())
+    md << "\n- Every SAE was resumed with other settings:" << histories[0].second;
+  else
+    for (const auto& [id, text] : histories)
+      if (!text.empty()) md << "\n- `" << id << "` was resumed with other settings:" << text;
   md << "\n\n## Evaluation (held-out tokens)\n\n";
   md << "L0: mean active latents per token. Explained variance: 1 - sum|x - x_hat|^2 / "
         "sum|x - mean x|^2 over the held-out set (SAELens's conventional definition; the legacy "

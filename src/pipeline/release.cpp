@@ -1095,6 +1095,8 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   }
   settle_round();
   const double ckpt_written = writer ? writer->write_seconds() : 0.0;
+  for (Job& j : jobs)  // no step is left to roll back
+    if (j.trainer) j.trainer->flush_checkpoints = nullptr;
   writer.reset();  // its spare states' memory too
 
   // Final evaluation, the CE-loss score, then the release folder; the model is ours again.

@@ -928,15 +928,17 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
   // load_checkpoint sets the checkpoint's lists; this run's go on.
   std::vector<Rollback> before = rollbacks_;
   const json changes = config_changes_;
-  if (!load_checkpoint() || step_ != taken)
+  const bool loaded = load_checkpoint();
+  if (!loaded || step_ != taken)
     fail(label_, cat("step ", failed),
          cat(non_finite_step(r, grad_norm), ": the training diverged, and the checkpoint of step ",
              taken, " it would roll back to is not on disk (",
-             (fs::path(cfg_.output_dir) / "checkpoint").string(), " holds step ", step_, ")"));
+             (fs::path(cfg_.output_dir) / "checkpoint").string(),
+             loaded ? cat(" holds step ", step_) : std::string(" holds none"), ")"));
   rollbacks_ = std::move(before);
   rollbacks_.push_back({failed, taken});
   config_changes_ = changes;
-  step_ = failed;  // the batches taken-failed are skipped; the schedule goes on from here
+  step_ = failed;  // batches taken + 1 .. failed are skipped; the schedule goes on from here
   if (dev_) {
     dev_->upload(sae_, opt_, steps_since_fired_, window_counts_);
     drop_host_state();
