@@ -22,6 +22,7 @@ Runner add_release_merge(CLI::App& app);
 Runner add_cache(CLI::App& app);
 Runner add_download(CLI::App& app);
 Runner add_dashboard(CLI::App& app);
+Runner add_status(CLI::App& app);
 
 // --device / --precision of the commands that run the model (cmd_model.cpp); the help says
 // what runs on the GPU and what the precision is of.

@@ -81,7 +81,7 @@ int run_command(int argc, char** argv) {
        {sae::cli::add_info, sae::cli::add_encode, sae::cli::add_eval, sae::cli::add_convert,
         sae::cli::add_train, sae::cli::add_demo, sae::cli::add_activations, sae::cli::add_lm_loss,
         sae::cli::add_release, sae::cli::add_release_merge, sae::cli::add_cache,
-        sae::cli::add_download, sae::cli::add_dashboard}) {
+        sae::cli::add_download, sae::cli::add_dashboard, sae::cli::add_status}) {
     size_t before = app.get_subcommands({}).size();
     auto run = add(app);
     runners[app.get_subcommands({})[before]] = run;

@@ -34,6 +34,7 @@
 #include "ops/gemm.h"
 #include "pipeline/activation_cache.h"
 #include "pipeline/dashboard.h"
+#include "pipeline/job_status.h"
 #include "pipeline/release.h"
 #include "pipeline/source_factory.h"
 #include "sae/device_sae.h"
@@ -443,6 +444,14 @@ PYBIND11_MODULE(_core, m) {
         ops::set_num_threads(n);
       },
       py::arg("n"), "Use n threads for BLAS and OpenMP from now on.");
+
+  m.def(
+      "status", [](const std::string& folder) { return to_python(pipeline::job_status(folder)); },
+      py::arg("folder"),
+      "Where a training job (train's output dir) or a release (release's output) stands, read "
+      "from its folder while it runs or after: step, total_steps, tokens, finished, the last "
+      "progress record (with seconds_ago), checkpoint, eval, saes, rollbacks, config_changes, "
+      "eta_seconds; as `sae status --json`.");
 
   m.def(
       "download",

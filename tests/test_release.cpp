@@ -33,6 +33,7 @@
 #include "pipeline/activation_store.h"
 #include "pipeline/device_plan.h"
 #include "pipeline/disk_plan.h"
+#include "pipeline/job_status.h"
 #include "pipeline/model_card.h"
 #include "sae/device_sae.h"
 #include "sae/load.h"
@@ -593,6 +594,14 @@ TEST(Release, AFailedStepLeavesTheRoundTakenBeforeItOnDisk) {
           1)
           << variant << "/" << hook;
   EXPECT_FALSE(fs::exists(out + "/release.json"));
+  // `sae status` names the error of each SAE that stopped it, and gives no ETA.
+  const auto status = pipeline::job_status(out);
+  EXPECT_FALSE(status.contains("eta_seconds"));
+  const std::string text = pipeline::describe_job_status(status);
+  EXPECT_NE(
+      text.find("standard/blocks.0.hook_resid_post: stopped by an error at step 2: the loss "),
+      std::string::npos)
+      << text;
 }
 
 TEST(Release, CheckpointsBesideTheStepsChangeNothing) {
@@ -692,6 +701,15 @@ TEST(Release, ResumedWithOtherSettingsSaysSo) {
   const std::string corpus = write_corpus(dir), out = dir / "release";
   auto r = test::run_cli(release_args(corpus, out) + " --stop-at-step 120 --checkpoint-minutes 0");
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  // `sae status` of the stopped release: where it stands.
+  const auto stopped = pipeline::job_status(out);
+  EXPECT_EQ(stopped["kind"], "release");
+  EXPECT_EQ(stopped["finished"], false);
+  EXPECT_EQ(stopped["step"], 120);
+  EXPECT_EQ(stopped["checkpoint"]["step"], 120);
+  EXPECT_EQ(stopped["saes"].size(), 4u);
+  EXPECT_EQ(stopped["tokens"],
+            120 * stopped["total_tokens"].get<int64_t>() / stopped["total_steps"].get<int64_t>());
   const double lr0 =
       read_json_file(out + "/.work/snap/blocks.0.hook_resid_post/config.json")["optimizer"]["lr"]
           .get<double>();
@@ -726,6 +744,25 @@ TEST(Release, ResumedWithOtherSettingsSaysSo) {
   EXPECT_EQ(per_sae.find("`snap/blocks.2.hook_resid_post` was resumed"), std::string::npos)
       << per_sae;
   EXPECT_EQ(rel["recipe"]["variants"]["snap"]["config"]["optimizer"]["lr"], 0.00025);
+  // `sae status` of the finished release: every SAE's history, the results.
+  r = test::run_cli("status " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("finished (release.json written)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("4 SAEs, 4 with rollbacks, resumes or an error:"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post: resumed at step 120 with optimizer.lr"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("results: 4 SAEs, mean L0"), std::string::npos) << r.output;
+  r = test::run_cli("status --json " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto js = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(js["kind"], "release");
+  EXPECT_EQ(js["step"], js["total_steps"]);
+  EXPECT_EQ(js["saes"].size(), 4u);
+  r = test::run_cli("status " + (dir / "nothing"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("nothing: no such folder"), std::string::npos) << r.output;
 }
 
 // Module parallel (docs/distributed.md): under mpirun each rank forwards its share of the

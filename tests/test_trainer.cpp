@@ -14,6 +14,7 @@
 #include "io/json_file.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
+#include "pipeline/job_status.h"
 #include "sae/load.h"
 #include "test_util.h"
 #include "train/checkpoint_writer.h"
@@ -334,6 +335,58 @@ TEST(Trainer, ResumeWithOtherSettingsIsRecorded) {
                                       R"({"data.extra": {"from": null, "to": [1, 2]},
                     "data.n_roots": {"from": 12, "to": 10}})"));
   EXPECT_TRUE(config_changes(a, a).empty());
+}
+
+// `sae status` of a training folder: stopped after a rollback, then finished.
+TEST(Trainer, StatusOfItsFolder) {
+  test::TempDir dir;
+  auto huge = [](float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0 ? -1e30f : 1e30f;
+  };
+  const TrainConfig cfg = TrainConfig::from_json(test::tiny_trainer_config(dir / "run"), "test");
+  data::SyntheticSource clean(data::SyntheticConfig::from_json(cfg.data, "test"));
+  test::SpoiledSource spoiled(clean, 17, huge, 18);
+  ASSERT_FALSE(Trainer(cfg, spoiled, "test").run(false, 25));
+  auto s = pipeline::job_status(dir / "run");
+  EXPECT_EQ(s["kind"], "train");
+  EXPECT_EQ(s["finished"], false);
+  EXPECT_EQ(s["step"], 25);
+  EXPECT_EQ(s["total_steps"], 40);
+  EXPECT_EQ(s["tokens"], 25 * 128);
+  EXPECT_EQ(s["total_tokens"], 40 * 128);
+  EXPECT_EQ(s["progress"]["step"], 20);  // logged every 10 steps
+  EXPECT_GE(s["progress"]["seconds_ago"].get<double>(), 0.0);
+  EXPECT_EQ(s["checkpoint"]["step"], 25);
+  EXPECT_GT(s["checkpoint"]["bytes"].get<int64_t>(), 0);
+  EXPECT_EQ(s["eval"]["step"], 20);
+  EXPECT_EQ(s["rollbacks"], nlohmann::ordered_json::parse(R"([{"step": 18, "to_step": 15}])"));
+  EXPECT_GT(s["eta_seconds"].get<double>(), 0.0);
+  std::string text = pipeline::describe_job_status(s);
+  EXPECT_NE(text.find(": step 25 of 40 (62%), 3200 of 5120 tokens; not finished"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("rolled back at step 18 to step 15"), std::string::npos) << text;
+  EXPECT_NE(text.find("last checkpoint: step 25"), std::string::npos) << text;
+  ASSERT_TRUE(Trainer(cfg, spoiled, "test").run(true));
+  s = pipeline::job_status(dir / "run");
+  EXPECT_EQ(s["finished"], true);
+  EXPECT_EQ(s["step"], 40);
+  EXPECT_FALSE(s.contains("eta_seconds"));
+  text = pipeline::describe_job_status(s);
+  EXPECT_NE(text.find("finished (sae/ written)"), std::string::npos) << text;
+  // Stopped by a divergence (rollbacks off): the error, no ETA.
+  json off = test::tiny_trainer_config(dir / "off");
+  off["training"]["max_rollbacks"] = 0;
+  const TrainConfig off_cfg = TrainConfig::from_json(off, "test");
+  EXPECT_THROW(Trainer(off_cfg, spoiled, "test").run(false), Error);
+  s = pipeline::job_status(dir / "off");
+  EXPECT_EQ(s["error"]["step"], 18);
+  EXPECT_FALSE(s.contains("eta_seconds"));
+  text = pipeline::describe_job_status(s);
+  EXPECT_NE(text.find("stopped by an error at step 18: the loss is "), std::string::npos) << text;
+  // Not a job's folder.
+  EXPECT_THROW(pipeline::job_status(dir / "run/sae"), Error);
+  EXPECT_THROW(pipeline::job_status(dir / "nothing"), Error);
 }
 
 // A checkpoint holding NaN (written before each step was checked, or damaged) is refused on

@@ -912,6 +912,7 @@ void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float
               ? cat(". Nothing of this step was saved: the checkpoint of step ", checkpoint_step_,
                     " is intact, and --resume continues from it")
               : ". Nothing of this step was saved (no checkpoint yet: run it again from the start)";
+  append_log({{"error", {{"step", step_ + 1}, {"message", what}}}});  // for `sae status`
   fail(label_, cat("step ", step_ + 1), what);
 }
 

@@ -208,6 +208,11 @@ def test_train_rolls_back_a_divergence_and_trains_on(tmp_path):
         state = json.load(f)
     assert state["rollbacks"] == [{"step": rollbacks[0]["step"], "to_step": rollbacks[0]["to_step"]}]
     assert state["optimizer_updates"] == 14
+    status = saecpp.status(str(tmp_path / "run"))  # as `sae status --json`
+    assert status["kind"] == "train" and status["finished"] and status["step"] == 15
+    assert status["rollbacks"] == state["rollbacks"]
+    with pytest.raises(saecpp.SaeError, match="holds no job"):
+        saecpp.status(str(tmp_path))
     # training.max_rollbacks = 0: the divergence stops the run, naming it.
     config["training"]["max_rollbacks"] = 0
     config["output"]["dir"] = str(tmp_path / "stopped")

@@ -1,0 +1,287 @@
+#include "pipeline/job_status.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include "core/error.h"
+#include "core/memory.h"
+
+namespace sae::pipeline {
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+
+namespace {
+
+// The records of a JSONL log in order; a line still being written (the job runs) is skipped.
+std::vector<ojson> read_jsonl(const fs::path& path) {
+  std::vector<ojson> records;
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);) {
+    ojson r = ojson::parse(line, nullptr, false);
+    if (!r.is_discarded() && r.is_object()) records.push_back(std::move(r));
+  }
+  return records;
+}
+
+ojson read_json(const fs::path& path) {
+  std::ifstream in(path);
+  ojson j = ojson::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) fail(path.string(), "", "not a JSON object");
+  return j;
+}
+
+double seconds_since_written(const fs::path& path) {
+  std::error_code ec;
+  const auto t = fs::last_write_time(path, ec);
+  if (ec) return -1;
+  return std::chrono::duration<double>(fs::file_time_type::clock::now() - t).count();
+}
+
+int64_t total_steps_of(const ojson& config) {
+  const auto& t = config.at("training");
+  return t.at("total_tokens").get<int64_t>() / t.value("batch_size", int64_t(4096));
+}
+
+// The rollbacks and the resumes with other settings an SAE's log records (its checkpoints keep
+// only those before them; the log has every one), and the error that stopped it when no step
+// was logged since.
+void add_history(const std::vector<ojson>& log, ojson& into) {
+  for (const ojson& r : log) {
+    if (r.contains("error")) into["error"] = r["error"];
+    if (r.contains("loss")) into.erase("error");  // a later run went on
+    if (r.contains("rollback"))
+      into["rollbacks"].push_back(
+          {{"step", r["rollback"]["step"]}, {"to_step", r["rollback"]["to_step"]}});
+    if (r.contains("resumed_with_changes"))
+      into["config_changes"].push_back(r["resumed_with_changes"]);
+  }
+}
+
+// The last progress record (one with `key`), with its age: the log's last write.
+ojson last_progress(const std::vector<ojson>& log, const char* key, const fs::path& file) {
+  for (auto it = log.rbegin(); it != log.rend(); ++it)
+    if (it->contains(key)) {
+      ojson p = *it;
+      p["seconds_ago"] = seconds_since_written(file);
+      return p;
+    }
+  return nullptr;
+}
+
+ojson train_status(const fs::path& dir) {
+  const ojson config = read_json(dir / "config.json");
+  const int64_t total = total_steps_of(config), batch = config["training"]["batch_size"];
+  const std::vector<ojson> log = read_jsonl(dir / "log.jsonl");
+  ojson s = {{"kind", "train"},
+             {"folder", dir.string()},
+             {"finished", fs::exists(dir / "eval.json") && fs::exists(dir / "sae" / "cfg.json")},
+             {"total_steps", total},
+             {"total_tokens", total * batch}};
+  s["progress"] = last_progress(log, "loss", dir / "log.jsonl");
+  int64_t step = s["progress"].is_null() ? 0 : s["progress"]["step"].get<int64_t>();
+  const fs::path state = dir / "checkpoint" / "state.json";
+  if (fs::exists(state)) {
+    const ojson st = read_json(state);
+    step = std::max(step, st.at("step").get<int64_t>());
+    std::error_code ec;
+    const auto bytes = fs::file_size(dir / "checkpoint" / "state.safetensors", ec);
+    s["checkpoint"] = {{"step", st.at("step")},
+                       {"seconds_ago", seconds_since_written(state)},
+                       {"bytes", ec ? 0 : int64_t(bytes)}};
+  }
+  s["step"] = step;
+  s["tokens"] = step * batch;
+  for (auto it = log.rbegin(); it != log.rend(); ++it)
+    if (it->contains("eval")) {
+      s["eval"] = {{"step", (*it)["step"]}, {"metrics", (*it)["eval"]}};
+      break;
+    }
+  add_history(log, s);
+  return s;
+}
+
+ojson release_status(const fs::path& dir) {
+  const fs::path work = dir / ".work";
+  const bool finished = fs::exists(dir / "release.json");
+  ojson s = {{"kind", "release"}, {"folder", dir.string()}, {"finished", finished}};
+  // The SAEs: one folder per variant and hook under .work, each a training folder.
+  ojson saes = ojson::array();
+  int64_t total = 0, batch = 0;
+  if (fs::exists(work))
+    for (const auto& variant : fs::directory_iterator(work)) {
+      if (!variant.is_directory()) continue;
+      for (const auto& hook : fs::directory_iterator(variant.path())) {
+        if (!fs::exists(hook.path() / "config.json")) continue;
+        const ojson config = read_json(hook.path() / "config.json");
+        total = total_steps_of(config), batch = config["training"]["batch_size"];
+        ojson sae = {
+            {"id", variant.path().filename().string() + "/" + hook.path().filename().string()}};
+        add_history(read_jsonl(hook.path() / "log.jsonl"), sae);
+        saes.push_back(sae);
+      }
+    }
+  if (saes.empty() && !finished)
+    fail(dir.string(), ".work", "holds no SAE of a release (not a release folder, or not begun)");
+  std::sort(saes.begin(), saes.end(),
+            [](const ojson& a, const ojson& b) { return a["id"] < b["id"]; });
+  const std::vector<ojson> progress = read_jsonl(work / "progress.jsonl");
+  s["progress"] = last_progress(progress, "mean_l0", work / "progress.jsonl");
+  int64_t step = s["progress"].is_null() ? 0 : s["progress"]["step"].get<int64_t>();
+  if (fs::exists(work / "state.json")) {
+    const ojson st = read_json(work / "state.json");
+    step = std::max(step, st.at("step").get<int64_t>());
+    s["checkpoint"] = {{"step", st.at("step")},
+                       {"seconds_ago", seconds_since_written(work / "state.json")}};
+  }
+  s["step"] = step;
+  s["total_steps"] = total;
+  s["tokens"] = step * batch;
+  s["total_tokens"] = total * batch;
+  s["saes"] = saes;
+  if (finished) {
+    const ojson rel = read_json(dir / "release.json");
+    double ev = 0, l0 = 0;
+    int64_t n = 0;
+    for (const auto& [v, per_hook] : rel.at("results").items())
+      for (const auto& [h, r] : per_hook.items())
+        ev += r.at("explained_variance").get<double>(), l0 += r.at("l0").get<double>(), ++n;
+    s["results"] = {{"saes", n},
+                    {"mean_l0", n ? l0 / double(n) : 0.0},
+                    {"mean_explained_variance", n ? ev / double(n) : 0.0}};
+  }
+  return s;
+}
+
+std::string fmt_age(double seconds) {
+  if (seconds < 0) return "?";
+  if (seconds < 120) return cat(int64_t(seconds), " s");
+  if (seconds < 7200) return cat(int64_t(seconds / 60), " min");
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f h", seconds / 3600);
+  return b;
+}
+
+std::string fmt_history(const ojson& s) {
+  std::string out;
+  if (s.contains("error"))
+    out += cat("stopped by an error at step ", s["error"]["step"].get<int64_t>(), ": ",
+               s["error"]["message"].get<std::string>(), "; ");
+  for (const auto& b : s.value("rollbacks", ojson::array()))
+    out += cat("rolled back at step ", b["step"].get<int64_t>(), " to step ",
+               b["to_step"].get<int64_t>(), "; ");
+  for (const auto& c : s.value("config_changes", ojson::array())) {
+    out += cat("resumed at step ", c["step"].get<int64_t>(), " with");
+    for (const auto& [key, ch] : c["changed"].items())
+      out += cat(" ", key, " ", ch["from"].dump(), " -> ", ch["to"].dump());
+    out += "; ";
+  }
+  if (!out.empty()) out.resize(out.size() - 2);
+  return out;
+}
+
+}  // namespace
+
+ojson job_status(const std::string& folder) {
+  const fs::path dir(folder);
+  if (!fs::is_directory(dir)) fail(folder, "", "no such folder");
+  ojson s;
+  if (fs::exists(dir / ".work") || fs::exists(dir / "release.json"))
+    s = release_status(dir);
+  else if (fs::exists(dir / "config.json") && fs::exists(dir / "log.jsonl"))
+    s = train_status(dir);
+  else
+    fail(folder, "",
+         "holds no job: neither a training folder (config.json, log.jsonl) nor a release "
+         "(.work/, release.json)");
+  // The time left at the last progress record's speed (tokens per second of the job), unless
+  // an error stopped it.
+  bool stopped = s.contains("error");
+  for (const auto& sae : s.value("saes", ojson::array())) stopped |= sae.contains("error");
+  if (!stopped && !s["finished"].get<bool>() && s["progress"].is_object() &&
+      s["progress"].value("tokens_per_s", 0.0) > 0) {
+    const double left = double(s["total_tokens"].get<int64_t>() - s["tokens"].get<int64_t>());
+    s["eta_seconds"] = std::max(0.0, left / s["progress"]["tokens_per_s"].get<double>());
+  }
+  return s;
+}
+
+std::string describe_job_status(const ojson& s) {
+  const bool release = s["kind"] == "release";
+  const int64_t step = s["step"], total = s["total_steps"];
+  std::string out =
+      cat(s["kind"].get<std::string>(), " ", s["folder"].get<std::string>(), ": step ", step,
+          " of ", total, " (", total > 0 ? int64_t(100.0 * double(step) / double(total)) : 0,
+          "%), ", s["tokens"].get<int64_t>(), " of ", s["total_tokens"].get<int64_t>(), " tokens",
+          release ? " per SAE" : "", "; ",
+          s["finished"].get<bool>()
+              ? (release ? "finished (release.json written)" : "finished (sae/ written)")
+              : "not finished",
+          "\n");
+  if (s["progress"].is_object()) {
+    const ojson& p = s["progress"];
+    char rate[32];
+    std::snprintf(rate, sizeof rate, "%.0f", p.value("tokens_per_s", 0.0));
+    out += cat("  last progress record (step ", p["step"].get<int64_t>(), ") written ",
+               fmt_age(p["seconds_ago"].get<double>()), " ago: ", rate, " tok/s");
+    char nums[96];
+    if (release)
+      std::snprintf(nums, sizeof nums, ", mean L0 %.2f, mean EV %.4f", p.value("mean_l0", 0.0),
+                    p.value("mean_ev", 0.0));
+    else
+      std::snprintf(nums, sizeof nums, ", loss %.4g, L0 %.2f, EV (batch) %.4f",
+                    p.value("loss", 0.0), p.value("l0", 0.0),
+                    p.value("explained_variance_batch", 0.0));
+    out += nums;
+    if (s.contains("eta_seconds"))
+      out += cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed");
+    out += "\n";
+  }
+  if (s.contains("checkpoint"))
+    out += cat("  last checkpoint", release ? " (every SAE and the data position)" : "", ": step ",
+               s["checkpoint"]["step"].get<int64_t>(), ", written ",
+               fmt_age(s["checkpoint"]["seconds_ago"].get<double>()), " ago",
+               s["checkpoint"].contains("bytes")
+                   ? cat(", ", fmt_bytes(double(s["checkpoint"]["bytes"].get<int64_t>())))
+                   : "",
+               "\n");
+  if (s.contains("eval")) {
+    const ojson& m = s["eval"]["metrics"];
+    char e[128];
+    std::snprintf(e, sizeof e, "L0 %.2f, EV %.4f, dead latents %lld", m.value("l0", 0.0),
+                  m.value("explained_variance", 0.0),
+                  (long long)m.value("dead_latents", int64_t(0)));
+    out +=
+        cat("  last held-out evaluation (step ", s["eval"]["step"].get<int64_t>(), "): ", e, "\n");
+  }
+  if (release) {
+    int64_t troubled = 0;
+    std::string lines;
+    for (const auto& sae : s["saes"]) {
+      const std::string h = fmt_history(sae);
+      if (h.empty()) continue;
+      ++troubled;
+      lines += cat("    ", sae["id"].get<std::string>(), ": ", h, "\n");
+    }
+    out += cat("  ", s["saes"].size(), " SAEs",
+               troubled ? cat(", ", troubled, " with rollbacks, resumes or an error:") : "", "\n",
+               lines);
+    if (s.contains("results")) {
+      char r[128];
+      std::snprintf(r, sizeof r, "  results: %lld SAEs, mean L0 %.2f, mean EV %.4f\n",
+                    (long long)s["results"]["saes"].get<int64_t>(),
+                    s["results"]["mean_l0"].get<double>(),
+                    s["results"]["mean_explained_variance"].get<double>());
+      out += r;
+    }
+  } else if (const std::string h = fmt_history(s); !h.empty()) {
+    out += cat("  ", h, "\n");
+  }
+  return out;
+}
+
+}  // namespace sae::pipeline

@@ -1,0 +1,23 @@
+// Where a training job or a release stands, read from its folder alone (the logs, the
+// checkpoints' state, the files of the end) — for a long job watched from another shell, or a
+// folder found later: `sae status`, Python saecpp.status. Reads; never writes.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace sae::pipeline {
+
+// The folder of `sae train` (config.json, log.jsonl, checkpoint/, sae/) or of `sae release`
+// (.work/, release.json): {"kind": "train"|"release", "folder", "finished", "step",
+// "total_steps", "tokens", "total_tokens", "progress" (the last progress record, with
+// "seconds_ago"), "checkpoint", "eval" (train), "saes" (release), "rollbacks",
+// "config_changes", "error" (the divergence or bad batch that stopped it, when no step was
+// logged since), "eta_seconds" (when not finished)}. Fails naming the folder when it holds
+// neither job.
+nlohmann::ordered_json job_status(const std::string& folder);
+
+// The same as lines for a person.
+std::string describe_job_status(const nlohmann::ordered_json& status);
+
+}  // namespace sae::pipeline
