@@ -26,6 +26,7 @@
 #include "core/error.h"
 #include "core/memory.h"
 #include "eval/metrics.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "model/gemma2.h"
@@ -708,6 +709,18 @@ TEST(Release, ResumedWithOtherSettingsSaysSo) {
   EXPECT_EQ(stopped["step"], 120);
   EXPECT_EQ(stopped["checkpoint"]["step"], 120);
   EXPECT_EQ(stopped["saes"].size(), 4u);
+  EXPECT_EQ(stopped["running"], false);
+  {  // a second process on a release that runs stops at once, writing nothing
+    FolderLock running(out + "/.work/.lock", "the test");
+    const std::string progress = test::read_bytes(out + "/.work/progress.jsonl");
+    r = test::run_cli(release_args(corpus, out) + " --resume");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find(".work/.lock: this folder is in use by the test (pid "),
+              std::string::npos)
+        << r.output;
+    EXPECT_EQ(test::read_bytes(out + "/.work/progress.jsonl"), progress);
+    EXPECT_EQ(pipeline::job_status(out)["running"]["job"], "the test");
+  }
   EXPECT_EQ(stopped["tokens"],
             120 * stopped["total_tokens"].get<int64_t>() / stopped["total_steps"].get<int64_t>());
   const double lr0 =

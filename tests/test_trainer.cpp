@@ -1,6 +1,7 @@
 // The training loop: resume is bit-identical, configs are strict, the saved SAE reproduces
 // the training-time codes, and the loss choice behaves as the snap-loss argument predicts.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <functional>
@@ -11,6 +12,7 @@
 #include "core/finite.h"
 #include "core/rng.h"
 #include "data/synthetic.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
@@ -360,11 +362,33 @@ TEST(Trainer, StatusOfItsFolder) {
   EXPECT_GT(s["checkpoint"]["bytes"].get<int64_t>(), 0);
   EXPECT_EQ(s["eval"]["step"], 20);
   EXPECT_EQ(s["rollbacks"], nlohmann::ordered_json::parse(R"([{"step": 18, "to_step": 15}])"));
-  EXPECT_GT(s["eta_seconds"].get<double>(), 0.0);
+  EXPECT_EQ(s["running"], false);
+  EXPECT_FALSE(s.contains("eta_seconds"));  // stopped: no time left to tell
   std::string text = pipeline::describe_job_status(s);
-  EXPECT_NE(text.find(": step 25 of 40 (62%), 3200 of 5120 tokens; not finished"),
-            std::string::npos)
+  EXPECT_NE(text.find(": step 25 of 40 (62%), 3200 of 5120 tokens; not running"), std::string::npos)
       << text;
+  {
+    // While a process holds the folder (as a running job does): it is running, with an ETA,
+    // and a second job on the folder stops before writing anything.
+    FolderLock running(dir / "run/.lock", "the test");
+    s = pipeline::job_status(dir / "run");
+    EXPECT_EQ(s["running"]["pid"], int64_t(::getpid()));
+    EXPECT_EQ(s["running"]["job"], "the test");
+    EXPECT_GT(s["eta_seconds"].get<double>(), 0.0);
+    EXPECT_NE(pipeline::describe_job_status(s).find("; running: the test, pid "),
+              std::string::npos);
+    const std::string log_before = test::read_bytes(dir / "run/log.jsonl");
+    try {
+      Trainer(cfg, spoiled, "test").run(true);
+      ADD_FAILURE() << "a second job ran on a folder in use";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(".lock: this folder is in use by the test (pid " +
+                                           std::to_string(::getpid())),
+                std::string::npos)
+          << e.what();
+    }
+    EXPECT_EQ(test::read_bytes(dir / "run/log.jsonl"), log_before);
+  }
   EXPECT_NE(text.find("rolled back at step 18 to step 15"), std::string::npos) << text;
   EXPECT_NE(text.find("last checkpoint: step 25"), std::string::npos) << text;
   ASSERT_TRUE(Trainer(cfg, spoiled, "test").run(true));

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/memory.h"
+#include "io/folder_lock.h"
 
 namespace sae::pipeline {
 
@@ -190,19 +191,24 @@ ojson job_status(const std::string& folder) {
   const fs::path dir(folder);
   if (!fs::is_directory(dir)) fail(folder, "", "no such folder");
   ojson s;
-  if (fs::exists(dir / ".work") || fs::exists(dir / "release.json"))
+  fs::path lock;
+  if (fs::exists(dir / ".work") || fs::exists(dir / "release.json")) {
     s = release_status(dir);
-  else if (fs::exists(dir / "config.json") && fs::exists(dir / "log.jsonl"))
+    lock = dir / ".work" / ".lock";
+  } else if (fs::exists(dir / "config.json") && fs::exists(dir / "log.jsonl")) {
     s = train_status(dir);
-  else
+    lock = dir / ".lock";
+  } else {
     fail(folder, "",
          "holds no job: neither a training folder (config.json, log.jsonl) nor a release "
          "(.work/, release.json)");
-  // The time left at the last progress record's speed (tokens per second of the job), unless
-  // an error stopped it.
-  bool stopped = s.contains("error");
-  for (const auto& sae : s.value("saes", ojson::array())) stopped |= sae.contains("error");
-  if (!stopped && !s["finished"].get<bool>() && s["progress"].is_object() &&
+  }
+  // Whether a process runs it now: the job's folder lock is held (io/folder_lock.h).
+  const auto holder = folder_lock_holder(lock.string());
+  s["running"] = holder ? ojson::parse(holder->dump()) : ojson(false);
+  // The time left at the last progress record's speed (tokens per second of the job), while
+  // it runs.
+  if (holder && !s["finished"].get<bool>() && s["progress"].is_object() &&
       s["progress"].value("tokens_per_s", 0.0) > 0) {
     const double left = double(s["total_tokens"].get<int64_t>() - s["tokens"].get<int64_t>());
     s["eta_seconds"] = std::max(0.0, left / s["progress"]["tokens_per_s"].get<double>());
@@ -220,7 +226,12 @@ std::string describe_job_status(const ojson& s) {
           release ? " per SAE" : "", "; ",
           s["finished"].get<bool>()
               ? (release ? "finished (release.json written)" : "finished (sae/ written)")
-              : "not finished",
+          : s["running"].is_object()
+              ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+                    s["running"].value("pid", int64_t(0)), " on ",
+                    s["running"].value("host", std::string("?")), " since ",
+                    s["running"].value("started", std::string("?")))
+              : "not running (stopped, or its process ended)",
           "\n");
   if (s["progress"].is_object()) {
     const ojson& p = s["progress"];

@@ -13,7 +13,8 @@ namespace sae::pipeline {
 // "total_steps", "tokens", "total_tokens", "progress" (the last progress record, with
 // "seconds_ago"), "checkpoint", "eval" (train), "saes" (release), "rollbacks",
 // "config_changes", "error" (the divergence or bad batch that stopped it, when no step was
-// logged since), "eta_seconds" (when not finished)}. Fails naming the folder when it holds
+// logged since), "running" (the process holding the job's folder lock: job, pid, host,
+// started; false when none), "eta_seconds" (while it runs)}. Fails naming the folder when it holds
 // neither job.
 nlohmann::ordered_json job_status(const std::string& folder);
 

@@ -21,6 +21,7 @@
 #include "dist/nccl.h"
 #include "eval/lm_score.h"
 #include "io/atomic_file.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "model/checkpoint.h"
 #include "model/device_gemma2.h"
@@ -658,6 +659,10 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
 
   // Resume state: the step every SAE has reached and where the corpus stood.
   fs::create_directories(work);
+  // One job per folder (rank 0 for all: the folder is one every rank sees), from its first
+  // write on: a second process on it stops here.
+  std::optional<FolderLock> folder_lock;
+  if (lead) folder_lock.emplace((work / ".lock").string(), "sae release");
   int64_t corpus_pos = 0, state_step = 0;
   if (opt.resume && fs::exists(state_path)) {
     json st = json::parse(read_json_file(state_path.string()).dump());

@@ -15,6 +15,7 @@
 #include "core/finite.h"
 #include "core/memory.h"
 #include "io/atomic_file.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "ops/gemm.h"
@@ -1025,6 +1026,12 @@ void Trainer::finish() {
 }
 
 bool Trainer::run(bool resume, int64_t stop_at_step, const std::atomic<bool>* stop) {
+  // One job per folder: a second process on it stops here, before it writes anything.
+  std::optional<FolderLock> lock;
+  if (lead()) {
+    fs::create_directories(cfg_.output_dir);
+    lock.emplace((fs::path(cfg_.output_dir) / ".lock").string(), "sae train");
+  }
   begin(resume);
   // The checkpoints on the schedule go to a writer thread (rank 0's) while the steps go on: at
   // the seed's shape a checkpoint is 1.21 GB, 3.1 s at the development machine's disk speed,
