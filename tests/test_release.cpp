@@ -1302,6 +1302,14 @@ TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
   r = test::run_cli(args + cache + " --tokens 3072");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("--resume"), std::string::npos) << r.output;
+  {  // while another process writes the cache, a second one stops at once
+    FolderLock running(cache + "/.lock", "the test");
+    r = test::run_cli(args + cache + " --tokens 3072 --resume");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find(".lock: this folder is in use by the test"), std::string::npos)
+        << r.output;
+    EXPECT_EQ(read_json_file(cache + "/cache.json")["shards"], 1);
+  }
   r = test::run_cli(args + cache + " --tokens 3072 --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   manifest = read_json_file(cache + "/cache.json");

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/finite.h"
 #include "io/atomic_file.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "model/device_gemma2.h"
@@ -103,6 +104,7 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
              " MiB free"));
 
   fs::create_directories(out);
+  const FolderLock lock((out / ".lock").string(), "sae cache");  // one job per folder
   std::optional<model::Gemma2> m = model::Gemma2::load(
       opt.model_dir,
       {.last_layer = layers.back(),
