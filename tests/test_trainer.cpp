@@ -398,6 +398,14 @@ TEST(Trainer, StatusOfItsFolder) {
   EXPECT_FALSE(s.contains("eta_seconds"));
   text = pipeline::describe_job_status(s);
   EXPECT_NE(text.find("finished (sae/ written)"), std::string::npos) << text;
+  // Extended to 50 steps and stopped at 45: the total is the run's now, not config.json's.
+  json longer = test::tiny_trainer_config(dir / "run");
+  longer["training"]["total_tokens"] = 128 * 50;
+  EXPECT_FALSE(Trainer(TrainConfig::from_json(longer, "test"), spoiled, "test").run(true, 45));
+  s = pipeline::job_status(dir / "run");
+  EXPECT_EQ(s["total_steps"], 50);
+  EXPECT_EQ(s["step"], 45);
+  EXPECT_EQ(s["finished"], false);
   // Stopped by a divergence (rollbacks off): the error, no ETA.
   json off = test::tiny_trainer_config(dir / "off");
   off["training"]["max_rollbacks"] = 0;

@@ -43,6 +43,17 @@ double seconds_since_written(const fs::path& path) {
   return std::chrono::duration<double>(fs::file_time_type::clock::now() - t).count();
 }
 
+// The config a training folder runs under: its last checkpoint's (a resume may have changed
+// training.total_tokens), else the first run's config.json.
+ojson current_config(const fs::path& dir) {
+  const fs::path state = dir / "checkpoint" / "state.json";
+  if (fs::exists(state)) {
+    const ojson st = read_json(state);
+    if (st.contains("config")) return st["config"];
+  }
+  return read_json(dir / "config.json");
+}
+
 int64_t total_steps_of(const ojson& config) {
   const auto& t = config.at("training");
   return t.at("total_tokens").get<int64_t>() / t.value("batch_size", int64_t(4096));
@@ -75,12 +86,12 @@ ojson last_progress(const std::vector<ojson>& log, const char* key, const fs::pa
 }
 
 ojson train_status(const fs::path& dir) {
-  const ojson config = read_json(dir / "config.json");
+  const ojson config = current_config(dir);
   const int64_t total = total_steps_of(config), batch = config["training"]["batch_size"];
   const std::vector<ojson> log = read_jsonl(dir / "log.jsonl");
   ojson s = {{"kind", "train"},
              {"folder", dir.string()},
-             {"finished", fs::exists(dir / "eval.json") && fs::exists(dir / "sae" / "cfg.json")},
+             {"finished", false},
              {"total_steps", total},
              {"total_tokens", total * batch}};
   s["progress"] = last_progress(log, "loss", dir / "log.jsonl");
@@ -97,6 +108,9 @@ ojson train_status(const fs::path& dir) {
   }
   s["step"] = step;
   s["tokens"] = step * batch;
+  // The SAE saved at the end (a run extended since has one from its earlier end).
+  s["finished"] =
+      step >= total && fs::exists(dir / "eval.json") && fs::exists(dir / "sae" / "cfg.json");
   for (auto it = log.rbegin(); it != log.rend(); ++it)
     if (it->contains("eval")) {
       s["eval"] = {{"step", (*it)["step"]}, {"metrics", (*it)["eval"]}};
@@ -118,7 +132,7 @@ ojson release_status(const fs::path& dir) {
       if (!variant.is_directory()) continue;
       for (const auto& hook : fs::directory_iterator(variant.path())) {
         if (!fs::exists(hook.path() / "config.json")) continue;
-        const ojson config = read_json(hook.path() / "config.json");
+        const ojson config = current_config(hook.path());
         total = total_steps_of(config), batch = config["training"]["batch_size"];
         ojson sae = {
             {"id", variant.path().filename().string() + "/" + hook.path().filename().string()}};
