@@ -416,6 +416,10 @@ TEST(Trainer, StatusOfItsFolder) {
   EXPECT_FALSE(s.contains("eta_seconds"));
   text = pipeline::describe_job_status(s);
   EXPECT_NE(text.find("stopped by an error at step 18: the loss is "), std::string::npos) << text;
+  {  // run again (the folder held): the old error is not this run's
+    FolderLock again(dir / "off/.lock", "the test");
+    EXPECT_FALSE(pipeline::job_status(dir / "off").contains("error"));
+  }
   // Not a job's folder.
   EXPECT_THROW(pipeline::job_status(dir / "run/sae"), Error);
   EXPECT_THROW(pipeline::job_status(dir / "nothing"), Error);

@@ -66,9 +66,11 @@ void add_history(const std::vector<ojson>& log, ojson& into) {
   for (const ojson& r : log) {
     if (r.contains("error")) into["error"] = r["error"];
     if (r.contains("loss")) into.erase("error");  // a later run went on
-    if (r.contains("rollback"))
-      into["rollbacks"].push_back(
-          {{"step", r["rollback"]["step"]}, {"to_step", r["rollback"]["to_step"]}});
+    if (r.contains("rollback")) {  // once each (a resume replays what followed a checkpoint)
+      const ojson b = {{"step", r["rollback"]["step"]}, {"to_step", r["rollback"]["to_step"]}};
+      auto& all = into["rollbacks"];
+      if (!all.is_array() || std::find(all.begin(), all.end(), b) == all.end()) all.push_back(b);
+    }
     if (r.contains("resumed_with_changes"))
       into["config_changes"].push_back(r["resumed_with_changes"]);
   }
@@ -220,6 +222,11 @@ ojson job_status(const std::string& folder) {
   // Whether a process runs it now: the job's folder lock is held (io/folder_lock.h).
   const auto holder = folder_lock_holder(lock.string());
   s["running"] = holder ? ojson::parse(holder->dump()) : ojson(false);
+  if (holder) {  // an error logged before belongs to a run that ended: this one goes on
+    s.erase("error");
+    if (s.contains("saes"))
+      for (auto& sae : s["saes"]) sae.erase("error");
+  }
   // The time left at the last progress record's speed (tokens per second of the job), while
   // it runs.
   if (holder && !s["finished"].get<bool>() && s["progress"].is_object() &&
