@@ -1236,6 +1236,10 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
             0);
   auto r = test::run_cli("release-merge " + (dir / "b") + " " + (dir / "a") + " -o " + (dir / "m"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_cli("status " + (dir / "m"));  // a merged release: its results
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("m: finished (release.json written)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("results: 4 SAEs"), std::string::npos) << r.output;
   const auto merged = read_json_file(dir / "m/release.json");
   EXPECT_EQ(merged["layers"], nlohmann::json({0, 2}));
   ASSERT_EQ(merged["merged_from"].size(), 2u);

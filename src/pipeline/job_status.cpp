@@ -240,20 +240,22 @@ ojson job_status(const std::string& folder) {
 std::string describe_job_status(const ojson& s) {
   const bool release = s["kind"] == "release";
   const int64_t step = s["step"], total = s["total_steps"];
-  std::string out =
-      cat(s["kind"].get<std::string>(), " ", s["folder"].get<std::string>(), ": step ", step,
-          " of ", total, " (", total > 0 ? int64_t(100.0 * double(step) / double(total)) : 0,
-          "%), ", s["tokens"].get<int64_t>(), " of ", s["total_tokens"].get<int64_t>(), " tokens",
-          release ? " per SAE" : "", "; ",
-          s["finished"].get<bool>()
-              ? (release ? "finished (release.json written)" : "finished (sae/ written)")
-          : s["running"].is_object()
-              ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
-                    s["running"].value("pid", int64_t(0)), " on ",
-                    s["running"].value("host", std::string("?")), " since ",
-                    s["running"].value("started", std::string("?")))
-              : "not running (stopped, or its process ended)",
-          "\n");
+  std::string out = cat(
+      s["kind"].get<std::string>(), " ", s["folder"].get<std::string>(), ": ",
+      total > 0  // (a merged release keeps no training state)
+          ? cat("step ", step, " of ", total, " (", int64_t(100.0 * double(step) / double(total)),
+                "%), ", s["tokens"].get<int64_t>(), " of ", s["total_tokens"].get<int64_t>(),
+                " tokens", release ? " per SAE" : "", "; ")
+          : "",
+      s["finished"].get<bool>()
+          ? (release ? "finished (release.json written)" : "finished (sae/ written)")
+      : s["running"].is_object()
+          ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+                s["running"].value("pid", int64_t(0)), " on ",
+                s["running"].value("host", std::string("?")), " since ",
+                s["running"].value("started", std::string("?")))
+          : "not running (stopped, or its process ended)",
+      "\n");
   if (s["progress"].is_object()) {
     const ojson& p = s["progress"];
     char rate[32];
