@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstring>
 #include <ctime>
 
@@ -67,8 +66,12 @@ FolderLock::FolderLock(std::string path, const std::string& job) : path_(std::mo
       "\n";
   // The holder's record, for whoever finds the folder locked (a plain write: the lock is ours).
   if (::ftruncate(fd_, 0) != 0 ||
-      ::pwrite(fd_, text.data(), text.size(), 0) != ssize_t(text.size()))
-    fail(path_, "", cat("cannot write the folder's lock file: ", std::strerror(errno)));
+      ::pwrite(fd_, text.data(), text.size(), 0) != ssize_t(text.size())) {
+    const int err = errno;
+    ::close(fd_);  // no destructor runs for a constructor that throws
+    fd_ = -1;
+    fail(path_, "", cat("cannot write the folder's lock file: ", std::strerror(err)));
+  }
 }
 
 FolderLock::~FolderLock() {
