@@ -12,11 +12,12 @@ namespace sae::cli {
 Runner add_status(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "status",
-      "Where a `sae train` or `sae release` job stands, from its folder (running or not): step, "
-      "tokens/s, ETA, last checkpoint and evaluation, rollbacks, resumes with other settings");
+      "Where a `sae train`, `sae release` or `sae cache` job stands, from its folder (running or "
+      "not): step, tokens/s, ETA, last checkpoint and evaluation, rollbacks, resumes with other "
+      "settings");
   auto folder = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
-  cmd->add_option("folder", *folder, "The job's output folder (-o of sae train / release)")
+  cmd->add_option("folder", *folder, "The job's output folder (-o of sae train, release, cache)")
       ->required();
   cmd->add_flag("--json", *json, "Print it as JSON");
   return [=] {

@@ -448,7 +448,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "status", [](const std::string& folder) { return to_python(pipeline::job_status(folder)); },
       py::arg("folder"),
-      "Where a training job (train's output dir) or a release (release's output) stands, read "
+      "Where a training job (train's output dir), a release or an activation cache stands, read "
       "from its folder while it runs or after: step, total_steps, tokens, finished, the last "
       "progress record (with seconds_ago), checkpoint, eval, saes, rollbacks, config_changes, "
       "eta_seconds; as `sae status --json`.");

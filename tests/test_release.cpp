@@ -1313,7 +1313,14 @@ TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
     EXPECT_NE(r.output.find(".lock: this folder is in use by the test"), std::string::npos)
         << r.output;
     EXPECT_EQ(read_json_file(cache + "/cache.json")["shards"], 1);
+    EXPECT_EQ(pipeline::job_status(cache)["running"]["job"], "the test");
   }
+  r = test::run_cli("status " + cache);  // stopped after its first shard
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find(": 1 shards per layer (1024 tokens) of 2 layer(s), last written "),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("; not running"), std::string::npos) << r.output;
   r = test::run_cli(args + cache + " --tokens 3072 --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   manifest = read_json_file(cache + "/cache.json");

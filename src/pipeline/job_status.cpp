@@ -174,6 +174,17 @@ ojson release_status(const fs::path& dir) {
   return s;
 }
 
+ojson cache_status(const fs::path& dir) {
+  const ojson m = read_json(dir / "cache.json");
+  return {{"kind", "cache"},
+          {"folder", dir.string()},
+          {"finished", m.value("complete", false)},
+          {"shards", m.value("shards", int64_t(0))},
+          {"tokens", m.value("tokens", int64_t(0))},
+          {"layers", m.value("layers", ojson::array())},
+          {"seconds_ago", seconds_since_written(dir / "cache.json")}};
+}
+
 std::string fmt_age(double seconds) {
   if (seconds < 0) return "?";
   if (seconds < 120) return cat(int64_t(seconds), " s");
@@ -214,10 +225,13 @@ ojson job_status(const std::string& folder) {
   } else if (fs::exists(dir / "config.json") && fs::exists(dir / "log.jsonl")) {
     s = train_status(dir);
     lock = dir / ".lock";
+  } else if (fs::exists(dir / "cache.json")) {
+    s = cache_status(dir);
+    lock = dir / ".lock";
   } else {
     fail(folder, "",
-         "holds no job: neither a training folder (config.json, log.jsonl) nor a release "
-         "(.work/, release.json)");
+         "holds no job: neither a training folder (config.json, log.jsonl), a release (.work/, "
+         "release.json) nor an activation cache (cache.json)");
   }
   // Whether a process runs it now: the job's folder lock is held (io/folder_lock.h).
   const auto holder = folder_lock_holder(lock.string());
@@ -238,6 +252,17 @@ ojson job_status(const std::string& folder) {
 }
 
 std::string describe_job_status(const ojson& s) {
+  if (s["kind"] == "cache")  // its planned size is not kept: what is written
+    return cat("cache ", s["folder"].get<std::string>(), ": ", s["shards"].get<int64_t>(),
+               " shards per layer (", s["tokens"].get<int64_t>(), " tokens) of ",
+               s["layers"].size(), " layer(s), last written ",
+               fmt_age(s["seconds_ago"].get<double>()), " ago; ",
+               s["finished"].get<bool>() ? "complete"
+               : s["running"].is_object()
+                   ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+                         s["running"].value("pid", int64_t(0)))
+                   : "not running (stopped, or its process ended; --resume continues it)",
+               "\n");
   const bool release = s["kind"] == "release";
   const int64_t step = s["step"], total = s["total_steps"];
   std::string out = cat(

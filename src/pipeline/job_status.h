@@ -14,8 +14,9 @@ namespace sae::pipeline {
 // "seconds_ago"), "checkpoint", "eval" (train), "saes" (release), "rollbacks",
 // "config_changes", "error" (the divergence or bad batch that stopped it, when no step was
 // logged since), "running" (the process holding the job's folder lock: job, pid, host,
-// started; false when none), "eta_seconds" (while it runs)}. Fails naming the folder when it holds
-// neither job.
+// started; false when none), "eta_seconds" (while it runs)}. An activation cache's (`sae
+// cache`: cache.json): {"kind": "cache", "folder", "finished" (complete), "shards", "tokens",
+// "layers", "seconds_ago", "running"}. Fails naming the folder when it holds none of these.
 nlohmann::ordered_json job_status(const std::string& folder);
 
 // The same as lines for a person.
