@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 
@@ -52,7 +53,12 @@ FolderLock::FolderLock(std::string path, const std::string& job) : path_(std::mo
       fail(path_, "",
            cat("this folder is in use by ", describe(h),
                ": one job writes a folder at a time (wait for it, or stop it first)"));
-    fail(path_, "", cat("cannot lock the folder: ", std::strerror(err)));
+    // A file system without locks (some FUSE mounts): the job runs, unguarded, and says so.
+    std::fprintf(stderr,
+                 "warning: %s: cannot lock the folder (%s): running without the check "
+                 "that no other job writes it\n",
+                 path_.c_str(), std::strerror(err));
+    return;
   }
   char host[256] = {0};
   ::gethostname(host, sizeof host - 1);

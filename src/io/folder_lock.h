@@ -15,7 +15,8 @@ class FolderLock {
  public:
   // Takes the lock on `path` (created if missing) and writes this process's pid, host and
   // start time into it; throws sae::Error naming the holder when another process holds it.
-  // `job` says what holds it ("sae train", ...).
+  // `job` says what holds it ("sae train", ...). On a file system without locks it warns and
+  // holds nothing (the job is not stopped for it).
   FolderLock(std::string path, const std::string& job);
   ~FolderLock();  // releases it
   FolderLock(const FolderLock&) = delete;
