@@ -118,9 +118,6 @@ py::dict metrics_dict(const Metrics& m, bool density) {
   return to_python(m.to_json(density));
 }
 
-// Runs a long job on a worker thread while this (main) thread polls for Ctrl-C, which sets the
-// job's stop flag; rethrows the job's error, or KeyboardInterrupt. Returns what the job returned
-// (false: it stopped early).
 // Records a job's thread hands to a Python callback, which runs on the calling (main) thread as
 // the job goes: a notebook's plot updates where it can.
 struct ProgressRelay {
@@ -136,8 +133,10 @@ struct ProgressRelay {
   }
 };
 
-// Runs `job` on a thread; Ctrl-C (or an exception raised by `progress`, called with each record
-// of `relay`) sets its stop flag (the job checkpoints and returns), then is raised here.
+// Runs a long job on a worker thread while this (main) thread polls for Ctrl-C and hands
+// `progress` each record of `relay`; Ctrl-C or an exception `progress` raises sets the job's
+// stop flag (it checkpoints and returns) and is raised here once the job has returned, as is the
+// job's own error. Returns what the job returned (false: it stopped early).
 bool run_interruptible(const std::function<bool(const std::atomic<bool>&)>& job,
                        ProgressRelay* relay = nullptr, py::object progress = py::none()) {
   std::atomic<bool> stop{false}, done{false};
