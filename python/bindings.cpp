@@ -448,9 +448,9 @@ PYBIND11_MODULE(_core, m) {
       "status", [](const std::string& folder) { return to_python(pipeline::job_status(folder)); },
       py::arg("folder"),
       "Where a training job (train's output dir), a release or an activation cache stands, read "
-      "from its folder while it runs or after: step, total_steps, tokens, finished, the last "
-      "progress record (with seconds_ago), checkpoint, eval, saes, rollbacks, config_changes, "
-      "eta_seconds; as `sae status --json`.");
+      "from its folder while it runs or after: kind, step, total_steps, tokens, finished, "
+      "running, the last progress record (with seconds_ago), checkpoint, eval, saes, "
+      "rollbacks, config_changes, error, eta_seconds; as `sae status --json`.");
 
   m.def(
       "download",
