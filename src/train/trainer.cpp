@@ -834,7 +834,8 @@ void Trainer::train_step(float* x) {
                         : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
   if (!std::isfinite(r.loss) || !std::isfinite(grad_norm)) {
-    if (!can_roll_back() || !bad_batch(x).empty()) fail_non_finite(r, grad_norm, x);
+    const std::string bad = bad_batch(x);
+    if (!bad.empty() || !can_roll_back()) fail_non_finite(r, grad_norm, x, bad);
     roll_back(r, grad_norm);  // bad data is never skipped: it stops the run above
     return;
   }
@@ -872,31 +873,33 @@ std::string non_finite_step(const StepResult& r, double grad_norm) {
 
 }  // namespace
 
+std::string Trainer::batch_name(bool device_copy) const {
+  // The CPU scales the host batch in place, the GPU its own copy.
+  const bool scaled = input_scale_ != 1.0 && (device_copy || !dev_);
+  return cat(device_copy ? "the batch on the GPU" : "the batch",
+             scaled ? cat(" (scaled by ", input_scale_, ")") : "");
+}
+
 std::string Trainer::bad_batch(const float* x) const {
   const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
   // On the host, the first bad value's place; on the GPU, the batch's squared deviation (NaN or
-  // infinite exactly when a value is). The CPU scales the host batch in place, the GPU its own
-  // copy.
-  const std::string scaled = cat(" (scaled by ", input_scale_, ")");
+  // infinite exactly when a value is).
   const int64_t bad = x ? first_non_finite({x, size_t(B * d)}) : -1;
   if (bad >= 0)
-    return cat("the batch", !dev_ && input_scale_ != 1.0 ? scaled : "", " holds ", x[bad],
-               " at row ", bad / d, ", column ", bad % d);
+    return cat(batch_name(false), " holds ", x[bad], " at row ", bad / d, ", column ", bad % d);
   if (dev_ && !std::isfinite(dev_->batch_sq_deviation()))
-    return cat("the batch on the GPU", input_scale_ != 1.0 ? scaled : "", " holds NaN or infinity");
+    return cat(batch_name(true), " holds NaN or infinity");
   return "";
 }
 
-void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x) {
+void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float* x,
+                              const std::string& bad) {
   const int64_t B = cfg_.batch_size, d = sae_.spec.d_in;
   std::string what = non_finite_step(r, grad_norm) + ": ";
-  const std::string bad = bad_batch(x);
-  const std::string host_scaled =
-      !dev_ && input_scale_ != 1.0 ? cat(" (scaled by ", input_scale_, ")") : "";
   if (!bad.empty())
     what += bad + ": bad activations (a NaN or infinity in the data, or values too large for f32)";
   else if (x)
-    what += cat("the batch", host_scaled, " is finite (largest magnitude ",
+    what += cat(batch_name(false), " is finite (largest magnitude ",
                 std::abs(*std::max_element(
                     x, x + B * d, [](float a, float b) { return std::abs(a) < std::abs(b); })),
                 "), so the training diverged");

@@ -172,10 +172,14 @@ class Trainer {
   // an error that says whether the batch held NaN/Inf (bad data; x: the host batch, null when
   // it is on the GPU) or the training diverged, and which checkpoint is intact. Thrown before
   // anything of this step is logged or saved.
-  [[noreturn]] void fail_non_finite(const StepResult& r, double grad_norm, const float* x);
+  // `bad`: bad_batch(x).
+  [[noreturn]] void fail_non_finite(const StepResult& r, double grad_norm, const float* x,
+                                    const std::string& bad);
   // The batch that gave a non-finite step, as the SAE saw it: "" when finite (the training
   // diverged), else where it holds NaN/Inf (x: the host batch, null when it is on the GPU).
   std::string bad_batch(const float* x) const;
+  // "the batch" (or its GPU copy) with its input scale where that copy is scaled.
+  std::string batch_name(bool device_copy) const;
   // training.max_rollbacks allows one more and there is a checkpoint to go back to (one process).
   bool can_roll_back() const;
   // The state of the last checkpoint read back (on the GPU, uploaded) and the step counter left
