@@ -184,8 +184,9 @@ Runner add_release(CLI::App& app) {
     r.corpus.holdout_every = o->holdout_every;
     r.store.windows.concat = !o->truncate;
     const std::atomic<bool>& stop = stop_on_signals();
-    const bool finished = pipeline::run_release(r, &stop);
-    return finished || !stop ? 0 : 130;  // 130: interrupted by a signal, state saved
+    const pipeline::ReleaseEnd end = pipeline::run_release(r, &stop);
+    if (!end.finished) return stop ? 130 : 0;  // 130: interrupted by a signal, state saved
+    return end.set_aside.empty() ? 0 : 2;  // 2: written, but without the SAEs set aside
   };
 }
 

@@ -199,10 +199,26 @@ py::object read_json_as_python(const std::filesystem::path& path) {
 py::object run_release_job(pipeline::ReleaseOptions o, py::object progress) {
   ProgressRelay relay;
   if (!progress.is_none()) o.on_record = [&](const nlohmann::ordered_json& r) { relay.push(r); };
+  std::vector<std::string> set_aside;
   const bool finished = run_interruptible(
-      [&](const std::atomic<bool>& stop) { return pipeline::run_release(o, &stop); }, &relay,
-      progress);
+      [&](const std::atomic<bool>& stop) {
+        pipeline::ReleaseEnd end = pipeline::run_release(o, &stop);
+        set_aside = std::move(end.set_aside);
+        return end.finished;
+      },
+      &relay, progress);
   if (!finished) return py::none();
+  if (!set_aside.empty()) {  // written, without them: said as the CLI's exit status 2 says it
+    std::string ids;
+    for (const std::string& id : set_aside) ids += (ids.empty() ? "" : ", ") + id;
+    py::module_::import("warnings")
+        .attr("warn")(cat("release: ", set_aside.size(),
+                          " SAE(s) diverged again after their rollbacks and were set aside (not in "
+                          "the release; results[variant][hook]['failed'] says where each "
+                          "stopped): ",
+                          ids),
+                      py::module_::import("builtins").attr("RuntimeWarning"));
+  }
   return read_json_as_python(std::filesystem::path(o.output_dir) / "release.json");
 }
 

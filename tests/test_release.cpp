@@ -761,7 +761,7 @@ TEST(Release, ResumedWithOtherSettingsSaysSo) {
   r = test::run_cli("status " + out);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("finished (release.json written)"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("4 SAEs, 4 with rollbacks, resumes or an error:"), std::string::npos)
+  EXPECT_NE(r.output.find("4 SAEs, 4 with rollbacks, resumes, an error or set aside:"), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post: resumed at step 120 with optimizer.lr"),
             std::string::npos)
@@ -1066,6 +1066,163 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
         << outlier_two["results"][variant];
     EXPECT_FALSE(outlier_two["results"][variant]["blocks.0.hook_resid_post"].contains("rollbacks"));
   }
+}
+
+// An SAE that keeps diverging (training.max_rollbacks spent) is set aside and the others train
+// on: the release is written without it (exit 2), says where it stopped, and a resume keeps it
+// aside. When the SAEs still training all diverge, the release stops as at any error, the last
+// ones' checkpoints intact for a resume.
+TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), cache = dir / "cache";
+  auto r = test::run_cli("cache --model " + kModel + " --dataset '" + corpus +
+                         "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
+                         "--prompts-per-forward 4 --tokens 20480 -o " +
+                         cache);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // Two outliers in layer 2's rows (finite, too large for f32 arithmetic), far apart: each of
+  // layer 2's SAEs rolls back at the first and diverges again at the second.
+  for (const char* shard : {"shard-00003", "shard-00008"})
+    for (int64_t c = 0; c < 64; ++c)
+      test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors",
+                      "activations", 10 * 64 + c, c % 2 ? -1e30f : 1e30f);
+  const std::string args =
+      "release --from-cache " + cache +
+      " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
+      "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
+      "--set training.batch_size=64 --set optimizer.lr=3e-3 --checkpoint-minutes 0 "
+      "--set training.checkpoint_every_steps=10 --set training.max_rollbacks=1 -o ";
+  r = test::run_cli(args + (dir / "straight"));
+  ASSERT_EQ(r.exit_code, 2) << r.output;
+
+  EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post set aside at step "), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("release: 2 of 4 SAEs set aside"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("release: 2 SAEs written to "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("  set aside 2  RSS"), std::string::npos) << r.output;
+  const auto straight = read_json_file(dir / "straight/release.json");
+  const std::string card = test::read_bytes(dir / "straight/README.md");
+  for (const std::string variant : {"standard", "snap"}) {
+    SCOPED_TRACE(variant);
+    const auto& res2 = straight["results"][variant]["blocks.2.hook_resid_post"];
+    ASSERT_TRUE(res2.contains("failed")) << res2;
+    const auto& f = res2["failed"];
+    EXPECT_EQ(f["rollbacks"], 1) << f;
+    EXPECT_EQ(f["last_checkpoint_step"].get<int64_t>() % 10, 0) << f;
+    EXPECT_GT(f["step"].get<int64_t>(), f["last_checkpoint_step"].get<int64_t>()) << f;
+    EXPECT_NE(f["message"].get<std::string>().find("again after 1 rollback"), std::string::npos)
+        << f;
+    EXPECT_EQ(f["checkpoint"], ".work/" + variant + "/blocks.2.hook_resid_post/checkpoint");
+    EXPECT_FALSE(res2.contains("l0")) << res2;
+    EXPECT_FALSE(fs::exists(dir / ("straight/" + variant + "/blocks.2.hook_resid_post")));
+    // Its last checkpoint is kept, finite, at the step it names.
+    EXPECT_EQ(read_json_file(dir / ("straight/.work/" + variant +
+                                    "/blocks.2.hook_resid_post/checkpoint/state.json"))["step"],
+              f["last_checkpoint_step"]);
+    EXPECT_NE(card.find("`" + variant + "/blocks.2.hook_resid_post` is not in this release: it "
+                        "diverged at step " +
+                        std::to_string(f["step"].get<int64_t>()) + " again after 1 rollback"),
+              std::string::npos)
+        << card;
+    EXPECT_NE(card.find("| 2 | " + variant + "/blocks.2.hook_resid_post | 64 | set aside |"),
+              std::string::npos)
+        << card;
+    // Layer 0's SAEs trained on, whole.
+    const auto& res0 = straight["results"][variant]["blocks.0.hook_resid_post"];
+    EXPECT_EQ(res0["training_tokens"], 12800) << res0;
+    EXPECT_GT(res0["explained_variance"].get<double>(), 0.3) << res0;
+    EXPECT_TRUE(
+        fs::exists(dir / ("straight/" + variant + "/blocks.0.hook_resid_post/cfg.json")));
+  }
+  std::istringstream progress(test::read_bytes(dir / "straight/.work/progress.jsonl"));
+  int64_t set_aside_records = 0;
+  for (std::string line; std::getline(progress, line);) {
+    const auto rec = nlohmann::json::parse(line);
+    if (!rec.contains("set_aside")) continue;
+    ++set_aside_records;
+    EXPECT_TRUE(rec["set_aside"]["sae"].get<std::string>().ends_with("/blocks.2.hook_resid_post"))
+        << line;
+  }
+  EXPECT_EQ(set_aside_records, 2);
+  r = test::run_cli("status " + (dir / "straight"));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+
+  EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post: set aside at step "), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("results: 2 SAEs, mean L0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("; 2 set aside, not in the release"), std::string::npos) << r.output;
+
+  // Stopped after the SAEs were set aside and resumed: they stay aside (recorded in the state),
+  // and the others end as in the straight run.
+  const int64_t aside_at = straight["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]["step"];
+  ASSERT_LT(aside_at + 10, 200);
+  r = test::run_cli(args + (dir / "resumed") + " --stop-at-step " + std::to_string(aside_at + 10));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(read_json_file(dir / "resumed/.work/state.json")["failed"].contains(
+      "snap/blocks.2.hook_resid_post"));
+  r = test::run_cli(args + (dir / "resumed") + " --resume");
+  ASSERT_EQ(r.exit_code, 2) << r.output;
+  const auto resumed = read_json_file(dir / "resumed/release.json");
+  for (const std::string variant : {"standard", "snap"}) {
+    EXPECT_EQ(resumed["results"][variant]["blocks.2.hook_resid_post"]["failed"],
+              straight["results"][variant]["blocks.2.hook_resid_post"]["failed"]);
+    // (a resume refills the shuffling buffer from the state's data position: near, not equal)
+    EXPECT_NEAR(
+        resumed["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"].get<double>(),
+        straight["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"]
+            .get<double>(),
+        0.02);
+  }
+  // Merged with other groups, an SAE set aside stays aside (no folder to link): the straight
+  // release cut into a group of layer 0 and one of layer 2 (its SAEs both set aside) merges
+  // back into its own results.
+  for (const auto& [group, layer, other] : {std::tuple{"g0", 0, 2}, std::tuple{"g2", 2, 0}}) {
+    fs::copy(dir / "straight", dir / group, fs::copy_options::recursive);
+    auto rel = read_json_file(dir / (std::string(group) + "/release.json"));
+    rel["layers"] = {layer};
+    for (const std::string variant : {"standard", "snap"}) {
+      rel["results"][variant].erase("blocks." + std::to_string(other) + ".hook_resid_post");
+      fs::remove_all(dir / (std::string(group) + "/" + variant + "/blocks." +
+                            std::to_string(other) + ".hook_resid_post"));
+    }
+    std::ofstream(dir / (std::string(group) + "/release.json")) << rel.dump(2);
+  }
+  r = test::run_cli("release-merge " + (dir / "g0") + " " + (dir / "g2") + " -o " +
+                    (dir / "merged"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_json_file(dir / "merged/release.json")["results"], straight["results"]);
+  EXPECT_NE(test::read_bytes(dir / "merged/README.md")
+                .find("| 2 | snap/blocks.2.hook_resid_post | 64 | set aside |"),
+            std::string::npos);
+
+  // Under mpirun (module parallel): the rank that trains layer 2's SAEs sets both aside and
+  // goes on forwarding its share of the rows for the other rank's.
+  if (!std::string(SAECPP_MPIEXEC).empty()) {
+    r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args +
+                        (dir / "two"));
+    ASSERT_EQ(r.exit_code, 2) << r.output;
+    const auto two = read_json_file(dir / "two/release.json");
+    for (const std::string variant : {"standard", "snap"}) {
+      SCOPED_TRACE(variant);
+      EXPECT_TRUE(two["results"][variant]["blocks.2.hook_resid_post"].contains("failed"));
+      EXPECT_EQ(two["results"][variant]["blocks.0.hook_resid_post"]["training_tokens"], 12800);
+      EXPECT_NEAR(
+          two["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"].get<double>(),
+          straight["results"][variant]["blocks.0.hook_resid_post"]["explained_variance"]
+              .get<double>(),
+          0.02);
+    }
+  }
+
+  // Only layer 2: its two SAEs are the last training when they diverge the second time, so the
+  // release stops with the error (exit 1, no release.json) and sets nothing aside.
+  r = test::run_cli(args + (dir / "only2") + " --layers 2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("again after 1 rollback (training.max_rollbacks = 1)"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(dir / "only2/release.json"));
+  EXPECT_FALSE(read_json_file(dir / "only2/.work/state.json").contains("failed"));
 }
 
 TEST(Release, BadInputs) {

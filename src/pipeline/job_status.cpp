@@ -146,6 +146,17 @@ ojson release_status(const fs::path& dir) {
     fail(dir.string(), ".work", "holds no SAE of a release (not a release folder, or not begun)");
   std::sort(saes.begin(), saes.end(),
             [](const ojson& a, const ojson& b) { return a["id"] < b["id"]; });
+  // The SAEs set aside (diverged again after their rollbacks): in every rank's state.
+  if (fs::exists(work))
+    for (const auto& e : fs::directory_iterator(work)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("state", 0) != 0 || e.path().extension() != ".json") continue;
+      const ojson st = read_json(e.path());
+      if (!st.contains("failed")) continue;
+      for (ojson& sae : saes)
+        if (st["failed"].contains(sae["id"].get<std::string>()))
+          sae["set_aside"] = st["failed"][sae["id"].get<std::string>()], sae.erase("error");
+    }
   const std::vector<ojson> progress = read_jsonl(work / "progress.jsonl");
   s["progress"] = last_progress(progress, "mean_l0", work / "progress.jsonl");
   int64_t step = s["progress"].is_null() ? 0 : s["progress"]["step"].get<int64_t>();
@@ -163,13 +174,19 @@ ojson release_status(const fs::path& dir) {
   if (finished) {
     const ojson rel = read_json(dir / "release.json");
     double ev = 0, l0 = 0;
-    int64_t n = 0;
+    int64_t n = 0, set_aside = 0;
     for (const auto& [v, per_hook] : rel.at("results").items())
-      for (const auto& [h, r] : per_hook.items())
+      for (const auto& [h, r] : per_hook.items()) {
+        if (r.contains("failed")) {
+          ++set_aside;
+          continue;
+        }
         ev += r.at("explained_variance").get<double>(), l0 += r.at("l0").get<double>(), ++n;
+      }
     s["results"] = {{"saes", n},
                     {"mean_l0", n ? l0 / double(n) : 0.0},
                     {"mean_explained_variance", n ? ev / double(n) : 0.0}};
+    if (set_aside > 0) s["results"]["set_aside"] = set_aside;
   }
   return s;
 }
@@ -196,6 +213,10 @@ std::string fmt_age(double seconds) {
 
 std::string fmt_history(const ojson& s) {
   std::string out;
+  if (s.contains("set_aside"))
+    out += cat("set aside at step ", s["set_aside"]["step"].get<int64_t>(),
+               " (diverged again after its rollbacks; its last checkpoint, step ",
+               s["set_aside"]["last_checkpoint_step"].get<int64_t>(), ", kept); ");
   if (s.contains("error"))
     out += cat("stopped by an error at step ", s["error"]["step"].get<int64_t>(), ": ",
                s["error"]["message"].get<std::string>(), "; ");
@@ -327,15 +348,20 @@ std::string describe_job_status(const ojson& s) {
       lines += cat("    ", sae["id"].get<std::string>(), ": ", h, "\n");
     }
     out += cat("  ", s["saes"].size(), " SAEs",
-               troubled ? cat(", ", troubled, " with rollbacks, resumes or an error:") : "", "\n",
+               troubled ? cat(", ", troubled, " with rollbacks, resumes, an error or set aside:")
+                        : "",
+               "\n",
                lines);
     if (s.contains("results")) {
       char r[128];
-      std::snprintf(r, sizeof r, "  results: %lld SAEs, mean L0 %.2f, mean EV %.4f\n",
+      std::snprintf(r, sizeof r, "  results: %lld SAEs, mean L0 %.2f, mean EV %.4f",
                     (long long)s["results"]["saes"].get<int64_t>(),
                     s["results"]["mean_l0"].get<double>(),
                     s["results"]["mean_explained_variance"].get<double>());
       out += r;
+      if (s["results"].contains("set_aside"))
+        out += cat("; ", s["results"]["set_aside"].get<int64_t>(), " set aside, not in the release");
+      out += "\n";
     }
   } else if (const std::string h = fmt_history(s); !h.empty()) {
     out += cat("  ", h, "\n");

@@ -69,6 +69,16 @@ std::string model_card(const nlohmann::ordered_json& release) {
       md << ": " << res.at("skipped_tokens").get<int64_t>()
          << " training tokens skipped, trained on the rest";
     }
+  // SAEs set aside: they diverged again after their rollbacks while the others trained on.
+  for (const auto& [v, per_hook] : release.at("results").items())
+    for (const auto& [h, res] : per_hook.items()) {
+      if (!res.contains("failed")) continue;
+      const auto& f = res.at("failed");
+      const int64_t rollbacks = f.at("rollbacks").get<int64_t>();
+      md << "\n- `" << v << "/" << h << "` is not in this release: it diverged at step "
+         << f.at("step").get<int64_t>() << " again after " << rollbacks << " rollback"
+         << (rollbacks == 1 ? "" : "s") << " and was set aside while the others trained on";
+    }
   // A job resumed with other settings: the recipe is the last run's; what came before, said
   // once when every SAE has the same history (a release resumed whole), else per SAE.
   auto history = [](const nlohmann::ordered_json& changes) {
@@ -83,7 +93,8 @@ std::string model_card(const nlohmann::ordered_json& release) {
   std::vector<std::pair<std::string, std::string>> histories;  // (variant/hook, history)
   for (const auto& [v, per_hook] : release.at("results").items())
     for (const auto& [h, res] : per_hook.items())
-      histories.push_back(
+      if (!res.contains("failed"))
+        histories.push_back(
           {v + "/" + h, history(res.value("config_changes", nlohmann::ordered_json::array()))});
   const bool same = std::all_of(histories.begin(), histories.end(),
                                 [&](const auto& x) { return x.second == histories[0].second; });
@@ -106,6 +117,12 @@ std::string model_card(const nlohmann::ordered_json& release) {
        << (with_ce ? " CE-loss score |" : "") << "\n|---|---|---|---|---|"
        << (with_ce ? "---|" : "") << "\n";
     for (const auto& [h, res] : per_hook.items()) {
+      if (res.contains("failed")) {  // said above
+        md << "| " << res.at("layer").get<int64_t>() << " | " << v << "/" << h << " | "
+           << res.at("width").get<int64_t>() << " | set aside | - |" << (with_ce ? " - |" : "")
+           << "\n";
+        continue;
+      }
       if (first_id.empty()) first_id = v + "/" + h;
       char row[256];
       std::snprintf(row, sizeof row, "| %lld | %s/%s | %lld | %.2f | %.4f |",

@@ -92,6 +92,16 @@ class LayerSource final : public data::ActivationSource {
   std::string what_;
 };
 
+// How an SAE set aside stopped (release.json's results, the state, progress.jsonl), in one
+// order wherever it is read back from.
+ojson failure_record(int64_t step, int64_t rollbacks, int64_t checkpoint_step,
+                     const std::string& message) {
+  return {{"step", step},
+          {"rollbacks", rollbacks},
+          {"last_checkpoint_step", checkpoint_step},
+          {"message", message}};
+}
+
 struct Job {
   std::string variant, hook;
   int64_t layer = 0, layer_slot = 0;  // slot: index into the store's layers
@@ -101,6 +111,10 @@ struct Job {
   std::unique_ptr<train::Trainer> trainer;
   std::vector<float> x;  // this SAE's copy of the batch (the trainer scales it in place)
   ojson result;
+  // Set aside (null: training): it diverged again after its rollbacks, and the release went on
+  // without it. {"step", "rollbacks", "last_checkpoint_step", "message"}; kept in the state.
+  ojson failed;
+  std::string id() const { return variant + "/" + hook; }
 };
 
 // Training memory of one SAE: weights, gradients, Adam moments (no first moment when beta1 =
@@ -323,7 +337,7 @@ ReleaseOptions options_from_cache(ReleaseOptions o, const CacheManifest& c) {
 
 }  // namespace
 
-bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
+ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   const bool from_cache = !options.from_cache.empty();
   std::optional<CacheManifest> cache;
   if (from_cache) cache = read_cache_manifest(options.from_cache);
@@ -670,6 +684,12 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       fail(state_path.string(), "version", "unsupported release state version");
     corpus_pos = st.at(from_cache ? "cache_next_shard" : "corpus_next_document").get<int64_t>();
     state_step = st.at("step").get<int64_t>();
+    for (Job& j : jobs)  // set aside before: they stay so (the data they would need went by)
+      if (st.contains("failed") && st["failed"].contains(j.id())) {
+        const json& f = st["failed"][j.id()];
+        j.failed = failure_record(f.at("step"), f.at("rollbacks"), f.at("last_checkpoint_step"),
+                                  f.at("message"));
+      }
   }
   // The rows: this rank's share of the corpus through the model, or of the cache's shards.
   std::optional<data::Corpus> corpus;
@@ -792,7 +812,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   // On the GPU the SAEs step one after another: one step scratch for all of them.
   const auto scratch = cuda ? train::DeviceTrainer::new_scratch() : nullptr;
   for (size_t i = 0; i < jobs.size(); ++i) {
-    if (!mine(i)) continue;
+    if (!mine(i) || !jobs[i].failed.is_null()) continue;
     Job& j = jobs[i];
     j.trainer = std::make_unique<train::Trainer>(j.cfg, *sources[size_t(j.layer_slot)],
                                                  j.variant + " " + j.hook, sae_comm);
@@ -820,6 +840,15 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                  step > 0 ? "resuming" : "starting", (long long)step, (long long)total_steps,
                  from_cache ? "cache shard" : "corpus document", (long long)corpus_pos);
 
+  // This rank's SAEs set aside, by id: written into every state, whatever its step (an SAE set
+  // aside stays so).
+  auto with_failures = [&](json st) {
+    st.erase("failed");
+    for (const Job& j : jobs)
+      if (!j.failed.is_null())  // only this rank's are set
+        st["failed"][j.id()] = json::parse(j.failed.dump());
+    return st;
+  };
   auto state_now = [&] {
     const auto source = acts.hold_source();  // its position, not moved by a fill ahead meanwhile
     json st = {{"version", kStateVersion}, {"step", step}};
@@ -827,7 +856,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       st["cache_next_shard"] = cache_rows->next_shard();
     else
       st["corpus_next_document"] = corpus->next_document();
-    return st;
+    return with_failures(st);
   };
   auto write_state = [&] { write_file_atomic(state_path.string(), state_now().dump(2)); };
   // The progress line and each checkpoint as JSON records in .work/progress.jsonl (rank 0; a
@@ -917,7 +946,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
     }
     ckpt_seconds += now_seconds() - t0;
     if (round->next < jobs.size() || !writer->idle()) return false;
-    write_file_atomic(state_path.string(), round->state.dump(2));
+    write_file_atomic(state_path.string(), with_failures(round->state).dump(2));
     const double written = now_seconds() - round->t0;
     const double paused = ckpt_seconds - round->write_start;
     if (round->last_step == round->step) last_ckpt_step = round->step;  // every SAE at its step
@@ -1009,6 +1038,40 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         }
     }
   } settle_on_error{settle_round};
+  // The SAEs that diverged again after their rollbacks this step (training.max_rollbacks): set
+  // aside, their last checkpoints kept, while any SAE of the release trains on (every rank takes
+  // part: the count is the whole job's); the last one stops the release as any error does, its
+  // checkpoint intact for a resume (with a lower optimizer.lr, say).
+  auto set_aside = [&](const std::vector<std::pair<Job*, std::exception_ptr>>& diverged) {
+    std::vector<double> n = {0.0, 0.0};  // SAEs training on; SAEs that diverged
+    for (const Job& j : jobs) n[0] += j.trainer != nullptr;
+    n[0] -= double(diverged.size()), n[1] = double(diverged.size());
+    if (n_ranks > 1) comm.allreduce_sum(n);
+    if (n[1] == 0) return;
+    if (n[0] == 0) {
+      if (!diverged.empty()) std::rethrow_exception(diverged.front().second);
+      fail("release", "saes",
+           "the last SAE training diverged on another rank (its error is said there): every SAE "
+           "of the release has diverged");
+    }
+    for (const auto& [j, error] : diverged) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const train::Diverged& e) {
+        j->failed = failure_record(e.step, e.rollbacks, e.checkpoint_step, e.cause);
+        std::fprintf(stderr,
+                     "release: %s set aside at step %lld: %s. The other SAEs train on; its last "
+                     "checkpoint (step %lld) stays in %s, and release.json and the model card "
+                     "name it\n",
+                     j->id().c_str(), (long long)e.step, e.cause.c_str(),
+                     (long long)e.checkpoint_step, j->cfg.output_dir.c_str());
+      }
+      ojson record = {{"sae", j->id()}};
+      record.update(j->failed);
+      log_record({{"set_aside", record}});
+      j->trainer.reset();  // its memory (on a GPU, the device's) back
+    }
+  };
   while (step < total_steps) {
     bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
     if (n_ranks > 1) {  // a signal to one rank stops every rank at the same step
@@ -1022,7 +1085,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       if (lead)
         std::fprintf(stderr, "release: stopped at step %lld; state saved, rerun with --resume\n",
                      (long long)step);
-      return false;
+      return {};
     }
     if (!next_batch()) {
       if (lead)
@@ -1031,17 +1094,24 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       break;
     }
     const double t0 = now_seconds();
+    std::vector<std::pair<Job*, std::exception_ptr>> diverged;
     for (Job& j : jobs) {
       if (!j.trainer || j.trainer->step() > step)
-        continue;  // another rank's, or ahead after a kill mid-checkpoint
-      if (in_place) {
-        j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
-        continue;
+        continue;  // another rank's (or set aside), or ahead after a kill mid-checkpoint
+      try {
+        if (in_place) {
+          j.trainer->train_step_on_device(train_view[size_t(j.layer_slot)]);
+          continue;
+        }
+        std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
+                  j.x.begin());
+        j.trainer->train_step(j.x.data());
+      } catch (const train::Diverged& e) {
+        if (e.rollbacks == 0) throw;  // it could not roll back at all: the release stops
+        diverged.push_back({&j, std::current_exception()});
       }
-      std::copy(batch[size_t(j.layer_slot)].begin(), batch[size_t(j.layer_slot)].end(),
-                j.x.begin());
-      j.trainer->train_step(j.x.data());
     }
+    if (!diverged.empty() || n_ranks > 1) set_aside(diverged);
     sae_seconds += now_seconds() - t0;
     ++step;
     if (cuda) gpu_peak = std::max(gpu_peak, gpu_in_use());
@@ -1051,15 +1121,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       const double waited = acts.wait_seconds() - wait_start;
       const double evals = eval_seconds() - eval_start;  // within the SAEs' time
       const double rate = double((step - step_start) * global_batch) / std::max(el, 1e-9);
-      // L0 and EV summed over the SAEs (once each), and the divergences rolled back.
-      std::vector<double> sums = {0.0, 0.0, 0.0};
-      for (const Job& j : jobs)
+      // L0 and EV summed over the SAEs training (once each), the divergences rolled back and
+      // the SAEs set aside.
+      std::vector<double> sums = {0.0, 0.0, 0.0, 0.0, 0.0};
+      for (const Job& j : jobs) {
         if (j.trainer && j.trainer->lead())
           sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev(),
-              sums[2] += double(j.trainer->rollbacks().size());
+              sums[2] += double(j.trainer->rollbacks().size()), sums[3] += 1;
+        sums[4] += !j.failed.is_null();  // only the owner's is set
+      }
       comm.allreduce_sum(sums);
-      const double l0 = sums[0], ev = sums[1];
-      const int64_t rollbacks = int64_t(sums[2]);
+      const double training = std::max(sums[3], 1.0);
+      const double l0 = sums[0] / training, ev = sums[1] / training;
+      const int64_t rollbacks = int64_t(sums[2]), set_aside_n = int64_t(sums[4]);
       // With the overlap, the forward's share is of its own thread's time; the SAEs waited
       // for it only `waited` of that (the rest ran under the steps).
       const std::string upkeep =
@@ -1078,20 +1152,22 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
                       {"sae_steps_s", sae_seconds - evals},
                       {"evaluation_s", evals},
                       {"checkpoints_s", ckpt_seconds},
-                      {"mean_l0", l0 / double(jobs.size())},
-                      {"mean_ev", ev / double(jobs.size())},
+                      {"mean_l0", l0},
+                      {"mean_ev", ev},
                       {"rss_bytes", resident_bytes()}};
       if (overlap) record["waited_for_forward_s"] = waited;
       if (rollbacks > 0) record["rollbacks"] = rollbacks;
+      if (set_aside_n > 0) record["saes_set_aside"] = set_aside_n;
       if (cuda) record["gpu_peak_bytes"] = gpu_peak;
       log_record(record);
       if (lead)
         std::fprintf(stderr,
                      "release: step %lld/%lld  tok %lld  %.0f tok/s  (%s)  "
-                     "mean L0 %.2f  mean EV %.4f%s  RSS %s  ETA %.0f s\n",
+                     "mean L0 %.2f  mean EV %.4f%s%s  RSS %s  ETA %.0f s\n",
                      (long long)step, (long long)total_steps, (long long)(step * global_batch),
-                     rate, split.c_str(), l0 / double(jobs.size()), ev / double(jobs.size()),
+                     rate, split.c_str(), l0, ev,
                      rollbacks > 0 ? cat("  rollbacks ", rollbacks).c_str() : "",
+                     set_aside_n > 0 ? cat("  set aside ", set_aside_n).c_str() : "",
                      fmt_bytes(double(resident_bytes())).c_str(),
                      double(total_steps - step) * global_batch / std::max(rate, 1e-9));
     }
@@ -1112,6 +1188,14 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
       heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
   ojson summary = ojson::object(), my_results = ojson::array();
   for (Job& j : jobs) {
+    if (!j.failed.is_null()) {  // set aside: no SAE folder, said in its place
+      ojson failed = j.failed;
+      failed["checkpoint"] = (fs::path(".work") / j.variant / j.hook / "checkpoint").string();
+      j.result = {{"layer", j.layer}, {"sae_id", j.id()}, {"width", j.cfg.spec.d_sae},
+                  {"failed", failed}};
+      my_results.push_back({{"variant", j.variant}, {"hook", j.hook}, {"result", j.result}});
+      continue;
+    }
     if (!j.trainer) continue;  // another rank's
     j.trainer->finish();
     if (!j.trainer->lead()) continue;  // data parallel: its group's first rank reports it
@@ -1220,6 +1304,19 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
   }
   write_state();  // finish() saved every SAE's final checkpoint
   const double t_end = now_seconds();
+  std::vector<std::string> failed;  // set aside, every rank's
+  for (const auto& [v, per_hook] : summary.items())
+    for (const auto& [h, res] : per_hook.items())
+      if (res.contains("failed")) failed.push_back(v + "/" + h);
+  const size_t written = jobs.size() - failed.size();
+  if (lead && !failed.empty()) {
+    std::string ids;
+    for (const std::string& id : failed) ids += (ids.empty() ? "" : ", ") + id;
+    std::fprintf(stderr,
+                 "release: %zu of %zu SAEs set aside (diverged again after their rollbacks, "
+                 "not in the release; release.json says where each stopped): %s\n",
+                 failed.size(), jobs.size(), ids.c_str());
+  }
   if (lead)
     std::fprintf(
         stderr,
@@ -1228,7 +1325,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
         "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s%s), "
         "final evaluation and saving %.1f s\n",
-        jobs.size(), jobs.size() == 1 ? "" : "s", out.string().c_str(),
+        written, written == 1 ? "" : "s", out.string().c_str(),
         fmt_bytes(double(peak_resident_bytes())).c_str(),
         // On a GPU the plan is the device's (below); the host holds the model until it is
         // uploaded, then the checkpoint writer's SAE states (--checkpoint-snapshots, + 1).
@@ -1254,7 +1351,7 @@ bool run_release(const ReleaseOptions& options, const std::atomic<bool>* stop) {
         std::fprintf(stderr, "release: %s%s\n", n_ranks > 1 ? cat("rank ", r, ": ").c_str() : "",
                      lines[r].c_str());
   }
-  return true;
+  return {.finished = true, .set_aside = failed};
 }
 
 }  // namespace sae::pipeline

@@ -77,9 +77,19 @@ struct ReleaseOptions {
   std::function<void(const nlohmann::ordered_json&)> on_record;
 };
 
-// Runs (or resumes) the job. Returns false when `stop` or stop_at_step interrupted it (every
-// SAE and the data position checkpointed; run again with resume = true).
-bool run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop = nullptr);
+struct ReleaseEnd {
+  // false when `stop` or stop_at_step interrupted it (every SAE and the data position
+  // checkpointed; run again with resume = true).
+  bool finished = false;
+  // The SAEs set aside ("variant/hook"): each diverged again after its rollbacks
+  // (training.max_rollbacks) while others trained on. Not in the release folder; release.json's
+  // results say where each stopped, and its last checkpoint stays in .work/.
+  std::vector<std::string> set_aside;
+};
+
+// Runs (or resumes) the job. Errors throw; the last SAE training that diverges after its
+// rollbacks is such an error (its checkpoint intact, a resume continues it).
+ReleaseEnd run_release(const ReleaseOptions& opt, const std::atomic<bool>* stop = nullptr);
 
 // The preset a variant name stands for.
 std::string variant_preset(const std::string& variant);

@@ -130,7 +130,9 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
     std::sort(hooks.begin(), hooks.end());
     for (const auto& [layer, hg] : hooks) {
       const auto& [hook, i] = hg;
-      link_or_copy_folder(fs::path(inputs[i]) / variant / hook, tmp / variant / hook);
+      // An SAE its group set aside (it diverged) has no folder: it stays set aside, said.
+      if (!rel[i]["results"][variant][hook].contains("failed"))
+        link_or_copy_folder(fs::path(inputs[i]) / variant / hook, tmp / variant / hook);
       results[variant][hook] = rel[i]["results"][variant][hook];
     }
   }

@@ -912,12 +912,15 @@ void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float
                       rollbacks_.size() == 1 ? "" : "s",
                       " (training.max_rollbacks = ", cfg_.max_rollbacks,
                       "): a lower optimizer.lr, or optimizer.grad_clip, may hold it");
+  const std::string cause = what;
   what += checkpoint_step_ >= 0
               ? cat(". Nothing of this step was saved: the checkpoint of step ", checkpoint_step_,
                     " is intact, and --resume continues from it")
               : ". Nothing of this step was saved (no checkpoint yet: run it again from the start)";
   append_log({{"error", {{"step", step_ + 1}, {"message", what}}}});  // for `sae status`
-  fail(label_, cat("step ", step_ + 1), what);
+  const std::string message = cat(label_, ": step ", step_ + 1, ": ", what);
+  if (!bad.empty()) throw Error(message);
+  throw Diverged(message, cause, step_ + 1, int64_t(rollbacks_.size()), checkpoint_step_);
 }
 
 bool Trainer::can_roll_back() const {

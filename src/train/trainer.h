@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "data/source.h"
 #include "dist/comm.h"
 #include "eval/metrics.h"
@@ -66,6 +67,23 @@ struct CheckpointData {
 void write_checkpoint(const CheckpointData& c);
 
 class CheckpointWriter;
+
+// What Trainer::train_step throws when a step diverges on a finite batch and no rollback is
+// left (none allowed, no checkpoint yet, several ranks, or training.max_rollbacks spent): the
+// SAE's state is spoiled, its last checkpoint is intact. Bad data throws a plain Error. A
+// release sets such an SAE aside when it had rolled back before, and trains the others on.
+class Diverged : public Error {
+ public:
+  Diverged(const std::string& what, std::string cause, int64_t step, int64_t rollbacks,
+           int64_t checkpoint_step)
+      : Error(what),
+        cause(std::move(cause)),
+        step(step),
+        rollbacks(rollbacks),
+        checkpoint_step(checkpoint_step) {}
+  std::string cause;  // the step's loss and norms, and the rollbacks before (no advice to resume)
+  int64_t step, rollbacks, checkpoint_step;  // the step that failed (1-based); -1: no checkpoint
+};
 
 class Trainer {
  public:
