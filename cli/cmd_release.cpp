@@ -186,7 +186,7 @@ Runner add_release(CLI::App& app) {
     const std::atomic<bool>& stop = stop_on_signals();
     const pipeline::ReleaseEnd end = pipeline::run_release(r, &stop);
     if (!end.finished) return stop ? 130 : 0;  // 130: interrupted by a signal, state saved
-    return end.set_aside.empty() ? 0 : 2;  // 2: written, but without the SAEs set aside
+    return end.set_aside.empty() ? 0 : 2;      // 2: written, but without the SAEs set aside
   };
 }
 

@@ -761,7 +761,8 @@ TEST(Release, ResumedWithOtherSettingsSaysSo) {
   r = test::run_cli("status " + out);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("finished (release.json written)"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("4 SAEs, 4 with rollbacks, resumes, an error or set aside:"), std::string::npos)
+  EXPECT_NE(r.output.find("4 SAEs, 4 with rollbacks, resumes, an error or set aside:"),
+            std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post: resumed at step 120 with optimizer.lr"),
             std::string::npos)
@@ -1084,8 +1085,8 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
   // layer 2's SAEs rolls back at the first and diverges again at the second.
   for (const char* shard : {"shard-00003", "shard-00008"})
     for (int64_t c = 0; c < 64; ++c)
-      test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors",
-                      "activations", 10 * 64 + c, c % 2 ? -1e30f : 1e30f);
+      test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors", "activations",
+                      10 * 64 + c, c % 2 ? -1e30f : 1e30f);
   const std::string args =
       "release --from-cache " + cache +
       " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
@@ -1119,7 +1120,8 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     EXPECT_EQ(read_json_file(dir / ("straight/.work/" + variant +
                                     "/blocks.2.hook_resid_post/checkpoint/state.json"))["step"],
               f["last_checkpoint_step"]);
-    EXPECT_NE(card.find("`" + variant + "/blocks.2.hook_resid_post` is not in this release: it "
+    EXPECT_NE(card.find("`" + variant +
+                        "/blocks.2.hook_resid_post` is not in this release: it "
                         "diverged at step " +
                         std::to_string(f["step"].get<int64_t>()) + " again after 1 rollback"),
               std::string::npos)
@@ -1131,8 +1133,7 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     const auto& res0 = straight["results"][variant]["blocks.0.hook_resid_post"];
     EXPECT_EQ(res0["training_tokens"], 12800) << res0;
     EXPECT_GT(res0["explained_variance"].get<double>(), 0.3) << res0;
-    EXPECT_TRUE(
-        fs::exists(dir / ("straight/" + variant + "/blocks.0.hook_resid_post/cfg.json")));
+    EXPECT_TRUE(fs::exists(dir / ("straight/" + variant + "/blocks.0.hook_resid_post/cfg.json")));
   }
   std::istringstream progress(test::read_bytes(dir / "straight/.work/progress.jsonl"));
   int64_t set_aside_records = 0;
@@ -1154,7 +1155,8 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
 
   // Stopped after the SAEs were set aside and resumed: they stay aside (recorded in the state),
   // and the others end as in the straight run.
-  const int64_t aside_at = straight["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]["step"];
+  const int64_t aside_at =
+      straight["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]["step"];
   ASSERT_LT(aside_at + 10, 200);
   r = test::run_cli(args + (dir / "resumed") + " --stop-at-step " + std::to_string(aside_at + 10));
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -1198,8 +1200,7 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
   // Under mpirun (module parallel): the rank that trains layer 2's SAEs sets both aside and
   // goes on forwarding its share of the rows for the other rank's.
   if (!std::string(SAECPP_MPIEXEC).empty()) {
-    r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args +
-                        (dir / "two"));
+    r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));
     ASSERT_EQ(r.exit_code, 2) << r.output;
     const auto two = read_json_file(dir / "two/release.json");
     for (const std::string variant : {"standard", "snap"}) {
@@ -1218,8 +1219,7 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
   // release stops with the error (exit 1, no release.json) and sets nothing aside.
   r = test::run_cli(args + (dir / "only2") + " --layers 2");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("again after 1 rollback (training.max_rollbacks = 1)"),
-            std::string::npos)
+  EXPECT_NE(r.output.find("again after 1 rollback (training.max_rollbacks = 1)"), std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(dir / "only2/release.json"));
   EXPECT_FALSE(read_json_file(dir / "only2/.work/state.json").contains("failed"));

@@ -347,11 +347,10 @@ std::string describe_job_status(const ojson& s) {
       ++troubled;
       lines += cat("    ", sae["id"].get<std::string>(), ": ", h, "\n");
     }
-    out += cat("  ", s["saes"].size(), " SAEs",
-               troubled ? cat(", ", troubled, " with rollbacks, resumes, an error or set aside:")
-                        : "",
-               "\n",
-               lines);
+    out +=
+        cat("  ", s["saes"].size(), " SAEs",
+            troubled ? cat(", ", troubled, " with rollbacks, resumes, an error or set aside:") : "",
+            "\n", lines);
     if (s.contains("results")) {
       char r[128];
       std::snprintf(r, sizeof r, "  results: %lld SAEs, mean L0 %.2f, mean EV %.4f",
@@ -360,7 +359,8 @@ std::string describe_job_status(const ojson& s) {
                     s["results"]["mean_explained_variance"].get<double>());
       out += r;
       if (s["results"].contains("set_aside"))
-        out += cat("; ", s["results"]["set_aside"].get<int64_t>(), " set aside, not in the release");
+        out +=
+            cat("; ", s["results"]["set_aside"].get<int64_t>(), " set aside, not in the release");
       out += "\n";
     }
   } else if (const std::string h = fmt_history(s); !h.empty()) {

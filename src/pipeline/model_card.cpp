@@ -95,7 +95,7 @@ std::string model_card(const nlohmann::ordered_json& release) {
     for (const auto& [h, res] : per_hook.items())
       if (!res.contains("failed"))
         histories.push_back(
-          {v + "/" + h, history(res.value("config_changes", nlohmann::ordered_json::array()))});
+            {v + "/" + h, history(res.value("config_changes", nlohmann::ordered_json::array()))});
   const bool same = std::all_of(histories.begin(), histories.end(),
                                 [&](const auto& x) { return x.second == histories[0].second; });
   if (same && !histories.empty() && !histories[0].second.empty())

@@ -1191,8 +1191,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     if (!j.failed.is_null()) {  // set aside: no SAE folder, said in its place
       ojson failed = j.failed;
       failed["checkpoint"] = (fs::path(".work") / j.variant / j.hook / "checkpoint").string();
-      j.result = {{"layer", j.layer}, {"sae_id", j.id()}, {"width", j.cfg.spec.d_sae},
-                  {"failed", failed}};
+      j.result = {
+          {"layer", j.layer}, {"sae_id", j.id()}, {"width", j.cfg.spec.d_sae}, {"failed", failed}};
       my_results.push_back({{"variant", j.variant}, {"hook", j.hook}, {"result", j.result}});
       continue;
     }
