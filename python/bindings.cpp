@@ -651,7 +651,9 @@ PYBIND11_MODULE(_core, m) {
       "line's: step, tokens, tokens_per_s, mean_l0, mean_ev, ...; each checkpoint's) on this "
       "thread as the job goes; an exception it raises stops the job like Ctrl-C. Returns "
       "release.json as a dict, or None when stopped at stop_at_step "
-      "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt.");
+      "(continue with resume=True). Ctrl-C checkpoints and raises KeyboardInterrupt. SAEs set "
+      "aside (diverged again after training.max_rollbacks rollbacks while others trained on) "
+      "are left out with a RuntimeWarning; their results hold 'failed'.");
 
   m.def(
       "dashboard",
@@ -800,7 +802,8 @@ PYBIND11_MODULE(_core, m) {
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
       "its last shards are the held-out set; no CE-loss score). progress: as release's. Returns "
-      "release.json as a dict, or None when stopped at stop_at_step.");
+      "release.json as a dict, or None when stopped at stop_at_step; SAEs set aside as "
+      "release's.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2",

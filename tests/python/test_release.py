@@ -223,6 +223,50 @@ def test_cache_from_python_stops_resumes_and_trains(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def patch_rows(shard, rows, value):
+    """Overwrites whole rows of a cache shard's f32 `activations` in place (a finite outlier)."""
+    with open(shard, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))["activations"]
+        assert info["dtype"] == "F32"
+        width = info["shape"][1]
+        row = np.where(np.arange(width) % 2, -value, value).astype("<f4").tobytes()
+        for r in rows:
+            f.seek(8 + n + info["data_offsets"][0] + r * width * 4)
+            f.write(row)
+
+
+def test_release_sets_aside_an_sae_that_keeps_diverging(tmp_path):
+    """An SAE that diverges again after its rollbacks (training.max_rollbacks) is set aside and the
+    release finishes without it: release() warns and returns release.json, which says where it
+    stopped; the other SAEs are whole."""
+    corpus, cache = write_corpus(tmp_path), tmp_path / "cache"
+    saecpp.cache(MODEL, corpus, [0, 2], str(cache), tokens=20480, shard_tokens=1024,
+                 context_size=16, prompts_per_forward=4)
+    for shard in ("shard-00003", "shard-00008"):  # two outliers in layer 2's rows, far apart
+        patch_rows(cache / "blocks.2.hook_resid_post" / f"{shard}.safetensors", [10], 1e30)
+    with pytest.warns(RuntimeWarning, match="snap/blocks.2.hook_resid_post"):
+        summary = saecpp.release_from_cache(
+            str(cache), str(tmp_path / "release"), variants=["snap"], tokens=12800,
+            heldout_tokens=512, prompts_per_forward=4, n_batches_in_buffer=4, log_every=50,
+            checkpoint_minutes=0,
+            overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                       "training.batch_size=64", "optimizer.lr=3e-3",
+                       "training.checkpoint_every_steps=10", "training.max_rollbacks=1"])
+    failed = summary["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]
+    assert failed["rollbacks"] == 1 and failed["step"] > failed["last_checkpoint_step"]
+    assert "diverged again after 1 rollback" in failed["message"]
+    assert not (tmp_path / "release" / "snap" / "blocks.2.hook_resid_post").exists()
+    kept = summary["results"]["snap"]["blocks.0.hook_resid_post"]
+    assert kept["training_tokens"] == 12800 and kept["explained_variance"] > 0.3
+    sae, _, _ = saecpp.SAE.from_pretrained(str(tmp_path / "release"),
+                                           "snap/blocks.0.hook_resid_post")
+    assert sae.W_dec.shape == (64, 64)
+    status = saecpp.status(str(tmp_path / "release"))
+    assert status["results"]["set_aside"] == 1
+    assert [s["set_aside"]["step"] for s in status["saes"] if "set_aside" in s] == [failed["step"]]
+
+
 def test_dashboard_of_a_release_sae(tmp_path):
     """saecpp.dashboard on an SAE of a release: the folder, its timings and the Neuronpedia batch
     agree with the SAE loaded back (width, hook, latents asked for)."""
