@@ -80,6 +80,10 @@ int64_t parse_count(const std::string& option, const std::string& s) {
 Runner add_release(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "release", "Train Matryoshka SAEs on Gemma-2 activations from text; write a release");
+  cmd->footer(
+      "Exit status: 0 written (or stopped at --stop-at-step), 1 an error, 2 written without the "
+      "SAEs set aside (each diverged again after training.max_rollbacks rollbacks while the "
+      "others trained on; release.json says where), 130 stopped by a signal (state saved).");
   struct Opts {
     pipeline::ReleaseOptions r;
     std::string layers, variants = "standard,snap", tokens;
