@@ -1197,6 +1197,69 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
                 .find("| 2 | snap/blocks.2.hook_resid_post | 64 | set aside |"),
             std::string::npos);
 
+  // Trained again in a group of their own (here allowed more rollbacks: bookkeeping, the same
+  // recipe), the SAEs set aside merge into the release in their place, said in release.json and
+  // the card; a repair of one variant with another learning rate says what it changed.
+  r = test::run_cli(args + (dir / "repair") + " --layers 2 --set training.max_rollbacks=3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_cli("release-merge " + (dir / "straight") + " " + (dir / "repair") + " -o " +
+                    (dir / "whole"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto whole = read_json_file(dir / "whole/release.json");
+  const auto repair = read_json_file(dir / "repair/release.json");
+  const std::string whole_card = test::read_bytes(dir / "whole/README.md");
+  for (const std::string variant : {"standard", "snap"}) {
+    SCOPED_TRACE(variant);
+    const std::string id = variant + "/blocks.2.hook_resid_post";
+    auto res = whole["results"][variant]["blocks.2.hook_resid_post"];
+    EXPECT_EQ(res["replaces"]["failed"],
+              straight["results"][variant]["blocks.2.hook_resid_post"]["failed"]);
+    EXPECT_FALSE(res.contains("recipe_changes")) << res;
+    res.erase("replaces");
+    EXPECT_EQ(res, repair["results"][variant]["blocks.2.hook_resid_post"]);
+    EXPECT_EQ(res["rollbacks"].size(), 2u) << res;
+    EXPECT_EQ(test::read_bytes(dir / ("whole/" + id + "/sae_weights.safetensors")),
+              test::read_bytes(dir / ("repair/" + id + "/sae_weights.safetensors")));
+    EXPECT_EQ(whole["results"][variant]["blocks.0.hook_resid_post"],
+              straight["results"][variant]["blocks.0.hook_resid_post"]);
+    EXPECT_NE(
+        whole_card.find("`" + id + "` was trained again after its first run diverged at step " +
+                        std::to_string(aside_at) + " again after 1 rollback and was set aside\n"),
+        std::string::npos)
+        << whole_card;
+  }
+  EXPECT_EQ(whole["layers"], nlohmann::json({0, 2}));
+  EXPECT_EQ(whole["variants"], straight["variants"]);
+  r = test::run_cli(args + (dir / "repair_lr") +
+                    " --layers 2 --variants snap --set training.max_rollbacks=3 --set "
+                    "optimizer.lr=2e-3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_cli("release-merge " + (dir / "repair_lr") + " " + (dir / "straight") + " -o " +
+                    (dir / "part"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto part = read_json_file(dir / "part/release.json");
+  EXPECT_EQ(part["variants"], straight["variants"]) << "the base group's, not the repair's";
+  EXPECT_TRUE(part["results"]["standard"]["blocks.2.hook_resid_post"].contains("failed"));
+  EXPECT_EQ(part["results"]["snap"]["blocks.2.hook_resid_post"]["recipe_changes"],
+            nlohmann::json::parse(R"({"optimizer.lr": {"from": 0.003, "to": 0.002}})"));
+  EXPECT_NE(test::read_bytes(dir / "part/README.md")
+                .find("was set aside, with `optimizer.lr` 0.003 -> 0.002"),
+            std::string::npos);
+  // Refused: two groups that both trained an SAE; a repair of another shape.
+  r = test::run_cli("release-merge " + (dir / "repair") + " " + (dir / "repair_lr") + " " +
+                    (dir / "straight") + " -o " + (dir / "twice"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("(snap/blocks.2.hook_resid_post) is also in"), std::string::npos)
+      << r.output;
+  r = test::run_cli(args + (dir / "repair_k") +
+                    " --layers 2 --variants snap --set training.max_rollbacks=3 --set sae.k=3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_cli("release-merge " + (dir / "straight") + " " + (dir / "repair_k") + " -o " +
+                    (dir / "shape"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("recipe.variants.snap.k: differs from"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "shape"));
+
   // Under mpirun (module parallel): the rank that trains layer 2's SAEs sets both aside and
   // goes on forwarding its share of the rows for the other rank's.
   if (!std::string(SAECPP_MPIEXEC).empty()) {
@@ -1430,7 +1493,8 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
   ASSERT_EQ(group("2", "c", " --set sae.k=3").exit_code, 0);
   refused((dir / "a") + " " + (dir / "c"), dir / "m2", "recipe.variants.standard.k");
   EXPECT_FALSE(fs::exists(dir / "m2"));
-  refused((dir / "a") + " " + (dir / "a"), dir / "m3", "layer 0 is also in");
+  refused((dir / "a") + " " + (dir / "a"), dir / "m3",
+          "layer 0 (snap/blocks.0.hook_resid_post) is also in");
   // A model multiplied in bf16 gives other activations: its own recipe, not merged with f32.
   ASSERT_EQ(group("2", "d", " --bf16-matmul").exit_code, 0);
   EXPECT_EQ(read_json_file(dir / "d/release.json")["recipe"]["model_bf16_matmul"], true);

@@ -69,15 +69,26 @@ std::string model_card(const nlohmann::ordered_json& release) {
       md << ": " << res.at("skipped_tokens").get<int64_t>()
          << " training tokens skipped, trained on the rest";
     }
-  // SAEs set aside: they diverged again after their rollbacks while the others trained on.
+  // SAEs set aside: they diverged again after their rollbacks while the others trained on;
+  // and those trained again in a group of their own (release-merge), with what it changed.
+  auto aside = [](const nlohmann::ordered_json& f) {
+    const int64_t rollbacks = f.at("rollbacks").get<int64_t>();
+    return cat("diverged at step ", f.at("step").get<int64_t>(), " again after ", rollbacks,
+               " rollback", rollbacks == 1 ? "" : "s");
+  };
   for (const auto& [v, per_hook] : release.at("results").items())
     for (const auto& [h, res] : per_hook.items()) {
-      if (!res.contains("failed")) continue;
-      const auto& f = res.at("failed");
-      const int64_t rollbacks = f.at("rollbacks").get<int64_t>();
-      md << "\n- `" << v << "/" << h << "` is not in this release: it diverged at step "
-         << f.at("step").get<int64_t>() << " again after " << rollbacks << " rollback"
-         << (rollbacks == 1 ? "" : "s") << " and was set aside while the others trained on";
+      if (res.contains("failed"))
+        md << "\n- `" << v << "/" << h << "` is not in this release: it " << aside(res["failed"])
+           << " and was set aside while the others trained on";
+      if (!res.contains("replaces")) continue;
+      md << "\n- `" << v << "/" << h << "` was trained again after its first run "
+         << aside(res["replaces"].at("failed")) << " and was set aside";
+      if (res.contains("recipe_changes")) {
+        md << ", with";
+        for (const auto& [key, ch] : res["recipe_changes"].items())
+          md << " `" << key << "` " << ch.at("from").dump() << " -> " << ch.at("to").dump();
+      }
     }
   // A job resumed with other settings: the recipe is the last run's; what came before, said
   // once when every SAE has the same history (a release resumed whole), else per SAE.

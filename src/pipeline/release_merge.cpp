@@ -78,10 +78,48 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
         fail(file, key,
              "missing (a release written before sae.cpp recorded its recipe cannot be merged)");
   }
+  // Each SAE (variant/hook) from one group: the one that trained it, or, when a group set it
+  // aside (it diverged again after its rollbacks, no folder), another that trained it again —
+  // a repair group, every SAE of which replaces one set aside.
+  struct Entry {
+    size_t group;
+    std::string variant, hook;
+    int64_t layer;
+    bool failed;
+  };
+  std::map<std::string, std::vector<Entry>> by_id;  // "variant/hook" -> its groups
+  for (size_t i = 0; i < rel.size(); ++i)
+    for (const auto& [variant, per_hook] : rel[i]["results"].items())
+      for (const auto& [hook, res] : per_hook.items())
+        by_id[variant + "/" + hook].push_back(
+            {i, variant, hook, res.at("layer").get<int64_t>(), res.contains("failed")});
+  for (const auto& [id, entries] : by_id) {
+    const Entry* trained = nullptr;
+    for (const Entry& e : entries) {
+      if (e.failed) continue;
+      if (trained)
+        fail((fs::path(inputs[e.group]) / "release.json").string(), "results",
+             cat("layer ", e.layer, " (", id, ") is also in ", inputs[trained->group],
+                 ": each SAE must come from one group, unless it replaces one set aside there"));
+      trained = &e;
+    }
+  }
+  std::vector<uint8_t> repair(rel.size(), 0);  // every SAE of the group replaces one set aside
+  for (size_t i = 0; i < rel.size(); ++i) {
+    bool all = !rel[i]["results"].empty();
+    for (const auto& [variant, per_hook] : rel[i]["results"].items())
+      for (const auto& [hook, res] : per_hook.items()) {
+        const auto& entries = by_id[variant + "/" + hook];
+        all = all && !res.contains("failed") &&
+              std::any_of(entries.begin(), entries.end(), [](const Entry& e) { return e.failed; });
+      }
+    repair[i] = all;
+  }
   // Same recipe, same variants: all of it but the model's path (which may differ between
   // machines) and the bookkeeping that leaves the SAEs as they are (how often each group logged,
   // evaluated and checkpointed, its threads, and how many divergences it would survive: those it
-  // did are in its results).
+  // did are in its results). A repair group may train its variants' SAEs with other settings
+  // (a lower learning rate): recorded per SAE, not refused.
   auto comparable = [](ojson recipe) {
     recipe.erase("model");
     if (recipe.contains("variants") && recipe["variants"].is_object())
@@ -90,50 +128,68 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
           for (const char* k : train::kBookkeepingKeys) v["config"]["training"].erase(k);
     return recipe;
   };
-  const std::string first_file = (fs::path(inputs[0]) / "release.json").string();
-  const ojson recipe0 = comparable(rel[0]["recipe"]);
-  for (size_t i = 1; i < rel.size(); ++i) {
-    const ojson r = comparable(rel[i]["recipe"]);
-    if (const std::string d = first_difference(recipe0, r, ""); !d.empty())
-      fail((fs::path(inputs[i]) / "release.json").string(), "recipe." + d,
-           cat("differs from ", first_file, " (", at_path(r, d).dump(), " against ",
-               at_path(recipe0, d).dump(), "): groups of one release must be trained alike"));
-    if (rel[i]["variants"] != rel[0]["variants"])
-      fail((fs::path(inputs[i]) / "release.json").string(), "variants",
-           cat("differs from ", first_file));
-  }
-  // Layers: each in one group only.
-  std::map<int64_t, size_t> owner;
-  for (size_t i = 0; i < rel.size(); ++i)
-    for (const auto& l : rel[i]["layers"]) {
-      const int64_t layer = l.get<int64_t>();
-      if (auto it = owner.find(layer); it != owner.end())
-        fail((fs::path(inputs[i]) / "release.json").string(), "layers",
-             cat("layer ", layer, " is also in ", inputs[it->second],
-                 "; each layer must come from one group"));
-      owner[layer] = i;
+  // The first group that is not a repair (one is: a repair replaces another group's SAE).
+  const size_t base = size_t(std::find(repair.begin(), repair.end(), 0) - repair.begin());
+  const std::string base_file = (fs::path(inputs[base]) / "release.json").string();
+  const ojson recipe0 = comparable(rel[base]["recipe"]);
+  std::map<std::pair<size_t, std::string>, ojson> changes;  // (repair group, variant) -> changes
+  for (size_t i = 0; i < rel.size(); ++i) {
+    if (i == base) continue;
+    const std::string file = (fs::path(inputs[i]) / "release.json").string();
+    ojson r = comparable(rel[i]["recipe"]), r0 = recipe0;
+    if (repair[i]) {  // its variants' SAE settings compared below, per variant
+      for (const auto& [name, v] : r["variants"].items()) {
+        if (!r0["variants"].contains(name))
+          fail(file, "recipe.variants." + name, cat("is not a variant of ", base_file));
+        ojson a = r0["variants"][name], b = v;
+        a.erase("config"), b.erase("config");
+        if (const std::string d = first_difference(a, b, ""); !d.empty())
+          fail(file, "recipe.variants." + name + "." + d,
+               cat("differs from ", base_file, " (", at_path(b, d).dump(), " against ",
+                   at_path(a, d).dump(), "): an SAE trained again must keep its shape"));
+        changes[{i, name}] =
+            train::config_changes(nlohmann::json::parse(r0["variants"][name]["config"].dump()),
+                                  nlohmann::json::parse(v["config"].dump()));
+      }
+      r.erase("variants"), r0.erase("variants");
     }
+    if (const std::string d = first_difference(r0, r, ""); !d.empty())
+      fail(file, "recipe." + d,
+           cat("differs from ", base_file, " (", at_path(r, d).dump(), " against ",
+               at_path(r0, d).dump(), "): groups of one release must be trained alike"));
+    if (!repair[i] && rel[i]["variants"] != rel[base]["variants"])
+      fail(file, "variants", cat("differs from ", base_file));
+  }
 
   // Build beside the output, then rename: the merged release appears whole or not at all.
   const fs::path tmp = out.string() + ".merging";
   fs::remove_all(tmp);
   ojson results = ojson::object();
-  for (const auto& v : rel[0]["variants"]) {
+  std::map<int64_t, size_t> owner;  // layer -> a group that holds it
+  for (const auto& v : rel[base]["variants"]) {
     const std::string variant = v.get<std::string>();
-    std::vector<std::pair<int64_t, std::pair<std::string, size_t>>> hooks;  // layer -> hook, group
-    for (size_t i = 0; i < rel.size(); ++i) {
-      if (!rel[i]["results"].contains(variant))
-        fail((fs::path(inputs[i]) / "release.json").string(), "results." + variant, "missing");
-      for (const auto& [hook, res] : rel[i]["results"][variant].items())
-        hooks.push_back({res.at("layer").get<int64_t>(), {hook, i}});
-    }
+    std::vector<std::pair<int64_t, std::string>> hooks;  // (layer, id) in layer order
+    for (const auto& [id, entries] : by_id)
+      if (entries.front().variant == variant) hooks.push_back({entries.front().layer, id});
     std::sort(hooks.begin(), hooks.end());
-    for (const auto& [layer, hg] : hooks) {
-      const auto& [hook, i] = hg;
-      // An SAE its group set aside (it diverged) has no folder: it stays set aside, said.
-      if (!rel[i]["results"][variant][hook].contains("failed"))
-        link_or_copy_folder(fs::path(inputs[i]) / variant / hook, tmp / variant / hook);
-      results[variant][hook] = rel[i]["results"][variant][hook];
+    for (const auto& [layer, id] : hooks) {
+      const std::vector<Entry>& entries = by_id[id];
+      const auto trained =
+          std::find_if(entries.begin(), entries.end(), [](const Entry& e) { return !e.failed; });
+      const Entry& e = trained != entries.end() ? *trained : entries.front();
+      owner.emplace(layer, e.group);
+      ojson res = rel[e.group]["results"][variant][e.hook];
+      if (!e.failed) {
+        link_or_copy_folder(fs::path(inputs[e.group]) / variant / e.hook, tmp / variant / e.hook);
+        if (entries.size() > 1) {  // it replaces the one set aside: said, with what changed
+          const Entry& aside = entries[trained == entries.begin() ? 1 : 0];
+          res["replaces"] = {
+              {"folder", fs::absolute(inputs[aside.group]).lexically_normal().string()},
+              {"failed", rel[aside.group]["results"][variant][aside.hook]["failed"]}};
+          if (const ojson& c = changes[{e.group, variant}]; !c.empty()) res["recipe_changes"] = c;
+        }
+      }
+      results[variant][e.hook] = res;
     }
   }
   std::vector<int64_t> layers;
@@ -146,7 +202,7 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
                            {"layers", rel[i]["layers"]},
                            {"tokens_forwarded", rel[i].value("tokens_forwarded", int64_t(0))}});
   }
-  ojson release = rel[0];
+  ojson release = rel[base];
   release["layers"] = layers;
   release["tokens_forwarded"] = forwarded;
   release["merged_from"] = merged_from;
