@@ -195,8 +195,10 @@ Runner add_release(CLI::App& app) {
 }
 
 Runner add_release_merge(CLI::App& app) {
-  auto* cmd = app.add_subcommand("release-merge",
-                                 "Merge releases run in groups of layers into one release folder");
+  auto* cmd =
+      app.add_subcommand("release-merge",
+                         "Merge releases run in groups of layers into one release folder (a group "
+                         "that trained SAEs set aside again replaces them)");
   auto inputs = std::make_shared<std::vector<std::string>>();
   auto output = std::make_shared<std::string>();
   cmd->add_option("inputs", *inputs, "Release folders (each written by sae release)")

@@ -2,7 +2,9 @@
 // out/b`, ... when all SAEs do not fit one machine) merged into one release folder: one folder
 // per variant holding every layer's SAE, one release.json, one model card — as if run at once.
 // Groups trained with different recipes (any setting other than the layers and the model's
-// path) are refused, naming the setting.
+// path) are refused, naming the setting. An SAE a group set aside (it diverged) may come from a
+// group that trained it again (a repair: every SAE of it replaces one set aside), whose
+// training settings may differ: recorded per SAE (docs/release.md, "SAEs trained again").
 #pragma once
 
 #include <string>
