@@ -36,6 +36,7 @@
 #include "pipeline/dashboard.h"
 #include "pipeline/job_status.h"
 #include "pipeline/release.h"
+#include "pipeline/release_merge.h"
 #include "pipeline/source_factory.h"
 #include "sae/device_sae.h"
 #include "sae/load.h"
@@ -467,6 +468,17 @@ PYBIND11_MODULE(_core, m) {
       "from its folder while it runs or after: kind, step, total_steps, tokens, finished, "
       "running, the last progress record (with seconds_ago), checkpoint, eval, saes, "
       "rollbacks, config_changes, error, eta_seconds; as `sae status --json`.");
+
+  m.def(
+      "release_merge",
+      [](const std::vector<std::string>& inputs, const std::string& output) {
+        pipeline::merge_releases(inputs, output);
+        return read_json_as_python(std::filesystem::path(output) / "release.json");
+      },
+      py::arg("inputs"), py::arg("output"),
+      "`sae release-merge`: releases run in groups of layers merged into one release folder "
+      "`output` (new), refused when their recipes differ; a group that trained SAEs set aside "
+      "in another again replaces them (docs/release.md). Returns the merged release.json.");
 
   m.def(
       "download",

@@ -25,10 +25,11 @@ if _chose:
 try:
     from saecpp._core import (SAE, Gemma2, SaeError, SparseCodes, __version__, cache,
                               cuda_available, dashboard, download, evaluate, presets, release,
-                              release_from_cache, set_threads, status, threads, train)
+                              release_from_cache, release_merge, set_threads, status, threads,
+                              train)
 finally:
     if _chose:
         del _os.environ["OMP_WAIT_POLICY"]
 
 __all__ = ["SAE", "Gemma2", "SaeError", "SparseCodes", "__version__", "cache", "cuda_available", "dashboard", "download", "evaluate",
-           "presets", "release", "release_from_cache", "set_threads", "status", "threads", "train"]
+           "presets", "release", "release_from_cache", "release_merge", "set_threads", "status", "threads", "train"]

@@ -265,6 +265,23 @@ def test_release_sets_aside_an_sae_that_keeps_diverging(tmp_path):
     status = saecpp.status(str(tmp_path / "release"))
     assert status["results"]["set_aside"] == 1
     assert [s["set_aside"]["step"] for s in status["saes"] if "set_aside" in s] == [failed["step"]]
+    # Trained again alone (allowed more rollbacks: it survives both outliers) and merged in its
+    # place.
+    saecpp.release_from_cache(
+        str(cache), str(tmp_path / "repair"), layers=[2], variants=["snap"], tokens=12800,
+        heldout_tokens=512, prompts_per_forward=4, n_batches_in_buffer=4, log_every=50,
+        checkpoint_minutes=0,
+        overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                   "training.batch_size=64", "optimizer.lr=3e-3",
+                   "training.checkpoint_every_steps=10", "training.max_rollbacks=3"])
+    whole = saecpp.release_merge([str(tmp_path / "release"), str(tmp_path / "repair")],
+                                 str(tmp_path / "whole"))
+    replaced = whole["results"]["snap"]["blocks.2.hook_resid_post"]
+    assert replaced["replaces"]["failed"] == failed and len(replaced["rollbacks"]) == 2
+    assert whole["layers"] == [0, 2]
+    with pytest.raises(saecpp.SaeError, match="is also in"):
+        saecpp.release_merge([str(tmp_path / "repair"), str(tmp_path / "whole")],
+                             str(tmp_path / "twice"))
 
 
 def test_dashboard_of_a_release_sae(tmp_path):
