@@ -1534,11 +1534,20 @@ TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {
     EXPECT_NE(r.output.find(".lock: this folder is in use by the test"), std::string::npos)
         << r.output;
     EXPECT_EQ(read_json_file(cache + "/cache.json")["shards"], 1);
-    EXPECT_EQ(pipeline::job_status(cache)["running"]["job"], "the test");
+    const auto held = pipeline::job_status(cache);
+    EXPECT_EQ(held["running"]["job"], "the test");
+    // While it runs: the time left at the pace cache.json keeps (2 shards to go).
+    const double pace = manifest["tokens_per_s"].get<double>();
+    ASSERT_GT(pace, 0.0);
+    EXPECT_NEAR(held["eta_seconds"].get<double>(), 2048 / pace, 1e-6 * (2048 / pace));
+    EXPECT_NE(pipeline::describe_job_status(held).find(" tok/s; running: the test, pid "),
+              std::string::npos)
+        << pipeline::describe_job_status(held);
   }
   r = test::run_cli("status " + cache);  // stopped after its first shard
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find(": 1 shards per layer (1024 tokens) of 2 layer(s), last written "),
+  EXPECT_NE(r.output.find(": 1 of 3 shards per layer (1024 of 3072 tokens) of 2 layer(s), last "
+                          "written "),
             std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("; not running"), std::string::npos) << r.output;

@@ -128,9 +128,12 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
   WindowStream windows(corpus, tok, wc);
   for (int64_t l : layers) fs::create_directories(out / model::hook_name(point, l));
 
-  auto write_manifest = [&](bool complete) {
+  // tokens_per_s: this run's pace so far (with planned_shards, `sae status` gives an ETA).
+  auto write_manifest = [&](bool complete, double tokens_per_s) {
     manifest["version"] = kCacheVersion;
     manifest["shards"] = shards_done;
+    manifest["planned_shards"] = n_shards;
+    if (tokens_per_s > 0) manifest["tokens_per_s"] = tokens_per_s;
     manifest["tokens"] = shards_done * opt.shard_tokens;
     manifest["corpus_next_document"] = corpus.next_document();
     manifest["complete"] = complete;
@@ -208,15 +211,15 @@ bool write_activation_cache(const CacheOptions& opt, const std::atomic<bool>* st
       }
       pending_ids.erase(pending_ids.begin(), pending_ids.begin() + S);
       ++shards_done, ++written_now;
-      write_manifest(shards_done == n_shards);
       const double el = now_seconds() - t_start;
       const double rate = double((shards_done - first) * S) / std::max(el, 1e-9);
+      write_manifest(shards_done == n_shards, rate);
       std::fprintf(stderr, "cache: shard %lld/%lld  %lld tokens  %.0f tok/s  ETA %.0f s\n",
                    (long long)shards_done, (long long)n_shards, (long long)(shards_done * S), rate,
                    double((n_shards - shards_done) * S) / std::max(rate, 1e-9));
     }
   }
-  write_manifest(shards_done == n_shards);
+  write_manifest(shards_done == n_shards, 0.0);
   std::fprintf(stderr, "cache: %lld shards of %lld tokens per layer in %s\n",
                (long long)shards_done, (long long)opt.shard_tokens, out.string().c_str());
   return shards_done == n_shards;

@@ -193,13 +193,21 @@ ojson release_status(const fs::path& dir) {
 
 ojson cache_status(const fs::path& dir) {
   const ojson m = read_json(dir / "cache.json");
-  return {{"kind", "cache"},
-          {"folder", dir.string()},
-          {"finished", m.value("complete", false)},
-          {"shards", m.value("shards", int64_t(0))},
-          {"tokens", m.value("tokens", int64_t(0))},
-          {"layers", m.value("layers", ojson::array())},
-          {"seconds_ago", seconds_since_written(dir / "cache.json")}};
+  ojson s = {{"kind", "cache"},
+             {"folder", dir.string()},
+             {"finished", m.value("complete", false)},
+             {"shards", m.value("shards", int64_t(0))},
+             {"tokens", m.value("tokens", int64_t(0))},
+             {"layers", m.value("layers", ojson::array())},
+             {"seconds_ago", seconds_since_written(dir / "cache.json")}};
+  // The plan and the pace (caches written before they were kept have neither).
+  if (m.contains("planned_shards")) {
+    s["planned_shards"] = m["planned_shards"];
+    s["total_tokens"] = m["planned_shards"].get<int64_t>() * m.value("shard_tokens", int64_t(0));
+  }
+  if (m.contains("tokens_per_s"))
+    s["progress"] = {{"tokens_per_s", m["tokens_per_s"]}, {"seconds_ago", s["seconds_ago"]}};
+  return s;
 }
 
 std::string fmt_age(double seconds) {
@@ -264,8 +272,8 @@ ojson job_status(const std::string& folder) {
   }
   // The time left at the last progress record's speed (tokens per second of the job), while
   // it runs.
-  if (holder && !s["finished"].get<bool>() && s["progress"].is_object() &&
-      s["progress"].value("tokens_per_s", 0.0) > 0) {
+  if (holder && !s["finished"].get<bool>() && s.contains("total_tokens") &&
+      s["progress"].is_object() && s["progress"].value("tokens_per_s", 0.0) > 0) {
     const double left = double(s["total_tokens"].get<int64_t>() - s["tokens"].get<int64_t>());
     s["eta_seconds"] = std::max(0.0, left / s["progress"]["tokens_per_s"].get<double>());
   }
@@ -273,17 +281,27 @@ ojson job_status(const std::string& folder) {
 }
 
 std::string describe_job_status(const ojson& s) {
-  if (s["kind"] == "cache")  // its planned size is not kept: what is written
-    return cat("cache ", s["folder"].get<std::string>(), ": ", s["shards"].get<int64_t>(),
-               " shards per layer (", s["tokens"].get<int64_t>(), " tokens) of ",
-               s["layers"].size(), " layer(s), last written ",
-               fmt_age(s["seconds_ago"].get<double>()), " ago; ",
-               s["finished"].get<bool>() ? "complete"
-               : s["running"].is_object()
-                   ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
-                         s["running"].value("pid", int64_t(0)))
-                   : "not running (stopped, or its process ended; --resume continues it)",
-               "\n");
+  if (s["kind"] == "cache") {
+    char rate[32] = "";
+    if (s["progress"].is_object())
+      std::snprintf(rate, sizeof rate, ", %.0f tok/s", s["progress"]["tokens_per_s"].get<double>());
+    return cat(
+        "cache ", s["folder"].get<std::string>(), ": ", s["shards"].get<int64_t>(),
+        s.contains("planned_shards") ? cat(" of ", s["planned_shards"].get<int64_t>()) : "",
+        " shards per layer (", s["tokens"].get<int64_t>(),
+        s.contains("total_tokens") ? cat(" of ", s["total_tokens"].get<int64_t>()) : "",
+        " tokens) of ", s["layers"].size(), " layer(s), last written ",
+        fmt_age(s["seconds_ago"].get<double>()), " ago", rate, "; ",
+        s["finished"].get<bool>() ? "complete"
+        : s["running"].is_object()
+            ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+                  s["running"].value("pid", int64_t(0)),
+                  s.contains("eta_seconds")
+                      ? cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed")
+                      : "")
+            : "not running (stopped, or its process ended; --resume continues it)",
+        "\n");
+  }
   const bool release = s["kind"] == "release";
   const int64_t step = s["step"], total = s["total_steps"];
   std::string out = cat(
