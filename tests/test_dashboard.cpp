@@ -13,6 +13,7 @@
 
 #include "eval/latent_stats.h"
 #include "eval/logit_effects.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "model/activations.h"
 #include "model/gemma2.h"
@@ -357,10 +358,20 @@ TEST(Dashboard, StopsAndResumesToTheSameFolder) {
   r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume --truncate");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("concat"), std::string::npos) << r.output;
+  {  // While another process writes it, a resume stops at once and leaves it as it was.
+    const std::string state = test::read_bytes(part + ".partial/.work/state.json");
+    FolderLock running(part + ".partial/.lock", "the test");
+    r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find(".partial/.lock: this folder is in use by the test"), std::string::npos)
+        << r.output;
+    EXPECT_EQ(test::read_bytes(part + ".partial/.work/state.json"), state);
+  }
   r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming after"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(part + ".partial"));
+  EXPECT_FALSE(fs::exists(part + "/.lock")) << "the lock is the job's, not the dashboard's";
   for (const char* f : {"data/latents-000.js", "data/index-000.js", "neuronpedia/batch-0.json"})
     EXPECT_EQ(test::read_bytes(part + "/" + f), test::read_bytes(dir / "whole" + "/" + f)) << f;
 }

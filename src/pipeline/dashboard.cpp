@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "eval/logit_effects.h"
 #include "io/atomic_file.h"
+#include "io/folder_lock.h"
 #include "io/json_file.h"
 #include "io/mapped_file.h"
 #include "model/device_gemma2.h"
@@ -216,6 +217,11 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   if (fs::exists(partial) && !opt.resume)  // before anything slow is loaded
     fail(partial.string(), "",
          "holds an interrupted dashboard: pass --resume to continue it, or remove the folder");
+  // One job per folder (io/folder_lock.h): a resume of a dashboard another process still
+  // writes stops here, before anything slow is loaded; a fresh one takes it on creating the
+  // folder (below). Released however the process ends; removed before the folder is renamed.
+  std::optional<FolderLock> lock;
+  if (fs::exists(partial)) lock.emplace((partial / ".lock").string(), "sae dashboard");
   if (opt.tokens <= 0) fail("dashboard", "tokens", "must be positive");
   const bool cuda = parse_device(opt.device, "dashboard") == Device::Cuda;
   if (cuda) model::DeviceGemma2::check_precision("dashboard", opt.precision);
@@ -294,10 +300,13 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
       if (!windows.next(skip)) fail(state_path.string(), "windows", "the corpus is shorter now");
     std::fprintf(stderr, "dashboard: resuming after %lld tokens (%lld windows)\n",
                  (long long)stats.tokens(), (long long)windows_done);
-  } else {
-    fs::remove_all(partial);
+  } else {  // begin again: all of it but the lock
+    if (fs::exists(partial))
+      for (const auto& e : fs::directory_iterator(partial))
+        if (e.path().filename() != ".lock") fs::remove_all(e.path());
   }
   fs::create_directories(partial / "data");
+  if (!lock) lock.emplace((partial / ".lock").string(), "sae dashboard");
   // A run that fails before its first checkpoint leaves nothing behind; after one, the folder
   // stays for --resume.
   struct RemoveUnlessDone {
@@ -733,6 +742,7 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                          {"write_seconds", res.write_seconds}}
                         .dump(2));
   fs::remove_all(partial / ".work");
+  fs::remove(partial / ".lock");  // still held: the dashboard carries no lock file
   fs::rename(partial, out);
   cleanup.done = true;
   res.finished = true;
