@@ -7,7 +7,9 @@
 #include <cmath>
 #include <fstream>
 
+#include "data/synthetic.h"
 #include "io/json_file.h"
+#include "io/npy.h"
 #include "io/safetensors.h"
 
 #include "dist/comm.h"
@@ -249,6 +251,77 @@ TEST(Dist, LatentParallelCheckpointResumesOnAnyNumberOfRanks) {
     EXPECT_NEAR(eb["explained_variance"].get<double>(), ea["explained_variance"].get<double>(),
                 0.002);
     EXPECT_NEAR(eb["l0"].get<double>(), ea["l0"].get<double>(), 0.01 * ea["l0"].get<double>());
+  }
+}
+
+// A divergence under several ranks of one SAE (one row of finite 1e30s overflows the step):
+// every rank rolls back together to the checkpoint rank 0 wrote, skips the same batches and
+// trains on, data or latent parallel; the SAE ends near the one-process run's, which rolls back
+// at the same step.
+TEST(Dist, DivergenceRollsBackEveryRankTogether) {
+  REQUIRE_MPI();
+  test::TempDir dir;
+  data::SyntheticConfig sc;
+  sc.d_in = 24;
+  sc.n_roots = 12;
+  sc.n_parents = 4;
+  data::SyntheticSource src(sc);
+  std::vector<float> x(size_t(6000 * 24));
+  src.train_batch(0, 6000, x.data());
+  for (int64_t c = 0; c < 24; ++c) x[size_t(2500 * 24 + c)] = c % 2 ? -1e30f : 1e30f;
+  write_npy(dir / "acts.npy", DType::F32, {6000, 24},
+            {reinterpret_cast<const uint8_t*>(x.data()), x.size() * 4});
+  const nlohmann::json cfg = {
+      {"sae", {{"d_sae", 32}, {"k", 3}, {"matryoshka_widths", {8, 32}}}},
+      {"loss", {{"level_losses", "snap"}}},
+      {"training",
+       {{"total_tokens", 256 * 20},
+        {"batch_size", 256},
+        {"eval_tokens", 500},
+        {"eval_every_steps", 0},
+        {"log_every_steps", 5},
+        {"checkpoint_every_steps", 4}}},
+      {"data", {{"type", "files"}, {"paths", {dir / "acts.npy"}}, {"heldout_tokens", 500}}}};
+  test::write_bytes(dir / "cfg.json", cfg.dump());
+  auto rollback_of = [](const std::string& run) {
+    std::ifstream log(run + "/log.jsonl");
+    std::vector<nlohmann::json> found;
+    for (std::string l; std::getline(log, l);)
+      if (const auto rec = nlohmann::json::parse(l); rec.contains("rollback"))
+        found.push_back(
+            {{"step", rec["rollback"]["step"]}, {"to_step", rec["rollback"]["to_step"]}});
+    return found;
+  };
+  const std::string one = dir / "one";
+  const auto r1 = test::run_shell("env OMP_NUM_THREADS=1 timeout 300 " + std::string(SAECPP_CLI) +
+                                  " train --config " + (dir / "cfg.json") + " -o " + one);
+  ASSERT_EQ(r1.exit_code, 0) << r1.output;
+  const auto want = rollback_of(one);
+  ASSERT_EQ(want.size(), 1u) << r1.output;
+  SafetensorsFile a(one + "/sae/sae_weights.safetensors");
+  const auto ea = read_json_file(one + "/eval.json");
+  for (const std::string mode : {"", " --parallel latents"}) {
+    SCOPED_TRACE(mode);
+    const std::string run = dir / (mode.empty() ? "data" : "latents");
+    const auto r = test::run_shell("timeout 300 " + mpirun(2) + SAECPP_CLI + " train --config " +
+                                   (dir / "cfg.json") + " -o " + run + mode);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(rollback_of(run), want);
+    const size_t said = r.output.find("the training diverged. Rolled back to the checkpoint");
+    ASSERT_NE(said, std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("the training diverged. Rolled back", said + 1), std::string::npos)
+        << "said once, by rank 0";
+    EXPECT_NE(r.output.find("done: 20 steps (" +
+                            std::to_string(want[0]["step"].get<int64_t>() -
+                                           want[0]["to_step"].get<int64_t>()) +
+                            " skipped by 1 rollback)"),
+              std::string::npos)
+        << r.output;
+    SafetensorsFile b(run + "/sae/sae_weights.safetensors");
+    for (const char* name : {"W_enc", "W_dec", "b_enc", "b_dec"})
+      EXPECT_LE(sae::test::max_relative_error(a.read_f32(name), b.read_f32(name)), 1e-3) << name;
+    EXPECT_NEAR(read_json_file(run + "/eval.json")["explained_variance"].get<double>(),
+                ea["explained_variance"].get<double>(), 0.002);
   }
 }
 

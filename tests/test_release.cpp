@@ -1082,8 +1082,10 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
                          cache);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // Two outliers in layer 2's rows (finite, too large for f32 arithmetic), far apart: each of
-  // layer 2's SAEs rolls back at the first and diverges again at the second.
-  for (const char* shard : {"shard-00003", "shard-00008"})
+  // layer 2's SAEs rolls back at the first and diverges again at the second (after the first
+  // checkpoint however many ranks read the shards: shard 5 is read from step 80 in one process,
+  // 64 under 2 and 4 ranks).
+  for (const char* shard : {"shard-00005", "shard-00008"})
     for (int64_t c = 0; c < 64; ++c)
       test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors", "activations",
                       10 * 64 + c, c % 2 ? -1e30f : 1e30f);
@@ -1276,6 +1278,20 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
               .get<double>(),
           0.02);
     }
+  }
+
+  // Fewer SAEs than ranks (one variant, 2 SAEs, 4 ranks): each SAE's group of 2 ranks rolls it
+  // back together, and sets it aside together, saying so once.
+  if (!std::string(SAECPP_MPIEXEC).empty()) {
+    r = test::run_shell("timeout 300 " + test::mpirun(4) + SAECPP_CLI + " " + args +
+                        (dir / "groups") + " --variants snap");
+    ASSERT_EQ(r.exit_code, 2) << r.output;
+    const size_t said = r.output.find("snap/blocks.2.hook_resid_post set aside at step ");
+    ASSERT_NE(said, std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find(" set aside at step ", said + 40), std::string::npos) << r.output;
+    const auto groups = read_json_file(dir / "groups/release.json");
+    EXPECT_EQ(groups["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]["rollbacks"], 1);
+    EXPECT_EQ(groups["results"]["snap"]["blocks.0.hook_resid_post"]["training_tokens"], 12800);
   }
 
   // Only layer 2: its two SAEs are the last training when they diverge the second time, so the

@@ -1059,12 +1059,13 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         std::rethrow_exception(error);
       } catch (const train::Diverged& e) {
         j->failed = failure_record(e.step, e.rollbacks, e.checkpoint_step, e.cause);
-        std::fprintf(stderr,
-                     "release: %s set aside at step %lld: %s. The other SAEs train on; its last "
-                     "checkpoint (step %lld) stays in %s, and release.json and the model card "
-                     "name it\n",
-                     j->id().c_str(), (long long)e.step, e.cause.c_str(),
-                     (long long)e.checkpoint_step, j->cfg.output_dir.c_str());
+        if (group[size_t(j - jobs.data())].first == rank)  // said once by an SAE's ranks
+          std::fprintf(stderr,
+                       "release: %s set aside at step %lld: %s. The other SAEs train on; its last "
+                       "checkpoint (step %lld) stays in %s, and release.json and the model card "
+                       "name it\n",
+                       j->id().c_str(), (long long)e.step, e.cause.c_str(),
+                       (long long)e.checkpoint_step, j->cfg.output_dir.c_str());
       }
       ojson record = {{"sae", j->id()}};
       record.update(j->failed);
@@ -1124,11 +1125,12 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       // L0 and EV summed over the SAEs training (once each), the divergences rolled back and
       // the SAEs set aside.
       std::vector<double> sums = {0.0, 0.0, 0.0, 0.0, 0.0};
-      for (const Job& j : jobs) {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        const Job& j = jobs[i];
         if (j.trainer && j.trainer->lead())
           sums[0] += j.trainer->last_l0(), sums[1] += j.trainer->last_ev(),
               sums[2] += double(j.trainer->rollbacks().size()), sums[3] += 1;
-        sums[4] += !j.failed.is_null();  // only the owner's is set
+        sums[4] += !j.failed.is_null() && group[i].first == rank;  // set on its ranks only
       }
       comm.allreduce_sum(sums);
       const double training = std::max(sums[3], 1.0);
@@ -1187,8 +1189,10 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       heldout.windows.begin(),
       heldout.windows.begin() + std::min<int64_t>(opt.ce_windows, int64_t(heldout.windows.size())));
   ojson summary = ojson::object(), my_results = ojson::array();
-  for (Job& j : jobs) {
-    if (!j.failed.is_null()) {  // set aside: no SAE folder, said in its place
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job& j = jobs[i];
+    if (!j.failed.is_null()) {  // set aside: no SAE folder, said in its place (by its first rank)
+      if (group[i].first != rank) continue;
       ojson failed = j.failed;
       failed["checkpoint"] = (fs::path(".work") / j.variant / j.hook / "checkpoint").string();
       j.result = {

@@ -833,8 +833,14 @@ void Trainer::train_step(float* x) {
     grad_norm = update_ ? update_->step(sae_, opt_, grads_, lr)
                         : opt_.apply(sae_, grads_, lr, std::sqrt(r.grad_squared_norm));
   }
-  if (!std::isfinite(r.loss) || !std::isfinite(grad_norm)) {
-    const std::string bad = bad_batch(x);
+  bool diverged = !std::isfinite(r.loss) || !std::isfinite(grad_norm);
+  if (many_ranks()) {  // one rank's loss (its rows, its latents) is every rank's: decided together
+    std::vector<double> any = {double(diverged)};
+    comm_->allreduce_max(any);
+    diverged = any[0] != 0.0;
+  }
+  if (diverged) {
+    const std::string bad = bad_batch(x);  // every rank holds the whole batch: the same answer
     if (!bad.empty() || !can_roll_back()) fail_non_finite(r, grad_norm, x, bad);
     roll_back(r, grad_norm);  // bad data is never skipped: it stops the run above
     return;
@@ -924,8 +930,8 @@ void Trainer::fail_non_finite(const StepResult& r, double grad_norm, const float
 }
 
 bool Trainer::can_roll_back() const {
-  // Several ranks of one SAE would have to go back together: not built (they stop instead).
-  return int64_t(rollbacks_.size()) < cfg_.max_rollbacks && checkpoint_step_ >= 0 && !many_ranks();
+  // The same answer on every rank of one SAE: they checkpoint and roll back together.
+  return int64_t(rollbacks_.size()) < cfg_.max_rollbacks && checkpoint_step_ >= 0;
 }
 
 void Trainer::roll_back(const StepResult& r, double grad_norm) {
@@ -933,6 +939,10 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
   const double t0 = now_seconds();
   if (flush_checkpoints) flush_checkpoints();
   if (writer_) report_written(true);
+  if (many_ranks()) {  // rank 0 wrote it: on disk before any rank reads it back
+    std::vector<double> written = {0.0};
+    comm_->allreduce_max(written);
+  }
   // load_checkpoint sets the checkpoint's lists; this run's go on.
   std::vector<Rollback> before = rollbacks_;
   const json changes = config_changes_;
@@ -953,6 +963,7 @@ void Trainer::roll_back(const StepResult& r, double grad_norm) {
   }
   dead_now_ = std::count_if(steps_since_fired_.begin(), steps_since_fired_.end(),
                             [&](int64_t s) { return s > cfg_.dead_feature_window; });
+  check_ranks_agree("after a rollback");
   const std::string why = non_finite_step(r, grad_norm);
   const double seconds = now_seconds() - t0;  // the wait for the writer, the read, the upload
   append_log({{"rollback",

@@ -69,7 +69,7 @@ void write_checkpoint(const CheckpointData& c);
 class CheckpointWriter;
 
 // What Trainer::train_step throws when a step diverges on a finite batch and no rollback is
-// left (none allowed, no checkpoint yet, several ranks, or training.max_rollbacks spent): the
+// left (none allowed, no checkpoint yet, or training.max_rollbacks spent): the
 // SAE's state is spoiled, its last checkpoint is intact. Bad data throws a plain Error. A
 // release sets such an SAE aside when it had rolled back before, and trains the others on.
 class Diverged : public Error {
@@ -198,7 +198,8 @@ class Trainer {
   std::string bad_batch(const float* x) const;
   // "the batch" (or its GPU copy) with its input scale where that copy is scaled.
   std::string batch_name(bool device_copy) const;
-  // training.max_rollbacks allows one more and there is a checkpoint to go back to (one process).
+  // training.max_rollbacks allows one more and there is a checkpoint to go back to (the same on
+  // every rank).
   bool can_roll_back() const;
   // The state of the last checkpoint read back (on the GPU, uploaded) and the step counter left
   // past the step that diverged: the batches since the checkpoint are skipped. Logged.
