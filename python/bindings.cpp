@@ -466,8 +466,10 @@ PYBIND11_MODULE(_core, m) {
       py::arg("folder"),
       "Where a training job (train's output dir), a release or an activation cache stands, read "
       "from its folder while it runs or after: kind, step, total_steps, tokens, finished, "
-      "running, the last progress record (with seconds_ago), checkpoint, eval, saes, "
-      "rollbacks, config_changes, error, eta_seconds; as `sae status --json`.");
+      "running, the last progress record (with seconds_ago), checkpoint, eval, saes (a "
+      "release's, each with its rollbacks, config_changes, error, set_aside), rollbacks, "
+      "config_changes, error, results (a finished release's, with set_aside), eta_seconds; a "
+      "cache's shards, planned_shards, tokens, total_tokens; as `sae status --json`.");
 
   m.def(
       "release_merge",
