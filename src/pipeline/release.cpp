@@ -1071,6 +1071,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       record.update(j->failed);
       log_record({{"set_aside", record}});
       j->trainer.reset();  // its memory (on a GPU, the device's) back
+      std::vector<float>().swap(j->x);
     }
   };
   while (step < total_steps) {
