@@ -696,24 +696,9 @@ TEST(CudaRelease, ReleaseOnTheDeviceAgreesWithTheCpu) {
 TEST(CudaRelease, AnSaeThatKeepsDivergingIsSetAsideOnTheDevice) {
   REQUIRE_GPU();
   test::TempDir dir;
-  const std::string model = test::golden("gemma2/gqa_window/model"), cache = dir / "cache";
   test::write_bytes(dir / "docs.jsonl", test::tiny_corpus_jsonl());
-  auto r = test::run_cli("cache --model " + model + " --dataset " + (dir / "docs.jsonl") +
-                         " --layers 0,2 --shard-tokens 1024 --context-size 16 "
-                         "--prompts-per-forward 4 --tokens 20480 -o " +
-                         cache);
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  for (const char* shard : {"shard-00005", "shard-00008"})
-    for (int64_t c = 0; c < 64; ++c)
-      test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors", "activations",
-                      10 * 64 + c, c % 2 ? -1e30f : 1e30f);
-  const std::string args =
-      "release --from-cache " + cache +
-      " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
-      "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
-      "--set training.batch_size=64 --set optimizer.lr=3e-3 --checkpoint-minutes 0 "
-      "--set training.checkpoint_every_steps=10 --set training.max_rollbacks=1 -o ";
-  r = test::run_cli(args + (dir / "cpu"));
+  const std::string args = test::diverging_release_args(dir / "docs.jsonl", dir / "cache");
+  auto r = test::run_cli(args + (dir / "cpu"));
   ASSERT_EQ(r.exit_code, 2) << r.output;
   r = test::run_cli(args + (dir / "gpu") + " --device cuda --precision fp32");
   ASSERT_EQ(r.exit_code, 2) << r.output;

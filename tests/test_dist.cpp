@@ -7,7 +7,6 @@
 #include <cmath>
 #include <fstream>
 
-#include "data/synthetic.h"
 #include "io/json_file.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
@@ -261,13 +260,7 @@ TEST(Dist, LatentParallelCheckpointResumesOnAnyNumberOfRanks) {
 TEST(Dist, DivergenceRollsBackEveryRankTogether) {
   REQUIRE_MPI();
   test::TempDir dir;
-  data::SyntheticConfig sc;
-  sc.d_in = 24;
-  sc.n_roots = 12;
-  sc.n_parents = 4;
-  data::SyntheticSource src(sc);
-  std::vector<float> x(size_t(6000 * 24));
-  src.train_batch(0, 6000, x.data());
+  std::vector<float> x = test::synthetic_rows(6000);
   for (int64_t c = 0; c < 24; ++c) x[size_t(2500 * 24 + c)] = c % 2 ? -1e30f : 1e30f;
   write_npy(dir / "acts.npy", DType::F32, {6000, 24},
             {reinterpret_cast<const uint8_t*>(x.data()), x.size() * 4});

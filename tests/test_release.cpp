@@ -926,10 +926,7 @@ TEST(Release, ModuleParallelStopsAndResumes) {
 TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   test::TempDir dir;
   const std::string corpus = write_corpus(dir), cache = dir / "cache";
-  auto r = test::run_cli("cache --model " + kModel + " --dataset '" + corpus +
-                         "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
-                         "--prompts-per-forward 4 --tokens 20480 -o " +
-                         cache);
+  auto r = test::tiny_cache(corpus, cache);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string args =
       "release --from-cache " + cache +
@@ -1006,9 +1003,8 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   // back to their last checkpoint and train on; the others never notice. Said in release.json
   // and the model card.
   fs::copy(cache, dir / "outlier", fs::copy_options::recursive);
-  for (int64_t c = 0; c < 64; ++c)
-    test::patch_f32(dir / "outlier/blocks.2.hook_resid_post/shard-00003.safetensors", "activations",
-                    10 * 64 + c, c % 2 ? -1e30f : 1e30f);
+  test::patch_outlier_row(dir / "outlier/blocks.2.hook_resid_post/shard-00003.safetensors",
+                          "activations", 10, 64, 1e30f);
   r = test::run_cli(std::regex_replace(args, std::regex(cache), dir / "outlier") +
                     (dir / "outlier_release") +
                     " --checkpoint-minutes 0 --set training.checkpoint_every_steps=10");
@@ -1075,27 +1071,10 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
 // ones' checkpoints intact for a resume.
 TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
   test::TempDir dir;
-  const std::string corpus = write_corpus(dir), cache = dir / "cache";
-  auto r = test::run_cli("cache --model " + kModel + " --dataset '" + corpus +
-                         "' --layers 0,2 --shard-tokens 1024 --context-size 16 "
-                         "--prompts-per-forward 4 --tokens 20480 -o " +
-                         cache);
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  // Two outliers in layer 2's rows (finite, too large for f32 arithmetic), far apart: each of
-  // layer 2's SAEs rolls back at the first and diverges again at the second (after the first
-  // checkpoint however many ranks read the shards: shard 5 is read from step 80 in one process,
-  // 64 under 2 and 4 ranks).
-  for (const char* shard : {"shard-00005", "shard-00008"})
-    for (int64_t c = 0; c < 64; ++c)
-      test::patch_f32(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors", "activations",
-                      10 * 64 + c, c % 2 ? -1e30f : 1e30f);
-  const std::string args =
-      "release --from-cache " + cache +
-      " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
-      "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
-      "--set training.batch_size=64 --set optimizer.lr=3e-3 --checkpoint-minutes 0 "
-      "--set training.checkpoint_every_steps=10 --set training.max_rollbacks=1 -o ";
-  r = test::run_cli(args + (dir / "straight"));
+  const std::string cache = dir / "cache";
+  // Layer 2's SAEs roll back at the first of two outliers and diverge again at the second.
+  const std::string args = test::diverging_release_args(write_corpus(dir), cache);
+  auto r = test::run_cli(args + (dir / "straight"));
   ASSERT_EQ(r.exit_code, 2) << r.output;
 
   EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post set aside at step "), std::string::npos)

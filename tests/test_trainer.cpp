@@ -821,13 +821,7 @@ namespace {
 TEST(TrainCli, TrainsFromActivationFilesAndRejectsBadConfig) {
   test::TempDir dir;
   // Activation shards written from the synthetic source.
-  data::SyntheticConfig sc;
-  sc.d_in = 24;
-  sc.n_roots = 12;
-  sc.n_parents = 4;
-  data::SyntheticSource src(sc);
-  std::vector<float> x(size_t(3000 * 24));
-  src.train_batch(0, 3000, x.data());
+  std::vector<float> x = test::synthetic_rows(3000);
   write_npy(dir / "a.npy", DType::F32, {2000, 24},
             {reinterpret_cast<const uint8_t*>(x.data()), 2000 * 24 * 4});
   write_npy(dir / "b.npy", DType::F32, {1000, 24},

@@ -21,6 +21,7 @@
 #include "core/device.h"
 #include "core/dtype.h"
 #include "data/source.h"
+#include "data/synthetic.h"
 #include "io/npy.h"
 #include "train/train_config.h"
 
@@ -131,6 +132,64 @@ inline CliResult run_cli_env(const std::string& prefix, const std::string& args)
 
 inline CliResult run_cli(const std::string& args) {
   return run_cli_env("", args);
+}
+
+// `sae cache` of the tiny Gemma-2's resid_post at layers 0 and 2 from `corpus` into `cache`: 20
+// shards of 1024 tokens in windows of 16, the cache the release tests train from.
+inline CliResult tiny_cache(const std::string& corpus, const std::string& cache) {
+  return run_cli("cache --model " + golden("gemma2/gqa_window/model") + " --dataset '" + corpus +
+                 "' --layers 0,2 --shard-tokens 1024 --context-size 16 --prompts-per-forward 4 "
+                 "--tokens 20480 -o " +
+                 cache);
+}
+
+// Row `row` of the f32 tensor `name` [rows, d] of a safetensors file set to +-value (signs
+// alternating), in place: at 1e30 an outlier that is finite (it passes every read's check) and
+// overflows an SAE step's f32 arithmetic.
+inline void patch_outlier_row(const std::string& path, const std::string& name, int64_t row,
+                              int64_t d, float value) {
+  std::string bytes = read_bytes(path);
+  uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  const auto meta = nlohmann::json::parse(bytes.substr(8, header));
+  const size_t at =
+      8 + header + meta.at(name).at("data_offsets")[0].get<size_t>() + size_t(4 * row * d);
+  ASSERT_LE(at + size_t(4 * d), bytes.size()) << name << " in " << path;
+  for (int64_t c = 0; c < d; ++c) {
+    const float v = c % 2 ? -value : value;
+    std::memcpy(bytes.data() + at + 4 * c, &v, 4);
+  }
+  write_bytes(path, bytes);
+}
+
+// The tiny cache (tiny_cache) with two outlier rows in layer 2's shards 5 and 8 (read from step
+// 80 in one process, 64 under 2 or 4 ranks: after the first checkpoint either way), and the
+// arguments, up to -o, of a release from it whose layer-2 SAEs roll back at the first and
+// diverge again at the second (one rollback allowed, a checkpoint every 10 steps).
+inline std::string diverging_release_args(const std::string& corpus, const std::string& cache) {
+  const CliResult r = tiny_cache(corpus, cache);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  for (const char* shard : {"shard-00005", "shard-00008"})
+    patch_outlier_row(cache + "/blocks.2.hook_resid_post/" + shard + ".safetensors", "activations",
+                      10, 64, 1e30f);
+  return "release --from-cache " + cache +
+         " --tokens 12800 --heldout-tokens 512 --prompts-per-forward 4 --n-batches-in-buffer 4 "
+         "--log-every 50 --set sae.d_sae=64 --set sae.k=4 --set sae.matryoshka_widths=[16,64] "
+         "--set training.batch_size=64 --set optimizer.lr=3e-3 --checkpoint-minutes 0 "
+         "--set training.checkpoint_every_steps=10 --set training.max_rollbacks=1 -o ";
+}
+
+// n rows of the synthetic hierarchy at d_in 24 (12 roots, 4 parents): activation files for the
+// CLI's training tests.
+inline std::vector<float> synthetic_rows(int64_t n) {
+  data::SyntheticConfig sc;
+  sc.d_in = 24;
+  sc.n_roots = 12;
+  sc.n_parents = 4;
+  data::SyntheticSource src(sc);
+  std::vector<float> x(size_t(n * 24));
+  src.train_batch(0, n, x.data());
+  return x;
 }
 
 // mpirun as CI runs it: as root (Open MPI refuses root unless told), N ranks on 2 cores, one
