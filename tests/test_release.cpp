@@ -566,6 +566,16 @@ TEST(Release, StopsAndResumes) {
   }
   EXPECT_EQ(checkpoints, (std::vector<int64_t>{50, 100, 120, 121, 122, 123}));
   EXPECT_EQ(steps, (std::vector<int64_t>{50, 100, 150, 200, 250, 300, 312}));
+
+  // Resumed once finished (a requeued job): nothing to do, nothing rewritten.
+  const std::string written = test::read_bytes(out + "/release.json");
+  r = test::run_cli(release_args(corpus, out) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("is finished already (19968 training tokens per SAE; release.json): "
+                          "nothing to do"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(test::read_bytes(out + "/release.json"), written);
 }
 
 // In one process each checkpoint is a round: the SAEs' states taken between steps, written on
@@ -1126,6 +1136,9 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
         << line;
   }
   EXPECT_EQ(set_aside_records, 2);
+  r = test::run_cli(args + (dir / "straight") + " --resume");  // finished: nothing to do
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("is finished already"), std::string::npos) << r.output;
   r = test::run_cli("status " + (dir / "straight"));
   EXPECT_EQ(r.exit_code, 0) << r.output;
 
@@ -1247,6 +1260,15 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));
     ASSERT_EQ(r.exit_code, 2) << r.output;
     const auto two = read_json_file(dir / "two/release.json");
+    // `sae status` reads the ranks' states (state.rank<r>-of-2.json): the checkpoint, the SAEs
+    // set aside.
+    r = test::run_cli("status " + (dir / "two"));
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("last checkpoint (every SAE and the data position): step 200"),
+              std::string::npos)
+        << r.output;
+    EXPECT_NE(r.output.find("snap/blocks.2.hook_resid_post: set aside at step "), std::string::npos)
+        << r.output;
     for (const std::string variant : {"standard", "snap"}) {
       SCOPED_TRACE(variant);
       EXPECT_TRUE(two["results"][variant]["blocks.2.hook_resid_post"].contains("failed"));

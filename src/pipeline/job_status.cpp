@@ -146,12 +146,17 @@ ojson release_status(const fs::path& dir) {
     fail(dir.string(), ".work", "holds no SAE of a release (not a release folder, or not begun)");
   std::sort(saes.begin(), saes.end(),
             [](const ojson& a, const ojson& b) { return a["id"] < b["id"]; });
-  // The SAEs set aside (diverged again after their rollbacks): in every rank's state.
+  // The release state: state.json, or under mpirun one per rank (state.rank<r>-of-<n>.json):
+  // the checkpoint is the least advanced rank's, and the SAEs set aside (diverged again after
+  // their rollbacks) are in their ranks' states.
+  ojson checkpoint;
   if (fs::exists(work))
     for (const auto& e : fs::directory_iterator(work)) {
       const std::string name = e.path().filename().string();
       if (name.rfind("state", 0) != 0 || e.path().extension() != ".json") continue;
       const ojson st = read_json(e.path());
+      if (checkpoint.is_null() || st.at("step") < checkpoint["step"])
+        checkpoint = {{"step", st.at("step")}, {"seconds_ago", seconds_since_written(e.path())}};
       if (!st.contains("failed")) continue;
       for (ojson& sae : saes)
         if (st["failed"].contains(sae["id"].get<std::string>()))
@@ -160,11 +165,9 @@ ojson release_status(const fs::path& dir) {
   const std::vector<ojson> progress = read_jsonl(work / "progress.jsonl");
   s["progress"] = last_progress(progress, "mean_l0", work / "progress.jsonl");
   int64_t step = s["progress"].is_null() ? 0 : s["progress"]["step"].get<int64_t>();
-  if (fs::exists(work / "state.json")) {
-    const ojson st = read_json(work / "state.json");
-    step = std::max(step, st.at("step").get<int64_t>());
-    s["checkpoint"] = {{"step", st.at("step")},
-                       {"seconds_ago", seconds_since_written(work / "state.json")}};
+  if (!checkpoint.is_null()) {
+    step = std::max(step, checkpoint["step"].get<int64_t>());
+    s["checkpoint"] = checkpoint;
   }
   s["step"] = step;
   s["total_steps"] = total;

@@ -460,6 +460,24 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     if (j.cfg.total_steps() != total_steps)
       fail("variant " + j.variant, "training.total_tokens",
            "every SAE of one release trains on the same tokens");
+  // A finished release resumed (a requeued job, the same command run again): nothing to do,
+  // unless more tokens are asked for (then its SAEs train on from their last checkpoints).
+  if (opt.resume && fs::exists(out / "release.json")) {
+    const ojson done = read_json_file((out / "release.json").string());
+    const int64_t trained = done.value("training_tokens", int64_t(0));
+    if (trained >= total_steps * jobs.front().cfg.batch_size) {
+      ReleaseEnd end{.finished = true, .set_aside = {}};
+      for (const auto& [v, per_hook] : done.at("results").items())
+        for (const auto& [h, res] : per_hook.items())
+          if (res.contains("failed")) end.set_aside.push_back(v + "/" + h);
+      if (lead)
+        std::fprintf(stderr,
+                     "release: %s is finished already (%lld training tokens per SAE; "
+                     "release.json): nothing to do (--tokens beyond that trains it on)\n",
+                     out.string().c_str(), (long long)trained);
+      return end;
+    }
+  }
 
   // The memory plan, before anything large is allocated.
   const int64_t last_needed = opt.ce_windows > 0 ? mcfg.num_layers - 1 : layers.back();
