@@ -115,6 +115,10 @@ def test_release_stops_and_resumes(tmp_path):
     for sae_id in IDS:
         variant, hook = sae_id.split("/")
         assert summary["results"][variant][hook]["training_tokens"] == 19968
+    # Resumed once finished: nothing to do; the same release.json back, unchanged.
+    written = (out / "release.json").read_bytes()
+    assert run(corpus, out, resume=True) == summary
+    assert (out / "release.json").read_bytes() == written
 
 
 def test_release_on_the_gpu_or_a_clear_error(tmp_path):
