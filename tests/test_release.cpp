@@ -1146,6 +1146,18 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
       << r.output;
   EXPECT_NE(r.output.find("results: 2 SAEs, mean L0"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("; 2 set aside, not in the release"), std::string::npos) << r.output;
+  {  // Killed after a set-aside, before a state recorded it: progress.jsonl says it.
+    auto state = read_json_file(dir / "straight/.work/state.json");
+    state.erase("failed");
+    test::write_bytes(dir / "killed.json", state.dump());
+    fs::copy(dir / "straight", dir / "killed", fs::copy_options::recursive);
+    fs::copy_file(dir / "killed.json", dir / "killed/.work/state.json",
+                  fs::copy_options::overwrite_existing);
+    const auto status = pipeline::job_status(dir / "killed");
+    int64_t aside = 0;
+    for (const auto& sae : status["saes"]) aside += sae.contains("set_aside");
+    EXPECT_EQ(aside, 2) << status.dump(1);
+  }
 
   // Stopped after the SAEs were set aside and resumed: they stay aside (recorded in the state),
   // and the others end as in the straight run.

@@ -163,6 +163,15 @@ ojson release_status(const fs::path& dir) {
           sae["set_aside"] = st["failed"][sae["id"].get<std::string>()], sae.erase("error");
     }
   const std::vector<ojson> progress = read_jsonl(work / "progress.jsonl");
+  // Set aside since the last state was written: rank 0's said in its progress records too.
+  for (const ojson& r : progress)
+    if (r.contains("set_aside"))
+      for (ojson& sae : saes)
+        if (sae["id"] == r["set_aside"].value("sae", std::string())) {
+          ojson f = r["set_aside"];
+          f.erase("sae");
+          sae["set_aside"] = f, sae.erase("error");
+        }
   s["progress"] = last_progress(progress, "mean_l0", work / "progress.jsonl");
   int64_t step = s["progress"].is_null() ? 0 : s["progress"]["step"].get<int64_t>();
   if (!checkpoint.is_null()) {
