@@ -1533,6 +1533,13 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
   refused((dir / "a") + " " + (dir / "d"), dir / "m4", "model_bf16_matmul");
   refused((dir / "a") + " " + (dir / "b"), dir / "m", "not empty");
   refused((dir / "a") + " " + (dir / "nowhere"), dir / "m4", "nowhere/release.json");
+  // A group whose SAE folder lost its weights: refused while the merge is being built, naming
+  // the file, and nothing left behind.
+  fs::copy(dir / "b", dir / "b_damaged", fs::copy_options::recursive);
+  fs::remove(dir / "b_damaged/snap/blocks.2.hook_resid_post/sae_weights.safetensors");
+  refused((dir / "a") + " " + (dir / "b_damaged"), dir / "m5",
+          "b_damaged/snap/blocks.2.hook_resid_post/sae_weights.safetensors: file: missing");
+  EXPECT_FALSE(fs::exists(dir / "m5"));
 }
 
 TEST(ActivationCache, ShardsInCorpusOrderResumeAndTrainFrom) {

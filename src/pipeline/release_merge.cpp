@@ -164,6 +164,13 @@ void merge_releases(const std::vector<std::string>& inputs, const std::string& o
   // Build beside the output, then rename: the merged release appears whole or not at all.
   const fs::path tmp = out.string() + ".merging";
   fs::remove_all(tmp);
+  struct RemoveUnlessRenamed {  // a group's SAE folder found incomplete: nothing left behind
+    fs::path path;
+    ~RemoveUnlessRenamed() {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  } cleanup{tmp};
   ojson results = ojson::object();
   std::map<int64_t, size_t> owner;  // layer -> a group that holds it
   for (const auto& v : rel[base]["variants"]) {
