@@ -464,7 +464,8 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "status", [](const std::string& folder) { return to_python(pipeline::job_status(folder)); },
       py::arg("folder"),
-      "Where a training job (train's output dir), a release or an activation cache stands, read "
+      "Where a training job (train's output dir), a release, an activation cache or a dashboard "
+      "stands, read "
       "from its folder while it runs or after: kind, step, total_steps, tokens, finished, "
       "running, the last progress record (with seconds_ago), checkpoint, eval, saes (a "
       "release's, each with its rollbacks, config_changes, error, set_aside), rollbacks, "

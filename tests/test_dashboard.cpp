@@ -20,6 +20,7 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
 #include "pipeline/dashboard.h"
+#include "pipeline/job_status.h"
 #include "sae/load.h"
 #include "sae/save.h"
 #include "test_util.h"
@@ -358,9 +359,25 @@ TEST(Dashboard, StopsAndResumesToTheSameFolder) {
   r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume --truncate");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("concat"), std::string::npos) << r.output;
+  // `sae status` of the dashboard stopped part-way (DIR or DIR.partial): the tokens of its
+  // last checkpoint out of the run's, and its pace.
+  for (const std::string& folder : {part, part + ".partial"}) {
+    r = test::run_cli("status " + folder);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("of 1500 tokens ("), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("at its last checkpoint, written "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(" tok/s; not running"), std::string::npos) << r.output;
+  }
   {  // While another process writes it, a resume stops at once and leaves it as it was.
     const std::string state = test::read_bytes(part + ".partial/.work/state.json");
     FolderLock running(part + ".partial/.lock", "the test");
+    const auto held = pipeline::job_status(part);  // running: the time left at its pace
+    EXPECT_EQ(held["running"]["job"], "the test");
+    EXPECT_GT(held["eta_seconds"].get<double>(), 0.0) << held.dump(1);
+    EXPECT_NEAR(held["eta_seconds"].get<double>(),
+                double(1500 - held["tokens"].get<int64_t>()) /
+                    held["progress"]["tokens_per_s"].get<double>(),
+                1e-6);
     r = test::run_cli(dashboard_args(sae_dir, corpus, part) + args + " --resume");
     EXPECT_EQ(r.exit_code, 1) << r.output;
     EXPECT_NE(r.output.find(".partial/.lock: this folder is in use by the test"), std::string::npos)
@@ -372,6 +389,10 @@ TEST(Dashboard, StopsAndResumesToTheSameFolder) {
   EXPECT_NE(r.output.find("resuming after"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(part + ".partial"));
   EXPECT_FALSE(fs::exists(part + "/.lock")) << "the lock is the job's, not the dashboard's";
+  r = test::run_cli("status " + part);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find(": finished (index.html written): 48 latents from "), std::string::npos)
+      << r.output;
   for (const char* f : {"data/latents-000.js", "data/index-000.js", "neuronpedia/batch-0.json"})
     EXPECT_EQ(test::read_bytes(part + "/" + f), test::read_bytes(dir / "whole" + "/" + f)) << f;
 }

@@ -322,16 +322,26 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
   // point) names it; the previous statistics file goes last.
   std::string stats_file;
   if (fs::exists(state_path)) stats_file = read_json_file(state_path.string()).at("stats");
+  // With the tokens done, the run's target and its pace (since it started or resumed), for
+  // `sae status`.
+  double t_pass = 0;
+  int64_t tokens_at_start = 0;
   auto checkpoint = [&] {
     log->flush();
     const std::string name = "stats-" + std::to_string(windows_done) + ".safetensors";
     stats.save((work / name).string());
-    write_file_atomic(state_path.string(), json{{"identity", identity},
-                                                {"stats", name},
-                                                {"logged", logged},
-                                                {"nnz", log->nnz()},
-                                                {"windows", windows_done}}
-                                               .dump(2));
+    const double seconds = now_seconds() - t_pass;
+    write_file_atomic(state_path.string(),
+                      json{{"identity", identity},
+                           {"stats", name},
+                           {"logged", logged},
+                           {"nnz", log->nnz()},
+                           {"windows", windows_done},
+                           {"tokens", stats.tokens()},
+                           {"planned_tokens", opt.tokens},
+                           {"tokens_per_s",
+                            seconds > 0 ? double(stats.tokens() - tokens_at_start) / seconds : 0.0}}
+                          .dump(2));
     if (!stats_file.empty() && stats_file != name) fs::remove(work / stats_file);
     stats_file = name;
     cleanup.done = true;
@@ -342,9 +352,9 @@ DashboardResult run_dashboard(const DashboardOptions& opt, const std::atomic<boo
                opt.training_split ? "training-split" : "held-out", (long long)cs, selected.size());
 
   // The pass: forward, encode the non-special tokens, update the statistics, log.
-  const double t_pass = now_seconds();
+  t_pass = now_seconds();
   double last_print = t_pass, last_checkpoint = t_pass;
-  const int64_t tokens_at_start = stats.tokens();
+  tokens_at_start = stats.tokens();
   std::vector<int32_t> w;
   std::vector<data::TokenOrigin> wo;
   const int64_t d = sae.cfg.d_in;

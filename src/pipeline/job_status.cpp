@@ -222,6 +222,33 @@ ojson cache_status(const fs::path& dir) {
   return s;
 }
 
+// A dashboard: being written into DIR.partial (its pass's state in .work/state.json, its lock),
+// or finished into DIR (dashboard.json).
+ojson dashboard_status(const fs::path& dir) {
+  ojson s = {{"kind", "dashboard"}, {"folder", dir.string()}};
+  if (fs::exists(dir / "dashboard.json")) {
+    const ojson d = read_json(dir / "dashboard.json");
+    s["finished"] = true;
+    s["tokens"] = d.at("meta").value("tokens", int64_t(0));
+    s["latents"] = d.at("meta").value("latents", int64_t(0));
+    s["seconds"] = d.value("seconds", 0.0);
+    return s;
+  }
+  const fs::path state = dir / ".work" / "state.json";
+  s["finished"] = false;
+  s["tokens"] = int64_t(0);
+  if (fs::exists(state)) {  // its last checkpoint
+    const ojson st = read_json(state);
+    s["tokens"] = st.value("tokens", int64_t(0));
+    if (st.contains("planned_tokens")) s["total_tokens"] = st["planned_tokens"];
+    s["checkpoint"] = {{"seconds_ago", seconds_since_written(state)}};
+    if (st.value("tokens_per_s", 0.0) > 0)
+      s["progress"] = {{"tokens_per_s", st["tokens_per_s"]},
+                       {"seconds_ago", s["checkpoint"]["seconds_ago"]}};
+  }
+  return s;
+}
+
 std::string fmt_age(double seconds) {
   if (seconds < 0) return "?";
   if (seconds < 120) return cat(int64_t(seconds), " s");
@@ -256,11 +283,18 @@ std::string fmt_history(const ojson& s) {
 }  // namespace
 
 ojson job_status(const std::string& folder) {
-  const fs::path dir(folder);
+  fs::path dir(folder);
+  // A dashboard being written lives in DIR.partial until it is whole.
+  if (!fs::is_directory(dir) && fs::is_directory(dir.string() + ".partial"))
+    dir = dir.string() + ".partial";
   if (!fs::is_directory(dir)) fail(folder, "", "no such folder");
   ojson s;
   fs::path lock;
-  if (fs::exists(dir / ".work") || fs::exists(dir / "release.json")) {
+  if (fs::exists(dir / "dashboard.json") ||
+      (dir.extension() == ".partial" && (fs::exists(dir / ".lock") || fs::exists(dir / ".work")))) {
+    s = dashboard_status(dir);
+    lock = dir / ".lock";
+  } else if (fs::exists(dir / ".work") || fs::exists(dir / "release.json")) {
     s = release_status(dir);
     lock = dir / ".work" / ".lock";
   } else if (fs::exists(dir / "config.json") && fs::exists(dir / "log.jsonl")) {
@@ -272,7 +306,8 @@ ojson job_status(const std::string& folder) {
   } else {
     fail(folder, "",
          "holds no job: neither a training folder (config.json, log.jsonl), a release (.work/, "
-         "release.json) nor an activation cache (cache.json)");
+         "release.json), an activation cache (cache.json) nor a dashboard (dashboard.json, or "
+         "one being written in DIR.partial)");
   }
   // Whether a process runs it now: the job's folder lock is held (io/folder_lock.h).
   const auto holder = folder_lock_holder(lock.string());
@@ -293,6 +328,37 @@ ojson job_status(const std::string& folder) {
 }
 
 std::string describe_job_status(const ojson& s) {
+  if (s["kind"] == "dashboard") {
+    if (s["finished"].get<bool>()) {
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.1f", s.value("seconds", 0.0));
+      return cat("dashboard ", s["folder"].get<std::string>(),
+                 ": finished (index.html written): ", s["latents"].get<int64_t>(), " latents from ",
+                 s["tokens"].get<int64_t>(), " tokens in ", secs, " s\n");
+    }
+    const int64_t tokens = s["tokens"], total = s.value("total_tokens", int64_t(0));
+    char rate[32] = "";
+    if (s["progress"].is_object())
+      std::snprintf(rate, sizeof rate, ", %.0f tok/s", s["progress"]["tokens_per_s"].get<double>());
+    return cat(
+        "dashboard ", s["folder"].get<std::string>(), ": ", tokens,
+        total > 0
+            ? cat(" of ", total, " tokens (", int64_t(100.0 * double(tokens) / double(total)), "%)")
+            : std::string(" tokens"),
+        s.contains("checkpoint")
+            ? cat(" at its last checkpoint, written ",
+                  fmt_age(s["checkpoint"]["seconds_ago"].get<double>()), " ago")
+            : std::string(" (no checkpoint yet)"),
+        rate, "; ",
+        s["running"].is_object()
+            ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+                  s["running"].value("pid", int64_t(0)),
+                  s.contains("eta_seconds")
+                      ? cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed")
+                      : "")
+            : "not running (stopped, or its process ended; --resume continues it)",
+        "\n");
+  }
   if (s["kind"] == "cache") {
     char rate[32] = "";
     if (s["progress"].is_object())

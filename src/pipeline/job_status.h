@@ -1,6 +1,6 @@
-// Where a training job or a release stands, read from its folder alone (the logs, the
-// checkpoints' state, the files of the end) — for a long job watched from another shell, or a
-// folder found later: `sae status`, Python saecpp.status. Reads; never writes.
+// Where a training job, a release, a cache or a dashboard stands, read from its folder alone (the
+// logs, the checkpoints' state, the files of the end) — for a long job watched from another shell,
+// or a folder found later: `sae status`, Python saecpp.status. Reads; never writes.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -16,7 +16,11 @@ namespace sae::pipeline {
 // logged since), "running" (the process holding the job's folder lock: job, pid, host,
 // started; false when none), "eta_seconds" (while it runs)}. An activation cache's (`sae
 // cache`: cache.json): {"kind": "cache", "folder", "finished" (complete), "shards", "tokens",
-// "layers", "seconds_ago", "running"}. Fails naming the folder when it holds none of these.
+// "layers", "seconds_ago", "running", and, kept since, "planned_shards", "total_tokens",
+// "progress" (its pace), "eta_seconds"}. A dashboard's (`sae dashboard -o DIR`: DIR.partial
+// while it is written, DIR once whole): {"kind": "dashboard", "folder", "finished", "tokens",
+// "total_tokens", "checkpoint", "progress", "running", "eta_seconds"; once finished "latents",
+// "seconds"}. Fails naming the folder when it holds none of these.
 nlohmann::ordered_json job_status(const std::string& folder);
 
 // The same as lines for a person.
