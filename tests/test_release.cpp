@@ -1512,6 +1512,21 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
       EXPECT_EQ(l.sae.cfg.d_sae, 64);
     }
   EXPECT_FALSE(fs::exists(dir / "m/.work")) << "only the SAEs, not the groups' job state";
+  // A release folder given where one SAE is wanted: how to name one, and which it holds.
+  r = test::run_cli("info " + (dir / "m"));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("holds 4 SAEs (a release folder), not one: name one as " + (dir / "m") +
+                          ":snap/blocks.0.hook_resid_post (it holds snap/blocks.0.hook_resid_post, "
+                          "snap/blocks.2.hook_resid_post, standard/blocks.0.hook_resid_post, "
+                          "standard/blocks.2.hook_resid_post)"),
+            std::string::npos)
+      << r.output;
+  r = test::run_cli("info " + (dir / "m") + ":snap/blocks.1.hook_resid_post");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("no such SAE in this release folder (it holds "
+                          "snap/blocks.0.hook_resid_post, "),
+            std::string::npos)
+      << r.output;
 
   auto refused = [&](const std::string& args, const std::string& out, const std::string& says) {
     const auto f = test::run_cli("release-merge " + args + " -o " + out);

@@ -71,7 +71,16 @@ LoadedSae from_pretrained(const std::string& release, const std::string& sae_id)
 }
 
 LoadedSae load_sae_ref(const std::string& ref) {
-  if (fs::is_directory(ref)) return load_from_disk(ref);
+  if (fs::is_directory(ref)) {
+    // A release's folder given for one of its SAEs: say how to name one.
+    if (!fs::exists(fs::path(ref) / "cfg.json"))
+      if (const std::vector<std::string> ids = sae_ids_in_folder(ref); !ids.empty())
+        fail(ref, "",
+             cat("holds ", ids.size(), " SAE", ids.size() == 1 ? "" : "s",
+                 " (a release folder), not one: name one as ", ref, ":", ids[0], " (it holds ",
+                 some_sae_ids(ids), ")"));
+    return load_from_disk(ref);
+  }
   const size_t colon = ref.find(':');
   if (colon == std::string::npos)
     fail(ref, "", "is neither a folder nor a release:sae_id reference");

@@ -1,5 +1,6 @@
 #include "sae/pretrained.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 
@@ -61,11 +62,37 @@ std::string find_in_hf_cache(const std::string& repo_id, const std::string& path
 
 }  // namespace
 
+std::vector<std::string> sae_ids_in_folder(const std::string& folder) {
+  std::vector<std::string> ids;
+  std::error_code ec;
+  for (const auto& a : fs::directory_iterator(folder, ec)) {
+    if (!a.is_directory() || a.path().filename().string().starts_with(".")) continue;
+    if (is_sae_folder(a.path())) ids.push_back(a.path().filename().string());
+    for (const auto& b : fs::directory_iterator(a.path(), ec))
+      if (b.is_directory() && is_sae_folder(b.path()))
+        ids.push_back(a.path().filename().string() + "/" + b.path().filename().string());
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+std::string some_sae_ids(const std::vector<std::string>& ids) {
+  std::string out;
+  for (size_t i = 0; i < ids.size() && i < 4; ++i) out += (i ? ", " : "") + ids[i];
+  if (ids.size() > 4) out += cat(", ... (", ids.size(), " in all)");
+  return out;
+}
+
 std::string resolve_pretrained(const std::string& release, const std::string& sae_id) {
   if (fs::is_directory(release)) {
     const fs::path p = fs::path(release) / sae_id;
-    if (!is_sae_folder(p))
-      fail(p.string(), "cfg.json", "missing: no such SAE in this release folder");
+    if (!is_sae_folder(p)) {
+      const std::vector<std::string> ids = sae_ids_in_folder(release);
+      fail(p.string(), "cfg.json",
+           ids.empty() ? std::string("missing: no such SAE in this release folder")
+                       : cat("missing: no such SAE in this release folder (it holds ",
+                             some_sae_ids(ids), ")"));
+    }
     return p.string();
   }
   bool known_release = false;

@@ -26,4 +26,10 @@ std::optional<PretrainedEntry> lookup_pretrained(const std::string& release,
 // saying where it looked.
 std::string resolve_pretrained(const std::string& release, const std::string& sae_id);
 
+// The SAEs of a local release folder: the ids ("variant/hook", or "hook") of the folders up to
+// two levels below it that hold a cfg.json, sorted.
+std::vector<std::string> sae_ids_in_folder(const std::string& folder);
+// "a, b, c, d, ... (N in all)": the first few of them, for an error that says what to give.
+std::string some_sae_ids(const std::vector<std::string>& ids);
+
 }  // namespace sae
