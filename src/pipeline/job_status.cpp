@@ -327,6 +327,25 @@ ojson job_status(const std::string& folder) {
   return s;
 }
 
+// ", N tok/s" at the pace of the last progress record (a cache's, a dashboard's), or "".
+std::string pace(const ojson& s) {
+  if (!s["progress"].is_object()) return "";
+  char rate[32];
+  std::snprintf(rate, sizeof rate, ", %.0f tok/s", s["progress"]["tokens_per_s"].get<double>());
+  return rate;
+}
+
+// Who runs a cache or a dashboard now, and the time left at that pace; or that nobody does.
+std::string running_or_not(const ojson& s) {
+  if (!s["running"].is_object())
+    return "not running (stopped, or its process ended; --resume continues it)";
+  return cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
+             s["running"].value("pid", int64_t(0)),
+             s.contains("eta_seconds")
+                 ? cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed")
+                 : "");
+}
+
 std::string describe_job_status(const ojson& s) {
   if (s["kind"] == "dashboard") {
     if (s["finished"].get<bool>()) {
@@ -337,49 +356,24 @@ std::string describe_job_status(const ojson& s) {
                  s["tokens"].get<int64_t>(), " tokens in ", secs, " s\n");
     }
     const int64_t tokens = s["tokens"], total = s.value("total_tokens", int64_t(0));
-    char rate[32] = "";
-    if (s["progress"].is_object())
-      std::snprintf(rate, sizeof rate, ", %.0f tok/s", s["progress"]["tokens_per_s"].get<double>());
-    return cat(
-        "dashboard ", s["folder"].get<std::string>(), ": ", tokens,
-        total > 0
-            ? cat(" of ", total, " tokens (", int64_t(100.0 * double(tokens) / double(total)), "%)")
-            : std::string(" tokens"),
-        s.contains("checkpoint")
-            ? cat(" at its last checkpoint, written ",
-                  fmt_age(s["checkpoint"]["seconds_ago"].get<double>()), " ago")
-            : std::string(" (no checkpoint yet)"),
-        rate, "; ",
-        s["running"].is_object()
-            ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
-                  s["running"].value("pid", int64_t(0)),
-                  s.contains("eta_seconds")
-                      ? cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed")
-                      : "")
-            : "not running (stopped, or its process ended; --resume continues it)",
-        "\n");
+    return cat("dashboard ", s["folder"].get<std::string>(), ": ", tokens,
+               total > 0 ? cat(" of ", total, " tokens (",
+                               int64_t(100.0 * double(tokens) / double(total)), "%)")
+                         : std::string(" tokens"),
+               s.contains("checkpoint")
+                   ? cat(" at its last checkpoint, written ",
+                         fmt_age(s["checkpoint"]["seconds_ago"].get<double>()), " ago")
+                   : std::string(" (no checkpoint yet)"),
+               pace(s), "; ", running_or_not(s), "\n");
   }
-  if (s["kind"] == "cache") {
-    char rate[32] = "";
-    if (s["progress"].is_object())
-      std::snprintf(rate, sizeof rate, ", %.0f tok/s", s["progress"]["tokens_per_s"].get<double>());
-    return cat(
-        "cache ", s["folder"].get<std::string>(), ": ", s["shards"].get<int64_t>(),
-        s.contains("planned_shards") ? cat(" of ", s["planned_shards"].get<int64_t>()) : "",
-        " shards per layer (", s["tokens"].get<int64_t>(),
-        s.contains("total_tokens") ? cat(" of ", s["total_tokens"].get<int64_t>()) : "",
-        " tokens) of ", s["layers"].size(), " layer(s), last written ",
-        fmt_age(s["seconds_ago"].get<double>()), " ago", rate, "; ",
-        s["finished"].get<bool>() ? "complete"
-        : s["running"].is_object()
-            ? cat("running: ", s["running"].value("job", std::string("a process")), ", pid ",
-                  s["running"].value("pid", int64_t(0)),
-                  s.contains("eta_seconds")
-                      ? cat(", ETA ", fmt_age(s["eta_seconds"].get<double>()), " at that speed")
-                      : "")
-            : "not running (stopped, or its process ended; --resume continues it)",
-        "\n");
-  }
+  if (s["kind"] == "cache")
+    return cat("cache ", s["folder"].get<std::string>(), ": ", s["shards"].get<int64_t>(),
+               s.contains("planned_shards") ? cat(" of ", s["planned_shards"].get<int64_t>()) : "",
+               " shards per layer (", s["tokens"].get<int64_t>(),
+               s.contains("total_tokens") ? cat(" of ", s["total_tokens"].get<int64_t>()) : "",
+               " tokens) of ", s["layers"].size(), " layer(s), last written ",
+               fmt_age(s["seconds_ago"].get<double>()), " ago", pace(s), "; ",
+               s["finished"].get<bool>() ? "complete" : running_or_not(s), "\n");
   const bool release = s["kind"] == "release";
   const int64_t step = s["step"], total = s["total_steps"];
   std::string out = cat(
