@@ -1515,10 +1515,11 @@ TEST(ReleaseMerge, GroupsOfLayersMergeIntoOneRelease) {
   // A release folder given where one SAE is wanted: how to name one, and which it holds.
   r = test::run_cli("info " + (dir / "m"));
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("holds 4 SAEs (a release folder), not one: name one as " + (dir / "m") +
-                          ":snap/blocks.0.hook_resid_post (it holds snap/blocks.0.hook_resid_post, "
-                          "snap/blocks.2.hook_resid_post, standard/blocks.0.hook_resid_post, "
-                          "standard/blocks.2.hook_resid_post)"),
+  EXPECT_NE(r.output.find("is not an SAE folder (no cfg.json) but holds 4 SAEs: name one as " +
+                          (dir / "m") +
+                          ":snap/blocks.0.hook_resid_post, or give its folder "
+                          "(snap/blocks.0.hook_resid_post, snap/blocks.2.hook_resid_post, "
+                          "standard/blocks.0.hook_resid_post, standard/blocks.2.hook_resid_post)"),
             std::string::npos)
       << r.output;
   r = test::run_cli("info " + (dir / "m") + ":snap/blocks.1.hook_resid_post");

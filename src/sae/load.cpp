@@ -72,13 +72,13 @@ LoadedSae from_pretrained(const std::string& release, const std::string& sae_id)
 
 LoadedSae load_sae_ref(const std::string& ref) {
   if (fs::is_directory(ref)) {
-    // A release's folder given for one of its SAEs: say how to name one.
+    // A folder holding SAEs (a release's, a training run's sae/) given for one: how to name one.
     if (!fs::exists(fs::path(ref) / "cfg.json"))
       if (const std::vector<std::string> ids = sae_ids_in_folder(ref); !ids.empty())
         fail(ref, "",
-             cat("holds ", ids.size(), " SAE", ids.size() == 1 ? "" : "s",
-                 " (a release folder), not one: name one as ", ref, ":", ids[0], " (it holds ",
-                 some_sae_ids(ids), ")"));
+             cat("is not an SAE folder (no cfg.json) but holds ", ids.size(), " SAE",
+                 ids.size() == 1 ? "" : "s", ": name one as ", ref, ":", ids[0],
+                 ", or give its folder (", some_sae_ids(ids), ")"));
     return load_from_disk(ref);
   }
   const size_t colon = ref.find(':');
