@@ -102,6 +102,15 @@ ojson failure_record(int64_t step, int64_t rollbacks, int64_t checkpoint_step,
           {"message", message}};
 }
 
+// The SAEs a release's results hold set aside ("variant/hook", in the results' order).
+std::vector<std::string> set_aside_in(const ojson& results) {
+  std::vector<std::string> ids;
+  for (const auto& [v, per_hook] : results.items())
+    for (const auto& [h, res] : per_hook.items())
+      if (res.contains("failed")) ids.push_back(v + "/" + h);
+  return ids;
+}
+
 struct Job {
   std::string variant, hook;
   int64_t layer = 0, layer_slot = 0;  // slot: index into the store's layers
@@ -466,16 +475,12 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     const ojson done = read_json_file((out / "release.json").string());
     const int64_t trained = done.value("training_tokens", int64_t(0));
     if (trained >= total_steps * jobs.front().cfg.batch_size) {
-      ReleaseEnd end{.finished = true, .set_aside = {}};
-      for (const auto& [v, per_hook] : done.at("results").items())
-        for (const auto& [h, res] : per_hook.items())
-          if (res.contains("failed")) end.set_aside.push_back(v + "/" + h);
       if (lead)
         std::fprintf(stderr,
                      "release: %s is finished already (%lld training tokens per SAE; "
                      "release.json): nothing to do (--tokens beyond that trains it on)\n",
                      out.string().c_str(), (long long)trained);
-      return end;
+      return {.finished = true, .set_aside = set_aside_in(done.at("results"))};
     }
   }
 
@@ -1327,10 +1332,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
   }
   write_state();  // finish() saved every SAE's final checkpoint
   const double t_end = now_seconds();
-  std::vector<std::string> failed;  // set aside, every rank's
-  for (const auto& [v, per_hook] : summary.items())
-    for (const auto& [h, res] : per_hook.items())
-      if (res.contains("failed")) failed.push_back(v + "/" + h);
+  const std::vector<std::string> failed = set_aside_in(summary);  // every rank's
   const size_t written = jobs.size() - failed.size();
   if (lead && !failed.empty()) {
     std::string ids;
