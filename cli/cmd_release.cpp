@@ -153,8 +153,9 @@ Runner add_release(CLI::App& app) {
                   "(default: the device when the memory plan fits, else the host)")
       ->check(CLI::IsMember({"auto", "device", "host"}));
   cmd->add_flag("!--no-overlap", o->r.overlap_forward,
-                "On cuda, run the model's forwards between the SAE steps instead of beside them "
-                "on their own thread (the same batches; for measuring the overlap)");
+                "Run the model's forwards (on cuda) or the cache's reads (--from-cache) between "
+                "the SAE steps instead of beside them on their own thread (the same batches; for "
+                "measuring the overlap)");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");

@@ -654,7 +654,7 @@ PYBIND11_MODULE(_core, m) {
       "on held-out tokens, written as a SAELens "
       "release folder with a model card. device='cuda': the forward, the activations and every "
       "SAE on the GPU (a build with CUDA; precision: the forward's, 'bf16' or 'fp32'; "
-      "overlap=False runs the forwards between the SAE steps instead of beside them; "
+      "overlap=False runs the GPU's forwards between the SAE steps instead of beside them; "
       "activation_store: 'auto', 'device' or 'host', where the store's rows live). "
       "checkpoint_minutes: every SAE and the data position are checkpointed this often (0: "
       "every training.checkpoint_every_steps steps); in one process they are written on a thread "
@@ -785,11 +785,14 @@ PYBIND11_MODULE(_core, m) {
          int64_t prompts_per_forward, int64_t n_batches_in_buffer, int64_t heldout_tokens,
          const std::string& model_name, const std::string& dataset_name, bool resume,
          int64_t stop_at_step, int64_t log_every, double checkpoint_minutes, bool check_disk,
-         int64_t checkpoint_snapshots, py::object progress) -> py::object {
+         int64_t checkpoint_snapshots, py::object progress, const std::string& device,
+         bool overlap) -> py::object {
         pipeline::ReleaseOptions o;
         o.checkpoint_minutes = checkpoint_minutes;
         o.checkpoint_snapshots = checkpoint_snapshots;
         o.check_disk = check_disk;
+        o.device = device;
+        o.overlap_forward = overlap;
         o.from_cache = cache;
         o.layers = std::move(layers);
         o.output_dir = output;
@@ -813,10 +816,12 @@ PYBIND11_MODULE(_core, m) {
       py::arg("model_name") = "", py::arg("dataset_name") = "", py::arg("resume") = false,
       py::arg("stop_at_step") = 0, py::arg("log_every") = 100, py::arg("checkpoint_minutes") = 30.0,
       py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
-      py::arg("progress") = py::none(),
+      py::arg("progress") = py::none(), py::arg("device") = "cpu", py::arg("overlap") = true,
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
-      "its last shards are the held-out set; no CE-loss score). progress: as release's. Returns "
+      "its last shards are the held-out set; no CE-loss score). progress: as release's. "
+      "device='cuda': every SAE's step on the GPU (a build with CUDA). The next shards are read "
+      "on a thread beside the SAE steps; overlap=False reads them between the steps. Returns "
       "release.json as a dict, or None when stopped at stop_at_step; SAEs set aside as "
       "release's.");
 

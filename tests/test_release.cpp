@@ -946,6 +946,25 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
       "--set optimizer.lr=3e-3 -o ";
   r = test::run_cli(args + (dir / "one"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  // The shards are read on the store's thread beside the SAE steps, or (--no-overlap) between
+  // them: the same batches, so the same SAEs to the bit.
+  EXPECT_NE(r.output.find("the cache's shards are read on their own thread beside the SAE steps"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("(reading the cache "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("% waiting for it"), std::string::npos) << r.output;
+  auto same_saes = [&](const std::string& a, const std::string& b) {
+    for (const std::string variant : {"standard", "snap"})
+      for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
+        const std::string sae = "/" + variant + "/" + hook + "/sae_weights.safetensors";
+        EXPECT_EQ(test::read_bytes(a + sae), test::read_bytes(b + sae)) << a << " " << b << sae;
+      }
+  };
+  r = test::run_cli(args + (dir / "in_turn") + " --no-overlap");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("beside the SAE steps"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("(reading the cache "), std::string::npos) << r.output;
+  same_saes(dir / "one", dir / "in_turn");
   const auto one = read_json_file(dir / "one/release.json");
   EXPECT_EQ(one["from_cache"]["heldout_shards"], 1);
   EXPECT_EQ(one["from_cache"]["trained_shards"], 19);
@@ -1053,6 +1072,14 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("reads every N-th shard of the cache"), std::string::npos) << r.output;
+  // Each rank reads its shards ahead, beside its steps and the exchanges (said once).
+  const std::string beside = "the cache's shards are read on their own thread beside";
+  EXPECT_NE(r.output.find(beside), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find(beside), r.output.rfind(beside)) << r.output;
+  r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args +
+                      (dir / "two_in_turn") + " --no-overlap");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  same_saes(dir / "two", dir / "two_in_turn");
   const auto two = read_json_file(dir / "two/release.json");
   for (const std::string variant : {"standard", "snap"})
     for (const std::string hook : {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}) {
@@ -1126,16 +1153,23 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     EXPECT_GT(res0["explained_variance"].get<double>(), 0.3) << res0;
     EXPECT_TRUE(fs::exists(dir / ("straight/" + variant + "/blocks.0.hook_resid_post/cfg.json")));
   }
-  std::istringstream progress(test::read_bytes(dir / "straight/.work/progress.jsonl"));
-  int64_t set_aside_records = 0;
-  for (std::string line; std::getline(progress, line);) {
-    const auto rec = nlohmann::json::parse(line);
-    if (!rec.contains("set_aside")) continue;
-    ++set_aside_records;
-    EXPECT_TRUE(rec["set_aside"]["sae"].get<std::string>().ends_with("/blocks.2.hook_resid_post"))
-        << line;
-  }
-  EXPECT_EQ(set_aside_records, 2);
+  // progress.jsonl's set_aside records: the SAEs named (every rank's under mpirun).
+  auto set_aside_records = [](const std::string& release) {
+    std::vector<std::string> saes;
+    std::istringstream progress(test::read_bytes(release + "/.work/progress.jsonl"));
+    for (std::string line; std::getline(progress, line);) {
+      const auto rec = nlohmann::json::parse(line);
+      if (!rec.contains("set_aside")) continue;
+      saes.push_back(rec["set_aside"]["sae"].get<std::string>());
+      EXPECT_TRUE(rec["set_aside"].contains("step") && rec["set_aside"].contains("message"))
+          << line;
+    }
+    std::sort(saes.begin(), saes.end());
+    return saes;
+  };
+  const std::vector<std::string> both_layer2 = {"snap/blocks.2.hook_resid_post",
+                                                "standard/blocks.2.hook_resid_post"};
+  EXPECT_EQ(set_aside_records(dir / "straight"), both_layer2);
   r = test::run_cli(args + (dir / "straight") + " --resume");  // finished: nothing to do
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("is finished already"), std::string::npos) << r.output;
@@ -1272,6 +1306,7 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     r = test::run_shell("timeout 300 " + test::mpirun(2) + SAECPP_CLI + " " + args + (dir / "two"));
     ASSERT_EQ(r.exit_code, 2) << r.output;
     const auto two = read_json_file(dir / "two/release.json");
+    EXPECT_EQ(set_aside_records(dir / "two"), both_layer2) << "rank 1's, written by rank 0";
     // `sae status` reads the ranks' states (state.rank<r>-of-2.json): the checkpoint, the SAEs
     // set aside.
     r = test::run_cli("status " + (dir / "two"));
@@ -1302,6 +1337,8 @@ TEST(Release, AnSaeThatKeepsDivergingIsSetAsideAndTheOthersFinish) {
     const size_t said = r.output.find("snap/blocks.2.hook_resid_post set aside at step ");
     ASSERT_NE(said, std::string::npos) << r.output;
     EXPECT_EQ(r.output.find(" set aside at step ", said + 40), std::string::npos) << r.output;
+    EXPECT_EQ(set_aside_records(dir / "groups"),
+              std::vector<std::string>{"snap/blocks.2.hook_resid_post"});
     const auto groups = read_json_file(dir / "groups/release.json");
     EXPECT_EQ(groups["results"]["snap"]["blocks.2.hook_resid_post"]["failed"]["rollbacks"], 1);
     EXPECT_EQ(groups["results"]["snap"]["blocks.0.hook_resid_post"]["training_tokens"], 12800);

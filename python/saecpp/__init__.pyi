@@ -171,6 +171,8 @@ def release_from_cache(
     check_disk: bool = True,
     checkpoint_snapshots: int = 0,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    device: str = "cpu",
+    overlap: bool = True,
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:

@@ -150,7 +150,10 @@ class MpiComm final : public Comm {
 std::unique_ptr<Comm> make_mpi_comm(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  if (!initialized) check(MPI_Init(argc, argv), "init");
+  // Funneled: other threads run beside the one that calls MPI (OpenMP's, the checkpoint
+  // writer, the activation store's fill ahead), none of them calling it.
+  int provided = 0;
+  if (!initialized) check(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "init");
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   return std::make_unique<MpiComm>();
 }

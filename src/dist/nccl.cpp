@@ -25,6 +25,7 @@ bool nccl_compiled() {
 
 struct NcclComm::Impl {
   ncclComm_t comm = nullptr;
+  cudaStream_t stream = nullptr;
 };
 
 NcclComm::NcclComm(Comm& comm) : impl_(std::make_unique<Impl>()) {
@@ -35,15 +36,19 @@ NcclComm::NcclComm(Comm& comm) : impl_(std::make_unique<Impl>()) {
   comm.broadcast(bytes, 0);
   std::memcpy(&id, bytes.data(), sizeof id);
   SAE_NCCL(ncclCommInitRank(&impl_->comm, comm.size(), id, comm.rank()));
+  // Non-blocking: no implicit order with the legacy default stream either.
+  const cudaError_t err = cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking);
+  if (err != cudaSuccess) fail(cat("NCCL exchange: its stream: ", cudaGetErrorString(err)));
 }
 
 NcclComm::~NcclComm() {
-  if (impl_ && impl_->comm) ncclCommDestroy(impl_->comm);
+  if (!impl_) return;
+  if (impl_->stream) cudaStreamDestroy(impl_->stream);
+  if (impl_->comm) ncclCommDestroy(impl_->comm);
 }
 
-void NcclComm::exchange(std::span<const DeviceSend> sends, std::span<const DeviceRecv> recvs,
-                        void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
+void NcclComm::exchange(std::span<const DeviceSend> sends, std::span<const DeviceRecv> recvs) {
+  const cudaStream_t s = impl_->stream;
   SAE_NCCL(ncclGroupStart());
   for (const DeviceSend& m : sends)
     SAE_NCCL(ncclSend(m.data, size_t(m.floats), ncclFloat, m.peer, impl_->comm, s));

@@ -37,9 +37,11 @@ class NcclComm {
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
 
-  // Every send and receive of one exchange as one NCCL group on `stream` (sends to and
-  // receives from this rank itself included), then waits for the stream.
-  void exchange(std::span<const DeviceSend> sends, std::span<const DeviceRecv> recvs, void* stream);
+  // Every send and receive of one exchange as one NCCL group (sends to and receives from this
+  // rank itself included) on the communicator's own stream, then waits for it. Its own: another
+  // thread may be running the model's forwards on theirs meanwhile (the release's overlap), and
+  // the exchange must not queue behind them. The sends must be complete when it is called.
+  void exchange(std::span<const DeviceSend> sends, std::span<const DeviceRecv> recvs);
   std::string describe() const;  // "NCCL 2.27.7"
 
  private:

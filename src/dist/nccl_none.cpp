@@ -16,7 +16,7 @@ NcclComm::NcclComm(Comm&) {
       "GPUs' activations go through host memory instead");
 }
 NcclComm::~NcclComm() = default;
-void NcclComm::exchange(std::span<const DeviceSend>, std::span<const DeviceRecv>, void*) {}
+void NcclComm::exchange(std::span<const DeviceSend>, std::span<const DeviceRecv>) {}
 std::string NcclComm::describe() const {
   return "no NCCL";
 }

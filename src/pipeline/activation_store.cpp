@@ -133,6 +133,7 @@ int64_t ActivationStore::fill_chunk() {
     std::lock_guard<std::mutex> source(source_mu_);
     std::vector<float*> dst(n_layers);
     int64_t added = 0;
+    const double t0 = now_seconds();
     while (added < max_fill_) {
       const int64_t at = slot(n_new_ + added), n = std::min(max_fill_ - added, total_ - at);
       for (size_t i = 0; i < n_layers; ++i) dst[i] = buf_[i].data() + at * d_;
@@ -140,6 +141,7 @@ int64_t ActivationStore::fill_chunk() {
       added += got;
       if (got < n) break;  // the rows ended
     }
+    forward_seconds_ = forward_seconds_ + (now_seconds() - t0);
     return added;
   }
   model::TokenBatch batch;

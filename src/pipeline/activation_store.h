@@ -9,7 +9,8 @@
 // The buffer is a ring of capacity + one forward's rows: a fill writes its rows after the kept
 // ones and wraps into the rows already served, so the next fill can run while the current
 // batches are served (fill ahead: on a thread of the store, for a GPU release where the
-// forward then overlaps the SAE steps) without more memory and with the same batches.
+// forward then overlaps the SAE steps, or a release reading a cache's shards beside its steps)
+// without more memory and with the same batches.
 #pragma once
 
 #include <atomic>
@@ -95,7 +96,8 @@ class ActivationStore {
   // caller must not use the store's model, window stream or source meanwhile, except its
   // position under hold_source(). A CPU model's forward must not run beside other CPU GEMMs:
   // OpenBLAS built for OpenMP keeps its buffers per OpenMP thread number, which two host
-  // threads share (seen as wrong rows in a test), so the release fills ahead on the GPU only.
+  // threads share (seen as wrong rows in a test), so the release fills ahead on the GPU only,
+  // or from a cache (reading its shards runs no GEMM).
   void fill_ahead();
   // Ends the filling thread (after its current forward) so that the model is the caller's again;
   // the store serves only the batches it has already shuffled, then refuses to refill.
@@ -120,8 +122,8 @@ class ActivationStore {
   }
 
   int64_t tokens_forwarded() const { return tokens_forwarded_; }
-  // Seconds spent in the model's forwards (on the filling thread when filling ahead), and
-  // seconds the batch calls waited for a fill.
+  // Seconds spent in the model's forwards or reading the rows from elsewhere (on the filling
+  // thread when filling ahead), and seconds the batch calls waited for a fill.
   double forward_seconds() const { return forward_seconds_; }
   double wait_seconds() const { return wait_seconds_; }
   int64_t buffer_tokens() const { return capacity_; }

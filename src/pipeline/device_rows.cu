@@ -51,6 +51,9 @@ struct DeviceRows::Impl {
   int64_t rows = 0, d = 0;
   bool on_host = false;
   cudaStream_t s = nullptr;
+  // to_host's: the served rows are read while the forward's stream may be busy with the next
+  // fill's forwards on the store's thread (which a copy queued there would wait for).
+  cudaStream_t copy = nullptr;
   std::vector<LayerRows> buf;
   std::optional<LayerRows> spare;  // the target of a gather, then swapped with the layer's
   cuda::DeviceBuffer<int32_t> kept, perm;
@@ -66,10 +69,13 @@ DeviceRows::DeviceRows(size_t n_layers, int64_t rows, int64_t d, void* stream, b
   for (size_t i = 0; i < n_layers; ++i)
     m.buf.emplace_back(size_t(rows * d), on_host, "activation store buffer (one layer)");
   m.spare.emplace(size_t(rows * d), on_host, "activation store buffer (spare layer)");
+  SAE_CUDA(cudaStreamCreateWithFlags(&m.copy, cudaStreamNonBlocking));
 }
 
 DeviceRows::~DeviceRows() {
-  if (impl_) cudaStreamSynchronize(impl_->s);
+  if (!impl_) return;
+  cudaStreamSynchronize(impl_->s);
+  if (impl_->copy) cudaStreamDestroy(impl_->copy);
 }
 
 float* DeviceRows::row(size_t layer, int64_t r) {
@@ -103,8 +109,9 @@ void DeviceRows::permute(const std::vector<int64_t>& src) {
 
 void DeviceRows::to_host(size_t layer, int64_t first, int64_t n, float* host) {
   Impl& m = *impl_;
-  SAE_CUDA(cudaMemcpyAsync(host, row(layer, first), size_t(n * m.d) * 4, cudaMemcpyDefault, m.s));
-  sync();
+  SAE_CUDA(
+      cudaMemcpyAsync(host, row(layer, first), size_t(n * m.d) * 4, cudaMemcpyDefault, m.copy));
+  SAE_CUDA(cudaStreamSynchronize(m.copy));
 }
 
 void DeviceRows::sync() const {

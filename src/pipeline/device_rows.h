@@ -1,7 +1,7 @@
 // The activation store's rows in GPU memory (activation_store.h, when its model is a
 // DeviceGemma2): one [rows, d] buffer per layer, filled by the forward's hooks, shuffled and
 // compacted in place, and served as device pointers, so a release's SAE batches never leave the
-// device. Every operation is queued on the forward's stream; sync() waits for them. In a build
+// device. Every operation but to_host is queued on the forward's stream; sync() waits for them. In a build
 // without CUDA the constructor throws a clear error.
 #pragma once
 
@@ -30,7 +30,8 @@ class DeviceRows {
   // Rows [0, src.size()) of every layer become rows src[0], src[1], ... (one gather, the same
   // for every layer: the store's shuffle and compaction at once).
   void permute(const std::vector<int64_t>& src);
-  // Rows [first, first + n) of `layer` into host memory (synchronous).
+  // Rows [first, first + n) of `layer` into host memory (synchronous), on a stream of its own:
+  // rows written by the operations above are read once sync() has returned after them.
   void to_host(size_t layer, int64_t first, int64_t n, float* host);
   void sync() const;
   // Memory held (the buffers and one spare layer for the out-of-place moves), on the device or

@@ -311,7 +311,7 @@ class BatchExchange {
 
   // GPU to GPU: local[s] and global[s] in device memory (global only for the wanted slots).
   void exchange(dist::NcclComm& nccl, const std::vector<const float*>& local,
-                const std::vector<float*>& global, void* stream) {
+                const std::vector<float*>& global) {
     const int me = comm_.rank();
     const Moves m = moves();
     std::vector<dist::DeviceSend> sends;
@@ -319,7 +319,7 @@ class BatchExchange {
     for (const auto& [q, s] : m.sends) sends.push_back({q, local[s], rows_of(me) * d_});
     for (const auto& [q, s] : m.recvs)
       recvs.push_back({q, global[s] + first_row(q) * d_, rows_of(q) * d_});
-    nccl.exchange(sends, recvs, stream);
+    nccl.exchange(sends, recvs);
   }
 
  private:
@@ -585,20 +585,26 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     for (size_t i = 0; i < jobs.size(); ++i)
       if (mine(i)) planned.push_back({jobs[i].layer, jobs[i].cfg});
     const CudaMemory mem = cuda_memory();
-    // "auto" moves a store that does not fit beside the SAEs to pinned host memory (one process
-    // from the model: the ranks of an NCCL exchange must agree on where their rows are).
-    const bool may_move = opt.activation_store == "auto" && n_ranks == 1 && !from_cache;
+    // "auto" moves a store of the model's rows that does not fit beside the SAEs to pinned host
+    // memory.
+    const bool may_move = opt.activation_store == "auto" && !from_cache;
     const std::string mode =
         may_move || opt.activation_store != "auto" ? opt.activation_store : "device";
     shape = place_store(shape, mode, layers, planned, int64_t(mem.free));
     gpu_plan = plan_device_release(shape, layers, planned);
+    const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
     if (shape.store_on_host && mode == "auto")
       std::fprintf(stderr,
-                   "release: the activation store (%s) does not fit on the GPU beside the SAEs: "
+                   "%srelease: the activation store (%s) does not fit on the GPU beside the SAEs: "
                    "it goes to pinned host memory, which the GPU reads across the bus (slower; "
                    "--activation-store device to refuse instead)\n",
-                   fmt_bytes(double(gpu_plan.host_store)).c_str());
+                   who.c_str(), fmt_bytes(double(gpu_plan.host_store)).c_str());
     store_on_host = shape.store_on_host;
+    if (n_ranks > 1) {  // NCCL moves device rows: one rank's store on the host sends all by MPI
+      std::vector<double> on_host = {store_on_host ? 1.0 : 0.0};
+      comm.allreduce_max(on_host);
+      if (on_host[0] != 0.0) gpu_exchange = false;
+    }
     DevicePlanShape fit_shape = shape;  // what "the largest group that fits" is planned with
     fit_shape.store_on_host = shape.store_on_host || may_move;
     if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
@@ -606,7 +612,6 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       for (size_t s = 0; s < layers.size(); ++s)
         gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
     }
-    const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
     std::fprintf(
         stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
         who.c_str(), gpu_index, cuda_device_description().c_str(), who.c_str(),
@@ -774,7 +779,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         gpu_exchange
             ? nccl->describe().c_str()
             : "through host memory over MPI (rows from a cache, no NCCL in this build, a GPU "
-              "shared by ranks, or SAECPP_NCCL=0)");
+              "shared by ranks, an activation store in host memory, or SAECPP_NCCL=0)");
   std::vector<std::vector<float>> local(
       layers.size(), std::vector<float>(in_place ? 0 : size_t(store.batch_tokens * d)));
   std::vector<std::vector<float>> batch_all;
@@ -794,7 +799,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     comm.allreduce_max(out_of_data);
     if (out_of_data[0] != 0.0) return false;
     if (in_place) {
-      exchange.exchange(*nccl, device_view, global_dev, dmodel->stream());
+      exchange.exchange(*nccl, device_view, global_dev);
       train_view.assign(global_dev.begin(), global_dev.end());
     } else {
       exchange.exchange(local, batch_all);
@@ -1039,14 +1044,19 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
   const int64_t step_start = step;
   double sae_seconds = 0, fwd_start = acts.forward_seconds(), wait_start = acts.wait_seconds();
   const double eval_start = eval_seconds();
-  // On one GPU the forwards of the next fill run beside the SAE steps (the store's thread).
-  const bool overlap = cuda && n_ranks == 1 && opt.overlap_forward;
+  // The next fill's rows come on the store's thread beside the SAE steps: the model's forwards
+  // on a GPU, or a cache's shards read (on either device). A CPU model's forwards run between
+  // the steps (activation_store.h: OpenBLAS's buffers). Under mpirun each rank fills its own
+  // store ahead; the exchanges stay on this thread (MPI, or NCCL on a stream of its own).
+  const bool overlap = opt.overlap_forward && (cuda || from_cache);
+  const char* fill_what = from_cache ? "reading the cache" : "forward";
   if (overlap) {
     acts.fill_ahead();
-    std::fprintf(stderr,
-                 "release: %s on their own thread beside the SAE steps (--no-overlap: "
-                 "between them)\n",
-                 from_cache ? "the cache's shards are read" : "the model's forwards run");
+    if (lead)
+      std::fprintf(stderr,
+                   "release: %s on their own thread beside the SAE steps (--no-overlap: "
+                   "between them)\n",
+                   from_cache ? "the cache's shards are read" : "the model's forwards run");
   }
   // Whatever ends the steps by an error (a NaN, a diverged SAE, a damaged cache shard), the round
   // taken before it stays good: the writer writes the states it holds as it goes, and here the
@@ -1077,12 +1087,14 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
            "the last SAE training diverged on another rank (its error is said there): every SAE "
            "of the release has diverged");
     }
+    ojson records = ojson::array();  // this rank's, for progress.jsonl (rank 0 writes it)
     for (const auto& [j, error] : diverged) {
+      const bool says = group[size_t(j - jobs.data())].first == rank;  // once by an SAE's ranks
       try {
         std::rethrow_exception(error);
       } catch (const train::Diverged& e) {
         j->failed = failure_record(e.step, e.rollbacks, e.checkpoint_step, e.cause);
-        if (group[size_t(j - jobs.data())].first == rank)  // said once by an SAE's ranks
+        if (says)
           std::fprintf(stderr,
                        "release: %s set aside at step %lld: %s. The other SAEs train on; its last "
                        "checkpoint (step %lld) stays in %s, and release.json and the model card "
@@ -1092,10 +1104,16 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       }
       ojson record = {{"sae", j->id()}};
       record.update(j->failed);
-      log_record({{"set_aside", record}});
+      if (says) records.push_back({{"set_aside", record}});
       j->trainer.reset();  // its memory (on a GPU, the device's) back
       std::vector<float>().swap(j->x);
     }
+    // Every rank's records, in rank order (a collective: every rank knows one was set aside).
+    const std::vector<std::string> all =
+        n_ranks > 1 ? dist::allgather_strings(comm, records.dump())
+                    : std::vector<std::string>{records.dump()};
+    for (const std::string& r : all)
+      for (const ojson& record : ojson::parse(r)) log_record(record);
   };
   while (step < total_steps) {
     bool stop_now = (stop && stop->load()) || (opt.stop_at_step > 0 && step >= opt.stop_at_step);
@@ -1161,14 +1179,15 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       const double l0 = sums[0] / training, ev = sums[1] / training;
       const int64_t rollbacks = int64_t(sums[2]), set_aside_n = int64_t(sums[4]);
       // With the overlap, the forward's share is of its own thread's time; the SAEs waited
-      // for it only `waited` of that (the rest ran under the steps).
+      // for it only `waited` of that (the rest ran under the steps). This rank's (the lead's).
       const std::string upkeep =
           cat(", evaluation ", pct(evals, el), ", checkpoints ", pct(ckpt_seconds, el));
       const std::string split =
-          overlap ? cat("forward ", pct(fwd, el), " beside the SAE steps, ",
+          overlap ? cat(fill_what, " ", pct(fwd, el), " beside the SAE steps, ",
                         pct(sae_seconds - evals, el), " SAE steps, ", pct(waited, el),
-                        " waiting for the forward", upkeep)
-                  : cat("forward ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el), upkeep);
+                        " waiting for it", upkeep)
+                  : cat(fill_what, " ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el),
+                        upkeep);
       ojson record = {{"step", step},
                       {"tokens", step * global_batch},
                       {"tokens_per_s", rate},
@@ -1348,14 +1367,15 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         "release: %zu SAE%s written to %s (model card README.md, release.json); peak RSS "
         "%s%s\n"
         "release: time: model load %.1f s, held-out activations and setup %.1f s, training %.1f s "
-        "(model forward %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s%s), "
+        "(%s %.1f s%s, SAE steps %.1f s, evaluation %.1f s, checkpoints %.1f s%s), "
         "final evaluation and saving %.1f s\n",
         written, written == 1 ? "" : "s", out.string().c_str(),
         fmt_bytes(double(peak_resident_bytes())).c_str(),
         // On a GPU the plan is the device's (below); the host holds the model until it is
         // uploaded, then the checkpoint writer's SAE states (--checkpoint-snapshots, + 1).
         cuda ? " on the host" : cat(" against the plan's ", fmt_bytes(plan_bytes)).c_str(),
-        t_heldout - t_load, t_train - t_heldout, t_final - t_train, acts.forward_seconds(),
+        t_heldout - t_load, t_train - t_heldout, t_final - t_train,
+        from_cache ? "reading the cache" : "model forward", acts.forward_seconds(),
         overlap
             ? cat(" beside the steps, which waited ", one_decimal(acts.wait_seconds()), " s for it")
                   .c_str()
