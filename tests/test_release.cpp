@@ -194,6 +194,9 @@ TEST(ActivationStore, TheRingServesThePlainBuffersBatchesFilledAheadOrNot) {
   CountingRows src{.end = 1500};
   const auto want = plain_buffer_batches(src, sc, max_fill);
   ASSERT_GT(want.size(), 60u);
+  // The position a checkpoint records after each batch: the same in every mode (where the rows
+  // not yet shuffled in begin), however far the thread has read.
+  std::vector<int64_t> positions_in_turn;
   for (int mode = 0; mode < 4; ++mode) {  // between, ahead, ahead from batch 5, ahead + views
     SCOPED_TRACE("mode " + std::to_string(mode));
     CountingRows rows = src;
@@ -201,6 +204,8 @@ TEST(ActivationStore, TheRingServesThePlainBuffersBatchesFilledAheadOrNot) {
     ActivationStore store(
         [&](const std::vector<float*>& dst, int64_t n) { return rows.read(dst, n); }, max_fill, 2,
         2, sc);
+    store.track_position([&rows] { return rows.next; });
+    std::vector<int64_t> positions;
     if (mode == 1 || mode == 3) store.fill_ahead();
     std::vector<float> b0(size_t(sc.batch_tokens * 2)), b1(b0.size());
     std::vector<const float*> view;
@@ -218,8 +223,15 @@ TEST(ActivationStore, TheRingServesThePlainBuffersBatchesFilledAheadOrNot) {
       ASSERT_LT(n, want.size());
       ASSERT_EQ(b0, want[n]) << "batch " << n;
       for (size_t i = 0; i < b1.size(); i += 2) ASSERT_EQ(b1[i], b0[i] + 0.5f) << "layers aligned";
+      if (mode == 1 && n % 10 == 0)  // the thread has read its round (or waits for slots)
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      positions.push_back(store.checkpoint_position());
     }
     EXPECT_EQ(n, want.size());
+    if (mode == 0)
+      positions_in_turn = positions;
+    else
+      EXPECT_EQ(positions, positions_in_turn);
     if (mode == 0) {
       EXPECT_EQ(store.wait_seconds(), 0.0);  // filled in turn: nothing to wait for
     }
@@ -965,6 +977,21 @@ TEST(Release, FromCacheInOneProcessAndModuleParallel) {
   EXPECT_EQ(r.output.find("beside the SAE steps"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("(reading the cache "), std::string::npos) << r.output;
   same_saes(dir / "one", dir / "in_turn");
+  // Stopped and resumed, reading beside the steps or between them: the checkpoint records the
+  // same cache position (where the rows not yet shuffled in begin, whether or not the thread is
+  // reading the next ones), so the resumed runs train the same SAEs.
+  std::vector<int64_t> stopped_at;
+  for (const std::string mode : {"", " --no-overlap"}) {
+    const std::string out = dir / (mode.empty() ? "stopped" : "stopped_in_turn");
+    r = test::run_cli(args + out + mode + " --stop-at-step 90");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    stopped_at.push_back(read_json_file(out + "/.work/state.json")["cache_next_shard"]);
+    r = test::run_cli(args + out + mode + " --resume");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+  EXPECT_EQ(stopped_at[0], stopped_at[1]);
+  EXPECT_GT(stopped_at[0], 0);
+  same_saes(dir / "stopped", dir / "stopped_in_turn");
   const auto one = read_json_file(dir / "one/release.json");
   EXPECT_EQ(one["from_cache"]["heldout_shards"], 1);
   EXPECT_EQ(one["from_cache"]["trained_shards"], 19);

@@ -238,6 +238,10 @@ void ActivationStore::release_served() {
 }
 
 void ActivationStore::begin_round() {
+  if (position_) {  // the thread is idle: where the next fill begins
+    std::lock_guard<std::mutex> source(source_mu_);
+    round_position_ = position_();
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     round_ = Round::Pending;
@@ -289,6 +293,17 @@ void ActivationStore::filler_main() {
     round_ = Round::Done;
     cv_.notify_all();
   }
+}
+
+int64_t ActivationStore::checkpoint_position() {
+  if (!position_) fail("activation store", "position", "no position tracked (track_position)");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ahead_ && round_ != Round::Pending) return round_position_;
+  }
+  // Filled between the batches (only this thread begins rounds): nothing in flight.
+  std::lock_guard<std::mutex> source(source_mu_);
+  return position_();
 }
 
 void ActivationStore::fill_ahead() {

@@ -103,8 +103,17 @@ class ActivationStore {
   // the store serves only the batches it has already shuffled, then refuses to refill.
   void stop_filling();
   // While the lock is held the store reads nothing from its windows or its fill (a corpus or
-  // cache position read for a checkpoint is then stable). Rows read ahead are past it.
+  // cache position read then is stable). Rows read ahead are past it.
   std::unique_lock<std::mutex> hold_source() { return std::unique_lock<std::mutex>(source_mu_); }
+  // The position of the store's source (a corpus's next document, a cache's next shard: what
+  // `position` returns) that a checkpoint records, from which a resumed store reads again. When
+  // filling ahead, the position where the fill on the thread began: its rows are served only
+  // after the next shuffle, so none of them was trained on, and a resume reads them again
+  // rather than losing them. Otherwise the position now (after the last fill). Either way the
+  // position after the last shuffled fill, whatever the thread's timing: a checkpoint records the
+  // same position with and without filling ahead, and a resumed run is the same.
+  void track_position(std::function<int64_t()> position) { position_ = std::move(position); }
+  int64_t checkpoint_position();
 
   // Writes the next batch [batch_tokens, hidden] of layer layers[i] to out[i] (host memory; a
   // GPU store copies it there); false when the corpus ran out before a whole batch.
@@ -176,6 +185,8 @@ class ActivationStore {
   bool ahead_ = false;
   std::atomic<bool> stopping_ = false;
   std::exception_ptr fill_error_;
+  std::function<int64_t()> position_;  // the source's position (track_position)
+  int64_t round_position_ = 0;         // where the round on the thread began
   int cuda_device_ = 0;  // the GPU of a device store, made current on the thread
   std::thread filler_;
 };

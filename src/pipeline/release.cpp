@@ -744,6 +744,9 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       acts_store.emplace(*model, *windows, point, layers, store, special);
   }
   ActivationStore& acts = *acts_store;
+  acts.track_position([&]() -> int64_t {
+    return from_cache ? cache_rows->next_shard() : corpus->next_document();
+  });
   const std::string data_what =
       from_cache ? cat("the activation cache ", fs::path(cache->folder).filename().string())
                  : cat(corpus->shard_paths().size(), " shard(s)");
@@ -878,12 +881,10 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     return st;
   };
   auto state_now = [&] {
-    const auto source = acts.hold_source();  // its position, not moved by a fill ahead meanwhile
     json st = {{"version", kStateVersion}, {"step", step}};
-    if (from_cache)
-      st["cache_next_shard"] = cache_rows->next_shard();
-    else
-      st["corpus_next_document"] = corpus->next_document();
+    // Where the rows not yet shuffled in began (activation_store.h): the same with and without
+    // the fill ahead.
+    st[from_cache ? "cache_next_shard" : "corpus_next_document"] = acts.checkpoint_position();
     return with_failures(st);
   };
   auto write_state = [&] { write_file_atomic(state_path.string(), state_now().dump(2)); };

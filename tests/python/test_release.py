@@ -192,6 +192,21 @@ def test_release_from_cache_loads_in_saelens(tmp_path):
         res = summary["results"][variant]["blocks.3.hook_resid_post"]
         assert res["heldout_tokens"] == 512 and "ce_loss_score" not in res
         assert res["training_tokens"] == 2048
+    # The shards read between the SAE steps instead of beside them: the same batches, the same
+    # SAEs to the bit. On the GPU where there is one; else a clear error, nothing written.
+    in_turn = tmp_path / "in_turn"
+    saecpp.release_from_cache(
+        cache, str(in_turn), tokens=2048, heldout_tokens=512, prompts_per_forward=4,
+        n_batches_in_buffer=64, log_every=1000, overlap=False,
+        overrides=["sae.d_sae=64", "sae.k=4", "sae.matryoshka_widths=[16,64]",
+                   "training.batch_size=64", "optimizer.lr=3e-3"])
+    for variant in ("standard", "snap"):
+        weights = f"{variant}/blocks.3.hook_resid_post/sae_weights.safetensors"
+        assert (out / weights).read_bytes() == (in_turn / weights).read_bytes()
+    if not saecpp.cuda_available():
+        with pytest.raises(saecpp.SaeError, match="CUDA"):
+            saecpp.release_from_cache(cache, str(tmp_path / "gpu"), device="cuda")
+        assert not (tmp_path / "gpu").exists()
     with pytest.raises(saecpp.SaeError, match="cache.json"):
         saecpp.release_from_cache(str(tmp_path / "nothing"), str(tmp_path / "bad"))
 
