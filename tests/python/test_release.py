@@ -96,7 +96,8 @@ def test_release_progress_reaches_a_callback_that_may_stop_it(tmp_path):
     summary = run(corpus, out, resume=True, log_every=50, checkpoint_minutes=0,
                   progress=rest.append)
     assert summary["results"]["snap"]["blocks.2.hook_resid_post"]["training_tokens"] == 20000 // 64 * 64
-    assert rest and rest[-1]["step"] == 20000 // 64
+    # (a round's checkpoint record may come after the last progress line: written beside)
+    assert [r["step"] for r in rest if "step" in r][-1] == 20000 // 64
 
 
 def test_release_stops_and_resumes(tmp_path):
