@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 
 #include "commands.h"
 #include "core/error.h"
@@ -77,16 +78,39 @@ int64_t parse_count(const std::string& option, const std::string& s) {
   return int64_t(v * mult + 0.5);
 }
 
+// A memory size: bytes, or a number with M, G or T (binary: GiB; "GB" and "GiB" alike).
+int64_t parse_memory(const std::string& option, const std::string& s) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string unit = s.substr(used);
+  for (const char* tail : {"iB", "B"})
+    if (unit.size() > 1 && unit.ends_with(tail)) unit.resize(unit.size() - std::strlen(tail));
+  const double mult = unit.empty()                   ? 1.0
+                      : unit == "M" || unit == "m"   ? double(int64_t(1) << 20)
+                      : unit == "G" || unit == "g"   ? double(int64_t(1) << 30)
+                      : unit == "T" || unit == "t"   ? double(int64_t(1) << 40)
+                                                     : 0.0;
+  if (used == 0 || mult == 0.0 || !(v > 0))
+    fail(option, s, "expected a memory size like 80G, 141GiB or 96000M");
+  return int64_t(v * mult);
+}
+
 Runner add_release(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "release", "Train Matryoshka SAEs on Gemma-2 activations from text; write a release");
   cmd->footer(
-      "Exit status: 0 written (or stopped at --stop-at-step), 1 an error, 2 written without the "
+      "Exit status: 0 written (or stopped at --stop-at-step; with --plan-only: it fits), 1 an "
+      "error (--plan-only: it does not fit), 2 written without the "
       "SAEs set aside (each diverged again after training.max_rollbacks rollbacks while the "
       "others trained on; release.json says where), 130 stopped by a signal (state saved).");
   struct Opts {
     pipeline::ReleaseOptions r;
-    std::string layers, variants = "standard,snap", tokens;
+    std::string layers, variants = "standard,snap", tokens, gpu_memory;
     int64_t holdout_every = 100;
     bool truncate = false;
   };
@@ -143,8 +167,8 @@ Runner add_release(CLI::App& app) {
       "Weights in bf16 and multiplied in bf16 (implies --bf16; bf16 GEMM operands, f32 sums, as "
       "transformers in bf16; oneDNN where the CPU has bf16 dot products)");
   add_device_options(cmd, o->r.device, o->r.precision,
-                     "the model forward, the activation store and every SAE's step on the GPU, "
-                     "in one process, after a memory plan is checked",
+                     "the model forward, the activation store and every SAE's step on the GPU "
+                     "(one GPU per rank under mpirun), after a memory plan is checked",
                      "On cuda, the model forward's: bf16 (bf16 weights and GEMM operands, fp32 "
                      "accumulate; default) or fp32. The SAEs' own: --set training.precision=...");
   cmd->add_option("--activation-store", o->r.activation_store,
@@ -156,6 +180,14 @@ Runner add_release(CLI::App& app) {
                 "Run the model's forwards (on cuda) or the cache's reads (--from-cache) between "
                 "the SAE steps instead of beside them on their own thread (the same batches; for "
                 "measuring the overlap)");
+  cmd->add_flag("--plan-only", o->r.plan_only,
+                "Print the plans (memory of the host or the GPU, disk; on cuda the groups of "
+                "layers that fit) and exit before anything is loaded or written: 0 when it fits, "
+                "1 when not");
+  cmd->add_option("--gpu-memory", o->gpu_memory,
+                  "On cuda, plan against this much GPU memory (e.g. 80G, 141G) instead of what "
+                  "is free: with --plan-only, a GPU this machine need not have; in a run, a cap "
+                  "below what is free");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");
@@ -186,10 +218,12 @@ Runner add_release(CLI::App& app) {
     }
     r.variants = split_commas(o->variants);
     if (!o->tokens.empty()) r.total_tokens = parse_count("--tokens", o->tokens);
+    if (!o->gpu_memory.empty()) r.gpu_memory = parse_memory("--gpu-memory", o->gpu_memory);
     r.corpus.holdout_every = o->holdout_every;
     r.store.windows.concat = !o->truncate;
     const std::atomic<bool>& stop = stop_on_signals();
     const pipeline::ReleaseEnd end = pipeline::run_release(r, &stop);
+    if (r.plan_only) return end.plan.value("fits", false) ? 0 : 1;
     if (!end.finished) return stop ? 130 : 0;  // 130: interrupted by a signal, state saved
     return end.set_aside.empty() ? 0 : 2;      // 2: written, but without the SAEs set aside
   };

@@ -33,6 +33,7 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
 #include "pipeline/device_plan.h"
+#include "pipeline/release.h"
 #include "pipeline/disk_plan.h"
 #include "pipeline/job_status.h"
 #include "pipeline/model_card.h"
@@ -1524,6 +1525,113 @@ TEST(DevicePlan, TermsAndTheLargestGroupThatFits) {
   EXPECT_EQ(layers_that_fit(shape, all, saes, two - 1), (std::vector<int64_t>{0}));
   EXPECT_EQ(layers_that_fit(shape, all, saes, 1 << 20), std::vector<int64_t>{});
   EXPECT_EQ(layers_that_fit(shape, all, saes, int64_t(1) << 40), all);
+}
+
+// `sae release --plan-only`: the plans printed, nothing loaded or written. On the CPU the host's
+// memory and the disk; on cuda the GPU's against --gpu-memory (a GPU this machine need not
+// have: a Gemma-2-2b-shaped config.json alone), with the groups of layers that fit when the
+// whole request does not. The SAEs are planned at the model's width (their d_in is known only
+// to the trainer later: planned at 0 they came to 2.5 GiB for the seed's 50 instead of 60).
+TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
+  test::TempDir dir;
+  const std::string corpus = write_corpus(dir), out = dir / "release";
+  auto r = test::run_cli(release_args(corpus, out) + " --plan-only");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* line : {"memory: model ", "disk: checkpoints ", "release: plan only: it fits"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
+  EXPECT_FALSE(fs::exists(out));
+
+  // google/gemma-2-2b's shape: its config.json only.
+  const std::string g2 = dir / "gemma-2-2b";
+  fs::create_directories(g2);
+  test::write_bytes(g2 + "/config.json", R"({"architectures": ["Gemma2ForCausalLM"],
+      "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+      "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+      "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+      "sliding_window": 4096, "max_position_embeddings": 8192, "attn_logit_softcapping": 50.0,
+      "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+      "hidden_activation": "gelu_pytorch_tanh", "bos_token_id": 2, "eos_token_id": 1,
+      "pad_token_id": 0, "torch_dtype": "bfloat16"})");
+  ReleaseOptions o;
+  o.model = g2;
+  o.corpus.shards = {corpus};
+  o.layers.resize(25);
+  std::iota(o.layers.begin(), o.layers.end(), 0);
+  o.output_dir = out;
+  o.device = "cuda";
+  o.plan_only = true;
+  o.check_disk = false;  // 85 GiB of checkpoints and folders: not this test's machine's disk
+  o.gpu_memory = int64_t(141) << 30;
+  const ReleaseEnd whole = run_release(o);
+  EXPECT_FALSE(whole.finished);
+  ASSERT_TRUE(whole.plan.contains("gpu")) << whole.plan.dump(1);
+  const auto& gpu = whole.plan["gpu"];
+  EXPECT_EQ(whole.plan["saes"], 50);
+  EXPECT_EQ(whole.plan["fits"], true);
+  EXPECT_EQ(gpu["memory"], int64_t(141) << 30);
+  EXPECT_EQ(gpu["fits"], true);
+  // 50 SAEs' state at d_in 2304 and one shared scratch (as the DevicePlan test derives them).
+  nlohmann::json snap_cfg = train::preset("gemma-2-2b-matryoshka-snap");
+  snap_cfg["data"] = {{"type", "release"}};
+  train::TrainConfig t = train::TrainConfig::from_json(snap_cfg, "test");
+  t.spec.d_in = 2304;
+  const int64_t state = train::DeviceTrainer::planned_state_bytes(t.spec, t.adam, t.precision);
+  const int64_t scratch = train::DeviceTrainer::planned_scratch_bytes(
+      t.spec, t.batch_size, t.precision, int64_t(double(t.spec.d_sae) * kPlannedDeadShare));
+  EXPECT_EQ(gpu["saes"].get<int64_t>(), 50 * state + scratch);
+  EXPECT_GT(gpu["saes"].get<int64_t>(), int64_t(55) << 30);
+  EXPECT_EQ(gpu["total"].get<int64_t>(),
+            gpu["model"].get<int64_t>() + gpu["forward"].get<int64_t>() +
+                gpu["saes"].get<int64_t>() + gpu["store"].get<int64_t>() +
+                gpu["evaluation"].get<int64_t>());
+  EXPECT_EQ(gpu["groups"], nlohmann::json::array({o.layers}));
+  EXPECT_FALSE(fs::exists(out));
+
+  // Half the memory: the layers in groups that fit, one after another (the store, which "auto"
+  // would move to pinned host memory, planned there).
+  o.gpu_memory = int64_t(40) << 30;
+  const ReleaseEnd halves = run_release(o);
+  EXPECT_EQ(halves.plan["fits"], false);
+  const auto groups = halves.plan["gpu"]["groups"].get<std::vector<std::vector<int64_t>>>();
+  ASSERT_GE(groups.size(), 2u) << halves.plan.dump(1);
+  std::vector<int64_t> joined;
+  for (const auto& g : groups) {
+    EXPECT_FALSE(g.empty());
+    joined.insert(joined.end(), g.begin(), g.end());
+  }
+  EXPECT_EQ(joined, o.layers);
+  EXPECT_FALSE(fs::exists(out));
+  // The CLI: exit 1, the groups as --layers takes them; a size it cannot read; on the CPU.
+  const std::string g2_args = "release --model " + g2 + " --dataset '" + corpus +
+                              "' --layers 0-24 -o " + out +
+                              " --device cuda --plan-only --ignore-disk-plan --gpu-memory ";
+  r = test::run_cli(g2_args + "40G");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  std::string runs;
+  for (const auto& g : groups) runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
+  EXPECT_NE(r.output.find("40.00 GiB is planned (--gpu-memory); the largest group of these layers "
+                          "that fits is --layers " +
+                          layers_arg(groups.front())),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("run the layers in groups (" + runs + ")"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("plan only: it does not fit"), std::string::npos) << r.output;
+  r = test::run_cli(g2_args + "141GiB");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("GPU memory plan: "), std::string::npos) << r.output;
+  r = test::run_cli(g2_args + "lots");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("--gpu-memory: lots: expected a memory size like 80G"),
+            std::string::npos)
+      << r.output;
+  r = test::run_cli(release_args(corpus, out) + " --plan-only --gpu-memory 80G");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("gpu_memory: plans a GPU's memory: give it with --device cuda"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_EQ(layers_arg({0, 1, 2, 5, 7, 8}), "0-2,5,7-8");
 }
 
 // A release run in two groups of layers and merged: one folder per variant with every layer's

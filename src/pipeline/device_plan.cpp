@@ -94,4 +94,31 @@ std::vector<int64_t> layers_that_fit(const DevicePlanShape& shape,
   return best;
 }
 
+std::vector<std::vector<int64_t>> layer_groups_that_fit(const DevicePlanShape& shape,
+                                                        const std::vector<int64_t>& layers,
+                                                        const std::vector<PlannedSae>& saes,
+                                                        int64_t free_bytes) {
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> rest = layers;
+  while (!rest.empty()) {
+    std::vector<int64_t> fit = layers_that_fit(shape, rest, saes, free_bytes);
+    if (fit.empty()) return {};
+    rest.erase(rest.begin(), rest.begin() + int64_t(fit.size()));
+    groups.push_back(std::move(fit));
+  }
+  return groups;
+}
+
+std::string layers_arg(const std::vector<int64_t>& layers) {
+  std::string out;
+  for (size_t i = 0; i < layers.size();) {
+    size_t j = i;
+    while (j + 1 < layers.size() && layers[j + 1] == layers[j] + 1) ++j;
+    out += (out.empty() ? "" : ",") + std::to_string(layers[i]);
+    if (j > i) out += "-" + std::to_string(layers[j]);
+    i = j + 1;
+  }
+  return out;
+}
+
 }  // namespace sae::pipeline

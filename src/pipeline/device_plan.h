@@ -63,4 +63,14 @@ std::vector<int64_t> layers_that_fit(const DevicePlanShape& shape,
                                      const std::vector<int64_t>& layers,
                                      const std::vector<PlannedSae>& saes, int64_t free_bytes);
 
+// `layers` cut into runs one after another, each the longest prefix of the rest that fits (a
+// release per group, joined by sae release-merge); empty when one layer alone does not fit.
+std::vector<std::vector<int64_t>> layer_groups_that_fit(const DevicePlanShape& shape,
+                                                        const std::vector<int64_t>& layers,
+                                                        const std::vector<PlannedSae>& saes,
+                                                        int64_t free_bytes);
+
+// "0-11", "3,5,7-9": the layers as --layers takes them.
+std::string layers_arg(const std::vector<int64_t>& layers);
+
 }  // namespace sae::pipeline

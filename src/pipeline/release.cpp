@@ -436,7 +436,20 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
              " ranks runs module parallel only (at least as many SAEs as ranks, --parallel "
              "modules): data-parallel SAE steps on GPUs are not built yet (issue 12); ",
              jobs.size(), " SAEs here"));
-  if (cuda) require_device(Device::Cuda);  // before anything is loaded or written
+  if (opt.plan_only && n_ranks > 1)
+    fail("release", "plan_only", "plans one process: run --plan-only without mpirun");
+  if (opt.gpu_memory < 0 || (opt.gpu_memory > 0 && !cuda))
+    fail("release", "gpu_memory",
+         opt.gpu_memory < 0 ? "must be a size in bytes >= 0"
+                            : "plans a GPU's memory: give it with --device cuda");
+  // A plan for a GPU of a given size needs none here.
+  const bool gpu_here = cuda && !(opt.plan_only && opt.gpu_memory > 0);
+  if (gpu_here) require_device(Device::Cuda);  // before anything is loaded or written
+  ojson plan = {{"saes", jobs.size()},
+                {"steps", jobs.front().cfg.total_steps()},
+                {"batch_tokens", jobs.front().cfg.batch_size},
+                {"device", opt.device}};  // plan_only's record
+  bool plan_fits = true;
   int gpu_index = 0;
   bool gpu_exchange = false;  // NCCL between the ranks' GPUs (else through host memory)
   if (cuda && n_ranks > 1) {
@@ -480,7 +493,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                      "release: %s is finished already (%lld training tokens per SAE; "
                      "release.json): nothing to do (--tokens beyond that trains it on)\n",
                      out.string().c_str(), (long long)trained);
-      return {.finished = true, .set_aside = set_aside_in(done.at("results"))};
+      return {.finished = true, .set_aside = set_aside_in(done.at("results")), .plan = {}};
     }
   }
 
@@ -548,6 +561,11 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         stderr, "memory: model %s + SAEs %s + activation buffers %s + checkpoint states %s = %s\n",
         fmt_bytes(model_b).c_str(), fmt_bytes(saes_b).c_str(), fmt_bytes(buffer_b).c_str(),
         fmt_bytes(states_b).c_str(), fmt_bytes(model_b + saes_b + buffer_b + states_b).c_str());
+    plan["memory"] = {{"model", int64_t(model_b)},
+                      {"saes", int64_t(saes_b)},
+                      {"activation_buffers", int64_t(buffer_b)},
+                      {"checkpoint_states", int64_t(states_b)},
+                      {"total", int64_t(model_b + saes_b + buffer_b + states_b)}};
   }
   const double plan_bytes = model_b + saes_b + buffer_b + states_b;
   // The disk plan: what the job's folder (one every rank sees) will hold at its fullest, every
@@ -567,7 +585,20 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     if (lead)
       std::fprintf(stderr, "disk: %s; %s free in %s\n", disk.describe().c_str(),
                    fmt_bytes(v[4]).c_str(), out.string().c_str());
-    if (opt.check_disk) check_disk(disk, int64_t(v[4]), out.string());
+    plan["disk"] = {{"checkpoints", disk.checkpoints}, {"replacing", disk.replacing},
+                    {"saes", disk.saes},               {"present", disk.present},
+                    {"needed", disk.needed()},         {"free", int64_t(v[4])},
+                    {"fits", disk.needed() <= int64_t(v[4])}};
+    if (opt.plan_only && opt.check_disk && disk.needed() > int64_t(v[4])) {
+      plan_fits = false;
+      try {
+        check_disk(disk, int64_t(v[4]), out.string());
+      } catch (const Error& e) {
+        std::fprintf(stderr, "release: plan: %s\n", e.what());
+      }
+    } else if (opt.check_disk) {
+      check_disk(disk, int64_t(v[4]), out.string());
+    }
   }
   // On the GPU: the device's plan, checked before anything is allocated there.
   DeviceReleasePlan gpu_plan;
@@ -583,14 +614,21 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     shape.store_rows = store.n_batches_in_buffer * shape.forward_tokens + shape.forward_tokens;
     std::vector<PlannedSae> planned;  // this rank's SAEs
     for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i)) planned.push_back({jobs[i].layer, jobs[i].cfg});
-    const CudaMemory mem = cuda_memory();
+      if (mine(i)) {
+        planned.push_back({jobs[i].layer, jobs[i].cfg});
+        planned.back().cfg.spec.d_in = d;  // the trainer takes it from its rows later
+      }
+    // The GPU's free memory, capped by --gpu-memory; or, planning only, that size itself.
+    const int64_t free_bytes =
+        !gpu_here ? opt.gpu_memory
+                  : std::min<int64_t>(int64_t(cuda_memory().free),
+                                      opt.gpu_memory > 0 ? opt.gpu_memory : INT64_MAX);
     // "auto" moves a store of the model's rows that does not fit beside the SAEs to pinned host
     // memory.
     const bool may_move = opt.activation_store == "auto" && !from_cache;
     const std::string mode =
         may_move || opt.activation_store != "auto" ? opt.activation_store : "device";
-    shape = place_store(shape, mode, layers, planned, int64_t(mem.free));
+    shape = place_store(shape, mode, layers, planned, free_bytes);
     gpu_plan = plan_device_release(shape, layers, planned);
     const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
     if (shape.store_on_host && mode == "auto")
@@ -613,28 +651,54 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
     }
     std::fprintf(
-        stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s free; AuxK sized for %.0f%% dead)\n",
-        who.c_str(), gpu_index, cuda_device_description().c_str(), who.c_str(),
-        gpu_plan.describe().c_str(), fmt_bytes(double(mem.free)).c_str(), 100 * kPlannedDeadShare);
-    if (gpu_plan.total() > int64_t(mem.free)) {
-      const std::vector<int64_t> fit =
-          layers_that_fit(fit_shape, layers, planned, int64_t(mem.free));
-      std::string list;
-      for (int64_t l : fit) list += (list.empty() ? "" : ",") + std::to_string(l);
-      fail("release", "layers",
-           fit.empty()
-               ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                     fmt_bytes(double(mem.free)),
-                     " is free: not even one layer's SAEs fit (a narrower SAE, a smaller "
-                     "training.batch_size or store buffer)")
-               : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                     fmt_bytes(double(mem.free)),
-                     " is free; the largest group of these layers "
-                     "that fits is --layers ",
-                     list, " (",
-                     fmt_bytes(double(plan_device_release(fit_shape, fit, planned).total())),
-                     "): run the layers in groups and join them with sae release-merge"));
+        stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s %s; AuxK sized for %.0f%% dead)\n",
+        who.c_str(), gpu_index,
+        gpu_here ? cuda_device_description().c_str()
+                 : cat("none used: planned for ", fmt_bytes(double(free_bytes)),
+                       " (--gpu-memory)")
+                       .c_str(),
+        who.c_str(), gpu_plan.describe().c_str(), fmt_bytes(double(free_bytes)).c_str(),
+        gpu_here ? "free" : "planned", 100 * kPlannedDeadShare);
+    const bool fits = gpu_plan.total() <= free_bytes;
+    // When it does not fit: the layers in groups that do, one after another (the first is the
+    // largest group of the layers in order), each a release of its own for release-merge.
+    const std::vector<std::vector<int64_t>> groups =
+        fits ? std::vector<std::vector<int64_t>>{layers}
+             : layer_groups_that_fit(fit_shape, layers, planned, free_bytes);
+    plan["gpu"] = {{"memory", free_bytes},      {"model", gpu_plan.model},
+                   {"forward", gpu_plan.forward}, {"saes", gpu_plan.saes},
+                   {"store", gpu_plan.store},     {"host_store", gpu_plan.host_store},
+                   {"evaluation", gpu_plan.eval}, {"total", gpu_plan.total()},
+                   {"fits", fits},                {"groups", groups}};
+    if (!fits) {
+      std::string runs;
+      for (const auto& g : groups)
+        runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
+      const char* available = gpu_here ? " is free" : " is planned (--gpu-memory)";
+      const std::string why =
+          groups.empty()
+              ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                    fmt_bytes(double(free_bytes)), available,
+                    ": not even one layer's SAEs fit (a narrower SAE, a smaller "
+                    "training.batch_size or store buffer)")
+              : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                    fmt_bytes(double(free_bytes)), available,
+                    "; the largest group of these layers that fits is --layers ",
+                    layers_arg(groups.front()), " (",
+                    fmt_bytes(double(plan_device_release(fit_shape, groups.front(), planned).total())),
+                    "): run the layers in groups (", runs,
+                    ") and join them with sae release-merge");
+      if (!opt.plan_only) fail("release", "layers", why);
+      plan_fits = false;
+      std::fprintf(stderr, "release: plan: %s\n", why.c_str());
     }
+  }
+  if (opt.plan_only) {  // nothing loaded, nothing written
+    plan["fits"] = plan_fits;
+    std::fprintf(stderr, "release: plan only: %s\n",
+                 plan_fits ? "it fits; nothing was loaded or written (drop --plan-only to run it)"
+                           : "it does not fit (above); nothing was loaded or written");
+    return {.finished = false, .set_aside = {}, .plan = plan};
   }
 
   const double t_load = now_seconds();
@@ -1397,7 +1461,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         std::fprintf(stderr, "release: %s%s\n", n_ranks > 1 ? cat("rank ", r, ": ").c_str() : "",
                      lines[r].c_str());
   }
-  return {.finished = true, .set_aside = failed};
+  return {.finished = true, .set_aside = failed, .plan = {}};
 }
 
 }  // namespace sae::pipeline

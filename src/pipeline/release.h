@@ -45,18 +45,25 @@ struct ReleaseOptions {
   bool check_disk = true;
   bool resume = false;
   int64_t stop_at_step = 0;  // > 0: checkpoint and return at this step (run in slices)
-  // "cuda": the model forward, the activation store and every SAE's step on the GPU (one
-  // process); `precision` is then the forward's (bf16: bf16 weights and GEMM operands, fp32
-  // accumulate; fp32). The SAEs' own precision is training.precision, as on the CPU.
+  // "cuda": the model forward, the activation store and every SAE's step on the GPU (one GPU
+  // per rank under mpirun); `precision` is then the forward's (bf16: bf16 weights and GEMM
+  // operands, fp32 accumulate; fp32). The SAEs' own precision is training.precision.
   std::string device = "cpu";
   std::string precision = "bf16";
-  // On cuda (one process): the next fill's forwards run on a thread of the activation store
-  // while the SAEs step on the current batches (the same batches either way); false: between.
+  // The next fill's rows come on a thread of the activation store while the SAEs step on the
+  // current batches (the same batches either way): the model's forwards on cuda, a cache's
+  // reads on either device (every rank's under mpirun). false: between the steps.
   bool overlap_forward = true;
   // On cuda, where the activation store's rows live: "device", "host" (pinned host memory the
   // GPU reads across the bus: slower, leaves the GPU to the SAEs), or "auto" (the device when
-  // the plan fits, else the host when that fits; one process).
+  // the plan fits, else the host when that fits).
   std::string activation_store = "auto";
+  // Print the plans (the memory of the host or of the GPU, the disk) and, on cuda, the groups of
+  // the layers that fit, then return before anything is loaded or written (ReleaseEnd::plan).
+  bool plan_only = false;
+  // On cuda, the GPU memory (bytes) to plan against instead of the visible GPU's free memory
+  // (0): with plan_only, a GPU this machine need not have; in a run, a cap below what is free.
+  int64_t gpu_memory = 0;
   bool keep_bf16 = false;    // model weights kept in bf16
   bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
@@ -85,6 +92,8 @@ struct ReleaseEnd {
   // (training.max_rollbacks) while others trained on. Not in the release folder; release.json's
   // results say where each stopped, and its last checkpoint stays in .work/.
   std::vector<std::string> set_aside;
+  // plan_only: what was planned ({"fits", "saes", "memory" or "gpu" with its "groups", "disk"}).
+  nlohmann::ordered_json plan;
 };
 
 // Runs (or resumes) the job. Errors throw; the last SAE training that diverges after its
