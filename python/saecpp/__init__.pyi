@@ -109,6 +109,8 @@ def release(
     check_disk: bool = True,
     checkpoint_snapshots: int = 0,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    plan_only: bool = False,
+    gpu_memory: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(
@@ -173,6 +175,8 @@ def release_from_cache(
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
     device: str = "cpu",
     overlap: bool = True,
+    plan_only: bool = False,
+    gpu_memory: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:

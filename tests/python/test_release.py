@@ -100,6 +100,26 @@ def test_release_progress_reaches_a_callback_that_may_stop_it(tmp_path):
     assert [r["step"] for r in rest if "step" in r][-1] == 20000 // 64
 
 
+def test_release_plan_only_returns_the_plan_and_writes_nothing(tmp_path):
+    """plan_only: the plan as a dict, nothing loaded or written; on cuda against gpu_memory (a
+    GPU this machine need not have), with the groups of layers that fit."""
+    corpus, out = write_corpus(tmp_path), tmp_path / "release"
+    plan = run(corpus, out, plan_only=True)
+    assert plan["fits"] and plan["saes"] == 4 and plan["disk"]["fits"]
+    assert plan["memory"]["total"] >= plan["memory"]["saes"] > 0
+    assert not out.exists()
+    gib = 1 << 30
+    whole = run(corpus, out, plan_only=True, device="cuda", gpu_memory=141 * gib)
+    assert whole["fits"] and whole["gpu"]["groups"] == [[0, 2]]
+    assert whole["gpu"]["total"] <= 141 * gib
+    tight = run(corpus, out, plan_only=True, device="cuda", activation_store="device",
+                gpu_memory=whole["gpu"]["total"] - 1)  # (auto would move the store to the host)
+    assert not tight["fits"] and tight["gpu"]["groups"] == [[0], [2]]
+    assert not out.exists()
+    with pytest.raises(saecpp.SaeError, match="give it with --device cuda"):
+        run(corpus, out, plan_only=True, gpu_memory=gib)
+
+
 def test_release_stops_and_resumes(tmp_path):
     corpus, out = write_corpus(tmp_path), tmp_path / "release"
     assert run(corpus, out, stop_at_step=100) is None
