@@ -90,11 +90,11 @@ int64_t parse_memory(const std::string& option, const std::string& s) {
   std::string unit = s.substr(used);
   for (const char* tail : {"iB", "B"})
     if (unit.size() > 1 && unit.ends_with(tail)) unit.resize(unit.size() - std::strlen(tail));
-  const double mult = unit.empty()                   ? 1.0
-                      : unit == "M" || unit == "m"   ? double(int64_t(1) << 20)
-                      : unit == "G" || unit == "g"   ? double(int64_t(1) << 30)
-                      : unit == "T" || unit == "t"   ? double(int64_t(1) << 40)
-                                                     : 0.0;
+  const double mult = unit.empty()                 ? 1.0
+                      : unit == "M" || unit == "m" ? double(int64_t(1) << 20)
+                      : unit == "G" || unit == "g" ? double(int64_t(1) << 30)
+                      : unit == "T" || unit == "t" ? double(int64_t(1) << 40)
+                                                   : 0.0;
   if (used == 0 || mult == 0.0 || !(v > 0))
     fail(option, s, "expected a memory size like 80G, 141GiB or 96000M");
   return int64_t(v * mult);

@@ -794,8 +794,8 @@ PYBIND11_MODULE(_core, m) {
          int64_t prompts_per_forward, int64_t n_batches_in_buffer, int64_t heldout_tokens,
          const std::string& model_name, const std::string& dataset_name, bool resume,
          int64_t stop_at_step, int64_t log_every, double checkpoint_minutes, bool check_disk,
-         int64_t checkpoint_snapshots, py::object progress, const std::string& device,
-         bool overlap, bool plan_only, int64_t gpu_memory) -> py::object {
+         int64_t checkpoint_snapshots, py::object progress, const std::string& device, bool overlap,
+         bool plan_only, int64_t gpu_memory) -> py::object {
         pipeline::ReleaseOptions o;
         o.plan_only = plan_only;
         o.gpu_memory = gpu_memory;

@@ -33,10 +33,10 @@
 #include "model/tokenizer.h"
 #include "pipeline/activation_store.h"
 #include "pipeline/device_plan.h"
-#include "pipeline/release.h"
 #include "pipeline/disk_plan.h"
 #include "pipeline/job_status.h"
 #include "pipeline/model_card.h"
+#include "pipeline/release.h"
 #include "sae/device_sae.h"
 #include "sae/load.h"
 #include "sae/pretrained.h"
@@ -1608,7 +1608,8 @@ TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
   r = test::run_cli(g2_args + "40G");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   std::string runs;
-  for (const auto& g : groups) runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
+  for (const auto& g : groups)
+    runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
   EXPECT_NE(r.output.find("40.00 GiB is planned (--gpu-memory); the largest group of these layers "
                           "that fits is --layers " +
                           layers_arg(groups.front())),
@@ -1622,8 +1623,7 @@ TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
   EXPECT_NE(r.output.find("GPU memory plan: "), std::string::npos) << r.output;
   r = test::run_cli(g2_args + "lots");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_NE(r.output.find("--gpu-memory: lots: expected a memory size like 80G"),
-            std::string::npos)
+  EXPECT_NE(r.output.find("--gpu-memory: lots: expected a memory size like 80G"), std::string::npos)
       << r.output;
   r = test::run_cli(release_args(corpus, out) + " --plan-only --gpu-memory 80G");
   EXPECT_EQ(r.exit_code, 1) << r.output;

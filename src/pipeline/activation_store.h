@@ -187,7 +187,7 @@ class ActivationStore {
   std::exception_ptr fill_error_;
   std::function<int64_t()> position_;  // the source's position (track_position)
   int64_t round_position_ = 0;         // where the round on the thread began
-  int cuda_device_ = 0;  // the GPU of a device store, made current on the thread
+  int cuda_device_ = 0;                // the GPU of a device store, made current on the thread
   std::thread filler_;
 };
 

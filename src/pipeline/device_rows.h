@@ -1,8 +1,8 @@
 // The activation store's rows in GPU memory (activation_store.h, when its model is a
 // DeviceGemma2): one [rows, d] buffer per layer, filled by the forward's hooks, shuffled and
 // compacted in place, and served as device pointers, so a release's SAE batches never leave the
-// device. Every operation but to_host is queued on the forward's stream; sync() waits for them. In a build
-// without CUDA the constructor throws a clear error.
+// device. Every operation but to_host is queued on the forward's stream; sync() waits for them. In
+// a build without CUDA the constructor throws a clear error.
 #pragma once
 
 #include <cstdint>

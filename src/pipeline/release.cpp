@@ -585,9 +585,12 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     if (lead)
       std::fprintf(stderr, "disk: %s; %s free in %s\n", disk.describe().c_str(),
                    fmt_bytes(v[4]).c_str(), out.string().c_str());
-    plan["disk"] = {{"checkpoints", disk.checkpoints}, {"replacing", disk.replacing},
-                    {"saes", disk.saes},               {"present", disk.present},
-                    {"needed", disk.needed()},         {"free", int64_t(v[4])},
+    plan["disk"] = {{"checkpoints", disk.checkpoints},
+                    {"replacing", disk.replacing},
+                    {"saes", disk.saes},
+                    {"present", disk.present},
+                    {"needed", disk.needed()},
+                    {"free", int64_t(v[4])},
                     {"fits", disk.needed() <= int64_t(v[4])}};
     if (opt.plan_only && opt.check_disk && disk.needed() > int64_t(v[4])) {
       plan_fits = false;
@@ -654,8 +657,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
         stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s %s; AuxK sized for %.0f%% dead)\n",
         who.c_str(), gpu_index,
         gpu_here ? cuda_device_description().c_str()
-                 : cat("none used: planned for ", fmt_bytes(double(free_bytes)),
-                       " (--gpu-memory)")
+                 : cat("none used: planned for ", fmt_bytes(double(free_bytes)), " (--gpu-memory)")
                        .c_str(),
         who.c_str(), gpu_plan.describe().c_str(), fmt_bytes(double(free_bytes)).c_str(),
         gpu_here ? "free" : "planned", 100 * kPlannedDeadShare);
@@ -665,11 +667,16 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     const std::vector<std::vector<int64_t>> groups =
         fits ? std::vector<std::vector<int64_t>>{layers}
              : layer_groups_that_fit(fit_shape, layers, planned, free_bytes);
-    plan["gpu"] = {{"memory", free_bytes},      {"model", gpu_plan.model},
-                   {"forward", gpu_plan.forward}, {"saes", gpu_plan.saes},
-                   {"store", gpu_plan.store},     {"host_store", gpu_plan.host_store},
-                   {"evaluation", gpu_plan.eval}, {"total", gpu_plan.total()},
-                   {"fits", fits},                {"groups", groups}};
+    plan["gpu"] = {{"memory", free_bytes},
+                   {"model", gpu_plan.model},
+                   {"forward", gpu_plan.forward},
+                   {"saes", gpu_plan.saes},
+                   {"store", gpu_plan.store},
+                   {"host_store", gpu_plan.host_store},
+                   {"evaluation", gpu_plan.eval},
+                   {"total", gpu_plan.total()},
+                   {"fits", fits},
+                   {"groups", groups}};
     if (!fits) {
       std::string runs;
       for (const auto& g : groups)
@@ -685,7 +692,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                     fmt_bytes(double(free_bytes)), available,
                     "; the largest group of these layers that fits is --layers ",
                     layers_arg(groups.front()), " (",
-                    fmt_bytes(double(plan_device_release(fit_shape, groups.front(), planned).total())),
+                    fmt_bytes(
+                        double(plan_device_release(fit_shape, groups.front(), planned).total())),
                     "): run the layers in groups (", runs,
                     ") and join them with sae release-merge");
       if (!opt.plan_only) fail("release", "layers", why);
@@ -808,9 +816,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       acts_store.emplace(*model, *windows, point, layers, store, special);
   }
   ActivationStore& acts = *acts_store;
-  acts.track_position([&]() -> int64_t {
-    return from_cache ? cache_rows->next_shard() : corpus->next_document();
-  });
+  acts.track_position(
+      [&]() -> int64_t { return from_cache ? cache_rows->next_shard() : corpus->next_document(); });
   const std::string data_what =
       from_cache ? cat("the activation cache ", fs::path(cache->folder).filename().string())
                  : cat(corpus->shard_paths().size(), " shard(s)");
@@ -1174,9 +1181,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       std::vector<float>().swap(j->x);
     }
     // Every rank's records, in rank order (a collective: every rank knows one was set aside).
-    const std::vector<std::string> all =
-        n_ranks > 1 ? dist::allgather_strings(comm, records.dump())
-                    : std::vector<std::string>{records.dump()};
+    const std::vector<std::string> all = n_ranks > 1 ? dist::allgather_strings(comm, records.dump())
+                                                     : std::vector<std::string>{records.dump()};
     for (const std::string& r : all)
       for (const ojson& record : ojson::parse(r)) log_record(record);
   };
@@ -1248,11 +1254,11 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       const std::string upkeep =
           cat(", evaluation ", pct(evals, el), ", checkpoints ", pct(ckpt_seconds, el));
       const std::string split =
-          overlap ? cat(fill_what, " ", pct(fwd, el), " beside the SAE steps, ",
-                        pct(sae_seconds - evals, el), " SAE steps, ", pct(waited, el),
-                        " waiting for it", upkeep)
-                  : cat(fill_what, " ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el),
-                        upkeep);
+          overlap
+              ? cat(fill_what, " ", pct(fwd, el), " beside the SAE steps, ",
+                    pct(sae_seconds - evals, el), " SAE steps, ", pct(waited, el),
+                    " waiting for it", upkeep)
+              : cat(fill_what, " ", pct(fwd, el), ", SAEs ", pct(sae_seconds - evals, el), upkeep);
       ojson record = {{"step", step},
                       {"tokens", step * global_batch},
                       {"tokens_per_s", rate},
