@@ -42,6 +42,17 @@ const std::atomic<bool>& stop_on_signals() {
   return g_stop;
 }
 
+// The number at the start of `s` and how many characters it took (0: none).
+double leading_number(const std::string& s, size_t& used) {
+  used = 0;
+  try {
+    return std::stod(s, &used);
+  } catch (const std::exception&) {
+    used = 0;
+    return 0;
+  }
+}
+
 int64_t parse_count(const std::string& option, const std::string& s) {
   if (s.empty()) fail(option, s, "empty");
   double mult = 1;
@@ -68,12 +79,7 @@ int64_t parse_count(const std::string& option, const std::string& s) {
       break;
   }
   size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(num, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
+  const double v = leading_number(num, used);
   if (used != num.size() || v <= 0) fail(option, s, "expected a count like 750M or 20000");
   return int64_t(v * mult + 0.5);
 }
@@ -81,12 +87,7 @@ int64_t parse_count(const std::string& option, const std::string& s) {
 // A memory size: bytes, or a number with M, G or T (binary: GiB; "GB" and "GiB" alike).
 int64_t parse_memory(const std::string& option, const std::string& s) {
   size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
+  const double v = leading_number(s, used);
   std::string unit = s.substr(used);
   for (const char* tail : {"iB", "B"})
     if (unit.size() > 1 && unit.ends_with(tail)) unit.resize(unit.size() - std::strlen(tail));
