@@ -224,7 +224,7 @@ Runner add_release(CLI::App& app) {
     r.store.windows.concat = !o->truncate;
     const std::atomic<bool>& stop = stop_on_signals();
     const pipeline::ReleaseEnd end = pipeline::run_release(r, &stop);
-    if (r.plan_only) return end.plan.value("fits", false) ? 0 : 1;
+    if (r.plan_only) return end.plan.is_object() && end.plan.value("fits", false) ? 0 : 1;
     if (!end.finished) return stop ? 130 : 0;  // 130: interrupted by a signal, state saved
     return end.set_aside.empty() ? 0 : 2;      // 2: written, but without the SAEs set aside
   };

@@ -589,6 +589,12 @@ TEST(Release, StopsAndResumes) {
             std::string::npos)
       << r.output;
   EXPECT_EQ(test::read_bytes(out + "/release.json"), written);
+  // Planned again (the disk plan counts what is there): the plans, nothing rewritten.
+  r = test::run_cli(release_args(corpus, out) + " --resume --plan-only");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("release: plan only: it fits"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" - already written "), std::string::npos) << r.output;
+  EXPECT_EQ(test::read_bytes(out + "/release.json"), written);
 }
 
 // In one process each checkpoint is a round: the SAEs' states taken between steps, written on

@@ -100,7 +100,7 @@ void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers, bool rows
   if (dm_)
     dev_rows_ = std::make_unique<DeviceRows>(n_layers, total_, d_, dm_->stream(), rows_on_host);
   else
-    buf_.assign(n_layers, std::vector<float>(size_t(total_ * d_)));
+    buf_.assign(n_layers, std::vector<float>(size_t(total_ * d_))), spare_.resize(buf_[0].size());
 }
 
 // The next prompts_per_forward windows and the positions of their tokens that reach the SAEs.
@@ -211,12 +211,12 @@ void ActivationStore::shuffle_round() {
   if (dev_rows_) {
     dev_rows_->permute(perm);
     dev_rows_->sync();
-  } else {
-    std::vector<float> tmp(static_cast<size_t>(rows_ * d_));
+  } else {  // gathered into the spare, which becomes the layer's buffer (the rows past rows_
+            // are free slots: what they held is not needed)
     for (auto& b : buf_) {
       for (int64_t r = 0; r < rows_; ++r)
-        std::memcpy(tmp.data() + r * d_, b.data() + perm[size_t(r)] * d_, size_t(d_) * 4);
-      std::memcpy(b.data(), tmp.data(), size_t(rows_ * d_) * 4);
+        std::memcpy(spare_.data() + r * d_, b.data() + perm[size_t(r)] * d_, size_t(d_) * 4);
+      b.swap(spare_);
     }
   }
   // Serve the front, keep half a buffer to mix with the next fill (all of it at the end).

@@ -167,6 +167,7 @@ class ActivationStore {
   int64_t d_ = 0, capacity_ = 0, max_fill_ = 0;
   int64_t total_ = 0;                    // rows per layer: capacity_ + max_fill_
   std::vector<std::vector<float>> buf_;  // per layer, [total_, d]
+  std::vector<float> spare_;             // [total_, d]: the target of the shuffle's gather
   int64_t rows_ = 0;                     // shuffled rows at the front: served, then kept
   int64_t serve_begin_ = 0, serve_end_ = 0;
   int64_t n_new_ = 0;  // rows of the fill in progress, at slot(0), slot(1), ...

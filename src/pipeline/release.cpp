@@ -484,7 +484,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
            "every SAE of one release trains on the same tokens");
   // A finished release resumed (a requeued job, the same command run again): nothing to do,
   // unless more tokens are asked for (then its SAEs train on from their last checkpoints).
-  if (opt.resume && fs::exists(out / "release.json")) {
+  if (opt.resume && !opt.plan_only && fs::exists(out / "release.json")) {
     const ojson done = read_json_file((out / "release.json").string());
     const int64_t trained = done.value("training_tokens", int64_t(0));
     if (trained >= total_steps * jobs.front().cfg.batch_size) {
@@ -506,8 +506,9 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
   double saes_b = 0;
   for (size_t i = 0; i < jobs.size(); ++i)
     if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
-  const double buffer_b = double(store.n_batches_in_buffer * store.prompts_per_forward *
-                                 store.windows.context_size * d * 4 * int64_t(layers.size()));
+  // The store's ring (the buffer and one fill) per layer, and the shuffle's spare.
+  const double buffer_b = double((store.n_batches_in_buffer + 1) * store.prompts_per_forward *
+                                 store.windows.context_size * d * 4 * (int64_t(layers.size()) + 1));
   // One process writes its checkpoints beside the steps (below): the SAEs' states wait for the
   // disk in host memory, at most the writer's budget (--checkpoint-snapshots) and never more
   // than one state per SAE.
