@@ -97,10 +97,12 @@ void ActivationStore::allocate(int64_t max_fill_rows, size_t n_layers, bool rows
   // Room for a full buffer plus one fill's worth of overshoot.
   max_fill_ = max_fill_rows;
   total_ = capacity_ + max_fill_;
-  if (dm_)
+  if (dm_) {
     dev_rows_ = std::make_unique<DeviceRows>(n_layers, total_, d_, dm_->stream(), rows_on_host);
-  else
-    buf_.assign(n_layers, std::vector<float>(size_t(total_ * d_))), spare_.resize(buf_[0].size());
+  } else {
+    buf_.assign(n_layers, std::vector<float>(size_t(total_ * d_)));
+    spare_.resize(size_t(total_ * d_));
+  }
 }
 
 // The next prompts_per_forward windows and the positions of their tokens that reach the SAEs.
