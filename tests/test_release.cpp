@@ -284,8 +284,9 @@ TEST(ActivationStore, FillAheadReportsErrorsAndStops) {
     return finished.wait_for(std::chrono::seconds(30)) == std::future_status::ready;
   };
   ActivationStore* raw = dropped.release();
-  ASSERT_TRUE(returns_in_time([raw] { const auto hold = raw->hold_source(); }))
-      << "hold_source() blocked while the fill thread waits";
+  raw->track_position([&endless] { return endless.next; });
+  ASSERT_TRUE(returns_in_time([raw] { raw->checkpoint_position(); }))
+      << "checkpoint_position() blocked while the fill thread waits";
   ASSERT_TRUE(returns_in_time([raw] { delete raw; }))
       << "dropping a store whose fill thread waits did not return";
 }

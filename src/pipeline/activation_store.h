@@ -93,8 +93,8 @@ class ActivationStore {
 
   // From now on each fill runs on a thread of the store while the batches of the previous one are
   // served (the batches are the same). A GPU store's forwards then overlap the SAE steps. The
-  // caller must not use the store's model, window stream or source meanwhile, except its
-  // position under hold_source(). A CPU model's forward must not run beside other CPU GEMMs:
+  // caller must not use the store's model, window stream or source meanwhile (its position:
+  // checkpoint_position()). A CPU model's forward must not run beside other CPU GEMMs:
   // OpenBLAS built for OpenMP keeps its buffers per OpenMP thread number, which two host
   // threads share (seen as wrong rows in a test), so the release fills ahead on the GPU only,
   // or from a cache (reading its shards runs no GEMM).
@@ -102,9 +102,6 @@ class ActivationStore {
   // Ends the filling thread (after its current forward) so that the model is the caller's again;
   // the store serves only the batches it has already shuffled, then refuses to refill.
   void stop_filling();
-  // While the lock is held the store reads nothing from its windows or its fill (a corpus or
-  // cache position read then is stable). Rows read ahead are past it.
-  std::unique_lock<std::mutex> hold_source() { return std::unique_lock<std::mutex>(source_mu_); }
   // The position of the store's source (a corpus's next document, a cache's next shard: what
   // `position` returns) that a checkpoint records, from which a resumed store reads again. When
   // filling ahead, the position where the fill on the thread began: its rows are served only
