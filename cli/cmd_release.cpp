@@ -189,6 +189,10 @@ Runner add_release(CLI::App& app) {
                   "On cuda, plan against this much GPU memory (e.g. 80G, 141G) instead of what "
                   "is free: with --plan-only, a GPU this machine need not have; in a run, a cap "
                   "below what is free");
+  cmd->add_option("--ranks", o->r.plan_ranks,
+                  "With --plan-only: plan a job of N ranks (mpirun -np N, one GPU each on cuda) "
+                  "in this one process: each rank's SAEs and memory; on cuda, when a rank does "
+                  "not fit, the fewest ranks that would");
   cmd->add_flag("--resume", o->r.resume, "Continue an interrupted release in the same folder");
   cmd->add_option("--stop-at-step", o->r.stop_at_step,
                   "Checkpoint and exit 0 at this step (continue later with --resume)");

@@ -608,10 +608,11 @@ PYBIND11_MODULE(_core, m) {
          int64_t log_every, bool bf16_matmul, const std::string& device,
          const std::string& precision, bool overlap, const std::string& activation_store,
          double checkpoint_minutes, bool check_disk, int64_t checkpoint_snapshots,
-         py::object progress, bool plan_only, int64_t gpu_memory) -> py::object {
+         py::object progress, bool plan_only, int64_t gpu_memory, int64_t ranks) -> py::object {
         pipeline::ReleaseOptions o;
         o.plan_only = plan_only;
         o.gpu_memory = gpu_memory;
+        o.plan_ranks = ranks;
         o.checkpoint_minutes = checkpoint_minutes;
         o.checkpoint_snapshots = checkpoint_snapshots;
         o.check_disk = check_disk;
@@ -654,6 +655,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("activation_store") = "auto", py::arg("checkpoint_minutes") = 30.0,
       py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
       py::arg("progress") = py::none(), py::arg("plan_only") = false, py::arg("gpu_memory") = 0,
+      py::arg("ranks") = 0,
       "The `sae release` job (docs/release.md): Matryoshka SAEs per (variant, layer) trained on "
       "Gemma-2 activations (model: a folder or a Hugging Face repo id) of a text corpus, evaluated "
       "on held-out tokens, written as a SAELens "
@@ -675,9 +677,11 @@ PYBIND11_MODULE(_core, m) {
       "aside (diverged again after training.max_rollbacks rollbacks while others trained on) "
       "are left out with a RuntimeWarning; their results hold 'failed'. plan_only=True loads "
       "and writes nothing and returns the plan as a dict ({'fits', 'saes', 'memory' on the "
-      "CPU or 'gpu' with its 'groups' of layers that fit, 'disk'}); gpu_memory (bytes, on cuda) "
-      "plans against that much GPU memory instead of what is free (planning only: a GPU this "
-      "machine need not have).");
+      "CPU or 'gpu' with its 'groups' of layers that fit and 'ranks_that_fit', 'disk'}); "
+      "gpu_memory (bytes, on cuda) plans against that much GPU memory instead of what is free "
+      "(planning only: a GPU this machine need not have); ranks=N (with plan_only) plans a job "
+      "of N ranks (mpirun -np N, one GPU each on cuda): 'ranks' lists each rank's 'saes' and "
+      "'memory' or 'gpu'.");
 
   m.def(
       "dashboard",
@@ -795,10 +799,11 @@ PYBIND11_MODULE(_core, m) {
          const std::string& model_name, const std::string& dataset_name, bool resume,
          int64_t stop_at_step, int64_t log_every, double checkpoint_minutes, bool check_disk,
          int64_t checkpoint_snapshots, py::object progress, const std::string& device, bool overlap,
-         bool plan_only, int64_t gpu_memory) -> py::object {
+         bool plan_only, int64_t gpu_memory, int64_t ranks) -> py::object {
         pipeline::ReleaseOptions o;
         o.plan_only = plan_only;
         o.gpu_memory = gpu_memory;
+        o.plan_ranks = ranks;
         o.checkpoint_minutes = checkpoint_minutes;
         o.checkpoint_snapshots = checkpoint_snapshots;
         o.check_disk = check_disk;
@@ -828,14 +833,14 @@ PYBIND11_MODULE(_core, m) {
       py::arg("stop_at_step") = 0, py::arg("log_every") = 100, py::arg("checkpoint_minutes") = 30.0,
       py::arg("check_disk") = true, py::arg("checkpoint_snapshots") = 0,
       py::arg("progress") = py::none(), py::arg("device") = "cpu", py::arg("overlap") = true,
-      py::arg("plan_only") = false, py::arg("gpu_memory") = 0,
+      py::arg("plan_only") = false, py::arg("gpu_memory") = 0, py::arg("ranks") = 0,
       "`sae release --from-cache` (docs/release.md): the release trained from an activation "
       "cache written by `sae cache`, without the model (layers: default all of the cache's; "
       "its last shards are the held-out set; no CE-loss score). progress: as release's. "
       "device='cuda': every SAE's step on the GPU (a build with CUDA). The next shards are read "
       "on a thread beside the SAE steps; overlap=False reads them between the steps. Returns "
       "release.json as a dict, or None when stopped at stop_at_step; SAEs set aside, "
-      "plan_only and gpu_memory as release's.");
+      "plan_only, gpu_memory and ranks as release's.");
 
   py::class_<PyGemma2, std::shared_ptr<PyGemma2>>(
       m, "Gemma2",

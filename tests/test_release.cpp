@@ -1639,6 +1639,68 @@ TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
       << r.output;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_EQ(layers_arg({0, 1, 2, 5, 7, 8}), "0-2,5,7-8");
+
+  // The same job over several GPUs, planned here (--ranks): one GPU of 40 GiB is too small, and
+  // the plan names the fewest ranks whose every GPU plan fits; the SAEs spread over them once
+  // each; fewer ranks do not fit.
+  const int m = halves.plan["gpu"]["ranks_that_fit"].get<int>();
+  ASSERT_GE(m, 2) << halves.plan.dump(1);
+  EXPECT_EQ(whole.plan["gpu"]["ranks_that_fit"], 1);
+  o.plan_ranks = m;
+  const ReleaseEnd spread = run_release(o);
+  EXPECT_EQ(spread.plan["fits"], true) << spread.plan.dump(1);
+  EXPECT_FALSE(spread.plan.contains("gpu"));
+  ASSERT_EQ(spread.plan["ranks"].size(), size_t(m));
+  std::multiset<std::string> trained;
+  for (const auto& rank : spread.plan["ranks"]) {
+    const auto names = rank["saes"].get<std::vector<std::string>>();
+    trained.insert(names.begin(), names.end());
+    const auto& g = rank["gpu"];
+    EXPECT_EQ(g["fits"], true);
+    EXPECT_LE(g["total"].get<int64_t>(), int64_t(40) << 30);
+    EXPECT_EQ(g["saes"].get<int64_t>(), int64_t(names.size()) * state + scratch);
+    EXPECT_EQ(g["total"].get<int64_t>(), g["model"].get<int64_t>() + g["forward"].get<int64_t>() +
+                                             g["saes"].get<int64_t>() + g["store"].get<int64_t>() +
+                                             g["evaluation"].get<int64_t>());
+  }
+  EXPECT_EQ(trained.size(), 50u);
+  EXPECT_EQ(std::set<std::string>(trained.begin(), trained.end()).size(), 50u);
+  EXPECT_EQ(trained.count("snap/blocks.24.hook_resid_post"), 1u);
+  o.plan_ranks = m - 1;
+  const ReleaseEnd fewer = run_release(o);
+  EXPECT_EQ(fewer.plan["fits"], false);
+  if (m - 1 > 1) {
+    EXPECT_EQ(fewer.plan["ranks_that_fit"], m) << fewer.plan.dump(1);
+  }
+  EXPECT_FALSE(fs::exists(out));
+  const std::string ms = std::to_string(m);
+  r = test::run_cli(g2_args + "40G");
+  EXPECT_NE(r.output.find("; or over " + ms + " GPUs: mpirun -np " + ms), std::string::npos)
+      << r.output;
+  r = test::run_cli(g2_args + "40G --ranks " + ms);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("release: module parallel over " + ms +
+                          " ranks (planned with --ranks, not launched)"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(
+      r.output.find("rank " + std::to_string(m - 1) + ": GPU memory plan (40.00 GiB planned)"),
+      std::string::npos)
+      << r.output;
+  // On the CPU: each rank's SAEs and memory; --ranks only plans.
+  r = test::run_cli(release_args(corpus, out) + " --plan-only --ranks 2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("release: rank 1: standard/blocks.2.hook_resid_post, "
+                          "snap/blocks.2.hook_resid_post; memory: model "),
+            std::string::npos)
+      << r.output;
+  r = test::run_cli(release_args(corpus, out) + " --ranks 2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("plan_ranks: plans a job of N ranks without launching it: give it with "
+                          "--plan-only"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(out));
 }
 
 // A release run in two groups of layers and merged: one folder per variant with every layer's

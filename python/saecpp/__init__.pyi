@@ -111,6 +111,7 @@ def release(
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
     plan_only: bool = False,
     gpu_memory: int = 0,
+    ranks: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 def dashboard(
@@ -177,6 +178,7 @@ def release_from_cache(
     overlap: bool = True,
     plan_only: bool = False,
     gpu_memory: int = 0,
+    ranks: int = 0,
 ) -> Optional[dict[str, Any]]: ...
 
 class Gemma2:

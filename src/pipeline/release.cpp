@@ -246,6 +246,76 @@ std::vector<std::pair<int, int>> assign_rank_groups(const std::vector<Job>& jobs
   return groups;
 }
 
+bool in_group(const std::pair<int, int>& g, int r) {
+  return g.first <= r && r < g.second;
+}
+
+// One rank's GPU plan: its SAEs (those whose group holds it), the store placed as `mode` says.
+struct RankGpuPlan {
+  std::vector<PlannedSae> saes;
+  DevicePlanShape shape;  // store_on_host decided
+  DeviceReleasePlan plan;
+};
+RankGpuPlan plan_rank_gpu(const DevicePlanShape& shape, const std::string& mode,
+                          const std::vector<int64_t>& layers, const std::vector<Job>& jobs,
+                          const std::vector<std::pair<int, int>>& group, int r, int64_t d,
+                          int64_t free_bytes) {
+  RankGpuPlan p;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    if (in_group(group[i], r)) {
+      p.saes.push_back({jobs[i].layer, jobs[i].cfg});
+      p.saes.back().cfg.spec.d_in = d;  // the trainer takes it from its rows later
+    }
+  p.shape = place_store(shape, mode, layers, p.saes, free_bytes);
+  p.plan = plan_device_release(p.shape, layers, p.saes);
+  return p;
+}
+
+// NCCL's exchange assembles the global batch of each layer a rank trains on its GPU, plus
+// DeviceRows' spare.
+int64_t gpu_exchange_bytes(const std::vector<Job>& jobs,
+                           const std::vector<std::pair<int, int>>& group, int r,
+                           int64_t global_batch, int64_t d) {
+  std::vector<int64_t> slots;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    if (in_group(group[i], r)) slots.push_back(jobs[i].layer_slot);
+  std::sort(slots.begin(), slots.end());
+  const auto n_layers = std::unique(slots.begin(), slots.end()) - slots.begin();
+  return (1 + n_layers) * global_batch * d * 4;
+}
+
+// The fewest ranks (one GPU each, module parallel: at most one rank per SAE) from `from` up
+// whose every GPU plan fits in `free_bytes`; 0 when none does. The exchange is planned through
+// NCCL unless a store goes to the host (the larger plan of the two).
+int fewest_ranks_that_fit(int from, const DevicePlanShape& shape, const std::string& mode,
+                          bool nccl, const std::vector<int64_t>& layers,
+                          const std::vector<Job>& jobs, int64_t d, int64_t global_batch,
+                          int64_t free_bytes) {
+  for (int m = std::max(from, 1); m <= int(jobs.size()); ++m) {
+    const auto group = assign_rank_groups(jobs, d, m, "modules");
+    std::vector<RankGpuPlan> plans;
+    bool on_host = false;
+    for (int r = 0; r < m; ++r) {
+      plans.push_back(plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes));
+      on_host = on_host || plans.back().shape.store_on_host;
+    }
+    bool fits = true;
+    for (int r = 0; r < m && fits; ++r)
+      fits = plans[size_t(r)].plan.total() +
+                 (nccl && !on_host && m > 1 ? gpu_exchange_bytes(jobs, group, r, global_batch, d)
+                                            : 0) <=
+             free_bytes;
+    if (fits) return m;
+  }
+  return 0;
+}
+
+ojson gpu_plan_record(const DeviceReleasePlan& p, int64_t memory, bool fits) {
+  return {{"memory", memory},     {"model", p.model},   {"forward", p.forward},
+          {"saes", p.saes},       {"store", p.store},   {"host_store", p.host_store},
+          {"evaluation", p.eval}, {"total", p.total()}, {"fits", fits}};
+}
+
 // Module parallel's activation exchange: every rank forwards its share of the corpus and holds
 // rows [B*r/N, B*(r+1)/N) of each layer's global batch; each layer's rows go to the ranks that
 // own an SAE of that layer, which assemble the global batch in rank order. One plan (moves()),
@@ -417,11 +487,20 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     for (Job& j : jobs) j.cfg.device = "cuda";
   if (opt.parallel != "modules" && opt.parallel != "data")
     fail("release", "parallel", cat("must be modules or data, got '", opt.parallel, "'"));
+  // --plan-only --ranks N: the plans of a job of N ranks, made here in one process.
+  if (opt.plan_ranks < 0 || (opt.plan_ranks > 0 && (!opt.plan_only || n_ranks > 1)))
+    fail("release", "plan_ranks",
+         opt.plan_ranks < 0 ? cat("must be >= 0, got ", opt.plan_ranks)
+                            : std::string("plans a job of N ranks without launching it: give it "
+                                          "with --plan-only, in one process"));
+  const int planned_ranks = opt.plan_ranks > 0 ? int(opt.plan_ranks) : n_ranks;
+  const bool plan_many = planned_ranks > n_ranks;  // ranks planned, not launched
   const std::vector<std::pair<int, int>> group =
-      assign_rank_groups(jobs, mcfg.hidden_size, n_ranks, opt.parallel);
-  auto mine = [&](size_t i) { return group[i].first <= rank && rank < group[i].second; };
+      assign_rank_groups(jobs, mcfg.hidden_size, planned_ranks, opt.parallel);
+  auto mine = [&](size_t i) { return in_group(group[i], rank); };
   // [rank][slot]: whether the rank trains an SAE of layers[slot] (it then needs its batches).
-  std::vector<std::vector<uint8_t>> wants(size_t(n_ranks), std::vector<uint8_t>(layers.size(), 0));
+  std::vector<std::vector<uint8_t>> wants(size_t(planned_ranks),
+                                          std::vector<uint8_t>(layers.size(), 0));
   for (size_t i = 0; i < jobs.size(); ++i)
     for (int q = group[i].first; q < group[i].second; ++q)
       wants[size_t(q)][size_t(jobs[i].layer_slot)] = 1;
@@ -430,9 +509,9 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
   // or none (one rank per SAE).
   // Several ranks on GPUs: module parallel only (each SAE on one rank's GPU). Data-parallel SAE
   // steps would need the step's own exchange on the device, not built.
-  if (cuda && n_ranks > 1 && (opt.parallel == "data" || int64_t(jobs.size()) < n_ranks))
+  if (cuda && planned_ranks > 1 && (opt.parallel == "data" || int64_t(jobs.size()) < planned_ranks))
     fail("release", "device",
-         cat("cuda under ", n_ranks,
+         cat("cuda under ", planned_ranks,
              " ranks runs module parallel only (at least as many SAEs as ranks, --parallel "
              "modules): data-parallel SAE steps on GPUs are not built yet (issue 12); ",
              jobs.size(), " SAEs here"));
@@ -503,9 +582,13 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       from_cache
           ? 0.0
           : double(model::gemma2_weight_bytes(mcfg, last_needed, opt.keep_bf16 || opt.bf16_matmul));
-  double saes_b = 0;
-  for (size_t i = 0; i < jobs.size(); ++i)
-    if (mine(i)) saes_b += sae_bytes(jobs[i].cfg, d);
+  auto saes_of = [&](int r) {  // rank r's SAEs in host memory (on the CPU)
+    double b = 0;
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (in_group(group[i], r)) b += sae_bytes(jobs[i].cfg, d);
+    return b;
+  };
+  const double saes_b = saes_of(rank);
   // The store's ring (the buffer and one fill) per layer, and the shuffle's spare.
   const double buffer_b = double((store.n_batches_in_buffer + 1) * store.prompts_per_forward *
                                  store.windows.context_size * d * 4 * (int64_t(layers.size()) + 1));
@@ -527,34 +610,60 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                  "release: %zu SAEs (%zu variants x %zu layers), %lld steps of %lld tokens each\n",
                  jobs.size(), opt.variants.size(), layers.size(), (long long)total_steps,
                  (long long)global_batch);
-  if (n_ranks > 1) {
-    // What each rank trains, and its memory: said by every rank, in rank order.
-    std::string mine_list;
+  // The SAEs rank r trains ("variant/hook", in order).
+  auto names_of = [&](int r) {
+    std::vector<std::string> names;
     for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i)) {
-        mine_list += (mine_list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
-        if (group[i].second - group[i].first > 1)
-          mine_list +=
-              cat(" (data parallel with ranks ", group[i].first, "-", group[i].second - 1, ")");
+      if (in_group(group[i], r)) names.push_back(jobs[i].variant + "/" + jobs[i].hook);
+    return names;
+  };
+  if (plan_many) plan["ranks"] = ojson::array();
+  if (planned_ranks > 1) {
+    // What each rank trains, and its memory: said by every rank, in rank order (or, planning
+    // ranks not launched, made here for each).
+    auto rank_line = [&](int r) {
+      std::string list;
+      for (size_t i = 0; i < jobs.size(); ++i)
+        if (in_group(group[i], r)) {
+          list += (list.empty() ? "" : ", ") + jobs[i].variant + "/" + jobs[i].hook;
+          if (group[i].second - group[i].first > 1)
+            list +=
+                cat(" (data parallel with ranks ", group[i].first, "-", group[i].second - 1, ")");
+        }
+      return cat("rank ", r, ": ", list.empty() ? "forward only" : list,
+                 cuda ? std::string("; on its GPU (its memory plan below)")
+                      : cat("; memory: model ", fmt_bytes(model_b), " + SAEs ",
+                            fmt_bytes(saes_of(r)), " + activation buffers ", fmt_bytes(buffer_b),
+                            " = ", fmt_bytes(model_b + saes_of(r) + buffer_b)));
+    };
+    std::vector<std::string> lines;
+    if (plan_many) {
+      for (int r = 0; r < planned_ranks; ++r) {
+        lines.push_back(rank_line(r));
+        plan["ranks"].push_back({{"rank", r}, {"saes", names_of(r)}});
+        if (!cuda)
+          plan["ranks"].back()["memory"] = {{"model", int64_t(model_b)},
+                                            {"saes", int64_t(saes_of(r))},
+                                            {"activation_buffers", int64_t(buffer_b)},
+                                            {"total", int64_t(model_b + saes_of(r) + buffer_b)}};
       }
-    const auto lines = dist::allgather_strings(
-        comm, cat("rank ", rank, ": ", mine_list.empty() ? "forward only" : mine_list,
-                  cuda ? std::string("; on its GPU (its memory plan below)")
-                       : cat("; memory: model ", fmt_bytes(model_b), " + SAEs ", fmt_bytes(saes_b),
-                             " + activation buffers ", fmt_bytes(buffer_b), " = ",
-                             fmt_bytes(model_b + saes_b + buffer_b))));
+    } else {
+      lines = dist::allgather_strings(comm, rank_line(rank));
+    }
     if (lead) {
       std::fprintf(
           stderr,
           "release: %s over %d ranks (%s): each %s (%lld-%lld rows of "
           "every batch) and trains its SAEs on all ranks' rows\n",
           opt.parallel == "data" ? "data parallel (every SAE on every rank)"
-          : int64_t(jobs.size()) < n_ranks
+          : int64_t(jobs.size()) < planned_ranks
               ? "module parallel, data parallel inside each SAE's group"
               : "module parallel",
-          n_ranks, comm.transport().c_str(),
+          planned_ranks,
+          plan_many ? "planned with --ranks, not launched" : comm.transport().c_str(),
           from_cache ? "reads every N-th shard of the cache" : "forwards its share of the corpus",
-          (long long)(global_batch / n_ranks), (long long)((global_batch + n_ranks - 1) / n_ranks));
+          (long long)(global_batch / planned_ranks),
+          (long long)((global_batch + planned_ranks - 1) / planned_ranks));
       for (const auto& l : lines) std::fprintf(stderr, "release: %s\n", l.c_str());
     }
   } else if (!cuda) {
@@ -574,7 +683,7 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
   {
     std::vector<train::TrainConfig> written;  // the SAEs this rank writes
     for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i) && group[i].first == rank) written.push_back(jobs[i].cfg);
+      if (plan_many || (mine(i) && group[i].first == rank)) written.push_back(jobs[i].cfg);
     const DiskPlan own = plan_release_disk(written, d, 0);
     std::vector<double> v = {double(own.checkpoints), double(own.replacing), double(own.saes),
                              lead ? double(folder_bytes(work.string())) : 0.0,
@@ -616,12 +725,6 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     shape.forward_tokens = store.prompts_per_forward * store.windows.context_size;
     shape.context_size = store.windows.context_size;
     shape.store_rows = store.n_batches_in_buffer * shape.forward_tokens + shape.forward_tokens;
-    std::vector<PlannedSae> planned;  // this rank's SAEs
-    for (size_t i = 0; i < jobs.size(); ++i)
-      if (mine(i)) {
-        planned.push_back({jobs[i].layer, jobs[i].cfg});
-        planned.back().cfg.spec.d_in = d;  // the trainer takes it from its rows later
-      }
     // The GPU's free memory, capped by --gpu-memory; or, planning only, that size itself.
     const int64_t free_bytes =
         !gpu_here ? opt.gpu_memory
@@ -632,74 +735,130 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
     const bool may_move = opt.activation_store == "auto" && !from_cache;
     const std::string mode =
         may_move || opt.activation_store != "auto" ? opt.activation_store : "device";
-    shape = place_store(shape, mode, layers, planned, free_bytes);
-    gpu_plan = plan_device_release(shape, layers, planned);
-    const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
-    if (shape.store_on_host && mode == "auto")
-      std::fprintf(stderr,
-                   "%srelease: the activation store (%s) does not fit on the GPU beside the SAEs: "
-                   "it goes to pinned host memory, which the GPU reads across the bus (slower; "
-                   "--activation-store device to refuse instead)\n",
-                   who.c_str(), fmt_bytes(double(gpu_plan.host_store)).c_str());
-    store_on_host = shape.store_on_host;
-    if (n_ranks > 1) {  // NCCL moves device rows: one rank's store on the host sends all by MPI
-      std::vector<double> on_host = {store_on_host ? 1.0 : 0.0};
-      comm.allreduce_max(on_host);
-      if (on_host[0] != 0.0) gpu_exchange = false;
-    }
-    DevicePlanShape fit_shape = shape;  // what "the largest group that fits" is planned with
-    fit_shape.store_on_host = shape.store_on_host || may_move;
-    if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
-      gpu_plan.store += global_batch * d * 4;  // DeviceRows' spare
-      for (size_t s = 0; s < layers.size(); ++s)
-        gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
-    }
-    std::fprintf(
-        stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s %s; AuxK sized for %.0f%% dead)\n",
-        who.c_str(), gpu_index,
-        gpu_here ? cuda_device_description().c_str()
-                 : cat("none used: planned for ", fmt_bytes(double(free_bytes)), " (--gpu-memory)")
-                       .c_str(),
-        who.c_str(), gpu_plan.describe().c_str(), fmt_bytes(double(free_bytes)).c_str(),
-        gpu_here ? "free" : "planned", 100 * kPlannedDeadShare);
-    const bool fits = gpu_plan.total() <= free_bytes;
-    // When it does not fit: the layers in groups that do, one after another (the first is the
-    // largest group of the layers in order), each a release of its own for release-merge.
-    const std::vector<std::vector<int64_t>> groups =
-        fits ? std::vector<std::vector<int64_t>>{layers}
-             : layer_groups_that_fit(fit_shape, layers, planned, free_bytes);
-    plan["gpu"] = {{"memory", free_bytes},
-                   {"model", gpu_plan.model},
-                   {"forward", gpu_plan.forward},
-                   {"saes", gpu_plan.saes},
-                   {"store", gpu_plan.store},
-                   {"host_store", gpu_plan.host_store},
-                   {"evaluation", gpu_plan.eval},
-                   {"total", gpu_plan.total()},
-                   {"fits", fits},
-                   {"groups", groups}};
-    if (!fits) {
-      std::string runs;
-      for (const auto& g : groups)
-        runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
-      const char* available = gpu_here ? " is free" : " is planned (--gpu-memory)";
-      const std::string why =
-          groups.empty()
-              ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                    fmt_bytes(double(free_bytes)), available,
-                    ": not even one layer's SAEs fit (a narrower SAE, a smaller "
-                    "training.batch_size or store buffer)")
-              : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
-                    fmt_bytes(double(free_bytes)), available,
-                    "; the largest group of these layers that fits is --layers ",
-                    layers_arg(groups.front()), " (",
-                    fmt_bytes(
-                        double(plan_device_release(fit_shape, groups.front(), planned).total())),
-                    "): run the layers in groups (", runs,
-                    ") and join them with sae release-merge");
-      if (!opt.plan_only) fail("release", "layers", why);
-      plan_fits = false;
-      std::fprintf(stderr, "release: plan: %s\n", why.c_str());
+    const char* available = gpu_here ? " is free" : " is planned (--gpu-memory)";
+    // Ranks not launched here (planned, or suggested when one GPU is too small): their global
+    // batches planned as assembled by NCCL on their GPUs when this build has it, the larger plan.
+    const bool nccl_planned =
+        dist::nccl_compiled() && !from_cache && opt.activation_store != "host";
+    auto fewest_ranks = [&](int from) {
+      return fewest_ranks_that_fit(from, shape, mode, nccl_planned, layers, jobs, d, global_batch,
+                                   free_bytes);
+    };
+    if (plan_many) {
+      std::fprintf(stderr, "GPUs: none used: each planned for %s (--gpu-memory)\n",
+                   fmt_bytes(double(free_bytes)).c_str());
+      std::vector<RankGpuPlan> ranks;
+      bool on_host = false;
+      for (int r = 0; r < planned_ranks; ++r) {
+        ranks.push_back(plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes));
+        on_host = on_host || ranks.back().shape.store_on_host;
+      }
+      int worst = 0;
+      for (int r = 0; r < planned_ranks; ++r) {
+        RankGpuPlan& p = ranks[size_t(r)];
+        if (nccl_planned && !on_host)
+          p.plan.store += gpu_exchange_bytes(jobs, group, r, global_batch, d);
+        if (p.plan.total() > ranks[size_t(worst)].plan.total()) worst = r;
+        const bool fits = p.plan.total() <= free_bytes;
+        std::fprintf(stderr, "rank %d: GPU memory plan (%s planned%s): %s\n", r,
+                     fmt_bytes(double(free_bytes)).c_str(), fits ? "" : ", does not fit",
+                     p.plan.describe().c_str());
+        plan["ranks"][size_t(r)]["gpu"] = gpu_plan_record(p.plan, free_bytes, fits);
+      }
+      const RankGpuPlan& largest = ranks[size_t(worst)];
+      if (largest.plan.total() > free_bytes) {
+        plan_fits = false;
+        const int m = fewest_ranks(planned_ranks + 1);
+        plan["ranks_that_fit"] = m > 0 ? ojson(m) : ojson(nullptr);
+        std::fprintf(
+            stderr, "release: plan: rank %d's GPU plan needs %s but %s%s; %s\n", worst,
+            fmt_bytes(double(largest.plan.total())).c_str(), fmt_bytes(double(free_bytes)).c_str(),
+            available,
+            m > 0 ? cat("with --ranks ", m, " every rank's fits (mpirun -np ", m, ", one GPU each)")
+                        .c_str()
+                  : cat("no number of ranks up to one per SAE (", jobs.size(),
+                        ") fits: run the layers in groups (--plan-only without --ranks names them)")
+                        .c_str());
+      }
+    } else {
+      const RankGpuPlan mine_gpu =
+          plan_rank_gpu(shape, mode, layers, jobs, group, rank, d, free_bytes);
+      const std::vector<PlannedSae>& planned = mine_gpu.saes;  // this rank's SAEs
+      shape = mine_gpu.shape;
+      gpu_plan = mine_gpu.plan;
+      const std::string who = n_ranks > 1 ? cat("rank ", rank, ": ") : std::string();
+      if (shape.store_on_host && mode == "auto")
+        std::fprintf(
+            stderr,
+            "%srelease: the activation store (%s) does not fit on the GPU beside the SAEs: "
+            "it goes to pinned host memory, which the GPU reads across the bus (slower; "
+            "--activation-store device to refuse instead)\n",
+            who.c_str(), fmt_bytes(double(gpu_plan.host_store)).c_str());
+      store_on_host = shape.store_on_host;
+      if (n_ranks > 1) {  // NCCL moves device rows: one rank's store on the host sends all by MPI
+        std::vector<double> on_host = {store_on_host ? 1.0 : 0.0};
+        comm.allreduce_max(on_host);
+        if (on_host[0] != 0.0) gpu_exchange = false;
+      }
+      DevicePlanShape fit_shape = shape;  // what "the largest group that fits" is planned with
+      fit_shape.store_on_host = shape.store_on_host || may_move;
+      if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
+        gpu_plan.store += global_batch * d * 4;  // DeviceRows' spare
+        for (size_t s = 0; s < layers.size(); ++s)
+          gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
+      }
+      std::fprintf(
+          stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s %s; AuxK sized for %.0f%% dead)\n",
+          who.c_str(), gpu_index,
+          gpu_here
+              ? cuda_device_description().c_str()
+              : cat("none used: planned for ", fmt_bytes(double(free_bytes)), " (--gpu-memory)")
+                    .c_str(),
+          who.c_str(), gpu_plan.describe().c_str(), fmt_bytes(double(free_bytes)).c_str(),
+          gpu_here ? "free" : "planned", 100 * kPlannedDeadShare);
+      const bool fits = gpu_plan.total() <= free_bytes;
+      // When it does not fit: the layers in groups that do, one after another (the first is the
+      // largest group of the layers in order), each a release of its own for release-merge.
+      const std::vector<std::vector<int64_t>> groups =
+          fits ? std::vector<std::vector<int64_t>>{layers}
+               : layer_groups_that_fit(fit_shape, layers, planned, free_bytes);
+      // One process that does not fit: also the fewest GPUs whose ranks' plans would.
+      const int ranks_that_fit = !fits && n_ranks == 1 ? fewest_ranks(2) : 0;
+      plan["gpu"] = gpu_plan_record(gpu_plan, free_bytes, fits);
+      plan["gpu"]["groups"] = groups;
+      if (n_ranks == 1)
+        plan["gpu"]["ranks_that_fit"] = fits                 ? ojson(1)
+                                        : ranks_that_fit > 0 ? ojson(ranks_that_fit)
+                                                             : ojson(nullptr);
+      if (!fits) {
+        std::string runs;
+        for (const auto& g : groups)
+          runs += (runs.empty() ? "--layers " : ", then --layers ") + layers_arg(g);
+        const std::string or_ranks =
+            ranks_that_fit > 0
+                ? cat("; or over ", ranks_that_fit, " GPUs: mpirun -np ", ranks_that_fit,
+                      " (module parallel, one GPU each; --plan-only --ranks ", ranks_that_fit,
+                      " prints each rank's plan)")
+                : std::string();
+        const std::string why =
+            groups.empty()
+                ? cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                      fmt_bytes(double(free_bytes)), available,
+                      ": not even one layer's SAEs fit (a narrower SAE, a smaller "
+                      "training.batch_size or store buffer)",
+                      or_ranks)
+                : cat("the GPU plan needs ", fmt_bytes(double(gpu_plan.total())), " but ",
+                      fmt_bytes(double(free_bytes)), available,
+                      "; the largest group of these layers that fits is --layers ",
+                      layers_arg(groups.front()), " (",
+                      fmt_bytes(
+                          double(plan_device_release(fit_shape, groups.front(), planned).total())),
+                      "): run the layers in groups (", runs,
+                      ") and join them with sae release-merge", or_ranks);
+        if (!opt.plan_only) fail("release", "layers", why);
+        plan_fits = false;
+        std::fprintf(stderr, "release: plan: %s\n", why.c_str());
+      }
     }
   }
   if (opt.plan_only) {  // nothing loaded, nothing written

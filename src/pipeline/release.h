@@ -64,6 +64,10 @@ struct ReleaseOptions {
   // On cuda, the GPU memory (bytes) to plan against instead of the visible GPU's free memory
   // (0): with plan_only, a GPU this machine need not have; in a run, a cap below what is free.
   int64_t gpu_memory = 0;
+  // With plan_only, N > 0 plans a job of N ranks (mpirun -np N; one GPU each on cuda) in this one
+  // process: which SAEs each rank trains, each rank's memory, and, on cuda when a rank does not
+  // fit, the fewest ranks that would ("ranks_that_fit").
+  int64_t plan_ranks = 0;
   bool keep_bf16 = false;    // model weights kept in bf16
   bool bf16_matmul = false;  // ... and multiplied in bf16 (model::Gemma2Options)
   std::string release_name = "sae.cpp-gemma-2-2b-res-matryoshka";
@@ -92,7 +96,8 @@ struct ReleaseEnd {
   // (training.max_rollbacks) while others trained on. Not in the release folder; release.json's
   // results say where each stopped, and its last checkpoint stays in .work/.
   std::vector<std::string> set_aside;
-  // plan_only: what was planned ({"fits", "saes", "memory" or "gpu" with its "groups", "disk"}).
+  // plan_only: what was planned ({"fits", "saes", "memory" or "gpu" with its "groups" and
+  // "ranks_that_fit", "disk"}; with plan_ranks, "ranks": [{"rank", "saes", "memory" or "gpu"}]).
   nlohmann::ordered_json plan;
 };
 

@@ -115,7 +115,15 @@ def test_release_plan_only_returns_the_plan_and_writes_nothing(tmp_path):
     tight = run(corpus, out, plan_only=True, device="cuda", activation_store="device",
                 gpu_memory=whole["gpu"]["total"] - 1)  # (auto would move the store to the host)
     assert not tight["fits"] and tight["gpu"]["groups"] == [[0], [2]]
+    # ... or over two GPUs (ranks=2 plans the job of 2 ranks here): each trains 2 of the 4 SAEs
+    assert tight["gpu"]["ranks_that_fit"] == 2 and whole["gpu"]["ranks_that_fit"] == 1
+    spread = run(corpus, out, plan_only=True, device="cuda", activation_store="device",
+                 gpu_memory=whole["gpu"]["total"] - 1, ranks=2)
+    assert spread["fits"] and [len(r["saes"]) for r in spread["ranks"]] == [2, 2]
+    assert all(r["gpu"]["fits"] for r in spread["ranks"])
     assert not out.exists()
+    with pytest.raises(saecpp.SaeError, match="give it with --plan-only"):
+        run(corpus, out, ranks=2)
     with pytest.raises(saecpp.SaeError, match="give it with --device cuda"):
         run(corpus, out, plan_only=True, gpu_memory=gib)
 
