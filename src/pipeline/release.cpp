@@ -822,8 +822,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       const std::vector<std::vector<int64_t>> groups =
           fits ? std::vector<std::vector<int64_t>>{layers}
                : layer_groups_that_fit(fit_shape, layers, planned, free_bytes);
-      // One process that does not fit: also the fewest GPUs whose ranks' plans would.
-      const int ranks_that_fit = !fits && n_ranks == 1 ? fewest_ranks(2) : 0;
+      // When it does not fit: also the fewest GPUs (more than now) whose ranks' plans would.
+      const int ranks_that_fit = !fits ? fewest_ranks(n_ranks + 1) : 0;
       plan["gpu"] = gpu_plan_record(gpu_plan, free_bytes, fits);
       plan["gpu"]["groups"] = groups;
       if (n_ranks == 1)
