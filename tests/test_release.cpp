@@ -1700,6 +1700,13 @@ TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
                           "--plan-only"),
             std::string::npos)
       << r.output;
+  r = test::run_cli(release_args(corpus, out) + " --plan-only --ranks -1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("plan_ranks: must be >= 0, got -1"), std::string::npos) << r.output;
+  r = test::run_cli(g2_args + "80G --ranks 51");  // more GPUs than SAEs: refused as a run is
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("cuda under 51 ranks runs module parallel only"), std::string::npos)
+      << r.output;
   EXPECT_FALSE(fs::exists(out));
 }
 
