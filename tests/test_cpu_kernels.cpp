@@ -28,8 +28,9 @@ TEST(CpuKernels, TheChosenSetIsTheBestRunnableOneUnlessPinned) {
   EXPECT_NE(cpu_kernels_summary().find(cpu_kernels().name), std::string::npos);
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
     EXPECT_STREQ(sets.front()->name, "avx512") << "this CPU has AVX-512: the set must be used";
+  }
 #endif
 }
 

@@ -743,6 +743,33 @@ TEST(TrainConfig, PresetsResolve) {
   EXPECT_EQ(snap.adam.beta1, 0.0);
   EXPECT_EQ(snap.lr.lr, 1e-4);
   EXPECT_TRUE(snap.spec.per_level_aux);
+  EXPECT_EQ(snap.checkpoint_every_steps, 1000);
+  EXPECT_EQ(snap.checkpoint_every_minutes, 0.0);
+}
+
+// On a GPU the checkpoint cadence is the clock's unless steps are given (a step takes
+// milliseconds there): 30 minutes, or the minutes given; steps given are kept as given.
+TEST(TrainConfig, OnTheGpuAnUnsetCheckpointCadenceIsTheClocks) {
+  auto cfg = [](const std::string& device, const json& training) {
+    json j = preset("gemma-2-2b-matryoshka-snap");
+    j["data"] = {{"type", "synthetic"}};
+    j["training"]["device"] = device;
+    j["training"].update(training);
+    return TrainConfig::from_json(j, "p");
+  };
+  const TrainConfig gpu = cfg("cuda", json::object());
+  EXPECT_EQ(gpu.checkpoint_every_steps, 0);
+  EXPECT_EQ(gpu.checkpoint_every_minutes, 30.0);
+  EXPECT_EQ(gpu.to_json()["training"]["checkpoint_every_minutes"], 30.0);
+  const TrainConfig steps = cfg("cuda", {{"checkpoint_every_steps", 500}});
+  EXPECT_EQ(steps.checkpoint_every_steps, 500);
+  EXPECT_EQ(steps.checkpoint_every_minutes, 0.0);
+  const TrainConfig minutes = cfg("cuda", {{"checkpoint_every_minutes", 5}});
+  EXPECT_EQ(minutes.checkpoint_every_steps, 0);
+  EXPECT_EQ(minutes.checkpoint_every_minutes, 5.0);
+  const TrainConfig cpu = cfg("cpu", json::object());
+  EXPECT_EQ(cpu.checkpoint_every_steps, 1000);
+  EXPECT_EQ(cpu.checkpoint_every_minutes, 0.0);
 }
 
 TEST(LrSchedule, Shapes) {

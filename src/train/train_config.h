@@ -36,7 +36,8 @@ struct TrainConfig {
   int64_t log_every_steps = 100, eval_every_steps = 1000, eval_tokens = 16384;
   int64_t checkpoint_every_steps = 1000, feature_sampling_window = 2000;
   // Also a checkpoint whenever this many minutes have passed since the last (0: off): at the
-  // seed's shape a checkpoint is 1.21 GB, and on a GPU 1000 steps take seconds.
+  // seed's shape a checkpoint is 1.21 GB, and on a GPU 1000 steps take seconds. On cuda
+  // from_json's defaults are 0 steps and 30 minutes (0 when steps are given).
   double checkpoint_every_minutes = 0;
   // A step that diverges on a finite batch (its loss or gradient norm NaN or infinite) rolls the
   // SAE back to its last checkpoint and skips the batches since (recorded): at most this many
