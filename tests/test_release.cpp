@@ -1666,6 +1666,12 @@ TEST(Release, PlanOnlyPrintsThePlansAndWritesNothing) {
   EXPECT_EQ(trained.size(), 50u);
   EXPECT_EQ(std::set<std::string>(trained.begin(), trained.end()).size(), 50u);
   EXPECT_EQ(trained.count("snap/blocks.24.hook_resid_post"), 1u);
+  // More ranks fit too: a rank whose store and NCCL's buffers do not both fit beside its SAEs
+  // puts the store in pinned host memory (the exchange then goes through the host, no buffers).
+  for (int more = m + 1; more <= m + 2; ++more) {
+    o.plan_ranks = more;
+    EXPECT_EQ(run_release(o).plan["fits"], true) << more << " ranks";
+  }
   o.plan_ranks = m - 1;
   const ReleaseEnd fewer = run_release(o);
   EXPECT_EQ(fewer.plan["fits"], false);

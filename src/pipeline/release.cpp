@@ -250,7 +250,9 @@ bool in_group(const std::pair<int, int>& g, int r) {
   return g.first <= r && r < g.second;
 }
 
-// One rank's GPU plan: its SAEs (those whose group holds it), the store placed as `mode` says.
+// One rank's GPU plan: its SAEs (those whose group holds it), the store placed as `mode` says
+// with `reserve` bytes kept free beside the plan (NCCL's exchange buffers, which the store on
+// the host would make unneeded: the exchange then goes through host memory).
 struct RankGpuPlan {
   std::vector<PlannedSae> saes;
   DevicePlanShape shape;  // store_on_host decided
@@ -259,14 +261,20 @@ struct RankGpuPlan {
 RankGpuPlan plan_rank_gpu(const DevicePlanShape& shape, const std::string& mode,
                           const std::vector<int64_t>& layers, const std::vector<Job>& jobs,
                           const std::vector<std::pair<int, int>>& group, int r, int64_t d,
-                          int64_t free_bytes) {
+                          int64_t free_bytes, int64_t reserve) {
   RankGpuPlan p;
   for (size_t i = 0; i < jobs.size(); ++i)
     if (in_group(group[i], r)) {
       p.saes.push_back({jobs[i].layer, jobs[i].cfg});
       p.saes.back().cfg.spec.d_in = d;  // the trainer takes it from its rows later
     }
-  p.shape = place_store(shape, mode, layers, p.saes, free_bytes);
+  p.shape = place_store(shape, mode, layers, p.saes, free_bytes - reserve);
+  if (mode == "auto" && !p.shape.store_on_host &&
+      plan_device_release(p.shape, layers, p.saes).total() + reserve > free_bytes) {
+    DevicePlanShape host = shape;  // on the host it needs no reserve
+    host.store_on_host = true;
+    if (plan_device_release(host, layers, p.saes).total() <= free_bytes) p.shape = host;
+  }
   p.plan = plan_device_release(p.shape, layers, p.saes);
   return p;
 }
@@ -295,16 +303,17 @@ int fewest_ranks_that_fit(int from, const DevicePlanShape& shape, const std::str
     const auto group = assign_rank_groups(jobs, d, m, "modules");
     std::vector<RankGpuPlan> plans;
     bool on_host = false;
+    auto exchange = [&](int r) {
+      return nccl && m > 1 ? gpu_exchange_bytes(jobs, group, r, global_batch, d) : 0;
+    };
     for (int r = 0; r < m; ++r) {
-      plans.push_back(plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes));
+      plans.push_back(
+          plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes, exchange(r)));
       on_host = on_host || plans.back().shape.store_on_host;
     }
     bool fits = true;
     for (int r = 0; r < m && fits; ++r)
-      fits = plans[size_t(r)].plan.total() +
-                 (nccl && !on_host && m > 1 ? gpu_exchange_bytes(jobs, group, r, global_batch, d)
-                                            : 0) <=
-             free_bytes;
+      fits = plans[size_t(r)].plan.total() + (on_host ? 0 : exchange(r)) <= free_bytes;
     if (fits) return m;
   }
   return 0;
@@ -745,19 +754,24 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                                    free_bytes);
     };
     if (plan_many) {
-      std::fprintf(stderr, "GPUs: none used: each planned for %s (--gpu-memory)\n",
-                   fmt_bytes(double(free_bytes)).c_str());
+      std::fprintf(stderr, "GPUs: each planned for %s (%s)\n",
+                   fmt_bytes(double(free_bytes)).c_str(),
+                   gpu_here ? cat("what is free on ", cuda_device_description()).c_str()
+                            : "--gpu-memory; none used");
       std::vector<RankGpuPlan> ranks;
       bool on_host = false;
+      auto exchange = [&](int r) {
+        return nccl_planned ? gpu_exchange_bytes(jobs, group, r, global_batch, d) : 0;
+      };
       for (int r = 0; r < planned_ranks; ++r) {
-        ranks.push_back(plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes));
+        ranks.push_back(
+            plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes, exchange(r)));
         on_host = on_host || ranks.back().shape.store_on_host;
       }
       int worst = 0;
       for (int r = 0; r < planned_ranks; ++r) {
         RankGpuPlan& p = ranks[size_t(r)];
-        if (nccl_planned && !on_host)
-          p.plan.store += gpu_exchange_bytes(jobs, group, r, global_batch, d);
+        if (!on_host) p.plan.store += exchange(r);
         if (p.plan.total() > ranks[size_t(worst)].plan.total()) worst = r;
         const bool fits = p.plan.total() <= free_bytes;
         std::fprintf(stderr, "rank %d: GPU memory plan (%s planned%s): %s\n", r,
@@ -781,8 +795,11 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                         .c_str());
       }
     } else {
+      // NCCL's buffers, if it is to be used, kept free when the store is placed.
+      const int64_t exchange_b =
+          gpu_exchange ? gpu_exchange_bytes(jobs, group, rank, global_batch, d) : 0;
       const RankGpuPlan mine_gpu =
-          plan_rank_gpu(shape, mode, layers, jobs, group, rank, d, free_bytes);
+          plan_rank_gpu(shape, mode, layers, jobs, group, rank, d, free_bytes, exchange_b);
       const std::vector<PlannedSae>& planned = mine_gpu.saes;  // this rank's SAEs
       shape = mine_gpu.shape;
       gpu_plan = mine_gpu.plan;
@@ -802,11 +819,8 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
       }
       DevicePlanShape fit_shape = shape;  // what "the largest group that fits" is planned with
       fit_shape.store_on_host = shape.store_on_host || may_move;
-      if (gpu_exchange) {  // the global batches of this rank's layers, assembled on its GPU
-        gpu_plan.store += global_batch * d * 4;  // DeviceRows' spare
-        for (size_t s = 0; s < layers.size(); ++s)
-          gpu_plan.store += wants[size_t(rank)][s] ? global_batch * d * 4 : 0;
-      }
+      // The global batches of this rank's layers, assembled on its GPU.
+      if (gpu_exchange) gpu_plan.store += exchange_b;
       std::fprintf(
           stderr, "%sGPU %d: %s\n%sGPU memory plan: %s (%s %s; AuxK sized for %.0f%% dead)\n",
           who.c_str(), gpu_index,
