@@ -292,29 +292,41 @@ int64_t gpu_exchange_bytes(const std::vector<Job>& jobs,
   return (1 + n_layers) * global_batch * d * 4;
 }
 
-// The fewest ranks (one GPU each, module parallel: at most one rank per SAE) from `from` up
-// whose every GPU plan fits in `free_bytes`; 0 when none does. The exchange is planned through
-// NCCL unless a store goes to the host (the larger plan of the two).
+// Every rank's GPU plan in a job of m ranks (one GPU each) spread as `group` says: NCCL's
+// buffers (with `nccl`, several ranks) added to each store unless some rank's store went to the
+// host (the exchange then goes through host memory).
+std::vector<RankGpuPlan> plan_ranks_gpu(const DevicePlanShape& shape, const std::string& mode,
+                                        bool nccl, const std::vector<int64_t>& layers,
+                                        const std::vector<Job>& jobs,
+                                        const std::vector<std::pair<int, int>>& group, int m,
+                                        int64_t d, int64_t global_batch, int64_t free_bytes) {
+  auto exchange = [&](int r) {
+    return nccl && m > 1 ? gpu_exchange_bytes(jobs, group, r, global_batch, d) : 0;
+  };
+  std::vector<RankGpuPlan> plans;
+  bool on_host = false;
+  for (int r = 0; r < m; ++r) {
+    plans.push_back(plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes, exchange(r)));
+    on_host = on_host || plans.back().shape.store_on_host;
+  }
+  if (!on_host)
+    for (int r = 0; r < m; ++r) plans[size_t(r)].plan.store += exchange(r);
+  return plans;
+}
+
+// The fewest ranks (module parallel: at most one rank per SAE) from `from` up whose every GPU
+// plan fits in `free_bytes`; 0 when none does.
 int fewest_ranks_that_fit(int from, const DevicePlanShape& shape, const std::string& mode,
                           bool nccl, const std::vector<int64_t>& layers,
                           const std::vector<Job>& jobs, int64_t d, int64_t global_batch,
                           int64_t free_bytes) {
   for (int m = std::max(from, 1); m <= int(jobs.size()); ++m) {
-    const auto group = assign_rank_groups(jobs, d, m, "modules");
-    std::vector<RankGpuPlan> plans;
-    bool on_host = false;
-    auto exchange = [&](int r) {
-      return nccl && m > 1 ? gpu_exchange_bytes(jobs, group, r, global_batch, d) : 0;
-    };
-    for (int r = 0; r < m; ++r) {
-      plans.push_back(
-          plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes, exchange(r)));
-      on_host = on_host || plans.back().shape.store_on_host;
-    }
-    bool fits = true;
-    for (int r = 0; r < m && fits; ++r)
-      fits = plans[size_t(r)].plan.total() + (on_host ? 0 : exchange(r)) <= free_bytes;
-    if (fits) return m;
+    const auto plans =
+        plan_ranks_gpu(shape, mode, nccl, layers, jobs, assign_rank_groups(jobs, d, m, "modules"),
+                       m, d, global_batch, free_bytes);
+    if (std::all_of(plans.begin(), plans.end(),
+                    [&](const RankGpuPlan& p) { return p.plan.total() <= free_bytes; }))
+      return m;
   }
   return 0;
 }
@@ -758,20 +770,12 @@ ReleaseEnd run_release(const ReleaseOptions& options, const std::atomic<bool>* s
                    fmt_bytes(double(free_bytes)).c_str(),
                    gpu_here ? cat("what is free on ", cuda_device_description()).c_str()
                             : "--gpu-memory; none used");
-      std::vector<RankGpuPlan> ranks;
-      bool on_host = false;
-      auto exchange = [&](int r) {
-        return nccl_planned ? gpu_exchange_bytes(jobs, group, r, global_batch, d) : 0;
-      };
-      for (int r = 0; r < planned_ranks; ++r) {
-        ranks.push_back(
-            plan_rank_gpu(shape, mode, layers, jobs, group, r, d, free_bytes, exchange(r)));
-        on_host = on_host || ranks.back().shape.store_on_host;
-      }
+      const std::vector<RankGpuPlan> ranks =
+          plan_ranks_gpu(shape, mode, nccl_planned, layers, jobs, group, planned_ranks, d,
+                         global_batch, free_bytes);
       int worst = 0;
       for (int r = 0; r < planned_ranks; ++r) {
-        RankGpuPlan& p = ranks[size_t(r)];
-        if (!on_host) p.plan.store += exchange(r);
+        const RankGpuPlan& p = ranks[size_t(r)];
         if (p.plan.total() > ranks[size_t(worst)].plan.total()) worst = r;
         const bool fits = p.plan.total() <= free_bytes;
         std::fprintf(stderr, "rank %d: GPU memory plan (%s planned%s): %s\n", r,
